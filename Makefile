@@ -1,0 +1,38 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv if
+# missing, installs torch==2.13.0 first (the local CPU wheel, so no CUDA
+# packages are pulled), then cellvec with its extras, then runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cellvec-installed
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[all,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/cellvec demo --out demo_output
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gene_store.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cell_vectors.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_mapping.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,45 @@
+"""cellvec: language-model gene embeddings, cell vectors and KNN mapping onto reference atlases.
+
+The public API is imported lazily so that `import cellvec` (and `cellvec --help`)
+stays fast; nothing happens on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "build_gene_store": "cellvec.gene_store.store",
+    "import_vectors": "cellvec.gene_store.store",
+    "GeneStore": "cellvec.gene_store.store",
+    "get_embedder": "cellvec.gene_store.embedders",
+    "register_embedder": "cellvec.gene_store.embedders",
+    "match_genes": "cellvec.gene_store.resolve",
+    "read_expression": "cellvec.cell_index.readers",
+    "Recipe": "cellvec.cell_index.recipe",
+    "cell_vectors": "cellvec.cell_index.vectors",
+    "build_atlas": "cellvec.cell_index.atlas",
+    "Atlas": "cellvec.cell_index.atlas",
+    "map_cells": "cellvec.cell_index.mapping",
+    "MappingResult": "cellvec.cell_index.mapping",
+    "evaluate": "cellvec.cell_index.evaluate",
+    "EvaluationResult": "cellvec.cell_index.evaluate",
+    "explain_subtype": "cellvec.cell_index.explain",
+    "connect_sql": "cellvec.sql",
+    "write_report": "cellvec.report",
+    "CellvecError": "cellvec.errors",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'cellvec' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

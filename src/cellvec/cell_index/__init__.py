@@ -1,0 +1,1 @@
+"""Cell vectors, reference atlases, mapping, refinement and evaluation."""

@@ -1,0 +1,72 @@
+"""Nearest neighbours of unit vectors by cosine similarity.
+
+Below `EXACT_MAX` reference cells: exact, as chunked matrix products. Above: a
+faiss IVF-Flat index in memory (inner product on unit vectors = cosine), with
+`nprobe` chosen so recall@k stays >= 0.99 (see benchmarks/bench_mapping.py).
+LanceDB's own ANN index serves single requests in the HTTP service.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EXACT_MAX = 200_000
+
+
+def exact_knn(query: np.ndarray, ref: np.ndarray, k: int, *, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, similarities) of the k most similar rows of `ref`, best first."""
+    k = min(k, ref.shape[0])
+    idx = np.empty((len(query), k), dtype=np.int64)
+    sim = np.empty((len(query), k), dtype=np.float32)
+    for s in range(0, len(query), chunk):
+        block = query[s:s + chunk] @ ref.T
+        part = np.argpartition(-block, k - 1, axis=1)[:, :k] if k < ref.shape[0] else np.tile(np.arange(k), (len(block), 1))
+        ps = np.take_along_axis(block, part, axis=1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        idx[s:s + chunk] = np.take_along_axis(part, order, axis=1)
+        sim[s:s + chunk] = np.take_along_axis(ps, order, axis=1)
+    return idx, sim
+
+
+class IVFIndex:
+    """A faiss IVF-Flat index over unit vectors (inner product)."""
+
+    def __init__(self, ref: np.ndarray, *, nlist: int | None = None, nprobe: int = 24, seed: int = 0):
+        import faiss
+
+        n, d = ref.shape
+        self.nlist = nlist or int(min(4 * np.sqrt(n), n // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        self.index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        train = ref[rng.choice(n, size=min(n, self.nlist * 64), replace=False)]
+        self.index.train(np.ascontiguousarray(train, dtype=np.float32))
+        self.index.add(np.ascontiguousarray(ref, dtype=np.float32))
+        self.index.nprobe = nprobe
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sim, idx = self.index.search(np.ascontiguousarray(query, dtype=np.float32), k)
+        return idx.astype(np.int64), sim
+
+
+def knn(query: np.ndarray, ref: np.ndarray, k: int, *, index: IVFIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if index is not None:
+        return index.search(query, k)
+    if ref.shape[0] > EXACT_MAX:
+        return IVFIndex(ref).search(query, k)
+    return exact_knn(query, ref, k)
+
+
+def vote(neigh_idx: np.ndarray, neigh_sim: np.ndarray, ref_codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Distance-weighted class scores (rows sum to 1): weight = 1 / (cosine distance + 0.01)."""
+    valid = neigh_idx >= 0
+    w = np.where(valid, 1.0 / (1.0 - np.clip(neigh_sim, -1, 1) + 0.01), 0.0)
+    scores = np.zeros((len(neigh_idx), n_classes), dtype=np.float64)
+    rows = np.repeat(np.arange(len(neigh_idx)), neigh_idx.shape[1])
+    np.add.at(scores, (rows, ref_codes[np.where(valid, neigh_idx, 0)].ravel()), w.ravel())
+    total = scores.sum(1, keepdims=True)
+    return scores / np.where(total > 0, total, 1)

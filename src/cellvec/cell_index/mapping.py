@@ -1,0 +1,183 @@
+"""Map query cells onto an atlas: same recipe, k nearest reference cells, weighted vote."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.knn import knn, vote
+from cellvec.cell_index.metrics import UNASSIGNED, classification_metrics
+from cellvec.cell_index.readers import ExpressionSource, read_expression
+from cellvec.cell_index.recipe import Recipe
+from cellvec.errors import CellvecError, InputFormatError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MappingResult:
+    """Labels, confidences and per-class scores of mapped cells, with exporters."""
+
+    atlas: str
+    cell_ids: list[str]
+    labels: np.ndarray
+    confidence: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+    vectors: np.ndarray
+    neighbour_similarity: np.ndarray
+    recipe: dict
+    k: int
+    min_confidence: float
+    truth: np.ndarray | None = None
+    metrics: dict | None = None
+    seconds: float = 0.0
+    source: ExpressionSource | None = field(default=None, repr=False)
+
+    def to_polars(self, *, scores: bool = True):
+        """One row per cell: cell_id, cellvec_label, cellvec_confidence, [truth], score_<class>..."""
+        import polars as pl
+
+        cols = {"cell_id": self.cell_ids, "cellvec_label": self.labels.astype(str).tolist(),
+                "cellvec_confidence": self.confidence.astype(np.float64),
+                "nearest_similarity": self.neighbour_similarity.astype(np.float64)}
+        if self.truth is not None:
+            cols["truth"] = self.truth.astype(str).tolist()
+        df = pl.DataFrame(cols)
+        if scores:
+            df = df.with_columns([pl.Series(f"score_{c}", self.scores[:, i].astype(np.float64))
+                                  for i, c in enumerate(self.classes)])
+        return df
+
+    def to_anndata(self):
+        """The query AnnData with obs['cellvec_label'], obs['cellvec_confidence'], obsm['X_cellvec']."""
+        if self.source is None or self.source._adata is None:
+            raise CellvecError("This mapping has no query AnnData attached; use to_polars() instead.")
+        adata = self.source._adata
+        if getattr(adata, "isbacked", False):
+            adata = adata.to_memory()
+        rows = self.source._rows
+        adata = adata[rows].copy() if rows is not None else adata.copy()
+        adata.obs["cellvec_label"] = self.labels.astype(str)
+        adata.obs["cellvec_label"] = adata.obs["cellvec_label"].astype("category")
+        adata.obs["cellvec_confidence"] = self.confidence.astype(np.float32)
+        adata.obsm["X_cellvec"] = self.vectors
+        adata.obsm["cellvec_scores"] = self.scores.astype(np.float32)
+        adata.uns["cellvec"] = {"atlas": self.atlas, "k": self.k, "min_confidence": self.min_confidence,
+                                "classes": self.classes.astype(str).tolist(),
+                                "recipe": {k: ("" if v is None else v) for k, v in self.recipe.items()}}
+        return adata
+
+    def write(self, path: str | Path) -> Path:
+        """Write .h5ad (AnnData with results) or a table (.parquet, .csv, .tsv)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if suffix == ".h5ad":
+            self.to_anndata().write_h5ad(tmp)
+        elif suffix == ".parquet":
+            self.to_polars().write_parquet(tmp)
+        elif suffix in (".csv", ".tsv"):
+            self.to_polars().write_csv(tmp, separator="," if suffix == ".csv" else "\t")
+        else:
+            raise CellvecError(f"{path}: write .h5ad, .parquet, .csv or .tsv.")
+        tmp.replace(path)  # never a half-written output
+        return path
+
+    def save(self, store: str | Path, name: str) -> str:
+        """Save as table `mapping_<name>` in the store (the SQL view of the same name)."""
+        import pyarrow as pa
+
+        from cellvec.gene_store.store import GeneStore
+
+        df = self.to_polars(scores=False).with_columns()
+        import polars as pl
+
+        df = df.with_columns(pl.lit(self.atlas).alias("atlas"))
+        tbl = df.to_arrow()
+        dim = self.vectors.shape[1]
+        tbl = tbl.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel()), dim))
+        GeneStore(store).db.create_table(f"mapping_{name}", tbl, mode="overwrite")
+        return f"mapping_{name}"
+
+    def summary(self) -> dict:
+        out = {"atlas": self.atlas, "n_cells": len(self.cell_ids), "k": self.k, "seconds": round(self.seconds, 2),
+               "unassigned_fraction": float((self.labels == UNASSIGNED).mean()) if len(self.labels) else 0.0,
+               "label_counts": {str(c): int(n) for c, n in zip(*np.unique(self.labels.astype(str), return_counts=True))}}
+        if self.metrics:
+            out.update(self.metrics)
+        return out
+
+
+def map_cells(
+    query, atlas: Atlas | str, *, store: str | Path | None = None, k: int = 15, min_confidence: float = 0.0,
+    truth_key: str | None = None, label_map: dict[str, str] | None = None, layer: str | None = None,
+    use_raw: bool | None = None, gene_column: str | None = None, recipe: Recipe | dict | None = None,
+) -> MappingResult:
+    """Label each query cell from its k nearest atlas cells (distance-weighted vote).
+
+    `recipe` (optional) states the settings the caller expects; a mismatch with the
+    atlas's recipe is refused. `label_map` renames truth labels (cross-study names).
+    """
+    t0 = time.perf_counter()
+    if isinstance(atlas, str):
+        if store is None:
+            raise CellvecError("map_cells needs store= when the atlas is given by name.")
+        atlas = Atlas.open(store, atlas)
+    if recipe is not None:
+        expected = recipe if isinstance(recipe, Recipe) else Recipe.from_dict({**atlas.recipe.to_dict(), **recipe})
+        atlas.recipe.require_same(expected, atlas.name)
+    if k < 1:
+        raise CellvecError(f"k must be at least 1, got {k}.")
+    source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
+    truth = None
+    if truth_key:
+        from cellvec.cell_index.atlas import labels_of
+
+        truth = labels_of(source, truth_key).astype(str)
+        if label_map:
+            truth = np.array([label_map.get(t, t) for t in truth], dtype=object)
+    q = atlas.encoder().encode(source)
+    idx, sim = knn(q, atlas.vectors, k, index=atlas.index())
+    classes, codes = np.unique(atlas.labels.astype(str), return_inverse=True)
+    scores = vote(idx, sim, codes, len(classes))
+    best = scores.argmax(1)
+    conf = scores[np.arange(len(best)), best]
+    labels = classes[best].astype(object)
+    labels[conf < min_confidence] = UNASSIGNED
+    metrics = None
+    if truth is not None:
+        missing = sorted(set(truth) - set(classes))
+        if missing:
+            log.warning("Query labels not in atlas %s (they cannot be right): %s", atlas.name, ", ".join(missing[:10]))
+        metrics = classification_metrics(truth, labels)
+    secs = time.perf_counter() - t0
+    log.info("Mapped %s cells onto %s in %.1f s (%.1f%% unassigned)", f"{len(labels):,}", atlas.name, secs,
+             100 * float((labels == UNASSIGNED).mean()))
+    return MappingResult(atlas=atlas.name, cell_ids=source.obs_names, labels=labels, confidence=conf,
+                         classes=classes, scores=scores, vectors=q, neighbour_similarity=sim[:, 0],
+                         recipe=atlas.recipe.to_dict(), k=k, min_confidence=min_confidence, truth=truth,
+                         metrics=metrics, seconds=secs, source=source)
+
+
+def read_label_map(path: str | Path) -> dict[str, str]:
+    """A label-harmonisation map: JSON {from: to} or a two-column CSV/TSV."""
+    import json
+
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    import csv
+
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.reader(fh, delimiter=sep) if r]
+    if any(len(r) < 2 for r in rows):
+        raise InputFormatError(f"{path}: a label map needs two columns (query label, atlas label).")
+    return {r[0]: r[1] for r in rows}

@@ -1,0 +1,323 @@
+"""Read expression data into an `ExpressionSource`: cells x genes, log-normalised, in chunks.
+
+Formats: h5ad (X, a named layer, or .raw; read backed in chunks when large),
+10x Genomics (matrix.mtx directory, filtered_feature_bc_matrix.h5), CSV/TSV
+(cells x genes; `transpose=True` for genes x cells) and parquet (wide, or long
+with cell, gene, value columns).
+
+What the values are is detected, not assumed: raw counts are normalised to
+10,000 per cell and log1p-transformed; log-normalised values are used as they
+are; scaled values (negative entries) are refused unless `.raw` holds
+log-normalised ones. NaN/inf and negative counts are errors; empty cells and
+duplicated gene names are excluded with a logged count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellvec.errors import InputFormatError
+
+log = logging.getLogger(__name__)
+
+BACKED_ABOVE_BYTES = 1 << 30  # h5ad files larger than this are read backed, in chunks
+COUNTS, LOGNORM, SCALED = "counts", "log-normalised", "scaled"
+
+
+@dataclass
+class ExpressionSource:
+    """Cells x genes expression, yielded as log-normalised CSR chunks.
+
+    `obs` holds the cell annotations of the kept cells, `var_names` the kept genes.
+    """
+
+    path: str
+    obs: pd.DataFrame
+    var_names: list[str]
+    kind: str
+    _matrix: object = field(repr=False)  # in-memory matrix or backed h5 dataset
+    _cols: np.ndarray | None = field(default=None, repr=False)  # kept gene columns
+    _rows: np.ndarray | None = field(default=None, repr=False)  # kept cell rows
+    _adata: object = field(default=None, repr=False)
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    @property
+    def obs_names(self) -> list[str]:
+        return self.obs.index.astype(str).tolist()
+
+    def chunks(self, size: int = 20_000) -> Iterator[tuple[slice, sp.csr_matrix]]:
+        """Yield (slice into obs, log-normalised float32 CSR) over all kept cells."""
+        rows = self._rows if self._rows is not None else np.arange(self.n_obs)
+        for start in range(0, len(rows), size):
+            sel = rows[start:start + size]
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            block = _to_csr(self._matrix[lo:hi])
+            if len(sel) != hi - lo:
+                block = block[sel - lo]
+            if self._cols is not None:
+                block = block[:, self._cols]
+            yield slice(start, start + len(sel)), _as_lognorm(block, self.kind, self.path)
+
+    def subset(self, mask: np.ndarray) -> ExpressionSource:
+        """The same source restricted to the cells where `mask` is true (no copy of data)."""
+        rows = self._rows if self._rows is not None else np.arange(self.n_obs)
+        return ExpressionSource(self.path, self.obs[mask], self.var_names, self.kind, self._matrix,
+                                self._cols, rows[np.asarray(mask)], self._adata)
+
+    def to_csr(self) -> sp.csr_matrix:
+        """All kept cells as one log-normalised CSR matrix (for small data and baselines)."""
+        parts = [c for _, c in self.chunks()]
+        return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(self.var_names)), dtype=np.float32)
+
+
+def _to_csr(x) -> sp.csr_matrix:
+    if sp.issparse(x):
+        return sp.csr_matrix(x, dtype=np.float32)
+    if hasattr(x, "to_memory"):  # anndata backed sparse dataset
+        return sp.csr_matrix(x.to_memory(), dtype=np.float32)
+    return sp.csr_matrix(np.asarray(x, dtype=np.float32))
+
+
+def _as_lognorm(x: sp.csr_matrix, kind: str, path: str) -> sp.csr_matrix:
+    if kind == COUNTS:
+        totals = np.asarray(x.sum(axis=1)).ravel()
+        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+        x = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ x)
+        np.log1p(x.data, out=x.data)
+    return x
+
+
+def detect_kind(sample: sp.csr_matrix, where: str) -> str:
+    """Counts, log-normalised or scaled, from a sample of rows; errors on NaN/inf."""
+    data = sample.data if sp.issparse(sample) else np.asarray(sample).ravel()
+    if data.size == 0:
+        return LOGNORM
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputFormatError(
+            f"{where}: {int(bad.sum()):,} NaN/inf values in the expression matrix; "
+            "remove or impute them before embedding cells."
+        )
+    if (data < 0).any():
+        return SCALED
+    integer = np.allclose(data, np.round(data))
+    if integer and data.max() > 30:
+        return COUNTS
+    if integer and data.max() <= 30:
+        # small integers: counts of a shallow dataset or binarised data; counts is the safe reading
+        return COUNTS
+    return LOGNORM
+
+
+def read_expression(
+    data, *, layer: str | None = None, use_raw: bool | None = None, transpose: bool = False,
+    backed: bool | None = None, gene_column: str | None = None,
+) -> ExpressionSource:
+    """Open expression data (a path or an AnnData) as an `ExpressionSource`."""
+    import anndata as ad
+
+    if isinstance(data, ExpressionSource):
+        return data
+    if isinstance(data, ad.AnnData):
+        return _from_anndata(data, "<AnnData>", layer, use_raw, gene_column)
+    path = Path(data)
+    if not path.exists():
+        raise InputFormatError(f"{path}: no such file or directory.")
+    name = path.name.lower()
+    if path.is_dir():
+        adata = read_10x_mtx(path)
+    elif name.endswith(".h5ad"):
+        if backed is None:
+            backed = path.stat().st_size > BACKED_ABOVE_BYTES
+        try:
+            adata = ad.read_h5ad(path, backed="r" if backed else None)
+        except (OSError, KeyError) as e:
+            raise InputFormatError(f"{path}: not a readable h5ad file ({e}).") from e
+    elif name.endswith(".h5"):
+        adata = read_10x_h5(path)
+    elif name.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
+        adata = read_table(path, transpose=transpose)
+    elif name.endswith(".parquet"):
+        adata = read_parquet(path)
+    else:
+        raise InputFormatError(
+            f"{path}: unknown expression format; use .h5ad, a 10x matrix directory or .h5, .csv/.tsv or .parquet."
+        )
+    return _from_anndata(adata, str(path), layer, use_raw, gene_column)
+
+
+def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionSource:
+    raw = getattr(adata, "raw", None)
+    if layer is not None:
+        if layer not in adata.layers:
+            raise InputFormatError(f"{where}: no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'}).")
+        matrix, var = adata.layers[layer], adata.var
+    elif use_raw:
+        if raw is None:
+            raise InputFormatError(f"{where}: use_raw was asked for but the file has no .raw.")
+        matrix, var = raw.X, raw.var
+    else:
+        matrix, var = adata.X, adata.var
+    if matrix is None:
+        raise InputFormatError(f"{where}: the expression matrix is empty (X is None); name a --layer.")
+    n = adata.n_obs
+    kind = detect_kind(_to_csr(matrix[: min(n, 2000)]), where) if n else LOGNORM
+    if kind == SCALED:
+        if use_raw is None and layer is None and raw is not None:
+            raw_sample = _to_csr(raw.X[: min(n, 2000)])
+            raw_kind = detect_kind(raw_sample, f"{where} (.raw)")
+            if raw_kind != SCALED:
+                log.info("%s: X holds scaled values (negative entries); using .raw (%s)", where, raw_kind)
+                return _from_anndata(adata, where, None, True, gene_column)
+        raise InputFormatError(
+            f"{where}: the expression values are scaled (negative entries), so the most-expressed genes "
+            "cannot be read from them. Give counts or log-normalised values: a file with .raw, "
+            "a --layer holding counts, or the data before sc.pp.scale."
+        )
+    names = var[gene_column].astype(str).to_numpy() if gene_column else np.asarray(var.index.astype(str))
+    cols = None
+    dup = pd.Index(names).duplicated()
+    if dup.any():
+        log.warning("%s: %d duplicated gene names; keeping the first of each", where, int(dup.sum()))
+        cols = np.flatnonzero(~dup)
+        names = names[cols]
+    obs = adata.obs.copy()
+    obs.index = obs.index.astype(str)
+    src = ExpressionSource(where, obs, names.tolist(), kind, matrix, cols, None, adata)
+    src = _drop_empty_and_check(src, where)
+    log.info("%s: %s cells x %s genes (%s)", where, f"{src.n_obs:,}", f"{len(src.var_names):,}", kind)
+    return src
+
+
+def _drop_empty_and_check(src: ExpressionSource, where: str) -> ExpressionSource:
+    totals = np.empty(src.n_obs, dtype=np.float64)
+    for sl, block in src.chunks():
+        if block.data.size and (not np.isfinite(block.data).all()):
+            raise InputFormatError(f"{where}: NaN/inf values in cells {sl.start}-{sl.stop}; remove or impute them.")
+        if block.data.size and (block.data < 0).any():
+            raise InputFormatError(
+                f"{where}: negative values among cells {sl.start}-{sl.stop} of a {src.kind} matrix; "
+                "counts and log-normalised values cannot be negative. Check the input layer."
+            )
+        totals[sl] = np.asarray(block.sum(axis=1)).ravel()
+    empty = totals <= 0
+    if empty.any():
+        log.warning("%s: %d cells with no expression excluded", where, int(empty.sum()))
+        src = src.subset(~empty)
+    if src.n_obs == 0:
+        raise InputFormatError(f"{where}: no cells with any expression.")
+    return src
+
+
+def read_10x_mtx(path: Path):
+    """A 10x `filtered_feature_bc_matrix/` directory (matrix.mtx, features/genes.tsv, barcodes.tsv)."""
+    import anndata as ad
+    import scipy.io
+
+    def find(*names):
+        for n in names:
+            for suffix in ("", ".gz"):
+                if (path / f"{n}{suffix}").exists():
+                    return path / f"{n}{suffix}"
+        return None
+
+    mtx, feats, bcs = find("matrix.mtx"), find("features.tsv", "genes.tsv"), find("barcodes.tsv")
+    if not (mtx and feats and bcs):
+        raise InputFormatError(
+            f"{path}: not a 10x matrix directory; it needs matrix.mtx, features.tsv (or genes.tsv) "
+            "and barcodes.tsv (optionally gzipped)."
+        )
+    m = scipy.io.mmread(str(mtx)).tocsr().T.tocsr().astype(np.float32)  # genes x cells -> cells x genes
+    f = pd.read_csv(feats, sep="\t", header=None)
+    b = pd.read_csv(bcs, sep="\t", header=None)
+    if m.shape != (len(b), len(f)):
+        raise InputFormatError(f"{path}: matrix is {m.shape[1]} x {m.shape[0]} but has {len(f)} features and {len(b)} barcodes.")
+    if f.shape[1] >= 3:
+        keep = f[2].astype(str).str.contains("Gene Expression").to_numpy()
+        m, f = m[:, keep], f[keep]
+    var = pd.DataFrame({"gene_ids": f[0].astype(str).to_numpy()}, index=f[1 if f.shape[1] > 1 else 0].astype(str).to_numpy())
+    return ad.AnnData(m, obs=pd.DataFrame(index=b[0].astype(str).to_numpy()), var=var)
+
+
+def read_10x_h5(path: Path):
+    """A 10x Cell Ranger .h5 matrix (v3 `matrix` group, or v2 per-genome groups)."""
+    import anndata as ad
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise InputFormatError(f"{path}: not an HDF5 file ({e}).") from e
+    with f:
+        grp = f["matrix"] if "matrix" in f else (f[next(iter(f.keys()))] if len(f.keys()) else None)
+        if grp is None or not {"data", "indices", "indptr", "shape"} <= set(grp.keys()):
+            raise InputFormatError(f"{path}: not a 10x Cell Ranger matrix .h5 (no data/indices/indptr/shape).")
+        n_genes, n_cells = (int(x) for x in grp["shape"][:])
+        m = sp.csc_matrix((grp["data"][:].astype(np.float32), grp["indices"][:], grp["indptr"][:]),
+                          shape=(n_genes, n_cells)).T.tocsr()
+        if "features" in grp:
+            names = grp["features/name"][:].astype(str)
+            ids = grp["features/id"][:].astype(str)
+            ftype = grp["features/feature_type"][:].astype(str) if "feature_type" in grp["features"] else None
+        else:
+            names, ids, ftype = grp["gene_names"][:].astype(str), grp["genes"][:].astype(str), None
+        barcodes = grp["barcodes"][:].astype(str)
+    if ftype is not None:
+        keep = ftype == "Gene Expression"
+        m, names, ids = m[:, keep], names[keep], ids[keep]
+    return ad.AnnData(m, obs=pd.DataFrame(index=barcodes), var=pd.DataFrame({"gene_ids": ids}, index=names))
+
+
+def read_table(path: Path, *, transpose: bool = False):
+    """CSV/TSV with cells as rows and genes as columns (first column: cell ids)."""
+    import anndata as ad
+
+    sep = "," if ".csv" in path.name.lower() else "\t"
+    try:
+        df = pd.read_csv(path, sep=sep, index_col=0)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise InputFormatError(f"{path}: cannot parse as a {'CSV' if sep == ',' else 'TSV'} table ({e}).") from e
+    if transpose:
+        df = df.T
+    nonnum = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if nonnum:
+        raise InputFormatError(
+            f"{path}: non-numeric column(s) {', '.join(map(str, nonnum[:5]))}; the table must be cells x genes "
+            "with a first column of cell ids (use --transpose for genes x cells)."
+        )
+    return ad.AnnData(sp.csr_matrix(df.to_numpy(dtype=np.float32)),
+                      obs=pd.DataFrame(index=df.index.astype(str)), var=pd.DataFrame(index=df.columns.astype(str)))
+
+
+def read_parquet(path: Path):
+    """Parquet: long (cell, gene, value columns) or wide (a cell id column + one column per gene)."""
+    import anndata as ad
+    import polars as pl
+
+    df = pl.read_parquet(path)
+    cols = {c.lower(): c for c in df.columns}
+    if {"cell", "gene", "value"} <= set(cols):
+        cell, gene, value = cols["cell"], cols["gene"], cols["value"]
+        cells = df[cell].cast(pl.String).unique(maintain_order=True)
+        genes = df[gene].cast(pl.String).unique(maintain_order=True)
+        ci = df[cell].cast(pl.String).replace_strict(cells, pl.int_range(len(cells), eager=True)).to_numpy()
+        gi = df[gene].cast(pl.String).replace_strict(genes, pl.int_range(len(genes), eager=True)).to_numpy()
+        m = sp.coo_matrix((df[value].cast(pl.Float32).to_numpy(), (ci, gi)), shape=(len(cells), len(genes))).tocsr()
+        m.sum_duplicates()
+        return ad.AnnData(m, obs=pd.DataFrame(index=cells.to_list()), var=pd.DataFrame(index=genes.to_list()))
+    idcol = next((c for c in df.columns if not df.schema[c].is_numeric()), None)
+    if idcol is None:
+        raise InputFormatError(f"{path}: wide parquet needs a string cell-id column; long parquet needs cell, gene, value.")
+    num = [c for c in df.columns if c != idcol]
+    return ad.AnnData(sp.csr_matrix(df.select(num).to_numpy().astype(np.float32)),
+                      obs=pd.DataFrame(index=df[idcol].cast(pl.String).to_list()), var=pd.DataFrame(index=num))

@@ -1,0 +1,70 @@
+"""The recipe: everything that gives a cell vector its meaning.
+
+An atlas stores its recipe in its table metadata; a query is embedded by
+re-applying exactly that recipe, and a query made otherwise is refused with a
+message that lists what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from cellvec.errors import CellvecError, RecipeMismatchError
+
+WEIGHTINGS = ("value", "log1p", "rank", "softmax")
+BACKGROUNDS = ("none", "center", "whiten")
+REFINES = ("none", "supcon", "simclr")
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How cells become vectors.
+
+    model: gene-store model spec; store_table_version: the gene table version used;
+    dimension: gene vector size; top_genes: N most-expressed genes per cell;
+    weighting: value | log1p | rank | softmax; input: the expression the top genes
+    are read from; background: none | center | whiten (fitted on the reference's
+    gene vectors, `background_hash` names the fitted transform); refine: none |
+    supcon | simclr (`head_hash` names the trained head); normalise: l2.
+    """
+
+    model: str = "minilm"
+    dimension: int = 384
+    top_genes: int = 200
+    weighting: str = "value"
+    input: str = "log-normalised"
+    background: str = "whiten"
+    background_hash: str | None = None
+    refine: str = "none"
+    head_hash: str | None = None
+    normalise: str = "l2"
+    gene_table_hash: str | None = None
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        for name, allowed in (("weighting", WEIGHTINGS), ("background", BACKGROUNDS), ("refine", REFINES)):
+            if getattr(self, name) not in allowed:
+                raise CellvecError(f"Unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
+        if self.top_genes < 1:
+            raise CellvecError(f"top_genes must be at least 1, got {self.top_genes}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def differences(self, other: Recipe) -> list[str]:
+        return [f"{f.name}: atlas {getattr(self, f.name)!r} vs query {getattr(other, f.name)!r}"
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def require_same(self, other: Recipe, atlas: str) -> None:
+        diff = self.differences(other)
+        if diff:
+            raise RecipeMismatchError(
+                f"The query would be embedded differently from atlas {atlas!r}: {'; '.join(diff)}. "
+                "Map with the atlas's own settings (leave them unset) or rebuild the atlas."
+            )

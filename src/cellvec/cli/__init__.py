@@ -1,0 +1,63 @@
+"""The `cellvec` command line: thin click commands over the library.
+
+Library errors (`CellvecError`) become one-line `click.ClickException`s here, in
+one place; logs go to stderr, `--json` output to stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from cellvec import __version__
+from cellvec.errors import CellvecError
+
+
+class CellvecGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CellvecError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=CellvecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cellvec")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def cli(verbose: int, quiet: bool):
+    """cellvec: gene embeddings, cell vectors and subtype mapping onto reference atlases.
+
+    \b
+    Example:
+      cellvec genes build --gene-info Mus_musculus.gene_info.gz --gene2go gene2go.gz \\
+          --species mouse --model minilm --store store/
+    """
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "sentence_transformers", "urllib3", "numba", "matplotlib", "lance", "lancedb"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _register():
+    import importlib
+
+    for module, names in _COMMANDS.items():
+        mod = importlib.import_module(f"cellvec.cli.{module}")
+        for name in names:
+            cli.add_command(getattr(mod, name))
+
+
+_COMMANDS = {"genes": ["genes"], "atlas": ["atlas"], "mapping": ["map_cmd"], "evaluate": ["evaluate_cmd"]}
+
+
+_register()
+
+
+def main():
+    import os
+
+    os.environ.setdefault("LANCE_LOG", "error")  # Lance's Rust logger is chatty at warn level
+    cli(prog_name="cellvec")

@@ -1,0 +1,74 @@
+"""`cellvec atlas`: build and list reference atlases."""
+
+from __future__ import annotations
+
+import click
+
+from cellvec.cli.options import (
+    emit_json,
+    input_options,
+    json_option,
+    model_option,
+    recipe_options,
+    store_option,
+)
+
+
+@click.group()
+def atlas():
+    """Build and list reference atlases."""
+
+
+@atlas.command("build")
+@click.argument("reference", type=click.Path(exists=True))
+@store_option
+@click.option("--name", required=True, help="Atlas name (letters, digits, underscores).")
+@click.option("--label-key", required=True, help="obs column with the cell labels.")
+@click.option("--batch-key", help="obs column recorded as the batch of each cell.")
+@click.option("--subset", help="Keep cells where obs column equals value(s): COLUMN=V1,V2.")
+@model_option()
+@recipe_options
+@input_options
+@click.option("--seed", default=0, show_default=True, help="Seed of the refinement.")
+@json_option
+def build(reference, store, name, label_key, batch_key, subset, model, top_genes, weighting, background, refine,
+          layer, use_raw, gene_column, seed, as_json):
+    """Embed a labelled REFERENCE (h5ad, 10x, csv, parquet) as an atlas in the store.
+
+    \b
+    Example:
+      cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
+          --subset donor=3pv2,5p --refine supcon
+    """
+    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cli.common import subset_source
+
+    ref = subset_source(reference, subset, layer=layer, use_raw=use_raw, gene_column=gene_column)
+    a = build_atlas(ref, store=store, name=name, label_key=label_key, model=model, top_genes=top_genes,
+                    weighting=weighting, background=background, refine=refine, batch_key=batch_key, seed=seed)
+    if as_json:
+        emit_json(a.summary())
+    else:
+        click.echo(f"atlas {a.name}: {len(a.vectors):,} cells, {len(a.classes)} classes, dim {a.vectors.shape[1]} -> {store}")
+
+
+@atlas.command("list")
+@store_option
+@json_option
+def list_cmd(store, as_json):
+    """List the atlases of a store with their recipes.
+
+    \b
+    Example:
+      cellvec atlas list --store store/
+    """
+    from cellvec.cell_index.atlas import Atlas, list_atlases
+
+    out = [Atlas.open(store, n).summary() for n in list_atlases(store)]
+    if as_json:
+        emit_json({"atlases": out})
+    else:
+        for a in out:
+            r = a["recipe"]
+            click.echo(f"{a['name']:<20} {a['n_cells']:>9,} cells  {len(a['classes']):>3} classes  "
+                       f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} refine={r['refine']}")
