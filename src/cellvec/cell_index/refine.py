@@ -132,7 +132,7 @@ def train_head(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += loss.item()
             model.eval()
             with torch.no_grad():
                 if len(va) and supervised:

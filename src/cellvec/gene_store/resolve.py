@@ -49,6 +49,20 @@ def _lookup(genes: pl.DataFrame) -> pl.DataFrame:
     return lk.sort("prio", "row").unique("key", keep="first", maintain_order=True)
 
 
+_LOOKUPS: dict[int, tuple[pl.DataFrame, pl.DataFrame]] = {}
+
+
+def _cached_lookup(genes: pl.DataFrame) -> pl.DataFrame:
+    # Keyed by object identity: a loaded gene table is immutable and cached by its store.
+    hit = _LOOKUPS.get(id(genes))
+    if hit is None or hit[0] is not genes:
+        if len(_LOOKUPS) > 8:
+            _LOOKUPS.clear()
+        hit = (genes, _lookup(genes))
+        _LOOKUPS[id(genes)] = hit
+    return hit[1]
+
+
 def match_genes(names, genes: pl.DataFrame) -> GeneMatch:
     """Resolve query gene `names` against a store's gene frame (see module docstring)."""
     q = pl.DataFrame({"name": [str(n) for n in names]}).with_row_index("i")
@@ -57,7 +71,7 @@ def match_genes(names, genes: pl.DataFrame) -> GeneMatch:
         pl.col("name").str.to_uppercase().alias("k1"),
         pl.col("name").str.replace(r"\.\d+$", "").alias("k3"),
     )
-    lk = _lookup(genes)
+    lk = _cached_lookup(genes)
     cands = []
     for key, prios in (("k0", [0]), ("k1", [1, 2]), ("k3", [3])):
         sub = lk.filter(pl.col("prio").is_in(prios))

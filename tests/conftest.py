@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny real-format gene files, a deterministic fake embedder, small AnnData.
+
+Real data lives in ../shared/data; tests that need it skip with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LANCE_LOG", "error")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+requires_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"real data not found at {SHARED}")
+
+from cellvec.gene_store.embedders import register_embedder  # noqa: E402
+from cellvec.gene_store.embedders.base import Embedder  # noqa: E402
+
+
+class FakeEmbedder(Embedder):
+    """Bag of hashed words: texts sharing words get similar vectors. Stable across processes."""
+
+    batch_size = 16
+
+    def __init__(self, name: str = "", dim: int = 64, **_):
+        self.spec = f"fake:{name}" if name else "fake"
+        self.dim = dim
+        self.calls = 0
+        self.n_embedded = 0
+
+    def embed_batch(self, texts):
+        self.calls += 1
+        self.n_embedded += len(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z0-9]+", t.lower()):
+                h = int(hashlib.md5(w.encode()).hexdigest()[:8], 16)
+                out[i, h % self.dim] += 1.0 if (h >> 8) & 1 else -1.0
+        return out
+
+
+register_embedder("fake", lambda name="", **kw: FakeEmbedder(name, **kw))
+
+# Three groups of genes with distinct GO vocabularies, so cell types built from them separate.
+GROUPS = {
+    "T": ("T cell receptor signaling pathway", "immune synapse", "lymphocyte activation"),
+    "B": ("B cell receptor signaling pathway", "immunoglobulin production", "antigen binding"),
+    "M": ("phagocytosis", "lysozyme activity", "inflammatory response monocyte"),
+}
+HEADER = ("#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
+          "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
+          "Nomenclature_status\tOther_designations\tModification_date\tFeature_type\n")
+
+
+def tiny_genes(n_per_group: int = 10) -> list[dict]:
+    genes = []
+    gid = 1000
+    for g, (proc, comp, func) in GROUPS.items():
+        for i in range(n_per_group):
+            gid += 1
+            genes.append({"id": gid, "symbol": f"{g}GENE{i}", "syn": f"{g}ALIAS{i}|{g}OLD{i}",
+                          "ens": f"ENSG{gid:011d}", "name": f"{g} lineage gene {i}", "proc": proc,
+                          "comp": comp, "func": func})
+    return genes
+
+
+def write_gene_info(path: Path, genes: list[dict], tax: int = 9606, gz: bool = True) -> Path:
+    lines = [HEADER]
+    for g in genes:
+        lines.append(f"{tax}\t{g['id']}\t{g['symbol']}\t-\t{g['syn']}\tHGNC:HGNC:{g['id']}|Ensembl:{g['ens']}\t1\t1p1\t"
+                     f"{g['name']}\tprotein-coding\t{g['symbol']}\t{g['name']}\tO\t{g['name']} protein\t20200101\t-\n")
+    data = "".join(lines).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_gene2go(path: Path, genes: list[dict], tax: int = 9606) -> Path:
+    lines = ["#tax_id\tGeneID\tGO_ID\tEvidence\tQualifier\tGO_term\tPubMed\tCategory\n"]
+    for g in genes:
+        lines.append(f"{tax}\t{g['id']}\tGO:0000001\tIEA\tinvolved_in\t{g['proc']}\t-\tProcess\n")
+        lines.append(f"{tax}\t{g['id']}\tGO:0000002\tIEA\tlocated_in\t{g['comp']}\t-\tComponent\n")
+        lines.append(f"{tax}\t{g['id']}\tGO:0000003\tIEA\tenables\t{g['func']}\t-\tFunction\n")
+        lines.append(f"{tax}\t{g['id']}\tGO:0000004\tIEA\tNOT enables\tnever shown\t-\tFunction\n")
+    path.write_bytes(gzip.compress("".join(lines).encode()))
+    return path
+
+
+@pytest.fixture
+def gene_files(tmp_path):
+    genes = tiny_genes()
+    return {"genes": genes, "gene_info": write_gene_info(tmp_path / "tiny.gene_info.gz", genes),
+            "gene2go": write_gene2go(tmp_path / "tiny.gene2go.gz", genes)}
+
+
+@pytest.fixture
+def fake_store(tmp_path, gene_files):
+    from cellvec.gene_store import build_gene_store
+
+    store = tmp_path / "store"
+    build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
+                     embedder=FakeEmbedder())
+    return store
+
+
+def tiny_adata(n_cells: int = 60, seed: int = 0, counts: bool = True, prefix: str = "c"):
+    """Cells of types T, B, M, each expressing mostly its own genes (raw counts)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    genes = tiny_genes()
+    names = [g["symbol"] for g in genes]
+    types = np.array(list(GROUPS))[np.arange(n_cells) % 3]
+    x = rng.poisson(0.3, size=(n_cells, len(names))).astype(np.float32)
+    for i, t in enumerate(types):
+        own = [j for j, n in enumerate(names) if n.startswith(t)]
+        x[i, own] += rng.poisson(8, size=len(own))
+    obs = pd.DataFrame({"cell_type": pd.Categorical(types), "batch": np.where(np.arange(n_cells) < n_cells // 2, "a", "b")},
+                       index=[f"{prefix}{i}" for i in range(n_cells)])
+    a = ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=names))
+    if not counts:
+        a.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
+    return a

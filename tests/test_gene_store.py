@@ -1,0 +1,163 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cellvec.errors import StoreError
+from cellvec.gene_store import GeneStore, build_gene_store, import_vectors
+from cellvec.gene_store.store import read_meta
+from conftest import FakeEmbedder, tiny_genes, write_gene2go, write_gene_info
+
+
+def test_build_writes_table_with_metadata(fake_store, gene_files):
+    gs = GeneStore(fake_store)
+    assert gs.models() == ["fake"]
+    gt = gs.load("fake")
+    assert gt.genes.height == 30 and gt.dimension == 64
+    assert set(gt.genes.columns) >= {"gene_id", "symbol", "synonyms", "ensembl_id", "tax_id", "text", "text_hash", "go_terms"}
+    np.testing.assert_allclose(np.linalg.norm(gt.vectors, axis=1), 1, atol=1e-5)
+    meta = gt.meta
+    assert meta["model"] == "fake" and meta["dimension"] == 64 and meta["species"] == "human"
+    assert meta["template_version"] == "ncbi-v1" and meta["complete"] is True
+    assert meta["sources"]["gene_info"]["path"].endswith("tiny.gene_info.gz") and "built_at" in meta
+
+
+def test_rebuild_embeds_only_changed_genes(tmp_path, fake_store, gene_files):
+    emb = FakeEmbedder()
+    res = build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=fake_store,
+                           species="human", embedder=emb)
+    assert (res.n_embedded, res.n_reused, emb.n_embedded) == (0, 30, 0)
+    genes = tiny_genes()
+    genes[0]["name"] = "T lineage gene 0, renamed"
+    genes.append({**genes[1], "id": 9999, "symbol": "NEWGENE", "syn": "-"})
+    info = write_gene_info(tmp_path / "v2.gene_info.gz", genes)
+    go = write_gene2go(tmp_path / "v2.gene2go.gz", genes)
+    emb = FakeEmbedder()
+    res = build_gene_store(info, gene2go=go, store=fake_store, species="human", embedder=emb)
+    assert (res.n_embedded, res.n_reused, emb.n_embedded) == (2, 29, 2)
+    assert GeneStore(fake_store).load("fake").genes.height == 31
+
+
+def test_failed_build_never_looks_complete_then_resumes(tmp_path, gene_files):
+    class Failing(FakeEmbedder):
+        def embed_batch(self, texts):
+            if self.calls >= 2:
+                raise RuntimeError("model crashed")
+            return super().embed_batch(texts)
+
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError):
+        build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
+                         embedder=Failing(), batch_size=5)
+    gs = GeneStore(store)
+    assert gs.models() == []
+    with pytest.raises(StoreError, match="no complete table for model 'fake'"):
+        gs.load("fake")
+    emb = FakeEmbedder()
+    res = build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
+                           embedder=emb, batch_size=5)
+    assert res.n_embedded == 20 and emb.n_embedded == 20  # the two committed batches were kept
+    assert "_building_fake" not in GeneStore(store).table_names()
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from conftest import FakeEmbedder
+from cellvec.gene_store import build_gene_store
+
+class Slow(FakeEmbedder):
+    def embed_batch(self, texts):
+        out = super().embed_batch(texts)
+        Path({marker!r}).open("a").write("x")
+        time.sleep(0.4)
+        return out
+
+build_gene_store({info!r}, gene2go={go!r}, store={store!r}, species="human", embedder=Slow(), batch_size=3)
+"""
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume(tmp_path, gene_files):
+    store, marker = tmp_path / "store", tmp_path / "marker"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), marker=str(marker), info=str(gene_files["gene_info"]),
+                                go=str(gene_files["gene2go"]), store=str(store))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "LANCE_LOG": "error"})
+    deadline = time.time() + 120
+    while time.time() < deadline and (not marker.exists() or len(marker.read_text()) < 4):
+        time.sleep(0.05)
+        assert proc.poll() is None, "the build ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gs = GeneStore(store)
+    assert gs.models() == []  # nothing looks complete
+    staged = gs.open_table("_building_fake").count_rows()
+    assert 6 <= staged < 30
+    emb = FakeEmbedder()
+    res = build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
+                           embedder=emb, batch_size=3)
+    assert res.n_embedded == 30 - staged == emb.n_embedded
+    gt = GeneStore(store).load("fake")
+    assert gt.genes["gene_id"].n_unique() == gt.genes.height == 30
+    clean = tmp_path / "clean"
+    build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=clean, species="human",
+                     embedder=FakeEmbedder())
+    ref = GeneStore(clean).load("fake")
+    order = {g: i for i, g in enumerate(ref.genes["gene_id"].to_list())}
+    idx = [order[g] for g in gt.genes["gene_id"].to_list()]
+    np.testing.assert_allclose(gt.vectors, ref.vectors[idx], atol=1e-6)
+
+
+def test_other_species_into_same_table_is_refused(tmp_path, fake_store):
+    info = write_gene_info(tmp_path / "m.gz", tiny_genes(2), tax=10090)
+    with pytest.raises(StoreError, match="tax_id=9606.*10090.*another --store"):
+        build_gene_store(info, store=fake_store, species="mouse", embedder=FakeEmbedder())
+
+
+def test_store_built_with_another_model(fake_store):
+    with pytest.raises(StoreError, match=r"no complete table for model 'minilm' \(models here: fake\)"):
+        GeneStore(fake_store).load("minilm")
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="cellvec genes build"):
+        GeneStore(tmp_path / "nope")
+
+
+def test_search_by_gene_and_text(fake_store):
+    gs = GeneStore(fake_store)
+    res = gs.search(gene="TGENE0", model="fake", k=5)
+    assert res.height == 5 and "TGENE0" not in res["symbol"].to_list()
+    assert all(s.startswith("T") for s in res["symbol"].to_list())
+    assert res["similarity"].is_sorted(descending=True)
+    by_alias = gs.search(gene="TALIAS3", model="fake", k=3)  # synonyms resolve
+    assert by_alias.height == 3
+    text = gs.search("B cell receptor signaling immunoglobulin", model="fake", k=5, embedder=FakeEmbedder())
+    assert all(s.startswith("B") for s in text["symbol"].to_list())
+    with pytest.raises(StoreError, match="not in the fake table"):
+        gs.search(gene="NOPE", model="fake")
+
+
+def test_import_precomputed_vectors(tmp_path, gene_files):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    vecs = {g["symbol"]: rng.normal(size=8).tolist() for g in tiny_genes()}
+    path = tmp_path / "GenePT.pickle"
+    path.write_bytes(pickle.dumps(vecs))
+    store = tmp_path / "store"
+    res = import_vectors(path, store=store, model="genept", gene_info=gene_files["gene_info"], species="human")
+    assert res.n_genes == 30 and res.model == "precomputed:genept"
+    gs = GeneStore(store)
+    gt = gs.load("genept")
+    assert gt.dimension == 8 and read_meta(gs.open_table("genes_precomputed_genept"))["provider"] == "precomputed"
+    assert gt.genes.filter(pl.col("symbol") == "TGENE1")["synonyms"].to_list() == [["TALIAS1", "TOLD1"]]
+    with pytest.raises(StoreError, match="Search by --gene"):
+        gs.search("T cells", model="genept")
