@@ -55,8 +55,11 @@ class ExpressionSource:
     def obs_names(self) -> list[str]:
         return self.obs.index.astype(str).tolist()
 
-    def chunks(self, size: int = 20_000) -> Iterator[tuple[slice, sp.csr_matrix]]:
-        """Yield (slice into obs, log-normalised float32 CSR) over all kept cells."""
+    def chunks(self, size: int = 20_000, *, as_stored: bool = False) -> Iterator[tuple[slice, sp.csr_matrix]]:
+        """Yield (slice into obs, log-normalised float32 CSR) over all kept cells.
+
+        `as_stored=True` yields the values as stored (counts stay counts), for validation.
+        """
         rows = self._rows if self._rows is not None else np.arange(self.n_obs)
         for start in range(0, len(rows), size):
             sel = rows[start:start + size]
@@ -66,7 +69,7 @@ class ExpressionSource:
                 block = block[sel - lo]
             if self._cols is not None:
                 block = block[:, self._cols]
-            yield slice(start, start + len(sel)), _as_lognorm(block, self.kind, self.path)
+            yield slice(start, start + len(sel)), block if as_stored else _as_lognorm(block, self.kind, self.path)
 
     def subset(self, mask: np.ndarray) -> ExpressionSource:
         """The same source restricted to the cells where `mask` is true (no copy of data)."""
@@ -201,7 +204,7 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
 
 def _drop_empty_and_check(src: ExpressionSource, where: str) -> ExpressionSource:
     totals = np.empty(src.n_obs, dtype=np.float64)
-    for sl, block in src.chunks():
+    for sl, block in src.chunks(as_stored=True):
         if block.data.size and (not np.isfinite(block.data).all()):
             raise InputFormatError(f"{where}: NaN/inf values in cells {sl.start}-{sl.stop}; remove or impute them.")
         if block.data.size and (block.data < 0).any():

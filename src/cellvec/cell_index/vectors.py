@@ -83,16 +83,19 @@ def match_dataset_genes(var_names: list[str], genes: GeneTable, where: str = "da
     counts = m.counts()
     log.info("%s: %s of %s genes matched the %s gene table (%s)", where, f"{n:,}", f"{total:,}", genes.model,
              ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    if n < MIN_MATCHED_GENES or n < MIN_MATCHED_FRACTION * total:
+    if n < min(MIN_MATCHED_GENES, total // 2) or n < MIN_MATCHED_FRACTION * total:
         sample = [str(v) for v in var_names[:5]]
-        ensembl = sum(str(v).startswith("ENS") for v in var_names[:200]) > 100
-        mouse_like = sum(str(v)[:1].isupper() and str(v)[1:].islower() for v in var_names[:200]) > 100
+        head = [str(v) for v in var_names[:500]]
+
+        def share(pred):
+            return sum(map(pred, head)) / max(len(head), 1)
+
         species = genes.meta.get("species")
-        if ensembl:
+        if share(lambda v: v.startswith("ENS")) > 0.5:
             cause = "the dataset uses Ensembl ids: check they are of the store's species, or give symbols (--gene-column)"
-        elif mouse_like and species == "human":
+        elif species == "human" and share(lambda v: v[:1].isupper() and v[1:].islower()) > 0.5:
             cause = "the names look like mouse symbols (Xxxx) but the store is human: use a mouse store"
-        elif species == "mouse" and sum(str(v).isupper() for v in var_names[:200]) > 150:
+        elif species == "mouse" and share(str.isupper) > 0.75:
             cause = "the names look like human symbols (XXXX) but the store is mouse: use a human store"
         else:
             cause = "wrong species or another naming scheme; a var column with symbols can be named with --gene-column"

@@ -50,7 +50,8 @@ def _register():
             cli.add_command(getattr(mod, name))
 
 
-_COMMANDS = {"genes": ["genes"], "atlas": ["atlas"], "mapping": ["map_cmd"], "evaluate": ["evaluate_cmd"]}
+_COMMANDS = {"genes": ["genes"], "atlas": ["atlas"], "mapping": ["map_cmd"], "evaluate": ["evaluate_cmd"],
+             "misc": ["sql_cmd", "serve_cmd", "report_cmd", "explain_cmd", "demo_cmd"]}
 
 
 _register()

@@ -65,8 +65,8 @@ def plot_umap(xy_ref, ref_labels, xy_q, q_labels, q_conf, path):
         if lbl.split(" (")[0] not in seen:
             handles.append(h)
             labels_.append(lbl)
-    axes[0].legend(handles, [lbl.split(" (")[0] for lbl in labels_], loc="upper left", bbox_to_anchor=(-0.02, -0.02),
-                   ncol=4, fontsize=9, markerscale=2.5, frameon=False)
+    fig.legend(handles, [lbl.split(" (")[0] for lbl in labels_], loc="outside lower center",
+               ncol=min(6, max(1, len(handles))), fontsize=10, markerscale=2.5, frameon=False)
     axes[2].scatter(xy_ref[:, 0], xy_ref[:, 1], s=3, c="#e6e6e6", linewidths=0)
     sc = axes[2].scatter(xy_q[:, 0], xy_q[:, 1], s=6, c=q_conf, cmap="viridis", vmin=0, vmax=1, linewidths=0)
     fig.colorbar(sc, ax=axes[2], shrink=0.8, label="confidence")

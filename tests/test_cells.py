@@ -1,0 +1,159 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.knn import IVFIndex, exact_knn
+from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.vectors import top_n_weights
+from cellvec.errors import CellvecError, GeneMatchError, InputFormatError, RecipeMismatchError
+from conftest import tiny_adata
+
+
+def _reference_top_n(x: np.ndarray, n: int, weighting: str) -> np.ndarray:
+    """A plain per-row implementation to check the vectorised one against."""
+    out = np.zeros_like(x, dtype=np.float64)
+    for i, row in enumerate(x):
+        nz = np.flatnonzero(row)
+        top = nz[np.argsort(-row[nz], kind="stable")][:n]
+        if len(top) == 0:
+            continue
+        vals = row[top].astype(np.float64)
+        if weighting == "log1p":
+            vals = np.log1p(vals)
+        elif weighting == "rank":
+            vals = (n - np.arange(len(top))) / n
+        elif weighting == "softmax":
+            vals = np.exp(vals - vals.max())
+        out[i, top] = vals / vals.sum() if vals.sum() > 0 else 0
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["value", "log1p", "rank", "softmax"])
+@pytest.mark.parametrize("n", [1, 3, 50])
+def test_top_n_weights_match_per_row_reference(weighting, n):
+    rng = np.random.default_rng(1)
+    x = rng.random((40, 25)) * (rng.random((40, 25)) < 0.4)
+    x[7] = 0
+    got = top_n_weights(sp.csr_matrix(x), n, weighting).toarray()
+    np.testing.assert_allclose(got, _reference_top_n(x, n, weighting), atol=1e-6)
+
+
+def test_atlas_map_roundtrip(fake_store, tmp_path):
+    ref = tiny_adata(n_cells=90, seed=1)
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    atlas = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type", batch_key="batch", top_genes=10)
+    assert atlas.recipe.model == "fake" and atlas.recipe.top_genes == 10 and atlas.recipe.background_hash
+    assert atlas.meta["classes"] == {"B": 30, "M": 30, "T": 30}
+    res = map_cells(query, "tiny", store=fake_store, truth_key="cell_type", k=5)
+    assert res.metrics["accuracy"] == 1.0 and res.metrics["macro_f1"] == 1.0
+    assert set(res.metrics["per_class"]) == {"B", "M", "T"} and res.metrics["n_cells"] == 30
+    assert np.all((res.confidence > 0) & (res.confidence <= 1))
+    np.testing.assert_allclose(res.scores.sum(1), 1, atol=1e-9)
+    out = res.write(tmp_path / "mapped.h5ad")
+    import anndata as ad
+
+    back = ad.read_h5ad(out)
+    assert list(back.obs["cellvec_label"].astype(str)) == list(res.labels)
+    assert back.obsm["X_cellvec"].shape == (30, atlas.vectors.shape[1])
+    df = res.to_polars()
+    assert {"cell_id", "cellvec_label", "cellvec_confidence", "truth", "score_T"} <= set(df.columns)
+    res.write(tmp_path / "mapped.csv")
+    assert (tmp_path / "mapped.csv").read_text().startswith("cell_id,cellvec_label")
+
+
+def test_unassigned_below_min_confidence(fake_store):
+    ref = tiny_adata(n_cells=90, seed=1)
+    build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    q = tiny_adata(n_cells=30, seed=3, prefix="q")
+    x = q.X.toarray()
+    x[:10, :20] = 10  # ten cells express T and B genes alike: their votes split
+    q.X = sp.csr_matrix(x)
+    free = map_cells(q, "tiny", store=fake_store, k=30)
+    threshold = float(free.confidence.min() + free.confidence.max()) / 2
+    assert free.confidence.min() < threshold < free.confidence.max()
+    res = map_cells(q, "tiny", store=fake_store, k=30, min_confidence=threshold)
+    low = free.confidence < threshold
+    assert (res.labels[low] == "unassigned").all()
+    assert (res.labels[~low] == free.labels[~low]).all()
+    assert res.summary()["unassigned_fraction"] == pytest.approx(low.mean())
+
+
+def test_recipe_mismatch_is_refused(fake_store):
+    build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    with pytest.raises(RecipeMismatchError, match=r"top_genes: atlas 10 vs query 50.*rebuild the atlas"):
+        map_cells(tiny_adata(n_cells=9), "tiny", store=fake_store, recipe={"top_genes": 50})
+    r = Recipe(top_genes=10, weighting="rank")
+    assert "weighting: atlas 'value' vs query 'rank'" in Recipe(top_genes=10).differences(r)[0]
+
+
+def test_changed_gene_store_is_refused(fake_store, gene_files):
+    from cellvec.errors import StoreError
+    from cellvec.gene_store import build_gene_store
+    from conftest import FakeEmbedder
+
+    build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
+    build_gene_store(gene_files["gene_info"], store=fake_store, species="human", embedder=FakeEmbedder())  # no GO now
+    with pytest.raises(StoreError, match="another version of the fake gene table"):
+        map_cells(tiny_adata(n_cells=9), "tiny", store=fake_store)
+
+
+def test_bad_inputs(fake_store):
+    with pytest.raises(InputFormatError, match="no cell annotation 'celltype'.*cell_type.*--label-key"):
+        build_atlas(tiny_adata(), store=fake_store, name="x", label_key="celltype")
+    with pytest.raises(CellvecError, match="letters, digits and underscores"):
+        build_atlas(tiny_adata(), store=fake_store, name="my atlas", label_key="cell_type")
+    with pytest.raises(CellvecError, match="Unknown weighting 'tfidf'"):
+        build_atlas(tiny_adata(), store=fake_store, name="x", label_key="cell_type", weighting="tfidf")
+    from cellvec.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"No atlas 'nope'.*cellvec atlas build"):
+        map_cells(tiny_adata(), "nope", store=fake_store)
+
+
+def test_too_few_genes_names_the_cause(fake_store):
+    a = tiny_adata()
+    a.var_names = [f"ENSMUSG{i:011d}" for i in range(a.n_vars)]
+    with pytest.raises(GeneMatchError, match=r"only 0 of 30 genes.*Ensembl ids"):
+        build_atlas(a, store=fake_store, name="x", label_key="cell_type")
+    a.var_names = [f"Gene{i}" for i in range(a.n_vars)]
+    with pytest.raises(GeneMatchError, match="look like mouse symbols.*store is human"):
+        build_atlas(a, store=fake_store, name="x", label_key="cell_type")
+
+
+def test_genes_matched_by_synonym_and_ensembl(fake_store):
+    a = tiny_adata()
+    names = list(a.var_names)
+    names[0] = "TALIAS0"           # synonym
+    names[1] = "ENSG00000001002.4"  # Ensembl id with version (gene id 1002 = TGENE1)
+    names[2] = "tgene2"            # case
+    a.var_names = names
+    atlas = build_atlas(a, store=fake_store, name="syn", label_key="cell_type")
+    assert atlas.meta["n_cells"] == 60
+
+
+def test_rebuild_overwrites_atomically(fake_store):
+    build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
+    v1 = Atlas.open(fake_store, "tiny").version
+    build_atlas(tiny_adata(n_cells=90, seed=5), store=fake_store, name="tiny", label_key="cell_type")
+    a = Atlas.open(fake_store, "tiny")
+    assert a.version > v1 and len(a.vectors) == 90
+
+
+def test_ivf_neighbours_match_exact_search():
+    """faiss-contrib style: ANN neighbours against exact KNN on clustered unit vectors."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 32))
+    ref = centres[rng.integers(0, 50, 60_000)] + 0.35 * rng.normal(size=(60_000, 32))
+    ref = (ref / np.linalg.norm(ref, axis=1, keepdims=True)).astype(np.float32)
+    q = centres[rng.integers(0, 50, 500)] + 0.35 * rng.normal(size=(500, 32))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    k = 15
+    ei, es = exact_knn(q, ref, k)
+    ai, asim = IVFIndex(ref).search(q, k)
+    recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(ai, ei)])
+    assert recall >= 0.97
+    # tie-aware: every ANN neighbour is at least as similar as the exact k-th neighbour (within float error)
+    assert np.mean(asim[:, -1] >= es[:, -1] - 1e-5) >= 0.95
+    np.testing.assert_allclose(es, np.sort(q @ ref.T, axis=1)[:, ::-1][:, :k], atol=1e-5)
