@@ -89,6 +89,24 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
+EXPRESSION_BASELINES = ("pca_knn", "logreg_expr")
+
+
+def expression_baseline(name: str, x_train, y_train, x_test, k: int, seed: int) -> np.ndarray:
+    """PCA(50) of log expression + distance-weighted kNN, or logistic regression on log expression."""
+    if name == "pca_knn":
+        from sklearn.decomposition import PCA
+        from sklearn.neighbors import KNeighborsClassifier
+
+        dense_tr, dense_te = x_train.toarray(), x_test.toarray()
+        pca = PCA(n_components=min(50, dense_tr.shape[0] - 1, dense_tr.shape[1]), random_state=seed).fit(dense_tr)
+        knn = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), weights="distance")
+        return knn.fit(pca.transform(dense_tr), y_train).predict(pca.transform(dense_te))
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=2000, random_state=seed).fit(x_train, y_train).predict(x_test)
+
+
 def _folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import StratifiedKFold
 
@@ -143,19 +161,8 @@ class _Representations:
 
     def predict(self, name: str, model: str, tr: np.ndarray, te: np.ndarray, y: np.ndarray, classes, k: int,
                 refine: str) -> np.ndarray:
-        if name == "pca_knn":
-            from sklearn.decomposition import PCA
-            from sklearn.neighbors import KNeighborsClassifier
-
-            dense = self.x.toarray()
-            pca = PCA(n_components=min(50, len(tr) - 1, dense.shape[1]), random_state=self.seed).fit(dense[tr])
-            knn = KNeighborsClassifier(n_neighbors=min(k, len(tr)), weights="distance").fit(pca.transform(dense[tr]), y[tr])
-            return knn.predict(pca.transform(dense[te]))
-        if name == "logreg_expr":
-            from sklearn.linear_model import LogisticRegression
-
-            clf = LogisticRegression(max_iter=2000, C=1.0, random_state=self.seed).fit(self.x[tr], y[tr])
-            return clf.predict(self.x[te])
+        if name in EXPRESSION_BASELINES:
+            return expression_baseline(name, self.x[tr], y[tr], self.x[te], k, self.seed)
         vecs, w, basis = self.vectors(name, model)
         refined = name in ("cellvec", "naive_mean_refined") or name.startswith("cellvec:")
         if refined and refine != "none":
@@ -235,16 +242,8 @@ def _transfer(source, y, query, query_label_key, label_map, genes, recipe, names
     xr = reps.x[:, [ref_pos[g] for g in common]]
     xq = q.to_csr()[:, [q_pos[g] for g in common]]
     for name in names:
-        if name == "pca_knn":
-            from sklearn.decomposition import PCA
-            from sklearn.neighbors import KNeighborsClassifier
-
-            pca = PCA(n_components=50, random_state=seed).fit(xr.toarray())
-            pred = KNeighborsClassifier(k, weights="distance").fit(pca.transform(xr.toarray()), y).predict(pca.transform(xq.toarray()))
-        elif name == "logreg_expr":
-            from sklearn.linear_model import LogisticRegression
-
-            pred = LogisticRegression(max_iter=2000, random_state=seed).fit(xr, y).predict(xq)
+        if name in EXPRESSION_BASELINES:
+            pred = expression_baseline(name, xr, y, xq, k, seed)
         elif name in ("cellvec", "cellvec_unrefined", "naive_mean"):
             r = {"cellvec": recipe, "cellvec_unrefined": Recipe.from_dict({**recipe.to_dict(), "refine": "none"}),
                  "naive_mean": Recipe.from_dict({**recipe.to_dict(), "refine": "none", "background": "none"})}[name]

@@ -6,6 +6,7 @@ one place; logs go to stderr, `--json` output to stdout.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 
@@ -41,13 +42,26 @@ def cli(verbose: int, quiet: bool):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _example_last(cmd: click.Command) -> None:
+    """Move a docstring's trailing Example block into the epilog, so help ends with it."""
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            _example_last(sub)
+    help_text = inspect.cleandoc(cmd.help or "")
+    marker = help_text.find("\b\nExample:")
+    if marker >= 0:
+        cmd.help, cmd.epilog = help_text[:marker].rstrip(), help_text[marker:]
+
+
 def _register():
     import importlib
 
     for module, names in _COMMANDS.items():
         mod = importlib.import_module(f"cellvec.cli.{module}")
         for name in names:
-            cli.add_command(getattr(mod, name))
+            cmd = getattr(mod, name)
+            _example_last(cmd)
+            cli.add_command(cmd)
 
 
 _COMMANDS = {"genes": ["genes"], "atlas": ["atlas"], "mapping": ["map_cmd"], "evaluate": ["evaluate_cmd"],

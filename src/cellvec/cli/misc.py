@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,10 +50,8 @@ def _shell(conn):
     from cellvec.errors import CellvecError
     from cellvec.sql import write_result
 
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (history and line editing)
-    except ImportError:
-        pass
     click.echo(f"cellvec SQL (read-only). Views: {', '.join(sorted(conn.views))}. End a query with ';', quit with .quit",
                err=True)
     buf = []

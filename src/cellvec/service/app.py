@@ -6,8 +6,6 @@ version and then loads it whole, so a rebuilt atlas is picked up without a
 restart and a reader never sees a half-written table.
 """
 
-from __future__ import annotations
-
 import hmac
 import logging
 import os
@@ -17,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+# FastAPI resolves endpoint annotations from this module's globals.
+from fastapi import Body, File, Query, UploadFile  # noqa: E402,F401
+
 from cellvec.errors import CellvecError, StoreError
+from cellvec.service.schemas import MapRequest, SQLRequest
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "CELLVEC_API_TOKEN"
 MAX_BODY_BYTES = 64 * 1024 * 1024
-MAX_CELLS_PER_REQUEST = 50_000
 
 
 class _State:
@@ -63,10 +64,9 @@ class _State:
 def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, sql_max_rows: int = 10_000, sql_timeout_s: float = 10.0):
     """The FastAPI application over one store. `token` (or $CELLVEC_API_TOKEN) turns on bearer auth."""
-    from fastapi import Body, FastAPI, File, HTTPException, Query, Request, UploadFile
+    from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, Field
 
     from cellvec import __version__
 
@@ -77,21 +77,6 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
     state = _State(store)
     app = FastAPI(title="cellvec", version=__version__,
                   description="Map single cells onto reference atlases; search genes; read-only SQL.")
-
-    class Cell(BaseModel):
-        id: str = Field(..., description="Cell id, echoed back")
-        indices: list[int] = Field(..., description="Positions in `genes` of the non-zero values")
-        values: list[float] = Field(..., description="Expression values (counts or log-normalised)")
-
-    class MapRequest(BaseModel):
-        genes: list[str] = Field(..., min_length=1, description="Gene symbols (or Ensembl ids) of the columns")
-        cells: list[Cell] = Field(..., min_length=1, max_length=MAX_CELLS_PER_REQUEST)
-        k: int = Field(15, ge=1, le=200)
-        min_confidence: float = Field(0.0, ge=0.0, le=1.0)
-        scores: bool = Field(False, description="Return per-class scores per cell")
-
-    class SQLRequest(BaseModel):
-        query: str = Field(..., min_length=1, max_length=100_000)
 
     def error(status: int, message: str):
         return JSONResponse(status_code=status, content={"error": message})

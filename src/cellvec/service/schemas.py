@@ -1,0 +1,25 @@
+"""Request bodies of the HTTP API (pydantic models, shown in the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+MAX_CELLS_PER_REQUEST = 50_000
+
+
+class Cell(BaseModel):
+    id: str = Field(..., description="Cell id, echoed back")
+    indices: list[int] = Field(..., description="Positions in `genes` of the non-zero values")
+    values: list[float] = Field(..., description="Expression values (counts or log-normalised)")
+
+
+class MapRequest(BaseModel):
+    genes: list[str] = Field(..., min_length=1, description="Gene symbols (or Ensembl ids) of the columns")
+    cells: list[Cell] = Field(..., min_length=1, max_length=MAX_CELLS_PER_REQUEST)
+    k: int = Field(15, ge=1, le=200, description="Neighbours in the vote")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="Below this a cell is 'unassigned'")
+    scores: bool = Field(False, description="Return per-class scores per cell")
+
+
+class SQLRequest(BaseModel):
+    query: str = Field(..., min_length=1, max_length=100_000, description="One read-only SELECT")

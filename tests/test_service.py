@@ -1,0 +1,161 @@
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from cellvec.cell_index.atlas import build_atlas
+from conftest import tiny_adata
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *a):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def served(fake_store, monkeypatch):
+    import cellvec.gene_store.embedders as reg
+    from conftest import FakeEmbedder
+
+    monkeypatch.setattr(reg, "get_embedder", lambda spec, **kw: FakeEmbedder())
+    import cellvec.gene_store.store as store_mod
+
+    monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
+    build_atlas(tiny_adata(n_cells=90, seed=1), store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    return fake_store
+
+
+def _cells(n=5, seed=3):
+    a = tiny_adata(n_cells=n, seed=seed, prefix="q")
+    x = a.X.tocsr()
+    cells = [{"id": a.obs_names[i], "indices": x[i].indices.tolist(), "values": x[i].data.tolist()} for i in range(n)]
+    return {"genes": list(a.var_names), "cells": cells}, a.obs["cell_type"].astype(str).tolist()
+
+
+def test_endpoints(served, tmp_path):
+    from cellvec.service import create_app
+
+    with Server(create_app(served, enable_sql=True)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        assert c.get("/readyz").json()["models"] == ["fake"]
+        atl = c.get("/v1/atlases").json()["atlases"]
+        assert atl[0]["name"] == "tiny" and atl[0]["recipe"]["top_genes"] == 10
+        body, truth = _cells(6)
+        r = c.post("/v1/atlases/tiny/map", json={**body, "scores": True})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [x["label"] for x in out["cells"]] == truth
+        assert all(0 < x["confidence"] <= 1 and x["scores"] for x in out["cells"])
+        path = tmp_path / "q.h5ad"
+        tiny_adata(n_cells=9, seed=4, prefix="u").write_h5ad(path)
+        r = c.post("/v1/atlases/tiny/map_h5ad", files={"file": ("q.h5ad", path.read_bytes())})
+        assert r.status_code == 200 and r.json()["n_cells"] == 9
+        s = c.get("/v1/genes/search", params={"q": "B cell receptor immunoglobulin", "k": 3}).json()
+        assert all(g["symbol"].startswith("B") for g in s["results"])
+        nb = c.get("/v1/genes/TGENE0/neighbors", params={"k": 4}).json()
+        assert len(nb["results"]) == 4
+        q = c.post("/v1/sql", json={"query": "SELECT label, count(*) AS n FROM atlas_tiny GROUP BY 1 ORDER BY 1"}).json()
+        assert q["rows"] == [{"label": "B", "n": 30}, {"label": "M", "n": 30}, {"label": "T", "n": 30}]
+        assert "/v1/atlases/{atlas}/map" in c.get("/openapi.json").json()["paths"]
+
+
+def test_errors_are_json_and_actionable(served):
+    from cellvec.service import create_app
+
+    with Server(create_app(served, max_body_bytes=20_000)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/atlases/nope/map", json=_cells()[0])
+        assert r.status_code == 404 and "tiny" in r.json()["error"]
+        r = c.post("/v1/atlases/tiny/map", json={"genes": ["A"], "cells": [{"id": "x", "indices": [5], "values": [1.0]}]})
+        assert r.status_code == 422 and "out of range" in r.json()["error"]
+        r = c.post("/v1/atlases/tiny/map", json={"genes": ["NOTAGENE"] * 3, "cells": [{"id": "x", "indices": [0], "values": [1]}]})
+        assert r.status_code == 422 and "genes" in r.json()["error"]
+        r = c.post("/v1/atlases/tiny/map", json={"cells": []})
+        assert r.status_code == 422 and r.json()["error"].startswith("Invalid request")
+        r = c.post("/v1/atlases/tiny/map", content=b"x" * 30_000, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "split the cells" in r.json()["error"]
+        r = c.post("/v1/sql", json={"query": "SELECT 1"})
+        assert r.status_code == 403 and "--enable-sql" in r.json()["error"]
+        r = c.get("/v1/genes/NOPE/neighbors")
+        assert r.status_code == 404
+        r = c.post("/v1/atlases/tiny/map_h5ad", files={"file": ("q.h5ad", b"not hdf5")})
+        assert r.status_code == 422 and "h5ad" in r.json()["error"]
+
+
+def test_auth(served, monkeypatch):
+    from cellvec.service import create_app
+
+    monkeypatch.setenv("CELLVEC_API_TOKEN", "s3cret")
+    with Server(create_app(served)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/healthz").status_code == 200  # liveness stays open
+        r = c.get("/v1/atlases")
+        assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]
+        assert c.get("/v1/atlases", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/atlases", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.slow
+def test_concurrent_requests_while_atlas_is_rebuilt(served):
+    from cellvec.service import create_app
+
+    body, truth = _cells(12)
+    stop = threading.Event()
+    errors, sizes = [], []
+
+    def rebuild():
+        seed = 10
+        while not stop.is_set():
+            n = 60 if seed % 2 else 90
+            build_atlas(tiny_adata(n_cells=n, seed=seed), store=served, name="tiny", label_key="cell_type", top_genes=10)
+            seed += 1
+
+    with Server(create_app(served)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        t = threading.Thread(target=rebuild)
+        t.start()
+
+        def one(i):
+            if i % 3 == 0:
+                r = c.get("/v1/atlases")
+                if r.status_code != 200:
+                    errors.append(r.text)
+                else:
+                    sizes.append(r.json()["atlases"][0]["n_cells"])
+                return
+            r = c.post("/v1/atlases/tiny/map", json=body)
+            if r.status_code != 200 or [x["label"] for x in r.json()["cells"]] != truth:
+                errors.append(r.text)
+
+        try:
+            with ThreadPoolExecutor(8) as ex:
+                list(ex.map(one, range(120)))
+        finally:
+            stop.set()
+            t.join()
+    assert errors == []
+    assert set(sizes) <= {60, 90} and len(set(sizes)) >= 1  # only whole atlases were ever seen
+    _ = np
