@@ -165,3 +165,14 @@ def test_unknown_format(tmp_path):
     with pytest.raises(InputFormatError, match="not a readable h5ad"):
         read_expression(bad)
     _ = ad  # anndata is exercised above
+
+
+def test_backed_file_is_checked_as_it_streams(tmp_path):
+    a = tiny_adata(n_cells=2100)
+    x = a.X.toarray()
+    x[2050, 3] = np.inf  # past the 2,000-row sample read at open
+    a.X = sp.csr_matrix(x)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    src = read_expression(tmp_path / "a.h5ad", backed=True)  # no upfront pass over the data
+    with pytest.raises(InputFormatError, match="NaN/inf values in cells 2000-2100"):
+        list(src.chunks(size=1000))

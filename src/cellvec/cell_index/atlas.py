@@ -51,16 +51,16 @@ def fit_encoder(
     """Fit background and head on a reference; returns (encoder, reference vectors, refine report)."""
     cols, rows = match_dataset_genes(source.var_names, genes, source.path)
     bg = fit_background(genes.vectors[rows], recipe.background)
-    basis = GeneBasis(cols, rows, apply_background(genes.vectors[rows], bg))
+    basis = GeneBasis(cols, rows, apply_background(genes.vectors[rows], bg), len(source.var_names))
     recipe = Recipe.from_dict({**recipe.to_dict(), "model": genes.model, "dimension": genes.dimension,
                                "gene_table_hash": genes.meta.get("content_hash"),
                                "background_hash": _hash_or_save(store, bg)})
     head, report = {}, {}
     if recipe.refine != "none":
         w = weights_matrix(source, basis, recipe)
-        head, report = train_head(w, basis.vectors, labels if recipe.refine == "supcon" else None,
+        head, report = train_head(w, basis.full, labels if recipe.refine == "supcon" else None,
                                   mode=recipe.refine, seed=seed, **(refine_options or {}))
-        vectors = apply_head(head, cell_vectors_from_weights(w, basis.vectors))
+        vectors = apply_head(head, cell_vectors_from_weights(w, basis.full))
         recipe = Recipe.from_dict({**recipe.to_dict(), "head_hash": _hash_or_save(store, head)})
     else:
         vectors = cell_vectors(source, basis, recipe, desc="reference vectors")

@@ -28,7 +28,7 @@ class CellEncoder:
 
     def basis(self, var_names: list[str], where: str = "dataset") -> GeneBasis:
         cols, rows = match_dataset_genes(var_names, self.genes, where)
-        return GeneBasis(cols, rows, apply_background(self.genes.vectors[rows], self.background))
+        return GeneBasis(cols, rows, apply_background(self.genes.vectors[rows], self.background), len(var_names))
 
     def unrefined(self, source: ExpressionSource, basis: GeneBasis | None = None) -> np.ndarray:
         basis = basis or self.basis(source.var_names, source.path)

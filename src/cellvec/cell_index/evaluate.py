@@ -137,7 +137,7 @@ class _Representations:
         self.models = {}
         for model, genes in genes_by_model.items():
             cols, rows = match_dataset_genes(source.var_names, genes, source.path)
-            w = top_n_weights(self.x[:, cols], recipe.top_genes, recipe.weighting)
+            w = top_n_weights(self.x[:, cols], recipe.top_genes, recipe.weighting)  # small data: columns copied once
             raw = genes.vectors[rows]
             bg = fit_background(raw, recipe.background)
             self.models[model] = {"w": w, "raw": raw, "basis": apply_background(raw, bg),

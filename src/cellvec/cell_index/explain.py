@@ -35,7 +35,7 @@ def explain_subtype(atlas: Atlas, subtype: str, reference, *, label_key: str | N
         raise CellvecError(f"{src.path}: no cell labelled {subtype!r} in {label_key!r}.")
     basis = enc.basis(src.var_names, src.path)
     sub = src.subset(mask)
-    w = top_n_weights(sub.to_csr()[:, basis.columns], enc.recipe.top_genes, enc.recipe.weighting)
+    w = top_n_weights(sub.to_csr(), enc.recipe.top_genes, enc.recipe.weighting, col_mask=basis.mask)[:, basis.columns]
     mean_w = np.asarray(w.mean(axis=0)).ravel()
     centroid = normalise_rows((mean_w @ basis.vectors)[None, :])[0]
     contrib = mean_w * (normalise_rows(basis.vectors) @ centroid)

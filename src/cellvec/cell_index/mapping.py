@@ -150,7 +150,9 @@ def map_cells(
     best = scores.argmax(1)
     conf = scores[np.arange(len(best)), best]
     labels = classes[best].astype(object)
-    labels[conf < min_confidence] = UNASSIGNED
+    empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
+    conf[empty] = 0.0
+    labels[(conf < min_confidence) | empty] = UNASSIGNED
     metrics = None
     if truth is not None:
         missing = sorted(set(truth) - set(classes))

@@ -46,6 +46,7 @@ class ExpressionSource:
     _cols: np.ndarray | None = field(default=None, repr=False)  # kept gene columns
     _rows: np.ndarray | None = field(default=None, repr=False)  # kept cell rows
     _adata: object = field(default=None, repr=False)
+    validated: bool = True   # False: values are checked chunk by chunk as they stream (backed files)
 
     @property
     def n_obs(self) -> int:
@@ -69,13 +70,15 @@ class ExpressionSource:
                 block = block[sel - lo]
             if self._cols is not None:
                 block = block[:, self._cols]
+            if not self.validated:
+                _check_block(block, self.path, lo, hi, self.kind)
             yield slice(start, start + len(sel)), block if as_stored else _as_lognorm(block, self.kind, self.path)
 
     def subset(self, mask: np.ndarray) -> ExpressionSource:
         """The same source restricted to the cells where `mask` is true (no copy of data)."""
         rows = self._rows if self._rows is not None else np.arange(self.n_obs)
         return ExpressionSource(self.path, self.obs[mask], self.var_names, self.kind, self._matrix,
-                                self._cols, rows[np.asarray(mask)], self._adata)
+                                self._cols, rows[np.asarray(mask)], self._adata, self.validated)
 
     def to_csr(self) -> sp.csr_matrix:
         """All kept cells as one log-normalised CSR matrix (for small data and baselines)."""
@@ -197,21 +200,30 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
     obs = adata.obs.copy()
     obs.index = obs.index.astype(str)
     src = ExpressionSource(where, obs, names.tolist(), kind, matrix, cols, None, adata)
-    src = _drop_empty_and_check(src, where)
+    if getattr(adata, "isbacked", False):
+        # Large files: no separate pass over the data; each chunk is checked as it streams,
+        # and empty cells get zero vectors (mapped as 'unassigned').
+        src.validated = False
+    else:
+        src = _drop_empty_and_check(src, where)
     log.info("%s: %s cells x %s genes (%s)", where, f"{src.n_obs:,}", f"{len(src.var_names):,}", kind)
     return src
+
+
+def _check_block(block: sp.csr_matrix, where: str, start: int, stop: int, kind: str) -> None:
+    if block.data.size and not np.isfinite(block.data).all():
+        raise InputFormatError(f"{where}: NaN/inf values in cells {start}-{stop}; remove or impute them.")
+    if block.data.size and (block.data < 0).any():
+        raise InputFormatError(
+            f"{where}: negative values among cells {start}-{stop} of a {kind} matrix; "
+            "counts and log-normalised values cannot be negative. Check the input layer."
+        )
 
 
 def _drop_empty_and_check(src: ExpressionSource, where: str) -> ExpressionSource:
     totals = np.empty(src.n_obs, dtype=np.float64)
     for sl, block in src.chunks(as_stored=True):
-        if block.data.size and (not np.isfinite(block.data).all()):
-            raise InputFormatError(f"{where}: NaN/inf values in cells {sl.start}-{sl.stop}; remove or impute them.")
-        if block.data.size and (block.data < 0).any():
-            raise InputFormatError(
-                f"{where}: negative values among cells {sl.start}-{sl.stop} of a {src.kind} matrix; "
-                "counts and log-normalised values cannot be negative. Check the input layer."
-            )
+        _check_block(block, where, sl.start, sl.stop, src.kind)
         totals[sl] = np.asarray(block.sum(axis=1)).ravel()
     empty = totals <= 0
     if empty.any():

@@ -8,7 +8,7 @@ and aggregate with one sparse x dense product `W @ E`. No per-cell Python loop.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,44 +27,58 @@ MIN_MATCHED_FRACTION = 0.5
 MIN_MATCHED_GENES = 50
 
 
-def top_n_weights(x: sp.csr_matrix, n: int, weighting: str) -> sp.csr_matrix:
-    """Keep each row's `n` largest entries, as weights summing to 1 per row."""
+def top_n_weights(x: sp.csr_matrix, n: int, weighting: str, col_mask: np.ndarray | None = None,
+                  block_rows: int = 2048) -> sp.csr_matrix:
+    """Keep each row's `n` largest positive entries (among `col_mask` columns), as weights summing to 1.
+
+    Rows are padded into small dense blocks and split with `argpartition` (linear
+    time), so no full sort of the non-zeros is needed. Kept entries are ordered by
+    value, largest first, within each row.
+    """
     x = sp.csr_matrix(x)
-    x.eliminate_zeros()
     counts = np.diff(x.indptr)
-    if counts.size == 0 or counts.max(initial=0) <= n and weighting in ("value", "log1p"):
-        w = x.copy()
-        ranks = None
-    else:
-        rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), counts)
-        # Sort by row, then by value descending, in one pass: rows are already grouped.
-        order = np.lexsort((-x.data, rows))
-        ranks = np.empty_like(order)
-        ranks[order] = np.arange(order.size) - np.repeat(x.indptr[:-1], counts)
-        keep = ranks < n
-        new_counts = np.minimum(counts, n)
-        indptr = np.concatenate([[0], np.cumsum(new_counts)])
-        w = sp.csr_matrix((x.data[keep], x.indices[keep], indptr), shape=x.shape)
-        ranks = ranks[keep]
-    data = w.data.astype(np.float32, copy=True)
+    key = x.data.astype(np.float32, copy=True)
+    key[~(key > 0)] = -np.inf
+    if col_mask is not None:
+        key[~col_mask[x.indices]] = -np.inf
+    keep_pos, keep_counts = [], np.zeros(x.shape[0], dtype=np.int64)
+    for r0 in range(0, x.shape[0], block_rows):
+        r1 = min(r0 + block_rows, x.shape[0])
+        lo, hi = x.indptr[r0], x.indptr[r1]
+        c = counts[r0:r1]
+        width = int(c.max(initial=0))
+        if width == 0:
+            continue
+        rows = np.repeat(np.arange(r1 - r0), c)
+        offs = np.arange(hi - lo) - np.repeat(x.indptr[r0:r1] - lo, c)
+        pad = np.full((r1 - r0, width), -np.inf, dtype=np.float32)
+        pad[rows, offs] = key[lo:hi]
+        if width > n:
+            part = np.argpartition(-pad, n - 1, axis=1)[:, :n]
+        else:
+            part = np.broadcast_to(np.arange(width), (r1 - r0, width))
+        vals = np.take_along_axis(pad, part, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        part = np.take_along_axis(part, order, axis=1)
+        valid = np.take_along_axis(vals, order, axis=1) > -np.inf
+        keep_counts[r0:r1] = valid.sum(1)
+        keep_pos.append((x.indptr[r0:r1, None] + part)[valid])
+    pos = np.concatenate(keep_pos) if keep_pos else np.zeros(0, dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(keep_counts)])
+    data = x.data[pos].astype(np.float32)
     if weighting == "log1p":
         np.log1p(data, out=data)
     elif weighting == "rank":
-        if ranks is None:
-            rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
-            order = np.lexsort((-w.data, rows))
-            ranks = np.empty_like(order)
-            ranks[order] = np.arange(order.size) - np.repeat(w.indptr[:-1], np.diff(w.indptr))
+        ranks = np.arange(len(pos)) - np.repeat(indptr[:-1], keep_counts)
         data = (n - ranks).astype(np.float32) / n
     elif weighting == "softmax":
-        rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
-        rowmax = np.zeros(w.shape[0], dtype=np.float32)
-        np.maximum.at(rowmax, rows, data)
-        data = np.exp(data - rowmax[rows])
-    w.data = data
-    sums = np.asarray(w.sum(axis=1)).ravel()
-    scale = np.divide(1.0, sums, out=np.zeros_like(sums), where=sums > 0).astype(np.float32)
-    return sp.csr_matrix(sp.diags(scale) @ w)
+        # rows are ordered largest first: the first entry is the row maximum
+        data = np.exp(data - np.repeat(data[indptr[:-1][keep_counts > 0]], keep_counts[keep_counts > 0]))
+    sums = np.add.reduceat(data, indptr[:-1][keep_counts > 0]) if len(data) else np.zeros(0, np.float32)
+    scale = np.zeros(x.shape[0], dtype=np.float32)
+    scale[keep_counts > 0] = 1.0 / sums
+    data = data * np.repeat(scale, keep_counts)
+    return sp.csr_matrix((data.astype(np.float32), x.indices[pos], indptr), shape=x.shape)
 
 
 @dataclass
@@ -74,6 +88,23 @@ class GeneBasis:
     columns: np.ndarray      # dataset columns that matched a store gene
     rows: np.ndarray         # their store rows
     vectors: np.ndarray      # len(columns) x dim
+    n_vars: int = 0          # the dataset's number of columns
+    _full: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    @property
+    def mask(self) -> np.ndarray:
+        m = np.zeros(self.n_vars or (int(self.columns.max()) + 1 if len(self.columns) else 0), dtype=bool)
+        m[self.columns] = True
+        return m
+
+    @property
+    def full(self) -> np.ndarray:
+        """n_vars x dim, zero rows for unmatched columns (never selected: they are masked)."""
+        if self._full is None:
+            full = np.zeros((len(self.mask), self.vectors.shape[1]), dtype=np.float32)
+            full[self.columns] = self.vectors
+            self._full = full
+        return self._full
 
 
 def match_dataset_genes(var_names: list[str], genes: GeneTable, where: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
@@ -109,23 +140,32 @@ def match_dataset_genes(var_names: list[str], genes: GeneTable, where: str = "da
 
 def aggregate(x: sp.csr_matrix, basis: GeneBasis, recipe: Recipe) -> np.ndarray:
     """Cell vectors (unit length) of a chunk of log-normalised expression."""
-    w = top_n_weights(x[:, basis.columns], recipe.top_genes, recipe.weighting)
-    return normalise_rows(np.asarray(w @ basis.vectors, dtype=np.float32))
+    w = top_n_weights(x, recipe.top_genes, recipe.weighting, col_mask=basis.mask)
+    return normalise_rows(np.asarray(w @ basis.full, dtype=np.float32))
+
+
+def iter_cell_vectors(source: ExpressionSource, basis: GeneBasis, recipe: Recipe, *, chunk_size: int = 20_000,
+                      desc: str = "cell vectors"):
+    """Yield (slice, unrefined vectors) chunk by chunk: memory stays flat however many cells."""
+    with progress(total=source.n_obs, desc=desc, unit="cell") as bar:
+        for sl, block in source.chunks(chunk_size):
+            yield sl, aggregate(block, basis, recipe)
+            bar.update(sl.stop - sl.start)
 
 
 def cell_vectors(source: ExpressionSource, basis: GeneBasis, recipe: Recipe, *, chunk_size: int = 20_000,
                  desc: str = "cell vectors") -> np.ndarray:
     """Unrefined cell vectors for every cell of `source` (cells x dim)."""
     out = np.empty((source.n_obs, basis.vectors.shape[1]), dtype=np.float32)
-    with progress(total=source.n_obs, desc=desc, unit="cell") as bar:
-        for sl, block in source.chunks(chunk_size):
-            out[sl] = aggregate(block, basis, recipe)
-            bar.update(sl.stop - sl.start)
+    for sl, vecs in iter_cell_vectors(source, basis, recipe, chunk_size=chunk_size, desc=desc):
+        out[sl] = vecs
     return out
 
 
 def weights_matrix(source: ExpressionSource, basis: GeneBasis, recipe: Recipe, chunk_size: int = 20_000) -> sp.csr_matrix:
-    """The whole top-N weight matrix (cells x matched genes), for training-time augmentation."""
-    parts = [top_n_weights(block[:, basis.columns], recipe.top_genes, recipe.weighting)
+    """The whole top-N weight matrix (cells x dataset genes), for training-time augmentation.
+
+    Use it with `basis.full`."""
+    parts = [top_n_weights(block, recipe.top_genes, recipe.weighting, col_mask=basis.mask)
              for _, block in source.chunks(chunk_size)]
     return sp.vstack(parts, format="csr")

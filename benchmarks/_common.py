@@ -1,0 +1,28 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def rss_mib() -> float:
+    """Current resident set size (MiB), from /proc."""
+    with open(f"/proc/{os.getpid()}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def timed(results: dict, key: str):
+    t = time.perf_counter()
+    yield
+    results[key] = time.perf_counter() - t
