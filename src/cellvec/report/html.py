@@ -95,5 +95,13 @@ table.grid td {{ font-variant-numeric: tabular-nums; }}
 {per_table}
 <h2>Run</h2><table>{extra}</table>
 <h2>Recipe</h2><table>{rows}</table>
+<script>
+// Lets a headless browser (and the test suite) confirm every plot decoded.
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter((i) => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});
+</script>
 </body></html>
 """

@@ -1,0 +1,3 @@
+from cellvec.cli import main
+
+main()
