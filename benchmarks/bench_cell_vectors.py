@@ -28,8 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_rss_mib, rss_mib  # noqa: E402
 
-os.environ.setdefault("LANCE_LOG", "error")
-
 
 def write_h5ad(path: Path, n_cells: int, n_genes: int, nnz: int, chunk: int = 50_000, seed: int = 0) -> None:
     """A CSR h5ad written chunk-wise with h5py: memory does not grow with n_cells."""

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import SHARED, peak_rss_mib  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("LANCE_LOG", "error")
 
 
 def make_inputs(workdir: Path, n: int) -> tuple[Path, Path | None]:

@@ -84,7 +84,7 @@ def main():
         genes = make_store(tmp, args.atlas_cells)
         build_s = time.perf_counter() - t
         port = free_port()
-        env = {**os.environ, "LANCE_LOG": "error"}
+        env = dict(os.environ)
         server = subprocess.Popen([sys.executable, "-m", "cellvec.cli", "-q", "serve", "--store", str(tmp / "store"),
                                    "--host", "127.0.0.1", "--port", str(port)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("LANCE_LOG", "error")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"real data not found at {SHARED}")

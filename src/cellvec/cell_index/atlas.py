@@ -31,7 +31,7 @@ from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head, train_head
 from cellvec.cell_index.vectors import GeneBasis, cell_vectors, match_dataset_genes, weights_matrix
 from cellvec.errors import CellvecError, InputFormatError, StoreError
-from cellvec.gene_store.store import META_KEY, GeneStore, read_meta
+from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +181,9 @@ def build_atlas(
         log.warning("%s: %d cells without a %s label excluded", source.path, int((~known).sum()), label_key)
         source, labels = source.subset(known), labels[known]
     labels = labels.astype(str)
+    # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = Recipe(model=genes.model, dimension=genes.dimension, top_genes=top_genes, weighting=weighting,
-                    input=source.kind if source.kind != "counts" else "counts -> log1p(CP10k)",
                     background=background, refine=refine)
-    recipe = Recipe.from_dict({**recipe.to_dict(), "input": "log-normalised"})
     encoder, vectors, report = fit_encoder(source, labels, genes, recipe, store=store, seed=seed,
                                            refine_options=refine_options)
     batches = (source.obs[batch_key].astype(str).to_numpy() if batch_key else np.full(source.n_obs, "", dtype=object))
@@ -204,7 +203,7 @@ def build_atlas(
         pa.array([str(b) for b in batches], pa.string()),
         pa.array([Path(str(meta["source"])).stem] * source.n_obs, pa.string()),
         pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)], schema=schema)
-    gs.db.create_table(ATLAS_PREFIX + name, table, mode="overwrite")
+    replace_table(gs.db, ATLAS_PREFIX + name, table)
     log.info("Atlas %s: %s cells, %d classes, dim %d, in %.1f s", name, f"{source.n_obs:,}", len(classes), dim,
              time.perf_counter() - t0)
     atlas = Atlas.open(store, name)

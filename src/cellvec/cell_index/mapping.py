@@ -92,18 +92,15 @@ class MappingResult:
 
     def save(self, store: str | Path, name: str) -> str:
         """Save as table `mapping_<name>` in the store (the SQL view of the same name)."""
+        import polars as pl
         import pyarrow as pa
 
-        from cellvec.gene_store.store import GeneStore
+        from cellvec.gene_store.store import GeneStore, replace_table
 
-        df = self.to_polars(scores=False).with_columns()
-        import polars as pl
-
-        df = df.with_columns(pl.lit(self.atlas).alias("atlas"))
-        tbl = df.to_arrow()
+        tbl = self.to_polars(scores=False).with_columns(pl.lit(self.atlas).alias("atlas")).to_arrow()
         dim = self.vectors.shape[1]
         tbl = tbl.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel()), dim))
-        GeneStore(store).db.create_table(f"mapping_{name}", tbl, mode="overwrite")
+        replace_table(GeneStore(store).db, f"mapping_{name}", tbl)
         return f"mapping_{name}"
 
     def summary(self) -> dict:

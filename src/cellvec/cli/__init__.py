@@ -72,7 +72,4 @@ _register()
 
 
 def main():
-    import os
-
-    os.environ.setdefault("LANCE_LOG", "error")  # Lance's Rust logger is chatty at warn level
     cli(prog_name="cellvec")

@@ -86,6 +86,22 @@ def content_hash(symbols: list[str], vectors: np.ndarray) -> str:
     return h.hexdigest()[:24]
 
 
+def list_table_names(db) -> list[str]:
+    """Every table of a LanceDB connection, following pages."""
+    names, token = [], None
+    while True:
+        resp = db.list_tables(page_token=token)
+        names.extend(resp.tables)
+        token = resp.page_token
+        if not token:
+            return sorted(names)
+
+
+def replace_table(db, name: str, data):
+    """Write `data` as table `name` in one commit: created, or overwritten when it exists."""
+    return db.create_table(name, data, mode="overwrite" if name in list_table_names(db) else "create")
+
+
 def read_meta(tbl) -> dict:
     md = tbl.schema.metadata or {}
     return json.loads(md[META_KEY]) if META_KEY in md else {}
@@ -142,9 +158,7 @@ class GeneStore:
         return self._db
 
     def table_names(self) -> list[str]:
-        resp = self.db.list_tables()
-        names = getattr(resp, "tables", resp)
-        return sorted(names)
+        return list_table_names(self.db)
 
     def open_table(self, name: str):
         if name not in self.table_names():
@@ -336,7 +350,7 @@ def _write_store(gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict
             "n_genes": len(keys), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "complete": True}
     # One commit makes the new table visible; readers see the old or the new, never a mix.
-    gs.db.create_table(name, _to_arrow(df, vectors, meta), mode="overwrite")
+    replace_table(gs.db, name, _to_arrow(df, vectors, meta))
     if staging_tbl is not None:
         gs.db.drop_table(staging_name)
     secs = time.perf_counter() - t0
@@ -383,7 +397,7 @@ def import_vectors(
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     gs = GeneStore(store, create=True)
     name = table_name(spec)
-    gs.db.create_table(name, _to_arrow(df, vectors, meta), mode="overwrite")
+    replace_table(gs.db, name, _to_arrow(df, vectors, meta))
     log.info("Imported %s vectors (dim %d) from %s into %s", f"{df.height:,}", mat.shape[1], os.path.basename(str(path)), name)
     return BuildResult(store=str(gs.path), table=name, model=spec, n_genes=df.height, n_embedded=0,
                        n_reused=0, seconds=round(time.perf_counter() - t0, 2), meta=meta)
