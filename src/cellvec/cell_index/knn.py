@@ -19,9 +19,14 @@ log = logging.getLogger(__name__)
 EXACT_MAX = 200_000
 
 
-def exact_knn(query: np.ndarray, ref: np.ndarray, k: int, *, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, similarities) of the k most similar rows of `ref`, best first."""
+def exact_knn(query: np.ndarray, ref: np.ndarray, k: int, *, max_block: int = 1 << 27) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, similarities) of the k most similar rows of `ref`, best first.
+
+    Queries go in blocks of at most `max_block` similarities (0.5 GiB of float32, plus
+    1 GiB for argpartition's int64 indices), so memory does not grow with the queries.
+    """
     k = min(k, ref.shape[0])
+    chunk = max(1, min(2048, max_block // max(ref.shape[0], 1)))
     idx = np.empty((len(query), k), dtype=np.int64)
     sim = np.empty((len(query), k), dtype=np.float32)
     for s in range(0, len(query), chunk):
