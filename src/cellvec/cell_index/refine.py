@@ -57,14 +57,14 @@ def _contrastive_loss(z, labels, temperature: float):
 
 
 def _knn_macro_f1(ref, ref_y, q, q_y, k=15) -> float:
+    """Macro-F1 of the same distance-weighted kNN vote that mapping uses."""
     from sklearn.metrics import f1_score
 
-    sims = q @ ref.T
-    k = min(k, ref.shape[0])
-    nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    votes = np.zeros((len(q), ref_y.max() + 1))
-    np.add.at(votes, (np.repeat(np.arange(len(q)), k), ref_y[nn].ravel()), 1.0)
-    return float(f1_score(q_y, votes.argmax(1), average="macro"))
+    from cellvec.cell_index.knn import exact_knn, vote
+
+    idx, sim = exact_knn(q, ref, k)
+    pred = vote(idx, sim, ref_y, int(max(ref_y.max(), q_y.max())) + 1).argmax(1)
+    return float(f1_score(q_y, pred, average="macro"))
 
 
 def train_head(
