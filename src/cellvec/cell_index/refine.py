@@ -158,6 +158,8 @@ def train_head(
             bar.update(1)
             if score > best_score + 1e-4:
                 best, best_score, since = snapshot(), score, 0
+                if supervised and score >= 1.0:
+                    break  # a perfect held-out score leaves nothing to gain
             else:
                 since += 1
                 if since >= patience:
