@@ -116,7 +116,7 @@ class Atlas:
             have = ", ".join(list_atlases(store)) or "none"
             raise StoreError(f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`.")
         arrow = tbl.to_arrow()
-        vec = arrow.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+        vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(name=name, store=str(store), meta=meta,
                    cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
                    labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
@@ -190,7 +190,7 @@ def build_atlas(
     classes, counts = np.unique(labels, return_counts=True)
     meta = {"recipe": encoder.recipe.to_dict(), "label_key": label_key, "batch_key": batch_key,
             "n_cells": int(source.n_obs), "classes": {str(c): int(n) for c, n in zip(classes, counts)},
-            "source": str(reference) if not hasattr(reference, "obs") else "<AnnData>",
+            "source": source.path,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True,
             "refinement": report or None}
     dim = vectors.shape[1]

@@ -25,10 +25,21 @@ class CellEncoder:
     genes: GeneTable
     background: dict[str, np.ndarray] = field(default_factory=dict)
     head: dict[str, np.ndarray] = field(default_factory=dict)
+    _bases: dict = field(default_factory=dict, repr=False)
 
     def basis(self, var_names: list[str], where: str = "dataset") -> GeneBasis:
+        """The matched, background-transformed gene vectors of a gene list (cached per list:
+        a service sees the same gene panel request after request)."""
+        key = hash(tuple(var_names))
+        hit = self._bases.get(key)
+        if hit is not None and hit[0] == list(var_names):
+            return hit[1]
         cols, rows = match_dataset_genes(var_names, self.genes, where)
-        return GeneBasis(cols, rows, apply_background(self.genes.vectors[rows], self.background), len(var_names))
+        basis = GeneBasis(cols, rows, apply_background(self.genes.vectors[rows], self.background), len(var_names))
+        if len(self._bases) >= 32:
+            self._bases.pop(next(iter(self._bases)))
+        self._bases[key] = (list(var_names), basis)
+        return basis
 
     def unrefined(self, source: ExpressionSource, basis: GeneBasis | None = None) -> np.ndarray:
         basis = basis or self.basis(source.var_names, source.path)

@@ -221,7 +221,9 @@ def evaluate(
     if query is not None:
         transfer = _transfer(source, y, query, query_label_key or label_key, label_map, genes_by_model[models[0]],
                              recipe, names, reps, k, seed, layer, use_raw)
-    return EvaluationResult(dataset=str(data) if not hasattr(data, "obs") else "<AnnData>", label_key=label_key,
+    from pathlib import Path
+
+    return EvaluationResult(dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>", label_key=label_key,
                             folds=folds, representations=results, data_limited=curves, transfer=transfer,
                             recipe=recipe.to_dict(), seconds=time.perf_counter() - t0)
 

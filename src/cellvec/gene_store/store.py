@@ -207,7 +207,7 @@ class GeneStore:
             return cached[1]
         arrow = tbl.to_arrow()
         vec = arrow.column("vector").combine_chunks()
-        mat = vec.values.to_numpy(zero_copy_only=False).reshape(len(arrow), -1).astype(np.float32, copy=False)
+        mat = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(arrow), -1).astype(np.float32, copy=False)
         genes = pl.from_arrow(arrow.drop_columns(["vector"]))
         gt = GeneTable(model=meta["model"], genes=genes, vectors=mat, meta=meta)
         self._cache[name] = (version, gt)
@@ -304,7 +304,7 @@ def _existing_vectors(tbl, meta: dict, what: str) -> dict[tuple[int, str], np.nd
             )
     arrow = tbl.to_arrow().select(["gene_id", "text_hash", "vector"])
     ids, hashes = arrow.column("gene_id").to_pylist(), arrow.column("text_hash").to_pylist()
-    mat = arrow.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(len(ids), -1)
+    mat = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1)
     return {(i, h): mat[n] for n, (i, h) in enumerate(zip(ids, hashes))}
 
 

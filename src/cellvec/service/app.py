@@ -36,7 +36,6 @@ class _State:
         self.lock = threading.Lock()
         self.atlases: dict[str, tuple[float, object]] = {}
         self.version_check_s = version_check_s
-        self.sql = None
 
     def atlas(self, name: str):
         from cellvec.cell_index.atlas import ATLAS_PREFIX, Atlas
