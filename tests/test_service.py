@@ -159,3 +159,19 @@ def test_concurrent_requests_while_atlas_is_rebuilt(served):
     assert errors == []
     assert set(sizes) <= {60, 90} and len(set(sizes)) >= 1  # only whole atlases were ever seen
     _ = np
+
+
+def test_bad_cell_arrays_are_422(served):
+    from cellvec.service import create_app
+
+    with Server(create_app(served)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        genes = [f"TGENE{i}" for i in range(5)]
+        for cell, message in (({"id": "x", "indices": [0.5], "values": [1.0]}, "integers"),
+                              ({"id": "x", "indices": ["a"], "values": [1.0]}, "integers"),
+                              ({"id": "x", "indices": [0], "values": ["high"]}, "numbers"),
+                              ({"id": "x", "indices": [[0]], "values": [[1.0]]}, "flat list"),
+                              ({"id": "x", "indices": [[0], 1], "values": [1.0, 2.0]}, "flat list"),
+                              ({"id": "x", "indices": [10**30], "values": [1.0]}, "integers"),
+                              ({"id": "x", "indices": [0, 1], "values": [1.0]}, "2 indices but 1 values")):
+            r = c.post("/v1/atlases/tiny/map", json={"genes": genes, "cells": [cell]})
+            assert r.status_code == 422 and message in r.json()["error"], (cell, r.text)

@@ -157,22 +157,9 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
         """Map cells given as gene names plus sparse values per cell."""
         import anndata as ad
         import pandas as pd
-        import scipy.sparse as sp
 
         a = get_atlas(atlas)
-        n_genes = len(body.genes)
-        indptr, indices, data = [0], [], []
-        for c in body.cells:
-            if len(c.indices) != len(c.values):
-                raise CellvecError(f"Cell {c.id!r}: {len(c.indices)} indices but {len(c.values)} values.")
-            if c.indices and (min(c.indices) < 0 or max(c.indices) >= n_genes):
-                raise CellvecError(f"Cell {c.id!r}: gene index out of range 0..{n_genes - 1}.")
-            indices.extend(c.indices)
-            data.extend(c.values)
-            indptr.append(len(indices))
-        x = sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr)),
-                          shape=(len(body.cells), n_genes))
-        x.sum_duplicates()
+        x = _cells_to_csr(body.cells, len(body.genes))
         adata = ad.AnnData(x, obs=pd.DataFrame(index=[c.id for c in body.cells]), var=pd.DataFrame(index=body.genes))
         return _map(a, adata, body.k, body.min_confidence, body.scores)
 
@@ -242,6 +229,38 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
         return {"columns": columns, "rows": _jsonable(rows), "truncated": truncated, "max_rows": sql_max_rows}
 
     return app
+
+
+def _array(values, kinds: str, what: str, cell_id: str) -> np.ndarray:
+    if not isinstance(values, list):
+        raise CellvecError(f"Cell {cell_id!r}: {what} must be a list.")
+    try:
+        arr = np.asarray(values) if values else np.zeros(0, dtype=np.int64)
+    except (ValueError, TypeError, OverflowError):
+        arr = np.zeros((0, 0))  # ragged or unconvertible: reported below
+    if arr.ndim != 1 or arr.dtype.kind not in kinds:
+        raise CellvecError(f"Cell {cell_id!r}: {what} must be a flat list of {'integers' if kinds == 'iu' else 'numbers'}.")
+    return arr
+
+
+def _cells_to_csr(cells, n_genes: int):
+    """Sparse cells x genes matrix from request cells, checked as whole arrays."""
+    import scipy.sparse as sp
+
+    idx, vals, indptr = [], [], [0]
+    for c in cells:
+        i = _array(c.indices, "iu", "indices", c.id)
+        v = _array(c.values, "iuf", "values", c.id)
+        if len(i) != len(v):
+            raise CellvecError(f"Cell {c.id!r}: {len(i)} indices but {len(v)} values.")
+        if len(i) and (i.min() < 0 or i.max() >= n_genes):
+            raise CellvecError(f"Cell {c.id!r}: gene index out of range 0..{n_genes - 1}.")
+        idx.append(i.astype(np.int64))
+        vals.append(v.astype(np.float32))
+        indptr.append(indptr[-1] + len(i))
+    x = sp.csr_matrix((np.concatenate(vals), np.concatenate(idx), np.asarray(indptr)), shape=(len(cells), n_genes))
+    x.sum_duplicates()
+    return x
 
 
 def _jsonable(rows):

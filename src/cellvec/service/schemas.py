@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SkipValidation
 
 MAX_CELLS_PER_REQUEST = 50_000
 
 
 class Cell(BaseModel):
+    """One cell. `indices` and `values` are checked as whole arrays by the endpoint (numpy),
+    not element by element: per-element validation cost ~0.3 s per 1,000 cells."""
+
     id: str = Field(..., description="Cell id, echoed back")
-    indices: list[int] = Field(..., description="Positions in `genes` of the non-zero values")
-    values: list[float] = Field(..., description="Expression values (counts or log-normalised)")
+    indices: SkipValidation[list[int]] = Field(..., description="Positions in `genes` of the non-zero values")
+    values: SkipValidation[list[float]] = Field(..., description="Expression values (counts or log-normalised)")
 
 
 class MapRequest(BaseModel):
