@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cellvec-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench evaluate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# Ratio benchmarks (not part of the test suite; ~40 minutes on 2 cores, see benchmarks/README.md).
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gene_store.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cell_vectors.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_mapping.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_refine.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load_service.py
+
+# The README's results table on the real PBMC sets (needs ../shared/data).
+evaluate: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/evaluate_pbmc.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -175,3 +175,32 @@ def test_bad_cell_arrays_are_422(served):
                               ({"id": "x", "indices": [0, 1], "values": [1.0]}, "2 indices but 1 values")):
             r = c.post("/v1/atlases/tiny/map", json={"genes": genes, "cells": [cell]})
             assert r.status_code == 422 and message in r.json()["error"], (cell, r.text)
+
+
+@pytest.mark.slow
+def test_serve_with_several_workers(fake_store, tmp_path):
+    """`cellvec serve --workers 2` starts worker processes from the environment-configured factory."""
+    import os
+    import subprocess
+    import sys
+
+    build_atlas(tiny_adata(n_cells=60, seed=1), store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cellvec.cli", "-q", "serve", "--store", str(fake_store),
+                             "--port", str(port), "--workers", "2"], env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body, truth = _cells(4)
+        r = httpx.post(f"{url}/v1/atlases/tiny/map", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert [c["label"] for c in r.json()["cells"]] == truth
+    finally:
+        proc.terminate()
+        proc.wait(20)

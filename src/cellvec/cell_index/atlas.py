@@ -6,7 +6,7 @@ background and head hashes, ...), the label key and class counts. The table is
 written in one commit (a reader sees the old atlas or the new one, never half).
 
 Nearest-neighbour search runs on the atlas vectors in memory: exact below
-200,000 cells, a faiss IVF index above (built in ~1-2 s per 200k cells when the
+200,000 cells, a faiss IVF index above (built in ~3 s per 1M cells when the
 atlas is loaded). Measured here, per-query LanceDB search takes 4-12 ms whatever
 its index, the in-memory index ~0.2 ms, so no LanceDB vector index is built.
 """
@@ -139,13 +139,14 @@ class Atlas:
         return self._encoder
 
     def index(self):
-        """A faiss IVF index over the atlas (built once, for large atlases), else None (exact)."""
-        from cellvec.cell_index.knn import EXACT_MAX, IVFIndex
+        """The search index over the atlas vectors (exact, or IVF above 200k cells), built once."""
+        from cellvec.cell_index.knn import build_index
 
-        if self._index is None and len(self.vectors) > EXACT_MAX:
+        if self._index is None:
             t = time.perf_counter()
-            self._index = IVFIndex(self.vectors)
-            log.info("IVF index over %s atlas cells built in %.1f s", f"{len(self.vectors):,}", time.perf_counter() - t)
+            self._index = build_index(self.vectors)
+            log.debug("%s index over %s atlas cells in %.1f s", type(self._index).__name__,
+                      f"{len(self.vectors):,}", time.perf_counter() - t)
         return self._index
 
     def summary(self) -> dict:

@@ -231,6 +231,14 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
     return app
 
 
+def create_app_from_env():
+    """App factory for multi-process serving (`cellvec serve --workers N`): settings from the environment."""
+    store = os.environ.get("CELLVEC_STORE")
+    if not store:
+        raise StoreError("CELLVEC_STORE is not set; start the server with `cellvec serve --store DIR`.")
+    return create_app(store, enable_sql=os.environ.get("CELLVEC_ENABLE_SQL") == "1")
+
+
 def _array(values, kinds: str, what: str, cell_id: str) -> np.ndarray:
     if not isinstance(values, list):
         raise CellvecError(f"Cell {cell_id!r}: {what} must be a list.")
