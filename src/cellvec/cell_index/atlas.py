@@ -98,6 +98,7 @@ class Atlas:
     version: int = 0
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
+    _codes: tuple | None = field(default=None, repr=False)
 
     @property
     def recipe(self) -> Recipe:
@@ -105,7 +106,13 @@ class Atlas:
 
     @property
     def classes(self) -> np.ndarray:
-        return np.unique(self.labels.astype(str))
+        return self.label_codes()[0]
+
+    def label_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted class names, each cell's class index), computed once per loaded atlas."""
+        if self._codes is None:
+            self._codes = np.unique(self.labels.astype(str), return_inverse=True)
+        return self._codes
 
     @classmethod
     def open(cls, store: str | Path, name: str) -> Atlas:

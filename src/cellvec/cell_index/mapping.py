@@ -142,7 +142,7 @@ def map_cells(
             truth = np.array([label_map.get(t, t) for t in truth], dtype=object)
     q = atlas.encoder().encode(source)
     idx, sim = knn(q, atlas.vectors, k, index=atlas.index())
-    classes, codes = np.unique(atlas.labels.astype(str), return_inverse=True)
+    classes, codes = atlas.label_codes()
     scores = vote(idx, sim, codes, len(classes))
     best = scores.argmax(1)
     conf = scores[np.arange(len(best)), best]
