@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--atlas-cells", type=int, default=100_000)
     ap.add_argument("--requests", type=int, default=200, help="at most this many requests per setting")
     ap.add_argument("--seconds", type=float, default=60, help="at most this long per setting")
+    ap.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
+    ap.add_argument("--cells", type=lambda v: [int(x) for x in v.split(",")], default=[1, 1000])
     args = ap.parse_args()
     import httpx
 
@@ -101,7 +103,9 @@ def main():
                 c.post("/v1/atlases/bench/map", json=bodies[1]).raise_for_status()  # load the atlas once
             results = []
             for n_cells, body in bodies.items():
-                for clients in (1, 8, 32):
+                for clients in args.clients:
+                    if n_cells not in args.cells:
+                        continue
                     results.append(run(url, body, n_cells, clients, args.requests, args.seconds))
                     print(json.dumps(results[-1]), file=sys.stderr)
         finally:
@@ -128,9 +132,9 @@ def run(url, body, n_cells, clients, max_requests, max_seconds):
                 try:
                     r = c.post("/v1/atlases/bench/map", json=body)
                     if r.status_code != 200 or len(r.json()["cells"]) != n_cells:
-                        errors.append(r.status_code)
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
                 except httpx.HTTPError as e:
-                    errors.append(type(e).__name__)
+                    errors.append(f"{type(e).__name__}: {e}")
                 latencies.append(time.perf_counter() - t)
 
     t0 = time.perf_counter()
@@ -140,6 +144,7 @@ def run(url, body, n_cells, clients, max_requests, max_seconds):
     wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
     return {"cells_per_request": n_cells, "clients": clients, "requests": len(lat), "errors": len(errors),
+            "error_samples": sorted(set(errors))[:3],
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "requests_per_s": round(len(lat) / wall, 1), "cells_per_s": round(len(lat) * n_cells / wall)}
 

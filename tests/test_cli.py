@@ -92,3 +92,23 @@ def test_errors_are_one_line_with_a_fix(tmp_path, fake_store):
     res = r.invoke(cli, ["atlas", "build", str(q), "--store", str(fake_store), "--name", "x", "--label-key",
                          "cell_type", "--subset", "donor=3pv1"])
     assert res.exit_code == 2 and "COLUMN=V1,V2" in res.output
+
+
+def test_transpose_and_gene_column_from_the_cli(tmp_path, fake_store):
+    import pandas as pd
+
+    a = tiny_adata(n_cells=60, seed=1)
+    df = pd.DataFrame(a.X.toarray(), index=a.obs_names, columns=a.var_names).T  # genes x cells
+    path = tmp_path / "genes_by_cells.tsv"
+    df.to_csv(path, sep="\t")
+    r = CliRunner()
+    h5 = tmp_path / "a.h5ad"
+    a.write_h5ad(h5)
+    assert r.invoke(cli, ["atlas", "build", str(h5), "--store", str(fake_store), "--name", "tiny", "--label-key",
+                          "cell_type", "--top-genes", "10"]).exit_code == 0
+    res = r.invoke(cli, ["map", str(path), "--store", str(fake_store), "--atlas", "tiny", "--transpose", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n_cells"] == 60
+    res = r.invoke(cli, ["atlas", "build", str(h5), "--store", str(fake_store), "--name", "t", "--label-key",
+                         "cell_type", "--gene-column", "symbol"])
+    assert res.exit_code == 1 and "no var column 'symbol'" in res.output

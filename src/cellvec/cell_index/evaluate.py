@@ -177,7 +177,7 @@ def evaluate(
     weighting: str = "value", background: str = "whiten", refine: str = "supcon", folds: int = 5, k: int = 15,
     baselines: bool = False, data_limited: list[int] | None = None, query=None, query_label_key: str | None = None,
     label_map: dict[str, str] | None = None, layer: str | None = None, use_raw: bool | None = None,
-    seed: int = 0, refine_options: dict | None = None,
+    gene_column: str | None = None, transpose: bool = False, seed: int = 0, refine_options: dict | None = None,
 ) -> EvaluationResult:
     """Cross-validate representations on one labelled dataset (see module docstring).
 
@@ -189,7 +189,7 @@ def evaluate(
     models = list(models or [gs.default_model()])
     genes_by_model = {m: gs.load(m) for m in models}
     recipe = Recipe(model=models[0], top_genes=top_genes, weighting=weighting, background=background, refine=refine)
-    source = read_expression(data, layer=layer, use_raw=use_raw)
+    source = read_expression(data, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose)
     y = labels_of(source, label_key).astype(str)
     classes = np.unique(y)
     reps = _Representations(source, genes_by_model, recipe, refine_options or {}, seed)

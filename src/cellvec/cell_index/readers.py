@@ -190,6 +190,11 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
             "cannot be read from them. Give counts or log-normalised values: a file with .raw, "
             "a --layer holding counts, or the data before sc.pp.scale."
         )
+    if gene_column and gene_column not in var.columns:
+        raise InputFormatError(
+            f"{where}: no var column {gene_column!r} for gene names (var columns: "
+            f"{', '.join(map(str, var.columns)) or 'none'}); leave --gene-column out to use var_names."
+        )
     names = var[gene_column].astype(str).to_numpy() if gene_column else np.asarray(var.index.astype(str))
     cols = None
     dup = pd.Index(names).duplicated()

@@ -32,7 +32,7 @@ def atlas():
 @click.option("--seed", default=0, show_default=True, help="Seed of the refinement.")
 @json_option
 def build(reference, store, name, label_key, batch_key, subset, model, top_genes, weighting, background, refine,
-          layer, use_raw, gene_column, seed, as_json):
+          layer, use_raw, gene_column, transpose, seed, as_json):
     """Embed a labelled REFERENCE (h5ad, 10x, csv, parquet) as an atlas in the store.
 
     \b
@@ -43,7 +43,7 @@ def build(reference, store, name, label_key, batch_key, subset, model, top_genes
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.cli.common import subset_source
 
-    ref = subset_source(reference, subset, layer=layer, use_raw=use_raw, gene_column=gene_column)
+    ref = subset_source(reference, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose)
     a = build_atlas(ref, store=store, name=name, label_key=label_key, model=model, top_genes=top_genes,
                     weighting=weighting, background=background, refine=refine, batch_key=batch_key, seed=seed)
     if as_json:

@@ -34,7 +34,8 @@ from cellvec.cli.options import (
 @input_options
 @json_option
 def evaluate_cmd(data, label_key, store, model, top_genes, weighting, background, refine, folds, k, baselines,
-                 data_limited, query, query_label_key, label_map, markdown, seed, layer, use_raw, gene_column, as_json):
+                 data_limited, query, query_label_key, label_map, markdown, seed, layer, use_raw, gene_column,
+                 transpose, as_json):
     """Stratified k-fold evaluation of the recipe (and baselines) on labelled DATA.
 
     \b
@@ -47,11 +48,12 @@ def evaluate_cmd(data, label_key, store, model, top_genes, weighting, background
     from cellvec.cell_index.metrics import metrics_table
 
     res = evaluate(data, label_key=label_key, store=store, models=list(model) or None, top_genes=top_genes,
-                   weighting=weighting, background=background, refine=refine if refine != "none" else "none",
+                   weighting=weighting, background=background, refine=refine,
                    folds=folds, k=k, baselines=baselines,
                    data_limited=[int(x) for x in data_limited.split(",")] if data_limited else None,
                    query=query, query_label_key=query_label_key,
-                   label_map=read_label_map(label_map) if label_map else None, layer=layer, use_raw=use_raw, seed=seed)
+                   label_map=read_label_map(label_map) if label_map else None, layer=layer, use_raw=use_raw,
+                   gene_column=gene_column, transpose=transpose, seed=seed)
     if markdown:
         Path(markdown).write_text(res.to_markdown() + "\n")
     if as_json:

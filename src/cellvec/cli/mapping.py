@@ -23,7 +23,7 @@ from cellvec.cli.options import emit_json, input_options, json_option, store_opt
 @input_options
 @json_option
 def map_cmd(query, store, atlas_name, out, table, k, min_confidence, truth_key, label_map, subset, save_as,
-            layer, use_raw, gene_column, as_json):
+            layer, use_raw, gene_column, transpose, as_json):
     """Map QUERY cells onto an atlas with the atlas's own recipe; no retraining.
 
     \b
@@ -35,7 +35,7 @@ def map_cmd(query, store, atlas_name, out, table, k, min_confidence, truth_key, 
     from cellvec.cell_index.metrics import metrics_table
     from cellvec.cli.common import subset_source
 
-    src = subset_source(query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column)
+    src = subset_source(query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose)
     res = map_cells(src, atlas_name, store=store, k=k, min_confidence=min_confidence, truth_key=truth_key,
                     label_map=read_label_map(label_map) if label_map else None)
     if out:

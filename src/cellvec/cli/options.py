@@ -23,6 +23,7 @@ def model_option(default: str | None = None, multiple: bool = False):
 
 def input_options(f):
     """Where the expression values are read from."""
+    f = click.option("--transpose", is_flag=True, help="CSV/TSV input has genes as rows and cells as columns.")(f)
     f = click.option("--gene-column", help="var column holding gene symbols (default: var_names).")(f)
     f = click.option("--use-raw/--no-raw", default=None, help="Read .raw (default: only when X is scaled).")(f)
     f = click.option("--layer", help="Read this AnnData layer instead of X.")(f)
