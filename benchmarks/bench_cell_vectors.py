@@ -29,15 +29,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_rss_mib, rss_mib  # noqa: E402
 
 
-def write_h5ad(path: Path, n_cells: int, n_genes: int, nnz: int, chunk: int = 50_000, seed: int = 0) -> None:
+def write_h5ad(
+    path: Path, n_cells: int, n_genes: int, nnz: int, chunk: int = 50_000, seed: int = 0
+) -> None:
     """A CSR h5ad written chunk-wise with h5py: memory does not grow with n_cells."""
     import anndata as ad
     import h5py
     import pandas as pd
     import scipy.sparse as sp
 
-    small = ad.AnnData(sp.csr_matrix((1, n_genes), dtype=np.float32),
-                       var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    small = ad.AnnData(
+        sp.csr_matrix((1, n_genes), dtype=np.float32),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]),
+    )
     small.obs_names = ["c0"]
     small.write_h5ad(path)
     rng = np.random.default_rng(seed)
@@ -45,24 +49,45 @@ def write_h5ad(path: Path, n_cells: int, n_genes: int, nnz: int, chunk: int = 50
     with h5py.File(path, "a") as f:
         del f["X"], f["obs"]
         obs = f.create_group("obs")
-        obs.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
-                          "column-order": np.array([], dtype="S")})
-        obs.create_dataset("_index", data=np.array([f"c{i}" for i in range(n_cells)], dtype=object),
-                           dtype=h5py.string_dtype())
+        obs.attrs.update(
+            {
+                "encoding-type": "dataframe",
+                "encoding-version": "0.2.0",
+                "_index": "_index",
+                "column-order": np.array([], dtype="S"),
+            }
+        )
+        obs.create_dataset(
+            "_index",
+            data=np.array([f"c{i}" for i in range(n_cells)], dtype=object),
+            dtype=h5py.string_dtype(),
+        )
         obs["_index"].attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
         x = f.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_cells, n_genes)})
+        x.attrs.update(
+            {
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": (n_cells, n_genes),
+            }
+        )
         total = n_cells * nnz
-        data = x.create_dataset("data", shape=(total,), dtype=np.float32, chunks=(min(total, 1 << 20),))
-        idx = x.create_dataset("indices", shape=(total,), dtype=np.int32, chunks=(min(total, 1 << 20),))
+        data = x.create_dataset(
+            "data", shape=(total,), dtype=np.float32, chunks=(min(total, 1 << 20),)
+        )
+        idx = x.create_dataset(
+            "indices", shape=(total,), dtype=np.int32, chunks=(min(total, 1 << 20),)
+        )
         x.create_dataset("indptr", data=np.arange(0, total + 1, nnz, dtype=np.int64))
         cols = (np.arange(nnz, dtype=np.int32) * step)[None, :]
         for s in range(0, n_cells, chunk):
             m = min(chunk, n_cells - s)
             offs = rng.integers(0, step, size=(m, 1), dtype=np.int32)
-            idx[s * nnz:(s + m) * nnz] = (cols + offs).ravel()
+            idx[s * nnz : (s + m) * nnz] = (cols + offs).ravel()
             # log-normalised-looking values: most near 0.5-2, a heavy tail of highly expressed genes
-            data[s * nnz:(s + m) * nnz] = np.log1p(rng.gamma(0.6, 3.0, size=m * nnz)).astype(np.float32) + 0.01
+            data[s * nnz : (s + m) * nnz] = (
+                np.log1p(rng.gamma(0.6, 3.0, size=m * nnz)).astype(np.float32) + 0.01
+            )
 
 
 def main():
@@ -90,7 +115,9 @@ def main():
         out["h5ad_gib"] = round((tmp / "big.h5ad").stat().st_size / 2**30, 2)
         rng = np.random.default_rng(1)
         e = rng.normal(size=(args.genes, args.dim)).astype(np.float32)
-        np.savez(tmp / "vectors.npz", genes=np.array([f"G{i}" for i in range(args.genes)]), vectors=e)
+        np.savez(
+            tmp / "vectors.npz", genes=np.array([f"G{i}" for i in range(args.genes)]), vectors=e
+        )
         import_vectors(tmp / "vectors.npz", store=tmp / "store", model="bench", species="human")
         gt = GeneStore(tmp / "store").load("bench")
 
@@ -118,12 +145,19 @@ def main():
                     if done >= mark and mark not in rss_marks:
                         rss_marks[mark] = round(rss_mib())
         full = time.perf_counter() - t
-    out.update({
-        "bare_product_s": round(bare, 1), "bare_cells_per_s": round(args.cells / bare),
-        "cellvec_s": round(full, 1), "cellvec_cells_per_s": round(args.cells / full),
-        "throughput_ratio": round(bare / full, 3), "target_ratio": ">= 0.5",
-        "rss_mib_at_cells": rss_marks, "peak_rss_mib": round(peak_rss_mib()), "target_peak": "< 4096, flat",
-    })
+    out.update(
+        {
+            "bare_product_s": round(bare, 1),
+            "bare_cells_per_s": round(args.cells / bare),
+            "cellvec_s": round(full, 1),
+            "cellvec_cells_per_s": round(args.cells / full),
+            "throughput_ratio": round(bare / full, 3),
+            "target_ratio": ">= 0.5",
+            "rss_mib_at_cells": rss_marks,
+            "peak_rss_mib": round(peak_rss_mib()),
+            "target_peak": "< 4096, flat",
+        }
+    )
     print(json.dumps(out, indent=2))
 
 

@@ -45,7 +45,9 @@ def run_plain(info, go, q):
     from cellvec.gene_store.sources import read_gene2go, read_gene_info
     from cellvec.gene_store.text import compose_texts
 
-    texts = compose_texts(read_gene_info(info, species="mouse"), read_gene2go(go, tax_id=10090))["text"].to_list()
+    texts = compose_texts(read_gene_info(info, species="mouse"), read_gene2go(go, tax_id=10090))[
+        "text"
+    ].to_list()
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.encode(texts[:64], batch_size=64)  # warm-up, as the build's first batch is
     t = time.perf_counter()
@@ -83,11 +85,22 @@ def main():
         plain = child(run_plain, info, go)
         build = child(run_build, info, go, str(Path(tmp) / "store"))
     ratio = build["seconds"] / plain["seconds"]
-    print(json.dumps({"genes": plain["n"], "plain_encode_s": round(plain["seconds"], 1),
-                      "store_build_s": round(build["seconds"], 1), "texts_per_s_plain": round(plain["n"] / plain["seconds"], 1),
-                      "texts_per_s_build": round(build["n"] / build["seconds"], 1), "overhead_ratio": round(ratio, 3),
-                      "peak_rss_mib_plain": round(plain["peak_rss_mib"]), "peak_rss_mib_build": round(build["peak_rss_mib"]),
-                      "target": "overhead_ratio < 1.10"}, indent=2))
+    print(
+        json.dumps(
+            {
+                "genes": plain["n"],
+                "plain_encode_s": round(plain["seconds"], 1),
+                "store_build_s": round(build["seconds"], 1),
+                "texts_per_s_plain": round(plain["n"] / plain["seconds"], 1),
+                "texts_per_s_build": round(build["n"] / build["seconds"], 1),
+                "overhead_ratio": round(ratio, 3),
+                "peak_rss_mib_plain": round(plain["peak_rss_mib"]),
+                "peak_rss_mib_build": round(build["peak_rss_mib"]),
+                "target": "overhead_ratio < 1.10",
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_rss_mib  # noqa: E402
 
 
-def clustered(n: int, centres: np.ndarray, spread: np.ndarray, weights: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+def clustered(
+    n: int, centres: np.ndarray, spread: np.ndarray, weights: np.ndarray, rng
+) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.choice(len(centres), size=n, p=weights)
-    x = centres[labels] + spread[labels, None] * rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
+    x = centres[labels] + spread[labels, None] * rng.standard_normal(
+        (n, centres.shape[1]), dtype=np.float32
+    )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32), labels
 
@@ -35,9 +39,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--atlas", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=100_000)
-    ap.add_argument("--exact-queries", type=int, default=5_000,
-                    help="queries given to the exact searches (sklearn brute force on all 100k x 1M takes ~1 h here; "
-                         "its time for all queries is projected linearly)")
+    ap.add_argument(
+        "--exact-queries",
+        type=int,
+        default=5_000,
+        help="queries given to the exact searches (sklearn brute force on all 100k x 1M takes ~1 h here; "
+        "its time for all queries is projected linearly)",
+    )
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--classes", type=int, default=40)
     ap.add_argument("-k", type=int, default=15)
@@ -50,11 +58,19 @@ def main():
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((args.classes, args.dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    spread = rng.uniform(0.06, 0.14, args.classes).astype(np.float32)  # within-class cosine ~0.3-0.7
+    spread = rng.uniform(0.06, 0.14, args.classes).astype(
+        np.float32
+    )  # within-class cosine ~0.3-0.7
     weights = rng.dirichlet(np.full(args.classes, 0.7))
     ref, ref_y = clustered(args.atlas, centres, spread, weights, rng)
     q, _ = clustered(args.queries, centres, spread, weights, rng)
-    out = {"atlas_cells": args.atlas, "queries": args.queries, "dim": args.dim, "k": args.k, "classes": args.classes}
+    out = {
+        "atlas_cells": args.atlas,
+        "queries": args.queries,
+        "dim": args.dim,
+        "k": args.k,
+        "classes": args.classes,
+    }
 
     t = time.perf_counter()
     index = IVFIndex(ref)
@@ -82,7 +98,9 @@ def main():
     recall = np.mean([len(set(a) & set(e)) / args.k for a, e in zip(ai[sub], ei)])
     out["recall_at_k"] = round(float(recall), 4)
     out["label_agreement_with_exact"] = round(float(np.mean(ann_labels[sub] == exact_labels)), 4)
-    out["speedup_vs_sklearn_projected"] = round(out["sklearn_exact_projected_all_s"] / out["cellvec_total_s"], 1)
+    out["speedup_vs_sklearn_projected"] = round(
+        out["sklearn_exact_projected_all_s"] / out["cellvec_total_s"], 1
+    )
     _ = ni
     out["peak_rss_mib"] = round(peak_rss_mib())
     out["target"] = "label agreement >= 0.99"

@@ -40,8 +40,12 @@ def main():
         genes = np.concatenate([prog, noise], 1)
         rows.append(np.repeat(idx, genes.shape[1]))
         cols.append(genes.ravel())
-        vals.append((rng.gamma(1.0, 1.0, genes.shape) + np.r_[np.full(60, 0.12), np.zeros(140)]).ravel())
-    x = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, g))
+        vals.append(
+            (rng.gamma(1.0, 1.0, genes.shape) + np.r_[np.full(60, 0.12), np.zeros(140)]).ravel()
+        )
+    x = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, g)
+    )
     x.sum_duplicates()
     w = top_n_weights(x, 200, "value")
     basis = rng.normal(size=(g, d)).astype(np.float32)
@@ -54,10 +58,22 @@ def main():
     before = _knn_macro_f1(clean[ref], y[ref], clean[test], y[test])
     refined = apply_head(head, clean)
     after = _knn_macro_f1(refined[ref], y[ref], refined[test], y[test])
-    print(json.dumps({"cells": n, "train_cells": int((~test).sum()), "classes": args.classes,
-                      "smallest_class": int(np.bincount(y).min()), "train_seconds": round(secs, 1),
-                      "epochs": report["epochs_run"], "best_held_out_macro_f1": report["best_val"],
-                      "test_macro_f1_unrefined": round(before, 3), "test_macro_f1_refined": round(after, 3)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "cells": n,
+                "train_cells": int((~test).sum()),
+                "classes": args.classes,
+                "smallest_class": int(np.bincount(y).min()),
+                "train_seconds": round(secs, 1),
+                "epochs": report["epochs_run"],
+                "best_held_out_macro_f1": report["best_val"],
+                "test_macro_f1_unrefined": round(before, 3),
+                "test_macro_f1_refined": round(after, 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

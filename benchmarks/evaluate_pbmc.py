@@ -34,7 +34,10 @@ def ensure_store(store: Path) -> None:
         return
     names = set()
     for f in ("pbmc_3chem", "pbmc3k", "pbmc68k_reduced"):
-        names |= {str(v).upper() for v in ad.read_h5ad(SHARED / "cells" / f"{f}.h5ad", backed="r").var_names}
+        names |= {
+            str(v).upper()
+            for v in ad.read_h5ad(SHARED / "cells" / f"{f}.h5ad", backed="r").var_names
+        }
     store.mkdir(parents=True, exist_ok=True)
     subset = store.parent / "human_pbmc.gene_info"
     with gzip.open(SHARED / "genes" / "human.gene_info.gz", "rt") as src, open(subset, "w") as dst:
@@ -42,7 +45,9 @@ def ensure_store(store: Path) -> None:
             p = line.split("\t")
             if i == 0 or p[2].upper() in names or any(s.upper() in names for s in p[4].split("|")):
                 dst.write(line)
-    build_gene_store(subset, gene2go=SHARED / "genes" / "human.gene2go.gz", species="human", store=store)
+    build_gene_store(
+        subset, gene2go=SHARED / "genes" / "human.gene2go.gz", species="human", store=store
+    )
 
 
 def main():
@@ -50,7 +55,10 @@ def main():
     ap.add_argument("--store", type=Path, default=Path("/tmp/cellvec_pbmc_store"))
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--only", help="comma-separated subset of: pbmc3k,pbmc_3chem,pbmc_3chem_cross,pbmc68k,transfer")
+    ap.add_argument(
+        "--only",
+        help="comma-separated subset of: pbmc3k,pbmc_3chem,pbmc_3chem_cross,pbmc68k,transfer",
+    )
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this evaluation needs the shared real data")
@@ -64,14 +72,23 @@ def main():
     cells = SHARED / "cells"
     chem = ad.read_h5ad(cells / "pbmc_3chem.h5ad")
     runs = {
-        "pbmc3k": dict(data=cells / "pbmc3k.h5ad", label_key="classified", data_limited=[5, 10, 20, 50]),
+        "pbmc3k": dict(
+            data=cells / "pbmc3k.h5ad", label_key="classified", data_limited=[5, 10, 20, 50]
+        ),
         "pbmc_3chem": dict(data=cells / "pbmc_3chem.h5ad", label_key="cell_type"),
-        "pbmc_3chem_cross": dict(data=chem[chem.obs["donor"] != "3pv1"].copy(), label_key="cell_type",
-                                 query=chem[chem.obs["donor"] == "3pv1"].copy()),
+        "pbmc_3chem_cross": dict(
+            data=chem[chem.obs["donor"] != "3pv1"].copy(),
+            label_key="cell_type",
+            query=chem[chem.obs["donor"] == "3pv1"].copy(),
+        ),
         "pbmc68k": dict(data=cells / "pbmc68k_reduced.h5ad", label_key="bulk_labels"),
-        "transfer": dict(data=cells / "pbmc3k.h5ad", label_key="classified", query=cells / "pbmc68k_reduced.h5ad",
-                         query_label_key="bulk_labels",
-                         label_map=read_label_map(ROOT / "data" / "labelmaps" / "pbmc68k_to_pbmc3k.json")),
+        "transfer": dict(
+            data=cells / "pbmc3k.h5ad",
+            label_key="classified",
+            query=cells / "pbmc68k_reduced.h5ad",
+            query_label_key="bulk_labels",
+            label_map=read_label_map(ROOT / "data" / "labelmaps" / "pbmc68k_to_pbmc3k.json"),
+        ),
     }
     only = set(args.only.split(",")) if args.only else set(runs)
     for name, kw in runs.items():

@@ -36,7 +36,11 @@ def make_store(tmp: Path, n_cells: int, n_genes: int = 2000, seed: int = 0) -> l
 
     rng = np.random.default_rng(seed)
     genes = [f"G{i}" for i in range(n_genes)]
-    np.savez(tmp / "v.npz", genes=np.array(genes), vectors=rng.normal(size=(n_genes, 64)).astype(np.float32))
+    np.savez(
+        tmp / "v.npz",
+        genes=np.array(genes),
+        vectors=rng.normal(size=(n_genes, 64)).astype(np.float32),
+    )
     import_vectors(tmp / "v.npz", store=tmp / "store", model="bench", species="human")
     n_types = 20
     types = rng.integers(0, n_types, n_cells)
@@ -47,11 +51,20 @@ def make_store(tmp: Path, n_cells: int, n_genes: int = 2000, seed: int = 0) -> l
         rows.append(np.full(len(g), i))
         cols.append(g)
         vals.append(rng.gamma(1.0, 1.0, len(g)) + np.isin(g, programs[t]) * 2.0)
-    x = sp.csr_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(n_cells, n_genes))
-    a = ad.AnnData(x, obs=pd.DataFrame({"type": [f"T{t}" for t in types]}, index=[f"c{i}" for i in range(n_cells)]),
-                   var=pd.DataFrame(index=genes))
-    build_atlas(a, store=tmp / "store", name="bench", label_key="type", model="bench", top_genes=100)
+    x = sp.csr_matrix(
+        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n_cells, n_genes),
+    )
+    a = ad.AnnData(
+        x,
+        obs=pd.DataFrame(
+            {"type": [f"T{t}" for t in types]}, index=[f"c{i}" for i in range(n_cells)]
+        ),
+        var=pd.DataFrame(index=genes),
+    )
+    build_atlas(
+        a, store=tmp / "store", name="bench", label_key="type", model="bench", top_genes=100
+    )
     return genes
 
 
@@ -60,7 +73,13 @@ def payload(genes: list[str], n: int, seed: int) -> dict:
     cells = []
     for i in range(n):
         idx = np.unique(rng.integers(0, len(genes), 200))
-        cells.append({"id": f"q{i}", "indices": idx.tolist(), "values": rng.gamma(1.0, 1.0, len(idx)).round(3).tolist()})
+        cells.append(
+            {
+                "id": f"q{i}",
+                "indices": idx.tolist(),
+                "values": rng.gamma(1.0, 1.0, len(idx)).round(3).tolist(),
+            }
+        )
     return {"genes": genes, "cells": cells}
 
 
@@ -73,7 +92,9 @@ def free_port() -> int:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--atlas-cells", type=int, default=100_000)
-    ap.add_argument("--requests", type=int, default=200, help="at most this many requests per setting")
+    ap.add_argument(
+        "--requests", type=int, default=200, help="at most this many requests per setting"
+    )
     ap.add_argument("--seconds", type=float, default=60, help="at most this long per setting")
     ap.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     ap.add_argument("--cells", type=lambda v: [int(x) for x in v.split(",")], default=[1, 1000])
@@ -87,9 +108,24 @@ def main():
         build_s = time.perf_counter() - t
         port = free_port()
         env = dict(os.environ)
-        server = subprocess.Popen([sys.executable, "-m", "cellvec.cli", "-q", "serve", "--store", str(tmp / "store"),
-                                   "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cellvec.cli",
+                "-q",
+                "serve",
+                "--store",
+                str(tmp / "store"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             for _ in range(300):
@@ -100,7 +136,9 @@ def main():
                     time.sleep(0.1)
             bodies = {1: payload(genes, 1, 1), 1000: payload(genes, 1000, 2)}
             with httpx.Client(base_url=url, timeout=120) as c:
-                c.post("/v1/atlases/bench/map", json=bodies[1]).raise_for_status()  # load the atlas once
+                c.post(
+                    "/v1/atlases/bench/map", json=bodies[1]
+                ).raise_for_status()  # load the atlas once
             results = []
             for n_cells, body in bodies.items():
                 for clients in args.clients:
@@ -111,7 +149,16 @@ def main():
         finally:
             server.terminate()
             server.wait(10)
-    print(json.dumps({"atlas_cells": args.atlas_cells, "atlas_build_s": round(build_s, 1), "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "atlas_cells": args.atlas_cells,
+                "atlas_build_s": round(build_s, 1),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 def run(url, body, n_cells, clients, max_requests, max_seconds):
@@ -143,10 +190,17 @@ def run(url, body, n_cells, clients, max_requests, max_seconds):
             f.result()
     wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
-    return {"cells_per_request": n_cells, "clients": clients, "requests": len(lat), "errors": len(errors),
-            "error_samples": sorted(set(errors))[:3],
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
-            "requests_per_s": round(len(lat) / wall, 1), "cells_per_s": round(len(lat) * n_cells / wall)}
+    return {
+        "cells_per_request": n_cells,
+        "clients": clients,
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:3],
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "requests_per_s": round(len(lat) / wall, 1),
+        "cells_per_s": round(len(lat) * n_cells / wall),
+    }
 
 
 if __name__ == "__main__":

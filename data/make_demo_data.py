@@ -50,7 +50,9 @@ def scanpy_dataset() -> Path:
 
     spec = importlib.util.find_spec("scanpy")
     if spec is None:
-        raise SystemExit("scanpy is not installed: pip install scanpy (its wheel ships the dataset).")
+        raise SystemExit(
+            "scanpy is not installed: pip install scanpy (its wheel ships the dataset)."
+        )
     return Path(spec.origin).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
 
 
@@ -60,18 +62,25 @@ def write_expression(src: Path, dest: Path):
 
     a = ad.read_h5ad(src)
     raw = a.raw.to_adata()
-    out = ad.AnnData(sp.csr_matrix(raw.X, dtype=np.float32), obs=a.obs[["bulk_labels", "louvain"]].copy(),
-                     var=raw.var[[]].copy())
+    out = ad.AnnData(
+        sp.csr_matrix(raw.X, dtype=np.float32),
+        obs=a.obs[["bulk_labels", "louvain"]].copy(),
+        var=raw.var[[]].copy(),
+    )
     out.uns["source"] = "scanpy datasets/10x_pbmc68k_reduced.h5ad (.raw: log-normalised); BSD-3"
     out.write_h5ad(dest, compression="gzip")
     return list(map(str, out.var_names))
 
 
-def write_gene_files(genes: list[str], orgdb: Path, godb: Path, info_out: Path, go_out: Path) -> int:
+def write_gene_files(
+    genes: list[str], orgdb: Path, godb: Path, info_out: Path, go_out: Path
+) -> int:
     org = sqlite3.connect(orgdb)
     terms = dict(sqlite3.connect(godb).execute("SELECT go_id, term FROM go_term"))
     wanted = set(genes)
-    rows = org.execute("SELECT g._id, g.gene_id, i.symbol, i.gene_name FROM genes g JOIN gene_info i USING (_id)").fetchall()
+    rows = org.execute(
+        "SELECT g._id, g.gene_id, i.symbol, i.gene_name FROM genes g JOIN gene_info i USING (_id)"
+    ).fetchall()
     aliases: dict[int, list[str]] = {}
     for _id, alias in org.execute("SELECT _id, alias_symbol FROM alias"):
         aliases.setdefault(_id, []).append(alias)
@@ -82,30 +91,42 @@ def write_gene_files(genes: list[str], orgdb: Path, godb: Path, info_out: Path, 
         if _id in ids:
             ens.setdefault(_id, e)
     gtype = dict(org.execute("SELECT _id, gene_type FROM genetype"))
-    header = ("#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
-              "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
-              "Nomenclature_status\tOther_designations\tModification_date\tFeature_type\n")
+    header = (
+        "#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
+        "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
+        "Nomenclature_status\tOther_designations\tModification_date\tFeature_type\n"
+    )
     lines = [header]
     for _id, gene_id, symbol, name in keep:
         syn = "|".join(a for a in aliases.get(_id, []) if a != symbol) or "-"
         xref = f"Ensembl:{ens[_id]}" if _id in ens else "-"
         gt = gtype.get(_id) or "unknown"
-        lines.append(f"9606\t{gene_id}\t{symbol}\t-\t{syn}\t{xref}\t-\t-\t{name}\t{gt}\t{symbol}\t{name}\tO\t-\t-\t-\n")
+        lines.append(
+            f"9606\t{gene_id}\t{symbol}\t-\t{syn}\t{xref}\t-\t-\t{name}\t{gt}\t{symbol}\t{name}\tO\t-\t-\t-\n"
+        )
     info_out.write_bytes(gzip.compress("".join(lines).encode(), mtime=0))
     cat = {"go_bp": "Process", "go_mf": "Function", "go_cc": "Component"}
     go_lines = ["#tax_id\tGeneID\tGO_ID\tEvidence\tQualifier\tGO_term\tPubMed\tCategory\n"]
     gid = {r[0]: r[1] for r in keep}
     for table, category in cat.items():
-        for _id, go_id, evidence in org.execute(f"SELECT _id, go_id, evidence FROM {table} ORDER BY _id"):
+        for _id, go_id, evidence in org.execute(
+            f"SELECT _id, go_id, evidence FROM {table} ORDER BY _id"
+        ):
             if _id in gid and go_id in terms:
-                go_lines.append(f"9606\t{gid[_id]}\t{go_id}\t{evidence}\t-\t{terms[go_id]}\t-\t{category}\n")
+                go_lines.append(
+                    f"9606\t{gid[_id]}\t{go_id}\t{evidence}\t-\t{terms[go_id]}\t-\t{category}\n"
+                )
     go_out.write_bytes(gzip.compress("".join(go_lines).encode(), mtime=0))
     return len(keep)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--orgdb", type=Path, help="org.Hs.eg.sqlite (default: download the Debian package)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--orgdb", type=Path, help="org.Hs.eg.sqlite (default: download the Debian package)"
+    )
     ap.add_argument("--godb", type=Path, help="GO.sqlite (default: download the Debian package)")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
@@ -114,8 +135,13 @@ def main():
         if not (args.orgdb and args.godb):
             paths = fetch_debian_sqlite(Path(tmp))
         genes = write_expression(scanpy_dataset(), args.out / "pbmc68k_reduced.h5ad")
-        n = write_gene_files(genes, paths["orgdb"], paths["godb"], args.out / "human_pbmc68k.gene_info.gz",
-                             args.out / "human_pbmc68k.gene2go.gz")
+        n = write_gene_files(
+            genes,
+            paths["orgdb"],
+            paths["godb"],
+            args.out / "human_pbmc68k.gene_info.gz",
+            args.out / "human_pbmc68k.gene2go.gz",
+        )
     print(f"{len(genes)} dataset genes; {n} NCBI genes written to {args.out}")
 
 

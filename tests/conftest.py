@@ -53,9 +53,11 @@ GROUPS = {
     "B": ("B cell receptor signaling pathway", "immunoglobulin production", "antigen binding"),
     "M": ("phagocytosis", "lysozyme activity", "inflammatory response monocyte"),
 }
-HEADER = ("#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
-          "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
-          "Nomenclature_status\tOther_designations\tModification_date\tFeature_type\n")
+HEADER = (
+    "#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
+    "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
+    "Nomenclature_status\tOther_designations\tModification_date\tFeature_type\n"
+)
 
 
 def tiny_genes(n_per_group: int = 10) -> list[dict]:
@@ -64,17 +66,28 @@ def tiny_genes(n_per_group: int = 10) -> list[dict]:
     for g, (proc, comp, func) in GROUPS.items():
         for i in range(n_per_group):
             gid += 1
-            genes.append({"id": gid, "symbol": f"{g}GENE{i}", "syn": f"{g}ALIAS{i}|{g}OLD{i}",
-                          "ens": f"ENSG{gid:011d}", "name": f"{g} lineage gene {i}", "proc": proc,
-                          "comp": comp, "func": func})
+            genes.append(
+                {
+                    "id": gid,
+                    "symbol": f"{g}GENE{i}",
+                    "syn": f"{g}ALIAS{i}|{g}OLD{i}",
+                    "ens": f"ENSG{gid:011d}",
+                    "name": f"{g} lineage gene {i}",
+                    "proc": proc,
+                    "comp": comp,
+                    "func": func,
+                }
+            )
     return genes
 
 
 def write_gene_info(path: Path, genes: list[dict], tax: int = 9606, gz: bool = True) -> Path:
     lines = [HEADER]
     for g in genes:
-        lines.append(f"{tax}\t{g['id']}\t{g['symbol']}\t-\t{g['syn']}\tHGNC:HGNC:{g['id']}|Ensembl:{g['ens']}\t1\t1p1\t"
-                     f"{g['name']}\tprotein-coding\t{g['symbol']}\t{g['name']}\tO\t{g['name']} protein\t20200101\t-\n")
+        lines.append(
+            f"{tax}\t{g['id']}\t{g['symbol']}\t-\t{g['syn']}\tHGNC:HGNC:{g['id']}|Ensembl:{g['ens']}\t1\t1p1\t"
+            f"{g['name']}\tprotein-coding\t{g['symbol']}\t{g['name']}\tO\t{g['name']} protein\t20200101\t-\n"
+        )
     data = "".join(lines).encode()
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
@@ -94,8 +107,11 @@ def write_gene2go(path: Path, genes: list[dict], tax: int = 9606) -> Path:
 @pytest.fixture
 def gene_files(tmp_path):
     genes = tiny_genes()
-    return {"genes": genes, "gene_info": write_gene_info(tmp_path / "tiny.gene_info.gz", genes),
-            "gene2go": write_gene2go(tmp_path / "tiny.gene2go.gz", genes)}
+    return {
+        "genes": genes,
+        "gene_info": write_gene_info(tmp_path / "tiny.gene_info.gz", genes),
+        "gene2go": write_gene2go(tmp_path / "tiny.gene2go.gz", genes),
+    }
 
 
 @pytest.fixture
@@ -103,8 +119,13 @@ def fake_store(tmp_path, gene_files):
     from cellvec.gene_store import build_gene_store
 
     store = tmp_path / "store"
-    build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
-                     embedder=FakeEmbedder())
+    build_gene_store(
+        gene_files["gene_info"],
+        gene2go=gene_files["gene2go"],
+        store=store,
+        species="human",
+        embedder=FakeEmbedder(),
+    )
     return store
 
 
@@ -122,8 +143,13 @@ def tiny_adata(n_cells: int = 60, seed: int = 0, counts: bool = True, prefix: st
     for i, t in enumerate(types):
         own = [j for j, n in enumerate(names) if n.startswith(t)]
         x[i, own] += rng.poisson(8, size=len(own))
-    obs = pd.DataFrame({"cell_type": pd.Categorical(types), "batch": np.where(np.arange(n_cells) < n_cells // 2, "a", "b")},
-                       index=[f"{prefix}{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(types),
+            "batch": np.where(np.arange(n_cells) < n_cells // 2, "a", "b"),
+        },
+        index=[f"{prefix}{i}" for i in range(n_cells)],
+    )
     a = ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=names))
     if not counts:
         a.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))

@@ -43,8 +43,14 @@ def test_top_n_weights_match_per_row_reference(weighting, n):
 def test_atlas_map_roundtrip(fake_store, tmp_path):
     ref = tiny_adata(n_cells=90, seed=1)
     query = tiny_adata(n_cells=30, seed=2, prefix="q")
-    atlas = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type", batch_key="batch", top_genes=10)
-    assert atlas.recipe.model == "fake" and atlas.recipe.top_genes == 10 and atlas.recipe.background_hash
+    atlas = build_atlas(
+        ref, store=fake_store, name="tiny", label_key="cell_type", batch_key="batch", top_genes=10
+    )
+    assert (
+        atlas.recipe.model == "fake"
+        and atlas.recipe.top_genes == 10
+        and atlas.recipe.background_hash
+    )
     assert atlas.meta["classes"] == {"B": 30, "M": 30, "T": 30}
     res = map_cells(query, "tiny", store=fake_store, truth_key="cell_type", k=5)
     assert res.metrics["accuracy"] == 1.0 and res.metrics["macro_f1"] == 1.0
@@ -81,8 +87,12 @@ def test_unassigned_below_min_confidence(fake_store):
 
 
 def test_recipe_mismatch_is_refused(fake_store):
-    build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
-    with pytest.raises(RecipeMismatchError, match=r"top_genes: atlas 10 vs query 50.*rebuild the atlas"):
+    build_atlas(
+        tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type", top_genes=10
+    )
+    with pytest.raises(
+        RecipeMismatchError, match=r"top_genes: atlas 10 vs query 50.*rebuild the atlas"
+    ):
         map_cells(tiny_adata(n_cells=9), "tiny", store=fake_store, recipe={"top_genes": 50})
     r = Recipe(top_genes=10, weighting="rank")
     assert "weighting: atlas 'value' vs query 'rank'" in Recipe(top_genes=10).differences(r)[0]
@@ -94,18 +104,24 @@ def test_changed_gene_store_is_refused(fake_store, gene_files):
     from conftest import FakeEmbedder
 
     build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
-    build_gene_store(gene_files["gene_info"], store=fake_store, species="human", embedder=FakeEmbedder())  # no GO now
+    build_gene_store(
+        gene_files["gene_info"], store=fake_store, species="human", embedder=FakeEmbedder()
+    )  # no GO now
     with pytest.raises(StoreError, match="another version of the fake gene table"):
         map_cells(tiny_adata(n_cells=9), "tiny", store=fake_store)
 
 
 def test_bad_inputs(fake_store):
-    with pytest.raises(InputFormatError, match="no cell annotation 'celltype'.*cell_type.*--label-key"):
+    with pytest.raises(
+        InputFormatError, match="no cell annotation 'celltype'.*cell_type.*--label-key"
+    ):
         build_atlas(tiny_adata(), store=fake_store, name="x", label_key="celltype")
     with pytest.raises(CellvecError, match="letters, digits and underscores"):
         build_atlas(tiny_adata(), store=fake_store, name="my atlas", label_key="cell_type")
     with pytest.raises(CellvecError, match="Unknown weighting 'tfidf'"):
-        build_atlas(tiny_adata(), store=fake_store, name="x", label_key="cell_type", weighting="tfidf")
+        build_atlas(
+            tiny_adata(), store=fake_store, name="x", label_key="cell_type", weighting="tfidf"
+        )
     from cellvec.errors import StoreError
 
     with pytest.raises(StoreError, match=r"No atlas 'nope'.*cellvec atlas build"):
@@ -125,9 +141,9 @@ def test_too_few_genes_names_the_cause(fake_store):
 def test_genes_matched_by_synonym_and_ensembl(fake_store):
     a = tiny_adata()
     names = list(a.var_names)
-    names[0] = "TALIAS0"           # synonym
+    names[0] = "TALIAS0"  # synonym
     names[1] = "ENSG00000001002.4"  # Ensembl id with version (gene id 1002 = TGENE1)
-    names[2] = "tgene2"            # case
+    names[2] = "tgene2"  # case
     a.var_names = names
     atlas = build_atlas(a, store=fake_store, name="syn", label_key="cell_type")
     assert atlas.meta["n_cells"] == 60
@@ -136,7 +152,9 @@ def test_genes_matched_by_synonym_and_ensembl(fake_store):
 def test_rebuild_overwrites_atomically(fake_store):
     build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
     v1 = Atlas.open(fake_store, "tiny").version
-    build_atlas(tiny_adata(n_cells=90, seed=5), store=fake_store, name="tiny", label_key="cell_type")
+    build_atlas(
+        tiny_adata(n_cells=90, seed=5), store=fake_store, name="tiny", label_key="cell_type"
+    )
     a = Atlas.open(fake_store, "tiny")
     assert a.version > v1 and len(a.vectors) == 90
 

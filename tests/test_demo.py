@@ -11,7 +11,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM = (
+    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +26,59 @@ def demo(tmp_path_factory):
 
 def test_demo_summary_and_outputs(demo):
     out, summary = demo
-    for key in ("accuracy", "macro_f1", "balanced_accuracy", "unassigned_fraction", "seconds", "report"):
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "balanced_accuracy",
+        "unassigned_fraction",
+        "seconds",
+        "report",
+    ):
         assert key in summary
     assert summary["accuracy"] >= 0.7 and summary["n_cells"] == 210
     assert summary["seconds"] < 300
-    for f in ("report/report.html", "report/umap.png", "report/confusion.png", "report/per_class_f1.png",
-              "report/confidence.png", "mapped.h5ad", "mapped.parquet", "summary.json"):
+    for f in (
+        "report/report.html",
+        "report/umap.png",
+        "report/confusion.png",
+        "report/per_class_f1.png",
+        "report/confidence.png",
+        "mapped.h5ad",
+        "mapped.parquet",
+        "summary.json",
+    ):
         assert (out / f).stat().st_size > 0, f
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
+)
 def test_report_renders_with_every_image(demo, tmp_path):
     out, summary = demo
     html = Path(summary["report"])
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
-    dom = subprocess.run(cmd + ["--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+    ]
+    dom = subprocess.run(
+        cmd + ["--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     assert 'data-images-loaded="4/4"' in dom
     shot = tmp_path / "report.png"
-    subprocess.run(cmd + ["--window-size=1400,2400", f"--screenshot={shot}", html.as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        cmd + ["--window-size=1400,2400", f"--screenshot={shot}", html.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.stat().st_size > 50_000
 
 
@@ -53,8 +87,10 @@ def test_readme_sql_examples_run_on_the_demo_store(demo):
 
     out, summary = demo
     text = (ROOT / "README.md").read_text()
-    block = text[text.index("```sql") + 6: text.index("```", text.index("```sql") + 6)]
-    queries = [q.strip().rstrip(";") for q in re.split(r"\n-- \d+\.[^\n]*\n", "\n" + block) if q.strip()]
+    block = text[text.index("```sql") + 6 : text.index("```", text.index("```sql") + 6)]
+    queries = [
+        q.strip().rstrip(";") for q in re.split(r"\n-- \d+\.[^\n]*\n", "\n" + block) if q.strip()
+    ]
     assert len(queries) == 10
     conn = connect_sql(summary["store"])
     for q in queries:

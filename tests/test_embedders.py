@@ -13,7 +13,10 @@ from cellvec.gene_store.embedders.minilm import minilm_path
 
 
 def test_unknown_model_lists_known_ones():
-    with pytest.raises(EmbedderError, match=r"Unknown embedding model 'bert-large'.*minilm.*st:NAME.*hf:NAME.*openai:NAME"):
+    with pytest.raises(
+        EmbedderError,
+        match=r"Unknown embedding model 'bert-large'.*minilm.*st:NAME.*hf:NAME.*openai:NAME",
+    ):
         get_embedder("bert-large")
     assert {"minilm", "st:NAME", "hf:NAME", "openai:NAME"} <= set(available_embedders())
 
@@ -26,7 +29,9 @@ def test_model_slug():
 
 def test_minilm_offline_and_meaningful():
     emb = get_embedder("minilm")
-    v = emb.embed(["T cell receptor signalling", "T lymphocyte antigen receptor", "liver bile acid synthesis"])
+    v = emb.embed(
+        ["T cell receptor signalling", "T lymphocyte antigen receptor", "liver bile acid synthesis"]
+    )
     assert v.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.1
@@ -45,19 +50,48 @@ def tiny_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel, BertTokenizer
 
     d = tmp_path_factory.mktemp("tiny-bert")
-    words = ["the", "a", "of", "gene", "cell", "t", "b", "receptor", "signaling", "binding", "protein", "immune", "liver", "kinase", "activity", "process"]
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    words = [
+        "the",
+        "a",
+        "of",
+        "gene",
+        "cell",
+        "t",
+        "b",
+        "receptor",
+        "signaling",
+        "binding",
+        "protein",
+        "immune",
+        "liver",
+        "kinase",
+        "activity",
+        "process",
+    ]
+    (d / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n"
+    )
     BertTokenizer(str(d / "vocab.txt")).save_pretrained(d)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(cfg).save_pretrained(d)
     return d
 
 
 def test_hf_mean_pooling_on_local_tiny_bert(tiny_bert):
     emb = get_embedder(f"hf:{tiny_bert}")
-    texts = ["t cell receptor signaling", "b cell receptor signaling", "liver kinase activity " * 40]
+    texts = [
+        "t cell receptor signaling",
+        "b cell receptor signaling",
+        "liver kinase activity " * 40,
+    ]
     v = emb.embed(texts)
     assert v.shape == (3, 32) and np.isfinite(v).all()
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
@@ -81,22 +115,45 @@ class _OpenAIHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).calls.append({"auth": self.headers.get("Authorization"), "n": len(body["input"]),
-                                 "format": body.get("encoding_format"), "path": self.path})
+        type(self).calls.append(
+            {
+                "auth": self.headers.get("Authorization"),
+                "n": len(body["input"]),
+                "format": body.get("encoding_format"),
+                "path": self.path,
+            }
+        )
         if self.headers.get("Authorization") == "Bearer bad-key":
-            return self._send(401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error"}})
+            return self._send(
+                401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}
+            )
         if type(self).fail_first:
             type(self).fail_first = False
-            return self._send(429, {"error": {"message": "Rate limit", "type": "rate_limit"}}, {"retry-after-ms": "10"})
+            return self._send(
+                429,
+                {"error": {"message": "Rate limit", "type": "rate_limit"}},
+                {"retry-after-ms": "10"},
+            )
         data = []
         for i, text in enumerate(body["input"]):
             v = np.zeros(16, dtype=np.float32)
             for w in text.split():
                 v[hash_word(w) % 16] += 1
-            emb = base64.b64encode(v.tobytes()).decode() if body.get("encoding_format") == "base64" else v.tolist()
+            emb = (
+                base64.b64encode(v.tobytes()).decode()
+                if body.get("encoding_format") == "base64"
+                else v.tolist()
+            )
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        self._send(200, {"object": "list", "data": data, "model": body["model"],
-                         "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+        self._send(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            },
+        )
 
     def _send(self, code, obj, headers=None):
         raw = json.dumps(obj).encode()
@@ -129,9 +186,16 @@ def openai_server():
 def test_openai_real_client_against_local_server(openai_server, monkeypatch, gene_files, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     emb = get_embedder("openai:text-embedding-3-small", base_url=openai_server)
-    res = build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=tmp_path / "s",
-                           species="human", embedder=emb)
-    assert res.n_genes == 30 and res.meta["dimension"] == 16 and res.meta["base_url"] == openai_server
+    res = build_gene_store(
+        gene_files["gene_info"],
+        gene2go=gene_files["gene2go"],
+        store=tmp_path / "s",
+        species="human",
+        embedder=emb,
+    )
+    assert (
+        res.n_genes == 30 and res.meta["dimension"] == 16 and res.meta["base_url"] == openai_server
+    )
     calls = _OpenAIHandler.calls
     assert len(calls) >= 2 and calls[0]["n"] == calls[1]["n"]  # 429 first, then the retry succeeded
     assert all(c["auth"] == "Bearer sk-test" and c["path"] == "/v1/embeddings" for c in calls)

@@ -19,10 +19,23 @@ def _schema(tmp):
     from conftest import tiny_genes, write_gene2go, write_gene_info
 
     genes = tiny_genes()
-    build_gene_store(write_gene_info(tmp / "g.gz", genes), gene2go=write_gene2go(tmp / "go.gz", genes),
-                     store=tmp / "store", species="human", embedder=FakeEmbedder())
-    build_atlas(tiny_adata(n_cells=60), store=tmp / "store", name="tiny", label_key="cell_type", top_genes=10)
-    return schemathesis.openapi.from_asgi("/openapi.json", create_app(tmp / "store", enable_sql=True))
+    build_gene_store(
+        write_gene_info(tmp / "g.gz", genes),
+        gene2go=write_gene2go(tmp / "go.gz", genes),
+        store=tmp / "store",
+        species="human",
+        embedder=FakeEmbedder(),
+    )
+    build_atlas(
+        tiny_adata(n_cells=60),
+        store=tmp / "store",
+        name="tiny",
+        label_key="cell_type",
+        top_genes=10,
+    )
+    return schemathesis.openapi.from_asgi(
+        "/openapi.json", create_app(tmp / "store", enable_sql=True)
+    )
 
 
 def test_no_server_errors(tmp_path, monkeypatch):
@@ -37,12 +50,17 @@ def test_no_server_errors(tmp_path, monkeypatch):
     assert len(operations) >= 8
     failures = []
     for op in operations:
+
         @given(case=op.as_strategy())
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(
+            max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        )
         def check(case):
             response = case.call()
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:200]}")
+                failures.append(
+                    f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:200]}"
+                )
 
         check()
     assert failures == []

@@ -13,7 +13,9 @@ from conftest import SHARED, requires_shared, tiny_genes, write_gene_info
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_gene_info_parses_real_format(tmp_path, gz):
-    path = write_gene_info(tmp_path / ("g.gene_info.gz" if gz else "g.gene_info"), tiny_genes(2), gz=gz)
+    path = write_gene_info(
+        tmp_path / ("g.gene_info.gz" if gz else "g.gene_info"), tiny_genes(2), gz=gz
+    )
     df = read_gene_info(path, species="human")
     assert df.height == 6
     row = df.filter(pl.col("symbol") == "TGENE0").row(0, named=True)
@@ -32,13 +34,17 @@ def test_gene_info_dash_means_empty(tmp_path):
 def test_not_gene_info_is_refused_with_fix(tmp_path):
     bad = tmp_path / "expr.tsv"
     bad.write_text("gene\tcell1\nCD3E\t4\n")
-    with pytest.raises(InputFormatError, match=r"expr.tsv is not an NCBI gene_info file.*--gene-info"):
+    with pytest.raises(
+        InputFormatError, match=r"expr.tsv is not an NCBI gene_info file.*--gene-info"
+    ):
         read_gene_info(bad)
 
 
 def test_wrong_species_is_refused(tmp_path):
     path = write_gene_info(tmp_path / "g.gz", tiny_genes(1), tax=10090)
-    with pytest.raises(InputFormatError, match=r"no genes of species human.*10090 \(mouse\).*--species"):
+    with pytest.raises(
+        InputFormatError, match=r"no genes of species human.*10090 \(mouse\).*--species"
+    ):
         read_gene_info(path, species="human")
 
 
@@ -55,10 +61,16 @@ def test_text_template_has_every_part(gene_files):
     summ = pl.DataFrame({"symbol": ["TGENE0"], "summary": ["Drives T cell fate."]})
     df = compose_texts(genes, go, summ)
     text = df.filter(pl.col("symbol") == "TGENE0")["text"][0]
-    for part in ("TGENE0: T lineage gene 0.", "protein-coding gene of human", "Summary: Drives T cell fate.",
-                 "Biological process: T cell receptor", "Cellular component: immune synapse",
-                 "Molecular function: lymphocyte activation", "Also known as: TALIAS0, TOLD0",
-                 "Other designations: T lineage gene 0 protein"):
+    for part in (
+        "TGENE0: T lineage gene 0.",
+        "protein-coding gene of human",
+        "Summary: Drives T cell fate.",
+        "Biological process: T cell receptor",
+        "Cellular component: immune synapse",
+        "Molecular function: lymphocyte activation",
+        "Also known as: TALIAS0, TOLD0",
+        "Other designations: T lineage gene 0 protein",
+    ):
         assert part in text
     assert df["text_hash"][0] == text_hash(df["text"][0]) and TEMPLATE_VERSION == "ncbi-v1"
 
@@ -75,7 +87,9 @@ def test_summaries_formats(tmp_path, fmt):
         df = read_summaries(path, symbol_column="gene", text_column="desc")
     else:
         sep = "\t" if fmt == "tsv" else ","
-        path.write_text(f"symbol{sep}summary\n" + "".join(f"{k}{sep}{v}\n" for k, v in data.items()))
+        path.write_text(
+            f"symbol{sep}summary\n" + "".join(f"{k}{sep}{v}\n" for k, v in data.items())
+        )
         df = read_summaries(path)
     assert dict(zip(df["symbol"], df["summary"])) == data
 
@@ -105,10 +119,17 @@ def test_vector_formats(tmp_path, fmt):
         np.savez(path, **vecs)
     elif fmt == "parquet_list":
         path = tmp_path / "v.parquet"
-        pl.DataFrame({"symbol": list(vecs), "vector": [v.tolist() for v in vecs.values()]}).write_parquet(path)
+        pl.DataFrame(
+            {"symbol": list(vecs), "vector": [v.tolist() for v in vecs.values()]}
+        ).write_parquet(path)
     else:
         path = tmp_path / "v.parquet"
-        pl.DataFrame({"gene": list(vecs), **{f"d{i}": [float(v[i]) for v in vecs.values()] for i in range(4)}}).write_parquet(path)
+        pl.DataFrame(
+            {
+                "gene": list(vecs),
+                **{f"d{i}": [float(v[i]) for v in vecs.values()] for i in range(4)},
+            }
+        ).write_parquet(path)
     symbols, mat = read_vectors(path)
     assert symbols == ["CD3E", "MS4A1"]
     np.testing.assert_allclose(mat, np.stack(list(vecs.values())))

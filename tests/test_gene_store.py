@@ -20,7 +20,16 @@ def test_build_writes_table_with_metadata(fake_store, gene_files):
     assert gs.models() == ["fake"]
     gt = gs.load("fake")
     assert gt.genes.height == 30 and gt.dimension == 64
-    assert set(gt.genes.columns) >= {"gene_id", "symbol", "synonyms", "ensembl_id", "tax_id", "text", "text_hash", "go_terms"}
+    assert set(gt.genes.columns) >= {
+        "gene_id",
+        "symbol",
+        "synonyms",
+        "ensembl_id",
+        "tax_id",
+        "text",
+        "text_hash",
+        "go_terms",
+    }
     np.testing.assert_allclose(np.linalg.norm(gt.vectors, axis=1), 1, atol=1e-5)
     meta = gt.meta
     assert meta["model"] == "fake" and meta["dimension"] == 64 and meta["species"] == "human"
@@ -30,8 +39,13 @@ def test_build_writes_table_with_metadata(fake_store, gene_files):
 
 def test_rebuild_embeds_only_changed_genes(tmp_path, fake_store, gene_files):
     emb = FakeEmbedder()
-    res = build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=fake_store,
-                           species="human", embedder=emb)
+    res = build_gene_store(
+        gene_files["gene_info"],
+        gene2go=gene_files["gene2go"],
+        store=fake_store,
+        species="human",
+        embedder=emb,
+    )
     assert (res.n_embedded, res.n_reused, emb.n_embedded) == (0, 30, 0)
     genes = tiny_genes()
     genes[0]["name"] = "T lineage gene 0, renamed"
@@ -53,15 +67,27 @@ def test_failed_build_never_looks_complete_then_resumes(tmp_path, gene_files):
 
     store = tmp_path / "store"
     with pytest.raises(RuntimeError):
-        build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
-                         embedder=Failing(), batch_size=5)
+        build_gene_store(
+            gene_files["gene_info"],
+            gene2go=gene_files["gene2go"],
+            store=store,
+            species="human",
+            embedder=Failing(),
+            batch_size=5,
+        )
     gs = GeneStore(store)
     assert gs.models() == []
     with pytest.raises(StoreError, match="no complete table for model 'fake'"):
         gs.load("fake")
     emb = FakeEmbedder()
-    res = build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
-                           embedder=emb, batch_size=5)
+    res = build_gene_store(
+        gene_files["gene_info"],
+        gene2go=gene_files["gene2go"],
+        store=store,
+        species="human",
+        embedder=emb,
+        batch_size=5,
+    )
     assert res.n_embedded == 20 and emb.n_embedded == 20  # the two committed batches were kept
     assert "_building_fake" not in GeneStore(store).table_names()
 
@@ -87,8 +113,13 @@ build_gene_store({info!r}, gene2go={go!r}, store={store!r}, species="human", emb
 @pytest.mark.slow
 def test_kill_minus_nine_then_resume(tmp_path, gene_files):
     store, marker = tmp_path / "store", tmp_path / "marker"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), marker=str(marker), info=str(gene_files["gene_info"]),
-                                go=str(gene_files["gene2go"]), store=str(store))
+    script = KILL_SCRIPT.format(
+        tests=str(Path(__file__).parent),
+        marker=str(marker),
+        info=str(gene_files["gene_info"]),
+        go=str(gene_files["gene2go"]),
+        store=str(store),
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ))
     deadline = time.time() + 120
     while time.time() < deadline and (not marker.exists() or len(marker.read_text()) < 4):
@@ -101,14 +132,25 @@ def test_kill_minus_nine_then_resume(tmp_path, gene_files):
     staged = gs.open_table("_building_fake").count_rows()
     assert 6 <= staged < 30
     emb = FakeEmbedder()
-    res = build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=store, species="human",
-                           embedder=emb, batch_size=3)
+    res = build_gene_store(
+        gene_files["gene_info"],
+        gene2go=gene_files["gene2go"],
+        store=store,
+        species="human",
+        embedder=emb,
+        batch_size=3,
+    )
     assert res.n_embedded == 30 - staged == emb.n_embedded
     gt = GeneStore(store).load("fake")
     assert gt.genes["gene_id"].n_unique() == gt.genes.height == 30
     clean = tmp_path / "clean"
-    build_gene_store(gene_files["gene_info"], gene2go=gene_files["gene2go"], store=clean, species="human",
-                     embedder=FakeEmbedder())
+    build_gene_store(
+        gene_files["gene_info"],
+        gene2go=gene_files["gene2go"],
+        store=clean,
+        species="human",
+        embedder=FakeEmbedder(),
+    )
     ref = GeneStore(clean).load("fake")
     order = {g: i for i, g in enumerate(ref.genes["gene_id"].to_list())}
     idx = [order[g] for g in gt.genes["gene_id"].to_list()]
@@ -122,7 +164,9 @@ def test_other_species_into_same_table_is_refused(tmp_path, fake_store):
 
 
 def test_store_built_with_another_model(fake_store):
-    with pytest.raises(StoreError, match=r"no complete table for model 'minilm' \(models here: fake\)"):
+    with pytest.raises(
+        StoreError, match=r"no complete table for model 'minilm' \(models here: fake\)"
+    ):
         GeneStore(fake_store).load("minilm")
 
 
@@ -139,7 +183,9 @@ def test_search_by_gene_and_text(fake_store):
     assert res["similarity"].is_sorted(descending=True)
     by_alias = gs.search(gene="TALIAS3", model="fake", k=3)  # synonyms resolve
     assert by_alias.height == 3
-    text = gs.search("B cell receptor signaling immunoglobulin", model="fake", k=5, embedder=FakeEmbedder())
+    text = gs.search(
+        "B cell receptor signaling immunoglobulin", model="fake", k=5, embedder=FakeEmbedder()
+    )
     assert all(s.startswith("B") for s in text["symbol"].to_list())
     with pytest.raises(StoreError, match="not in the fake table"):
         gs.search(gene="NOPE", model="fake")
@@ -153,11 +199,18 @@ def test_import_precomputed_vectors(tmp_path, gene_files):
     path = tmp_path / "GenePT.pickle"
     path.write_bytes(pickle.dumps(vecs))
     store = tmp_path / "store"
-    res = import_vectors(path, store=store, model="genept", gene_info=gene_files["gene_info"], species="human")
+    res = import_vectors(
+        path, store=store, model="genept", gene_info=gene_files["gene_info"], species="human"
+    )
     assert res.n_genes == 30 and res.model == "precomputed:genept"
     gs = GeneStore(store)
     gt = gs.load("genept")
-    assert gt.dimension == 8 and read_meta(gs.open_table("genes_precomputed_genept"))["provider"] == "precomputed"
-    assert gt.genes.filter(pl.col("symbol") == "TGENE1")["synonyms"].to_list() == [["TALIAS1", "TOLD1"]]
+    assert (
+        gt.dimension == 8
+        and read_meta(gs.open_table("genes_precomputed_genept"))["provider"] == "precomputed"
+    )
+    assert gt.genes.filter(pl.col("symbol") == "TGENE1")["synonyms"].to_list() == [
+        ["TALIAS1", "TOLD1"]
+    ]
     with pytest.raises(StoreError, match="Search by --gene"):
         gs.search("T cells", model="genept")

@@ -93,8 +93,13 @@ def test_10x_mtx_directory(tmp_path):
     d.mkdir()
     with gzip.open(d / "matrix.mtx.gz", "wb") as fh:
         scipy.io.mmwrite(fh, sp.csr_matrix(a.X.T).astype(np.int64))
-    pd.DataFrame({"id": [f"ENSG{i}" for i in range(a.n_vars)], "name": a.var_names,
-                  "type": "Gene Expression"}).to_csv(d / "features.tsv.gz", sep="\t", header=False, index=False)
+    pd.DataFrame(
+        {
+            "id": [f"ENSG{i}" for i in range(a.n_vars)],
+            "name": a.var_names,
+            "type": "Gene Expression",
+        }
+    ).to_csv(d / "features.tsv.gz", sep="\t", header=False, index=False)
     pd.Series(a.obs_names).to_csv(d / "barcodes.tsv.gz", sep="\t", header=False, index=False)
     src = read_expression(d)
     assert src.var_names == list(a.var_names) and src.obs_names == list(a.obs_names)
@@ -138,15 +143,27 @@ def test_csv_not_numeric(tmp_path):
 def test_parquet_long_and_wide(tmp_path):
     a = tiny_adata()
     coo = a.X.tocoo()
-    pl.DataFrame({"cell": np.asarray(a.obs_names)[coo.row], "gene": np.asarray(a.var_names)[coo.col],
-                  "value": coo.data}).write_parquet(tmp_path / "long.parquet")
-    wide = pl.DataFrame({"cell_id": list(a.obs_names), **{g: a.X[:, i].toarray().ravel() for i, g in enumerate(a.var_names)}})
+    pl.DataFrame(
+        {
+            "cell": np.asarray(a.obs_names)[coo.row],
+            "gene": np.asarray(a.var_names)[coo.col],
+            "value": coo.data,
+        }
+    ).write_parquet(tmp_path / "long.parquet")
+    wide = pl.DataFrame(
+        {
+            "cell_id": list(a.obs_names),
+            **{g: a.X[:, i].toarray().ravel() for i, g in enumerate(a.var_names)},
+        }
+    )
     wide.write_parquet(tmp_path / "wide.parquet")
     for name in ("long.parquet", "wide.parquet"):
         src = read_expression(tmp_path / name)
         assert src.n_obs == 60 and len(src.var_names) == 30
         order = [src.var_names.index(g) for g in a.var_names]
-        np.testing.assert_allclose(src.to_csr().toarray()[:, order], _lognorm(a.X.toarray()), rtol=1e-5)
+        np.testing.assert_allclose(
+            src.to_csr().toarray()[:, order], _lognorm(a.X.toarray()), rtol=1e-5
+        )
 
 
 def test_lognormalised_used_as_is():

@@ -36,10 +36,20 @@ def pbmc_store(tmp_path_factory):
     with gzip.open(SHARED / "genes" / "human.gene_info.gz", "rt") as src, open(out, "w") as dst:
         for i, line in enumerate(src):
             parts = line.split("\t")
-            if i == 0 or parts[2].upper() in names or any(s.upper() in names for s in parts[4].split("|")):
+            if (
+                i == 0
+                or parts[2].upper() in names
+                or any(s.upper() in names for s in parts[4].split("|"))
+            ):
                 dst.write(line)
     store = d / "store"
-    build_gene_store(out, gene2go=SHARED / "genes" / "human.gene2go.gz", species="human", store=store, model="minilm")
+    build_gene_store(
+        out,
+        gene2go=SHARED / "genes" / "human.gene2go.gz",
+        species="human",
+        store=store,
+        model="minilm",
+    )
     return store
 
 
@@ -69,9 +79,20 @@ def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
 
     q = read_expression(CELLS / "pbmc68k_reduced.h5ad")
     assert q.kind == "log-normalised" and q.n_obs == 700  # .raw, since X is scaled
-    build_atlas(CELLS / "pbmc3k.h5ad", store=pbmc_store, name="pbmc3k", label_key="classified", refine="supcon")
-    res = map_cells(CELLS / "pbmc68k_reduced.h5ad", "pbmc3k", store=pbmc_store, truth_key="bulk_labels",
-                    label_map=read_label_map(LABELMAP))
+    build_atlas(
+        CELLS / "pbmc3k.h5ad",
+        store=pbmc_store,
+        name="pbmc3k",
+        label_key="classified",
+        refine="supcon",
+    )
+    res = map_cells(
+        CELLS / "pbmc68k_reduced.h5ad",
+        "pbmc3k",
+        store=pbmc_store,
+        truth_key="bulk_labels",
+        label_map=read_label_map(LABELMAP),
+    )
     assert res.metrics["accuracy"] >= 0.55
     assert res.metrics["per_class"]["B"]["f1"] >= 0.8
 
@@ -79,8 +100,14 @@ def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
 def test_evaluate_pbmc3k_against_baselines(pbmc_store):
     from cellvec.cell_index.evaluate import evaluate
 
-    res = evaluate(CELLS / "pbmc3k.h5ad", label_key="classified", store=pbmc_store, refine="supcon", folds=3,
-                   baselines=True)
+    res = evaluate(
+        CELLS / "pbmc3k.h5ad",
+        label_key="classified",
+        store=pbmc_store,
+        refine="supcon",
+        folds=3,
+        baselines=True,
+    )
     reps = res.to_dict()["representations"]
     assert reps["cellvec"]["macro_f1"] > reps["naive_mean"]["macro_f1"] + 0.05
     assert reps["cellvec"]["macro_f1"] >= 0.85

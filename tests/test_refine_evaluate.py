@@ -15,7 +15,16 @@ def _toy(n=120, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 4
     w = sp.random(n, 40, density=0.3, random_state=seed, format="csr", dtype=np.float32)
-    w = sp.csr_matrix(w + sp.csr_matrix((np.ones(n), (np.arange(n), y * 10), ), shape=(n, 40)))
+    w = sp.csr_matrix(
+        w
+        + sp.csr_matrix(
+            (
+                np.ones(n),
+                (np.arange(n), y * 10),
+            ),
+            shape=(n, 40),
+        )
+    )
     basis = rng.normal(size=(40, 16)).astype(np.float32)
     return w, basis, y
 
@@ -58,8 +67,15 @@ def test_rare_class_is_sampled():
 
 def test_refined_atlas_maps_queries_without_retraining(fake_store):
     ref = tiny_adata(n_cells=90, seed=1)
-    atlas = build_atlas(ref, store=fake_store, name="ref", label_key="cell_type", refine="supcon",
-                        refine_options=FAST, top_genes=10)
+    atlas = build_atlas(
+        ref,
+        store=fake_store,
+        name="ref",
+        label_key="cell_type",
+        refine="supcon",
+        refine_options=FAST,
+        top_genes=10,
+    )
     assert atlas.recipe.refine == "supcon" and atlas.recipe.head_hash
     assert atlas.vectors.shape[1] == 128 and atlas.meta["refinement"]["mode"] == "supcon"
     q = tiny_adata(n_cells=30, seed=9, prefix="q")
@@ -86,18 +102,43 @@ def test_query_cells_do_not_change_the_head(fake_store, monkeypatch):
 
     monkeypatch.setattr(atlas_mod, "train_head", spy)
     ref = tiny_adata(n_cells=60, seed=1)
-    build_atlas(ref, store=fake_store, name="ref", label_key="cell_type", refine="supcon", refine_options=FAST)
+    build_atlas(
+        ref,
+        store=fake_store,
+        name="ref",
+        label_key="cell_type",
+        refine="supcon",
+        refine_options=FAST,
+    )
     assert seen["n"] == 60
 
 
 def test_evaluate_reports_every_representation(fake_store):
     data = tiny_adata(n_cells=90, seed=4)
-    res = evaluate(data, label_key="cell_type", store=fake_store, refine="supcon", folds=3, baselines=True,
-                   top_genes=10, data_limited=[5, 10], refine_options=FAST)
+    res = evaluate(
+        data,
+        label_key="cell_type",
+        store=fake_store,
+        refine="supcon",
+        folds=3,
+        baselines=True,
+        top_genes=10,
+        data_limited=[5, 10],
+        refine_options=FAST,
+    )
     d = res.to_dict()
-    assert {"pca_knn", "logreg_expr", "naive_mean", "graph_baseline", "cellvec"} <= set(d["representations"])
+    assert {"pca_knn", "logreg_expr", "naive_mean", "graph_baseline", "cellvec"} <= set(
+        d["representations"]
+    )
     for m in d["representations"].values():
-        assert {"accuracy", "macro_f1", "balanced_accuracy", "per_class", "n_cells", "unassigned_fraction"} <= set(m)
+        assert {
+            "accuracy",
+            "macro_f1",
+            "balanced_accuracy",
+            "per_class",
+            "n_cells",
+            "unassigned_fraction",
+        } <= set(m)
         assert m["n_cells"] == 90
     assert d["representations"]["cellvec"]["accuracy"] >= 0.9
     assert set(d["data_limited"]["cellvec"]) == {"5", "10"}
@@ -106,8 +147,15 @@ def test_evaluate_reports_every_representation(fake_store):
 
 
 def test_evaluate_transfer(fake_store):
-    res = evaluate(tiny_adata(n_cells=60, seed=1), label_key="cell_type", store=fake_store, refine="none", folds=3,
-                   baselines=True, query=tiny_adata(n_cells=30, seed=2, prefix="q"))
+    res = evaluate(
+        tiny_adata(n_cells=60, seed=1),
+        label_key="cell_type",
+        store=fake_store,
+        refine="none",
+        folds=3,
+        baselines=True,
+        query=tiny_adata(n_cells=30, seed=2, prefix="q"),
+    )
     assert res.transfer["cellvec"]["accuracy"] >= 0.9 and "pca_knn" in res.transfer
 
 

@@ -22,7 +22,9 @@ class Server:
         import uvicorn
 
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -47,21 +49,33 @@ def served(fake_store, monkeypatch):
     import cellvec.gene_store.store as store_mod
 
     monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
-    build_atlas(tiny_adata(n_cells=90, seed=1), store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    build_atlas(
+        tiny_adata(n_cells=90, seed=1),
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        top_genes=10,
+    )
     return fake_store
 
 
 def _cells(n=5, seed=3):
     a = tiny_adata(n_cells=n, seed=seed, prefix="q")
     x = a.X.tocsr()
-    cells = [{"id": a.obs_names[i], "indices": x[i].indices.tolist(), "values": x[i].data.tolist()} for i in range(n)]
+    cells = [
+        {"id": a.obs_names[i], "indices": x[i].indices.tolist(), "values": x[i].data.tolist()}
+        for i in range(n)
+    ]
     return {"genes": list(a.var_names), "cells": cells}, a.obs["cell_type"].astype(str).tolist()
 
 
 def test_endpoints(served, tmp_path):
     from cellvec.service import create_app
 
-    with Server(create_app(served, enable_sql=True)) as url, httpx.Client(base_url=url, timeout=30) as c:
+    with (
+        Server(create_app(served, enable_sql=True)) as url,
+        httpx.Client(base_url=url, timeout=30) as c,
+    ):
         assert c.get("/healthz").json()["status"] == "ok"
         assert c.get("/readyz").json()["models"] == ["fake"]
         atl = c.get("/v1/atlases").json()["atlases"]
@@ -80,24 +94,44 @@ def test_endpoints(served, tmp_path):
         assert all(g["symbol"].startswith("B") for g in s["results"])
         nb = c.get("/v1/genes/TGENE0/neighbors", params={"k": 4}).json()
         assert len(nb["results"]) == 4
-        q = c.post("/v1/sql", json={"query": "SELECT label, count(*) AS n FROM atlas_tiny GROUP BY 1 ORDER BY 1"}).json()
-        assert q["rows"] == [{"label": "B", "n": 30}, {"label": "M", "n": 30}, {"label": "T", "n": 30}]
+        q = c.post(
+            "/v1/sql",
+            json={"query": "SELECT label, count(*) AS n FROM atlas_tiny GROUP BY 1 ORDER BY 1"},
+        ).json()
+        assert q["rows"] == [
+            {"label": "B", "n": 30},
+            {"label": "M", "n": 30},
+            {"label": "T", "n": 30},
+        ]
         assert "/v1/atlases/{atlas}/map" in c.get("/openapi.json").json()["paths"]
 
 
 def test_errors_are_json_and_actionable(served):
     from cellvec.service import create_app
 
-    with Server(create_app(served, max_body_bytes=20_000)) as url, httpx.Client(base_url=url, timeout=30) as c:
+    with (
+        Server(create_app(served, max_body_bytes=20_000)) as url,
+        httpx.Client(base_url=url, timeout=30) as c,
+    ):
         r = c.post("/v1/atlases/nope/map", json=_cells()[0])
         assert r.status_code == 404 and "tiny" in r.json()["error"]
-        r = c.post("/v1/atlases/tiny/map", json={"genes": ["A"], "cells": [{"id": "x", "indices": [5], "values": [1.0]}]})
+        r = c.post(
+            "/v1/atlases/tiny/map",
+            json={"genes": ["A"], "cells": [{"id": "x", "indices": [5], "values": [1.0]}]},
+        )
         assert r.status_code == 422 and "out of range" in r.json()["error"]
-        r = c.post("/v1/atlases/tiny/map", json={"genes": ["NOTAGENE"] * 3, "cells": [{"id": "x", "indices": [0], "values": [1]}]})
+        r = c.post(
+            "/v1/atlases/tiny/map",
+            json={"genes": ["NOTAGENE"] * 3, "cells": [{"id": "x", "indices": [0], "values": [1]}]},
+        )
         assert r.status_code == 422 and "genes" in r.json()["error"]
         r = c.post("/v1/atlases/tiny/map", json={"cells": []})
         assert r.status_code == 422 and r.json()["error"].startswith("Invalid request")
-        r = c.post("/v1/atlases/tiny/map", content=b"x" * 30_000, headers={"content-type": "application/json"})
+        r = c.post(
+            "/v1/atlases/tiny/map",
+            content=b"x" * 30_000,
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 413 and "split the cells" in r.json()["error"]
         r = c.post("/v1/sql", json={"query": "SELECT 1"})
         assert r.status_code == 403 and "--enable-sql" in r.json()["error"]
@@ -131,7 +165,13 @@ def test_concurrent_requests_while_atlas_is_rebuilt(served):
         seed = 10
         while not stop.is_set():
             n = 60 if seed % 2 else 90
-            build_atlas(tiny_adata(n_cells=n, seed=seed), store=served, name="tiny", label_key="cell_type", top_genes=10)
+            build_atlas(
+                tiny_adata(n_cells=n, seed=seed),
+                store=served,
+                name="tiny",
+                label_key="cell_type",
+                top_genes=10,
+            )
             seed += 1
 
     with Server(create_app(served)) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -166,13 +206,15 @@ def test_bad_cell_arrays_are_422(served):
 
     with Server(create_app(served)) as url, httpx.Client(base_url=url, timeout=30) as c:
         genes = [f"TGENE{i}" for i in range(5)]
-        for cell, message in (({"id": "x", "indices": [0.5], "values": [1.0]}, "integers"),
-                              ({"id": "x", "indices": ["a"], "values": [1.0]}, "integers"),
-                              ({"id": "x", "indices": [0], "values": ["high"]}, "numbers"),
-                              ({"id": "x", "indices": [[0]], "values": [[1.0]]}, "flat list"),
-                              ({"id": "x", "indices": [[0], 1], "values": [1.0, 2.0]}, "flat list"),
-                              ({"id": "x", "indices": [10**30], "values": [1.0]}, "integers"),
-                              ({"id": "x", "indices": [0, 1], "values": [1.0]}, "2 indices but 1 values")):
+        for cell, message in (
+            ({"id": "x", "indices": [0.5], "values": [1.0]}, "integers"),
+            ({"id": "x", "indices": ["a"], "values": [1.0]}, "integers"),
+            ({"id": "x", "indices": [0], "values": ["high"]}, "numbers"),
+            ({"id": "x", "indices": [[0]], "values": [[1.0]]}, "flat list"),
+            ({"id": "x", "indices": [[0], 1], "values": [1.0, 2.0]}, "flat list"),
+            ({"id": "x", "indices": [10**30], "values": [1.0]}, "integers"),
+            ({"id": "x", "indices": [0, 1], "values": [1.0]}, "2 indices but 1 values"),
+        ):
             r = c.post("/v1/atlases/tiny/map", json={"genes": genes, "cells": [cell]})
             assert r.status_code == 422 and message in r.json()["error"], (cell, r.text)
 
@@ -184,11 +226,33 @@ def test_serve_with_several_workers(fake_store, tmp_path):
     import subprocess
     import sys
 
-    build_atlas(tiny_adata(n_cells=60, seed=1), store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    build_atlas(
+        tiny_adata(n_cells=60, seed=1),
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        top_genes=10,
+    )
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cellvec.cli", "-q", "serve", "--store", str(fake_store),
-                             "--port", str(port), "--workers", "2"], env=dict(os.environ),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cellvec.cli",
+            "-q",
+            "serve",
+            "--store",
+            str(fake_store),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):

@@ -10,8 +10,16 @@ from conftest import FakeEmbedder, tiny_adata
 
 @pytest.fixture
 def full_store(fake_store):
-    build_atlas(tiny_adata(n_cells=60, seed=1), store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
-    map_cells(tiny_adata(n_cells=30, seed=2, prefix="q"), "tiny", store=fake_store, truth_key="cell_type").save(fake_store, "q1")
+    build_atlas(
+        tiny_adata(n_cells=60, seed=1),
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        top_genes=10,
+    )
+    map_cells(
+        tiny_adata(n_cells=30, seed=2, prefix="q"), "tiny", store=fake_store, truth_key="cell_type"
+    ).save(fake_store, "q1")
     return fake_store
 
 
@@ -20,7 +28,9 @@ def test_views_have_stable_names(full_store):
     assert {"genes", "genes_fake", "atlas_tiny", "mapping_q1"} <= set(conn.views)
     assert conn.query("SELECT count(*) AS n FROM genes")["n"][0] == 30
     assert conn.query("SELECT count(*) AS n FROM atlas_tiny")["n"][0] == 60
-    df = conn.query("SELECT cellvec_label, avg(cellvec_confidence) AS c FROM mapping_q1 GROUP BY 1 ORDER BY 1")
+    df = conn.query(
+        "SELECT cellvec_label, avg(cellvec_confidence) AS c FROM mapping_q1 GROUP BY 1 ORDER BY 1"
+    )
     assert df["cellvec_label"].to_list() == ["B", "M", "T"]
 
 
@@ -30,20 +40,25 @@ def test_vector_helpers(full_store):
     assert near.height == 5 and all(s.startswith("T") for s in near["symbol"])
     like = conn.query("SELECT * FROM genes_like('B cell receptor signaling immunoglobulin', 5)")
     assert all(s.startswith("B") for s in like["symbol"])
-    sim = conn.query("SELECT array_cosine_similarity(gene_vector('TGENE0'), gene_vector('TGENE0')) AS s")
+    sim = conn.query(
+        "SELECT array_cosine_similarity(gene_vector('TGENE0'), gene_vector('TGENE0')) AS s"
+    )
     assert sim["s"][0] == pytest.approx(1.0, abs=1e-5)
     assert conn.query("SELECT gene_vector('NOPE') IS NULL AS missing")["missing"][0]
 
 
-@pytest.mark.parametrize("sql, message", [
-    ("CREATE TABLE x AS SELECT 1", "CREATE statements are not allowed"),
-    ("DELETE FROM genes", "DELETE statements are not allowed"),
-    ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY statements are not allowed"),
-    ("INSTALL httpfs", "statements are not allowed"),
-    ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
-    ("SET enable_external_access = true", "statements are not allowed"),
-    ("SELEC 1", "syntax error"),
-])
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        ("CREATE TABLE x AS SELECT 1", "CREATE statements are not allowed"),
+        ("DELETE FROM genes", "DELETE statements are not allowed"),
+        ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY statements are not allowed"),
+        ("INSTALL httpfs", "statements are not allowed"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
+        ("SET enable_external_access = true", "statements are not allowed"),
+        ("SELEC 1", "syntax error"),
+    ],
+)
 def test_read_only(full_store, sql, message):
     conn = connect_sql(full_store, text_embedder=FakeEmbedder())
     with pytest.raises(SQLError, match=message):

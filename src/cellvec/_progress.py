@@ -14,6 +14,12 @@ def progress(iterable=None, *, total=None, desc=None, unit="it", disable=None):
         forced = os.environ.get("CELLVEC_PROGRESS")
         disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
     return tqdm(
-        iterable, total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr,
-        dynamic_ncols=True, smoothing=0.1,
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.1,
     )

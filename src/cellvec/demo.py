@@ -29,10 +29,14 @@ def shipped_data_dir() -> Path:
     for parent in here.parents:
         if (parent / "data" / DEMO_FILES[0]).exists():
             return parent / "data"
-    raise CellvecError("The demo data folder was not found; run from a cellvec checkout or pass --data DIR.")
+    raise CellvecError(
+        "The demo data folder was not found; run from a cellvec checkout or pass --data DIR."
+    )
 
 
-def run_demo(out: str | Path, *, data_dir: str | Path | None = None, refine: str = "supcon", seed: int = 0) -> dict:
+def run_demo(
+    out: str | Path, *, data_dir: str | Path | None = None, refine: str = "supcon", seed: int = 0
+) -> dict:
     from sklearn.model_selection import train_test_split
 
     from cellvec.cell_index.atlas import build_atlas
@@ -45,7 +49,9 @@ def run_demo(out: str | Path, *, data_dir: str | Path | None = None, refine: str
     data = Path(data_dir) if data_dir else shipped_data_dir()
     missing = [f for f in DEMO_FILES if not (data / f).exists()]
     if missing:
-        raise CellvecError(f"{data} lacks {', '.join(missing)}; regenerate with `python data/make_demo_data.py`.")
+        raise CellvecError(
+            f"{data} lacks {', '.join(missing)}; regenerate with `python data/make_demo_data.py`."
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "store"
@@ -53,7 +59,13 @@ def run_demo(out: str | Path, *, data_dir: str | Path | None = None, refine: str
 
     log.info("[1/5] gene store: embedding gene texts with the offline MiniLM model")
     t = time.perf_counter()
-    build_gene_store(data / DEMO_FILES[1], gene2go=data / DEMO_FILES[2], species="human", store=store, model="minilm")
+    build_gene_store(
+        data / DEMO_FILES[1],
+        gene2go=data / DEMO_FILES[2],
+        species="human",
+        store=store,
+        model="minilm",
+    )
     steps["gene_store_s"] = round(time.perf_counter() - t, 1)
 
     src = read_expression(data / DEMO_FILES[0])
@@ -65,7 +77,9 @@ def run_demo(out: str | Path, *, data_dir: str | Path | None = None, refine: str
 
     log.info("[2/5] reference atlas from %d cells (refinement: %s)", ref.n_obs, refine)
     t = time.perf_counter()
-    atlas = build_atlas(ref, store=store, name="pbmc68k", label_key="bulk_labels", refine=refine, seed=seed)
+    atlas = build_atlas(
+        ref, store=store, name="pbmc68k", label_key="bulk_labels", refine=refine, seed=seed
+    )
     steps["atlas_s"] = round(time.perf_counter() - t, 1)
 
     log.info("[3/5] mapping %d query cells", query.n_obs)
@@ -78,16 +92,39 @@ def run_demo(out: str | Path, *, data_dir: str | Path | None = None, refine: str
 
     log.info("[4/5] report (UMAP, confusion matrix, per-class F1, confidence)")
     t = time.perf_counter()
-    summary = {k: res.metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "unassigned_fraction", "n_cells")}
-    report = write_report(out / "report", ref_vectors=atlas.vectors, ref_labels=atlas.labels.astype(str),
-                          query_vectors=res.vectors, query_labels=res.labels.astype(str), confidence=res.confidence,
-                          recipe=atlas.recipe.to_dict(), metrics=res.metrics, min_confidence=MIN_CONFIDENCE,
-                          summary={"dataset": "PBMC 68k reduced (scanpy)", "reference cells": ref.n_obs,
-                                   "query cells": query.n_obs, **steps},
-                          title="cellvec demo: PBMC 68k (reduced) mapped onto a refined reference atlas")
+    summary = {
+        k: res.metrics[k]
+        for k in ("accuracy", "macro_f1", "balanced_accuracy", "unassigned_fraction", "n_cells")
+    }
+    report = write_report(
+        out / "report",
+        ref_vectors=atlas.vectors,
+        ref_labels=atlas.labels.astype(str),
+        query_vectors=res.vectors,
+        query_labels=res.labels.astype(str),
+        confidence=res.confidence,
+        recipe=atlas.recipe.to_dict(),
+        metrics=res.metrics,
+        min_confidence=MIN_CONFIDENCE,
+        summary={
+            "dataset": "PBMC 68k reduced (scanpy)",
+            "reference cells": ref.n_obs,
+            "query cells": query.n_obs,
+            **steps,
+        },
+        title="cellvec demo: PBMC 68k (reduced) mapped onto a refined reference atlas",
+    )
     steps["report_s"] = round(time.perf_counter() - t, 1)
-    summary.update(min_confidence=MIN_CONFIDENCE, report=str(report), seconds=time.perf_counter() - t0,
-                   steps=steps, store=str(store), mapped=str(out / "mapped.h5ad"))
-    (out / "summary.json").write_text(json.dumps({**summary, "per_class": res.metrics["per_class"]}, indent=2))
+    summary.update(
+        min_confidence=MIN_CONFIDENCE,
+        report=str(report),
+        seconds=time.perf_counter() - t0,
+        steps=steps,
+        store=str(store),
+        mapped=str(out / "mapped.h5ad"),
+    )
+    (out / "summary.json").write_text(
+        json.dumps({**summary, "per_class": res.metrics["per_class"]}, indent=2)
+    )
     log.info("[5/5] done in %.0f s", summary["seconds"])
     return summary

@@ -77,17 +77,27 @@ class StoreSQL:
                 emb = text_embedder or get_embedder(default)
                 return np.asarray(emb.embed([text])[0], dtype=np.float32).tolist()
 
-            self.con.create_function("gene_vector", gene_vector, [duckdb.sqltype("VARCHAR")], arr,
-                                     null_handling="special", side_effects=False)
-            self.con.create_function("text_embedding", embed, [duckdb.sqltype("VARCHAR")], arr, side_effects=False)
+            self.con.create_function(
+                "gene_vector",
+                gene_vector,
+                [duckdb.sqltype("VARCHAR")],
+                arr,
+                null_handling="special",
+                side_effects=False,
+            )
+            self.con.create_function(
+                "text_embedding", embed, [duckdb.sqltype("VARCHAR")], arr, side_effects=False
+            )
             self.con.execute(
                 "CREATE MACRO nearest_genes(sym, k) AS TABLE "
                 "SELECT symbol, full_name, array_cosine_similarity(vector, gene_vector(sym)) AS similarity "
-                "FROM genes WHERE symbol <> sym ORDER BY similarity DESC LIMIT k")
+                "FROM genes WHERE symbol <> sym ORDER BY similarity DESC LIMIT k"
+            )
             self.con.execute(
                 "CREATE MACRO genes_like(q, k) AS TABLE "
                 "SELECT symbol, full_name, array_cosine_similarity(vector, text_embedding(q)) AS similarity "
-                "FROM genes ORDER BY similarity DESC LIMIT k")
+                "FROM genes ORDER BY similarity DESC LIMIT k"
+            )
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
         log.info("SQL views: %s", ", ".join(sorted(self.views)) or "none")

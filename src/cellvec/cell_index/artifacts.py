@@ -44,7 +44,9 @@ def save_artifact(store: str | Path, arrays: dict[str, np.ndarray]) -> str:
 def load_artifact(store: str | Path, digest: str) -> dict[str, np.ndarray]:
     path = Path(store) / "_artifacts" / f"{digest}.npz"
     if not path.exists():
-        raise StoreError(f"{path} is missing: the atlas needs it. Rebuild the atlas with `cellvec atlas build`.")
+        raise StoreError(
+            f"{path} is missing: the atlas needs it. Rebuild the atlas with `cellvec atlas build`."
+        )
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     if array_hash(arrays) != digest:

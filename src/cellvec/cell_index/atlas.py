@@ -48,21 +48,39 @@ def labels_of(source: ExpressionSource, label_key: str) -> np.ndarray:
 
 
 def fit_encoder(
-    source: ExpressionSource, labels: np.ndarray | None, genes, recipe: Recipe, *, store: str | Path | None = None,
-    seed: int = 0, refine_options: dict | None = None,
+    source: ExpressionSource,
+    labels: np.ndarray | None,
+    genes,
+    recipe: Recipe,
+    *,
+    store: str | Path | None = None,
+    seed: int = 0,
+    refine_options: dict | None = None,
 ) -> tuple[CellEncoder, np.ndarray, dict]:
     """Fit background and head on a reference; returns (encoder, reference vectors, refine report)."""
     cols, rows = match_dataset_genes(source.var_names, genes, source.path)
     bg = fit_background(genes.vectors[rows], recipe.background)
     basis = GeneBasis(cols, rows, apply_background(genes.vectors[rows], bg), len(source.var_names))
-    recipe = Recipe.from_dict({**recipe.to_dict(), "model": genes.model, "dimension": genes.dimension,
-                               "gene_table_hash": genes.meta.get("content_hash"),
-                               "background_hash": _hash_or_save(store, bg)})
+    recipe = Recipe.from_dict(
+        {
+            **recipe.to_dict(),
+            "model": genes.model,
+            "dimension": genes.dimension,
+            "gene_table_hash": genes.meta.get("content_hash"),
+            "background_hash": _hash_or_save(store, bg),
+        }
+    )
     head, report = {}, {}
     if recipe.refine != "none":
         w = weights_matrix(source, basis, recipe)
-        head, report = train_head(w, basis.full, labels if recipe.refine == "supcon" else None,
-                                  mode=recipe.refine, seed=seed, **(refine_options or {}))
+        head, report = train_head(
+            w,
+            basis.full,
+            labels if recipe.refine == "supcon" else None,
+            mode=recipe.refine,
+            seed=seed,
+            **(refine_options or {}),
+        )
         vectors = apply_head(head, cell_vectors_from_weights(w, basis.full))
         recipe = Recipe.from_dict({**recipe.to_dict(), "head_hash": _hash_or_save(store, head)})
     else:
@@ -121,14 +139,21 @@ class Atlas:
         meta = read_meta(tbl) if tbl is not None else {}
         if tbl is None or not meta.get("complete"):
             have = ", ".join(list_atlases(store)) or "none"
-            raise StoreError(f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`.")
+            raise StoreError(
+                f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
+            )
         arrow = tbl.to_arrow()
         vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return cls(name=name, store=str(store), meta=meta,
-                   cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
-                   labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
-                   batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
-                   vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False), version=tbl.version)
+        return cls(
+            name=name,
+            store=str(store),
+            meta=meta,
+            cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
+            labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
+            batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
+            vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
+            version=tbl.version,
+        )
 
     def encoder(self, gene_store: GeneStore | None = None) -> CellEncoder:
         if self._encoder is None:
@@ -152,33 +177,59 @@ class Atlas:
         if self._index is None:
             t = time.perf_counter()
             self._index = build_index(self.vectors)
-            log.debug("%s index over %s atlas cells in %.1f s", type(self._index).__name__,
-                      f"{len(self.vectors):,}", time.perf_counter() - t)
+            log.debug(
+                "%s index over %s atlas cells in %.1f s",
+                type(self._index).__name__,
+                f"{len(self.vectors):,}",
+                time.perf_counter() - t,
+            )
         return self._index
 
     def summary(self) -> dict:
-        return {"name": self.name, "n_cells": len(self.vectors), "label_key": self.meta.get("label_key"),
-                "classes": self.meta.get("classes"), "recipe": self.meta.get("recipe"),
-                "created": self.meta.get("created"), "source": self.meta.get("source"),
-                "refinement": {k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"}}
+        return {
+            "name": self.name,
+            "n_cells": len(self.vectors),
+            "label_key": self.meta.get("label_key"),
+            "classes": self.meta.get("classes"),
+            "recipe": self.meta.get("recipe"),
+            "created": self.meta.get("created"),
+            "source": self.meta.get("source"),
+            "refinement": {
+                k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
+            },
+        }
 
 
 def list_atlases(store: str | Path) -> list[str]:
     gs = GeneStore(store)
-    return [n[len(ATLAS_PREFIX):] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
+    return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
 
 
 def build_atlas(
-    reference, *, store: str | Path, name: str, label_key: str, model: str | None = None,
-    top_genes: int = 200, weighting: str = "value", background: str = "whiten", refine: str = "none",
-    batch_key: str | None = None, layer: str | None = None, use_raw: bool | None = None,
-    gene_column: str | None = None, seed: int = 0, refine_options: dict | None = None,
+    reference,
+    *,
+    store: str | Path,
+    name: str,
+    label_key: str,
+    model: str | None = None,
+    top_genes: int = 200,
+    weighting: str = "value",
+    background: str = "whiten",
+    refine: str = "none",
+    batch_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_column: str | None = None,
+    seed: int = 0,
+    refine_options: dict | None = None,
 ) -> Atlas:
     """Embed a labelled reference and write it as atlas `name` in the store."""
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
-        raise CellvecError(f"Atlas name {name!r}: use letters, digits and underscores (it becomes a SQL view name).")
+        raise CellvecError(
+            f"Atlas name {name!r}: use letters, digits and underscores (it becomes a SQL view name)."
+        )
     t0 = time.perf_counter()
     gs = GeneStore(store)
     genes = gs.load(model)
@@ -186,34 +237,70 @@ def build_atlas(
     labels = labels_of(source, label_key)
     known = np.array([lab is not None and str(lab) not in ("nan", "") for lab in labels])
     if not known.all():
-        log.warning("%s: %d cells without a %s label excluded", source.path, int((~known).sum()), label_key)
+        log.warning(
+            "%s: %d cells without a %s label excluded", source.path, int((~known).sum()), label_key
+        )
         source, labels = source.subset(known), labels[known]
     labels = labels.astype(str)
     # Top genes are always read from log-normalised values (counts are normalised on reading).
-    recipe = Recipe(model=genes.model, dimension=genes.dimension, top_genes=top_genes, weighting=weighting,
-                    background=background, refine=refine)
-    encoder, vectors, report = fit_encoder(source, labels, genes, recipe, store=store, seed=seed,
-                                           refine_options=refine_options)
-    batches = (source.obs[batch_key].astype(str).to_numpy() if batch_key else np.full(source.n_obs, "", dtype=object))
+    recipe = Recipe(
+        model=genes.model,
+        dimension=genes.dimension,
+        top_genes=top_genes,
+        weighting=weighting,
+        background=background,
+        refine=refine,
+    )
+    encoder, vectors, report = fit_encoder(
+        source, labels, genes, recipe, store=store, seed=seed, refine_options=refine_options
+    )
+    batches = (
+        source.obs[batch_key].astype(str).to_numpy()
+        if batch_key
+        else np.full(source.n_obs, "", dtype=object)
+    )
     classes, counts = np.unique(labels, return_counts=True)
-    meta = {"recipe": encoder.recipe.to_dict(), "label_key": label_key, "batch_key": batch_key,
-            "n_cells": int(source.n_obs), "classes": {str(c): int(n) for c, n in zip(classes, counts)},
-            "source": source.path,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True,
-            "refinement": report or None}
+    meta = {
+        "recipe": encoder.recipe.to_dict(),
+        "label_key": label_key,
+        "batch_key": batch_key,
+        "n_cells": int(source.n_obs),
+        "classes": {str(c): int(n) for c, n in zip(classes, counts)},
+        "source": source.path,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": True,
+        "refinement": report or None,
+    }
     dim = vectors.shape[1]
-    schema = pa.schema([pa.field("cell_id", pa.string()), pa.field("label", pa.string()),
-                        pa.field("batch", pa.string()), pa.field("dataset", pa.string()),
-                        pa.field("vector", pa.list_(pa.float32(), dim))],
-                       metadata={META_KEY: json.dumps(meta).encode()})
-    table = pa.Table.from_arrays([
-        pa.array(source.obs_names, pa.string()), pa.array(labels.tolist(), pa.string()),
-        pa.array([str(b) for b in batches], pa.string()),
-        pa.array([Path(str(meta["source"])).stem] * source.n_obs, pa.string()),
-        pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)], schema=schema)
+    schema = pa.schema(
+        [
+            pa.field("cell_id", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("batch", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+        ],
+        metadata={META_KEY: json.dumps(meta).encode()},
+    )
+    table = pa.Table.from_arrays(
+        [
+            pa.array(source.obs_names, pa.string()),
+            pa.array(labels.tolist(), pa.string()),
+            pa.array([str(b) for b in batches], pa.string()),
+            pa.array([Path(str(meta["source"])).stem] * source.n_obs, pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        ],
+        schema=schema,
+    )
     replace_table(gs.db, ATLAS_PREFIX + name, table)
-    log.info("Atlas %s: %s cells, %d classes, dim %d, in %.1f s", name, f"{source.n_obs:,}", len(classes), dim,
-             time.perf_counter() - t0)
+    log.info(
+        "Atlas %s: %s cells, %d classes, dim %d, in %.1f s",
+        name,
+        f"{source.n_obs:,}",
+        len(classes),
+        dim,
+        time.perf_counter() - t0,
+    )
     atlas = Atlas.open(store, name)
     atlas._encoder = encoder
     return atlas

@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def fit_background(gene_vectors: np.ndarray, kind: str, *, shrink: float = 0.1) -> dict[str, np.ndarray]:
+def fit_background(
+    gene_vectors: np.ndarray, kind: str, *, shrink: float = 0.1
+) -> dict[str, np.ndarray]:
     """Arrays of a fitted transform: `mean` and, for whiten, `proj` (dim x dim)."""
     if kind == "none":
         return {}

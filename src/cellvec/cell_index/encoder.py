@@ -35,7 +35,9 @@ class CellEncoder:
         if hit is not None and hit[0] == list(var_names):
             return hit[1]
         cols, rows = match_dataset_genes(var_names, self.genes, where)
-        basis = GeneBasis(cols, rows, apply_background(self.genes.vectors[rows], self.background), len(var_names))
+        basis = GeneBasis(
+            cols, rows, apply_background(self.genes.vectors[rows], self.background), len(var_names)
+        )
         if len(self._bases) >= 32:
             self._bases.pop(next(iter(self._bases)))
         self._bases[key] = (list(var_names), basis)

@@ -36,7 +36,14 @@ from cellvec.gene_store.store import GeneStore
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("pca_knn", "logreg_expr", "naive_mean", "naive_mean_refined", "graph_baseline", "cellvec_unrefined")
+BASELINES = (
+    "pca_knn",
+    "logreg_expr",
+    "naive_mean",
+    "naive_mean_refined",
+    "graph_baseline",
+    "cellvec_unrefined",
+)
 
 
 @dataclass
@@ -56,9 +63,14 @@ class EvaluationResult:
         def strip(m):
             return m if confusion else {k: v for k, v in m.items() if k != "confusion"}
 
-        out = {"dataset": self.dataset, "label_key": self.label_key, "folds": self.folds,
-               "recipe": self.recipe, "seconds": round(self.seconds, 1),
-               "representations": {k: strip(v) for k, v in self.representations.items()}}
+        out = {
+            "dataset": self.dataset,
+            "label_key": self.label_key,
+            "folds": self.folds,
+            "recipe": self.recipe,
+            "seconds": round(self.seconds, 1),
+            "representations": {k: strip(v) for k, v in self.representations.items()},
+        }
         if self.data_limited:
             out["data_limited"] = self.data_limited
         if self.transfer:
@@ -66,26 +78,56 @@ class EvaluationResult:
         return out
 
     def to_markdown(self) -> str:
-        lines = [f"**{self.dataset}** ({self.label_key}, {self.folds}-fold CV)", "",
-                 "| representation | accuracy | macro-F1 | balanced acc. |", "|---|---|---|---|"]
+        lines = [
+            f"**{self.dataset}** ({self.label_key}, {self.folds}-fold CV)",
+            "",
+            "| representation | accuracy | macro-F1 | balanced acc. |",
+            "|---|---|---|---|",
+        ]
         for name, m in self.representations.items():
-            lines.append(f"| {name} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |")
+            lines.append(
+                f"| {name} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |"
+            )
         if self.transfer:
-            lines += ["", "| transfer (no retraining) | accuracy | macro-F1 | balanced acc. |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "| transfer (no retraining) | accuracy | macro-F1 | balanced acc. |",
+                "|---|---|---|---|",
+            ]
             for name, m in self.transfer.items():
-                lines.append(f"| {name} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |")
+                lines.append(
+                    f"| {name} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |"
+                )
         if self.data_limited:
             sizes = sorted({int(s) for v in self.data_limited.values() for s in v})
-            lines += ["", "| macro-F1 with n reference cells per class | " + " | ".join(map(str, sizes)) + " |",
-                      "|---|" + "---|" * len(sizes)]
+            lines += [
+                "",
+                "| macro-F1 with n reference cells per class | "
+                + " | ".join(map(str, sizes))
+                + " |",
+                "|---|" + "---|" * len(sizes),
+            ]
             for name, curve in self.data_limited.items():
-                lines.append(f"| {name} | " + " | ".join(f"{curve.get(str(s), float('nan')):.3f}" for s in sizes) + " |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(f"{curve.get(str(s), float('nan')):.3f}" for s in sizes)
+                    + " |"
+                )
         first = next(iter(self.representations.values()))
         classes = list(first["per_class"])
-        lines += ["", "| per-class F1 (support) | " + " | ".join(f"{c} ({first['per_class'][c]['support']})" for c in classes) + " |",
-                  "|---|" + "---|" * len(classes)]
+        lines += [
+            "",
+            "| per-class F1 (support) | "
+            + " | ".join(f"{c} ({first['per_class'][c]['support']})" for c in classes)
+            + " |",
+            "|---|" + "---|" * len(classes),
+        ]
         for name, m in self.representations.items():
-            lines.append(f"| {name} | " + " | ".join(f"{m['per_class'][c]['f1']:.2f}" for c in classes) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{m['per_class'][c]['f1']:.2f}" for c in classes)
+                + " |"
+            )
         return "\n".join(lines)
 
 
@@ -99,12 +141,16 @@ def expression_baseline(name: str, x_train, y_train, x_test, k: int, seed: int) 
         from sklearn.neighbors import KNeighborsClassifier
 
         dense_tr, dense_te = x_train.toarray(), x_test.toarray()
-        pca = PCA(n_components=min(50, dense_tr.shape[0] - 1, dense_tr.shape[1]), random_state=seed).fit(dense_tr)
+        pca = PCA(
+            n_components=min(50, dense_tr.shape[0] - 1, dense_tr.shape[1]), random_state=seed
+        ).fit(dense_tr)
         knn = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), weights="distance")
         return knn.fit(pca.transform(dense_tr), y_train).predict(pca.transform(dense_te))
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(max_iter=2000, random_state=seed).fit(x_train, y_train).predict(x_test)
+    return (
+        LogisticRegression(max_iter=2000, random_state=seed).fit(x_train, y_train).predict(x_test)
+    )
 
 
 def _folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -114,15 +160,22 @@ def _folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.
     if counts.max() < n_folds:
         raise CellvecError(f"Every class has fewer than {n_folds} cells: use fewer --folds.")
     if counts.min() < n_folds:
-        log.info("Classes with fewer than %d cells cannot appear in every fold; they are still scored", n_folds)
+        log.info(
+            "Classes with fewer than %d cells cannot appear in every fold; they are still scored",
+            n_folds,
+        )
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+        return list(
+            StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+        )
 
 
-def _vector_knn(ref: np.ndarray, ref_y: np.ndarray, q: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+def _vector_knn(
+    ref: np.ndarray, ref_y: np.ndarray, q: np.ndarray, classes: np.ndarray, k: int
+) -> np.ndarray:
     codes = np.searchsorted(classes, ref_y)
     idx, sim = exact_knn(q, ref, k)
     return classes[vote(idx, sim, codes, len(classes)).argmax(1)]
@@ -131,18 +184,28 @@ def _vector_knn(ref: np.ndarray, ref_y: np.ndarray, q: np.ndarray, classes: np.n
 class _Representations:
     """Everything computed once per dataset, then reused by every fold."""
 
-    def __init__(self, source, genes_by_model: dict, recipe: Recipe, refine_options: dict, seed: int):
+    def __init__(
+        self, source, genes_by_model: dict, recipe: Recipe, refine_options: dict, seed: int
+    ):
         self.recipe, self.refine_options, self.seed = recipe, refine_options, seed
         self.x = source.to_csr()
         self.models = {}
         for model, genes in genes_by_model.items():
             cols, rows = match_dataset_genes(source.var_names, genes, source.path)
-            w = top_n_weights(self.x[:, cols], recipe.top_genes, recipe.weighting)  # small data: columns copied once
+            w = top_n_weights(
+                self.x[:, cols], recipe.top_genes, recipe.weighting
+            )  # small data: columns copied once
             raw = genes.vectors[rows]
             bg = fit_background(raw, recipe.background)
-            self.models[model] = {"w": w, "raw": raw, "basis": apply_background(raw, bg),
-                                  "go": genes.genes["go_terms"].to_list() if "go_terms" in genes.genes.columns else None,
-                                  "rows": rows}
+            self.models[model] = {
+                "w": w,
+                "raw": raw,
+                "basis": apply_background(raw, bg),
+                "go": genes.genes["go_terms"].to_list()
+                if "go_terms" in genes.genes.columns
+                else None,
+                "rows": rows,
+            }
 
     def vectors(self, name: str, model: str) -> tuple[np.ndarray, object, np.ndarray]:
         m = self.models[model]
@@ -151,7 +214,9 @@ class _Representations:
         elif name == "graph_baseline":
             if "graph" not in m:
                 if m["go"] is None:
-                    raise CellvecError("The gene table has no go_terms column: rebuild it with --gene2go.")
+                    raise CellvecError(
+                        "The gene table has no go_terms column: rebuild it with --gene2go."
+                    )
                 emb = go_graph_embedding([m["go"][r] for r in m["rows"]], seed=self.seed)
                 m["graph"] = apply_background(emb, fit_background(emb, self.recipe.background))
             basis = m["graph"]
@@ -159,25 +224,57 @@ class _Representations:
             basis = m["basis"]
         return normalise_rows(np.asarray(m["w"] @ basis, dtype=np.float32)), m["w"], basis
 
-    def predict(self, name: str, model: str, tr: np.ndarray, te: np.ndarray, y: np.ndarray, classes, k: int,
-                refine: str) -> np.ndarray:
+    def predict(
+        self,
+        name: str,
+        model: str,
+        tr: np.ndarray,
+        te: np.ndarray,
+        y: np.ndarray,
+        classes,
+        k: int,
+        refine: str,
+    ) -> np.ndarray:
         if name in EXPRESSION_BASELINES:
             return expression_baseline(name, self.x[tr], y[tr], self.x[te], k, self.seed)
         vecs, w, basis = self.vectors(name, model)
         refined = name in ("cellvec", "naive_mean_refined") or name.startswith("cellvec:")
         if refined and refine != "none":
-            head, _ = train_head(w[tr], basis, y[tr] if refine == "supcon" else None, mode=refine,
-                                 seed=self.seed, **self.refine_options)
+            head, _ = train_head(
+                w[tr],
+                basis,
+                y[tr] if refine == "supcon" else None,
+                mode=refine,
+                seed=self.seed,
+                **self.refine_options,
+            )
             vecs = apply_head(head, vecs)
         return _vector_knn(vecs[tr], y[tr], vecs[te], classes, k)
 
 
 def evaluate(
-    data, *, label_key: str, store, models: list[str] | None = None, top_genes: int = 200,
-    weighting: str = "value", background: str = "whiten", refine: str = "supcon", folds: int = 5, k: int = 15,
-    baselines: bool = False, data_limited: list[int] | None = None, query=None, query_label_key: str | None = None,
-    label_map: dict[str, str] | None = None, layer: str | None = None, use_raw: bool | None = None,
-    gene_column: str | None = None, transpose: bool = False, seed: int = 0, refine_options: dict | None = None,
+    data,
+    *,
+    label_key: str,
+    store,
+    models: list[str] | None = None,
+    top_genes: int = 200,
+    weighting: str = "value",
+    background: str = "whiten",
+    refine: str = "supcon",
+    folds: int = 5,
+    k: int = 15,
+    baselines: bool = False,
+    data_limited: list[int] | None = None,
+    query=None,
+    query_label_key: str | None = None,
+    label_map: dict[str, str] | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_column: str | None = None,
+    transpose: bool = False,
+    seed: int = 0,
+    refine_options: dict | None = None,
 ) -> EvaluationResult:
     """Cross-validate representations on one labelled dataset (see module docstring).
 
@@ -188,12 +285,22 @@ def evaluate(
     gs = GeneStore(store)
     models = list(models or [gs.default_model()])
     genes_by_model = {m: gs.load(m) for m in models}
-    recipe = Recipe(model=models[0], top_genes=top_genes, weighting=weighting, background=background, refine=refine)
-    source = read_expression(data, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose)
+    recipe = Recipe(
+        model=models[0],
+        top_genes=top_genes,
+        weighting=weighting,
+        background=background,
+        refine=refine,
+    )
+    source = read_expression(
+        data, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
+    )
     y = labels_of(source, label_key).astype(str)
     classes = np.unique(y)
     reps = _Representations(source, genes_by_model, recipe, refine_options or {}, seed)
-    names = (list(BASELINES) if baselines else []) + ["cellvec"] + [f"cellvec:{m}" for m in models[1:]]
+    names = (
+        (list(BASELINES) if baselines else []) + ["cellvec"] + [f"cellvec:{m}" for m in models[1:]]
+    )
     if refine == "none":
         names = [n for n in names if n != "naive_mean_refined"]
     splits = _folds(y, folds, seed)
@@ -204,7 +311,12 @@ def evaluate(
         for tr, te in splits:
             pred[te] = reps.predict(name, model, tr, te, y, classes, k, refine)
         results[name] = classification_metrics(y, pred)
-        log.info("%-20s accuracy %.3f  macro-F1 %.3f", name, results[name]["accuracy"], results[name]["macro_f1"])
+        log.info(
+            "%-20s accuracy %.3f  macro-F1 %.3f",
+            name,
+            results[name]["accuracy"],
+            results[name]["macro_f1"],
+        )
     curves: dict[str, dict[str, float]] = {}
     if data_limited:
         rng = np.random.default_rng(seed)
@@ -214,21 +326,57 @@ def evaluate(
                 pred = np.empty(len(y), dtype=object)
                 for tr, te in splits:
                     sub = np.concatenate([rng.permutation(tr[y[tr] == c])[:n_per] for c in classes])
-                    pred[te] = reps.predict(name, models[0], np.sort(sub), te, y, classes, k, refine)
+                    pred[te] = reps.predict(
+                        name, models[0], np.sort(sub), te, y, classes, k, refine
+                    )
                 curve[str(n_per)] = classification_metrics(y, pred)["macro_f1"]
             curves[name] = curve
     transfer = {}
     if query is not None:
-        transfer = _transfer(source, y, query, query_label_key or label_key, label_map, genes_by_model[models[0]],
-                             recipe, names, reps, k, seed, layer, use_raw)
+        transfer = _transfer(
+            source,
+            y,
+            query,
+            query_label_key or label_key,
+            label_map,
+            genes_by_model[models[0]],
+            recipe,
+            names,
+            reps,
+            k,
+            seed,
+            layer,
+            use_raw,
+        )
     from pathlib import Path
 
-    return EvaluationResult(dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>", label_key=label_key,
-                            folds=folds, representations=results, data_limited=curves, transfer=transfer,
-                            recipe=recipe.to_dict(), seconds=time.perf_counter() - t0)
+    return EvaluationResult(
+        dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",
+        label_key=label_key,
+        folds=folds,
+        representations=results,
+        data_limited=curves,
+        transfer=transfer,
+        recipe=recipe.to_dict(),
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def _transfer(source, y, query, query_label_key, label_map, genes, recipe, names, reps, k, seed, layer, use_raw):
+def _transfer(
+    source,
+    y,
+    query,
+    query_label_key,
+    label_map,
+    genes,
+    recipe,
+    names,
+    reps,
+    k,
+    seed,
+    layer,
+    use_raw,
+):
     """Fit on the whole reference, map the query with no retraining; metrics per representation."""
     from cellvec.cell_index.atlas import fit_encoder
 
@@ -247,12 +395,24 @@ def _transfer(source, y, query, query_label_key, label_map, genes, recipe, names
         if name in EXPRESSION_BASELINES:
             pred = expression_baseline(name, xr, y, xq, k, seed)
         elif name in ("cellvec", "cellvec_unrefined", "naive_mean"):
-            r = {"cellvec": recipe, "cellvec_unrefined": Recipe.from_dict({**recipe.to_dict(), "refine": "none"}),
-                 "naive_mean": Recipe.from_dict({**recipe.to_dict(), "refine": "none", "background": "none"})}[name]
-            enc, ref_vecs, _ = fit_encoder(source, y, genes, r, seed=seed, refine_options=reps.refine_options)
+            r = {
+                "cellvec": recipe,
+                "cellvec_unrefined": Recipe.from_dict({**recipe.to_dict(), "refine": "none"}),
+                "naive_mean": Recipe.from_dict(
+                    {**recipe.to_dict(), "refine": "none", "background": "none"}
+                ),
+            }[name]
+            enc, ref_vecs, _ = fit_encoder(
+                source, y, genes, r, seed=seed, refine_options=reps.refine_options
+            )
             pred = _vector_knn(ref_vecs, y, enc.encode(q), classes, k)
         else:
             continue
         out[name] = classification_metrics(qy, pred)
-        log.info("transfer %-18s accuracy %.3f  macro-F1 %.3f", name, out[name]["accuracy"], out[name]["macro_f1"])
+        log.info(
+            "transfer %-18s accuracy %.3f  macro-F1 %.3f",
+            name,
+            out[name]["accuracy"],
+            out[name]["macro_f1"],
+        )
     return out

@@ -20,12 +20,21 @@ from cellvec.errors import CellvecError
 from cellvec.gene_store.embedders.base import normalise_rows
 
 
-def explain_subtype(atlas: Atlas, subtype: str, reference, *, label_key: str | None = None, n_genes: int = 20,
-                    n_texts: int = 10) -> dict:
+def explain_subtype(
+    atlas: Atlas,
+    subtype: str,
+    reference,
+    *,
+    label_key: str | None = None,
+    n_genes: int = 20,
+    n_texts: int = 10,
+) -> dict:
     """Top contributing genes and nearest gene texts of `subtype` (uses the unrefined gene space)."""
     label_key = label_key or atlas.meta["label_key"]
     if subtype not in set(atlas.labels.astype(str)):
-        raise CellvecError(f"Atlas {atlas.name!r} has no subtype {subtype!r}; it has: {', '.join(atlas.classes[:30])}.")
+        raise CellvecError(
+            f"Atlas {atlas.name!r} has no subtype {subtype!r}; it has: {', '.join(atlas.classes[:30])}."
+        )
     enc = atlas.encoder()
     src = read_expression(reference)
     if label_key not in src.obs.columns:
@@ -35,31 +44,56 @@ def explain_subtype(atlas: Atlas, subtype: str, reference, *, label_key: str | N
         raise CellvecError(f"{src.path}: no cell labelled {subtype!r} in {label_key!r}.")
     basis = enc.basis(src.var_names, src.path)
     sub = src.subset(mask)
-    w = top_n_weights(sub.to_csr(), enc.recipe.top_genes, enc.recipe.weighting, col_mask=basis.mask)[:, basis.columns]
+    w = top_n_weights(
+        sub.to_csr(), enc.recipe.top_genes, enc.recipe.weighting, col_mask=basis.mask
+    )[:, basis.columns]
     mean_w = np.asarray(w.mean(axis=0)).ravel()
     centroid = normalise_rows((mean_w @ basis.vectors)[None, :])[0]
     contrib = mean_w * (normalise_rows(basis.vectors) @ centroid)
     top = np.argsort(-contrib)[:n_genes]
     genes = enc.genes.genes
-    drivers = [{"symbol": genes["symbol"][int(basis.rows[i])], "mean_weight": float(mean_w[i]),
-                "contribution": float(contrib[i])} for i in top if contrib[i] > 0]
+    drivers = [
+        {
+            "symbol": genes["symbol"][int(basis.rows[i])],
+            "mean_weight": float(mean_w[i]),
+            "contribution": float(contrib[i]),
+        }
+        for i in top
+        if contrib[i] > 0
+    ]
     # nearest gene texts in the raw store space (cosine to the raw-vector centroid)
     raw_centroid = normalise_rows((mean_w @ enc.genes.vectors[basis.rows])[None, :])[0]
     sims = enc.genes.vectors @ raw_centroid
     near = np.argsort(-sims)[:n_texts]
-    texts = [{"symbol": genes["symbol"][int(i)], "similarity": float(sims[i]),
-              "go_terms": (genes["go_terms"][int(i)].to_list()[:8] if "go_terms" in genes.columns else [])}
-             for i in near]
-    return {"atlas": atlas.name, "subtype": subtype, "n_cells": int(mask.sum()), "drivers": drivers,
-            "nearest_gene_texts": texts}
+    texts = [
+        {
+            "symbol": genes["symbol"][int(i)],
+            "similarity": float(sims[i]),
+            "go_terms": (
+                genes["go_terms"][int(i)].to_list()[:8] if "go_terms" in genes.columns else []
+            ),
+        }
+        for i in near
+    ]
+    return {
+        "atlas": atlas.name,
+        "subtype": subtype,
+        "n_cells": int(mask.sum()),
+        "drivers": drivers,
+        "nearest_gene_texts": texts,
+    }
 
 
-def score_direction(atlas: Atlas, scores: dict[str, float]) -> tuple[np.ndarray, pl.DataFrame, dict]:
+def score_direction(
+    atlas: Atlas, scores: dict[str, float]
+) -> tuple[np.ndarray, pl.DataFrame, dict]:
     """(direction, per-cell positions, fit report) for a per-subtype score."""
     known = [s for s in scores if s in set(atlas.labels.astype(str))]
     if len(known) < 3:
-        raise CellvecError(f"Need scores for at least 3 subtypes of atlas {atlas.name!r}; matched {len(known)}: "
-                           f"{', '.join(known) or 'none'}.")
+        raise CellvecError(
+            f"Need scores for at least 3 subtypes of atlas {atlas.name!r}; matched {len(known)}: "
+            f"{', '.join(known) or 'none'}."
+        )
     labels = atlas.labels.astype(str)
     cents = np.stack([atlas.vectors[labels == s].mean(0) for s in known])
     target = np.array([scores[s] for s in known], dtype=np.float64)
@@ -71,6 +105,15 @@ def score_direction(atlas: Atlas, scores: dict[str, float]) -> tuple[np.ndarray,
     pos = (atlas.vectors - cents.mean(0)) @ d
     per_type = {s: float(pos[labels == s].mean()) for s in known}
     r = float(np.corrcoef([per_type[s] for s in known], target)[0, 1])
-    cells = pl.DataFrame({"cell_id": atlas.cell_ids.astype(str).tolist(), "label": labels.tolist(),
-                          "position": pos.astype(np.float64)})
-    return d.astype(np.float32), cells, {"subtypes": known, "pearson_r": r, "mean_position": per_type}
+    cells = pl.DataFrame(
+        {
+            "cell_id": atlas.cell_ids.astype(str).tolist(),
+            "label": labels.tolist(),
+            "position": pos.astype(np.float64),
+        }
+    )
+    return (
+        d.astype(np.float32),
+        cells,
+        {"subtypes": known, "pearson_r": r, "mean_position": per_type},
+    )

@@ -16,7 +16,9 @@ from cellvec.errors import StoreError
 from cellvec.gene_store.embedders.base import normalise_rows
 
 
-def go_graph_embedding(go_terms: list[list[str] | None], dim: int = 128, seed: int = 0) -> np.ndarray:
+def go_graph_embedding(
+    go_terms: list[list[str] | None], dim: int = 128, seed: int = 0
+) -> np.ndarray:
     """Gene vectors (genes x dim, unit length; genes without GO terms are zero)."""
     from sklearn.decomposition import TruncatedSVD
 
@@ -27,8 +29,12 @@ def go_graph_embedding(go_terms: list[list[str] | None], dim: int = 128, seed: i
             rows.append(i)
             cols.append(vocab.setdefault(t, len(vocab)))
     if not vocab:
-        raise StoreError("The gene table has no GO terms (build it with --gene2go) for the graph baseline.")
-    b = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(go_terms), len(vocab)))
+        raise StoreError(
+            "The gene table has no GO terms (build it with --gene2go) for the graph baseline."
+        )
+    b = sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rows, cols)), shape=(len(go_terms), len(vocab))
+    )
     dg = np.asarray(b.sum(1)).ravel()
     dt = np.asarray(b.sum(0)).ravel()
     norm = sp.diags(1 / np.sqrt(np.maximum(dg, 1))) @ b @ sp.diags(1 / np.sqrt(np.maximum(dt, 1)))

@@ -47,7 +47,9 @@ def build_index(ref: np.ndarray) -> FlatIndex | IVFIndex:
 class IVFIndex:
     """A faiss IVF-Flat index over unit vectors (inner product)."""
 
-    def __init__(self, ref: np.ndarray, *, nlist: int | None = None, nprobe: int = 64, seed: int = 0):
+    def __init__(
+        self, ref: np.ndarray, *, nlist: int | None = None, nprobe: int = 64, seed: int = 0
+    ):
         import faiss
 
         n, d = ref.shape
@@ -65,11 +67,15 @@ class IVFIndex:
         return idx.astype(np.int64), sim
 
 
-def knn(query: np.ndarray, ref: np.ndarray, k: int, *, index: FlatIndex | IVFIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn(
+    query: np.ndarray, ref: np.ndarray, k: int, *, index: FlatIndex | IVFIndex | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     return (index or build_index(ref)).search(query, k)
 
 
-def vote(neigh_idx: np.ndarray, neigh_sim: np.ndarray, ref_codes: np.ndarray, n_classes: int) -> np.ndarray:
+def vote(
+    neigh_idx: np.ndarray, neigh_sim: np.ndarray, ref_codes: np.ndarray, n_classes: int
+) -> np.ndarray:
     """Distance-weighted class scores (rows sum to 1): weight = 1 / (cosine distance + 0.01)."""
     valid = neigh_idx >= 0
     w = np.where(valid, 1.0 / (1.0 - np.clip(neigh_sim, -1, 1) + 0.01), 0.0)

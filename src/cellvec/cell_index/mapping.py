@@ -43,21 +43,30 @@ class MappingResult:
         """One row per cell: cell_id, cellvec_label, cellvec_confidence, [truth], score_<class>..."""
         import polars as pl
 
-        cols = {"cell_id": self.cell_ids, "cellvec_label": self.labels.astype(str).tolist(),
-                "cellvec_confidence": self.confidence.astype(np.float64),
-                "nearest_similarity": self.neighbour_similarity.astype(np.float64)}
+        cols = {
+            "cell_id": self.cell_ids,
+            "cellvec_label": self.labels.astype(str).tolist(),
+            "cellvec_confidence": self.confidence.astype(np.float64),
+            "nearest_similarity": self.neighbour_similarity.astype(np.float64),
+        }
         if self.truth is not None:
             cols["truth"] = self.truth.astype(str).tolist()
         df = pl.DataFrame(cols)
         if scores:
-            df = df.with_columns([pl.Series(f"score_{c}", self.scores[:, i].astype(np.float64))
-                                  for i, c in enumerate(self.classes)])
+            df = df.with_columns(
+                [
+                    pl.Series(f"score_{c}", self.scores[:, i].astype(np.float64))
+                    for i, c in enumerate(self.classes)
+                ]
+            )
         return df
 
     def to_anndata(self):
         """The query AnnData with obs['cellvec_label'], obs['cellvec_confidence'], obsm['X_cellvec']."""
         if self.source is None or self.source._adata is None:
-            raise CellvecError("This mapping has no query AnnData attached; use to_polars() instead.")
+            raise CellvecError(
+                "This mapping has no query AnnData attached; use to_polars() instead."
+            )
         adata = self.source._adata
         if getattr(adata, "isbacked", False):
             adata = adata.to_memory()
@@ -68,9 +77,13 @@ class MappingResult:
         adata.obs["cellvec_confidence"] = self.confidence.astype(np.float32)
         adata.obsm["X_cellvec"] = self.vectors
         adata.obsm["cellvec_scores"] = self.scores.astype(np.float32)
-        adata.uns["cellvec"] = {"atlas": self.atlas, "k": self.k, "min_confidence": self.min_confidence,
-                                "classes": self.classes.astype(str).tolist(),
-                                "recipe": {k: ("" if v is None else v) for k, v in self.recipe.items()}}
+        adata.uns["cellvec"] = {
+            "atlas": self.atlas,
+            "k": self.k,
+            "min_confidence": self.min_confidence,
+            "classes": self.classes.astype(str).tolist(),
+            "recipe": {k: ("" if v is None else v) for k, v in self.recipe.items()},
+        }
         return adata
 
     def write(self, path: str | Path) -> Path:
@@ -97,25 +110,48 @@ class MappingResult:
 
         from cellvec.gene_store.store import GeneStore, replace_table
 
-        tbl = self.to_polars(scores=False).with_columns(pl.lit(self.atlas).alias("atlas")).to_arrow()
+        tbl = (
+            self.to_polars(scores=False).with_columns(pl.lit(self.atlas).alias("atlas")).to_arrow()
+        )
         dim = self.vectors.shape[1]
-        tbl = tbl.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel()), dim))
+        tbl = tbl.append_column(
+            "vector", pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel()), dim)
+        )
         replace_table(GeneStore(store).db, f"mapping_{name}", tbl)
         return f"mapping_{name}"
 
     def summary(self) -> dict:
-        out = {"atlas": self.atlas, "n_cells": len(self.cell_ids), "k": self.k, "seconds": round(self.seconds, 2),
-               "unassigned_fraction": float((self.labels == UNASSIGNED).mean()) if len(self.labels) else 0.0,
-               "label_counts": {str(c): int(n) for c, n in zip(*np.unique(self.labels.astype(str), return_counts=True))}}
+        out = {
+            "atlas": self.atlas,
+            "n_cells": len(self.cell_ids),
+            "k": self.k,
+            "seconds": round(self.seconds, 2),
+            "unassigned_fraction": float((self.labels == UNASSIGNED).mean())
+            if len(self.labels)
+            else 0.0,
+            "label_counts": {
+                str(c): int(n)
+                for c, n in zip(*np.unique(self.labels.astype(str), return_counts=True))
+            },
+        }
         if self.metrics:
             out.update(self.metrics)
         return out
 
 
 def map_cells(
-    query, atlas: Atlas | str, *, store: str | Path | None = None, k: int = 15, min_confidence: float = 0.0,
-    truth_key: str | None = None, label_map: dict[str, str] | None = None, layer: str | None = None,
-    use_raw: bool | None = None, gene_column: str | None = None, recipe: Recipe | dict | None = None,
+    query,
+    atlas: Atlas | str,
+    *,
+    store: str | Path | None = None,
+    k: int = 15,
+    min_confidence: float = 0.0,
+    truth_key: str | None = None,
+    label_map: dict[str, str] | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_column: str | None = None,
+    recipe: Recipe | dict | None = None,
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
 
@@ -128,7 +164,11 @@ def map_cells(
             raise CellvecError("map_cells needs store= when the atlas is given by name.")
         atlas = Atlas.open(store, atlas)
     if recipe is not None:
-        expected = recipe if isinstance(recipe, Recipe) else Recipe.from_dict({**atlas.recipe.to_dict(), **recipe})
+        expected = (
+            recipe
+            if isinstance(recipe, Recipe)
+            else Recipe.from_dict({**atlas.recipe.to_dict(), **recipe})
+        )
         atlas.recipe.require_same(expected, atlas.name)
     if k < 1:
         raise CellvecError(f"k must be at least 1, got {k}.")
@@ -154,15 +194,37 @@ def map_cells(
     if truth is not None:
         missing = sorted(set(truth) - set(classes))
         if missing:
-            log.warning("Query labels not in atlas %s (they cannot be right): %s", atlas.name, ", ".join(missing[:10]))
+            log.warning(
+                "Query labels not in atlas %s (they cannot be right): %s",
+                atlas.name,
+                ", ".join(missing[:10]),
+            )
         metrics = classification_metrics(truth, labels)
     secs = time.perf_counter() - t0
-    log.info("Mapped %s cells onto %s in %.1f s (%.1f%% unassigned)", f"{len(labels):,}", atlas.name, secs,
-             100 * float((labels == UNASSIGNED).mean()))
-    return MappingResult(atlas=atlas.name, cell_ids=source.obs_names, labels=labels, confidence=conf,
-                         classes=classes, scores=scores, vectors=q, neighbour_similarity=sim[:, 0],
-                         recipe=atlas.recipe.to_dict(), k=k, min_confidence=min_confidence, truth=truth,
-                         metrics=metrics, seconds=secs, source=source)
+    log.info(
+        "Mapped %s cells onto %s in %.1f s (%.1f%% unassigned)",
+        f"{len(labels):,}",
+        atlas.name,
+        secs,
+        100 * float((labels == UNASSIGNED).mean()),
+    )
+    return MappingResult(
+        atlas=atlas.name,
+        cell_ids=source.obs_names,
+        labels=labels,
+        confidence=conf,
+        classes=classes,
+        scores=scores,
+        vectors=q,
+        neighbour_similarity=sim[:, 0],
+        recipe=atlas.recipe.to_dict(),
+        k=k,
+        min_confidence=min_confidence,
+        truth=truth,
+        metrics=metrics,
+        seconds=secs,
+        source=source,
+    )
 
 
 def read_label_map(path: str | Path) -> dict[str, str]:

@@ -28,8 +28,10 @@ def classification_metrics(truth, predicted) -> dict:
         "accuracy": float((t == p).mean()) if len(t) else 0.0,
         "macro_f1": float(np.mean(f1)) if len(f1) else 0.0,
         "balanced_accuracy": float(balanced_accuracy_score(t, p)) if len(t) else 0.0,
-        "per_class": {c: {"precision": float(a), "recall": float(b), "f1": float(f), "support": int(s)}
-                      for c, a, b, f, s in zip(classes, prec, rec, f1, sup)},
+        "per_class": {
+            c: {"precision": float(a), "recall": float(b), "f1": float(f), "support": int(s)}
+            for c, a, b, f, s in zip(classes, prec, rec, f1, sup)
+        },
         "n_cells": int(len(t)),
         "unassigned_fraction": float((p == UNASSIGNED).mean()) if len(p) else 0.0,
         "confusion": {"true": classes, "predicted": pred_labels, "matrix": cm.tolist()},
@@ -40,8 +42,12 @@ def metrics_table(metrics: dict) -> str:
     """A plain-text per-class table for the terminal."""
     lines = [f"{'class':<28}{'precision':>10}{'recall':>8}{'f1':>7}{'support':>9}"]
     for c, m in metrics["per_class"].items():
-        lines.append(f"{c[:27]:<28}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['support']:>9d}")
-    lines.append(f"accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
-                 f"balanced accuracy {metrics['balanced_accuracy']:.3f}  n={metrics['n_cells']:,}  "
-                 f"unassigned {metrics['unassigned_fraction']:.1%}")
+        lines.append(
+            f"{c[:27]:<28}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['support']:>9d}"
+        )
+    lines.append(
+        f"accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
+        f"balanced accuracy {metrics['balanced_accuracy']:.3f}  n={metrics['n_cells']:,}  "
+        f"unassigned {metrics['unassigned_fraction']:.1%}"
+    )
     return "\n".join(lines)

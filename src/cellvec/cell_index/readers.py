@@ -46,7 +46,7 @@ class ExpressionSource:
     _cols: np.ndarray | None = field(default=None, repr=False)  # kept gene columns
     _rows: np.ndarray | None = field(default=None, repr=False)  # kept cell rows
     _adata: object = field(default=None, repr=False)
-    validated: bool = True   # False: values are checked chunk by chunk as they stream (backed files)
+    validated: bool = True  # False: values are checked chunk by chunk as they stream (backed files)
 
     @property
     def n_obs(self) -> int:
@@ -56,14 +56,16 @@ class ExpressionSource:
     def obs_names(self) -> list[str]:
         return self.obs.index.astype(str).tolist()
 
-    def chunks(self, size: int = 20_000, *, as_stored: bool = False) -> Iterator[tuple[slice, sp.csr_matrix]]:
+    def chunks(
+        self, size: int = 20_000, *, as_stored: bool = False
+    ) -> Iterator[tuple[slice, sp.csr_matrix]]:
         """Yield (slice into obs, log-normalised float32 CSR) over all kept cells.
 
         `as_stored=True` yields the values as stored (counts stay counts), for validation.
         """
         rows = self._rows if self._rows is not None else np.arange(self.n_obs)
         for start in range(0, len(rows), size):
-            sel = rows[start:start + size]
+            sel = rows[start : start + size]
             lo, hi = int(sel[0]), int(sel[-1]) + 1
             block = _to_csr(self._matrix[lo:hi])
             if len(sel) != hi - lo:
@@ -72,18 +74,34 @@ class ExpressionSource:
                 block = block[:, self._cols]
             if not self.validated:
                 _check_block(block, self.path, lo, hi, self.kind)
-            yield slice(start, start + len(sel)), block if as_stored else _as_lognorm(block, self.kind, self.path)
+            yield (
+                slice(start, start + len(sel)),
+                block if as_stored else _as_lognorm(block, self.kind, self.path),
+            )
 
     def subset(self, mask: np.ndarray) -> ExpressionSource:
         """The same source restricted to the cells where `mask` is true (no copy of data)."""
         rows = self._rows if self._rows is not None else np.arange(self.n_obs)
-        return ExpressionSource(self.path, self.obs[mask], self.var_names, self.kind, self._matrix,
-                                self._cols, rows[np.asarray(mask)], self._adata, self.validated)
+        return ExpressionSource(
+            self.path,
+            self.obs[mask],
+            self.var_names,
+            self.kind,
+            self._matrix,
+            self._cols,
+            rows[np.asarray(mask)],
+            self._adata,
+            self.validated,
+        )
 
     def to_csr(self) -> sp.csr_matrix:
         """All kept cells as one log-normalised CSR matrix (for small data and baselines)."""
         parts = [c for _, c in self.chunks()]
-        return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(self.var_names)), dtype=np.float32)
+        return (
+            sp.vstack(parts, format="csr")
+            if parts
+            else sp.csr_matrix((0, len(self.var_names)), dtype=np.float32)
+        )
 
 
 def _to_csr(x) -> sp.csr_matrix:
@@ -126,8 +144,13 @@ def detect_kind(sample: sp.csr_matrix, where: str) -> str:
 
 
 def read_expression(
-    data, *, layer: str | None = None, use_raw: bool | None = None, transpose: bool = False,
-    backed: bool | None = None, gene_column: str | None = None,
+    data,
+    *,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    transpose: bool = False,
+    backed: bool | None = None,
+    gene_column: str | None = None,
 ) -> ExpressionSource:
     """Open expression data (a path or an AnnData) as an `ExpressionSource`."""
     import anndata as ad
@@ -166,7 +189,9 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
     raw = getattr(adata, "raw", None)
     if layer is not None:
         if layer not in adata.layers:
-            raise InputFormatError(f"{where}: no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'}).")
+            raise InputFormatError(
+                f"{where}: no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'})."
+            )
         matrix, var = adata.layers[layer], adata.var
     elif use_raw:
         if raw is None:
@@ -175,7 +200,9 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
     else:
         matrix, var = adata.X, adata.var
     if matrix is None:
-        raise InputFormatError(f"{where}: the expression matrix is empty (X is None); name a --layer.")
+        raise InputFormatError(
+            f"{where}: the expression matrix is empty (X is None); name a --layer."
+        )
     n = adata.n_obs
     kind = detect_kind(_to_csr(matrix[: min(n, 2000)]), where) if n else LOGNORM
     if kind == SCALED:
@@ -183,7 +210,9 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
             raw_sample = _to_csr(raw.X[: min(n, 2000)])
             raw_kind = detect_kind(raw_sample, f"{where} (.raw)")
             if raw_kind != SCALED:
-                log.info("%s: X holds scaled values (negative entries); using .raw (%s)", where, raw_kind)
+                log.info(
+                    "%s: X holds scaled values (negative entries); using .raw (%s)", where, raw_kind
+                )
                 return _from_anndata(adata, where, None, True, gene_column)
         raise InputFormatError(
             f"{where}: the expression values are scaled (negative entries), so the most-expressed genes "
@@ -195,11 +224,17 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
             f"{where}: no var column {gene_column!r} for gene names (var columns: "
             f"{', '.join(map(str, var.columns)) or 'none'}); leave --gene-column out to use var_names."
         )
-    names = var[gene_column].astype(str).to_numpy() if gene_column else np.asarray(var.index.astype(str))
+    names = (
+        var[gene_column].astype(str).to_numpy()
+        if gene_column
+        else np.asarray(var.index.astype(str))
+    )
     cols = None
     dup = pd.Index(names).duplicated()
     if dup.any():
-        log.warning("%s: %d duplicated gene names; keeping the first of each", where, int(dup.sum()))
+        log.warning(
+            "%s: %d duplicated gene names; keeping the first of each", where, int(dup.sum())
+        )
         cols = np.flatnonzero(~dup)
         names = names[cols]
     obs = adata.obs.copy()
@@ -211,13 +246,17 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
         src.validated = False
     else:
         src = _drop_empty_and_check(src, where)
-    log.info("%s: %s cells x %s genes (%s)", where, f"{src.n_obs:,}", f"{len(src.var_names):,}", kind)
+    log.info(
+        "%s: %s cells x %s genes (%s)", where, f"{src.n_obs:,}", f"{len(src.var_names):,}", kind
+    )
     return src
 
 
 def _check_block(block: sp.csr_matrix, where: str, start: int, stop: int, kind: str) -> None:
     if block.data.size and not np.isfinite(block.data).all():
-        raise InputFormatError(f"{where}: NaN/inf values in cells {start}-{stop}; remove or impute them.")
+        raise InputFormatError(
+            f"{where}: NaN/inf values in cells {start}-{stop}; remove or impute them."
+        )
     if block.data.size and (block.data < 0).any():
         raise InputFormatError(
             f"{where}: negative values among cells {start}-{stop} of a {kind} matrix; "
@@ -257,15 +296,22 @@ def read_10x_mtx(path: Path):
             f"{path}: not a 10x matrix directory; it needs matrix.mtx, features.tsv (or genes.tsv) "
             "and barcodes.tsv (optionally gzipped)."
         )
-    m = scipy.io.mmread(str(mtx)).tocsr().T.tocsr().astype(np.float32)  # genes x cells -> cells x genes
+    m = (
+        scipy.io.mmread(str(mtx)).tocsr().T.tocsr().astype(np.float32)
+    )  # genes x cells -> cells x genes
     f = pd.read_csv(feats, sep="\t", header=None)
     b = pd.read_csv(bcs, sep="\t", header=None)
     if m.shape != (len(b), len(f)):
-        raise InputFormatError(f"{path}: matrix is {m.shape[1]} x {m.shape[0]} but has {len(f)} features and {len(b)} barcodes.")
+        raise InputFormatError(
+            f"{path}: matrix is {m.shape[1]} x {m.shape[0]} but has {len(f)} features and {len(b)} barcodes."
+        )
     if f.shape[1] >= 3:
         keep = f[2].astype(str).str.contains("Gene Expression").to_numpy()
         m, f = m[:, keep], f[keep]
-    var = pd.DataFrame({"gene_ids": f[0].astype(str).to_numpy()}, index=f[1 if f.shape[1] > 1 else 0].astype(str).to_numpy())
+    var = pd.DataFrame(
+        {"gene_ids": f[0].astype(str).to_numpy()},
+        index=f[1 if f.shape[1] > 1 else 0].astype(str).to_numpy(),
+    )
     return ad.AnnData(m, obs=pd.DataFrame(index=b[0].astype(str).to_numpy()), var=var)
 
 
@@ -281,21 +327,31 @@ def read_10x_h5(path: Path):
     with f:
         grp = f["matrix"] if "matrix" in f else (f[next(iter(f.keys()))] if len(f.keys()) else None)
         if grp is None or not {"data", "indices", "indptr", "shape"} <= set(grp.keys()):
-            raise InputFormatError(f"{path}: not a 10x Cell Ranger matrix .h5 (no data/indices/indptr/shape).")
+            raise InputFormatError(
+                f"{path}: not a 10x Cell Ranger matrix .h5 (no data/indices/indptr/shape)."
+            )
         n_genes, n_cells = (int(x) for x in grp["shape"][:])
-        m = sp.csc_matrix((grp["data"][:].astype(np.float32), grp["indices"][:], grp["indptr"][:]),
-                          shape=(n_genes, n_cells)).T.tocsr()
+        m = sp.csc_matrix(
+            (grp["data"][:].astype(np.float32), grp["indices"][:], grp["indptr"][:]),
+            shape=(n_genes, n_cells),
+        ).T.tocsr()
         if "features" in grp:
             names = grp["features/name"][:].astype(str)
             ids = grp["features/id"][:].astype(str)
-            ftype = grp["features/feature_type"][:].astype(str) if "feature_type" in grp["features"] else None
+            ftype = (
+                grp["features/feature_type"][:].astype(str)
+                if "feature_type" in grp["features"]
+                else None
+            )
         else:
             names, ids, ftype = grp["gene_names"][:].astype(str), grp["genes"][:].astype(str), None
         barcodes = grp["barcodes"][:].astype(str)
     if ftype is not None:
         keep = ftype == "Gene Expression"
         m, names, ids = m[:, keep], names[keep], ids[keep]
-    return ad.AnnData(m, obs=pd.DataFrame(index=barcodes), var=pd.DataFrame({"gene_ids": ids}, index=names))
+    return ad.AnnData(
+        m, obs=pd.DataFrame(index=barcodes), var=pd.DataFrame({"gene_ids": ids}, index=names)
+    )
 
 
 def read_table(path: Path, *, transpose: bool = False):
@@ -306,7 +362,9 @@ def read_table(path: Path, *, transpose: bool = False):
     try:
         df = pd.read_csv(path, sep=sep, index_col=0)
     except (ValueError, pd.errors.ParserError) as e:
-        raise InputFormatError(f"{path}: cannot parse as a {'CSV' if sep == ',' else 'TSV'} table ({e}).") from e
+        raise InputFormatError(
+            f"{path}: cannot parse as a {'CSV' if sep == ',' else 'TSV'} table ({e})."
+        ) from e
     if transpose:
         df = df.T
     nonnum = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
@@ -315,8 +373,11 @@ def read_table(path: Path, *, transpose: bool = False):
             f"{path}: non-numeric column(s) {', '.join(map(str, nonnum[:5]))}; the table must be cells x genes "
             "with a first column of cell ids (use --transpose for genes x cells)."
         )
-    return ad.AnnData(sp.csr_matrix(df.to_numpy(dtype=np.float32)),
-                      obs=pd.DataFrame(index=df.index.astype(str)), var=pd.DataFrame(index=df.columns.astype(str)))
+    return ad.AnnData(
+        sp.csr_matrix(df.to_numpy(dtype=np.float32)),
+        obs=pd.DataFrame(index=df.index.astype(str)),
+        var=pd.DataFrame(index=df.columns.astype(str)),
+    )
 
 
 def read_parquet(path: Path):
@@ -330,14 +391,33 @@ def read_parquet(path: Path):
         cell, gene, value = cols["cell"], cols["gene"], cols["value"]
         cells = df[cell].cast(pl.String).unique(maintain_order=True)
         genes = df[gene].cast(pl.String).unique(maintain_order=True)
-        ci = df[cell].cast(pl.String).replace_strict(cells, pl.int_range(len(cells), eager=True)).to_numpy()
-        gi = df[gene].cast(pl.String).replace_strict(genes, pl.int_range(len(genes), eager=True)).to_numpy()
-        m = sp.coo_matrix((df[value].cast(pl.Float32).to_numpy(), (ci, gi)), shape=(len(cells), len(genes))).tocsr()
+        ci = (
+            df[cell]
+            .cast(pl.String)
+            .replace_strict(cells, pl.int_range(len(cells), eager=True))
+            .to_numpy()
+        )
+        gi = (
+            df[gene]
+            .cast(pl.String)
+            .replace_strict(genes, pl.int_range(len(genes), eager=True))
+            .to_numpy()
+        )
+        m = sp.coo_matrix(
+            (df[value].cast(pl.Float32).to_numpy(), (ci, gi)), shape=(len(cells), len(genes))
+        ).tocsr()
         m.sum_duplicates()
-        return ad.AnnData(m, obs=pd.DataFrame(index=cells.to_list()), var=pd.DataFrame(index=genes.to_list()))
+        return ad.AnnData(
+            m, obs=pd.DataFrame(index=cells.to_list()), var=pd.DataFrame(index=genes.to_list())
+        )
     idcol = next((c for c in df.columns if not df.schema[c].is_numeric()), None)
     if idcol is None:
-        raise InputFormatError(f"{path}: wide parquet needs a string cell-id column; long parquet needs cell, gene, value.")
+        raise InputFormatError(
+            f"{path}: wide parquet needs a string cell-id column; long parquet needs cell, gene, value."
+        )
     num = [c for c in df.columns if c != idcol]
-    return ad.AnnData(sp.csr_matrix(df.select(num).to_numpy().astype(np.float32)),
-                      obs=pd.DataFrame(index=df[idcol].cast(pl.String).to_list()), var=pd.DataFrame(index=num))
+    return ad.AnnData(
+        sp.csr_matrix(df.select(num).to_numpy().astype(np.float32)),
+        obs=pd.DataFrame(index=df[idcol].cast(pl.String).to_list()),
+        var=pd.DataFrame(index=num),
+    )

@@ -43,9 +43,15 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
-        for name, allowed in (("weighting", WEIGHTINGS), ("background", BACKGROUNDS), ("refine", REFINES)):
+        for name, allowed in (
+            ("weighting", WEIGHTINGS),
+            ("background", BACKGROUNDS),
+            ("refine", REFINES),
+        ):
             if getattr(self, name) not in allowed:
-                raise CellvecError(f"Unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
+                raise CellvecError(
+                    f"Unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}."
+                )
         if self.top_genes < 1:
             raise CellvecError(f"top_genes must be at least 1, got {self.top_genes}.")
 
@@ -58,8 +64,11 @@ class Recipe:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def differences(self, other: Recipe) -> list[str]:
-        return [f"{f.name}: atlas {getattr(self, f.name)!r} vs query {getattr(other, f.name)!r}"
-                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        return [
+            f"{f.name}: atlas {getattr(self, f.name)!r} vs query {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     def require_same(self, other: Recipe, atlas: str) -> None:
         diff = self.differences(other)

@@ -33,8 +33,14 @@ def apply_head(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return normalise_rows(out.astype(np.float32, copy=False))
 
 
-def augment(w: sp.csr_matrix, basis: np.ndarray, rng: np.random.Generator, *, dropout: float = 0.2,
-            noise: float = 0.25) -> np.ndarray:
+def augment(
+    w: sp.csr_matrix,
+    basis: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    dropout: float = 0.2,
+    noise: float = 0.25,
+) -> np.ndarray:
     """An augmented view: drop genes, jitter weights, re-aggregate, normalise."""
     data = w.data * rng.lognormal(0.0, noise, size=w.data.shape).astype(np.float32)
     data = data * (rng.random(w.data.shape) >= dropout)
@@ -68,10 +74,23 @@ def _knn_macro_f1(ref, ref_y, q, q_y, k=15) -> float:
 
 
 def train_head(
-    w: sp.csr_matrix, basis: np.ndarray, labels: np.ndarray | None, *, mode: str = "supcon",
-    out_dim: int = 128, hidden: int = 512, epochs: int = 60, batch_size: int = 256,
-    temperature: float = 0.1, lr: float = 1e-3, patience: int = 8, val_fraction: float = 0.1,
-    seed: int = 0, device: str | None = None, max_steps_per_epoch: int = 200, max_val_reference: int = 20_000,
+    w: sp.csr_matrix,
+    basis: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    mode: str = "supcon",
+    out_dim: int = 128,
+    hidden: int = 512,
+    epochs: int = 60,
+    batch_size: int = 256,
+    temperature: float = 0.1,
+    lr: float = 1e-3,
+    patience: int = 8,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: str | None = None,
+    max_steps_per_epoch: int = 200,
+    max_val_reference: int = 20_000,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Train a refinement head; returns (arrays for `apply_head`, training report).
 
@@ -106,7 +125,9 @@ def train_head(
     p = 1.0 / counts[y[tr]] if supervised else np.ones(len(tr))
     p = p / p.sum()
 
-    model = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out_dim)).to(device)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out_dim)
+    ).to(device)
     skip = torch.nn.Linear(d, out_dim, bias=False).to(device)
     params = list(model.parameters()) + list(skip.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -116,13 +137,25 @@ def train_head(
 
     def snapshot():
         lin1, lin2 = model[0], model[2]
-        return {"w1": lin1.weight.detach().cpu().numpy().T.copy(), "b1": lin1.bias.detach().cpu().numpy().copy(),
-                "w2": lin2.weight.detach().cpu().numpy().T.copy(), "b2": lin2.bias.detach().cpu().numpy().copy(),
-                "skip": skip.weight.detach().cpu().numpy().T.copy()}
+        return {
+            "w1": lin1.weight.detach().cpu().numpy().T.copy(),
+            "b1": lin1.bias.detach().cpu().numpy().copy(),
+            "w2": lin2.weight.detach().cpu().numpy().T.copy(),
+            "b2": lin2.bias.detach().cpu().numpy().copy(),
+            "skip": skip.weight.detach().cpu().numpy().T.copy(),
+        }
 
     steps = min(max_steps_per_epoch, max(1, int(np.ceil(len(tr) / batch_size))))
-    val_ref = tr if len(tr) <= max_val_reference else np.sort(rng.choice(tr, max_val_reference, replace=False))
-    va = va if len(va) <= max_val_reference // 2 else np.sort(rng.choice(va, max_val_reference // 2, replace=False))
+    val_ref = (
+        tr
+        if len(tr) <= max_val_reference
+        else np.sort(rng.choice(tr, max_val_reference, replace=False))
+    )
+    va = (
+        va
+        if len(va) <= max_val_reference // 2
+        else np.sort(rng.choice(va, max_val_reference // 2, replace=False))
+    )
     best, best_score, since, history = None, -np.inf, 0, []
     with progress(total=epochs, desc=f"refine ({mode})", unit="epoch") as bar:
         for epoch in range(epochs):
@@ -133,8 +166,11 @@ def train_head(
                 v1 = torch.from_numpy(augment(w[b], basis, rng)).to(device)
                 v2 = torch.from_numpy(augment(w[b], basis, rng)).to(device)
                 z = forward(torch.cat([v1, v2]))
-                lab = torch.from_numpy(np.concatenate([y[b], y[b]]) if supervised
-                                       else np.concatenate([np.arange(len(b))] * 2)).to(device)
+                lab = torch.from_numpy(
+                    np.concatenate([y[b], y[b]])
+                    if supervised
+                    else np.concatenate([np.arange(len(b))] * 2)
+                ).to(device)
                 loss = _contrastive_loss(z, lab, temperature)
                 opt.zero_grad()
                 loss.backward()
@@ -145,15 +181,21 @@ def train_head(
                 if len(va) and supervised:
                     idx = np.concatenate([val_ref, va])
                     emb = forward(torch.from_numpy(clean[idx]).to(device)).cpu().numpy()
-                    score = _knn_macro_f1(emb[: len(val_ref)], y[val_ref], emb[len(val_ref):], y[va])
+                    score = _knn_macro_f1(
+                        emb[: len(val_ref)], y[val_ref], emb[len(val_ref) :], y[va]
+                    )
                 elif len(va):
                     v1 = torch.from_numpy(augment(w[va], basis, rng)).to(device)
                     v2 = torch.from_numpy(augment(w[va], basis, rng)).to(device)
                     lab = torch.from_numpy(np.concatenate([np.arange(len(va))] * 2)).to(device)
-                    score = -float(_contrastive_loss(forward(torch.cat([v1, v2])), lab, temperature))
+                    score = -float(
+                        _contrastive_loss(forward(torch.cat([v1, v2])), lab, temperature)
+                    )
                 else:
                     score = -total / steps
-            history.append({"epoch": epoch + 1, "loss": round(total / steps, 4), "val": round(score, 4)})
+            history.append(
+                {"epoch": epoch + 1, "loss": round(total / steps, 4), "val": round(score, 4)}
+            )
             bar.set_postfix(loss=f"{total / steps:.3f}", val=f"{score:.3f}")
             bar.update(1)
             if score > best_score + 1e-4:
@@ -164,7 +206,14 @@ def train_head(
                 since += 1
                 if since >= patience:
                     break
-    report = {"mode": mode, "epochs_run": len(history), "best_val": round(float(best_score), 4),
-              "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed, "history": history}
+    report = {
+        "mode": mode,
+        "epochs_run": len(history),
+        "best_val": round(float(best_score), 4),
+        "n_train": int(len(tr)),
+        "n_val": int(len(va)),
+        "seed": seed,
+        "history": history,
+    }
     log.info("Refinement (%s): %d epochs, best held-out score %.3f", mode, len(history), best_score)
     return best, report

@@ -27,8 +27,13 @@ MIN_MATCHED_FRACTION = 0.5
 MIN_MATCHED_GENES = 50
 
 
-def top_n_weights(x: sp.csr_matrix, n: int, weighting: str, col_mask: np.ndarray | None = None,
-                  block_rows: int = 2048) -> sp.csr_matrix:
+def top_n_weights(
+    x: sp.csr_matrix,
+    n: int,
+    weighting: str,
+    col_mask: np.ndarray | None = None,
+    block_rows: int = 2048,
+) -> sp.csr_matrix:
     """Keep each row's `n` largest positive entries (among `col_mask` columns), as weights summing to 1.
 
     Rows are padded into small dense blocks and split with `argpartition` (linear
@@ -73,8 +78,14 @@ def top_n_weights(x: sp.csr_matrix, n: int, weighting: str, col_mask: np.ndarray
         data = (n - ranks).astype(np.float32) / n
     elif weighting == "softmax":
         # rows are ordered largest first: the first entry is the row maximum
-        data = np.exp(data - np.repeat(data[indptr[:-1][keep_counts > 0]], keep_counts[keep_counts > 0]))
-    sums = np.add.reduceat(data, indptr[:-1][keep_counts > 0]) if len(data) else np.zeros(0, np.float32)
+        data = np.exp(
+            data - np.repeat(data[indptr[:-1][keep_counts > 0]], keep_counts[keep_counts > 0])
+        )
+    sums = (
+        np.add.reduceat(data, indptr[:-1][keep_counts > 0])
+        if len(data)
+        else np.zeros(0, np.float32)
+    )
     scale = np.zeros(x.shape[0], dtype=np.float32)
     scale[keep_counts > 0] = 1.0 / sums
     data = data * np.repeat(scale, keep_counts)
@@ -85,15 +96,17 @@ def top_n_weights(x: sp.csr_matrix, n: int, weighting: str, col_mask: np.ndarray
 class GeneBasis:
     """The gene vectors a dataset's columns map to, after any background transform."""
 
-    columns: np.ndarray      # dataset columns that matched a store gene
-    rows: np.ndarray         # their store rows
-    vectors: np.ndarray      # len(columns) x dim
-    n_vars: int = 0          # the dataset's number of columns
+    columns: np.ndarray  # dataset columns that matched a store gene
+    rows: np.ndarray  # their store rows
+    vectors: np.ndarray  # len(columns) x dim
+    n_vars: int = 0  # the dataset's number of columns
     _full: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def mask(self) -> np.ndarray:
-        m = np.zeros(self.n_vars or (int(self.columns.max()) + 1 if len(self.columns) else 0), dtype=bool)
+        m = np.zeros(
+            self.n_vars or (int(self.columns.max()) + 1 if len(self.columns) else 0), dtype=bool
+        )
         m[self.columns] = True
         return m
 
@@ -107,13 +120,21 @@ class GeneBasis:
         return self._full
 
 
-def match_dataset_genes(var_names: list[str], genes: GeneTable, where: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+def match_dataset_genes(
+    var_names: list[str], genes: GeneTable, where: str = "dataset"
+) -> tuple[np.ndarray, np.ndarray]:
     """Dataset columns and their store rows; refuses too small an overlap with the likely cause."""
     m = match_genes(var_names, genes.genes)
     n, total = m.n_matched, len(var_names)
     counts = m.counts()
-    log.info("%s: %s of %s genes matched the %s gene table (%s)", where, f"{n:,}", f"{total:,}", genes.model,
-             ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    log.info(
+        "%s: %s of %s genes matched the %s gene table (%s)",
+        where,
+        f"{n:,}",
+        f"{total:,}",
+        genes.model,
+        ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+    )
     if n < min(MIN_MATCHED_GENES, total // 2) or n < MIN_MATCHED_FRACTION * total:
         sample = [str(v) for v in var_names[:5]]
         head = [str(v) for v in var_names[:500]]
@@ -125,9 +146,13 @@ def match_dataset_genes(var_names: list[str], genes: GeneTable, where: str = "da
         if share(lambda v: v.startswith("ENS")) > 0.5:
             cause = "the dataset uses Ensembl ids: check they are of the store's species, or give symbols (--gene-column)"
         elif species == "human" and share(lambda v: v[:1].isupper() and v[1:].islower()) > 0.5:
-            cause = "the names look like mouse symbols (Xxxx) but the store is human: use a mouse store"
+            cause = (
+                "the names look like mouse symbols (Xxxx) but the store is human: use a mouse store"
+            )
         elif species == "mouse" and share(str.isupper) > 0.75:
-            cause = "the names look like human symbols (XXXX) but the store is mouse: use a human store"
+            cause = (
+                "the names look like human symbols (XXXX) but the store is mouse: use a human store"
+            )
         else:
             cause = "wrong species or another naming scheme; a var column with symbols can be named with --gene-column"
         raise GeneMatchError(
@@ -144,8 +169,14 @@ def aggregate(x: sp.csr_matrix, basis: GeneBasis, recipe: Recipe) -> np.ndarray:
     return normalise_rows(np.asarray(w @ basis.full, dtype=np.float32))
 
 
-def iter_cell_vectors(source: ExpressionSource, basis: GeneBasis, recipe: Recipe, *, chunk_size: int = 20_000,
-                      desc: str = "cell vectors"):
+def iter_cell_vectors(
+    source: ExpressionSource,
+    basis: GeneBasis,
+    recipe: Recipe,
+    *,
+    chunk_size: int = 20_000,
+    desc: str = "cell vectors",
+):
     """Yield (slice, unrefined vectors) chunk by chunk: memory stays flat however many cells."""
     with progress(total=source.n_obs, desc=desc, unit="cell") as bar:
         for sl, block in source.chunks(chunk_size):
@@ -153,8 +184,14 @@ def iter_cell_vectors(source: ExpressionSource, basis: GeneBasis, recipe: Recipe
             bar.update(sl.stop - sl.start)
 
 
-def cell_vectors(source: ExpressionSource, basis: GeneBasis, recipe: Recipe, *, chunk_size: int = 20_000,
-                 desc: str = "cell vectors") -> np.ndarray:
+def cell_vectors(
+    source: ExpressionSource,
+    basis: GeneBasis,
+    recipe: Recipe,
+    *,
+    chunk_size: int = 20_000,
+    desc: str = "cell vectors",
+) -> np.ndarray:
     """Unrefined cell vectors for every cell of `source` (cells x dim)."""
     out = np.empty((source.n_obs, basis.vectors.shape[1]), dtype=np.float32)
     for sl, vecs in iter_cell_vectors(source, basis, recipe, chunk_size=chunk_size, desc=desc):
@@ -162,10 +199,14 @@ def cell_vectors(source: ExpressionSource, basis: GeneBasis, recipe: Recipe, *, 
     return out
 
 
-def weights_matrix(source: ExpressionSource, basis: GeneBasis, recipe: Recipe, chunk_size: int = 20_000) -> sp.csr_matrix:
+def weights_matrix(
+    source: ExpressionSource, basis: GeneBasis, recipe: Recipe, chunk_size: int = 20_000
+) -> sp.csr_matrix:
     """The whole top-N weight matrix (cells x dataset genes), for training-time augmentation.
 
     Use it with `basis.full`."""
-    parts = [top_n_weights(block, recipe.top_genes, recipe.weighting, col_mask=basis.mask)
-             for _, block in source.chunks(chunk_size)]
+    parts = [
+        top_n_weights(block, recipe.top_genes, recipe.weighting, col_mask=basis.mask)
+        for _, block in source.chunks(chunk_size)
+    ]
     return sp.vstack(parts, format="csr")

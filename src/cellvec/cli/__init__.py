@@ -37,8 +37,18 @@ def cli(verbose: int, quiet: bool):
           --species mouse --model minilm --store store/
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "sentence_transformers", "urllib3", "numba", "matplotlib", "lance", "lancedb"):
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in (
+        "httpx",
+        "sentence_transformers",
+        "urllib3",
+        "numba",
+        "matplotlib",
+        "lance",
+        "lancedb",
+    ):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -64,8 +74,13 @@ def _register():
             cli.add_command(cmd)
 
 
-_COMMANDS = {"genes": ["genes"], "atlas": ["atlas"], "mapping": ["map_cmd"], "evaluate": ["evaluate_cmd"],
-             "misc": ["sql_cmd", "serve_cmd", "report_cmd", "explain_cmd", "demo_cmd"]}
+_COMMANDS = {
+    "genes": ["genes"],
+    "atlas": ["atlas"],
+    "mapping": ["map_cmd"],
+    "evaluate": ["evaluate_cmd"],
+    "misc": ["sql_cmd", "serve_cmd", "report_cmd", "explain_cmd", "demo_cmd"],
+}
 
 
 _register()

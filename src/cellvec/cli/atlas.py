@@ -31,8 +31,25 @@ def atlas():
 @input_options
 @click.option("--seed", default=0, show_default=True, help="Seed of the refinement.")
 @json_option
-def build(reference, store, name, label_key, batch_key, subset, model, top_genes, weighting, background, refine,
-          layer, use_raw, gene_column, transpose, seed, as_json):
+def build(
+    reference,
+    store,
+    name,
+    label_key,
+    batch_key,
+    subset,
+    model,
+    top_genes,
+    weighting,
+    background,
+    refine,
+    layer,
+    use_raw,
+    gene_column,
+    transpose,
+    seed,
+    as_json,
+):
     """Embed a labelled REFERENCE (h5ad, 10x, csv, parquet) as an atlas in the store.
 
     \b
@@ -43,13 +60,33 @@ def build(reference, store, name, label_key, batch_key, subset, model, top_genes
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.cli.common import subset_source
 
-    ref = subset_source(reference, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose)
-    a = build_atlas(ref, store=store, name=name, label_key=label_key, model=model, top_genes=top_genes,
-                    weighting=weighting, background=background, refine=refine, batch_key=batch_key, seed=seed)
+    ref = subset_source(
+        reference,
+        subset,
+        layer=layer,
+        use_raw=use_raw,
+        gene_column=gene_column,
+        transpose=transpose,
+    )
+    a = build_atlas(
+        ref,
+        store=store,
+        name=name,
+        label_key=label_key,
+        model=model,
+        top_genes=top_genes,
+        weighting=weighting,
+        background=background,
+        refine=refine,
+        batch_key=batch_key,
+        seed=seed,
+    )
     if as_json:
         emit_json(a.summary())
     else:
-        click.echo(f"atlas {a.name}: {len(a.vectors):,} cells, {len(a.classes)} classes, dim {a.vectors.shape[1]} -> {store}")
+        click.echo(
+            f"atlas {a.name}: {len(a.vectors):,} cells, {len(a.classes)} classes, dim {a.vectors.shape[1]} -> {store}"
+        )
 
 
 @atlas.command("list")
@@ -70,5 +107,7 @@ def list_cmd(store, as_json):
     else:
         for a in out:
             r = a["recipe"]
-            click.echo(f"{a['name']:<20} {a['n_cells']:>9,} cells  {len(a['classes']):>3} classes  "
-                       f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} refine={r['refine']}")
+            click.echo(
+                f"{a['name']:<20} {a['n_cells']:>9,} cells  {len(a['classes']):>3} classes  "
+                f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} refine={r['refine']}"
+            )

@@ -24,18 +24,51 @@ from cellvec.cli.options import (
 @recipe_options
 @click.option("--folds", default=5, show_default=True, help="Stratified folds.")
 @click.option("-k", default=15, show_default=True, help="Neighbours in the vote.")
-@click.option("--baselines", is_flag=True, help="Also score pca_knn, logreg_expr, naive_mean, graph_baseline.")
+@click.option(
+    "--baselines", is_flag=True, help="Also score pca_knn, logreg_expr, naive_mean, graph_baseline."
+)
 @click.option("--data-limited", help="Learning curve: reference cells per class, e.g. 5,10,20,50.")
-@click.option("--query", type=click.Path(exists=True), help="Second labelled dataset: transfer score, no retraining.")
+@click.option(
+    "--query",
+    type=click.Path(exists=True),
+    help="Second labelled dataset: transfer score, no retraining.",
+)
 @click.option("--query-label-key", help="Label column of --query (default: --label-key).")
-@click.option("--label-map", type=click.Path(exists=True, dir_okay=False), help="Query label -> reference label map.")
-@click.option("--markdown", type=click.Path(dir_okay=False), help="Also write a markdown results table here.")
+@click.option(
+    "--label-map",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Query label -> reference label map.",
+)
+@click.option(
+    "--markdown", type=click.Path(dir_okay=False), help="Also write a markdown results table here."
+)
 @click.option("--seed", default=0, show_default=True)
 @input_options
 @json_option
-def evaluate_cmd(data, label_key, store, model, top_genes, weighting, background, refine, folds, k, baselines,
-                 data_limited, query, query_label_key, label_map, markdown, seed, layer, use_raw, gene_column,
-                 transpose, as_json):
+def evaluate_cmd(
+    data,
+    label_key,
+    store,
+    model,
+    top_genes,
+    weighting,
+    background,
+    refine,
+    folds,
+    k,
+    baselines,
+    data_limited,
+    query,
+    query_label_key,
+    label_map,
+    markdown,
+    seed,
+    layer,
+    use_raw,
+    gene_column,
+    transpose,
+    as_json,
+):
     """Stratified k-fold evaluation of the recipe (and baselines) on labelled DATA.
 
     \b
@@ -47,13 +80,28 @@ def evaluate_cmd(data, label_key, store, model, top_genes, weighting, background
     from cellvec.cell_index.mapping import read_label_map
     from cellvec.cell_index.metrics import metrics_table
 
-    res = evaluate(data, label_key=label_key, store=store, models=list(model) or None, top_genes=top_genes,
-                   weighting=weighting, background=background, refine=refine,
-                   folds=folds, k=k, baselines=baselines,
-                   data_limited=[int(x) for x in data_limited.split(",")] if data_limited else None,
-                   query=query, query_label_key=query_label_key,
-                   label_map=read_label_map(label_map) if label_map else None, layer=layer, use_raw=use_raw,
-                   gene_column=gene_column, transpose=transpose, seed=seed)
+    res = evaluate(
+        data,
+        label_key=label_key,
+        store=store,
+        models=list(model) or None,
+        top_genes=top_genes,
+        weighting=weighting,
+        background=background,
+        refine=refine,
+        folds=folds,
+        k=k,
+        baselines=baselines,
+        data_limited=[int(x) for x in data_limited.split(",")] if data_limited else None,
+        query=query,
+        query_label_key=query_label_key,
+        label_map=read_label_map(label_map) if label_map else None,
+        layer=layer,
+        use_raw=use_raw,
+        gene_column=gene_column,
+        transpose=transpose,
+        seed=seed,
+    )
     if markdown:
         Path(markdown).write_text(res.to_markdown() + "\n")
     if as_json:

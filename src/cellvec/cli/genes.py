@@ -13,20 +13,41 @@ def genes():
 
 
 @genes.command("build")
-@click.option("--gene-info", required=True, type=click.Path(exists=True, dir_okay=False), help="NCBI gene_info(.gz).")
+@click.option(
+    "--gene-info",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="NCBI gene_info(.gz).",
+)
 @click.option("--gene2go", type=click.Path(exists=True, dir_okay=False), help="NCBI gene2go(.gz).")
-@click.option("--summaries", type=click.Path(exists=True, dir_okay=False),
-              help="Gene summaries: JSON symbol->text (GenePT), TSV/CSV or parquet.")
+@click.option(
+    "--summaries",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Gene summaries: JSON symbol->text (GenePT), TSV/CSV or parquet.",
+)
 @click.option("--summary-symbol-column", help="Symbol column of a TSV/CSV/parquet summaries file.")
 @click.option("--summary-text-column", help="Text column of a TSV/CSV/parquet summaries file.")
 @click.option("--species", required=True, help="human, mouse, or an NCBI tax id.")
 @model_option("minilm")
-@click.option("--base-url", help="OpenAI-compatible server for openai:MODEL (else OPENAI_BASE_URL).")
+@click.option(
+    "--base-url", help="OpenAI-compatible server for openai:MODEL (else OPENAI_BASE_URL)."
+)
 @click.option("--batch-size", default=512, show_default=True, help="Genes per committed batch.")
 @store_option
 @json_option
-def build(gene_info, gene2go, summaries, summary_symbol_column, summary_text_column, species, model,
-          base_url, batch_size, store, as_json):
+def build(
+    gene_info,
+    gene2go,
+    summaries,
+    summary_symbol_column,
+    summary_text_column,
+    species,
+    model,
+    base_url,
+    batch_size,
+    store,
+    as_json,
+):
     """Embed every gene of a species into the store (incremental and resumable).
 
     \b
@@ -37,21 +58,34 @@ def build(gene_info, gene2go, summaries, summary_symbol_column, summary_text_col
     from cellvec.gene_store import build_gene_store, get_embedder
 
     embedder = get_embedder(model, base_url=base_url) if base_url else get_embedder(model)
-    res = build_gene_store(gene_info, store=store, species=species, gene2go=gene2go, summaries=summaries,
-                           summary_symbol_column=summary_symbol_column, summary_text_column=summary_text_column,
-                           embedder=embedder, batch_size=batch_size)
+    res = build_gene_store(
+        gene_info,
+        store=store,
+        species=species,
+        gene2go=gene2go,
+        summaries=summaries,
+        summary_symbol_column=summary_symbol_column,
+        summary_text_column=summary_text_column,
+        embedder=embedder,
+        batch_size=batch_size,
+    )
     if as_json:
         emit_json(res.to_dict())
     else:
-        click.echo(f"{res.table}: {res.n_genes:,} genes ({res.n_embedded:,} embedded, "
-                   f"{res.n_reused:,} unchanged) in {res.seconds:.1f} s -> {res.store}")
+        click.echo(
+            f"{res.table}: {res.n_genes:,} genes ({res.n_embedded:,} embedded, "
+            f"{res.n_reused:,} unchanged) in {res.seconds:.1f} s -> {res.store}"
+        )
 
 
 @genes.command("import")
 @click.argument("vectors", type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", required=True, help="Name for these vectors, e.g. genept-ada002.")
-@click.option("--gene-info", type=click.Path(exists=True, dir_okay=False),
-              help="Join symbols to NCBI records (synonyms, Ensembl ids) for better cell matching.")
+@click.option(
+    "--gene-info",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Join symbols to NCBI records (synonyms, Ensembl ids) for better cell matching.",
+)
 @click.option("--species", help="human, mouse or a tax id (needed with --gene-info).")
 @store_option
 @json_option
@@ -68,7 +102,9 @@ def import_cmd(vectors, model, gene_info, species, store, as_json):
     if as_json:
         emit_json(res.to_dict())
     else:
-        click.echo(f"{res.table}: {res.n_genes:,} genes imported (dim {res.meta['dimension']}) -> {res.store}")
+        click.echo(
+            f"{res.table}: {res.n_genes:,} genes imported (dim {res.meta['dimension']}) -> {res.store}"
+        )
 
 
 @genes.command("search")
@@ -94,4 +130,6 @@ def search(query, gene, model, k, store, as_json):
         emit_json({"query": query, "gene": gene, "results": res.drop("text").to_dicts()})
     else:
         for r in res.iter_rows(named=True):
-            click.echo(f"{r['rank']:>3}  {r['similarity']:.3f}  {r['symbol']:<14} {r['full_name'] or ''}")
+            click.echo(
+                f"{r['rank']:>3}  {r['similarity']:.3f}  {r['symbol']:<14} {r['full_name'] or ''}"
+            )

@@ -11,19 +11,48 @@ from cellvec.cli.options import emit_json, input_options, json_option, store_opt
 @click.argument("query", type=click.Path(exists=True))
 @store_option
 @click.option("--atlas", "atlas_name", required=True, help="Atlas name.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Output .h5ad (labels in obs, vectors in obsm).")
-@click.option("--table", type=click.Path(dir_okay=False), help="Also write a per-cell table (.parquet/.csv/.tsv).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="Output .h5ad (labels in obs, vectors in obsm)."
+)
+@click.option(
+    "--table",
+    type=click.Path(dir_okay=False),
+    help="Also write a per-cell table (.parquet/.csv/.tsv).",
+)
 @click.option("-k", default=15, show_default=True, help="Neighbours in the vote.")
-@click.option("--min-confidence", default=0.0, show_default=True, help="Below this, a cell is 'unassigned'.")
-@click.option("--truth-key", help="obs column with known labels: report accuracy, macro-F1, per class.")
-@click.option("--label-map", type=click.Path(exists=True, dir_okay=False),
-              help="Rename truth labels to atlas labels (JSON object or two-column CSV/TSV).")
+@click.option(
+    "--min-confidence", default=0.0, show_default=True, help="Below this, a cell is 'unassigned'."
+)
+@click.option(
+    "--truth-key", help="obs column with known labels: report accuracy, macro-F1, per class."
+)
+@click.option(
+    "--label-map",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Rename truth labels to atlas labels (JSON object or two-column CSV/TSV).",
+)
 @click.option("--subset", help="Keep query cells where obs column equals value(s): COLUMN=V1,V2.")
 @click.option("--save-as", help="Also save the mapping in the store (SQL view mapping_<NAME>).")
 @input_options
 @json_option
-def map_cmd(query, store, atlas_name, out, table, k, min_confidence, truth_key, label_map, subset, save_as,
-            layer, use_raw, gene_column, transpose, as_json):
+def map_cmd(
+    query,
+    store,
+    atlas_name,
+    out,
+    table,
+    k,
+    min_confidence,
+    truth_key,
+    label_map,
+    subset,
+    save_as,
+    layer,
+    use_raw,
+    gene_column,
+    transpose,
+    as_json,
+):
     """Map QUERY cells onto an atlas with the atlas's own recipe; no retraining.
 
     \b
@@ -35,9 +64,18 @@ def map_cmd(query, store, atlas_name, out, table, k, min_confidence, truth_key, 
     from cellvec.cell_index.metrics import metrics_table
     from cellvec.cli.common import subset_source
 
-    src = subset_source(query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose)
-    res = map_cells(src, atlas_name, store=store, k=k, min_confidence=min_confidence, truth_key=truth_key,
-                    label_map=read_label_map(label_map) if label_map else None)
+    src = subset_source(
+        query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
+    )
+    res = map_cells(
+        src,
+        atlas_name,
+        store=store,
+        k=k,
+        min_confidence=min_confidence,
+        truth_key=truth_key,
+        label_map=read_label_map(label_map) if label_map else None,
+    )
     if out:
         res.write(out)
     if table:
@@ -47,8 +85,10 @@ def map_cmd(query, store, atlas_name, out, table, k, min_confidence, truth_key, 
     if as_json:
         emit_json(res.summary())
         return
-    click.echo(f"{len(res.cell_ids):,} cells mapped onto {atlas_name} in {res.seconds:.1f} s"
-               + (f" -> {out}" if out else ""))
+    click.echo(
+        f"{len(res.cell_ids):,} cells mapped onto {atlas_name} in {res.seconds:.1f} s"
+        + (f" -> {out}" if out else "")
+    )
     if res.metrics:
         click.echo(metrics_table(res.metrics))
     else:

@@ -8,14 +8,22 @@ import sys
 import click
 
 store_option = click.option(
-    "--store", required=True, type=click.Path(file_okay=False), help="Gene store directory (LanceDB)."
+    "--store",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Gene store directory (LanceDB).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
+)
 
 
 def model_option(default: str | None = None, multiple: bool = False):
     return click.option(
-        "--model", default=() if multiple else default, multiple=multiple, show_default=default is not None,
+        "--model",
+        default=() if multiple else default,
+        multiple=multiple,
+        show_default=default is not None,
         help="Embedding model: minilm, st:NAME_OR_PATH, hf:NAME_OR_PATH, openai:MODEL, or an imported name."
         + (" Repeat to compare models." if multiple else ""),
     )
@@ -23,21 +31,44 @@ def model_option(default: str | None = None, multiple: bool = False):
 
 def input_options(f):
     """Where the expression values are read from."""
-    f = click.option("--transpose", is_flag=True, help="CSV/TSV input has genes as rows and cells as columns.")(f)
-    f = click.option("--gene-column", help="var column holding gene symbols (default: var_names).")(f)
-    f = click.option("--use-raw/--no-raw", default=None, help="Read .raw (default: only when X is scaled).")(f)
+    f = click.option(
+        "--transpose", is_flag=True, help="CSV/TSV input has genes as rows and cells as columns."
+    )(f)
+    f = click.option("--gene-column", help="var column holding gene symbols (default: var_names).")(
+        f
+    )
+    f = click.option(
+        "--use-raw/--no-raw", default=None, help="Read .raw (default: only when X is scaled)."
+    )(f)
     f = click.option("--layer", help="Read this AnnData layer instead of X.")(f)
     return f
 
 
 def recipe_options(f):
-    f = click.option("--refine", type=click.Choice(["none", "supcon", "simclr"]), default="none", show_default=True,
-                     help="Contrastive refinement of cell vectors.")(f)
-    f = click.option("--background", type=click.Choice(["none", "center", "whiten"]), default="whiten",
-                     show_default=True, help="Remove what all gene vectors share (fitted on the reference's genes).")(f)
-    f = click.option("--weighting", type=click.Choice(["value", "log1p", "rank", "softmax"]), default="value",
-                     show_default=True, help="Weights of a cell's top genes.")(f)
-    f = click.option("--top-genes", default=200, show_default=True, help="Most-expressed genes per cell.")(f)
+    f = click.option(
+        "--refine",
+        type=click.Choice(["none", "supcon", "simclr"]),
+        default="none",
+        show_default=True,
+        help="Contrastive refinement of cell vectors.",
+    )(f)
+    f = click.option(
+        "--background",
+        type=click.Choice(["none", "center", "whiten"]),
+        default="whiten",
+        show_default=True,
+        help="Remove what all gene vectors share (fitted on the reference's genes).",
+    )(f)
+    f = click.option(
+        "--weighting",
+        type=click.Choice(["value", "log1p", "rank", "softmax"]),
+        default="value",
+        show_default=True,
+        help="Weights of a cell's top genes.",
+    )(f)
+    f = click.option(
+        "--top-genes", default=200, show_default=True, help="Most-expressed genes per cell."
+    )(f)
     return f
 
 

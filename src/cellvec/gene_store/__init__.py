@@ -11,6 +11,14 @@ from cellvec.gene_store.store import (
 )
 
 __all__ = [
-    "BuildResult", "GeneMatch", "GeneStore", "GeneTable", "available_embedders", "build_gene_store",
-    "get_embedder", "import_vectors", "match_genes", "register_embedder",
+    "BuildResult",
+    "GeneMatch",
+    "GeneStore",
+    "GeneTable",
+    "available_embedders",
+    "build_gene_store",
+    "get_embedder",
+    "import_vectors",
+    "match_genes",
+    "register_embedder",
 ]

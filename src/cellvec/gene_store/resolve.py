@@ -35,16 +35,34 @@ class GeneMatch:
 
 
 def _lookup(genes: pl.DataFrame) -> pl.DataFrame:
-    base = genes.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "symbol", "synonyms", "ensembl_id")
-    symbol = base.select(pl.col("symbol").alias("key"), "row", pl.lit(0).alias("prio"), pl.lit("symbol").alias("how"))
-    upper = base.select(pl.col("symbol").str.to_uppercase().alias("key"), "row", pl.lit(1).alias("prio"),
-                        pl.lit("symbol (case)").alias("how"))
-    syn = (base.select("row", pl.col("synonyms")).explode("synonyms").drop_nulls("synonyms")
-           .select(pl.col("synonyms").str.to_uppercase().alias("key"), "row"))
-    syn = syn.filter(pl.col("key").is_in(syn.group_by("key").len().filter(pl.col("len") == 1)["key"].implode()))
+    base = genes.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "symbol", "synonyms", "ensembl_id"
+    )
+    symbol = base.select(
+        pl.col("symbol").alias("key"), "row", pl.lit(0).alias("prio"), pl.lit("symbol").alias("how")
+    )
+    upper = base.select(
+        pl.col("symbol").str.to_uppercase().alias("key"),
+        "row",
+        pl.lit(1).alias("prio"),
+        pl.lit("symbol (case)").alias("how"),
+    )
+    syn = (
+        base.select("row", pl.col("synonyms"))
+        .explode("synonyms")
+        .drop_nulls("synonyms")
+        .select(pl.col("synonyms").str.to_uppercase().alias("key"), "row")
+    )
+    syn = syn.filter(
+        pl.col("key").is_in(syn.group_by("key").len().filter(pl.col("len") == 1)["key"].implode())
+    )
     syn = syn.with_columns(pl.lit(2).alias("prio"), pl.lit("synonym").alias("how"))
-    ens = base.drop_nulls("ensembl_id").select(pl.col("ensembl_id").alias("key"), "row", pl.lit(3).alias("prio"),
-                                               pl.lit("ensembl").alias("how"))
+    ens = base.drop_nulls("ensembl_id").select(
+        pl.col("ensembl_id").alias("key"),
+        "row",
+        pl.lit(3).alias("prio"),
+        pl.lit("ensembl").alias("how"),
+    )
     lk = pl.concat([symbol, upper, syn, ens], how="vertical_relaxed").drop_nulls("key")
     return lk.sort("prio", "row").unique("key", keep="first", maintain_order=True)
 
@@ -75,7 +93,9 @@ def match_genes(names, genes: pl.DataFrame) -> GeneMatch:
     cands = []
     for key, prios in (("k0", [0]), ("k1", [1, 2]), ("k3", [3])):
         sub = lk.filter(pl.col("prio").is_in(prios))
-        cands.append(q.join(sub, left_on=key, right_on="key", how="inner").select("i", "row", "prio", "how"))
+        cands.append(
+            q.join(sub, left_on=key, right_on="key", how="inner").select("i", "row", "prio", "how")
+        )
     best = pl.concat(cands).sort("i", "prio").unique("i", keep="first")
     rows = np.full(q.height, -1, dtype=np.int64)
     how: list[str | None] = [None] * q.height

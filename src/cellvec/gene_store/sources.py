@@ -23,12 +23,33 @@ SPECIES = {"human": 9606, "mouse": 10090}
 TAX_NAMES = {v: k for k, v in SPECIES.items()}
 
 GENE_INFO_COLUMNS = [
-    "#tax_id", "GeneID", "Symbol", "LocusTag", "Synonyms", "dbXrefs", "chromosome",
-    "map_location", "description", "type_of_gene", "Symbol_from_nomenclature_authority",
-    "Full_name_from_nomenclature_authority", "Nomenclature_status", "Other_designations",
-    "Modification_date", "Feature_type",
+    "#tax_id",
+    "GeneID",
+    "Symbol",
+    "LocusTag",
+    "Synonyms",
+    "dbXrefs",
+    "chromosome",
+    "map_location",
+    "description",
+    "type_of_gene",
+    "Symbol_from_nomenclature_authority",
+    "Full_name_from_nomenclature_authority",
+    "Nomenclature_status",
+    "Other_designations",
+    "Modification_date",
+    "Feature_type",
 ]
-GENE2GO_COLUMNS = ["#tax_id", "GeneID", "GO_ID", "Evidence", "Qualifier", "GO_term", "PubMed", "Category"]
+GENE2GO_COLUMNS = [
+    "#tax_id",
+    "GeneID",
+    "GO_ID",
+    "Evidence",
+    "Qualifier",
+    "GO_term",
+    "PubMed",
+    "Category",
+]
 NCBI_GENE_FTP = "https://ftp.ncbi.nlm.nih.gov/gene/DATA/"
 
 
@@ -68,8 +89,12 @@ def _read_ncbi_table(path: Path, required: list[str], what: str, fix: str) -> pl
         )
     try:
         df = pl.read_csv(
-            io.BytesIO(data), separator="\t", quote_char=None, null_values=["-"],
-            infer_schema=False, columns=required,
+            io.BytesIO(data),
+            separator="\t",
+            quote_char=None,
+            null_values=["-"],
+            infer_schema=False,
+            columns=required,
         )
     except pl.exceptions.PolarsError as e:
         raise InputFormatError(f"{path}: malformed {what} table ({e}). {fix}") from e
@@ -88,8 +113,17 @@ def read_gene_info(path: str | Path, *, species: str | int | None = None) -> pl.
         f"Pass a gene_info file from {NCBI_GENE_FTP}GENE_INFO/ "
         "(e.g. Mammalia/Mus_musculus.gene_info.gz) with --gene-info."
     )
-    req = ["#tax_id", "GeneID", "Symbol", "Synonyms", "dbXrefs", "description", "type_of_gene",
-           "Full_name_from_nomenclature_authority", "Other_designations"]
+    req = [
+        "#tax_id",
+        "GeneID",
+        "Symbol",
+        "Synonyms",
+        "dbXrefs",
+        "description",
+        "type_of_gene",
+        "Full_name_from_nomenclature_authority",
+        "Other_designations",
+    ]
     df = _read_ncbi_table(path, req, "gene_info", fix)
     try:
         df = df.with_columns(pl.col("tax_id").cast(pl.Int64), pl.col("GeneID").cast(pl.Int64))
@@ -106,17 +140,27 @@ def read_gene_info(path: str | Path, *, species: str | int | None = None) -> pl.
                 f"{names}. Use --species to match the file, or the gene_info file of {species}."
             )
     xref = pl.col("dbXrefs").fill_null("")
-    return df.select(
-        pl.col("GeneID").alias("gene_id"),
-        pl.col("tax_id"),
-        pl.col("Symbol").alias("symbol"),
-        pl.col("Synonyms").str.split("|").fill_null(pl.lit([], dtype=pl.List(pl.String))).alias("synonyms"),
-        xref.str.extract(r"Ensembl:(ENS[A-Z]*G\d+)", 1).alias("ensembl_id"),
-        pl.coalesce("Full_name_from_nomenclature_authority", "description").alias("full_name"),
-        pl.col("type_of_gene"),
-        pl.col("description"),
-        pl.col("Other_designations").str.split("|").fill_null(pl.lit([], dtype=pl.List(pl.String))).alias("other_designations"),
-    ).filter(pl.col("symbol").is_not_null()).unique("gene_id", keep="first", maintain_order=True)
+    return (
+        df.select(
+            pl.col("GeneID").alias("gene_id"),
+            pl.col("tax_id"),
+            pl.col("Symbol").alias("symbol"),
+            pl.col("Synonyms")
+            .str.split("|")
+            .fill_null(pl.lit([], dtype=pl.List(pl.String)))
+            .alias("synonyms"),
+            xref.str.extract(r"Ensembl:(ENS[A-Z]*G\d+)", 1).alias("ensembl_id"),
+            pl.coalesce("Full_name_from_nomenclature_authority", "description").alias("full_name"),
+            pl.col("type_of_gene"),
+            pl.col("description"),
+            pl.col("Other_designations")
+            .str.split("|")
+            .fill_null(pl.lit([], dtype=pl.List(pl.String)))
+            .alias("other_designations"),
+        )
+        .filter(pl.col("symbol").is_not_null())
+        .unique("gene_id", keep="first", maintain_order=True)
+    )
 
 
 def read_gene2go(path: str | Path, *, tax_id: int | None = None) -> pl.DataFrame:
@@ -129,7 +173,9 @@ def read_gene2go(path: str | Path, *, tax_id: int | None = None) -> pl.DataFrame
     fix = f"Pass NCBI's gene2go file ({NCBI_GENE_FTP}gene2go.gz) with --gene2go."
     req = ["#tax_id", "GeneID", "GO_ID", "Qualifier", "GO_term", "Category"]
     df = _read_ncbi_table(path, req, "gene2go", fix)
-    df = df.with_columns(pl.col("tax_id").cast(pl.Int64, strict=False), pl.col("GeneID").cast(pl.Int64, strict=False))
+    df = df.with_columns(
+        pl.col("tax_id").cast(pl.Int64, strict=False), pl.col("GeneID").cast(pl.Int64, strict=False)
+    )
     if tax_id is not None:
         df = df.filter(pl.col("tax_id") == tax_id)
     df = df.filter(~pl.col("Qualifier").fill_null("").str.starts_with("NOT"))
@@ -183,17 +229,27 @@ def read_summaries(
             raise InputFormatError(
                 f"{path}: unknown summaries format {suffixes!r}; use .json, .tsv, .csv or .parquet."
             )
-        symbol_column = symbol_column or _first_present(df.columns, ["symbol", "gene", "gene_name", "Symbol"])
-        text_column = text_column or _first_present(df.columns, ["summary", "text", "description", "Summary"])
-        for flag, col in (("--summary-symbol-column", symbol_column), ("--summary-text-column", text_column)):
+        symbol_column = symbol_column or _first_present(
+            df.columns, ["symbol", "gene", "gene_name", "Symbol"]
+        )
+        text_column = text_column or _first_present(
+            df.columns, ["summary", "text", "description", "Summary"]
+        )
+        for flag, col in (
+            ("--summary-symbol-column", symbol_column),
+            ("--summary-text-column", text_column),
+        ):
             if col is None or col not in df.columns:
                 raise InputFormatError(
                     f"{path}: no column {col!r} (columns: {', '.join(df.columns)}); name it with {flag}."
                 )
-        df = df.select(pl.col(symbol_column).cast(pl.String).alias("symbol"),
-                       pl.col(text_column).cast(pl.String).alias("summary"))
+        df = df.select(
+            pl.col(symbol_column).cast(pl.String).alias("symbol"),
+            pl.col(text_column).cast(pl.String).alias("summary"),
+        )
     return df.filter(pl.col("symbol").is_not_null() & pl.col("summary").is_not_null()).unique(
-        "symbol", keep="first", maintain_order=True)
+        "symbol", keep="first", maintain_order=True
+    )
 
 
 def _first_present(columns: list[str], candidates: list[str]) -> str | None:
@@ -214,7 +270,9 @@ def read_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
             with open(path, "rb") as fh:
                 obj = pickle.load(fh)  # noqa: S301 - user's own file, as GenePT ships it
             if not isinstance(obj, dict):
-                raise InputFormatError(f"{path}: expected a pickled dict symbol -> vector, got {type(obj).__name__}.")
+                raise InputFormatError(
+                    f"{path}: expected a pickled dict symbol -> vector, got {type(obj).__name__}."
+                )
             symbols = [str(s) for s in obj]
             mat = np.asarray([np.asarray(v, dtype=np.float32).ravel() for v in obj.values()])
         elif suffix == ".npz":
@@ -230,8 +288,12 @@ def read_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
             df = pl.read_parquet(path)
             sym = _first_present(df.columns, ["symbol", "gene", "gene_name"])
             if sym is None:
-                raise InputFormatError(f"{path}: needs a 'symbol' (or 'gene') column; has {', '.join(df.columns[:8])}.")
-            listcol = next((c for c in df.columns if isinstance(df.schema[c], (pl.List, pl.Array))), None)
+                raise InputFormatError(
+                    f"{path}: needs a 'symbol' (or 'gene') column; has {', '.join(df.columns[:8])}."
+                )
+            listcol = next(
+                (c for c in df.columns if isinstance(df.schema[c], (pl.List, pl.Array))), None
+            )
             if listcol:
                 mat = np.asarray(df[listcol].to_list(), dtype=np.float32)
             else:
@@ -239,11 +301,17 @@ def read_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
                 mat = df.select(num).to_numpy().astype(np.float32)
             symbols = df[sym].cast(pl.String).to_list()
         else:
-            raise InputFormatError(f"{path}: unknown vectors format {suffix!r}; use .pkl, .npz or .parquet.")
+            raise InputFormatError(
+                f"{path}: unknown vectors format {suffix!r}; use .pkl, .npz or .parquet."
+            )
     except (OSError, ValueError, pickle.UnpicklingError) as e:
         raise InputFormatError(f"{path}: cannot read vectors ({e}).") from e
     if mat.ndim != 2 or mat.shape[0] != len(symbols) or mat.shape[0] == 0:
-        raise InputFormatError(f"{path}: vectors must be a non-empty genes x dim matrix; got shape {mat.shape}.")
+        raise InputFormatError(
+            f"{path}: vectors must be a non-empty genes x dim matrix; got shape {mat.shape}."
+        )
     if not np.isfinite(mat).all():
-        raise InputFormatError(f"{path}: vectors contain NaN or inf values; clean them before importing.")
+        raise InputFormatError(
+            f"{path}: vectors contain NaN or inf values; clean them before importing."
+        )
     return symbols, mat

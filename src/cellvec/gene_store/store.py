@@ -43,7 +43,15 @@ log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 META_KEY = b"cellvec"
-GENE_COLUMNS = ["gene_id", "symbol", "synonyms", "ensembl_id", "tax_id", "full_name", "type_of_gene"]
+GENE_COLUMNS = [
+    "gene_id",
+    "symbol",
+    "synonyms",
+    "ensembl_id",
+    "tax_id",
+    "full_name",
+    "type_of_gene",
+]
 STAGING_PREFIX = "_building_"
 
 
@@ -53,12 +61,17 @@ def table_name(model: str) -> str:
 
 def _schema(dim: int, meta: dict | None = None) -> pa.Schema:
     fields = [
-        pa.field("gene_id", pa.int64()), pa.field("symbol", pa.string()),
-        pa.field("synonyms", pa.list_(pa.string())), pa.field("ensembl_id", pa.string()),
-        pa.field("tax_id", pa.int64()), pa.field("full_name", pa.string()),
-        pa.field("type_of_gene", pa.string()), pa.field("go_terms", pa.list_(pa.string())),
+        pa.field("gene_id", pa.int64()),
+        pa.field("symbol", pa.string()),
+        pa.field("synonyms", pa.list_(pa.string())),
+        pa.field("ensembl_id", pa.string()),
+        pa.field("tax_id", pa.int64()),
+        pa.field("full_name", pa.string()),
+        pa.field("type_of_gene", pa.string()),
+        pa.field("go_terms", pa.list_(pa.string())),
         pa.field("text", pa.string()),
-        pa.field("text_hash", pa.string()), pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("text_hash", pa.string()),
+        pa.field("vector", pa.list_(pa.float32(), dim)),
     ]
     return pa.schema(fields, metadata={META_KEY: json.dumps(meta).encode()} if meta else None)
 
@@ -67,11 +80,18 @@ def _to_arrow(df: pl.DataFrame, vectors: np.ndarray, meta: dict | None) -> pa.Ta
     dim = vectors.shape[1]
     if "go_terms" not in df.columns:
         go_cols = [c for c in ("go_function", "go_process", "go_component") if c in df.columns]
-        go = (pl.concat_list([pl.col(c).fill_null(pl.lit([], dtype=pl.List(pl.String))) for c in go_cols])
-              if go_cols else pl.lit([], dtype=pl.List(pl.String)))
+        go = (
+            pl.concat_list(
+                [pl.col(c).fill_null(pl.lit([], dtype=pl.List(pl.String))) for c in go_cols]
+            )
+            if go_cols
+            else pl.lit([], dtype=pl.List(pl.String))
+        )
         df = df.with_columns(go.alias("go_terms"))
     cols = df.select(GENE_COLUMNS + ["go_terms", "text", "text_hash"]).to_arrow()
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel()), dim)
+    vec = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel()), dim
+    )
     schema = _schema(dim, meta)
     arrays = [cols.column(f.name).cast(f.type) for f in schema if f.name != "vector"] + [vec]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -99,7 +119,9 @@ def list_table_names(db) -> list[str]:
 
 def replace_table(db, name: str, data):
     """Write `data` as table `name` in one commit: created, or overwritten when it exists."""
-    return db.create_table(name, data, mode="overwrite" if name in list_table_names(db) else "create")
+    return db.create_table(
+        name, data, mode="overwrite" if name in list_table_names(db) else "create"
+    )
 
 
 def read_meta(tbl) -> dict:
@@ -135,7 +157,10 @@ class BuildResult:
     meta: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("store", "table", "model", "n_genes", "n_embedded", "n_reused", "seconds")}
+        return {
+            k: getattr(self, k)
+            for k in ("store", "table", "model", "n_genes", "n_embedded", "n_reused", "seconds")
+        }
 
 
 class GeneStore:
@@ -144,7 +169,9 @@ class GeneStore:
     def __init__(self, path: str | Path, *, create: bool = False):
         self.path = Path(path)
         if not create and not self.path.exists():
-            raise StoreError(f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`.")
+            raise StoreError(
+                f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`."
+            )
         self._db = None
         self._cache: dict[str, tuple[int, GeneTable]] = {}
 
@@ -186,7 +213,9 @@ class GeneStore:
     def default_model(self) -> str:
         models = self.models()
         if not models:
-            raise StoreError(f"The gene store {self.path} has no complete gene table: run `cellvec genes build`.")
+            raise StoreError(
+                f"The gene store {self.path} has no complete gene table: run `cellvec genes build`."
+            )
         return "minilm" if "minilm" in models else models[0]
 
     def load(self, model: str | None = None) -> GeneTable:
@@ -207,15 +236,27 @@ class GeneStore:
             return cached[1]
         arrow = tbl.to_arrow()
         vec = arrow.column("vector").combine_chunks()
-        mat = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(arrow), -1).astype(np.float32, copy=False)
+        mat = (
+            vec.flatten()
+            .to_numpy(zero_copy_only=False)
+            .reshape(len(arrow), -1)
+            .astype(np.float32, copy=False)
+        )
         genes = pl.from_arrow(arrow.drop_columns(["vector"]))
         gt = GeneTable(model=meta["model"], genes=genes, vectors=mat, meta=meta)
         self._cache[name] = (version, gt)
         return gt
 
     # -- search -----------------------------------------------------------
-    def search(self, query: str | None = None, *, gene: str | None = None, model: str | None = None,
-               k: int = 10, embedder: Embedder | None = None) -> pl.DataFrame:
+    def search(
+        self,
+        query: str | None = None,
+        *,
+        gene: str | None = None,
+        model: str | None = None,
+        k: int = 10,
+        embedder: Embedder | None = None,
+    ) -> pl.DataFrame:
         """Genes nearest (cosine) to a free-text query or to a gene of the store."""
         gt = self.load(model)
         if (query is None) == (gene is None):
@@ -225,7 +266,9 @@ class GeneStore:
 
             rows = match_genes([gene], gt.genes).rows
             if rows[0] < 0:
-                raise StoreError(f"Gene {gene!r} is not in the {gt.model} table of {self.path} (by symbol, synonym or Ensembl id).")
+                raise StoreError(
+                    f"Gene {gene!r} is not in the {gt.model} table of {self.path} (by symbol, synonym or Ensembl id)."
+                )
             qvec = gt.vectors[rows[0]]
             exclude = rows[0]
         else:
@@ -245,8 +288,12 @@ class GeneStore:
         k = min(k, len(sims) - (exclude >= 0))
         top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
         top = top[np.argsort(-sims[top])]
-        return gt.genes[top.tolist()].select("symbol", "gene_id", "full_name", "text").with_columns(
-            pl.Series("similarity", sims[top].astype(np.float64))).with_row_index("rank", offset=1)
+        return (
+            gt.genes[top.tolist()]
+            .select("symbol", "gene_id", "full_name", "text")
+            .with_columns(pl.Series("similarity", sims[top].astype(np.float64)))
+            .with_row_index("rank", offset=1)
+        )
 
 
 # -- building ---------------------------------------------------------------
@@ -257,10 +304,17 @@ def _file_info(path) -> dict:
 
 
 def build_gene_store(
-    gene_info: str | Path, *, store: str | Path, species: str, model: str = "minilm",
-    gene2go: str | Path | None = None, summaries: str | Path | None = None,
-    summary_symbol_column: str | None = None, summary_text_column: str | None = None,
-    embedder: Embedder | None = None, batch_size: int = 512,
+    gene_info: str | Path,
+    *,
+    store: str | Path,
+    species: str,
+    model: str = "minilm",
+    gene2go: str | Path | None = None,
+    summaries: str | Path | None = None,
+    summary_symbol_column: str | None = None,
+    summary_text_column: str | None = None,
+    embedder: Embedder | None = None,
+    batch_size: int = 512,
 ) -> BuildResult:
     """Embed every gene of a species into the store's table for `model`.
 
@@ -271,11 +325,21 @@ def build_gene_store(
     tax = tax_id_for(species)
     genes = read_gene_info(gene_info, species=species)
     go = read_gene2go(gene2go, tax_id=tax) if gene2go else None
-    summ = read_summaries(summaries, symbol_column=summary_symbol_column,
-                          text_column=summary_text_column) if summaries else None
+    summ = (
+        read_summaries(
+            summaries, symbol_column=summary_symbol_column, text_column=summary_text_column
+        )
+        if summaries
+        else None
+    )
     df = compose_texts(genes, go, summ)
-    log.info("%s genes of %s read from %s%s", f"{df.height:,}", species, Path(gene_info).name,
-             f"; {go.height:,} with GO terms" if go is not None else "")
+    log.info(
+        "%s genes of %s read from %s%s",
+        f"{df.height:,}",
+        species,
+        Path(gene_info).name,
+        f"; {go.height:,} with GO terms" if go is not None else "",
+    )
     if summ is not None:
         n = df["summary"].is_not_null().sum()
         log.info("%s of %s summaries matched a gene symbol", f"{n:,}", f"{summ.height:,}")
@@ -285,9 +349,17 @@ def build_gene_store(
         sources["gene2go"] = _file_info(gene2go)
     if summaries:
         sources["summaries"] = _file_info(summaries)
-    meta = {"model": embedder.spec, "species": TAX_NAMES.get(tax, str(tax)), "tax_id": tax,
-            "template_version": TEMPLATE_VERSION, "store_version": STORE_VERSION, "sources": sources}
-    return _write_store(GeneStore(store, create=True), df, embedder, meta, batch_size=batch_size, t0=t0)
+    meta = {
+        "model": embedder.spec,
+        "species": TAX_NAMES.get(tax, str(tax)),
+        "tax_id": tax,
+        "template_version": TEMPLATE_VERSION,
+        "store_version": STORE_VERSION,
+        "sources": sources,
+    }
+    return _write_store(
+        GeneStore(store, create=True), df, embedder, meta, batch_size=batch_size, t0=t0
+    )
 
 
 def _existing_vectors(tbl, meta: dict, what: str) -> dict[tuple[int, str], np.ndarray]:
@@ -304,13 +376,21 @@ def _existing_vectors(tbl, meta: dict, what: str) -> dict[tuple[int, str], np.nd
             )
     arrow = tbl.to_arrow().select(["gene_id", "text_hash", "vector"])
     ids, hashes = arrow.column("gene_id").to_pylist(), arrow.column("text_hash").to_pylist()
-    mat = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1)
+    mat = (
+        arrow.column("vector")
+        .combine_chunks()
+        .flatten()
+        .to_numpy(zero_copy_only=False)
+        .reshape(len(ids), -1)
+    )
     return {(i, h): mat[n] for n, (i, h) in enumerate(zip(ids, hashes))}
 
 
-def _write_store(gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict, *, batch_size: int, t0: float) -> BuildResult:
+def _write_store(
+    gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict, *, batch_size: int, t0: float
+) -> BuildResult:
     name = table_name(embedder.spec)
-    staging_name = STAGING_PREFIX + name[len("genes_"):]
+    staging_name = STAGING_PREFIX + name[len("genes_") :]
     have = _existing_vectors(gs.open_table(name), meta, "final")
     staging_tbl = gs.open_table(staging_name)
     staged = _existing_vectors(staging_tbl, meta, "staging")
@@ -322,7 +402,12 @@ def _write_store(gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict
     have.update(staged)
     keys = list(zip(df["gene_id"].to_list(), df["text_hash"].to_list()))
     pending = [n for n, key in enumerate(keys) if key not in have]
-    log.info("%s genes to embed with %s, %s reused", f"{len(pending):,}", embedder.spec, f"{len(keys) - len(pending):,}")
+    log.info(
+        "%s genes to embed with %s, %s reused",
+        f"{len(pending):,}",
+        embedder.spec,
+        f"{len(keys) - len(pending):,}",
+    )
     if pending:
         texts = df["text"].to_list()
         pend_texts = [texts[n] for n in pending]
@@ -331,10 +416,12 @@ def _write_store(gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict
             # Chunks of `batch_size` (one Lance commit each) are embedded in embedder-sized batches.
             order = np.argsort([-len(t) for t in pend_texts], kind="stable")
             for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
+                chunk = order[start : start + batch_size]
                 vecs = embedder.embed([pend_texts[i] for i in chunk])
                 rows = [pending[i] for i in chunk]
-                arrow = _to_arrow(df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False})
+                arrow = _to_arrow(
+                    df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False}
+                )
                 if staging_tbl is None:
                     staging_tbl = gs.db.create_table(staging_name, arrow)
                 else:
@@ -345,22 +432,46 @@ def _write_store(gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict
         finally:
             bar.close()
     vectors = np.stack([have[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)
-    meta = {**meta, **embedder.config(), "model": embedder.spec, "dimension": int(vectors.shape[1]),
-            "content_hash": content_hash(df["symbol"].to_list(), vectors),
-            "n_genes": len(keys), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "complete": True}
+    meta = {
+        **meta,
+        **embedder.config(),
+        "model": embedder.spec,
+        "dimension": int(vectors.shape[1]),
+        "content_hash": content_hash(df["symbol"].to_list(), vectors),
+        "n_genes": len(keys),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": True,
+    }
     # One commit makes the new table visible; readers see the old or the new, never a mix.
     replace_table(gs.db, name, _to_arrow(df, vectors, meta))
     if staging_tbl is not None:
         gs.db.drop_table(staging_name)
     secs = time.perf_counter() - t0
-    log.info("Table %s: %s genes (%s embedded) in %.1f s", name, f"{len(keys):,}", f"{len(pending):,}", secs)
-    return BuildResult(store=str(gs.path), table=name, model=embedder.spec, n_genes=len(keys),
-                       n_embedded=len(pending), n_reused=len(keys) - len(pending), seconds=round(secs, 2), meta=meta)
+    log.info(
+        "Table %s: %s genes (%s embedded) in %.1f s",
+        name,
+        f"{len(keys):,}",
+        f"{len(pending):,}",
+        secs,
+    )
+    return BuildResult(
+        store=str(gs.path),
+        table=name,
+        model=embedder.spec,
+        n_genes=len(keys),
+        n_embedded=len(pending),
+        n_reused=len(keys) - len(pending),
+        seconds=round(secs, 2),
+        meta=meta,
+    )
 
 
 def import_vectors(
-    path: str | Path, *, store: str | Path, model: str, gene_info: str | Path | None = None,
+    path: str | Path,
+    *,
+    store: str | Path,
+    model: str,
+    gene_info: str | Path | None = None,
     species: str | None = None,
 ) -> BuildResult:
     """Import precomputed gene vectors (e.g. GenePT) as the table of model `model`.
@@ -377,27 +488,59 @@ def import_vectors(
             raise StoreError("Importing with --gene-info also needs --species.")
         info = read_gene_info(gene_info, species=species)
         df = df.join(info, on="symbol", how="left")
-    for col, dtype in (("gene_id", pl.Int64), ("synonyms", pl.List(pl.String)), ("ensembl_id", pl.String),
-                       ("tax_id", pl.Int64), ("full_name", pl.String), ("type_of_gene", pl.String)):
+    for col, dtype in (
+        ("gene_id", pl.Int64),
+        ("synonyms", pl.List(pl.String)),
+        ("ensembl_id", pl.String),
+        ("tax_id", pl.Int64),
+        ("full_name", pl.String),
+        ("type_of_gene", pl.String),
+    ):
         if col not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=dtype).alias(col))
     if species is not None:
         df = df.with_columns(pl.col("tax_id").fill_null(tax_id_for(species)))
-    df = df.with_columns(pl.col("synonyms").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-                         pl.lit(None, dtype=pl.String).alias("text"), pl.lit(None, dtype=pl.String).alias("text_hash"))
+    df = df.with_columns(
+        pl.col("synonyms").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+        pl.lit(None, dtype=pl.String).alias("text"),
+        pl.lit(None, dtype=pl.String).alias("text_hash"),
+    )
     vectors = mat[df["_row"].to_numpy()]
     from cellvec.gene_store.embedders.base import normalise_rows
 
     vectors = normalise_rows(vectors)
     spec = model if ":" in model or model == "minilm" else f"precomputed:{model}"
-    meta = {"model": spec, "provider": "precomputed", "source": _file_info(path), "dimension": int(mat.shape[1]),
-            "species": species, "tax_id": tax_id_for(species) if species else None, "template_version": None,
-            "store_version": STORE_VERSION, "n_genes": df.height, "complete": True,
-            "content_hash": content_hash(df["symbol"].to_list(), vectors),
-            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    meta = {
+        "model": spec,
+        "provider": "precomputed",
+        "source": _file_info(path),
+        "dimension": int(mat.shape[1]),
+        "species": species,
+        "tax_id": tax_id_for(species) if species else None,
+        "template_version": None,
+        "store_version": STORE_VERSION,
+        "n_genes": df.height,
+        "complete": True,
+        "content_hash": content_hash(df["symbol"].to_list(), vectors),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     gs = GeneStore(store, create=True)
     name = table_name(spec)
     replace_table(gs.db, name, _to_arrow(df, vectors, meta))
-    log.info("Imported %s vectors (dim %d) from %s into %s", f"{df.height:,}", mat.shape[1], os.path.basename(str(path)), name)
-    return BuildResult(store=str(gs.path), table=name, model=spec, n_genes=df.height, n_embedded=0,
-                       n_reused=0, seconds=round(time.perf_counter() - t0, 2), meta=meta)
+    log.info(
+        "Imported %s vectors (dim %d) from %s into %s",
+        f"{df.height:,}",
+        mat.shape[1],
+        os.path.basename(str(path)),
+        name,
+    )
+    return BuildResult(
+        store=str(gs.path),
+        table=name,
+        model=spec,
+        n_genes=df.height,
+        n_embedded=0,
+        n_reused=0,
+        seconds=round(time.perf_counter() - t0, 2),
+        meta=meta,
+    )

@@ -47,19 +47,32 @@ def compose_texts(
     if go is not None:
         df = df.join(go, on="gene_id", how="left")
     else:
-        df = df.with_columns(*(pl.lit(None, dtype=pl.List(pl.String)).alias(c)
-                               for c in ("go_function", "go_process", "go_component")))
+        df = df.with_columns(
+            *(
+                pl.lit(None, dtype=pl.List(pl.String)).alias(c)
+                for c in ("go_function", "go_process", "go_component")
+            )
+        )
     if summaries is not None:
         df = df.join(summaries, on="symbol", how="left")
     else:
         df = df.with_columns(pl.lit(None, dtype=pl.String).alias("summary"))
     species = pl.col("tax_id").replace_strict(TAX_NAMES, default=None, return_dtype=pl.String)
-    species = pl.coalesce(species, pl.concat_str(pl.lit("taxon "), pl.col("tax_id").cast(pl.String)))
+    species = pl.coalesce(
+        species, pl.concat_str(pl.lit("taxon "), pl.col("tax_id").cast(pl.String))
+    )
     gene_type = pl.col("type_of_gene").fill_null("")
     parts = [
-        pl.concat_str(pl.col("symbol"), pl.lit(": "), pl.col("full_name").fill_null(pl.col("symbol")), pl.lit(".")),
+        pl.concat_str(
+            pl.col("symbol"),
+            pl.lit(": "),
+            pl.col("full_name").fill_null(pl.col("symbol")),
+            pl.lit("."),
+        ),
         pl.concat_str(pl.lit("A "), gene_type, pl.lit(" gene of "), species, pl.lit(".")),
-        pl.when(pl.col("summary").is_not_null()).then(pl.concat_str(pl.lit("Summary: "), pl.col("summary"))).otherwise(None),
+        pl.when(pl.col("summary").is_not_null())
+        .then(pl.concat_str(pl.lit("Summary: "), pl.col("summary")))
+        .otherwise(None),
         _joined("go_function", MAX_GO_TERMS, "; ", "Molecular function: "),
         _joined("go_process", MAX_GO_TERMS, "; ", "Biological process: "),
         _joined("go_component", MAX_GO_TERMS, "; ", "Cellular component: "),

@@ -15,10 +15,22 @@ from cellvec.report import plots
 log = logging.getLogger(__name__)
 
 
-def write_report(out_dir: str | Path, *, ref_vectors: np.ndarray, ref_labels, query_vectors: np.ndarray,
-                 query_labels, confidence: np.ndarray, recipe: dict, metrics: dict | None = None,
-                 summary: dict | None = None, min_confidence: float = 0.0, title: str = "cellvec mapping report",
-                 max_points: int = 20_000, seed: int = 0) -> Path:
+def write_report(
+    out_dir: str | Path,
+    *,
+    ref_vectors: np.ndarray,
+    ref_labels,
+    query_vectors: np.ndarray,
+    query_labels,
+    confidence: np.ndarray,
+    recipe: dict,
+    metrics: dict | None = None,
+    summary: dict | None = None,
+    min_confidence: float = 0.0,
+    title: str = "cellvec mapping report",
+    max_points: int = 20_000,
+    seed: int = 0,
+) -> Path:
     """Write `report.html` and PNGs into `out_dir`; returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -30,8 +42,14 @@ def write_report(out_dir: str | Path, *, ref_vectors: np.ndarray, ref_labels, qu
     xy = plots.umap_embedding(both, seed=seed)
     pngs = {}
     pngs["umap"] = out / "umap.png"
-    plots.plot_umap(xy[: len(ri)], np.asarray(ref_labels)[ri], xy[len(ri):], np.asarray(query_labels)[qi],
-                    np.asarray(confidence)[qi], pngs["umap"])
+    plots.plot_umap(
+        xy[: len(ri)],
+        np.asarray(ref_labels)[ri],
+        xy[len(ri) :],
+        np.asarray(query_labels)[qi],
+        np.asarray(confidence)[qi],
+        pngs["umap"],
+    )
     pngs["confidence"] = out / "confidence.png"
     plots.plot_confidence(np.asarray(confidence), min_confidence, pngs["confidence"])
     if metrics:
@@ -52,26 +70,41 @@ def _img(path: Path, alt: str) -> str:
 
 
 def _html(title, pngs, recipe, metrics, summary) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in recipe.items())
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in recipe.items()
+    )
     headline = ""
     if metrics:
-        headline = (f"<div class='kpis'><div><b>{metrics['accuracy']:.3f}</b>accuracy</div>"
-                    f"<div><b>{metrics['macro_f1']:.3f}</b>macro-F1</div>"
-                    f"<div><b>{metrics['balanced_accuracy']:.3f}</b>balanced accuracy</div>"
-                    f"<div><b>{metrics['unassigned_fraction']:.1%}</b>unassigned</div>"
-                    f"<div><b>{metrics['n_cells']:,}</b>cells</div></div>")
-        per = "".join(f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
-                      f"<td>{m['f1']:.3f}</td><td>{m['support']:,}</td></tr>" for c, m in metrics["per_class"].items())
-        per_table = ("<h2>Per class</h2><table class='grid'><tr><th>class</th><th>precision</th><th>recall</th>"
-                     f"<th>F1</th><th>support</th></tr>{per}</table>")
+        headline = (
+            f"<div class='kpis'><div><b>{metrics['accuracy']:.3f}</b>accuracy</div>"
+            f"<div><b>{metrics['macro_f1']:.3f}</b>macro-F1</div>"
+            f"<div><b>{metrics['balanced_accuracy']:.3f}</b>balanced accuracy</div>"
+            f"<div><b>{metrics['unassigned_fraction']:.1%}</b>unassigned</div>"
+            f"<div><b>{metrics['n_cells']:,}</b>cells</div></div>"
+        )
+        per = "".join(
+            f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+            f"<td>{m['f1']:.3f}</td><td>{m['support']:,}</td></tr>"
+            for c, m in metrics["per_class"].items()
+        )
+        per_table = (
+            "<h2>Per class</h2><table class='grid'><tr><th>class</th><th>precision</th><th>recall</th>"
+            f"<th>F1</th><th>support</th></tr>{per}</table>"
+        )
     else:
         per_table = ""
-    extra = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
-                    for k, v in summary.items())
+    extra = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
+        for k, v in summary.items()
+    )
     figs = []
-    captions = {"umap": "UMAP of reference and query cell vectors, coloured by label and by confidence",
-                "confusion": "Confusion matrix (rows: true label; numbers: cells)",
-                "per_class_f1": "Per-class F1 with support", "confidence": "Confidence histogram"}
+    captions = {
+        "umap": "UMAP of reference and query cell vectors, coloured by label and by confidence",
+        "confusion": "Confusion matrix (rows: true label; numbers: cells)",
+        "per_class_f1": "Per-class F1 with support",
+        "confidence": "Confidence histogram",
+    }
     for key in ("umap", "confusion", "per_class_f1", "confidence"):
         if key in pngs:
             figs.append(_img(pngs[key], captions[key]))
@@ -91,7 +124,7 @@ table.grid td {{ font-variant-numeric: tabular-nums; }}
 <h1>{html.escape(title)}</h1>
 {headline}
 <h2>Plots</h2>
-{''.join(figs)}
+{"".join(figs)}
 {per_table}
 <h2>Run</h2><table>{extra}</table>
 <h2>Recipe</h2><table>{rows}</table>

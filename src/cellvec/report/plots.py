@@ -21,7 +21,9 @@ def palette(n: int) -> list:
     if n <= 10:
         return [matplotlib.colormaps["tab10"](i) for i in range(n)]
     cols = [matplotlib.colormaps["tab20"](i) for i in range(20)]
-    cols += [matplotlib.colormaps["tab20b"](i) for i in range(20)] + [matplotlib.colormaps["tab20c"](i) for i in range(20)]
+    cols += [matplotlib.colormaps["tab20b"](i) for i in range(20)] + [
+        matplotlib.colormaps["tab20c"](i) for i in range(20)
+    ]
     if n > len(cols):
         cols += [matplotlib.colormaps["hsv"](i / (n - len(cols))) for i in range(n - len(cols))]
     # interleave dark and light so neighbours in the legend differ
@@ -39,7 +41,9 @@ def umap_embedding(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
 
         x = PCA(50, random_state=seed).fit_transform(x)
     n_neighbors = int(min(15, max(2, x.shape[0] - 1)))
-    return umap.UMAP(n_neighbors=n_neighbors, metric="cosine", random_state=seed, n_jobs=1).fit_transform(x)
+    return umap.UMAP(
+        n_neighbors=n_neighbors, metric="cosine", random_state=seed, n_jobs=1
+    ).fit_transform(x)
 
 
 def plot_umap(xy_ref, ref_labels, xy_q, q_labels, q_conf, path):
@@ -48,13 +52,17 @@ def plot_umap(xy_ref, ref_labels, xy_q, q_labels, q_conf, path):
     cols = dict(zip(classes, palette(len(classes))))
     cols["unassigned"] = (0.6, 0.6, 0.6, 1.0)
     fig, axes = plt.subplots(1, 3, figsize=(20, 6.5), constrained_layout=True)
-    for ax, xy, labels, title in ((axes[0], xy_ref, ref_labels, "Reference atlas (labels)"),
-                                  (axes[1], xy_q, q_labels, "Query (predicted labels)")):
+    for ax, xy, labels, title in (
+        (axes[0], xy_ref, ref_labels, "Reference atlas (labels)"),
+        (axes[1], xy_q, q_labels, "Query (predicted labels)"),
+    ):
         ax.scatter(xy_ref[:, 0], xy_ref[:, 1], s=3, c="#e6e6e6", linewidths=0)
         for c in classes + ["unassigned"]:
             m = np.asarray(labels).astype(str) == c
             if m.any():
-                ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cols[c], label=f"{c} ({m.sum():,})", linewidths=0)
+                ax.scatter(
+                    xy[m, 0], xy[m, 1], s=6, color=cols[c], label=f"{c} ({m.sum():,})", linewidths=0
+                )
         ax.set_title(title, fontsize=13)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -65,10 +73,19 @@ def plot_umap(xy_ref, ref_labels, xy_q, q_labels, q_conf, path):
         if lbl.split(" (")[0] not in seen:
             handles.append(h)
             labels_.append(lbl)
-    fig.legend(handles, [lbl.split(" (")[0] for lbl in labels_], loc="outside lower center",
-               ncol=min(6, max(1, len(handles))), fontsize=10, markerscale=2.5, frameon=False)
+    fig.legend(
+        handles,
+        [lbl.split(" (")[0] for lbl in labels_],
+        loc="outside lower center",
+        ncol=min(6, max(1, len(handles))),
+        fontsize=10,
+        markerscale=2.5,
+        frameon=False,
+    )
     axes[2].scatter(xy_ref[:, 0], xy_ref[:, 1], s=3, c="#e6e6e6", linewidths=0)
-    sc = axes[2].scatter(xy_q[:, 0], xy_q[:, 1], s=6, c=q_conf, cmap="viridis", vmin=0, vmax=1, linewidths=0)
+    sc = axes[2].scatter(
+        xy_q[:, 0], xy_q[:, 1], s=6, c=q_conf, cmap="viridis", vmin=0, vmax=1, linewidths=0
+    )
     fig.colorbar(sc, ax=axes[2], shrink=0.8, label="confidence")
     axes[2].set_title("Query (confidence)", fontsize=13)
     axes[2].set_xticks([])
@@ -91,8 +108,15 @@ def plot_confusion(metrics: dict, path):
     for i in range(len(t)):
         for j in range(len(p)):
             if m[i, j]:
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if frac[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if frac[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (colour: fraction of the true class)")
@@ -124,7 +148,9 @@ def plot_confidence(conf: np.ndarray, min_confidence: float, path):
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     ax.hist(conf, bins=np.linspace(0, 1, 41), color="#4c72b0")
     if min_confidence > 0:
-        ax.axvline(min_confidence, color="crimson", ls="--", label=f"--min-confidence {min_confidence:g}")
+        ax.axvline(
+            min_confidence, color="crimson", ls="--", label=f"--min-confidence {min_confidence:g}"
+        )
         ax.legend()
     ax.set_xlabel("confidence (weighted vote share of the winning label)")
     ax.set_ylabel("cells")

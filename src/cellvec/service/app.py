@@ -56,12 +56,24 @@ class _State:
             atlas.encoder(self.gene_store)
             atlas.index()
             self.atlases[name] = (now, atlas)
-            log.info("Loaded atlas %s (version %d, %s cells)", name, atlas.version, f"{len(atlas.vectors):,}")
+            log.info(
+                "Loaded atlas %s (version %d, %s cells)",
+                name,
+                atlas.version,
+                f"{len(atlas.vectors):,}",
+            )
             return atlas
 
 
-def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, sql_max_rows: int = 10_000, sql_timeout_s: float = 10.0):
+def create_app(
+    store: str | Path,
+    *,
+    enable_sql: bool = False,
+    token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    sql_max_rows: int = 10_000,
+    sql_timeout_s: float = 10.0,
+):
     """The FastAPI application over one store. `token` (or $CELLVEC_API_TOKEN) turns on bearer auth."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
@@ -74,8 +86,11 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
         raise StoreError(f"No gene store at {store}: build one with `cellvec genes build`.")
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     state = _State(store)
-    app = FastAPI(title="cellvec", version=__version__,
-                  description="Map single cells onto reference atlases; search genes; read-only SQL.")
+    app = FastAPI(
+        title="cellvec",
+        version=__version__,
+        description="Map single cells onto reference atlases; search genes; read-only SQL.",
+    )
 
     def error(status: int, message: str):
         return JSONResponse(status_code=status, content={"error": message})
@@ -84,12 +99,18 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
     async def guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body_bytes:
-            return error(413, f"Request body of {int(length):,} bytes exceeds the limit of {max_body_bytes:,}; "
-                              "split the cells over several requests.")
+            return error(
+                413,
+                f"Request body of {int(length):,} bytes exceeds the limit of {max_body_bytes:,}; "
+                "split the cells over several requests.",
+            )
         if token and request.url.path.startswith("/v1/"):
             auth = request.headers.get("authorization", "")
             if not hmac.compare_digest(auth.encode(), f"Bearer {token}".encode()):
-                return error(401, f"Missing or wrong bearer token: send 'Authorization: Bearer <{TOKEN_ENV}>'.")
+                return error(
+                    401,
+                    f"Missing or wrong bearer token: send 'Authorization: Bearer <{TOKEN_ENV}>'.",
+                )
         try:
             return await call_next(request)
         except Exception:  # never a stack trace to the client
@@ -131,7 +152,9 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
         except KeyError:
             from cellvec.cell_index.atlas import list_atlases
 
-            raise HTTPException(404, f"No atlas {name!r}; atlases: {', '.join(list_atlases(store)) or 'none'}.") from None
+            raise HTTPException(
+                404, f"No atlas {name!r}; atlases: {', '.join(list_atlases(store)) or 'none'}."
+            ) from None
 
     @app.get("/v1/atlases")
     def atlases():
@@ -146,9 +169,17 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
         res = map_cells(adata, atlas, k=k, min_confidence=min_confidence)
         cells = []
         for i, cid in enumerate(res.cell_ids):
-            c = {"id": cid, "label": str(res.labels[i]), "confidence": round(float(res.confidence[i]), 4)}
+            c = {
+                "id": cid,
+                "label": str(res.labels[i]),
+                "confidence": round(float(res.confidence[i]), 4),
+            }
             if scores:
-                c["scores"] = {str(cl): round(float(s), 4) for cl, s in zip(res.classes, res.scores[i]) if s > 0}
+                c["scores"] = {
+                    str(cl): round(float(s), 4)
+                    for cl, s in zip(res.classes, res.scores[i])
+                    if s > 0
+                }
             cells.append(c)
         return {"atlas": atlas.name, "n_cells": len(cells), "k": k, "cells": cells}
 
@@ -160,12 +191,21 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
 
         a = get_atlas(atlas)
         x = _cells_to_csr(body.cells, len(body.genes))
-        adata = ad.AnnData(x, obs=pd.DataFrame(index=[c.id for c in body.cells]), var=pd.DataFrame(index=body.genes))
+        adata = ad.AnnData(
+            x,
+            obs=pd.DataFrame(index=[c.id for c in body.cells]),
+            var=pd.DataFrame(index=body.genes),
+        )
         return _map(a, adata, body.k, body.min_confidence, body.scores)
 
     @app.post("/v1/atlases/{atlas}/map_h5ad")
-    def map_h5ad(atlas: str, file: UploadFile = File(...), k: int = Query(15, ge=1, le=200),
-                 min_confidence: float = Query(0.0, ge=0, le=1), scores: bool = False):
+    def map_h5ad(
+        atlas: str,
+        file: UploadFile = File(...),
+        k: int = Query(15, ge=1, le=200),
+        min_confidence: float = Query(0.0, ge=0, le=1),
+        scores: bool = False,
+    ):
         """Map the cells of an uploaded .h5ad file."""
         import tempfile
 
@@ -178,12 +218,17 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
             try:
                 adata = ad.read_h5ad(tmp.name)
             except Exception as e:  # noqa: BLE001
-                raise CellvecError(f"The upload is not a readable .h5ad file ({type(e).__name__}).") from e
+                raise CellvecError(
+                    f"The upload is not a readable .h5ad file ({type(e).__name__})."
+                ) from e
         return _map(a, adata, k, min_confidence, scores)
 
     @app.get("/v1/genes/search")
-    def gene_search(q: str = Query(..., min_length=1, max_length=2000), k: int = Query(10, ge=1, le=1000),
-                    model: str | None = None):
+    def gene_search(
+        q: str = Query(..., min_length=1, max_length=2000),
+        k: int = Query(10, ge=1, le=1000),
+        model: str | None = None,
+    ):
         """Genes whose texts are nearest to a free-text query."""
         res = state.gene_store.search(q, model=model, k=k)
         return {"query": q, "results": res.drop("text").to_dicts()}
@@ -203,7 +248,9 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
     def sql(body: SQLRequest):
         """Read-only SQL over the store's views (enabled with `cellvec serve --enable-sql`)."""
         if not enable_sql:
-            raise HTTPException(403, "SQL is disabled on this server; start it with `cellvec serve --enable-sql`.")
+            raise HTTPException(
+                403, "SQL is disabled on this server; start it with `cellvec serve --enable-sql`."
+            )
         from cellvec.sql import StoreSQL
 
         conn = StoreSQL(store)
@@ -222,11 +269,18 @@ def create_app(store: str | Path, *, enable_sql: bool = False, token: str | None
                     break
         except CellvecError as e:
             if "INTERRUPT" in str(e).upper():
-                raise HTTPException(408, f"The query ran past the {sql_timeout_s:g} s limit.") from None
+                raise HTTPException(
+                    408, f"The query ran past the {sql_timeout_s:g} s limit."
+                ) from None
             raise
         finally:
             timer.cancel()
-        return {"columns": columns, "rows": _jsonable(rows), "truncated": truncated, "max_rows": sql_max_rows}
+        return {
+            "columns": columns,
+            "rows": _jsonable(rows),
+            "truncated": truncated,
+            "max_rows": sql_max_rows,
+        }
 
     return app
 
@@ -235,7 +289,9 @@ def create_app_from_env():
     """App factory for multi-process serving (`cellvec serve --workers N`): settings from the environment."""
     store = os.environ.get("CELLVEC_STORE")
     if not store:
-        raise StoreError("CELLVEC_STORE is not set; start the server with `cellvec serve --store DIR`.")
+        raise StoreError(
+            "CELLVEC_STORE is not set; start the server with `cellvec serve --store DIR`."
+        )
     return create_app(store, enable_sql=os.environ.get("CELLVEC_ENABLE_SQL") == "1")
 
 
@@ -247,7 +303,9 @@ def _array(values, kinds: str, what: str, cell_id: str) -> np.ndarray:
     except (ValueError, TypeError, OverflowError):
         arr = np.zeros((0, 0))  # ragged or unconvertible: reported below
     if arr.ndim != 1 or arr.dtype.kind not in kinds:
-        raise CellvecError(f"Cell {cell_id!r}: {what} must be a flat list of {'integers' if kinds == 'iu' else 'numbers'}.")
+        raise CellvecError(
+            f"Cell {cell_id!r}: {what} must be a flat list of {'integers' if kinds == 'iu' else 'numbers'}."
+        )
     return arr
 
 
@@ -266,7 +324,9 @@ def _cells_to_csr(cells, n_genes: int):
         idx.append(i.astype(np.int64))
         vals.append(v.astype(np.float32))
         indptr.append(indptr[-1] + len(i))
-    x = sp.csr_matrix((np.concatenate(vals), np.concatenate(idx), np.asarray(indptr)), shape=(len(cells), n_genes))
+    x = sp.csr_matrix(
+        (np.concatenate(vals), np.concatenate(idx), np.asarray(indptr)), shape=(len(cells), n_genes)
+    )
     x.sum_duplicates()
     return x
 

@@ -12,15 +12,23 @@ class Cell(BaseModel):
     not element by element: per-element validation cost ~0.3 s per 1,000 cells."""
 
     id: str = Field(..., description="Cell id, echoed back")
-    indices: SkipValidation[list[int]] = Field(..., description="Positions in `genes` of the non-zero values")
-    values: SkipValidation[list[float]] = Field(..., description="Expression values (counts or log-normalised)")
+    indices: SkipValidation[list[int]] = Field(
+        ..., description="Positions in `genes` of the non-zero values"
+    )
+    values: SkipValidation[list[float]] = Field(
+        ..., description="Expression values (counts or log-normalised)"
+    )
 
 
 class MapRequest(BaseModel):
-    genes: list[str] = Field(..., min_length=1, description="Gene symbols (or Ensembl ids) of the columns")
+    genes: list[str] = Field(
+        ..., min_length=1, description="Gene symbols (or Ensembl ids) of the columns"
+    )
     cells: list[Cell] = Field(..., min_length=1, max_length=MAX_CELLS_PER_REQUEST)
     k: int = Field(15, ge=1, le=200, description="Neighbours in the vote")
-    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="Below this a cell is 'unassigned'")
+    min_confidence: float = Field(
+        0.0, ge=0.0, le=1.0, description="Below this a cell is 'unassigned'"
+    )
     scores: bool = Field(False, description="Return per-class scores per cell")
 
 

@@ -27,12 +27,14 @@ class Embedder:
         """What is recorded in a table's metadata about this model."""
         return {"model": self.spec}
 
-    def iter_batches(self, texts: Sequence[str], batch_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(
+        self, texts: Sequence[str], batch_size: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (indices, vectors) batches, longest texts grouped together to cut padding."""
         bs = batch_size or self.batch_size
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             vecs = np.asarray(self.embed_batch([texts[i] for i in idx]), dtype=np.float32)
             yield idx, normalise_rows(vecs)
 

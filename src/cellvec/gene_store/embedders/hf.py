@@ -29,7 +29,9 @@ class HFMeanPoolEmbedder(Embedder):
             try:
                 from transformers import AutoModel, AutoTokenizer
             except ImportError as e:
-                raise EmbedderError("transformers is not installed: pip install 'cellvec[embed]'.") from e
+                raise EmbedderError(
+                    "transformers is not installed: pip install 'cellvec[embed]'."
+                ) from e
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.name)
                 model = AutoModel.from_pretrained(self.name)
@@ -48,8 +50,13 @@ class HFMeanPoolEmbedder(Embedder):
         import torch
 
         model = self._load()
-        enc = self._tokenizer(list(texts), padding=True, truncation=True,
-                              max_length=self.max_length, return_tensors="pt").to(self._device)
+        enc = self._tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self._device)
         with torch.inference_mode():
             hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -57,5 +64,9 @@ class HFMeanPoolEmbedder(Embedder):
         return pooled.float().cpu().numpy()
 
     def config(self) -> dict:
-        return {"model": self.spec, "provider": "transformers", "pooling": "mean",
-                "max_length": self.max_length}
+        return {
+            "model": self.spec,
+            "provider": "transformers",
+            "pooling": "mean",
+            "max_length": self.max_length,
+        }

