@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cellvec.cell_index.recipe import REFINES
 from cellvec.cli.options import emit_json, json_option, store_option
 
 
@@ -260,9 +261,7 @@ def explain_cmd(reference, store, atlas_name, subtype, scores, out, n_genes, as_
     type=click.Path(exists=True, file_okay=False),
     help="Folder with the demo data (default: shipped).",
 )
-@click.option(
-    "--refine", type=click.Choice(["none", "supcon", "simclr"]), default="supcon", show_default=True
-)
+@click.option("--refine", type=click.Choice(REFINES), default="supcon", show_default=True)
 def demo_cmd(out, data, refine):
     """The whole pipeline on shipped data, offline: gene store, atlas, refinement, mapping, report.
 

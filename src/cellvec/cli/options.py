@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from cellvec.cell_index.recipe import BACKGROUNDS, REFINES, WEIGHTINGS
+
 store_option = click.option(
     "--store",
     required=True,
@@ -47,21 +49,21 @@ def input_options(f):
 def recipe_options(f):
     f = click.option(
         "--refine",
-        type=click.Choice(["none", "supcon", "simclr"]),
+        type=click.Choice(REFINES),
         default="none",
         show_default=True,
         help="Contrastive refinement of cell vectors.",
     )(f)
     f = click.option(
         "--background",
-        type=click.Choice(["none", "center", "whiten"]),
+        type=click.Choice(BACKGROUNDS),
         default="whiten",
         show_default=True,
         help="Remove what all gene vectors share (fitted on the reference's genes).",
     )(f)
     f = click.option(
         "--weighting",
-        type=click.Choice(["value", "log1p", "rank", "softmax"]),
+        type=click.Choice(WEIGHTINGS),
         default="value",
         show_default=True,
         help="Weights of a cell's top genes.",
