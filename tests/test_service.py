@@ -90,6 +90,10 @@ def test_endpoints(served, tmp_path):
         tiny_adata(n_cells=9, seed=4, prefix="u").write_h5ad(path)
         r = c.post("/v1/atlases/tiny/map_h5ad", files={"file": ("q.h5ad", path.read_bytes())})
         assert r.status_code == 200 and r.json()["n_cells"] == 9
+        r = c.post(
+            "/v1/atlases/tiny/map", files={"file": ("q.h5ad", path.read_bytes())}
+        )  # same URL as JSON
+        assert r.status_code == 200 and r.json()["n_cells"] == 9
         s = c.get("/v1/genes/search", params={"q": "B cell receptor immunoglobulin", "k": 3}).json()
         assert all(g["symbol"].startswith("B") for g in s["results"])
         nb = c.get("/v1/genes/TGENE0/neighbors", params={"k": 4}).json()

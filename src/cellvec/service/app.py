@@ -111,6 +111,11 @@ def create_app(
                     401,
                     f"Missing or wrong bearer token: send 'Authorization: Bearer <{TOKEN_ENV}>'.",
                 )
+        if request.url.path.endswith("/map") and request.headers.get("content-type", "").startswith(
+            "multipart/form-data"
+        ):
+            # DESIGN: /map takes JSON or an h5ad upload; uploads go to the upload handler.
+            request.scope["path"] = request.url.path + "_h5ad"
         try:
             return await call_next(request)
         except Exception:  # never a stack trace to the client
