@@ -48,6 +48,14 @@ def augment(
     return normalise_rows(np.asarray(v, dtype=np.float32))
 
 
+def balanced_sampling_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-cell sampling probabilities giving every class the same total: a 3-cell subtype
+    is drawn as often as a 3,000-cell one (with augmentation, so its views differ)."""
+    _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    p = 1.0 / counts[codes]
+    return p / p.sum()
+
+
 def _contrastive_loss(z, labels, temperature: float):
     """SupCon loss; with `labels` = cell ids it is SimCLR's NT-Xent."""
     import torch
@@ -121,9 +129,7 @@ def train_head(
     va = np.flatnonzero(val)
     clean = normalise_rows(np.asarray(w @ basis, dtype=np.float32)) if supervised else None
 
-    counts = np.bincount(y[tr])
-    p = 1.0 / counts[y[tr]] if supervised else np.ones(len(tr))
-    p = p / p.sum()
+    p = balanced_sampling_weights(y[tr]) if supervised else np.full(len(tr), 1.0 / len(tr))
 
     model = torch.nn.Sequential(
         torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out_dim)
