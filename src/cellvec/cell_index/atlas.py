@@ -23,13 +23,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from cellvec.cell_index.artifacts import load_artifact, save_artifact
+from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.background import apply_background, fit_background
 from cellvec.cell_index.encoder import CellEncoder
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head, train_head
-from cellvec.cell_index.vectors import GeneBasis, cell_vectors, match_dataset_genes, weights_matrix
+from cellvec.cell_index.vectors import (
+    GeneBasis,
+    cell_vectors,
+    match_dataset_genes,
+    weighted_mean,
+    weights_matrix,
+)
 from cellvec.errors import CellvecError, InputFormatError, StoreError
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
 
@@ -81,24 +87,16 @@ def fit_encoder(
             seed=seed,
             **(refine_options or {}),
         )
-        vectors = apply_head(head, cell_vectors_from_weights(w, basis.full))
+        vectors = apply_head(head, weighted_mean(w, basis.full))
         recipe = Recipe.from_dict({**recipe.to_dict(), "head_hash": _hash_or_save(store, head)})
     else:
         vectors = cell_vectors(source, basis, recipe, desc="reference vectors")
     return CellEncoder(recipe, genes, bg, head), vectors, report
 
 
-def cell_vectors_from_weights(w, basis_vectors: np.ndarray) -> np.ndarray:
-    from cellvec.gene_store.embedders.base import normalise_rows
-
-    return normalise_rows(np.asarray(w @ basis_vectors, dtype=np.float32))
-
-
 def _hash_or_save(store, arrays: dict) -> str | None:
     if not arrays:
         return None
-    from cellvec.cell_index.artifacts import array_hash
-
     return save_artifact(store, arrays) if store is not None else array_hash(arrays)
 
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import labels_of
+from cellvec.cell_index.atlas import fit_encoder, labels_of
 from cellvec.cell_index.background import apply_background, fit_background
 from cellvec.cell_index.graph import go_graph_embedding
 from cellvec.cell_index.knn import exact_knn, vote
@@ -29,9 +30,8 @@ from cellvec.cell_index.metrics import classification_metrics
 from cellvec.cell_index.readers import read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head, train_head
-from cellvec.cell_index.vectors import match_dataset_genes, top_n_weights
+from cellvec.cell_index.vectors import match_dataset_genes, top_n_weights, weighted_mean
 from cellvec.errors import CellvecError
-from cellvec.gene_store.embedders.base import normalise_rows
 from cellvec.gene_store.store import GeneStore
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,48 @@ class _Representations:
             basis = m["graph"]
         else:
             basis = m["basis"]
-        return normalise_rows(np.asarray(m["w"] @ basis, dtype=np.float32)), m["w"], basis
+        return weighted_mean(m["w"], basis), m["w"], basis
+
+    def transfer(self, source, y, query, query_y, names, genes, k: int) -> dict[str, dict]:
+        """Fit on the whole reference, map `query` with no retraining; metrics per representation."""
+        classes = np.unique(y)
+        query_genes = set(query.var_names)
+        common = [g for g in source.var_names if g in query_genes]
+        ref_pos = {g: i for i, g in enumerate(source.var_names)}
+        q_pos = {g: i for i, g in enumerate(query.var_names)}
+        xr = self.x[:, [ref_pos[g] for g in common]]
+        xq = query.to_csr()[:, [q_pos[g] for g in common]]
+        recipes = {
+            "cellvec": self.recipe,
+            "cellvec_unrefined": Recipe.from_dict({**self.recipe.to_dict(), "refine": "none"}),
+            "naive_mean": Recipe.from_dict(
+                {**self.recipe.to_dict(), "refine": "none", "background": "none"}
+            ),
+        }
+        out = {}
+        for name in names:
+            if name in EXPRESSION_BASELINES:
+                pred = expression_baseline(name, xr, y, xq, k, self.seed)
+            elif name in recipes:
+                enc, ref_vecs, _ = fit_encoder(
+                    source,
+                    y,
+                    genes,
+                    recipes[name],
+                    seed=self.seed,
+                    refine_options=self.refine_options,
+                )
+                pred = _vector_knn(ref_vecs, y, enc.encode(query), classes, k)
+            else:
+                continue  # graph_baseline and naive_mean_refined are scored within the dataset only
+            out[name] = classification_metrics(query_y, pred)
+            log.info(
+                "transfer %-18s accuracy %.3f  macro-F1 %.3f",
+                name,
+                out[name]["accuracy"],
+                out[name]["macro_f1"],
+            )
+        return out
 
     def predict(
         self,
@@ -333,23 +374,13 @@ def evaluate(
             curves[name] = curve
     transfer = {}
     if query is not None:
-        transfer = _transfer(
-            source,
-            y,
-            query,
-            query_label_key or label_key,
-            label_map,
-            genes_by_model[models[0]],
-            recipe,
-            names,
-            reps,
-            k,
-            seed,
-            layer,
-            use_raw,
+        q = read_expression(
+            query, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
         )
-    from pathlib import Path
-
+        qy = labels_of(q, query_label_key or label_key).astype(str)
+        if label_map:
+            qy = np.array([label_map.get(t, t) for t in qy])
+        transfer = reps.transfer(source, y, q, qy, names, genes_by_model[models[0]], k)
     return EvaluationResult(
         dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",
         label_key=label_key,
@@ -360,59 +391,3 @@ def evaluate(
         recipe=recipe.to_dict(),
         seconds=time.perf_counter() - t0,
     )
-
-
-def _transfer(
-    source,
-    y,
-    query,
-    query_label_key,
-    label_map,
-    genes,
-    recipe,
-    names,
-    reps,
-    k,
-    seed,
-    layer,
-    use_raw,
-):
-    """Fit on the whole reference, map the query with no retraining; metrics per representation."""
-    from cellvec.cell_index.atlas import fit_encoder
-
-    q = read_expression(query, layer=layer, use_raw=use_raw)
-    qy = labels_of(q, query_label_key).astype(str)
-    if label_map:
-        qy = np.array([label_map.get(t, t) for t in qy])
-    classes = np.unique(y)
-    out = {}
-    common = [g for g in source.var_names if g in set(q.var_names)]
-    ref_pos = {g: i for i, g in enumerate(source.var_names)}
-    q_pos = {g: i for i, g in enumerate(q.var_names)}
-    xr = reps.x[:, [ref_pos[g] for g in common]]
-    xq = q.to_csr()[:, [q_pos[g] for g in common]]
-    for name in names:
-        if name in EXPRESSION_BASELINES:
-            pred = expression_baseline(name, xr, y, xq, k, seed)
-        elif name in ("cellvec", "cellvec_unrefined", "naive_mean"):
-            r = {
-                "cellvec": recipe,
-                "cellvec_unrefined": Recipe.from_dict({**recipe.to_dict(), "refine": "none"}),
-                "naive_mean": Recipe.from_dict(
-                    {**recipe.to_dict(), "refine": "none", "background": "none"}
-                ),
-            }[name]
-            enc, ref_vecs, _ = fit_encoder(
-                source, y, genes, r, seed=seed, refine_options=reps.refine_options
-            )
-            pred = _vector_knn(ref_vecs, y, enc.encode(q), classes, k)
-        else:
-            continue
-        out[name] = classification_metrics(qy, pred)
-        log.info(
-            "transfer %-18s accuracy %.3f  macro-F1 %.3f",
-            name,
-            out[name]["accuracy"],
-            out[name]["macro_f1"],
-        )
-    return out

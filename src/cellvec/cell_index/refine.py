@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellvec._progress import progress
+from cellvec.cell_index.vectors import weighted_mean
 from cellvec.gene_store.embedders.base import normalise_rows
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ def augment(
     """An augmented view: drop genes, jitter weights, re-aggregate, normalise."""
     data = w.data * rng.lognormal(0.0, noise, size=w.data.shape).astype(np.float32)
     data = data * (rng.random(w.data.shape) >= dropout)
-    v = sp.csr_matrix((data.astype(np.float32), w.indices, w.indptr), shape=w.shape) @ basis
-    return normalise_rows(np.asarray(v, dtype=np.float32))
+    return weighted_mean(
+        sp.csr_matrix((data.astype(np.float32), w.indices, w.indptr), shape=w.shape), basis
+    )
 
 
 def balanced_sampling_weights(labels: np.ndarray) -> np.ndarray:
@@ -127,7 +129,7 @@ def train_head(
             val[rng.choice(idx, max(1, int(round(len(idx) * val_fraction))), replace=False)] = True
     tr = np.flatnonzero(~val)
     va = np.flatnonzero(val)
-    clean = normalise_rows(np.asarray(w @ basis, dtype=np.float32)) if supervised else None
+    clean = weighted_mean(w, basis) if supervised else None
 
     p = balanced_sampling_weights(y[tr]) if supervised else np.full(len(tr), 1.0 / len(tr))
 

@@ -163,10 +163,16 @@ def match_dataset_genes(
     return cols, m.rows[cols]
 
 
+def weighted_mean(w: sp.csr_matrix, gene_vectors: np.ndarray) -> np.ndarray:
+    """Cell vectors: rows of `w @ gene_vectors` (weights sum to 1 per cell), scaled to unit length."""
+    return normalise_rows(np.asarray(w @ gene_vectors, dtype=np.float32))
+
+
 def aggregate(x: sp.csr_matrix, basis: GeneBasis, recipe: Recipe) -> np.ndarray:
     """Cell vectors (unit length) of a chunk of log-normalised expression."""
-    w = top_n_weights(x, recipe.top_genes, recipe.weighting, col_mask=basis.mask)
-    return normalise_rows(np.asarray(w @ basis.full, dtype=np.float32))
+    return weighted_mean(
+        top_n_weights(x, recipe.top_genes, recipe.weighting, col_mask=basis.mask), basis.full
+    )
 
 
 def iter_cell_vectors(
