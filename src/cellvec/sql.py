@@ -35,11 +35,12 @@ class SQLError(CellvecError):
 class StoreSQL:
     """A read-only DuckDB connection over one store."""
 
-    def __init__(self, store: str | Path, *, text_embedder=None):
+    def __init__(self, store: str | Path | GeneStore, *, text_embedder=None):
         import duckdb
         import numpy as np
 
-        self.store = GeneStore(store)
+        # A GeneStore passed in (the service's) keeps its loaded tables cached across queries.
+        self.store = store if isinstance(store, GeneStore) else GeneStore(store)
         self.con = duckdb.connect(":memory:")
         self.views: dict[str, str] = {}
         default = None

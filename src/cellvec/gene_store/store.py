@@ -206,17 +206,22 @@ class GeneStore:
         """The store's spec for a model name (`genept` finds an imported `precomputed:genept`)."""
         if model is None:
             return self.default_model()
-        if model not in self.models() and f"precomputed:{model}" in self.models():
+        names = self.table_names()
+        if table_name(model) not in names and table_name(f"precomputed:{model}") in names:
             return f"precomputed:{model}"
         return model
 
     def default_model(self) -> str:
+        """`minilm` when its table is complete, else the first complete model."""
+        minilm = table_name("minilm")
+        if minilm in self.table_names() and read_meta(self.db.open_table(minilm)).get("complete"):
+            return "minilm"
         models = self.models()
         if not models:
             raise StoreError(
                 f"The gene store {self.path} has no complete gene table: run `cellvec genes build`."
             )
-        return "minilm" if "minilm" in models else models[0]
+        return models[0]
 
     def load(self, model: str | None = None) -> GeneTable:
         """The complete gene table of `model` (default: the store's default model)."""

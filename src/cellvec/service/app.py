@@ -258,7 +258,7 @@ def create_app(
             )
         from cellvec.sql import StoreSQL
 
-        conn = StoreSQL(store)
+        conn = StoreSQL(state.gene_store)
         timer = threading.Timer(sql_timeout_s, conn.con.interrupt)
         timer.start()
         rows, truncated, columns = [], False, []
