@@ -49,6 +49,14 @@ def test_head_output_is_unit_length_and_numpy_only():
     assert report["n_train"] + report["n_val"] == 120 and report["epochs_run"] >= 1
 
 
+def test_supcon_without_labels_names_the_fix():
+    from cellvec.errors import CellvecError
+
+    w, basis, _ = _toy()
+    with pytest.raises(CellvecError, match="--label-key.*--refine simclr"):
+        train_head(w, basis, None, mode="supcon", **FAST)
+
+
 def test_simclr_without_labels():
     w, basis, _ = _toy()
     head, report = train_head(w, basis, None, mode="simclr", seed=0, **FAST)

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from cellvec._progress import progress
 from cellvec.cell_index.vectors import weighted_mean
+from cellvec.errors import CellvecError
 from cellvec.gene_store.embedders.base import normalise_rows
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,10 @@ def train_head(
     n, d = w.shape[0], basis.shape[1]
     supervised = mode == "supcon"
     if supervised and labels is None:
-        raise ValueError("supcon refinement needs labels")
+        raise CellvecError(
+            "Supervised refinement (supcon) needs cell labels: give a --label-key, "
+            "or use --refine simclr, which learns from the cells alone."
+        )
     y = np.zeros(n, dtype=np.int64)
     if labels is not None:
         _, y = np.unique(np.asarray(labels).astype(str), return_inverse=True)
