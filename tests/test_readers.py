@@ -1,6 +1,5 @@
 import gzip
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -181,7 +180,6 @@ def test_unknown_format(tmp_path):
     bad.write_text("not hdf5")
     with pytest.raises(InputFormatError, match="not a readable h5ad"):
         read_expression(bad)
-    _ = ad  # anndata is exercised above
 
 
 def test_backed_file_is_checked_as_it_streams(tmp_path):

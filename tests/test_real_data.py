@@ -10,7 +10,6 @@ import gzip
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import SHARED, requires_shared
@@ -113,4 +112,3 @@ def test_evaluate_pbmc3k_against_baselines(pbmc_store):
     assert reps["cellvec"]["macro_f1"] >= 0.85
     assert reps["pca_knn"]["macro_f1"] >= 0.85
     json.dumps(res.to_dict())  # serialisable
-    _ = np

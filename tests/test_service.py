@@ -4,7 +4,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
 
 from cellvec.cell_index.atlas import build_atlas
@@ -202,7 +201,6 @@ def test_concurrent_requests_while_atlas_is_rebuilt(served):
             t.join()
     assert errors == []
     assert set(sizes) <= {60, 90} and len(set(sizes)) >= 1  # only whole atlases were ever seen
-    _ = np
 
 
 def test_bad_cell_arrays_are_422(served):
@@ -224,19 +222,12 @@ def test_bad_cell_arrays_are_422(served):
 
 
 @pytest.mark.slow
-def test_serve_with_several_workers(fake_store, tmp_path):
+def test_serve_with_several_workers(served):
     """`cellvec serve --workers 2` starts worker processes from the environment-configured factory."""
     import os
     import subprocess
     import sys
 
-    build_atlas(
-        tiny_adata(n_cells=60, seed=1),
-        store=fake_store,
-        name="tiny",
-        label_key="cell_type",
-        top_genes=10,
-    )
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -246,7 +237,7 @@ def test_serve_with_several_workers(fake_store, tmp_path):
             "-q",
             "serve",
             "--store",
-            str(fake_store),
+            str(served),
             "--port",
             str(port),
             "--workers",
