@@ -114,18 +114,24 @@ def gene_files(tmp_path):
     }
 
 
-@pytest.fixture
-def fake_store(tmp_path, gene_files):
+def build_tiny(gene_files: dict, store, embedder=None, **options):
+    """Build the tiny human gene set (the `gene_files` fixture) into `store`."""
     from cellvec.gene_store import build_gene_store
 
-    store = tmp_path / "store"
-    build_gene_store(
+    return build_gene_store(
         gene_files["gene_info"],
         gene2go=gene_files["gene2go"],
         store=store,
         species="human",
-        embedder=FakeEmbedder(),
+        embedder=embedder or FakeEmbedder(),
+        **options,
     )
+
+
+@pytest.fixture
+def fake_store(tmp_path, gene_files):
+    store = tmp_path / "store"
+    build_tiny(gene_files, store)
     return store
 
 

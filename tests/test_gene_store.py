@@ -12,7 +12,7 @@ import pytest
 from cellvec.errors import StoreError
 from cellvec.gene_store import GeneStore, build_gene_store, import_vectors
 from cellvec.gene_store.store import read_meta
-from conftest import FakeEmbedder, tiny_genes, write_gene2go, write_gene_info
+from conftest import FakeEmbedder, build_tiny, tiny_genes, write_gene2go, write_gene_info
 
 
 def test_build_writes_table_with_metadata(fake_store, gene_files):
@@ -39,13 +39,7 @@ def test_build_writes_table_with_metadata(fake_store, gene_files):
 
 def test_rebuild_embeds_only_changed_genes(tmp_path, fake_store, gene_files):
     emb = FakeEmbedder()
-    res = build_gene_store(
-        gene_files["gene_info"],
-        gene2go=gene_files["gene2go"],
-        store=fake_store,
-        species="human",
-        embedder=emb,
-    )
+    res = build_tiny(gene_files, fake_store, emb)
     assert (res.n_embedded, res.n_reused, emb.n_embedded) == (0, 30, 0)
     genes = tiny_genes()
     genes[0]["name"] = "T lineage gene 0, renamed"
@@ -67,27 +61,13 @@ def test_failed_build_never_looks_complete_then_resumes(tmp_path, gene_files):
 
     store = tmp_path / "store"
     with pytest.raises(RuntimeError):
-        build_gene_store(
-            gene_files["gene_info"],
-            gene2go=gene_files["gene2go"],
-            store=store,
-            species="human",
-            embedder=Failing(),
-            batch_size=5,
-        )
+        build_tiny(gene_files, store, Failing(), batch_size=5)
     gs = GeneStore(store)
     assert gs.models() == []
     with pytest.raises(StoreError, match="no complete table for model 'fake'"):
         gs.load("fake")
     emb = FakeEmbedder()
-    res = build_gene_store(
-        gene_files["gene_info"],
-        gene2go=gene_files["gene2go"],
-        store=store,
-        species="human",
-        embedder=emb,
-        batch_size=5,
-    )
+    res = build_tiny(gene_files, store, emb, batch_size=5)
     assert res.n_embedded == 20 and emb.n_embedded == 20  # the two committed batches were kept
     assert "_building_fake" not in GeneStore(store).table_names()
 
@@ -132,25 +112,12 @@ def test_kill_minus_nine_then_resume(tmp_path, gene_files):
     staged = gs.open_table("_building_fake").count_rows()
     assert 6 <= staged < 30
     emb = FakeEmbedder()
-    res = build_gene_store(
-        gene_files["gene_info"],
-        gene2go=gene_files["gene2go"],
-        store=store,
-        species="human",
-        embedder=emb,
-        batch_size=3,
-    )
+    res = build_tiny(gene_files, store, emb, batch_size=3)
     assert res.n_embedded == 30 - staged == emb.n_embedded
     gt = GeneStore(store).load("fake")
     assert gt.genes["gene_id"].n_unique() == gt.genes.height == 30
     clean = tmp_path / "clean"
-    build_gene_store(
-        gene_files["gene_info"],
-        gene2go=gene_files["gene2go"],
-        store=clean,
-        species="human",
-        embedder=FakeEmbedder(),
-    )
+    build_tiny(gene_files, clean, FakeEmbedder())
     ref = GeneStore(clean).load("fake")
     order = {g: i for i, g in enumerate(ref.genes["gene_id"].to_list())}
     idx = [order[g] for g in gt.genes["gene_id"].to_list()]
