@@ -17,6 +17,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The metrics every `--json` result carries (DESIGN.md's CLI contract).
+METRIC_KEYS = {
+    "accuracy",
+    "macro_f1",
+    "balanced_accuracy",
+    "per_class",
+    "n_cells",
+    "unassigned_fraction",
+}
+
 requires_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"real data not found at {SHARED}")
 
 from cellvec.gene_store.embedders import register_embedder  # noqa: E402
