@@ -175,3 +175,18 @@ def test_ivf_neighbours_match_exact_search():
     # tie-aware: every ANN neighbour is at least as similar as the exact k-th neighbour (within float error)
     assert np.mean(asim[:, -1] >= es[:, -1] - 1e-5) >= 0.95
     np.testing.assert_allclose(es, np.sort(q @ ref.T, axis=1)[:, ::-1][:, :k], atol=1e-5)
+
+
+def test_cells_without_labels_are_excluded_and_label_maps_rename_truth(fake_store):
+    a = tiny_adata(n_cells=60, seed=1)
+    a.obs["cell_type"] = a.obs["cell_type"].cat.add_categories([""])
+    a.obs.iloc[0, a.obs.columns.get_loc("cell_type")] = None
+    a.obs.iloc[1, a.obs.columns.get_loc("cell_type")] = ""
+    atlas = build_atlas(a, store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    assert atlas.meta["n_cells"] == 58 and set(atlas.classes) == {"B", "M", "T"}
+    q = tiny_adata(n_cells=30, seed=2, prefix="q")
+    q.obs["cell_type"] = q.obs["cell_type"].cat.rename_categories({"T": "T cell"})
+    plain = map_cells(q, "tiny", store=fake_store, truth_key="cell_type")
+    assert "T cell" in plain.metrics["per_class"] and plain.metrics["accuracy"] < 1.0
+    mapped = map_cells(q, "tiny", store=fake_store, truth_key="cell_type", label_map={"T cell": "T"})
+    assert mapped.metrics["accuracy"] == 1.0 and "T cell" not in mapped.metrics["per_class"]

@@ -44,13 +44,29 @@ log = logging.getLogger(__name__)
 ATLAS_PREFIX = "atlas_"
 
 
-def labels_of(source: ExpressionSource, label_key: str) -> np.ndarray:
+def _label_column(source: ExpressionSource, label_key: str):
     if label_key not in source.obs.columns:
         raise InputFormatError(
             f"{source.path}: no cell annotation {label_key!r}; obs columns are: "
             f"{', '.join(map(str, source.obs.columns)) or 'none'}. Name one with --label-key."
         )
-    return source.obs[label_key].astype(object).to_numpy()
+    return source.obs[label_key]
+
+
+def labels_of(
+    source: ExpressionSource, label_key: str, *, label_map: dict[str, str] | None = None
+) -> np.ndarray:
+    """The cells' labels as strings, renamed through `label_map` (cross-study names) if given."""
+    labels = _label_column(source, label_key).astype(str)
+    if label_map:
+        labels = labels.replace(label_map)
+    return labels.to_numpy(dtype=object)
+
+
+def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
+    """True for cells that carry a (non-empty) label."""
+    col = _label_column(source, label_key)
+    return (col.notna() & (col.astype(str).str.len() > 0)).to_numpy()
 
 
 def fit_encoder(
@@ -232,14 +248,13 @@ def build_atlas(
     gs = GeneStore(store)
     genes = gs.load(model)
     source = read_expression(reference, layer=layer, use_raw=use_raw, gene_column=gene_column)
-    labels = labels_of(source, label_key)
-    known = np.array([lab is not None and str(lab) not in ("nan", "") for lab in labels])
+    known = known_labels(source, label_key)
     if not known.all():
         log.warning(
             "%s: %d cells without a %s label excluded", source.path, int((~known).sum()), label_key
         )
-        source, labels = source.subset(known), labels[known]
-    labels = labels.astype(str)
+        source = source.subset(known)
+    labels = labels_of(source, label_key)
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = Recipe(
         model=genes.model,

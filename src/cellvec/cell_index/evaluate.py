@@ -336,7 +336,7 @@ def evaluate(
     source = read_expression(
         data, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
     )
-    y = labels_of(source, label_key).astype(str)
+    y = labels_of(source, label_key)
     classes = np.unique(y)
     reps = _Representations(source, genes_by_model, recipe, refine_options or {}, seed)
     names = (
@@ -377,9 +377,7 @@ def evaluate(
         q = read_expression(
             query, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
         )
-        qy = labels_of(q, query_label_key or label_key).astype(str)
-        if label_map:
-            qy = np.array([label_map.get(t, t) for t in qy])
+        qy = labels_of(q, query_label_key or label_key, label_map=label_map)
         transfer = reps.transfer(source, y, q, qy, names, genes_by_model[models[0]], k)
     return EvaluationResult(
         dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",

@@ -177,9 +177,7 @@ def map_cells(
     if truth_key:
         from cellvec.cell_index.atlas import labels_of
 
-        truth = labels_of(source, truth_key).astype(str)
-        if label_map:
-            truth = np.array([label_map.get(t, t) for t in truth], dtype=object)
+        truth = labels_of(source, truth_key, label_map=label_map)
     q = atlas.encoder().encode(source)
     idx, sim = knn(q, atlas.vectors, k, index=atlas.index())
     classes, codes = atlas.label_codes()

@@ -98,9 +98,8 @@ def match_genes(names, genes: pl.DataFrame) -> GeneMatch:
         )
     best = pl.concat(cands).sort("i", "prio").unique("i", keep="first")
     rows = np.full(q.height, -1, dtype=np.int64)
-    how: list[str | None] = [None] * q.height
-    idx, r, h = best["i"].to_numpy(), best["row"].to_numpy(), best["how"].to_list()
-    rows[idx] = r
-    for i, hh in zip(idx.tolist(), h):
-        how[i] = hh
-    return GeneMatch(rows=rows, how=how)
+    how = np.full(q.height, None, dtype=object)
+    idx = best["i"].to_numpy()
+    rows[idx] = best["row"].to_numpy()
+    how[idx] = best["how"].to_numpy()
+    return GeneMatch(rows=rows, how=how.tolist())
