@@ -188,5 +188,7 @@ def test_cells_without_labels_are_excluded_and_label_maps_rename_truth(fake_stor
     q.obs["cell_type"] = q.obs["cell_type"].cat.rename_categories({"T": "T cell"})
     plain = map_cells(q, "tiny", store=fake_store, truth_key="cell_type")
     assert "T cell" in plain.metrics["per_class"] and plain.metrics["accuracy"] < 1.0
-    mapped = map_cells(q, "tiny", store=fake_store, truth_key="cell_type", label_map={"T cell": "T"})
+    mapped = map_cells(
+        q, "tiny", store=fake_store, truth_key="cell_type", label_map={"T cell": "T"}
+    )
     assert mapped.metrics["accuracy"] == 1.0 and "T cell" not in mapped.metrics["per_class"]
