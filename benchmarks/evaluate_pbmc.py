@@ -64,8 +64,8 @@ def main():
         sys.exit(f"{SHARED} not found: this evaluation needs the shared real data")
     import anndata as ad
 
-    from cellvec.cell_index.evaluate import evaluate
     from cellvec.cell_index.mapping import read_label_map
+    from cellvec.evaluation.evaluate import evaluate
 
     ensure_store(args.store)
     args.out.mkdir(parents=True, exist_ok=True)

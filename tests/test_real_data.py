@@ -97,7 +97,7 @@ def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
 
 
 def test_evaluate_pbmc3k_against_baselines(pbmc_store):
-    from cellvec.cell_index.evaluate import evaluate
+    from cellvec.evaluation.evaluate import evaluate
 
     res = evaluate(
         CELLS / "pbmc3k.h5ad",

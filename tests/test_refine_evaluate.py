@@ -3,9 +3,9 @@ import pytest
 import scipy.sparse as sp
 
 from cellvec.cell_index.atlas import build_atlas
-from cellvec.cell_index.evaluate import evaluate
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.refine import apply_head, train_head
+from cellvec.evaluation.evaluate import evaluate
 from conftest import METRIC_KEYS, tiny_adata
 
 FAST = {"epochs": 6, "patience": 3, "batch_size": 32}
@@ -164,8 +164,8 @@ def test_evaluate_transfer(fake_store):
 
 
 def test_too_many_folds():
-    from cellvec.cell_index.evaluate import _folds
     from cellvec.errors import CellvecError
+    from cellvec.evaluation.evaluate import _folds
 
     with pytest.raises(CellvecError, match="fewer --folds"):
         _folds(np.array(["a", "b", "a", "b"]), 5, 0)

@@ -11,10 +11,10 @@ import numpy as np
 
 from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.knn import knn, vote
-from cellvec.cell_index.metrics import UNASSIGNED, classification_metrics
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, InputFormatError
+from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
 
 log = logging.getLogger(__name__)
 

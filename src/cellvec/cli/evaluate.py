@@ -76,9 +76,9 @@ def evaluate_cmd(
       cellvec evaluate pbmc3k.h5ad --label-key classified --store store/ \\
           --refine supcon --baselines --data-limited 5,10,20,50 --json
     """
-    from cellvec.cell_index.evaluate import evaluate
     from cellvec.cell_index.mapping import read_label_map
-    from cellvec.cell_index.metrics import metrics_table
+    from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.metrics import metrics_table
 
     res = evaluate(
         data,

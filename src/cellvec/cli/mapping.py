@@ -61,8 +61,8 @@ def map_cmd(
           --out mapped.h5ad --truth-key cell_type --min-confidence 0.5
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
-    from cellvec.cell_index.metrics import metrics_table
     from cellvec.cli.common import subset_source
+    from cellvec.evaluation.metrics import metrics_table
 
     src = subset_source(
         query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose

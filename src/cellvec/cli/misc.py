@@ -158,8 +158,8 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
     import anndata as ad
 
     from cellvec.cell_index.atlas import Atlas
-    from cellvec.cell_index.metrics import classification_metrics
     from cellvec.errors import CellvecError
+    from cellvec.evaluation.metrics import classification_metrics
     from cellvec.report import write_report
 
     a = ad.read_h5ad(mapped)

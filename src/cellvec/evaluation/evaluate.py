@@ -24,14 +24,14 @@ import numpy as np
 
 from cellvec.cell_index.atlas import fit_encoder, labels_of
 from cellvec.cell_index.background import apply_background, fit_background
-from cellvec.cell_index.graph import go_graph_embedding
 from cellvec.cell_index.knn import exact_knn, vote
-from cellvec.cell_index.metrics import classification_metrics
 from cellvec.cell_index.readers import read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head, train_head
 from cellvec.cell_index.vectors import match_dataset_genes, top_n_weights, weighted_mean
 from cellvec.errors import CellvecError
+from cellvec.evaluation.graph import go_graph_embedding
+from cellvec.evaluation.metrics import classification_metrics
 from cellvec.gene_store.store import GeneStore
 
 log = logging.getLogger(__name__)
