@@ -28,6 +28,12 @@ def test_every_command_has_help_ending_with_an_example(path):
     assert tail and "cellvec " in tail[0]
 
 
+def test_each_command_lives_in_a_module_named_for_it():
+    """A newcomer finds `cellvec serve` in cli/serve.py, not in a grab-bag module."""
+    for name, cmd in cli.commands.items():
+        assert cmd.callback.__module__ == f"cellvec.cli.{name}", name
+
+
 def test_help_is_fast_and_imports_nothing_heavy():
     code = "import sys, cellvec.cli; heavy = [m for m in ('torch', 'sentence_transformers', 'lancedb', 'anndata', 'fastapi', 'umap', 'openai') if m in sys.modules]; print(heavy)"
     out = subprocess.run(

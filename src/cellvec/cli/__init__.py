@@ -77,9 +77,13 @@ def _register():
 _COMMANDS = {
     "genes": ["genes"],
     "atlas": ["atlas"],
-    "mapping": ["map_cmd"],
+    "map": ["map_cmd"],
     "evaluate": ["evaluate_cmd"],
-    "misc": ["sql_cmd", "serve_cmd", "report_cmd", "explain_cmd", "demo_cmd"],
+    "sql": ["sql_cmd"],
+    "serve": ["serve_cmd"],
+    "report": ["report_cmd"],
+    "explain": ["explain_cmd"],
+    "demo": ["demo_cmd"],
 }
 
 

@@ -1,0 +1,72 @@
+"""`cellvec report`: an HTML report of a mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cellvec.cli.options import store_option
+
+
+@click.command("report")
+@click.argument("mapped", type=click.Path(exists=True, dir_okay=False))
+@store_option
+@click.option(
+    "--atlas",
+    "atlas_name",
+    help="Atlas the cells were mapped onto (default: the one recorded in MAPPED).",
+)
+@click.option(
+    "--truth-key", help="obs column with known labels (adds confusion matrix and per-class F1)."
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for report.html and PNGs.",
+)
+def report_cmd(mapped, store, atlas_name, truth_key, out):
+    """Write an HTML report (UMAP, confusion, per-class F1, confidence, recipe) for a mapped .h5ad.
+
+    \b
+    Example:
+      cellvec report mapped.h5ad --store store/ --truth-key cell_type --out report/
+    """
+    import anndata as ad
+
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.errors import CellvecError
+    from cellvec.evaluation.metrics import classification_metrics
+    from cellvec.report import write_report
+
+    a = ad.read_h5ad(mapped)
+    for key in ("cellvec_label", "cellvec_confidence"):
+        if key not in a.obs.columns:
+            raise CellvecError(
+                f"{mapped}: no obs['{key}']; write it with `cellvec map ... --out {Path(mapped).name}`."
+            )
+    name = atlas_name or a.uns.get("cellvec", {}).get("atlas")
+    if not name:
+        raise CellvecError(f"{mapped}: the atlas is not recorded; give --atlas.")
+    atlas = Atlas.open(store, name)
+    metrics = None
+    if truth_key:
+        if truth_key not in a.obs.columns:
+            raise CellvecError(f"{mapped}: no obs column {truth_key!r}.")
+        metrics = classification_metrics(
+            a.obs[truth_key].astype(str), a.obs["cellvec_label"].astype(str)
+        )
+    path = write_report(
+        out,
+        ref_vectors=atlas.vectors,
+        ref_labels=atlas.labels.astype(str),
+        query_vectors=a.obsm["X_cellvec"],
+        query_labels=a.obs["cellvec_label"].astype(str).to_numpy(),
+        confidence=a.obs["cellvec_confidence"].to_numpy(),
+        recipe=atlas.recipe.to_dict(),
+        metrics=metrics,
+        summary={"mapped": mapped, "atlas": name, "cells": a.n_obs},
+        min_confidence=float(a.uns.get("cellvec", {}).get("min_confidence", 0.0)),
+    )
+    click.echo(str(path))

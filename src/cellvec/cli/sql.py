@@ -1,0 +1,85 @@
+"""`cellvec sql`: read-only DuckDB over the store, one query or a shell."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import click
+
+from cellvec.cli.options import store_option
+
+
+@click.command("sql")
+@click.argument("query", required=False)
+@store_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+    help="Output format (json: one object per line).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write here instead of stdout (required for parquet).",
+)
+def sql_cmd(query, store, fmt, output):
+    """Run read-only SQL (DuckDB) over the store; no QUERY opens an interactive shell.
+
+    \b
+    Views: genes, genes_<model>, atlas_<name>, mapping_<name>.
+    Helpers: gene_vector(sym), text_embedding(text), array_cosine_similarity(a, b),
+             nearest_genes(sym, k), genes_like(text, k).
+    \b
+    Example:
+      cellvec sql "SELECT * FROM genes_like('axon regeneration', 10)" --store store/
+    """
+    from cellvec.sql import connect_sql, write_result
+
+    conn = connect_sql(store)
+    if query is None:
+        _shell(conn)
+        return
+    if fmt == "parquet" and not output:
+        raise click.UsageError("--format parquet needs -o FILE.parquet.")
+    if fmt == "parquet":
+        n = write_result(conn.execute(query), fmt, output)
+    elif output:
+        with open(output, "w", newline="") as fh:
+            n = write_result(conn.execute(query), fmt, fh)
+    else:
+        n = write_result(conn.execute(query), fmt, sys.stdout)
+    click.echo(f"{n:,} rows", err=True)
+
+
+def _shell(conn):
+    from cellvec.errors import CellvecError
+    from cellvec.sql import write_result
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (history and line editing)
+    click.echo(
+        f"cellvec SQL (read-only). Views: {', '.join(sorted(conn.views))}. End a query with ';', quit with .quit",
+        err=True,
+    )
+    buf = []
+    while True:
+        try:
+            line = input("cellvec> " if not buf else "   ...> ")
+        except EOFError:
+            click.echo("", err=True)
+            return
+        if line.strip() in (".quit", ".exit", "\\q"):
+            return
+        buf.append(line)
+        if line.rstrip().endswith(";"):
+            q = "\n".join(buf)
+            buf = []
+            try:
+                write_result(conn.execute(q), "table", sys.stdout)
+            except CellvecError as e:
+                click.echo(f"Error: {e}", err=True)
