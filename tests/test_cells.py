@@ -71,7 +71,9 @@ def test_atlas_map_roundtrip(fake_store, tmp_path):
 
 def test_unassigned_below_min_confidence(fake_store):
     ref = tiny_adata(n_cells=90, seed=1)
-    build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    build_atlas(
+        ref, store=fake_store, name="tiny", label_key="cell_type", top_genes=10, refine="none"
+    )
     q = tiny_adata(n_cells=30, seed=3, prefix="q")
     x = q.X.toarray()
     x[:10, :20] = 10  # ten cells express T and B genes alike: their votes split

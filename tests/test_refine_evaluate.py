@@ -4,11 +4,11 @@ import scipy.sparse as sp
 
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
-from cellvec.cell_index.refine import apply_head, train_head
+from cellvec.cell_index.refine import encode_weights, fit_refinement
 from cellvec.evaluation.evaluate import evaluate
 from conftest import METRIC_KEYS, tiny_adata
 
-FAST = {"epochs": 6, "patience": 3, "batch_size": 32}
+FAST = {"steps": 30, "batch_size": 32}
 
 
 def _toy(n=120, seed=0):
@@ -31,22 +31,50 @@ def _toy(n=120, seed=0):
 
 def test_refinement_is_deterministic_under_a_seed():
     w, basis, y = _toy()
-    h1, r1 = train_head(w, basis, y, seed=7, **FAST)
-    h2, r2 = train_head(w, basis, y, seed=7, **FAST)
-    h3, _ = train_head(w, basis, y, seed=8, **FAST)
+    h1, r1 = fit_refinement(w, basis, y, seed=7, **FAST)
+    h2, r2 = fit_refinement(w, basis, y, seed=7, **FAST)
+    h3, _ = fit_refinement(w, basis, y, seed=8, **FAST)
+    assert set(h1) == {"w1", "b1", "w2", "b2", "skip", "cell_mean", "gene_gate", "gene_delta"}
     for k in h1:
         np.testing.assert_array_equal(h1[k], h2[k])
     assert r1["history"] == r2["history"]
     assert any(not np.array_equal(h1[k], h3[k]) for k in h1)
 
 
-def test_head_output_is_unit_length_and_numpy_only():
+def test_refined_vectors_are_unit_length_and_numpy_only():
     w, basis, y = _toy()
-    head, report = train_head(w, basis, y, seed=0, out_dim=8, **FAST)
-    out = apply_head(head, np.asarray(w @ basis))
+    params, report = fit_refinement(w, basis, y, seed=0, out_dim=8, **FAST)
+    out = encode_weights(w, basis, params)
     assert out.shape == (120, 8)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
-    assert report["n_train"] + report["n_val"] == 120 and report["epochs_run"] >= 1
+    assert report["steps"] == 30 and report["n_cells"] == 120
+
+
+def test_gene_gates_turn_down_a_gene_every_cell_expresses():
+    """Isolating subtype features from shared background: a gene that dominates every
+    cell's weights but says nothing about its class is gated down, the markers are not."""
+    rng = np.random.default_rng(0)
+    n, g = 200, 30
+    y = np.arange(n) % 4
+    x = np.zeros((n, g), np.float32)
+    x[:, 0] = 5.0  # housekeeping: highest in every cell
+    for c in range(4):
+        x[y == c, 1 + c * 5 : 6 + c * 5] = rng.uniform(1, 2, size=((y == c).sum(), 5))
+    x[:, 21:] = rng.uniform(0, 1, size=(n, 9))
+    w = sp.csr_matrix(x / x.sum(1, keepdims=True))
+    basis = rng.normal(size=(g, 16)).astype(np.float32)
+    params, _ = fit_refinement(w, basis, y, steps=150, batch_size=64, seed=0)
+    gate = params["gene_gate"]
+    assert gate[0] < np.median(gate[1:21])
+
+
+def test_unrefined_recipe_fits_only_the_reference_mean():
+    w, basis, y = _toy()
+    params, report = fit_refinement(w, basis, y, mode="none")
+    assert set(params) == {"cell_mean"} and report["mode"] == "none"
+    np.testing.assert_allclose(
+        params["cell_mean"], np.asarray(w.mean(0) @ basis).ravel(), rtol=1e-5
+    )
 
 
 def test_supcon_without_labels_names_the_fix():
@@ -54,12 +82,12 @@ def test_supcon_without_labels_names_the_fix():
 
     w, basis, _ = _toy()
     with pytest.raises(CellvecError, match="--label-key.*--refine simclr"):
-        train_head(w, basis, None, mode="supcon", **FAST)
+        fit_refinement(w, basis, None, mode="supcon", **FAST)
 
 
 def test_simclr_without_labels():
     w, basis, _ = _toy()
-    head, report = train_head(w, basis, None, mode="simclr", seed=0, **FAST)
+    head, report = fit_refinement(w, basis, None, mode="simclr", seed=0, **FAST)
     assert report["mode"] == "simclr" and head["w1"].shape[0] == 16
 
 
@@ -105,13 +133,13 @@ def test_query_cells_do_not_change_the_head(fake_store, monkeypatch):
     import cellvec.cell_index.atlas as atlas_mod
 
     seen = {}
-    real = atlas_mod.train_head
+    real = atlas_mod.fit_refinement
 
     def spy(w, basis, labels, **kw):
         seen["n"] = w.shape[0]
         return real(w, basis, labels, **kw)
 
-    monkeypatch.setattr(atlas_mod, "train_head", spy)
+    monkeypatch.setattr(atlas_mod, "fit_refinement", spy)
     ref = tiny_adata(n_cells=60, seed=1)
     build_atlas(
         ref,
@@ -169,3 +197,93 @@ def test_too_many_folds():
 
     with pytest.raises(CellvecError, match="fewer --folds"):
         _folds(np.array(["a", "b", "a", "b"]), 5, 0)
+
+
+def test_same_seed_gives_the_same_atlas(tmp_path, gene_files):
+    """Reproducible builds: two stores, one seed -> identical vectors, arrays and labels."""
+    from conftest import build_tiny
+
+    atlases = []
+    for i in range(2):
+        store = tmp_path / f"s{i}"
+        build_tiny(gene_files, store)
+        atlases.append(
+            build_atlas(
+                tiny_adata(n_cells=60, seed=1),
+                store=store,
+                name="ref",
+                label_key="cell_type",
+                refine_options=FAST,
+                seed=3,
+            )
+        )
+    a, b = atlases
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    assert a.recipe.head_hash == b.recipe.head_hash
+    q = tiny_adata(n_cells=30, seed=9, prefix="q")
+    np.testing.assert_array_equal(map_cells(q, a).labels, map_cells(q, b).labels)
+
+
+def test_a_query_with_fewer_genes_is_compared_over_the_shared_genes(fake_store):
+    """Panel-aware mapping: the reference is re-aggregated over the query's genes."""
+    ref = tiny_adata(n_cells=90, seed=1)
+    atlas = build_atlas(
+        ref, store=fake_store, name="ref", label_key="cell_type", refine_options=FAST
+    )
+    q = tiny_adata(n_cells=30, seed=9, prefix="q")
+    panel = q[:, [i for i in range(q.n_vars) if i % 3 == 0]].copy()  # a third of the genes
+    res = map_cells(panel, "ref", store=fake_store, truth_key="cell_type")
+    assert 0.1 < res.gene_coverage < 0.6 and res.summary()["gene_coverage"] < 0.6
+    assert res.metrics["accuracy"] >= 0.9
+    full = map_cells(q, atlas, truth_key="cell_type")
+    assert full.gene_coverage == 1.0
+    vecs, _, _ = atlas.vectors_over(np.arange(0, len(atlas.encoder().refinement["gene_rows"])))
+    np.testing.assert_allclose(vecs, atlas.vectors, atol=1e-5)  # all genes: the stored vectors
+
+
+def test_typicality_calls_a_subtype_the_atlas_lacks_unassigned(fake_store):
+    ref = tiny_adata(n_cells=120, seed=1)
+    ref = ref[ref.obs["cell_type"] != "M"].copy()
+    build_atlas(ref, store=fake_store, name="ref", label_key="cell_type", refine_options=FAST)
+    q = tiny_adata(n_cells=60, seed=9, prefix="q")
+    res = map_cells(q, "ref", store=fake_store, min_typicality=0.05)
+    novel = (q.obs["cell_type"] == "M").to_numpy()
+    assert (res.labels[novel] == "unassigned").mean() >= 0.9
+    assert (res.labels[~novel] == "unassigned").mean() <= 0.2
+    assert res.to_polars()["cellvec_typicality"].max() <= 1.0
+
+
+def test_an_atlas_of_an_older_recipe_is_refused_with_the_fix(fake_store):
+    import json
+
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.errors import StoreError
+    from cellvec.gene_store.store import META_KEY, GeneStore, replace_table
+
+    build_atlas(tiny_adata(60), store=fake_store, name="old", label_key="cell_type", refine="none")
+    gs = GeneStore(fake_store)
+    tbl = gs.open_table("atlas_old").to_arrow()
+    meta = json.loads(tbl.schema.metadata[META_KEY])
+    meta["recipe"]["version"] = 1
+    replace_table(gs.db, "atlas_old", tbl.replace_schema_metadata({META_KEY: json.dumps(meta)}))
+    with pytest.raises(StoreError, match="older cellvec.*cellvec atlas build"):
+        Atlas.open(fake_store, "old")
+
+
+def test_evaluate_panels_and_left_out_subtypes(fake_store):
+    res = evaluate(
+        tiny_adata(n_cells=90, seed=4),
+        label_key="cell_type",
+        store=fake_store,
+        folds=3,
+        top_genes=10,
+        panels=[0.5],
+        leave_out=["M"],
+        refine_options=FAST,
+    )
+    d = res.to_dict()
+    assert {"cellvec", "logreg_expr", "logreg_panel"} <= set(d["panels"]["0.5"])
+    left = d["leave_out"]["M"]["cellvec"]
+    assert left["cells"] == 30 and left["unassigned"] + left["mislabelled"] == pytest.approx(1)
+    assert d["leave_out"]["M"]["logreg_expr"]["unassigned"] == 0  # it cannot say "not here"
+    assert "left-out subtype" in res.to_markdown()

@@ -1,8 +1,11 @@
 """Reference atlases: labelled cell vectors in a LanceDB table, with their recipe.
 
-Table `atlas_<name>` in the gene store: cell_id, label, batch, dataset, vector.
-Its metadata holds the recipe (model, gene-table hash, top-N, weighting,
-background and head hashes, ...), the label key and class counts. The table is
+Table `atlas_<name>` in the gene store: cell_id, label, batch, dataset, vector,
+and each cell's top genes and weights (`top_genes`, places in the atlas's gene
+list, and `top_weights`), so that the reference can be re-aggregated over the
+genes a query measures. Its metadata holds the recipe (model, gene-table hash,
+top-N, weighting, background and refinement hashes, ...), the label key and
+class counts. The table is
 written in one commit (a reader sees the old atlas or the new one, never half).
 
 Nearest-neighbour search runs on the atlas vectors in memory: exact below
@@ -22,20 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.background import apply_background, fit_background
 from cellvec.cell_index.encoder import CellEncoder
 from cellvec.cell_index.readers import ExpressionSource, read_expression
-from cellvec.cell_index.recipe import Recipe
-from cellvec.cell_index.refine import apply_head, train_head
-from cellvec.cell_index.vectors import (
-    GeneBasis,
-    cell_vectors,
-    match_dataset_genes,
-    weighted_mean,
-    weights_matrix,
-)
+from cellvec.cell_index.recipe import RECIPE_VERSION, Recipe
+from cellvec.cell_index.refine import adapted_basis, apply_head, encode_weights, fit_refinement
+from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weighted_mean, weights_matrix
 from cellvec.errors import CellvecError, InputFormatError, StoreError
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
 
@@ -69,6 +67,18 @@ def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
     return (col.notna() & (col.astype(str).str.len() > 0)).to_numpy()
 
 
+@dataclass
+class FittedReference:
+    """What fitting a recipe on a reference gives: the encoder, the reference's vectors and
+    top-gene weights (cells x the reference's genes, for re-aggregation over a query's
+    genes) and the refinement report."""
+
+    encoder: CellEncoder
+    vectors: np.ndarray
+    weights: sp.csr_matrix
+    report: dict
+
+
 def fit_encoder(
     source: ExpressionSource,
     labels: np.ndarray | None,
@@ -78,11 +88,24 @@ def fit_encoder(
     store: str | Path | None = None,
     seed: int = 0,
     refine_options: dict | None = None,
-) -> tuple[CellEncoder, np.ndarray, dict]:
-    """Fit background and head on a reference; returns (encoder, reference vectors, refine report)."""
+) -> FittedReference:
+    """Fit background, centre, gene adapter and head on a reference (nothing else sees it)."""
     cols, rows = match_dataset_genes(source.var_names, genes, source.path)
     bg = fit_background(genes.vectors[rows], recipe.background)
-    basis = GeneBasis(cols, rows, apply_background(genes.vectors[rows], bg), len(source.var_names))
+    vecs = apply_background(genes.vectors[rows], bg)
+    w = weights_matrix(source, GeneBasis(cols, rows, vecs, len(source.var_names)), recipe)
+    w = sp.csr_matrix(w[:, cols])
+    params, report = fit_refinement(
+        w,
+        vecs,
+        labels if recipe.refine == "supcon" else None,
+        mode=recipe.refine,
+        adapt_genes=recipe.adapt_genes,
+        center=recipe.center,
+        seed=seed,
+        **(refine_options or {}),
+    )
+    refinement = {"gene_rows": rows.astype(np.int64), **params}
     recipe = Recipe.from_dict(
         {
             **recipe.to_dict(),
@@ -90,30 +113,48 @@ def fit_encoder(
             "dimension": genes.dimension,
             "gene_table_hash": genes.meta.get("content_hash"),
             "background_hash": _hash_or_save(store, bg),
+            "head_hash": _hash_or_save(store, refinement),
         }
     )
-    head, report = {}, {}
-    if recipe.refine != "none":
-        w = weights_matrix(source, basis, recipe)
-        head, report = train_head(
-            w,
-            basis.full,
-            labels if recipe.refine == "supcon" else None,
-            mode=recipe.refine,
-            seed=seed,
-            **(refine_options or {}),
-        )
-        vectors = apply_head(head, weighted_mean(w, basis.full))
-        recipe = Recipe.from_dict({**recipe.to_dict(), "head_hash": _hash_or_save(store, head)})
-    else:
-        vectors = cell_vectors(source, basis, recipe, desc="reference vectors")
-    return CellEncoder(recipe, genes, bg, head), vectors, report
+    encoder = CellEncoder(recipe, genes, bg, refinement)
+    return FittedReference(encoder, encode_weights(w, vecs, params), w, report)
 
 
 def _hash_or_save(store, arrays: dict) -> str | None:
     if not arrays:
         return None
     return save_artifact(store, arrays) if store is not None else array_hash(arrays)
+
+
+CALIBRATION_PER_CLASS = 200
+
+
+def self_similarity(
+    vectors: np.ndarray, codes: np.ndarray, index, *, per_class: int = CALIBRATION_PER_CLASS
+) -> np.ndarray:
+    """For up to `per_class` cells of each class (a fixed sample), the similarity to the
+    nearest other reference cell of the same class; NaN for the cells not sampled.
+
+    These are the calibration values of the typicality a query cell gets: a cell of a
+    known subtype is as close to its class as the reference's own cells are."""
+    rng = np.random.default_rng(0)
+    sample = np.sort(
+        np.concatenate(
+            [rng.permutation(np.flatnonzero(codes == c))[:per_class] for c in np.unique(codes)]
+        )
+    )
+    out = np.full(len(vectors), np.nan, dtype=np.float32)
+    if len(vectors) < 2:
+        return out
+    idx, sim = index.search(vectors[sample], min(len(vectors), 50))
+    same = (
+        (idx != sample[:, None])
+        & (idx >= 0)
+        & (codes[np.maximum(idx, 0)] == codes[sample][:, None])
+    )
+    first = same.argmax(1)
+    out[sample] = np.where(same.any(1), sim[np.arange(len(sample)), first], sim[:, -1])
+    return out
 
 
 @dataclass
@@ -131,6 +172,9 @@ class Atlas:
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
     _codes: tuple | None = field(default=None, repr=False)
+    _weights: sp.csr_matrix | None = field(default=None, repr=False)
+    _panels: dict = field(default_factory=dict, repr=False)
+    _calibration: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def recipe(self) -> Recipe:
@@ -156,7 +200,15 @@ class Atlas:
             raise StoreError(
                 f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
             )
-        arrow = tbl.to_arrow()
+        found = meta.get("recipe", {}).get("version")
+        if found != RECIPE_VERSION:
+            raise StoreError(
+                f"Atlas {name!r} in {store} was built by an older cellvec (recipe version "
+                f"{found}, this one reads {RECIPE_VERSION}). Rebuild it with `cellvec atlas build`."
+            )
+        arrow = tbl.to_lance().to_table(
+            columns=["cell_id", "label", "batch", "vector", "self_similarity"]
+        )
         vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
             name=name,
@@ -167,6 +219,25 @@ class Atlas:
             batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
             vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
             version=tbl.version,
+            _calibration=arrow.column("self_similarity").to_numpy(zero_copy_only=False),
+        )
+
+    @classmethod
+    def from_fit(cls, name: str, fit: FittedReference, labels, cell_ids=None) -> Atlas:
+        """An atlas held in memory only (evaluation folds): the same search and mapping as a
+        stored one, without writing it."""
+        n = len(fit.vectors)
+        ids = cell_ids if cell_ids is not None else [str(i) for i in range(n)]
+        return cls(
+            name=name,
+            store="",
+            meta={"recipe": fit.encoder.recipe.to_dict()},
+            cell_ids=np.asarray(ids, dtype=object),
+            labels=np.asarray(labels, dtype=object),
+            batches=np.full(n, "", dtype=object),
+            vectors=fit.vectors,
+            _encoder=fit.encoder,
+            _weights=fit.weights,
         )
 
     def encoder(self, gene_store: GeneStore | None = None) -> CellEncoder:
@@ -180,9 +251,70 @@ class Atlas:
                     "Rebuild the atlas with `cellvec atlas build`."
                 )
             bg = load_artifact(self.store, recipe.background_hash) if recipe.background_hash else {}
-            head = load_artifact(self.store, recipe.head_hash) if recipe.head_hash else {}
-            self._encoder = CellEncoder(recipe, genes, bg, head)
+            fitted = load_artifact(self.store, recipe.head_hash) if recipe.head_hash else {}
+            self._encoder = CellEncoder(recipe, genes, bg, fitted)
         return self._encoder
+
+    def weights(self) -> sp.csr_matrix:
+        """The reference cells' top-gene weights (cells x the atlas's genes), read once."""
+        if self._weights is None:
+            tbl = GeneStore(self.store).open_table(ATLAS_PREFIX + self.name)
+            t = tbl.to_lance().to_table(columns=["top_genes", "top_weights"])
+            genes = t.column("top_genes").combine_chunks()
+            weights = t.column("top_weights").combine_chunks()
+            n_genes = len(self.encoder().refinement["gene_rows"])
+            self._weights = sp.csr_matrix(
+                (
+                    weights.values.to_numpy().astype(np.float32),
+                    genes.values.to_numpy().astype(np.int64),
+                    genes.offsets.to_numpy().astype(np.int64),
+                ),
+                shape=(len(self.vectors), n_genes),
+            )
+        return self._weights
+
+    def calibration(self) -> np.ndarray:
+        """Per reference cell, the typicality calibration value (`self_similarity`)."""
+        if self._calibration is None:
+            self._calibration = self_similarity(self.vectors, self.label_codes()[1], self.index())
+        return self._calibration
+
+    def coverage(self, positions: np.ndarray | None) -> float:
+        """The share of the reference's top-gene weight on the atlas genes at `positions`
+        (the genes a query measures): 1.0 when the query has every gene that counts."""
+        if positions is None:
+            return 1.0
+        w = self.weights()
+        total = float(w.sum())
+        return float(w[:, positions].sum()) / total if total > 0 else 0.0
+
+    def vectors_over(self, positions: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
+        """Reference vectors re-aggregated over the atlas genes at `positions` only, with
+        the stored gene adapter, centre and head (nothing retrained), and their index.
+
+        A query that measures fewer genes (a targeted or spatial panel, a dataset that
+        kept its variable genes) is then compared with reference cells described by the
+        same genes. Returns (vectors, index, typicality calibration), cached for the last
+        few panels."""
+        from cellvec.cell_index.knn import build_index
+
+        key = hash(np.asarray(positions, dtype=np.int64).tobytes())
+        if key in self._panels:
+            return self._panels[key]
+        enc = self.encoder()
+        fitted = enc.refinement
+        w = sp.csr_matrix(self.weights()[:, positions])
+        sums = np.asarray(w.sum(axis=1)).ravel()
+        w = sp.csr_matrix(sp.diags(np.where(sums > 0, 1.0 / np.where(sums > 0, sums, 1), 0)) @ w)
+        rows = fitted["gene_rows"][positions]
+        params = {k: fitted[k][positions] for k in ("gene_gate", "gene_delta") if k in fitted}
+        basis = adapted_basis(apply_background(enc.genes.vectors[rows], enc.background), params)
+        vecs = apply_head(fitted, weighted_mean(w, basis, fitted.get("cell_mean")))
+        if len(self._panels) >= 4:
+            self._panels.pop(next(iter(self._panels)))
+        index = build_index(vecs)
+        self._panels[key] = (vecs, index, self_similarity(vecs, self.label_codes()[1], index))
+        return self._panels[key]
 
     def index(self):
         """The search index over the atlas vectors (exact, or IVF above 200k cells), built once."""
@@ -226,10 +358,12 @@ def build_atlas(
     name: str,
     label_key: str,
     model: str | None = None,
-    top_genes: int = 200,
+    top_genes: int = 1000,
     weighting: str = "value",
     background: str = "whiten",
-    refine: str = "none",
+    center: bool = True,
+    refine: str = "supcon",
+    adapt_genes: bool = True,
     batch_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -262,11 +396,14 @@ def build_atlas(
         top_genes=top_genes,
         weighting=weighting,
         background=background,
+        center=center,
         refine=refine,
+        adapt_genes=adapt_genes and refine != "none",
     )
-    encoder, vectors, report = fit_encoder(
+    fit = fit_encoder(
         source, labels, genes, recipe, store=store, seed=seed, refine_options=refine_options
     )
+    encoder, vectors, report = fit.encoder, fit.vectors, fit.report
     batches = (
         source.obs[batch_key].astype(str).to_numpy()
         if batch_key
@@ -285,6 +422,8 @@ def build_atlas(
         "refinement": report or None,
     }
     dim = vectors.shape[1]
+    memory = Atlas.from_fit(name, fit, labels)
+    calibration = memory.calibration()
     schema = pa.schema(
         [
             pa.field("cell_id", pa.string()),
@@ -292,6 +431,11 @@ def build_atlas(
             pa.field("batch", pa.string()),
             pa.field("dataset", pa.string()),
             pa.field("vector", pa.list_(pa.float32(), dim)),
+            # each cell's top genes (places in the atlas's gene list) and their weights
+            pa.field("top_genes", pa.large_list(pa.int32())),
+            pa.field("top_weights", pa.large_list(pa.float32())),
+            # typicality calibration: similarity to the nearest same-class cell (a sample)
+            pa.field("self_similarity", pa.float32()),
         ],
         metadata={META_KEY: json.dumps(meta).encode()},
     )
@@ -302,6 +446,15 @@ def build_atlas(
             pa.array([str(b) for b in batches], pa.string()),
             pa.array([Path(str(meta["source"])).stem] * source.n_obs, pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+            pa.LargeListArray.from_arrays(
+                pa.array(fit.weights.indptr.astype(np.int64)),
+                pa.array(fit.weights.indices.astype(np.int32)),
+            ),
+            pa.LargeListArray.from_arrays(
+                pa.array(fit.weights.indptr.astype(np.int64)),
+                pa.array(fit.weights.data.astype(np.float32)),
+            ),
+            pa.array(calibration, pa.float32()),
         ],
         schema=schema,
     )
@@ -315,5 +468,5 @@ def build_atlas(
         time.perf_counter() - t0,
     )
     atlas = Atlas.open(store, name)
-    atlas._encoder = encoder
+    atlas._encoder, atlas._index = encoder, memory._index
     return atlas

@@ -10,33 +10,64 @@ import numpy as np
 from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
-from cellvec.cell_index.refine import apply_head
+from cellvec.cell_index.refine import adapted_basis, apply_head
 from cellvec.cell_index.vectors import GeneBasis, cell_vectors, match_dataset_genes
 from cellvec.gene_store.store import GeneTable
 
 log = logging.getLogger(__name__)
 
+GENE_KEYS = ("gene_gate", "gene_delta")
+
 
 @dataclass
 class CellEncoder:
-    """Turns expression into (refined) cell vectors exactly as `recipe` says."""
+    """Turns expression into (refined) cell vectors exactly as `recipe` says.
+
+    `refinement` holds what was fitted on the reference cells: `gene_rows` (the
+    store rows of the reference's genes), per-gene `gene_gate` / `gene_delta` in
+    that order, `cell_mean` and the head's arrays. A query gene the reference
+    never measured carries no weight: the reference's vectors never saw it.
+    """
 
     recipe: Recipe
     genes: GeneTable
     background: dict[str, np.ndarray] = field(default_factory=dict)
-    head: dict[str, np.ndarray] = field(default_factory=dict)
+    refinement: dict[str, np.ndarray] = field(default_factory=dict)
     _bases: dict = field(default_factory=dict, repr=False)
 
     def basis(self, var_names: list[str], where: str = "dataset") -> GeneBasis:
-        """The matched, background-transformed gene vectors of a gene list (cached per list:
-        a service sees the same gene panel request after request)."""
+        """The matched, background-transformed, adapted gene vectors of a gene list (cached
+        per list: a service sees the same gene panel request after request)."""
         key = hash(tuple(var_names))
         hit = self._bases.get(key)
         if hit is not None and hit[0] == list(var_names):
             return hit[1]
         cols, rows = match_dataset_genes(var_names, self.genes, where)
+        positions = None
+        params = {k: v for k, v in self.refinement.items() if k in GENE_KEYS}
+        ref_rows = self.refinement.get("gene_rows")
+        if ref_rows is not None:
+            order = np.argsort(ref_rows)
+            at = np.searchsorted(ref_rows, rows, sorter=order).clip(0, len(ref_rows) - 1)
+            positions = order[at]
+            known = ref_rows[positions] == rows
+            if not known.all():
+                log.info(
+                    "%s: %s matched genes are not among the atlas's %s genes and are left out",
+                    where,
+                    f"{int((~known).sum()):,}",
+                    f"{len(ref_rows):,}",
+                )
+            cols, rows, positions = cols[known], rows[known], positions[known]
+            params = {k: v[positions] for k, v in params.items()}
+        vectors = adapted_basis(apply_background(self.genes.vectors[rows], self.background), params)
         basis = GeneBasis(
-            cols, rows, apply_background(self.genes.vectors[rows], self.background), len(var_names)
+            cols,
+            rows,
+            vectors,
+            len(var_names),
+            cell_mean=self.refinement.get("cell_mean"),
+            positions=positions,
         )
         if len(self._bases) >= 32:
             self._bases.pop(next(iter(self._bases)))
@@ -44,8 +75,9 @@ class CellEncoder:
         return basis
 
     def unrefined(self, source: ExpressionSource, basis: GeneBasis | None = None) -> np.ndarray:
+        """Cell vectors before the head (adapted genes and centring included)."""
         basis = basis or self.basis(source.var_names, source.path)
         return cell_vectors(source, basis, self.recipe)
 
     def encode(self, source: ExpressionSource, basis: GeneBasis | None = None) -> np.ndarray:
-        return apply_head(self.head, self.unrefined(source, basis))
+        return apply_head(self.refinement, self.unrefined(source, basis))

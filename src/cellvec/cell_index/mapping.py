@@ -18,6 +18,9 @@ from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
 
 log = logging.getLogger(__name__)
 
+FULL_COVERAGE = 0.999  # below this share of the reference's gene weight, compare over shared genes
+LOW_COVERAGE = 0.5  # below this, warn: the labels rest on few of the genes that count
+
 
 @dataclass
 class MappingResult:
@@ -34,6 +37,9 @@ class MappingResult:
     recipe: dict
     k: int
     min_confidence: float
+    typicality: np.ndarray | None = None
+    min_typicality: float = 0.0
+    gene_coverage: float = 1.0
     truth: np.ndarray | None = None
     metrics: dict | None = None
     seconds: float = 0.0
@@ -47,6 +53,9 @@ class MappingResult:
             "cell_id": self.cell_ids,
             "cellvec_label": self.labels.astype(str).tolist(),
             "cellvec_confidence": self.confidence.astype(np.float64),
+            "cellvec_typicality": (
+                self.typicality if self.typicality is not None else np.ones(len(self.labels))
+            ).astype(np.float64),
             "nearest_similarity": self.neighbour_similarity.astype(np.float64),
         }
         if self.truth is not None:
@@ -75,12 +84,15 @@ class MappingResult:
         adata.obs["cellvec_label"] = self.labels.astype(str)
         adata.obs["cellvec_label"] = adata.obs["cellvec_label"].astype("category")
         adata.obs["cellvec_confidence"] = self.confidence.astype(np.float32)
+        if self.typicality is not None:
+            adata.obs["cellvec_typicality"] = self.typicality.astype(np.float32)
         adata.obsm["X_cellvec"] = self.vectors
         adata.obsm["cellvec_scores"] = self.scores.astype(np.float32)
         adata.uns["cellvec"] = {
             "atlas": self.atlas,
             "k": self.k,
             "min_confidence": self.min_confidence,
+            "min_typicality": self.min_typicality,
             "classes": self.classes.astype(str).tolist(),
             "recipe": {k: ("" if v is None else v) for k, v in self.recipe.items()},
         }
@@ -125,6 +137,7 @@ class MappingResult:
             "atlas": self.atlas,
             "n_cells": len(self.cell_ids),
             "k": self.k,
+            "gene_coverage": round(self.gene_coverage, 4),
             "seconds": round(self.seconds, 2),
             "unassigned_fraction": float((self.labels == UNASSIGNED).mean())
             if len(self.labels)
@@ -146,6 +159,7 @@ def map_cells(
     store: str | Path | None = None,
     k: int = 15,
     min_confidence: float = 0.0,
+    min_typicality: float = 0.0,
     truth_key: str | None = None,
     label_map: dict[str, str] | None = None,
     layer: str | None = None,
@@ -154,6 +168,14 @@ def map_cells(
     recipe: Recipe | dict | None = None,
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
+
+    A cell is `unassigned` when its vote's confidence is below `min_confidence` or its
+    typicality below `min_typicality`: typicality is the share of the reference's own
+    cells of the chosen subtype that are no closer to their subtype than the query
+    cell is (a conformal p-value, calibrated on the reference alone). With
+    `min_typicality=0.01`, about 1% of the cells of subtypes the atlas knows are
+    expected to come back unassigned when query and reference are alike; cells of a
+    subtype the atlas lacks mostly do.
 
     `recipe` (optional) states the settings the caller expects; a mismatch with the
     atlas's recipe is refused. `label_map` renames truth labels (cross-study names).
@@ -178,16 +200,39 @@ def map_cells(
         from cellvec.cell_index.atlas import labels_of
 
         truth = labels_of(source, truth_key, label_map=label_map)
-    q = atlas.encoder().encode(source)
-    idx, sim = knn(q, atlas.vectors, k, index=atlas.index())
+    encoder = atlas.encoder()
+    basis = encoder.basis(source.var_names, source.path)
+    ref, index, coverage, calibration = atlas.vectors, atlas.index(), 1.0, None
+    n_atlas_genes = len(encoder.refinement.get("gene_rows", ()))
+    if basis.positions is not None and len(basis.positions) < n_atlas_genes:
+        coverage = atlas.coverage(basis.positions)
+        if coverage < FULL_COVERAGE:
+            # A panel: compare with the reference re-aggregated over the genes both have.
+            ref, index, calibration = atlas.vectors_over(basis.positions)
+        (log.warning if coverage < LOW_COVERAGE else log.info)(
+            "The query measures %s of the atlas's %s genes, carrying %.0f%% of the reference's "
+            "top-gene weight%s",
+            f"{len(basis.positions):,}",
+            f"{n_atlas_genes:,}",
+            100 * coverage,
+            "; labels rest on few genes, check them"
+            if coverage < LOW_COVERAGE
+            else "; the reference is compared over the shared genes",
+        )
+    q = encoder.encode(source, basis)
+    idx, sim = knn(q, ref, k, index=index)
     classes, codes = atlas.label_codes()
     scores = vote(idx, sim, codes, len(classes))
     best = scores.argmax(1)
     conf = scores[np.arange(len(best)), best]
     labels = classes[best].astype(object)
+    typical = typicality(
+        idx, sim, codes, best, atlas.calibration() if calibration is None else calibration
+    )
     empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
     conf[empty] = 0.0
-    labels[(conf < min_confidence) | empty] = UNASSIGNED
+    typical[empty] = 0.0
+    labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED
     metrics = None
     if truth is not None:
         missing = sorted(set(truth) - set(classes))
@@ -218,11 +263,35 @@ def map_cells(
         recipe=atlas.recipe.to_dict(),
         k=k,
         min_confidence=min_confidence,
+        typicality=typical,
+        min_typicality=min_typicality,
+        gene_coverage=coverage,
         truth=truth,
         metrics=metrics,
         seconds=secs,
         source=source,
     )
+
+
+def typicality(
+    idx: np.ndarray,
+    sim: np.ndarray,
+    ref_codes: np.ndarray,
+    chosen: np.ndarray,
+    calibration: np.ndarray,
+) -> np.ndarray:
+    """Per query cell, the share of the chosen class's calibration cells (finite values of
+    `calibration`) whose similarity to their class is at most the query's (its nearest
+    neighbour of that class): (count + 1) / (n + 1)."""
+    same = (idx >= 0) & (ref_codes[np.maximum(idx, 0)] == chosen[:, None])
+    score = np.where(same, sim, -np.inf).max(axis=1)
+    out = np.zeros(len(chosen), dtype=np.float64)
+    finite = np.isfinite(calibration)
+    for c in np.unique(chosen):
+        cal = np.sort(calibration[finite & (ref_codes == c)])
+        rows = chosen == c
+        out[rows] = (np.searchsorted(cal, score[rows], side="right") + 1) / (len(cal) + 1)
+    return out
 
 
 def read_label_map(path: str | Path) -> dict[str, str]:

@@ -94,6 +94,23 @@ class ExpressionSource:
             self.validated,
         )
 
+    def subset_genes(self, keep: np.ndarray) -> ExpressionSource:
+        """The same cells measured on the genes where `keep` is true, as a panel would be:
+        raw counts are normalised over the kept genes only (no copy of data)."""
+        cols = self._cols if self._cols is not None else np.arange(len(self.var_names))
+        keep = np.asarray(keep, dtype=bool)
+        return ExpressionSource(
+            self.path,
+            self.obs,
+            [v for v, k in zip(self.var_names, keep) if k],
+            self.kind,
+            self._matrix,
+            cols[keep],
+            self._rows,
+            self._adata,
+            self.validated,
+        )
+
     def to_csr(self) -> sp.csr_matrix:
         """All kept cells as one log-normalised CSR matrix (for small data and baselines)."""
         parts = [c for _, c in self.chunks()]

@@ -14,7 +14,7 @@ from cellvec.errors import CellvecError, RecipeMismatchError
 WEIGHTINGS = ("value", "log1p", "rank", "softmax")
 BACKGROUNDS = ("none", "center", "whiten")
 REFINES = ("none", "supcon", "simclr")
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: gene adapter, reference-mean centring, fixed-length refinement
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,24 @@ class Recipe:
     dimension: gene vector size; top_genes: N most-expressed genes per cell;
     weighting: value | log1p | rank | softmax; input: the expression the top genes
     are read from; background: none | center | whiten (fitted on the reference's
-    gene vectors, `background_hash` names the fitted transform); refine: none |
-    supcon | simclr (`head_hash` names the trained head); normalise: l2.
+    gene vectors, `background_hash` names the fitted transform); center: subtract
+    the reference's mean cell vector (the background every cell shares) before
+    normalising; refine: none | supcon | simclr; adapt_genes: refinement also
+    learns per-gene gates and corrections of the gene vectors; `head_hash` names
+    the arrays fitted on the reference cells (centre, gene gates and corrections,
+    head); normalise: l2.
     """
 
     model: str = "minilm"
     dimension: int = 384
-    top_genes: int = 200
+    top_genes: int = 1000
     weighting: str = "value"
     input: str = "log-normalised"
     background: str = "whiten"
     background_hash: str | None = None
-    refine: str = "none"
+    center: bool = True
+    refine: str = "supcon"
+    adapt_genes: bool = True
     head_hash: str | None = None
     normalise: str = "l2"
     gene_table_hash: str | None = None

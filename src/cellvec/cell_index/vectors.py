@@ -100,6 +100,8 @@ class GeneBasis:
     rows: np.ndarray  # their store rows
     vectors: np.ndarray  # len(columns) x dim
     n_vars: int = 0  # the dataset's number of columns
+    cell_mean: np.ndarray | None = None  # subtracted from each cell vector before normalising
+    positions: np.ndarray | None = None  # the columns' places in the atlas's own gene list
     _full: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
@@ -163,15 +165,23 @@ def match_dataset_genes(
     return cols, m.rows[cols]
 
 
-def weighted_mean(w: sp.csr_matrix, gene_vectors: np.ndarray) -> np.ndarray:
-    """Cell vectors: rows of `w @ gene_vectors` (weights sum to 1 per cell), scaled to unit length."""
-    return normalise_rows(np.asarray(w @ gene_vectors, dtype=np.float32))
+def weighted_mean(
+    w: sp.csr_matrix, gene_vectors: np.ndarray, cell_mean: np.ndarray | None = None
+) -> np.ndarray:
+    """Cell vectors: rows of `w @ gene_vectors` (weights sum to 1 per cell), less `cell_mean`
+    (the background every reference cell shares) when given, scaled to unit length."""
+    v = np.asarray(w @ gene_vectors, dtype=np.float32)
+    if cell_mean is not None:
+        v -= cell_mean
+    return normalise_rows(v)
 
 
 def aggregate(x: sp.csr_matrix, basis: GeneBasis, recipe: Recipe) -> np.ndarray:
-    """Cell vectors (unit length) of a chunk of log-normalised expression."""
+    """Cell vectors (unit length, before any head) of a chunk of log-normalised expression."""
     return weighted_mean(
-        top_n_weights(x, recipe.top_genes, recipe.weighting, col_mask=basis.mask), basis.full
+        top_n_weights(x, recipe.top_genes, recipe.weighting, col_mask=basis.mask),
+        basis.full,
+        basis.cell_mean,
     )
 
 

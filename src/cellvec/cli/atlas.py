@@ -43,6 +43,8 @@ def build(
     weighting,
     background,
     refine,
+    center,
+    adapt_genes,
     layer,
     use_raw,
     gene_column,
@@ -55,7 +57,7 @@ def build(
     \b
     Example:
       cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
-          --subset donor=3pv2,5p --refine supcon
+          --subset donor=3pv2,5p
     """
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.cli.common import subset_source
@@ -77,7 +79,9 @@ def build(
         top_genes=top_genes,
         weighting=weighting,
         background=background,
+        center=center,
         refine=refine,
+        adapt_genes=adapt_genes,
         batch_key=batch_key,
         seed=seed,
     )

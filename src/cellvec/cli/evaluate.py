@@ -25,9 +25,28 @@ from cellvec.cli.options import (
 @click.option("--folds", default=5, show_default=True, help="Stratified folds.")
 @click.option("-k", default=15, show_default=True, help="Neighbours in the vote.")
 @click.option(
-    "--baselines", is_flag=True, help="Also score pca_knn, logreg_expr, naive_mean, graph_baseline."
+    "--baselines",
+    is_flag=True,
+    help="Also score pca_knn, logreg_expr, naive_mean, graph_baseline, random_vectors, "
+    "cellvec_unrefined.",
 )
+@click.option(
+    "--peers",
+    help="Real peers in the same folds: celltypist (runs in its own virtual environment, "
+    "made on first use).",
+)
+@click.option("--ablations", is_flag=True, help="Also score head_only, no_center, top200.")
 @click.option("--data-limited", help="Learning curve: reference cells per class, e.g. 5,10,20,50.")
+@click.option("--panel", help="Query keeps a random share of its genes, e.g. 0.3,0.1.")
+@click.option(
+    "--leave-out", multiple=True, help="Leave this subtype out of the reference (repeatable)."
+)
+@click.option(
+    "--min-typicality",
+    default=0.01,
+    show_default=True,
+    help="Unassigned threshold scored with --leave-out.",
+)
 @click.option(
     "--query",
     type=click.Path(exists=True),
@@ -54,10 +73,17 @@ def evaluate_cmd(
     weighting,
     background,
     refine,
+    center,
+    adapt_genes,
     folds,
     k,
     baselines,
+    peers,
+    ablations,
     data_limited,
+    panel,
+    leave_out,
+    min_typicality,
     query,
     query_label_key,
     label_map,
@@ -74,7 +100,7 @@ def evaluate_cmd(
     \b
     Example:
       cellvec evaluate pbmc3k.h5ad --label-key classified --store store/ \\
-          --refine supcon --baselines --data-limited 5,10,20,50 --json
+          --baselines --peers celltypist --panel 0.3,0.1 --leave-out NK --json
     """
     from cellvec.cell_index.mapping import read_label_map
     from cellvec.evaluation.evaluate import evaluate
@@ -88,11 +114,18 @@ def evaluate_cmd(
         top_genes=top_genes,
         weighting=weighting,
         background=background,
+        center=center,
         refine=refine,
+        adapt_genes=adapt_genes,
         folds=folds,
         k=k,
         baselines=baselines,
+        peers=tuple(p.strip() for p in peers.split(",")) if peers else (),
+        ablations=ablations,
         data_limited=[int(x) for x in data_limited.split(",")] if data_limited else None,
+        panels=[float(x) for x in panel.split(",")] if panel else None,
+        leave_out=list(leave_out) or None,
+        min_typicality=min_typicality,
         query=query,
         query_label_key=query_label_key,
         label_map=read_label_map(label_map) if label_map else None,

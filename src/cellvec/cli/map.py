@@ -24,6 +24,13 @@ from cellvec.cli.options import emit_json, input_options, json_option, store_opt
     "--min-confidence", default=0.0, show_default=True, help="Below this, a cell is 'unassigned'."
 )
 @click.option(
+    "--min-typicality",
+    default=0.0,
+    show_default=True,
+    help="Below this typicality (calibrated on the reference: 0.01 calls ~1%% of cells of "
+    "known subtypes unassigned), a cell is 'unassigned': not a subtype of this atlas.",
+)
+@click.option(
     "--truth-key", help="obs column with known labels: report accuracy, macro-F1, per class."
 )
 @click.option(
@@ -43,6 +50,7 @@ def map_cmd(
     table,
     k,
     min_confidence,
+    min_typicality,
     truth_key,
     label_map,
     subset,
@@ -73,6 +81,7 @@ def map_cmd(
         store=store,
         k=k,
         min_confidence=min_confidence,
+        min_typicality=min_typicality,
         truth_key=truth_key,
         label_map=read_label_map(label_map) if label_map else None,
     )

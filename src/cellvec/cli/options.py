@@ -48,11 +48,23 @@ def input_options(f):
 
 def recipe_options(f):
     f = click.option(
+        "--adapt-genes/--no-adapt-genes",
+        default=True,
+        show_default=True,
+        help="Refinement also learns per-gene gates and corrections of the gene vectors.",
+    )(f)
+    f = click.option(
+        "--center/--no-center",
+        default=True,
+        show_default=True,
+        help="Subtract the reference's mean cell vector (the background all cells share).",
+    )(f)
+    f = click.option(
         "--refine",
         type=click.Choice(REFINES),
-        default="none",
+        default="supcon",
         show_default=True,
-        help="Contrastive refinement of cell vectors.",
+        help="Contrastive refinement on the reference (supcon needs labels; simclr does not).",
     )(f)
     f = click.option(
         "--background",
@@ -69,7 +81,7 @@ def recipe_options(f):
         help="Weights of a cell's top genes.",
     )(f)
     f = click.option(
-        "--top-genes", default=200, show_default=True, help="Most-expressed genes per cell."
+        "--top-genes", default=1000, show_default=True, help="Most-expressed genes per cell."
     )(f)
     return f
 

@@ -1,60 +1,86 @@
-"""Stratified k-fold evaluation of cellvec's recipe against strong baselines.
+"""Stratified k-fold evaluation of cellvec's recipe against expression peers and controls.
 
-Every representation gets the same folds. Gene-vector representations share the
-same top-N weights and kNN vote; background removal uses gene vectors only (no
-cells, no labels) and the refinement head is trained on each fold's training
-cells alone, so nothing is fitted on the held-out cells.
+Every representation gets the same folds. A vector representation is scored the
+way users get it: its recipe is fitted on the fold's reference cells alone
+(`fit_encoder`, as `atlas build` does) and the held-out cells are labelled by
+`map_cells` on that in-memory atlas; nothing is fitted on held-out cells.
 
-Representations: `pca_knn` (PCA(50) of log expression + kNN), `logreg_expr`
-(logistic regression on log expression), `naive_mean` (GenePT-w style weighted
-average, no background removal, no refinement), `naive_mean_refined` (the same,
-refined), `graph_baseline` (GO co-annotation spectral gene embedding, aggregated
-like cellvec), `cellvec_unrefined` (background removal only) and `cellvec` (the
-full recipe; `cellvec:<model>` per extra model).
+Representations:
+- expression peers: `pca_knn` (PCA(50) + kNN), `logreg_expr` (logistic regression
+  on log expression), `celltypist` (the real CellTypist 1.7.1, in its own virtual
+  environment: `peers=("celltypist",)`);
+- `cellvec` (the recipe), `cellvec_unrefined` (no refinement), `naive_mean`
+  (GenePT-w: the plain weighted average, no background removal, no centring);
+- controls with the same recipe on other gene vectors: `random_vectors` (Gaussian
+  vectors of the same size: is the text worth anything?) and `graph_baseline`
+  (spectral embedding of the GO co-annotation graph: text-free prior knowledge);
+- ablations (`ablations=True`): `head_only` (no gene adapter), `no_center`,
+  `top200` (top 200 genes instead of the recipe's N).
+
+Scenarios beyond plain folds: a data-limited curve (n reference cells per class),
+panels (the query keeps a random share of the genes: cellvec re-aggregates the
+reference over them; expression peers see zeros for the rest, `logreg_panel` is
+retrained on the panel), left-out subtypes (how many of an unseen subtype's cells
+come back unassigned) and transfer to a second labelled dataset.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import fit_encoder, labels_of
-from cellvec.cell_index.background import apply_background, fit_background
-from cellvec.cell_index.knn import exact_knn, vote
-from cellvec.cell_index.readers import read_expression
+from cellvec.cell_index.atlas import Atlas, fit_encoder, labels_of
+from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
-from cellvec.cell_index.refine import apply_head, train_head
-from cellvec.cell_index.vectors import match_dataset_genes, top_n_weights, weighted_mean
 from cellvec.errors import CellvecError
-from cellvec.evaluation.graph import go_graph_embedding
-from cellvec.evaluation.metrics import classification_metrics
+from cellvec.evaluation.baselines import EXPRESSION_BASELINES, align, expression_baseline
+from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
 from cellvec.gene_store.store import GeneStore
 
 log = logging.getLogger(__name__)
 
+# name -> (recipe changes, gene vectors)
+VECTOR_REPRESENTATIONS = {
+    "cellvec": ({}, "model"),
+    "cellvec_unrefined": ({"refine": "none", "adapt_genes": False}, "model"),
+    "naive_mean": (
+        {"refine": "none", "adapt_genes": False, "background": "none", "center": False},
+        "model",
+    ),
+    "random_vectors": ({}, "random"),
+    "graph_baseline": ({}, "go_graph"),
+    "head_only": ({"adapt_genes": False}, "model"),
+    "no_center": ({"center": False}, "model"),
+    "top200": ({"top_genes": 200}, "model"),
+}
 BASELINES = (
     "pca_knn",
     "logreg_expr",
     "naive_mean",
-    "naive_mean_refined",
     "graph_baseline",
+    "random_vectors",
     "cellvec_unrefined",
 )
+ABLATIONS = ("head_only", "no_center", "top200")
+PEERS = ("celltypist",)
 
 
 @dataclass
 class EvaluationResult:
-    """Metrics per representation (pooled over folds), plus optional curves and transfer."""
+    """Metrics per representation (pooled over folds), plus curves and scenarios."""
 
     dataset: str
     label_key: str
     folds: int
     representations: dict[str, dict]
     data_limited: dict[str, dict[str, float]] = field(default_factory=dict)
+    panels: dict[str, dict[str, dict]] = field(default_factory=dict)
+    leave_out: dict[str, dict[str, dict]] = field(default_factory=dict)
     transfer: dict[str, dict] = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -73,31 +99,30 @@ class EvaluationResult:
         }
         if self.data_limited:
             out["data_limited"] = self.data_limited
+        if self.panels:
+            out["panels"] = {
+                f: {k: strip(v) for k, v in reps.items()} for f, reps in self.panels.items()
+            }
+        if self.leave_out:
+            out["leave_out"] = self.leave_out
         if self.transfer:
             out["transfer"] = {k: strip(v) for k, v in self.transfer.items()}
         return out
 
     def to_markdown(self) -> str:
-        lines = [
-            f"**{self.dataset}** ({self.label_key}, {self.folds}-fold CV)",
-            "",
-            "| representation | accuracy | macro-F1 | balanced acc. |",
-            "|---|---|---|---|",
-        ]
-        for name, m in self.representations.items():
-            lines.append(
-                f"| {name} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |"
-            )
-        if self.transfer:
+        def table(title, rows):
+            lines = [f"| {title} | accuracy | macro-F1 | balanced acc. |", "|---|---|---|---|"]
             lines += [
-                "",
-                "| transfer (no retraining) | accuracy | macro-F1 | balanced acc. |",
-                "|---|---|---|---|",
+                f"| {n} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |"
+                for n, m in rows.items()
             ]
-            for name, m in self.transfer.items():
-                lines.append(
-                    f"| {name} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |"
-                )
+            return lines
+
+        lines = [f"**{self.dataset}** ({self.label_key}, {self.folds}-fold CV)", ""]
+        if self.representations:
+            lines += table("representation", self.representations)
+        if self.transfer:
+            lines += ["", *table("transfer (no retraining)", self.transfer)]
         if self.data_limited:
             sizes = sorted({int(s) for v in self.data_limited.values() for s in v})
             lines += [
@@ -113,44 +138,53 @@ class EvaluationResult:
                     + " | ".join(f"{curve.get(str(s), float('nan')):.3f}" for s in sizes)
                     + " |"
                 )
-        first = next(iter(self.representations.values()))
-        classes = list(first["per_class"])
-        lines += [
-            "",
-            "| per-class F1 (support) | "
-            + " | ".join(f"{c} ({first['per_class'][c]['support']})" for c in classes)
-            + " |",
-            "|---|" + "---|" * len(classes),
-        ]
-        for name, m in self.representations.items():
-            lines.append(
-                f"| {name} | "
-                + " | ".join(f"{m['per_class'][c]['f1']:.2f}" for c in classes)
-                + " |"
-            )
+        if self.panels:
+            fracs = list(self.panels)
+            names = list(next(iter(self.panels.values())))
+            lines += [
+                "",
+                "| macro-F1 with a share of the genes in the query | " + " | ".join(fracs) + " |",
+                "|---|" + "---|" * len(fracs),
+            ]
+            for name in names:
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        f"{self.panels[f][name]['macro_f1']:.3f}" if name in self.panels[f] else "–"
+                        for f in fracs
+                    )
+                    + " |"
+                )
+        if self.leave_out:
+            lines += [
+                "",
+                "| left-out subtype | representation | unassigned | mislabelled | known macro-F1 "
+                "with / without the unassigned call |",
+                "|---|---|---|---|---|",
+            ]
+            for sub, reps in self.leave_out.items():
+                for name, m in reps.items():
+                    lines.append(
+                        f"| {sub} | {name} | {m['unassigned']:.2f} | {m['mislabelled']:.2f} | "
+                        f"{m['known_macro_f1']:.3f} / {m['known_macro_f1_without']:.3f} |"
+                    )
+        if self.representations:
+            first = next(iter(self.representations.values()))
+            classes = list(first["per_class"])
+            lines += [
+                "",
+                "| per-class F1 (support) | "
+                + " | ".join(f"{c} ({first['per_class'][c]['support']})" for c in classes)
+                + " |",
+                "|---|" + "---|" * len(classes),
+            ]
+            for name, m in self.representations.items():
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(f"{m['per_class'][c]['f1']:.2f}" for c in classes)
+                    + " |"
+                )
         return "\n".join(lines)
-
-
-EXPRESSION_BASELINES = ("pca_knn", "logreg_expr")
-
-
-def expression_baseline(name: str, x_train, y_train, x_test, k: int, seed: int) -> np.ndarray:
-    """PCA(50) of log expression + distance-weighted kNN, or logistic regression on log expression."""
-    if name == "pca_knn":
-        from sklearn.decomposition import PCA
-        from sklearn.neighbors import KNeighborsClassifier
-
-        dense_tr, dense_te = x_train.toarray(), x_test.toarray()
-        pca = PCA(
-            n_components=min(50, dense_tr.shape[0] - 1, dense_tr.shape[1]), random_state=seed
-        ).fit(dense_tr)
-        knn = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), weights="distance")
-        return knn.fit(pca.transform(dense_tr), y_train).predict(pca.transform(dense_te))
-    from sklearn.linear_model import LogisticRegression
-
-    return (
-        LogisticRegression(max_iter=2000, random_state=seed).fit(x_train, y_train).predict(x_test)
-    )
 
 
 def _folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -173,124 +207,92 @@ def _folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.
         )
 
 
-def _vector_knn(
-    ref: np.ndarray, ref_y: np.ndarray, q: np.ndarray, classes: np.ndarray, k: int
-) -> np.ndarray:
-    codes = np.searchsorted(classes, ref_y)
-    idx, sim = exact_knn(q, ref, k)
-    return classes[vote(idx, sim, codes, len(classes)).argmax(1)]
+def _mask(n: int, idx: np.ndarray) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[idx] = True
+    return m
 
 
-class _Representations:
-    """Everything computed once per dataset, then reused by every fold."""
+class _Predictors:
+    """Labels a query from a reference, one way per representation name."""
 
     def __init__(
-        self, source, genes_by_model: dict, recipe: Recipe, refine_options: dict, seed: int
+        self,
+        genes_by_model: dict,
+        recipe: Recipe,
+        k: int,
+        seed: int,
+        refine_options: dict,
+        min_typicality: float = 0.0,
     ):
-        self.recipe, self.refine_options, self.seed = recipe, refine_options, seed
-        self.x = source.to_csr()
-        self.models = {}
-        for model, genes in genes_by_model.items():
-            cols, rows = match_dataset_genes(source.var_names, genes, source.path)
-            w = top_n_weights(
-                self.x[:, cols], recipe.top_genes, recipe.weighting
-            )  # small data: columns copied once
-            raw = genes.vectors[rows]
-            bg = fit_background(raw, recipe.background)
-            self.models[model] = {
-                "w": w,
-                "raw": raw,
-                "basis": apply_background(raw, bg),
-                "go": genes.genes["go_terms"].to_list()
-                if "go_terms" in genes.genes.columns
-                else None,
-                "rows": rows,
-            }
+        self.genes_by_model, self.recipe, self.k, self.seed = genes_by_model, recipe, k, seed
+        self.refine_options = refine_options
+        self.min_typicality = min_typicality
+        self._vectors: dict = {}
 
-    def vectors(self, name: str, model: str) -> tuple[np.ndarray, object, np.ndarray]:
-        m = self.models[model]
-        if name.startswith("naive_mean"):
-            basis = m["raw"]
-        elif name == "graph_baseline":
-            if "graph" not in m:
-                if m["go"] is None:
+    def gene_table(self, model: str, kind: str):
+        """The model's gene table, or a copy with random or GO-graph vectors (the controls)."""
+        genes = self.genes_by_model[model]
+        if kind == "model":
+            return genes
+        if (model, kind) not in self._vectors:
+            if kind == "random":
+                rng = np.random.default_rng(self.seed)
+                vecs = rng.normal(size=genes.vectors.shape).astype(np.float32)
+            else:
+                from cellvec.evaluation.graph import go_graph_embedding
+
+                if "go_terms" not in genes.genes.columns:
                     raise CellvecError(
                         "The gene table has no go_terms column: rebuild it with --gene2go."
                     )
-                emb = go_graph_embedding([m["go"][r] for r in m["rows"]], seed=self.seed)
-                m["graph"] = apply_background(emb, fit_background(emb, self.recipe.background))
-            basis = m["graph"]
-        else:
-            basis = m["basis"]
-        return weighted_mean(m["w"], basis), m["w"], basis
+                vecs = go_graph_embedding(genes.genes["go_terms"].to_list(), seed=self.seed)
+            self._vectors[(model, kind)] = replace(genes, vectors=vecs.astype(np.float32))
+        return self._vectors[(model, kind)]
 
-    def transfer(self, source, y, query, query_y, names, genes, k: int) -> dict[str, dict]:
-        """Fit on the whole reference, map `query` with no retraining; metrics per representation."""
-        classes = np.unique(y)
-        query_genes = set(query.var_names)
-        common = [g for g in source.var_names if g in query_genes]
-        ref_pos = {g: i for i, g in enumerate(source.var_names)}
-        q_pos = {g: i for i, g in enumerate(query.var_names)}
-        xr = self.x[:, [ref_pos[g] for g in common]]
-        xq = query.to_csr()[:, [q_pos[g] for g in common]]
-        recipes = {
-            "cellvec": self.recipe,
-            "cellvec_unrefined": Recipe.from_dict({**self.recipe.to_dict(), "refine": "none"}),
-            "naive_mean": Recipe.from_dict(
-                {**self.recipe.to_dict(), "refine": "none", "background": "none"}
-            ),
-        }
-        out = {}
-        for name in names:
-            if name in EXPRESSION_BASELINES:
-                pred = expression_baseline(name, xr, y, xq, k, self.seed)
-            elif name in recipes:
-                enc, ref_vecs, _ = fit_encoder(
-                    source,
-                    y,
-                    genes,
-                    recipes[name],
-                    seed=self.seed,
-                    refine_options=self.refine_options,
-                )
-                pred = _vector_knn(ref_vecs, y, enc.encode(query), classes, k)
-            else:
-                continue  # graph_baseline and naive_mean_refined are scored within the dataset only
-            out[name] = classification_metrics(query_y, pred)
-            log.info(
-                "transfer %-18s accuracy %.3f  macro-F1 %.3f",
-                name,
-                out[name]["accuracy"],
-                out[name]["macro_f1"],
-            )
-        return out
+    def fit(self, name: str, ref: ExpressionSource, y_ref: np.ndarray) -> Atlas:
+        base, model = name, None
+        if name.startswith("cellvec:"):
+            base, model = "cellvec", name.split(":", 1)[1]
+        changes, kind = VECTOR_REPRESENTATIONS[base]
+        model = model or self.recipe.model
+        recipe = Recipe.from_dict({**self.recipe.to_dict(), **changes, "model": model})
+        fit = fit_encoder(
+            ref,
+            y_ref,
+            self.gene_table(model, kind),
+            recipe,
+            seed=self.seed,
+            refine_options=self.refine_options,
+        )
+        return Atlas.from_fit(name, fit, y_ref)
 
     def predict(
-        self,
-        name: str,
-        model: str,
-        tr: np.ndarray,
-        te: np.ndarray,
-        y: np.ndarray,
-        classes,
-        k: int,
-        refine: str,
+        self, name: str, ref: ExpressionSource, y_ref: np.ndarray, query: ExpressionSource, **kw
     ) -> np.ndarray:
-        if name in EXPRESSION_BASELINES:
-            return expression_baseline(name, self.x[tr], y[tr], self.x[te], k, self.seed)
-        vecs, w, basis = self.vectors(name, model)
-        refined = name in ("cellvec", "naive_mean_refined") or name.startswith("cellvec:")
-        if refined and refine != "none":
-            head, _ = train_head(
-                w[tr],
-                basis,
-                y[tr] if refine == "supcon" else None,
-                mode=refine,
-                seed=self.seed,
-                **self.refine_options,
-            )
-            vecs = apply_head(head, vecs)
-        return _vector_knn(vecs[tr], y[tr], vecs[te], classes, k)
+        if name in EXPRESSION_BASELINES or name in PEERS or name == "logreg_panel":
+            genes = ref.var_names
+            if name == "logreg_panel":  # retrained on the genes the query has
+                have = set(query.var_names)
+                genes = [g for g in ref.var_names if g in have]
+            x_ref = align(ref.to_csr(), ref.var_names, genes)
+            if name == "celltypist":
+                from cellvec.evaluation.peers import celltypist_predict
+
+                return celltypist_predict(
+                    x_ref,
+                    y_ref,
+                    query.to_csr(),
+                    list(genes),
+                    test_var_names=list(query.var_names),
+                    seed=self.seed,
+                )
+            x_q = align(query.to_csr(), query.var_names, genes)
+            base = "logreg_expr" if name == "logreg_panel" else name
+            return expression_baseline(base, x_ref, y_ref, x_q, self.k, self.seed)
+        atlas = kw.get("atlas") or self.fit(name, ref, y_ref)
+        res = map_cells(query, atlas, k=self.k, min_typicality=kw.get("min_typicality", 0.0))
+        return res.labels
 
 
 def evaluate(
@@ -299,14 +301,21 @@ def evaluate(
     label_key: str,
     store,
     models: list[str] | None = None,
-    top_genes: int = 200,
+    top_genes: int = 1000,
     weighting: str = "value",
     background: str = "whiten",
+    center: bool = True,
     refine: str = "supcon",
+    adapt_genes: bool = True,
     folds: int = 5,
     k: int = 15,
     baselines: bool = False,
+    ablations: bool = False,
+    peers: tuple[str, ...] = (),
     data_limited: list[int] | None = None,
+    panels: list[float] | None = None,
+    leave_out: list[str] | None = None,
+    min_typicality: float = 0.01,
     query=None,
     query_label_key: str | None = None,
     label_map: dict[str, str] | None = None,
@@ -319,73 +328,161 @@ def evaluate(
 ) -> EvaluationResult:
     """Cross-validate representations on one labelled dataset (see module docstring).
 
-    `data_limited`: reference cells per class for a learning curve. `query`: a second
-    labelled dataset to map onto the whole of `data` without retraining (transfer).
+    `data_limited`: reference cells per class for a learning curve. `panels`: shares
+    of the genes kept in the query. `leave_out`: subtypes left out of the reference
+    (`min_typicality` is the unassigned threshold scored there). `query`: a second
+    labelled dataset mapped onto the whole of `data` without retraining (transfer).
     """
     t0 = time.perf_counter()
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise CellvecError(f"Unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}.")
     gs = GeneStore(store)
     models = list(models or [gs.default_model()])
     genes_by_model = {m: gs.load(m) for m in models}
     recipe = Recipe(
-        model=models[0],
+        model=genes_by_model[models[0]].model,
         top_genes=top_genes,
         weighting=weighting,
         background=background,
+        center=center,
         refine=refine,
+        adapt_genes=adapt_genes and refine != "none",
     )
     source = read_expression(
         data, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
     )
     y = labels_of(source, label_key)
-    classes = np.unique(y)
-    reps = _Representations(source, genes_by_model, recipe, refine_options or {}, seed)
+    n = len(y)
+    pred = _Predictors(genes_by_model, recipe, k, seed, refine_options or {})
     names = (
-        (list(BASELINES) if baselines else []) + ["cellvec"] + [f"cellvec:{m}" for m in models[1:]]
+        (list(BASELINES) if baselines else [])
+        + list(peers)
+        + (list(ABLATIONS) if ablations else [])
+        + ["cellvec"]
+        + [f"cellvec:{m}" for m in models[1:]]
     )
     if refine == "none":
-        names = [n for n in names if n != "naive_mean_refined"]
+        names = [x for x in names if x not in ("cellvec_unrefined", "head_only")]
     splits = _folds(y, folds, seed)
+
+    def cross_validate(name, ref_cells=None, query_of=None) -> np.ndarray:
+        out = np.empty(n, dtype=object)
+        for i, (tr, te) in enumerate(splits):
+            tr = ref_cells(i, tr) if ref_cells else tr
+            q = source.subset(_mask(n, te))
+            q = query_of(i, q) if query_of else q
+            out[te] = pred.predict(name, source.subset(_mask(n, tr)), y[tr], q)
+        return out
+
     results: dict[str, dict] = {}
     for name in names:
-        model = name.split(":", 1)[1] if name.startswith("cellvec:") else models[0]
-        pred = np.empty(len(y), dtype=object)
-        for tr, te in splits:
-            pred[te] = reps.predict(name, model, tr, te, y, classes, k, refine)
-        results[name] = classification_metrics(y, pred)
+        t = time.perf_counter()
+        results[name] = classification_metrics(y, cross_validate(name))
         log.info(
-            "%-20s accuracy %.3f  macro-F1 %.3f",
+            "%-18s accuracy %.3f  macro-F1 %.3f  (%.0f s)",
             name,
             results[name]["accuracy"],
             results[name]["macro_f1"],
+            time.perf_counter() - t,
         )
+
     curves: dict[str, dict[str, float]] = {}
+    classes = np.unique(y)
     if data_limited:
-        rng = np.random.default_rng(seed)
-        for name in ("pca_knn", "logreg_expr", "cellvec"):
+        for name in ["pca_knn", "logreg_expr", *peers, "random_vectors", "cellvec"]:
             curve = {}
             for n_per in data_limited:
-                pred = np.empty(len(y), dtype=object)
-                for tr, te in splits:
-                    sub = np.concatenate([rng.permutation(tr[y[tr] == c])[:n_per] for c in classes])
-                    pred[te] = reps.predict(
-                        name, models[0], np.sort(sub), te, y, classes, k, refine
+                rng = np.random.default_rng(seed)
+
+                def few(i, tr, n_per=n_per, rng=rng):
+                    return np.sort(
+                        np.concatenate([rng.permutation(tr[y[tr] == c])[:n_per] for c in classes])
                     )
-                curve[str(n_per)] = classification_metrics(y, pred)["macro_f1"]
+
+                curve[str(n_per)] = classification_metrics(y, cross_validate(name, ref_cells=few))[
+                    "macro_f1"
+                ]
             curves[name] = curve
+            log.info("data-limited %-14s %s", name, curve)
+
+    panel_results: dict[str, dict[str, dict]] = {}
+    for share in panels or []:
+        reps = {}
+        for name in ["logreg_expr", "logreg_panel", "pca_knn", *peers, "random_vectors", "cellvec"]:
+
+            def panel(i, q, share=share):
+                rng = np.random.default_rng([seed, i, int(share * 1000)])
+                keep = rng.random(len(q.var_names)) < share
+                return q.subset_genes(keep)
+
+            reps[name] = classification_metrics(y, cross_validate(name, query_of=panel))
+            log.info("panel %.0f%% %-14s macro-F1 %.3f", 100 * share, name, reps[name]["macro_f1"])
+        panel_results[f"{share:g}"] = reps
+
+    left: dict[str, dict[str, dict]] = {}
+    for sub in leave_out or []:
+        if sub not in set(y):
+            raise CellvecError(f"--leave-out {sub!r} is not a {label_key} of {source.path}.")
+        left[sub] = {
+            name: _left_out_scores(pred, name, source, y, splits, sub, min_typicality)
+            for name in ["cellvec", "logreg_expr"]
+        }
+
     transfer = {}
     if query is not None:
         q = read_expression(
             query, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
         )
         qy = labels_of(q, query_label_key or label_key, label_map=label_map)
-        transfer = reps.transfer(source, y, q, qy, names, genes_by_model[models[0]], k)
+        for name in names:
+            transfer[name] = classification_metrics(qy, pred.predict(name, source, y, q))
+            log.info(
+                "transfer %-18s accuracy %.3f  macro-F1 %.3f",
+                name,
+                transfer[name]["accuracy"],
+                transfer[name]["macro_f1"],
+            )
     return EvaluationResult(
         dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",
         label_key=label_key,
         folds=folds,
         representations=results,
         data_limited=curves,
+        panels=panel_results,
+        leave_out=left,
         transfer=transfer,
         recipe=recipe.to_dict(),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _left_out_scores(pred, name, source, y, splits, sub, min_typicality) -> dict:
+    """Leave subtype `sub` out of every fold's reference and map the whole held-out fold:
+    the share of `sub`'s cells called unassigned or given another label, and the known
+    subtypes' macro-F1 with and without the unassigned call."""
+    n = len(y)
+    with_call = np.empty(n, dtype=object)
+    without = np.empty(n, dtype=object)
+    for tr, te in splits:
+        tr = tr[y[tr] != sub]
+        ref = source.subset(_mask(n, tr))
+        q = source.subset(_mask(n, te))
+        if name in EXPRESSION_BASELINES:
+            without[te] = with_call[te] = pred.predict(name, ref, y[tr], q)
+            continue
+        atlas = pred.fit(name, ref, y[tr])
+        with_call[te] = pred.predict(
+            name, ref, y[tr], q, atlas=atlas, min_typicality=min_typicality
+        )
+        without[te] = pred.predict(name, ref, y[tr], q, atlas=atlas)
+    novel = y == sub
+    known = ~novel
+    return {
+        "cells": int(novel.sum()),
+        "unassigned": float((with_call[novel] == UNASSIGNED).mean()),
+        "mislabelled": float((with_call[novel] != UNASSIGNED).mean()),
+        "known_macro_f1": classification_metrics(y[known], with_call[known])["macro_f1"],
+        "known_macro_f1_without": classification_metrics(y[known], without[known])["macro_f1"],
+        "known_unassigned": float((with_call[known] == UNASSIGNED).mean()),
+    }
