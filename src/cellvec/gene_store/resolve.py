@@ -1,8 +1,13 @@
 """Match a dataset's gene names to gene-store rows.
 
-Order of preference: exact symbol, case-insensitive symbol, an unambiguous
-synonym (one that names a single gene), then Ensembl gene id (version suffix
-dropped). Done as one Polars join, not a Python loop.
+Order of preference: exact symbol, case-insensitive symbol, synonym (any case),
+then Ensembl gene id (version suffix dropped). Each tier is a lookup of its own,
+so a key an earlier tier also holds (`CD3E` is both the exact and the case-folded
+key of CD3E) still serves queries that only reach the later tier (`cd3e`). A
+case-folded symbol or a synonym that names two different genes is ambiguous: the
+query gene stays unmatched (counted as "ambiguous") rather than falling through to
+a later tier or to an arbitrary one of the two. Done as Polars joins, not a Python
+loop.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GeneMatch:
-    """`rows[i]` is the store row of query gene i, or -1; `how[i]` says by what."""
+    """`rows[i]` is the store row of query gene i, or -1; `how[i]` says by what
+    ("symbol", "symbol (case)", "synonym", "ensembl"), is "ambiguous" when the name
+    fits several genes, or None when it fits none."""
 
     rows: np.ndarray
     how: list[str | None]
@@ -34,37 +41,45 @@ class GeneMatch:
         return out
 
 
+def _tier(keys: pl.DataFrame, prio: int, how: str, *, ambiguous: bool) -> pl.DataFrame:
+    """One tier of the lookup: a key per row. A key naming several genes keeps the first
+    (`ambiguous=False`) or becomes an "ambiguous" entry with row -1 (`ambiguous=True`)."""
+    keys = keys.drop_nulls("key").unique(["key", "row"]).sort("row")
+    if ambiguous:
+        keys = keys.group_by("key", maintain_order=True).agg(
+            pl.when(pl.col("row").n_unique() == 1).then(pl.col("row").first()).otherwise(-1)
+        )
+    else:
+        keys = keys.unique("key", keep="first", maintain_order=True)
+    return keys.select(
+        "key",
+        pl.col("row").cast(pl.Int64),
+        pl.lit(prio).alias("prio"),
+        pl.when(pl.col("row") >= 0).then(pl.lit(how)).otherwise(pl.lit("ambiguous")).alias("how"),
+    )
+
+
 def _lookup(genes: pl.DataFrame) -> pl.DataFrame:
     base = genes.select(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "symbol", "synonyms", "ensembl_id"
     )
-    symbol = base.select(
-        pl.col("symbol").alias("key"), "row", pl.lit(0).alias("prio"), pl.lit("symbol").alias("how")
-    )
-    upper = base.select(
-        pl.col("symbol").str.to_uppercase().alias("key"),
-        "row",
-        pl.lit(1).alias("prio"),
-        pl.lit("symbol (case)").alias("how"),
-    )
+    symbol = base.select(pl.col("symbol").alias("key"), "row")
+    upper = base.select(pl.col("symbol").str.to_uppercase().alias("key"), "row")
     syn = (
-        base.select("row", pl.col("synonyms"))
+        base.select("row", "synonyms")
         .explode("synonyms")
-        .drop_nulls("synonyms")
         .select(pl.col("synonyms").str.to_uppercase().alias("key"), "row")
     )
-    syn = syn.filter(
-        pl.col("key").is_in(syn.group_by("key").len().filter(pl.col("len") == 1)["key"].implode())
+    ens = base.select(pl.col("ensembl_id").alias("key"), "row")
+    return pl.concat(
+        [
+            _tier(symbol, 0, "symbol", ambiguous=False),
+            _tier(upper, 1, "symbol (case)", ambiguous=True),
+            _tier(syn, 2, "synonym", ambiguous=True),
+            _tier(ens, 3, "ensembl", ambiguous=False),
+        ],
+        how="vertical_relaxed",
     )
-    syn = syn.with_columns(pl.lit(2).alias("prio"), pl.lit("synonym").alias("how"))
-    ens = base.drop_nulls("ensembl_id").select(
-        pl.col("ensembl_id").alias("key"),
-        "row",
-        pl.lit(3).alias("prio"),
-        pl.lit("ensembl").alias("how"),
-    )
-    lk = pl.concat([symbol, upper, syn, ens], how="vertical_relaxed").drop_nulls("key")
-    return lk.sort("prio", "row").unique("key", keep="first", maintain_order=True)
 
 
 _LOOKUPS: dict[int, tuple[pl.DataFrame, pl.DataFrame]] = {}
