@@ -8,15 +8,26 @@ case-folded symbol or a synonym that names two different genes is ambiguous: the
 query gene stays unmatched (counted as "ambiguous") rather than falling through to
 a later tier or to an arbitrary one of the two. Done as Polars joins, not a Python
 loop.
+
+With an ortholog table (`gene_store.orthologs`), a gene whose symbol (in any
+case) is not in the store is matched through its ortholog(s) in the store's
+species ("ortholog"), ahead of synonyms: across species a synonym is often the
+name of a paralog (mouse Tac2 is a synonym of human TAC1; its ortholog is TAC3;
+human ICAM3 is a synonym of mouse Icam5). Synonym and Ensembl matches stay where
+the table has no ortholog in the store.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:
+    from cellvec.gene_store.orthologs import OrthologTable
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +35,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class GeneMatch:
     """`rows[i]` is the store row of query gene i, or -1; `how[i]` says by what
-    ("symbol", "symbol (case)", "synonym", "ensembl"), is "ambiguous" when the name
-    fits several genes, or None when it fits none."""
+    ("symbol", "symbol (case)", "synonym", "ensembl", "ortholog"), is "ambiguous" or
+    "ortholog (ambiguous)" when the name fits several genes, or None when it fits none."""
 
     rows: np.ndarray
     how: list[str | None]
@@ -82,6 +93,8 @@ def _lookup(genes: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+_BY_SYMBOL = ("symbol", "symbol (case)")
+
 _LOOKUPS: dict[int, tuple[pl.DataFrame, pl.DataFrame]] = {}
 
 
@@ -96,9 +109,24 @@ def _cached_lookup(genes: pl.DataFrame) -> pl.DataFrame:
     return hit[1]
 
 
-def match_genes(names, genes: pl.DataFrame) -> GeneMatch:
-    """Resolve query gene `names` against a store's gene frame (see module docstring)."""
-    q = pl.DataFrame({"name": [str(n) for n in names]}).with_row_index("i")
+def match_genes(names, genes: pl.DataFrame, *, orthologs: OrthologTable | None = None) -> GeneMatch:
+    """Resolve query gene `names` against a store's gene frame (see module docstring);
+    names that match nothing directly go through `orthologs` when given."""
+    names = [str(n) for n in names]
+    m = _match_direct(names, genes)
+    if orthologs is None:
+        return m
+    todo = np.array([i for i, h in enumerate(m.how) if h not in _BY_SYMBOL], dtype=np.int64)
+    if len(todo):
+        rows, how = orthologs.store_rows([names[i] for i in todo], genes)
+        for j, i in enumerate(todo.tolist()):
+            if rows[j] >= 0 or (m.rows[i] < 0 and how[j] is not None):
+                m.rows[i], m.how[i] = rows[j], how[j]
+    return m
+
+
+def _match_direct(names: list[str], genes: pl.DataFrame) -> GeneMatch:
+    q = pl.DataFrame({"name": names}, schema={"name": pl.String}).with_row_index("i")
     q = q.with_columns(
         pl.col("name").alias("k0"),
         pl.col("name").str.to_uppercase().alias("k1"),
