@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 
+import numpy as np
 import pytest
 
-from cellvec.cell_index.atlas import build_atlas
-from cellvec.errors import InputFormatError
+from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.mapping import map_cells
+from cellvec.errors import GeneMatchError, InputFormatError
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.orthologs import read_orthologs
 from cellvec.gene_store.resolve import match_genes
@@ -33,6 +36,23 @@ def atlas_store(fake_store):
         tiny_adata(n_cells=90, seed=1), store=fake_store, name="tiny", label_key="cell_type"
     )
     return fake_store
+
+
+def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, caplog):
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    renamed = query.copy()
+    renamed.var_names = [_other_species(n) for n in query.var_names]
+    table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])
+    with pytest.raises(GeneMatchError, match=r"only 0 of 30 genes.*--orthologs"):
+        map_cells(renamed, "tiny", store=atlas_store)
+    with caplog.at_level("INFO"):
+        res = map_cells(renamed, "tiny", store=atlas_store, orthologs=table, truth_key="cell_type")
+    assert "0 genes matched directly, 30 through orthologs (orth.csv)" in caplog.text
+    assert res.metrics["accuracy"] == 1.0 and res.summary()["orthologs"] == "orth.csv"
+    # the same store genes, the atlas's own recipe: the very vectors of the original names
+    direct = map_cells(query, "tiny", store=atlas_store)
+    np.testing.assert_allclose(res.vectors, direct.vectors, atol=1e-6)
+    assert res.recipe == direct.recipe
 
 
 def test_one_to_many_resolution_is_deterministic(fake_store, tmp_path):
@@ -115,6 +135,19 @@ def test_orthologs_come_before_synonyms_but_not_symbols(tmp_path):
     assert m.rows.tolist() == [1, 2, 1] and m.how == ["ortholog", "symbol (case)", "ortholog"]
 
 
+def test_gene_basis_cache_is_keyed_by_the_ortholog_table(atlas_store, tmp_path):
+    enc = Atlas.open(atlas_store, "tiny").encoder()
+    names = ["Zt0", "Zt1"] + [g["symbol"] for g in tiny_genes()[2:]]
+    one = read_orthologs(_pairs_csv(tmp_path / "a.csv", [("Zt0", "TGENE0"), ("Zt1", "TGENE1")]))
+    other = read_orthologs(_pairs_csv(tmp_path / "b.csv", [("Zt0", "MGENE0"), ("Zt1", "MGENE1")]))
+    b1, b2 = enc.basis(names, orthologs=one), enc.basis(names, orthologs=other)
+    row = {s: i for i, s in enumerate(enc.genes.genes["symbol"])}
+    assert b1.rows[:2].tolist() == [row["TGENE0"], row["TGENE1"]]
+    assert b2.rows[:2].tolist() == [row["MGENE0"], row["MGENE1"]]
+    assert enc.basis(names, orthologs=read_orthologs(tmp_path / "a.csv")) is b1  # same content
+    assert len(enc.basis(names).rows) == 28  # no table: the two names match nothing
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -132,6 +165,39 @@ def test_malformed_tables_name_the_file_and_the_columns(tmp_path, text, message)
     path.write_text(text)
     with pytest.raises(InputFormatError, match=message):
         read_orthologs(path)
+
+
+def test_map_cli_takes_orthologs(atlas_store, tmp_path, caplog):
+    from click.testing import CliRunner
+
+    from cellvec.cli import cli
+
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    query.var_names = [_other_species(n) for n in query.var_names]
+    q = tmp_path / "q.h5ad"
+    query.write_h5ad(q)
+    table = tmp_path / "orth.tsv"
+    table.write_text(
+        "mouse\thuman\n" + "".join(f"{_other_species(n)}\t{n}\n" for n in tiny_adata().var_names)
+    )
+    args = [
+        "map",
+        str(q),
+        "--store",
+        str(atlas_store),
+        "--atlas",
+        "tiny",
+        "--truth-key",
+        "cell_type",
+    ]
+    with caplog.at_level("INFO"):
+        res = CliRunner().invoke(cli, [*args, "--orthologs", str(table), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["accuracy"] == 1.0 and out["orthologs"] == "orth.tsv"
+    assert "30 through orthologs (orth.tsv)" in caplog.text
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "--orthologs" in res.output
 
 
 @requires_shared
