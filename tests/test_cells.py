@@ -8,6 +8,8 @@ from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.vectors import top_n_weights
 from cellvec.errors import CellvecError, GeneMatchError, InputFormatError, RecipeMismatchError
+from cellvec.gene_store import GeneStore
+from cellvec.gene_store.resolve import match_genes
 from conftest import tiny_adata
 
 
@@ -149,6 +151,9 @@ def test_genes_matched_by_synonym_and_ensembl(fake_store):
     a.var_names = names
     atlas = build_atlas(a, store=fake_store, name="syn", label_key="cell_type")
     assert atlas.meta["n_cells"] == 60
+    m = match_genes(names, GeneStore(fake_store).load("fake").genes)
+    assert m.n_matched == 30
+    assert m.how[:3] == ["synonym", "ensembl", "symbol (case)"]
 
 
 def test_rebuild_overwrites_atomically(fake_store):

@@ -181,6 +181,24 @@ def test_pipeline_through_the_cli(tmp_path, gene_files):
     assert res.exit_code == 0 and json.loads(res.stdout)["pearson_r"] > 0.9
 
 
+def test_loading_faiss_logs_no_info_lines(tmp_path, fake_store):
+    """faiss.loader says 'Could not load library with AVX2 support' at INFO: not for users."""
+    from cellvec.cell_index.atlas import build_atlas
+
+    build_atlas(tiny_adata(seed=1), store=fake_store, name="tiny", label_key="cell_type")
+    q = tmp_path / "q.h5ad"
+    tiny_adata(n_cells=9, seed=2).write_h5ad(q)
+    cmd = [sys.executable, "-c", "from cellvec.cli import main; main()"]
+    res = subprocess.run(
+        [*cmd, "map", str(q), "--store", str(fake_store), "--atlas", "tiny"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "INFO cellvec.cell_index.mapping: Mapped 9 cells" in res.stderr  # INFO is shown
+    assert "faiss.loader" not in res.stderr and "AVX2" not in res.stderr, res.stderr
+
+
 def test_errors_are_one_line_with_a_fix(tmp_path, fake_store):
     r = CliRunner()
     res = r.invoke(

@@ -37,6 +37,19 @@ def test_build_writes_table_with_metadata(fake_store, gene_files):
     assert meta["sources"]["gene_info"]["path"].endswith("tiny.gene_info.gz") and "built_at" in meta
 
 
+def test_go_count_is_over_the_genes_read(tmp_path, caplog):
+    """gene2go covers every gene of a species; the log counts only the genes built."""
+    genes = tiny_genes()
+    info = write_gene_info(tmp_path / "g.gene_info.gz", genes[:20])
+    # two of the genes read have no GO terms; ten genes not read have some
+    go = write_gene2go(tmp_path / "g.gene2go.gz", genes[2:])
+    with caplog.at_level("INFO", logger="cellvec.gene_store.store"):
+        build_gene_store(
+            info, gene2go=go, store=tmp_path / "s", species="human", embedder=FakeEmbedder()
+        )
+    assert "20 genes of human read from g.gene_info.gz; 18 of them with GO terms" in caplog.text
+
+
 def test_rebuild_embeds_only_changed_genes(tmp_path, fake_store, gene_files):
     emb = FakeEmbedder()
     res = build_tiny(gene_files, fake_store, emb)

@@ -80,3 +80,18 @@ def test_streamed_output_formats(full_store, tmp_path):
 
     write_result(conn.execute(q), "parquet", str(tmp_path / "x.parquet"))
     assert pl.read_parquet(tmp_path / "x.parquet").height == 30
+
+
+def test_csv_lines_end_with_lf_for_shell_scripts(full_store, tmp_path):
+    """`n=$(cellvec sql ... --format csv | tail -1); [ "$n" = 30 ]` must hold: no CR."""
+    from click.testing import CliRunner
+
+    from cellvec.cli import cli
+
+    q = "SELECT count(*) AS n FROM genes"
+    args = ["sql", q, "--store", str(full_store), "--format", "csv"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert res.stdout_bytes == b"n\n30\n"
+    res = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "n.csv")])
+    assert res.exit_code == 0 and (tmp_path / "n.csv").read_bytes() == b"n\n30\n"

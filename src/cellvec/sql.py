@@ -177,7 +177,7 @@ def write_result(batches, fmt: str, out) -> int:
         elif fmt == "csv":
             import csv
 
-            w = csv.writer(out)
+            w = csv.writer(out, lineterminator="\n")  # LF, as DuckDB writes CSV and shells expect
             if header:
                 w.writerow(b.schema.names)
                 header = False

@@ -12,6 +12,7 @@ from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import adapted_basis, apply_head
 from cellvec.cell_index.vectors import GeneBasis, cell_vectors, match_dataset_genes
+from cellvec.gene_store.orthologs import OrthologTable
 from cellvec.gene_store.store import GeneTable
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,20 @@ class CellEncoder:
     refinement: dict[str, np.ndarray] = field(default_factory=dict)
     _bases: dict = field(default_factory=dict, repr=False)
 
-    def basis(self, var_names: list[str], where: str = "dataset") -> GeneBasis:
-        """The matched, background-transformed, adapted gene vectors of a gene list (cached
-        per list: a service sees the same gene panel request after request)."""
-        key = hash(tuple(var_names))
+    def basis(
+        self,
+        var_names: list[str],
+        where: str = "dataset",
+        *,
+        orthologs: OrthologTable | None = None,
+    ) -> GeneBasis:
+        """The matched, background-transformed, adapted gene vectors of a gene list (cached per
+        list and ortholog table: a service sees the same gene panel request after request)."""
+        key = (tuple(var_names), orthologs.digest if orthologs is not None else None)
         hit = self._bases.get(key)
-        if hit is not None and hit[0] == list(var_names):
-            return hit[1]
-        cols, rows = match_dataset_genes(var_names, self.genes, where)
+        if hit is not None:
+            return hit
+        cols, rows = match_dataset_genes(var_names, self.genes, where, orthologs=orthologs)
         positions = None
         params = {k: v for k, v in self.refinement.items() if k in GENE_KEYS}
         ref_rows = self.refinement.get("gene_rows")
@@ -71,13 +78,27 @@ class CellEncoder:
         )
         if len(self._bases) >= 32:
             self._bases.pop(next(iter(self._bases)))
-        self._bases[key] = (list(var_names), basis)
+        self._bases[key] = basis
         return basis
 
-    def unrefined(self, source: ExpressionSource, basis: GeneBasis | None = None) -> np.ndarray:
+    def unrefined(
+        self,
+        source: ExpressionSource,
+        basis: GeneBasis | None = None,
+        *,
+        orthologs: OrthologTable | None = None,
+    ) -> np.ndarray:
         """Cell vectors before the head (adapted genes and centring included)."""
-        basis = basis or self.basis(source.var_names, source.path)
+        basis = basis or self.basis(source.var_names, source.path, orthologs=orthologs)
         return cell_vectors(source, basis, self.recipe)
 
-    def encode(self, source: ExpressionSource, basis: GeneBasis | None = None) -> np.ndarray:
-        return apply_head(self.refinement, self.unrefined(source, basis))
+    def encode(
+        self,
+        source: ExpressionSource,
+        basis: GeneBasis | None = None,
+        *,
+        orthologs: OrthologTable | None = None,
+    ) -> np.ndarray:
+        """Cell vectors of `source`; `orthologs` only changes which store genes its columns
+        map to, never the recipe."""
+        return apply_head(self.refinement, self.unrefined(source, basis, orthologs=orthologs))

@@ -1,11 +1,14 @@
 """Nearest neighbours of unit vectors by cosine similarity.
 
 Below `EXACT_MAX` reference cells: exact (faiss IndexFlatIP, ~3x faster than a
-numpy product + argpartition, same neighbours). Above: a faiss IVF-Flat index in memory (inner product on unit vectors = cosine). Measured
-on clustered 128-d vectors (200k atlas, k=15): nlist = sqrt(n) with nprobe = 64
-gives recall@15 0.999-1.000 at ~0.2 ms a query; nprobe 16 only 0.83-0.96
+numpy product + argpartition, same neighbours). Above: a faiss IVF-Flat index in
+memory (inner product on unit vectors = cosine). Measured on clustered 128-d
+vectors (200k atlas, k=15): nlist = sqrt(n) with nprobe = 64 gives recall@15
+0.999-1.000 at ~0.2 ms a query; nprobe 16 only 0.83-0.96
 (see benchmarks/bench_mapping.py).
-LanceDB's own ANN index serves single requests in the HTTP service.
+Every path searches this in-memory index, built once per loaded atlas
+(`Atlas.index()`): `map_cells`, the CLI and the HTTP service alike. No LanceDB
+vector index is built (see cell_index/atlas.py for why).
 """
 
 from __future__ import annotations

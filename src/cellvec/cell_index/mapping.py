@@ -15,6 +15,7 @@ from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, InputFormatError
 from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
+from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class MappingResult:
     truth: np.ndarray | None = None
     metrics: dict | None = None
     seconds: float = 0.0
+    orthologs: str | None = None  # the ortholog table the query genes went through, if any
     source: ExpressionSource | None = field(default=None, repr=False)
 
     def to_polars(self, *, scores: bool = True):
@@ -96,6 +98,8 @@ class MappingResult:
             "classes": self.classes.astype(str).tolist(),
             "recipe": {k: ("" if v is None else v) for k, v in self.recipe.items()},
         }
+        if self.orthologs:
+            adata.uns["cellvec"]["orthologs"] = self.orthologs
         return adata
 
     def write(self, path: str | Path) -> Path:
@@ -147,6 +151,8 @@ class MappingResult:
                 for c, n in zip(*np.unique(self.labels.astype(str), return_counts=True))
             },
         }
+        if self.orthologs:
+            out["orthologs"] = self.orthologs
         if self.metrics:
             out.update(self.metrics)
         return out
@@ -166,6 +172,7 @@ def map_cells(
     use_raw: bool | None = None,
     gene_column: str | None = None,
     recipe: Recipe | dict | None = None,
+    orthologs: OrthologTable | str | Path | None = None,
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
 
@@ -179,6 +186,8 @@ def map_cells(
 
     `recipe` (optional) states the settings the caller expects; a mismatch with the
     atlas's recipe is refused. `label_map` renames truth labels (cross-study names).
+    `orthologs` (a table or its file, see `gene_store.orthologs`) matches query genes
+    of another species to the atlas's store genes; the atlas's recipe is applied as is.
     """
     t0 = time.perf_counter()
     if isinstance(atlas, str):
@@ -194,6 +203,8 @@ def map_cells(
         atlas.recipe.require_same(expected, atlas.name)
     if k < 1:
         raise CellvecError(f"k must be at least 1, got {k}.")
+    if orthologs is not None and not isinstance(orthologs, OrthologTable):
+        orthologs = read_orthologs(orthologs)
     source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
     truth = None
     if truth_key:
@@ -201,7 +212,7 @@ def map_cells(
 
         truth = labels_of(source, truth_key, label_map=label_map)
     encoder = atlas.encoder()
-    basis = encoder.basis(source.var_names, source.path)
+    basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
     ref, index, coverage, calibration = atlas.vectors, atlas.index(), 1.0, None
     n_atlas_genes = len(encoder.refinement.get("gene_rows", ()))
     if basis.positions is not None and len(basis.positions) < n_atlas_genes:
@@ -269,6 +280,7 @@ def map_cells(
         truth=truth,
         metrics=metrics,
         seconds=secs,
+        orthologs=orthologs.source if orthologs is not None else None,
         source=source,
     )
 

@@ -18,6 +18,7 @@ from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import GeneMatchError
 from cellvec.gene_store.embedders.base import normalise_rows
+from cellvec.gene_store.orthologs import OrthologTable
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.store import GeneTable
 
@@ -123,10 +124,16 @@ class GeneBasis:
 
 
 def match_dataset_genes(
-    var_names: list[str], genes: GeneTable, where: str = "dataset"
+    var_names: list[str],
+    genes: GeneTable,
+    where: str = "dataset",
+    *,
+    orthologs: OrthologTable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dataset columns and their store rows; refuses too small an overlap with the likely cause."""
-    m = match_genes(var_names, genes.genes)
+    """Dataset columns and their store rows; refuses too small an overlap with the likely cause.
+
+    With `orthologs`, genes not in the store by symbol are matched through their orthologs."""
+    m = match_genes(var_names, genes.genes, orthologs=orthologs)
     n, total = m.n_matched, len(var_names)
     counts = m.counts()
     log.info(
@@ -137,6 +144,15 @@ def match_dataset_genes(
         genes.model,
         ", ".join(f"{k} {v:,}" for k, v in counts.items()),
     )
+    if orthologs is not None:
+        n_orth = counts.get("ortholog", 0)
+        log.info(
+            "%s: %s genes matched directly, %s through orthologs (%s)",
+            where,
+            f"{n - n_orth:,}",
+            f"{n_orth:,}",
+            orthologs.source,
+        )
     if n < min(MIN_MATCHED_GENES, total // 2) or n < MIN_MATCHED_FRACTION * total:
         sample = [str(v) for v in var_names[:5]]
         head = [str(v) for v in var_names[:500]]
@@ -145,16 +161,13 @@ def match_dataset_genes(
             return sum(map(pred, head)) / max(len(head), 1)
 
         species = genes.meta.get("species")
+        other = " (or an ortholog table, --orthologs FILE)" if orthologs is None else ""
         if share(lambda v: v.startswith("ENS")) > 0.5:
             cause = "the dataset uses Ensembl ids: check they are of the store's species, or give symbols (--gene-column)"
         elif species == "human" and share(lambda v: v[:1].isupper() and v[1:].islower()) > 0.5:
-            cause = (
-                "the names look like mouse symbols (Xxxx) but the store is human: use a mouse store"
-            )
+            cause = f"the names look like mouse symbols (Xxxx) but the store is human: use a mouse store{other}"
         elif species == "mouse" and share(str.isupper) > 0.75:
-            cause = (
-                "the names look like human symbols (XXXX) but the store is mouse: use a human store"
-            )
+            cause = f"the names look like human symbols (XXXX) but the store is mouse: use a human store{other}"
         else:
             cause = "wrong species or another naming scheme; a var column with symbols can be named with --gene-column"
         raise GeneMatchError(

@@ -48,6 +48,7 @@ def cli(verbose: int, quiet: bool):
         "matplotlib",
         "lance",
         "lancedb",
+        "faiss",  # faiss.loader reports a failed AVX2 load at INFO: reads like an error
     ):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -38,6 +38,12 @@ from cellvec.cli.options import emit_json, input_options, json_option, store_opt
     type=click.Path(exists=True, dir_okay=False),
     help="Rename truth labels to atlas labels (JSON object or two-column CSV/TSV).",
 )
+@click.option(
+    "--orthologs",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ortholog table for a query of another species: HCOP/Ensembl (e.g. "
+    "hcop_mouse_to_human.csv.gz, either direction) or two columns, query symbol -> store symbol.",
+)
 @click.option("--subset", help="Keep query cells where obs column equals value(s): COLUMN=V1,V2.")
 @click.option("--save-as", help="Also save the mapping in the store (SQL view mapping_<NAME>).")
 @input_options
@@ -53,6 +59,7 @@ def map_cmd(
     min_typicality,
     truth_key,
     label_map,
+    orthologs,
     subset,
     save_as,
     layer,
@@ -67,6 +74,8 @@ def map_cmd(
     Example:
       cellvec map pbmc.h5ad --store store/ --atlas pbmc --subset donor=3pv1 \\
           --out mapped.h5ad --truth-key cell_type --min-confidence 0.5
+      cellvec map mouse_retina.h5ad --store human_store/ --atlas retina \\
+          --orthologs hcop_mouse_to_human.csv.gz --out mapped.h5ad
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cli.common import subset_source
@@ -84,6 +93,7 @@ def map_cmd(
         min_typicality=min_typicality,
         truth_key=truth_key,
         label_map=read_label_map(label_map) if label_map else None,
+        orthologs=orthologs,
     )
     if out:
         res.write(out)

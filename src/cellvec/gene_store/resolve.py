@@ -1,24 +1,42 @@
 """Match a dataset's gene names to gene-store rows.
 
-Order of preference: exact symbol, case-insensitive symbol, an unambiguous
-synonym (one that names a single gene), then Ensembl gene id (version suffix
-dropped). Done as one Polars join, not a Python loop.
+Order of preference: exact symbol, case-insensitive symbol, synonym (any case),
+then Ensembl gene id (version suffix dropped). Each tier is a lookup of its own,
+so a key an earlier tier also holds (`CD3E` is both the exact and the case-folded
+key of CD3E) still serves queries that only reach the later tier (`cd3e`). A
+case-folded symbol or a synonym that names two different genes is ambiguous: the
+query gene stays unmatched (counted as "ambiguous") rather than falling through to
+a later tier or to an arbitrary one of the two. Done as Polars joins, not a Python
+loop.
+
+With an ortholog table (`gene_store.orthologs`), a gene whose symbol (in any
+case) is not in the store is matched through its ortholog(s) in the store's
+species ("ortholog"), ahead of synonyms: across species a synonym is often the
+name of a paralog (mouse Tac2 is a synonym of human TAC1; its ortholog is TAC3;
+human ICAM3 is a synonym of mouse Icam5). Synonym and Ensembl matches stay where
+the table has no ortholog in the store.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:
+    from cellvec.gene_store.orthologs import OrthologTable
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GeneMatch:
-    """`rows[i]` is the store row of query gene i, or -1; `how[i]` says by what."""
+    """`rows[i]` is the store row of query gene i, or -1; `how[i]` says by what
+    ("symbol", "symbol (case)", "synonym", "ensembl", "ortholog"), is "ambiguous" or
+    "ortholog (ambiguous)" when the name fits several genes, or None when it fits none."""
 
     rows: np.ndarray
     how: list[str | None]
@@ -34,38 +52,48 @@ class GeneMatch:
         return out
 
 
+def _tier(keys: pl.DataFrame, prio: int, how: str, *, ambiguous: bool) -> pl.DataFrame:
+    """One tier of the lookup: a key per row. A key naming several genes keeps the first
+    (`ambiguous=False`) or becomes an "ambiguous" entry with row -1 (`ambiguous=True`)."""
+    keys = keys.drop_nulls("key").unique(["key", "row"]).sort("row")
+    if ambiguous:
+        keys = keys.group_by("key", maintain_order=True).agg(
+            pl.when(pl.col("row").n_unique() == 1).then(pl.col("row").first()).otherwise(-1)
+        )
+    else:
+        keys = keys.unique("key", keep="first", maintain_order=True)
+    return keys.select(
+        "key",
+        pl.col("row").cast(pl.Int64),
+        pl.lit(prio).alias("prio"),
+        pl.when(pl.col("row") >= 0).then(pl.lit(how)).otherwise(pl.lit("ambiguous")).alias("how"),
+    )
+
+
 def _lookup(genes: pl.DataFrame) -> pl.DataFrame:
     base = genes.select(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "symbol", "synonyms", "ensembl_id"
     )
-    symbol = base.select(
-        pl.col("symbol").alias("key"), "row", pl.lit(0).alias("prio"), pl.lit("symbol").alias("how")
-    )
-    upper = base.select(
-        pl.col("symbol").str.to_uppercase().alias("key"),
-        "row",
-        pl.lit(1).alias("prio"),
-        pl.lit("symbol (case)").alias("how"),
-    )
+    symbol = base.select(pl.col("symbol").alias("key"), "row")
+    upper = base.select(pl.col("symbol").str.to_uppercase().alias("key"), "row")
     syn = (
-        base.select("row", pl.col("synonyms"))
+        base.select("row", "synonyms")
         .explode("synonyms")
-        .drop_nulls("synonyms")
         .select(pl.col("synonyms").str.to_uppercase().alias("key"), "row")
     )
-    syn = syn.filter(
-        pl.col("key").is_in(syn.group_by("key").len().filter(pl.col("len") == 1)["key"].implode())
+    ens = base.select(pl.col("ensembl_id").alias("key"), "row")
+    return pl.concat(
+        [
+            _tier(symbol, 0, "symbol", ambiguous=False),
+            _tier(upper, 1, "symbol (case)", ambiguous=True),
+            _tier(syn, 2, "synonym", ambiguous=True),
+            _tier(ens, 3, "ensembl", ambiguous=False),
+        ],
+        how="vertical_relaxed",
     )
-    syn = syn.with_columns(pl.lit(2).alias("prio"), pl.lit("synonym").alias("how"))
-    ens = base.drop_nulls("ensembl_id").select(
-        pl.col("ensembl_id").alias("key"),
-        "row",
-        pl.lit(3).alias("prio"),
-        pl.lit("ensembl").alias("how"),
-    )
-    lk = pl.concat([symbol, upper, syn, ens], how="vertical_relaxed").drop_nulls("key")
-    return lk.sort("prio", "row").unique("key", keep="first", maintain_order=True)
 
+
+_BY_SYMBOL = ("symbol", "symbol (case)")
 
 _LOOKUPS: dict[int, tuple[pl.DataFrame, pl.DataFrame]] = {}
 
@@ -81,9 +109,24 @@ def _cached_lookup(genes: pl.DataFrame) -> pl.DataFrame:
     return hit[1]
 
 
-def match_genes(names, genes: pl.DataFrame) -> GeneMatch:
-    """Resolve query gene `names` against a store's gene frame (see module docstring)."""
-    q = pl.DataFrame({"name": [str(n) for n in names]}).with_row_index("i")
+def match_genes(names, genes: pl.DataFrame, *, orthologs: OrthologTable | None = None) -> GeneMatch:
+    """Resolve query gene `names` against a store's gene frame (see module docstring);
+    names that match nothing directly go through `orthologs` when given."""
+    names = [str(n) for n in names]
+    m = _match_direct(names, genes)
+    if orthologs is None:
+        return m
+    todo = np.array([i for i, h in enumerate(m.how) if h not in _BY_SYMBOL], dtype=np.int64)
+    if len(todo):
+        rows, how = orthologs.store_rows([names[i] for i in todo], genes)
+        for j, i in enumerate(todo.tolist()):
+            if rows[j] >= 0 or (m.rows[i] < 0 and how[j] is not None):
+                m.rows[i], m.how[i] = rows[j], how[j]
+    return m
+
+
+def _match_direct(names: list[str], genes: pl.DataFrame) -> GeneMatch:
+    q = pl.DataFrame({"name": names}, schema={"name": pl.String}).with_row_index("i")
     q = q.with_columns(
         pl.col("name").alias("k0"),
         pl.col("name").str.to_uppercase().alias("k1"),

@@ -338,12 +338,18 @@ def build_gene_store(
         else None
     )
     df = compose_texts(genes, go, summ)
+    n_go = df.select(
+        pl.any_horizontal(
+            pl.col(c).list.len().fill_null(0) > 0
+            for c in ("go_function", "go_process", "go_component")
+        ).sum()
+    ).item()
     log.info(
         "%s genes of %s read from %s%s",
         f"{df.height:,}",
         species,
         Path(gene_info).name,
-        f"; {go.height:,} with GO terms" if go is not None else "",
+        f"; {n_go:,} of them with GO terms" if go is not None else "",
     )
     if summ is not None:
         n = df["summary"].is_not_null().sum()

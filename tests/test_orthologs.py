@@ -1,0 +1,223 @@
+"""Ortholog-aware gene matching: tiny tables against the fake store, and the real HCOP table."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.mapping import map_cells
+from cellvec.errors import GeneMatchError, InputFormatError
+from cellvec.gene_store import GeneStore
+from cellvec.gene_store.orthologs import read_orthologs
+from cellvec.gene_store.resolve import match_genes
+from cellvec.gene_store.sources import read_gene_info
+from conftest import SHARED, requires_shared, tiny_adata, tiny_genes, write_gene_info
+
+HCOP_HEADER = "Gene stable ID,Gene name,Human gene stable ID,Human gene name,supporting_source\n"
+
+
+def _other_species(name: str) -> str:
+    """TGENE3 -> Zt3: a name of 'another species' that matches no store gene directly."""
+    return "Z" + name[0].lower() + name[len("XGENE") :]
+
+
+def _pairs_csv(path, pairs):
+    path.write_text("".join(f"{q},{s}\n" for q, s in pairs))
+    return path
+
+
+@pytest.fixture
+def atlas_store(fake_store):
+    build_atlas(
+        tiny_adata(n_cells=90, seed=1), store=fake_store, name="tiny", label_key="cell_type"
+    )
+    return fake_store
+
+
+def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, caplog):
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    renamed = query.copy()
+    renamed.var_names = [_other_species(n) for n in query.var_names]
+    table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])
+    with pytest.raises(GeneMatchError, match=r"only 0 of 30 genes.*--orthologs"):
+        map_cells(renamed, "tiny", store=atlas_store)
+    with caplog.at_level("INFO"):
+        res = map_cells(renamed, "tiny", store=atlas_store, orthologs=table, truth_key="cell_type")
+    assert "0 genes matched directly, 30 through orthologs (orth.csv)" in caplog.text
+    assert res.metrics["accuracy"] == 1.0 and res.summary()["orthologs"] == "orth.csv"
+    # the same store genes, the atlas's own recipe: the very vectors of the original names
+    direct = map_cells(query, "tiny", store=atlas_store)
+    np.testing.assert_allclose(res.vectors, direct.vectors, atol=1e-6)
+    assert res.recipe == direct.recipe
+
+
+def test_one_to_many_resolution_is_deterministic(fake_store, tmp_path):
+    genes = GeneStore(fake_store).load("fake").genes
+    row = {s: i for i, s in enumerate(genes["symbol"])}
+    table = _pairs_csv(
+        tmp_path / "orth.csv",
+        [
+            ("Zt1", "TGENE1"),
+            ("Zt1", "NOT_IN_STORE"),  # only one ortholog in the store: that one
+            ("Zt2", "TGENE2"),
+            ("Zt2", "TGENE3"),  # two in the store, equal support: skipped as ambiguous
+            ("ZT4", "TGENE4"),  # reached case-insensitively (upper-case mouse names)
+        ],
+    )
+    orth = read_orthologs(table)
+    m = match_genes(["Zt1", "Zt2", "zt4", "Zt9"], genes, orthologs=orth)
+    assert m.rows.tolist() == [row["TGENE1"], -1, row["TGENE4"], -1]
+    assert m.how == ["ortholog", "ortholog (ambiguous)", "ortholog", None]
+    # a tie goes to the ortholog with the query's own symbol, case aside
+    tie = read_orthologs(
+        _pairs_csv(tmp_path / "tie.csv", [("Tgene5", "TGENE6"), ("Tgene5", "TGENE5")])
+    )
+    assert tie.store_rows(["TGENE5"], genes)[0].tolist() == [row["TGENE5"]]
+
+
+def test_more_supporting_sources_win_in_an_hcop_table(fake_store, tmp_path):
+    genes = GeneStore(fake_store).load("fake").genes
+    row = {s: i for i, s in enumerate(genes["symbol"])}
+    path = tmp_path / "hcop.csv.gz"
+    lines = [
+        "ENSMUSG00000000001,Zb0,ENSG00000001012,BGENE1,OrthoMCL\n",
+        'ENSMUSG00000000001,Zb0,ENSG00000001011,BGENE0,"HGNC,NCBI,Ensembl"\n',
+        "ENSMUSG00000000002,Zb2,ENSG00000001014,-,Ensembl\n",  # no human symbol: its Ensembl id
+    ]
+    path.write_bytes(gzip.compress((HCOP_HEADER + "".join(lines)).encode()))
+    orth = read_orthologs(path)
+    assert (orth.query_species, orth.store_species) == ("mouse", "human")
+    m = match_genes(["Zb0", "Zb2"], genes, orthologs=orth)
+    assert m.rows.tolist() == [row["BGENE0"], row["BGENE3"]]
+
+
+def test_one_hcop_table_serves_both_directions(tmp_path):
+    human = tiny_genes()
+    mouse = [{**g, "id": g["id"] + 5000, "symbol": _other_species(g["symbol"])} for g in human]
+    hu = read_gene_info(write_gene_info(tmp_path / "hu.gz", human, tax=9606))
+    mo = read_gene_info(write_gene_info(tmp_path / "mo.gz", mouse, tax=10090))
+    path = tmp_path / "hcop.csv"
+    path.write_text(
+        HCOP_HEADER
+        + "".join(
+            f"ENSMUSG{m['id']:011d},{m['symbol']},ENSG{h['id']:011d},{h['symbol']},HGNC\n"
+            for m, h in zip(mouse, human)
+        )
+    )
+    orth = read_orthologs(path)
+    mouse_names, human_names = list(mo["symbol"]), list(hu["symbol"])
+    to_human = match_genes([n.upper() for n in mouse_names], hu, orthologs=orth)
+    to_mouse = match_genes(human_names, mo, orthologs=orth)
+    assert to_human.rows.tolist() == list(range(30)) and set(to_human.how) == {"ortholog"}
+    assert to_mouse.rows.tolist() == list(range(30)) and set(to_mouse.how) == {"ortholog"}
+
+
+def test_orthologs_come_before_synonyms_but_not_symbols(tmp_path):
+    # Across species a synonym often names a paralog: mouse Tac2 is a synonym of human TAC1,
+    # its ortholog is TAC3.
+    genes = [
+        {"id": 1, "symbol": "TAC1", "syn": "TAC2|NKNA", "ens": "ENSG1", "name": "tachykinin 1"},
+        {"id": 3, "symbol": "TAC3", "syn": "NKB", "ens": "ENSG3", "name": "tachykinin 3"},
+        {"id": 4, "symbol": "GAD1", "syn": "-", "ens": "ENSG4", "name": "decarboxylase 1"},
+        {"id": 5, "symbol": "GAD2", "syn": "-", "ens": "ENSG5", "name": "decarboxylase 2"},
+    ]
+    hu = read_gene_info(write_gene_info(tmp_path / "hu.gz", genes))
+    orth = read_orthologs(
+        _pairs_csv(tmp_path / "o.csv", [("Tac2", "TAC3"), ("Gad1", "GAD2"), ("Nkna", "TAC3")])
+    )
+    plain = match_genes(["Tac2", "Gad1", "Nkna"], hu)
+    assert plain.how == ["synonym", "symbol (case)", "synonym"]
+    m = match_genes(["Tac2", "Gad1", "Nkna"], hu, orthologs=orth)
+    assert m.rows.tolist() == [1, 2, 1] and m.how == ["ortholog", "symbol (case)", "ortholog"]
+
+
+def test_gene_basis_cache_is_keyed_by_the_ortholog_table(atlas_store, tmp_path):
+    enc = Atlas.open(atlas_store, "tiny").encoder()
+    names = ["Zt0", "Zt1"] + [g["symbol"] for g in tiny_genes()[2:]]
+    one = read_orthologs(_pairs_csv(tmp_path / "a.csv", [("Zt0", "TGENE0"), ("Zt1", "TGENE1")]))
+    other = read_orthologs(_pairs_csv(tmp_path / "b.csv", [("Zt0", "MGENE0"), ("Zt1", "MGENE1")]))
+    b1, b2 = enc.basis(names, orthologs=one), enc.basis(names, orthologs=other)
+    row = {s: i for i, s in enumerate(enc.genes.genes["symbol"])}
+    assert b1.rows[:2].tolist() == [row["TGENE0"], row["TGENE1"]]
+    assert b2.rows[:2].tolist() == [row["MGENE0"], row["MGENE1"]]
+    assert enc.basis(names, orthologs=read_orthologs(tmp_path / "a.csv")) is b1  # same content
+    assert len(enc.basis(names).rows) == 28  # no table: the two names match nothing
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Zt0\nZt1\n", r"bad\.csv: not an ortholog table \(1 column.*two columns"),
+        ("a,b,c\n1,2,3\n", r"bad\.csv: not an ortholog table: its first row has 3 columns"),
+        (
+            "Gene stable ID,Human gene name\nENSMUSG1,CD3E\n",
+            r"bad\.csv: an Ensembl/HCOP ortholog table needs both 'Gene name' and 'Human gene name'",
+        ),
+        ("mouse,human\nZt0,-\n", r"bad\.csv: no ortholog pairs"),
+    ],
+)
+def test_malformed_tables_name_the_file_and_the_columns(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(InputFormatError, match=message):
+        read_orthologs(path)
+
+
+def test_map_cli_takes_orthologs(atlas_store, tmp_path, caplog):
+    from click.testing import CliRunner
+
+    from cellvec.cli import cli
+
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    query.var_names = [_other_species(n) for n in query.var_names]
+    q = tmp_path / "q.h5ad"
+    query.write_h5ad(q)
+    table = tmp_path / "orth.tsv"
+    table.write_text(
+        "mouse\thuman\n" + "".join(f"{_other_species(n)}\t{n}\n" for n in tiny_adata().var_names)
+    )
+    args = [
+        "map",
+        str(q),
+        "--store",
+        str(atlas_store),
+        "--atlas",
+        "tiny",
+        "--truth-key",
+        "cell_type",
+    ]
+    with caplog.at_level("INFO"):
+        res = CliRunner().invoke(cli, [*args, "--orthologs", str(table), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["accuracy"] == 1.0 and out["orthologs"] == "orth.tsv"
+    assert "30 through orthologs (orth.tsv)" in caplog.text
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "--orthologs" in res.output
+
+
+@requires_shared
+@pytest.mark.realdata
+def test_hcop_translates_upper_case_amacrine_genes_to_human():
+    """Macosko 2015's upper-case mouse names through the real HCOP table onto NCBI human genes."""
+    import anndata as ad
+
+    orth = read_orthologs(SHARED / "genes" / "hcop_mouse_to_human.csv.gz")
+    assert (orth.query_species, orth.store_species) == ("mouse", "human")
+    human = read_gene_info(SHARED / "genes" / "human.gene_info.gz", species="human")
+    a = ad.read_h5ad(SHARED / "cells" / "macosko2015_amacrine.h5ad", backed="r")
+    names = [str(v) for v in a.var["gene_symbol_upper"]]
+    assert len(names) > 500
+    rows, how = orth.store_rows(names, human)  # through the table alone: 572 of 614 measured
+    assert (rows >= 0).mean() > 0.85
+    sym = dict(zip(names, (human["symbol"][int(r)] if r >= 0 else None for r in rows)))
+    assert sym["GAD1"] == "GAD1"  # one-to-many (GAD1, GAD2): the better supported
+    assert sym["TAC2"] == "TAC3" and sym["CAR2"] == "CA2"  # orthologs with other names
+    with_table = match_genes(names, human, orthologs=orth)
+    without = match_genes(names, human)
+    assert with_table.n_matched > without.n_matched  # 594 against 587 measured
+    assert with_table.counts()["ortholog"] >= 5
