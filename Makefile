@@ -37,9 +37,9 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_refine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load_service.py
 
-# The README's results table on the real PBMC sets (needs ../shared/data).
+# The README's results table on every labelled set, with CellTypist (needs ../shared/data).
 evaluate: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/evaluate_pbmc.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/evaluate_all.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -229,6 +229,7 @@ class _Predictors:
         self.refine_options = refine_options
         self.min_typicality = min_typicality
         self._vectors: dict = {}
+        self._atlases: dict = {}  # (name, reference cells) -> fitted atlas, reused across scenarios
 
     def gene_table(self, model: str, kind: str):
         """The model's gene table, or a copy with random or GO-graph vectors (the controls)."""
@@ -290,7 +291,12 @@ class _Predictors:
             x_q = align(query.to_csr(), query.var_names, genes)
             base = "logreg_expr" if name == "logreg_panel" else name
             return expression_baseline(base, x_ref, y_ref, x_q, self.k, self.seed)
-        atlas = kw.get("atlas") or self.fit(name, ref, y_ref)
+        atlas = kw.get("atlas")
+        if atlas is None:
+            key = (name, hash(tuple(ref.obs_names)))
+            if key not in self._atlases:
+                self._atlases[key] = self.fit(name, ref, y_ref)
+            atlas = self._atlases[key]
         res = map_cells(query, atlas, k=self.k, min_typicality=kw.get("min_typicality", 0.0))
         return res.labels
 
@@ -325,13 +331,15 @@ def evaluate(
     transpose: bool = False,
     seed: int = 0,
     refine_options: dict | None = None,
+    skip_folds: bool = False,
 ) -> EvaluationResult:
     """Cross-validate representations on one labelled dataset (see module docstring).
 
     `data_limited`: reference cells per class for a learning curve. `panels`: shares
     of the genes kept in the query. `leave_out`: subtypes left out of the reference
     (`min_typicality` is the unassigned threshold scored there). `query`: a second
-    labelled dataset mapped onto the whole of `data` without retraining (transfer).
+    labelled dataset mapped onto the whole of `data` without retraining (transfer);
+    `skip_folds` scores only that.
     """
     t0 = time.perf_counter()
     unknown = [p for p in peers if p not in PEERS]
@@ -364,7 +372,9 @@ def evaluate(
     )
     if refine == "none":
         names = [x for x in names if x not in ("cellvec_unrefined", "head_only")]
-    splits = _folds(y, folds, seed)
+    if skip_folds and query is None:
+        raise CellvecError("skip_folds leaves nothing to score without a query.")
+    splits = [] if skip_folds else _folds(y, folds, seed)
 
     def cross_validate(name, ref_cells=None, query_of=None) -> np.ndarray:
         out = np.empty(n, dtype=object)
@@ -376,7 +386,7 @@ def evaluate(
         return out
 
     results: dict[str, dict] = {}
-    for name in names:
+    for name in names if splits else []:
         t = time.perf_counter()
         results[name] = classification_metrics(y, cross_validate(name))
         log.info(
@@ -389,7 +399,7 @@ def evaluate(
 
     curves: dict[str, dict[str, float]] = {}
     classes = np.unique(y)
-    if data_limited:
+    if data_limited and splits:
         for name in ["pca_knn", "logreg_expr", *peers, "random_vectors", "cellvec"]:
             curve = {}
             for n_per in data_limited:
@@ -407,7 +417,7 @@ def evaluate(
             log.info("data-limited %-14s %s", name, curve)
 
     panel_results: dict[str, dict[str, dict]] = {}
-    for share in panels or []:
+    for share in (panels or []) if splits else []:
         reps = {}
         for name in ["logreg_expr", "logreg_panel", "pca_knn", *peers, "random_vectors", "cellvec"]:
 
@@ -421,7 +431,7 @@ def evaluate(
         panel_results[f"{share:g}"] = reps
 
     left: dict[str, dict[str, dict]] = {}
-    for sub in leave_out or []:
+    for sub in (leave_out or []) if splits else []:
         if sub not in set(y):
             raise CellvecError(f"--leave-out {sub!r} is not a {label_key} of {source.path}.")
         left[sub] = {
