@@ -153,11 +153,16 @@ def test_env_location_follows_the_variable(tmp_path, monkeypatch):
     assert peers.default_env_path() == tmp_path / "cache" / "cellvec" / "peers-venv"
 
 
-def test_env_creation_failure_names_the_fix(tmp_path, monkeypatch):
-    # a "python" that fails every command stands in for a missing venv module / no network
-    monkeypatch.setattr(peers.sys, "executable", "/bin/false")
+@pytest.mark.skipif(os.name == "nt", reason="the failing python is a shell script")
+def test_env_creation_failure_names_the_fix_and_leaves_nothing(tmp_path, monkeypatch):
+    # a python whose venv module half-makes the directory, then fails (no ensurepip)
+    broken = tmp_path / "python"
+    broken.write_text('#!/bin/sh\nmkdir -p "$3/bin"; touch "$3/pyvenv.cfg"; exit 1\n')
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(peers.sys, "executable", str(broken))
     with pytest.raises(CellvecError, match=r"python -m venv .* pip install 'celltypist==1.7.1'"):
         peers.peer_env(tmp_path / "venv")
+    assert not (tmp_path / "venv").exists()
 
 
 def _pypi_reachable() -> bool:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,22 @@ def _run_step(cmd: list[str], what: str, fix: str) -> None:
         raise CellvecError(f"{what} failed (exit {out.returncode}):\n{tail}\n{fix}")
 
 
+@contextmanager
+def _creation_lock(env: Path):
+    """One process at a time creates or installs into `env` (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(env.parent / f".{env.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def peer_env(path: str | Path | None = None) -> Path:
     """The python of a virtual environment holding celltypist==1.7.1 and scikit-learn<1.7.
 
@@ -102,26 +120,35 @@ def peer_env(path: str | Path | None = None) -> Path:
         + f" (or point ${ENV_VARIABLE} at an environment that has them)."
     )
     t0 = time.perf_counter()
-    if not python.exists():
-        log.info("Creating the CellTypist peer environment at %s (once; a minute or two)", env)
-        env.parent.mkdir(parents=True, exist_ok=True)
+    env.parent.mkdir(parents=True, exist_ok=True)
+    with _creation_lock(env):
+        if python.exists() and _satisfied(python):  # made meanwhile by another process
+            return python
+        if not python.exists():
+            log.info("Creating the CellTypist peer environment at %s (once; a minute or two)", env)
+            fresh = not env.exists()
+            try:
+                _run_step(
+                    [sys.executable, "-m", "venv", str(env)],
+                    f"Creating a virtual environment at {env}",
+                    "Python's venv module is needed (on Debian/Ubuntu: apt install python3-venv). "
+                    + manual,
+                )
+            except CellvecError:
+                if fresh:  # leave no half-made environment behind
+                    shutil.rmtree(env, ignore_errors=True)
+                raise
+        log.info("Installing %s into %s from PyPI", ", ".join(REQUIREMENTS), env)
         _run_step(
-            [sys.executable, "-m", "venv", str(env)],
-            f"Creating a virtual environment at {env}",
-            "Python's venv module is needed (on Debian/Ubuntu: apt install python3-venv). "
-            + manual,
+            [str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS],
+            f"Installing {', '.join(REQUIREMENTS)} into {env}",
+            "PyPI must be reachable (check the network or pip's index settings). " + manual,
         )
-    log.info("Installing %s into %s from PyPI", ", ".join(REQUIREMENTS), env)
-    _run_step(
-        [str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS],
-        f"Installing {', '.join(REQUIREMENTS)} into {env}",
-        "PyPI must be reachable (check the network or pip's index settings). " + manual,
-    )
-    if not _satisfied(python):
-        raise CellvecError(
-            f"{env}: pip finished but celltypist {CELLTYPIST_VERSION} with scikit-learn < 1.7 "
-            f"is still not importable there. Remove {env} and run again. " + manual
-        )
+        if not _satisfied(python):
+            raise CellvecError(
+                f"{env}: pip finished but celltypist {CELLTYPIST_VERSION} with scikit-learn < 1.7 "
+                f"is still not importable there. Remove {env} and run again. " + manual
+            )
     log.info("CellTypist peer environment ready in %.0f s: %s", time.perf_counter() - t0, env)
     return python
 
