@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_task_files_round_trip(tmp_path):
 def test_protocol_end_to_end_with_fake_celltypist(tmp_path, monkeypatch):
     x_tr, y_tr, x_te, genes, y_te = _split()
     python = _fake_python(tmp_path)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the task directory must be gone afterwards
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the task dir must be gone after
     pred = peers.celltypist_predict(x_tr, y_tr, x_te, genes, python=python)
     assert pred.shape == (60,) and (pred == y_te).mean() == 1.0
     # a panel: the query has a third of the genes, in another order
