@@ -5,7 +5,8 @@ For each labelled set in ../shared/data/cells: 5-fold CV with `_folds(y, 5, seed
 cross-dataset pairs: pbmc_3chem 3pv1 mapped from 3pv2 + 5p, and pbmc68k_reduced mapped onto
 pbmc3k through data/labelmaps/pbmc68k_to_pbmc3k.json. Peers: `celltypist` (its default
 training, best-match labels, in its own venv; see README.md), `logreg_expr` and `pca_knn`
-(`expression_baseline`, k=15). Writes peers.json and peers.md under --out.
+(`expression_baseline`, k=15); with --feature-selection also `celltypist_fs` (CellTypist's
+two-pass feature selection, as in its tutorials). Writes peers.json and peers.md under --out.
 
     nice -n 10 python benchmarks/peers/run_peers.py --out results/peers
 """
@@ -58,9 +59,16 @@ def load(stem: str, label_map: dict | None = None):
 def predict(peer, x_tr, y_tr, x_te, genes, *, k, seed, python, test_genes=None, common=None):
     """One peer's labels. `common`: (train cols, test cols) of the shared genes, for the
     expression baselines when the query's genes differ; CellTypist gets all of both."""
-    if peer == "celltypist":
+    if peer.startswith("celltypist"):
         return peers.celltypist_predict(
-            x_tr, y_tr, x_te, genes, test_var_names=test_genes, seed=seed, python=python
+            x_tr,
+            y_tr,
+            x_te,
+            genes,
+            test_var_names=test_genes,
+            seed=seed,
+            feature_selection=peer == "celltypist_fs",
+            python=python,
         )
     if common is not None:
         x_tr, x_te = x_tr[:, common[0]], x_te[:, common[1]]
@@ -77,7 +85,7 @@ def scored(truth, pred, seconds: list[float]) -> dict:
     }
 
 
-def cross_validate(stem: str, *, folds: int, k: int, seed: int, python) -> dict:
+def cross_validate(stem: str, names, *, folds: int, k: int, seed: int, python) -> dict:
     x, genes, y, _ = load(stem)
     splits = _folds(y, folds, seed)
     out = {
@@ -87,7 +95,7 @@ def cross_validate(stem: str, *, folds: int, k: int, seed: int, python) -> dict:
         "folds": folds,
         "peers": {},
     }
-    for peer in PEERS:
+    for peer in names:
         pred, seconds = np.empty(len(y), dtype=object), []
         for i, (tr, te) in enumerate(splits):
             t0 = time.perf_counter()
@@ -99,7 +107,7 @@ def cross_validate(stem: str, *, folds: int, k: int, seed: int, python) -> dict:
     return out
 
 
-def cross_dataset(name: str, *, k: int, seed: int, python) -> dict:
+def cross_dataset(name: str, names, *, k: int, seed: int, python) -> dict:
     if name.startswith("pbmc_3chem"):
         x, genes, y, source = load("pbmc_3chem")
         query = (source.obs["donor"].astype(str) == "3pv1").to_numpy()
@@ -122,7 +130,7 @@ def cross_dataset(name: str, *, k: int, seed: int, python) -> dict:
         "query_labels_not_in_reference": sorted(set(y_q) - set(y_ref)),
         "peers": {},
     }
-    for peer in PEERS:
+    for peer in names:
         t0 = time.perf_counter()
         pred = predict(
             peer,
@@ -152,6 +160,7 @@ def to_markdown(result: dict) -> str:
     def cells(m):
         return f"{m['macro_f1']:.3f} / {m['accuracy']:.3f}"
 
+    names = result["peers"]
     v = result["celltypist_env"]
     lines = [
         f"CellTypist {v.get('celltypist', '?')} (scikit-learn {v.get('scikit-learn', '?')}, "
@@ -159,29 +168,29 @@ def to_markdown(result: dict) -> str:
         "Cells: macro-F1 / accuracy.",
         "",
         f"| set ({result['folds']}-fold CV) | cells | classes | "
-        + " | ".join(PEERS)
+        + " | ".join(names)
         + " | CellTypist s/fold |",
-        "|---|---|---|" + "---|" * (len(PEERS) + 1),
+        "|---|---|---|" + "---|" * (len(names) + 1),
     ]
     for stem, r in result["cross_validation"].items():
         ct = r["peers"]["celltypist"]["seconds_per_fold"]
         lines.append(
             f"| {stem} | {r['n_cells']:,} | {r['n_classes']} | "
-            + " | ".join(cells(r["peers"][p]) for p in PEERS)
+            + " | ".join(cells(r["peers"][p]) for p in names)
             + f" | {np.mean(ct):.1f} ({min(ct):.1f}-{max(ct):.1f}) |"
         )
     if result["cross_dataset"]:
         lines += [
             "",
             "| cross-dataset (query <- reference) | query cells | shared genes | "
-            + " | ".join(PEERS)
+            + " | ".join(names)
             + " | CellTypist s |",
-            "|---|---|---|" + "---|" * (len(PEERS) + 1),
+            "|---|---|---|" + "---|" * (len(names) + 1),
         ]
         for name, r in result["cross_dataset"].items():
             lines.append(
                 f"| {name} | {r['n_query']:,} | {r['shared_genes']:,} | "
-                + " | ".join(cells(r["peers"][p]) for p in PEERS)
+                + " | ".join(cells(r["peers"][p]) for p in names)
                 + f" | {r['peers']['celltypist']['seconds']:.1f} |"
             )
     lines += [
@@ -201,6 +210,11 @@ def main():
         "--venv", type=Path, help="the peer venv (default: $CELLVEC_PEERS_VENV or cache)"
     )
     ap.add_argument(
+        "--feature-selection",
+        action="store_true",
+        help="also run celltypist_fs: CellTypist with feature_selection=True (its tutorials' setting)",
+    )
+    ap.add_argument(
         "--only",
         help="comma-separated subset of: " + ",".join(list(SETS) + list(CROSS)),
     )
@@ -209,20 +223,22 @@ def main():
     if not SHARED.exists():
         sys.exit(f"real data not found at {SHARED}")
     wanted = set(args.only.split(",")) if args.only else set(SETS) | set(CROSS)
+    names = PEERS + (("celltypist_fs",) if args.feature_selection else ())
     python = peers.peer_env(args.venv)
     t0 = time.perf_counter()
     result = {
         "seed": args.seed,
         "k": args.k,
         "folds": args.folds,
+        "peers": names,
         "celltypist_env": peer_versions(python),
         "cross_validation": {
-            s: cross_validate(s, folds=args.folds, k=args.k, seed=args.seed, python=python)
+            s: cross_validate(s, names, folds=args.folds, k=args.k, seed=args.seed, python=python)
             for s in SETS
             if s in wanted
         },
         "cross_dataset": {
-            c: cross_dataset(c, k=args.k, seed=args.seed, python=python)
+            c: cross_dataset(c, names, k=args.k, seed=args.seed, python=python)
             for c in CROSS
             if c in wanted
         },
