@@ -179,7 +179,8 @@ def celltypist_predict(
     `var_names` names the columns of `x_train` (and of `x_test` unless `test_var_names`
     is given). With `test_var_names` the query may have fewer or other genes than the
     reference (a panel): CellTypist then predicts from the genes the two share, its own
-    way (it drops the model's other genes), and never sees cellvec's gene matching.
+    way (it keeps the model's coefficients and scaling for the shared genes only; query
+    genes the model lacks are ignored), and never sees cellvec's gene matching.
     Deterministic for a fixed `seed`. `python`: the peer environment's python (default:
     `peer_env()`, which creates it on first use).
     """
