@@ -43,6 +43,7 @@ def test_demo_summary_and_outputs(demo):
         "report/confusion.png",
         "report/per_class_f1.png",
         "report/confidence.png",
+        "report/reliability.png",
         "mapped.h5ad",
         "mapped.parquet",
         "summary.json",
@@ -72,7 +73,7 @@ def test_report_renders_with_every_image(demo, tmp_path):
     dom = subprocess.run(
         cmd + ["--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout
-    assert 'data-images-loaded="4/4"' in dom
+    assert 'data-images-loaded="5/5"' in dom  # UMAP, confusion, F1, confidence, reliability
     shot = tmp_path / "report.png"
     subprocess.run(
         cmd + ["--window-size=1400,2400", f"--screenshot={shot}", html.as_uri()],

@@ -287,3 +287,21 @@ def test_evaluate_panels_and_left_out_subtypes(fake_store):
     assert left["cells"] == 30 and left["unassigned"] + left["mislabelled"] == pytest.approx(1)
     assert d["leave_out"]["M"]["logreg_expr"]["unassigned"] == 0  # it cannot say "not here"
     assert "left-out subtype" in res.to_markdown()
+
+
+def test_tune_chooses_top_genes_and_k_on_the_reference_and_map_uses_them(fake_store):
+    atlas = build_atlas(
+        tiny_adata(n_cells=90, seed=1),
+        store=fake_store,
+        name="tuned",
+        label_key="cell_type",
+        refine_options=FAST,
+        tune=True,
+    )
+    grid = atlas.meta["tuning"]
+    assert len(grid) == 6 and all(0 <= v <= 1 for v in grid.values())
+    assert atlas.recipe.top_genes in (200, 1000) and atlas.k in (5, 10, 15)
+    assert f"top_genes={atlas.recipe.top_genes} k={atlas.k}" in grid
+    res = map_cells(tiny_adata(n_cells=30, seed=9, prefix="q"), "tuned", store=fake_store)
+    assert res.k == atlas.k
+    assert map_cells(tiny_adata(30, seed=9, prefix="q"), atlas, k=3).k == 3

@@ -106,6 +106,8 @@ def run_demo(
         recipe=atlas.recipe.to_dict(),
         metrics=res.metrics,
         min_confidence=MIN_CONFIDENCE,
+        truth=res.truth,
+        typicality=res.typicality,
         summary={
             "dataset": "PBMC 68k reduced (scanpy)",
             "reference cells": ref.n_obs,

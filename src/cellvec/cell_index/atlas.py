@@ -127,6 +127,7 @@ def _hash_or_save(store, arrays: dict) -> str | None:
 
 
 CALIBRATION_PER_CLASS = 200
+DEFAULT_K = 15
 
 
 def self_similarity(
@@ -179,6 +180,11 @@ class Atlas:
     @property
     def recipe(self) -> Recipe:
         return Recipe.from_dict(self.meta["recipe"])
+
+    @property
+    def k(self) -> int:
+        """Neighbours in the vote: chosen by `atlas build --tune`, else 15."""
+        return int(self.meta.get("k") or DEFAULT_K)
 
     @property
     def classes(self) -> np.ndarray:
@@ -340,6 +346,8 @@ class Atlas:
             "recipe": self.meta.get("recipe"),
             "created": self.meta.get("created"),
             "source": self.meta.get("source"),
+            "k": self.k,
+            "tuning": self.meta.get("tuning"),
             "refinement": {
                 k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
             },
@@ -370,8 +378,14 @@ def build_atlas(
     gene_column: str | None = None,
     seed: int = 0,
     refine_options: dict | None = None,
+    k: int | None = None,
+    tune: bool = False,
 ) -> Atlas:
-    """Embed a labelled reference and write it as atlas `name` in the store."""
+    """Embed a labelled reference and write it as atlas `name` in the store.
+
+    `k` is stored as the atlas's default number of neighbours for mapping; `tune`
+    chooses `top_genes` and `k` by 3-fold cross-validation on the reference
+    (`cellvec.evaluation.tune`), recorded in the recipe and the atlas metadata."""
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -400,6 +414,14 @@ def build_atlas(
         refine=refine,
         adapt_genes=adapt_genes and refine != "none",
     )
+    tuning = None
+    if tune:
+        from cellvec.evaluation.tune import tune_recipe
+
+        top, k, tuning = tune_recipe(
+            source, labels, genes, recipe, seed=seed, refine_options=refine_options
+        )
+        recipe = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})
     fit = fit_encoder(
         source, labels, genes, recipe, store=store, seed=seed, refine_options=refine_options
     )
@@ -420,6 +442,8 @@ def build_atlas(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
         "refinement": report or None,
+        "k": int(k or DEFAULT_K),
+        "tuning": tuning,
     }
     dim = vectors.shape[1]
     memory = Atlas.from_fit(name, fit, labels)

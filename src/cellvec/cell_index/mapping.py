@@ -163,7 +163,7 @@ def map_cells(
     atlas: Atlas | str,
     *,
     store: str | Path | None = None,
-    k: int = 15,
+    k: int | None = None,
     min_confidence: float = 0.0,
     min_typicality: float = 0.0,
     truth_key: str | None = None,
@@ -184,6 +184,7 @@ def map_cells(
     expected to come back unassigned when query and reference are alike; cells of a
     subtype the atlas lacks mostly do.
 
+    `k` defaults to the atlas's own (15, or what `atlas build --tune` chose).
     `recipe` (optional) states the settings the caller expects; a mismatch with the
     atlas's recipe is refused. `label_map` renames truth labels (cross-study names).
     `orthologs` (a table or its file, see `gene_store.orthologs`) matches query genes
@@ -201,6 +202,7 @@ def map_cells(
             else Recipe.from_dict({**atlas.recipe.to_dict(), **recipe})
         )
         atlas.recipe.require_same(expected, atlas.name)
+    k = atlas.k if k is None else k
     if k < 1:
         raise CellvecError(f"k must be at least 1, got {k}.")
     if orthologs is not None and not isinstance(orthologs, OrthologTable):

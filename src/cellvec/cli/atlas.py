@@ -30,6 +30,15 @@ def atlas():
 @recipe_options
 @input_options
 @click.option("--seed", default=0, show_default=True, help="Seed of the refinement.")
+@click.option(
+    "-k", type=int, help="Neighbours in the vote, stored as the atlas's default (else 15)."
+)
+@click.option(
+    "--tune",
+    is_flag=True,
+    help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
+    "the reference; recorded in the atlas. Costs about six refinements.",
+)
 @json_option
 def build(
     reference,
@@ -50,6 +59,8 @@ def build(
     gene_column,
     transpose,
     seed,
+    k,
+    tune,
     as_json,
 ):
     """Embed a labelled REFERENCE (h5ad, 10x, csv, parquet) as an atlas in the store.
@@ -84,6 +95,8 @@ def build(
         adapt_genes=adapt_genes,
         batch_key=batch_key,
         seed=seed,
+        k=k,
+        tune=tune,
     )
     if as_json:
         emit_json(a.summary())

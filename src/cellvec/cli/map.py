@@ -19,7 +19,9 @@ from cellvec.cli.options import emit_json, input_options, json_option, store_opt
     type=click.Path(dir_okay=False),
     help="Also write a per-cell table (.parquet/.csv/.tsv).",
 )
-@click.option("-k", default=15, show_default=True, help="Neighbours in the vote.")
+@click.option(
+    "-k", type=int, help="Neighbours in the vote (default: the atlas's, 15 unless tuned)."
+)
 @click.option(
     "--min-confidence", default=0.0, show_default=True, help="Below this, a cell is 'unassigned'."
 )

@@ -27,7 +27,8 @@ from cellvec.cli.options import store_option
     help="Folder for report.html and PNGs.",
 )
 def report_cmd(mapped, store, atlas_name, truth_key, out):
-    """Write an HTML report (UMAP, confusion, per-class F1, confidence, recipe) for a mapped .h5ad.
+    """Write an HTML report (UMAP, confusion, per-class F1, confidence and its reliability,
+    recipe) for a mapped .h5ad.
 
     \b
     Example:
@@ -66,6 +67,10 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
         confidence=a.obs["cellvec_confidence"].to_numpy(),
         recipe=atlas.recipe.to_dict(),
         metrics=metrics,
+        truth=a.obs[truth_key].astype(str).to_numpy() if truth_key else None,
+        typicality=a.obs["cellvec_typicality"].to_numpy()
+        if "cellvec_typicality" in a.obs.columns
+        else None,
         summary={"mapped": mapped, "atlas": name, "cells": a.n_obs},
         min_confidence=float(a.uns.get("cellvec", {}).get("min_confidence", 0.0)),
     )

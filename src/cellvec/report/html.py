@@ -27,11 +27,16 @@ def write_report(
     metrics: dict | None = None,
     summary: dict | None = None,
     min_confidence: float = 0.0,
+    truth=None,
+    typicality=None,
     title: str = "cellvec mapping report",
     max_points: int = 20_000,
     seed: int = 0,
 ) -> Path:
-    """Write `report.html` and PNGs into `out_dir`; returns the HTML path."""
+    """Write `report.html` and PNGs into `out_dir`; returns the HTML path.
+
+    With `truth` (known labels of the query cells) the report also shows the
+    reliability of the confidence and the calibration of `typicality`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -57,6 +62,12 @@ def write_report(
         plots.plot_confusion(metrics, pngs["confusion"])
         pngs["per_class_f1"] = out / "per_class_f1.png"
         plots.plot_per_class_f1(metrics, pngs["per_class_f1"])
+    if truth is not None:
+        pngs["reliability"] = out / "reliability.png"
+        correct = np.asarray(truth).astype(str) == np.asarray(query_labels).astype(str)
+        plots.plot_reliability(
+            np.asarray(confidence, dtype=float), correct, typicality, pngs["reliability"]
+        )
     path = out / "report.html"
     tmp = out / ".report.html.tmp"
     tmp.write_text(_html(title, pngs, recipe, metrics, summary or {}))
@@ -104,8 +115,10 @@ def _html(title, pngs, recipe, metrics, summary) -> str:
         "confusion": "Confusion matrix (rows: true label; numbers: cells)",
         "per_class_f1": "Per-class F1 with support",
         "confidence": "Confidence histogram",
+        "reliability": "Reliability: observed accuracy against confidence, and the typicality "
+        "calibration behind the unassigned call",
     }
-    for key in ("umap", "confusion", "per_class_f1", "confidence"):
+    for key in ("umap", "confusion", "per_class_f1", "confidence", "reliability"):
         if key in pngs:
             figs.append(_img(pngs[key], captions[key]))
     return f"""<!doctype html>

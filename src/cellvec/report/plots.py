@@ -157,3 +157,53 @@ def plot_confidence(conf: np.ndarray, min_confidence: float, path):
     ax.set_title("Confidence of the query cells")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path):
+    """Left: observed accuracy per confidence bin against the diagonal (a calibrated vote
+    lies on it), with the cells per bin. Right: the share of cells whose typicality is at
+    most t, against t: for cells of subtypes the atlas knows it should follow the
+    diagonal (so --min-typicality t calls about t of them unassigned)."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    ax = axes[0]
+    edges = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(conf, edges) - 1, 0, 9)
+    mids, acc, counts = [], [], []
+    for b in range(10):
+        m = which == b
+        if m.any():
+            mids.append(conf[m].mean())
+            acc.append(correct[m].mean())
+            counts.append(int(m.sum()))
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", label="perfectly calibrated")
+    ax.plot(mids, acc, marker="o", color="#4c72b0", label="observed")
+    for x, y, c in zip(mids, acc, counts):
+        ax.annotate(
+            f"{c:,}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence (mean in bin)")
+    ax.set_ylabel("share of cells labelled right")
+    ax.set_title("Reliability of the confidence (numbers: cells per bin)")
+    ax.legend(loc="lower right")
+    ax = axes[1]
+    grid = np.linspace(0, 1, 101)
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", label="calibrated")
+    if typicality is not None:
+        t = np.asarray(typicality, dtype=float)
+        for mask, label, colour in (
+            (correct, "cells labelled right", "#4c72b0"),
+            (~correct, "cells labelled wrong", "crimson"),
+        ):
+            if mask.any():
+                ax.plot(grid, [(t[mask] <= g).mean() for g in grid], label=label, color=colour)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("typicality threshold t")
+    ax.set_ylabel("share of cells with typicality <= t")
+    ax.set_title("Typicality calibration (unassigned call)")
+    ax.legend(loc="lower right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
