@@ -31,7 +31,8 @@ from cellvec.cell_index.atlas import known_labels, labels_of  # noqa: E402
 from cellvec.cell_index.mapping import read_label_map  # noqa: E402
 from cellvec.cell_index.readers import read_expression  # noqa: E402
 from cellvec.evaluation import peers  # noqa: E402
-from cellvec.evaluation.evaluate import _folds, expression_baseline  # noqa: E402
+from cellvec.evaluation.baselines import expression_baseline  # noqa: E402
+from cellvec.evaluation.evaluate import _folds  # noqa: E402
 from cellvec.evaluation.metrics import classification_metrics  # noqa: E402
 
 log = logging.getLogger("run_peers")
