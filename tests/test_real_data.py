@@ -1,7 +1,9 @@
-"""The real labelled PBMC sets in ../shared/data with the real offline model.
+"""The real labelled sets in ../shared/data with the real offline model.
 
-Accuracy floors are set a few points below what was measured on this machine
-(see README, "Results"), so that a regression fails and noise does not.
+Each test runs seed 0 of a set-up that benchmarks/seed_spread.py runs for seeds
+0-4 (results/seed_spread.md). A floor sits below the lowest of the 5 seeds by at
+least the seed-to-seed range, the margin written next to it: it catches a broken
+pipeline, not noise, on any machine.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import SHARED, requires_shared
@@ -18,21 +21,25 @@ pytestmark = [requires_shared, pytest.mark.realdata, pytest.mark.slow]
 CELLS = SHARED / "cells"
 LABELMAP = Path(__file__).resolve().parents[1] / "data" / "labelmaps" / "pbmc68k_to_pbmc3k.json"
 
+# figure: floor (lowest of seeds 0-4 in results/seed_spread.md, less the margin noted)
+FLOORS = FLOORS_PLACEHOLDER
 
-@pytest.fixture(scope="module")
-def pbmc_store(tmp_path_factory):
-    """A human minilm store of the NCBI genes named in the three PBMC sets (~3,700 genes)."""
+
+def _subset_store(tmp_path_factory, species: str, datasets: tuple[str, ...]):
+    """A minilm store of the NCBI genes the datasets name (as benchmarks/_stores.py builds it)."""
     import anndata as ad
 
     from cellvec.gene_store import build_gene_store
 
     names = set()
-    for f in ("pbmc_3chem", "pbmc3k", "pbmc68k_reduced"):
-        a = ad.read_h5ad(CELLS / f"{f}.h5ad", backed="r")
-        names |= {str(v).upper() for v in a.var_names}
-    d = tmp_path_factory.mktemp("pbmc")
-    out = d / "human_pbmc.gene_info"
-    with gzip.open(SHARED / "genes" / "human.gene_info.gz", "rt") as src, open(out, "w") as dst:
+    for f in datasets:
+        names |= {str(v).upper() for v in ad.read_h5ad(CELLS / f"{f}.h5ad", backed="r").var_names}
+    d = tmp_path_factory.mktemp(species)
+    out = d / f"{species}.gene_info"
+    with (
+        gzip.open(SHARED / "genes" / f"{species}.gene_info.gz", "rt") as src,
+        open(out, "w") as dst,
+    ):
         for i, line in enumerate(src):
             parts = line.split("\t")
             if (
@@ -44,16 +51,28 @@ def pbmc_store(tmp_path_factory):
     store = d / "store"
     build_gene_store(
         out,
-        gene2go=SHARED / "genes" / "human.gene2go.gz",
-        species="human",
+        gene2go=SHARED / "genes" / f"{species}.gene2go.gz",
+        species=species,
         store=store,
         model="minilm",
     )
     return store
 
 
+@pytest.fixture(scope="module")
+def pbmc_store(tmp_path_factory):
+    """A human minilm store of the genes named in the three PBMC sets (~3,700 genes)."""
+    return _subset_store(tmp_path_factory, "human", ("pbmc_3chem", "pbmc3k", "pbmc68k_reduced"))
+
+
+@pytest.fixture(scope="module")
+def retina_store(tmp_path_factory):
+    """A mouse minilm store of the amacrine panel's genes (~640 genes)."""
+    return _subset_store(tmp_path_factory, "mouse", ("macosko2015_amacrine",))
+
+
 def test_cross_chemistry_mapping(pbmc_store):
-    """3pv1 cells mapped onto an atlas of 3pv2 + 5p cells (measured: 0.876 unrefined, 0.91 refined)."""
+    """3pv1 cells mapped onto an atlas of 3pv2 + 5p cells, the default recipe, no retraining."""
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.cell_index.mapping import map_cells
     from cellvec.cell_index.readers import read_expression
@@ -61,14 +80,12 @@ def test_cross_chemistry_mapping(pbmc_store):
     src = read_expression(CELLS / "pbmc_3chem.h5ad")
     donor = src.obs["donor"].astype(str).to_numpy()
     ref, query = src.subset(donor != "3pv1"), src.subset(donor == "3pv1")
-    build_atlas(ref, store=pbmc_store, name="chem", label_key="cell_type")
+    build_atlas(ref, store=pbmc_store, name="chem", label_key="cell_type", seed=0)
     res = map_cells(query, "chem", store=pbmc_store, truth_key="cell_type")
     assert res.metrics["n_cells"] == 290
-    assert res.metrics["accuracy"] >= 0.84
-    build_atlas(ref, store=pbmc_store, name="chem_refined", label_key="cell_type", refine="supcon")
-    refined = map_cells(query, "chem_refined", store=pbmc_store, truth_key="cell_type")
-    assert refined.metrics["accuracy"] >= 0.85
-    assert refined.metrics["per_class"]["MK"]["support"] == 3  # rare classes are reported
+    assert res.metrics["accuracy"] >= FLOORS["cross_chemistry.accuracy"]
+    assert res.metrics["macro_f1"] >= FLOORS["cross_chemistry.macro_f1"]
+    assert res.metrics["per_class"]["MK"]["support"] == 3  # rare classes are reported
 
 
 def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
@@ -79,11 +96,7 @@ def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
     q = read_expression(CELLS / "pbmc68k_reduced.h5ad")
     assert q.kind == "log-normalised" and q.n_obs == 700  # .raw, since X is scaled
     build_atlas(
-        CELLS / "pbmc3k.h5ad",
-        store=pbmc_store,
-        name="pbmc3k",
-        label_key="classified",
-        refine="supcon",
+        CELLS / "pbmc3k.h5ad", store=pbmc_store, name="pbmc3k", label_key="classified", seed=0
     )
     res = map_cells(
         CELLS / "pbmc68k_reduced.h5ad",
@@ -92,23 +105,60 @@ def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
         truth_key="bulk_labels",
         label_map=read_label_map(LABELMAP),
     )
-    assert res.metrics["accuracy"] >= 0.55
-    assert res.metrics["per_class"]["B"]["f1"] >= 0.8
+    assert res.metrics["accuracy"] >= FLOORS["pbmc68k_to_pbmc3k.accuracy"]
+    assert res.metrics["per_class"]["B"]["f1"] >= FLOORS["pbmc68k_to_pbmc3k.B_f1"]
 
 
-def test_evaluate_pbmc3k_against_baselines(pbmc_store):
-    from cellvec.evaluation.evaluate import evaluate
+@pytest.fixture(scope="module")
+def amacrine(retina_store):
+    """A fixed 70/30 split of the amacrine subtypes; the atlas of the 70% (seed 0)."""
+    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.readers import read_expression
 
-    res = evaluate(
-        CELLS / "pbmc3k.h5ad",
-        label_key="classified",
-        store=pbmc_store,
-        refine="supcon",
-        folds=3,
-        baselines=True,
+    ama = read_expression(CELLS / "macosko2015_amacrine.h5ad")
+    test = np.random.default_rng(0).random(ama.n_obs) < 0.3
+    build_atlas(ama.subset(~test), store=retina_store, name="ama", label_key="cell_type", seed=0)
+    return ama, test
+
+
+def test_amacrine_subtypes_map_onto_a_retina_atlas(retina_store, amacrine):
+    """Mouse neuron subtypes (21, 10-72 cells each), raw counts, upper/lower-case names."""
+    from cellvec.cell_index.mapping import map_cells
+
+    ama, test = amacrine
+    res = map_cells(ama.subset(test), "ama", store=retina_store, truth_key="cell_type")
+    assert res.metrics["macro_f1"] >= FLOORS["amacrine.macro_f1"]
+
+
+def test_a_30_percent_panel_maps_onto_the_full_atlas(retina_store, amacrine):
+    from cellvec.cell_index.mapping import map_cells
+
+    ama, test = amacrine
+    q = ama.subset(test)
+    keep = np.random.default_rng(1).random(len(q.var_names)) < 0.3
+    res = map_cells(q.subset_genes(keep), "ama", store=retina_store, truth_key="cell_type")
+    assert 0.15 < res.gene_coverage < 0.5  # the reference was compared over the shared genes
+    assert res.metrics["macro_f1"] >= FLOORS["amacrine_panel30.macro_f1"]
+
+
+def test_a_subtype_the_atlas_lacks_comes_back_unassigned(retina_store, amacrine):
+    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.mapping import map_cells
+
+    ama, test = amacrine
+    labels = ama.obs["cell_type"].astype(str).to_numpy()
+    build_atlas(
+        ama.subset(~test & (labels != "AC_12")),
+        store=retina_store,
+        name="ama_lo",
+        label_key="cell_type",
+        seed=0,
     )
-    reps = res.to_dict()["representations"]
-    assert reps["cellvec"]["macro_f1"] > reps["naive_mean"]["macro_f1"] + 0.05
-    assert reps["cellvec"]["macro_f1"] >= 0.85
-    assert reps["pca_knn"]["macro_f1"] >= 0.85
-    json.dumps(res.to_dict())  # serialisable
+    res = map_cells(ama.subset(test), "ama_lo", store=retina_store, min_typicality=0.01)
+    novel = labels[test] == "AC_12"
+    assert (res.labels[novel] == "unassigned").mean() >= FLOORS[
+        "amacrine_leave_out_AC_12.unassigned"
+    ]
+    known = (res.labels[~novel] == "unassigned").mean()
+    assert known <= 0.10  # ~1% expected at 0.01 when query and reference are alike
+    json.dumps(res.summary())  # serialisable
