@@ -181,13 +181,7 @@ def map_cells(
     q = atlas.encoder().encode(source)
     idx, sim = knn(q, atlas.vectors, k, index=atlas.index())
     classes, codes = atlas.label_codes()
-    scores = vote(idx, sim, codes, len(classes))
-    best = scores.argmax(1)
-    conf = scores[np.arange(len(best)), best]
-    labels = classes[best].astype(object)
-    empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
-    conf[empty] = 0.0
-    labels[(conf < min_confidence) | empty] = UNASSIGNED
+    scores, labels, conf = assign_labels(q, idx, sim, classes, codes, min_confidence)
     metrics = None
     if truth is not None:
         missing = sorted(set(truth) - set(classes))
@@ -223,6 +217,25 @@ def map_cells(
         seconds=secs,
         source=source,
     )
+
+
+def assign_labels(
+    q: np.ndarray,
+    idx: np.ndarray,
+    sim: np.ndarray,
+    classes: np.ndarray,
+    codes: np.ndarray,
+    min_confidence: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(per-class scores, labels, confidences) of query vectors `q` from their neighbours."""
+    scores = vote(idx, sim, codes, len(classes))
+    best = scores.argmax(1)
+    conf = scores[np.arange(len(best)), best]
+    labels = classes[best].astype(object)
+    empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
+    conf[empty] = 0.0
+    labels[(conf < min_confidence) | empty] = UNASSIGNED
+    return scores, labels, conf
 
 
 def read_label_map(path: str | Path) -> dict[str, str]:
