@@ -30,6 +30,7 @@ class MapRequest(BaseModel):
         0.0, ge=0.0, le=1.0, description="Below this a cell is 'unassigned'"
     )
     scores: bool = Field(False, description="Return per-class scores per cell")
+    vectors: bool = Field(False, description="Return each cell's vector")
 
 
 class SQLRequest(BaseModel):

@@ -1,0 +1,83 @@
+"""Dynamic micro-batching: concurrent map requests to one atlas share one encode and one search.
+
+The first request to arrive for an atlas opens a batch; requests arriving within
+`wait_s` (or until `max_cells` cells are waiting) join it; the batch is mapped in
+one call on a thread of its own while the event loop reads the next requests,
+and each request is answered with its own part. Under load, batches grow by
+themselves (everything that arrived while the previous batch ran); alone, a
+request waits at most `wait_s`. `wait_s = 0` turns batching off: each request is
+mapped by itself on the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+
+class Batcher:
+    def __init__(self, run: Callable, *, wait_s: float = 0.002, max_cells: int = 4096):
+        """`run(key_object, jobs)` maps a batch and returns one result (or exception) per job."""
+        self.run = run
+        self.wait_s = wait_s
+        self.max_cells = max_cells
+        self.queues: dict = {}
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cellvec-batch")
+        self.batches = 0  # counters, for tests and logs
+        self.jobs = 0
+
+    async def submit(self, key, target, job, n_cells: int):
+        """Map `job` against `target` (e.g. an atlas version; `key` names it) and return its result."""
+        loop = asyncio.get_running_loop()
+        if self.wait_s <= 0:
+            self.batches += 1
+            self.jobs += 1
+            result = (await loop.run_in_executor(None, self.run, target, [job]))[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
+        fut = loop.create_future()
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = []
+            queue.append((job, n_cells, fut))
+            loop.create_task(self._drain(key, target))
+        else:
+            queue.append((job, n_cells, fut))
+        result = await fut
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _drain(self, key, target):
+        loop = asyncio.get_running_loop()
+        queue = self.queues[key]
+        try:
+            while queue:
+                if sum(n for _, n, _ in queue) < self.max_cells:
+                    await asyncio.sleep(self.wait_s)  # let concurrent requests join
+                batch, cells = [], 0
+                while queue and (not batch or cells + queue[0][1] <= self.max_cells):
+                    item = queue.pop(0)
+                    batch.append(item)
+                    cells += item[1]
+                self.batches += 1
+                self.jobs += len(batch)
+                try:
+                    results = await loop.run_in_executor(
+                        self.executor, self.run, target, [job for job, _, _ in batch]
+                    )
+                except Exception as e:  # noqa: BLE001 (each waiting request gets the error)
+                    results = [e] * len(batch)
+                for (_, _, fut), res in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(res)
+        finally:
+            del self.queues[key]
+            for _, _, fut in queue:  # only if cancelled: fail what is left
+                if not fut.done():
+                    fut.set_exception(RuntimeError("batch cancelled"))
