@@ -422,3 +422,52 @@ def test_workers_share_the_atlas_files(served, monkeypatch):
     with Server(app) as url:
         r = httpx.post(f"{url}/v1/atlases/tiny/map", json=body)
         assert [x["label"] for x in r.json()["cells"]] == truth
+
+
+def test_client_maps_like_local_mapping(served, tmp_path, monkeypatch):
+    """`cellvec.Client.map` and `cellvec map --server` give what local `map_cells` gives."""
+    import json
+
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+    from click.testing import CliRunner
+
+    from cellvec import Client
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.cli import cli
+    from cellvec.service import create_app
+
+    query = tiny_adata(n_cells=40, seed=11, prefix="m")
+    keep = np.ones(query.n_obs, dtype=np.float32)
+    keep[3] = 0  # an empty cell: excluded, as locally
+    query.X = sp.csr_matrix(sp.diags(keep) @ query.X)
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    local = map_cells(path, "tiny", store=served, truth_key="cell_type")
+    monkeypatch.setenv("CELLVEC_API_TOKEN", "tok")
+    with Server(create_app(served)) as url:
+        res = Client(url).map(path, atlas="tiny", truth_key="cell_type", chunk_size=16)
+        assert res.cell_ids == local.cell_ids and len(res.cell_ids) == 39
+        assert res.labels.tolist() == local.labels.tolist()
+        np.testing.assert_allclose(res.confidence, local.confidence, atol=1e-5)
+        np.testing.assert_allclose(res.scores, local.scores, atol=1e-5)
+        np.testing.assert_allclose(res.vectors, local.vectors, atol=1e-5)
+        assert res.metrics["accuracy"] == local.metrics["accuracy"]
+        assert list(res.classes) == list(local.classes)
+        out, table = tmp_path / "out.h5ad", tmp_path / "out.parquet"
+        r = CliRunner().invoke(
+            cli,
+            ["map", str(path), "--server", url, "--atlas", "tiny", "--out", str(out)]
+            + ["--table", str(table), "--truth-key", "cell_type", "--json"],
+        )
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)
+        assert summary["accuracy"] == local.metrics["accuracy"] and summary["n_cells"] == 39
+        mapped = ad.read_h5ad(out)
+        assert mapped.obs["cellvec_label"].astype(str).tolist() == local.labels.tolist()
+        assert "cellvec_confidence" in mapped.obs and mapped.obsm["X_cellvec"].shape[0] == 39
+        assert table.exists()
+        monkeypatch.setenv("CELLVEC_API_TOKEN", "wrong")
+        r = CliRunner().invoke(cli, ["map", str(path), "--server", url, "--atlas", "tiny"])
+        assert r.exit_code != 0 and "401" in r.output
