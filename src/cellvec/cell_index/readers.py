@@ -262,9 +262,10 @@ def read_matrix(
     of the kept cells, their row numbers, the kept gene names): the HTTP service's
     per-request path, where building an AnnData costs more than mapping one cell.
     """
-    x = _to_csr(x)
+    if not (sp.isspmatrix_csr(x) and x.dtype == np.float32):
+        x = _to_csr(x)
     n = x.shape[0]
-    kind = detect_kind(x[: min(n, 2000)], where) if n else LOGNORM
+    kind = detect_kind(x if n <= 2000 else x[:2000], where) if n else LOGNORM
     if kind == SCALED:
         raise InputFormatError(
             f"{where}: the expression values are scaled (negative entries), so the most-expressed "
@@ -279,7 +280,10 @@ def read_matrix(
         cols = np.flatnonzero(~dup)
         x, names = x[:, cols], [names[i] for i in cols]
     _check_block(x, where, 0, n, kind)
-    rows = np.flatnonzero(np.asarray(x.sum(axis=1)).ravel() > 0)
+    # values are checked non-negative: a cell is expressed where any value is positive
+    expressed = np.zeros(n, dtype=bool)
+    expressed[np.repeat(np.arange(n), np.diff(x.indptr))[x.data > 0]] = True
+    rows = np.flatnonzero(expressed)
     if len(rows) < n:
         log.warning("%s: %d cells with no expression excluded", where, n - len(rows))
         x = x[rows]

@@ -17,7 +17,9 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +40,14 @@ BATCH_MAX_CELLS = 4096
 PARSE_IN_THREAD_BYTES = 256 * 1024  # bigger bodies are parsed off the event loop
 
 
-def _error_body(message: str) -> bytes:
+def _json_bytes(content) -> bytes:
     import orjson
 
-    return orjson.dumps({"error": message})
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _error_body(message: str) -> bytes:
+    return _json_bytes({"error": message})
 
 
 class Guard:
@@ -49,8 +55,9 @@ class Guard:
     chunked uploads included), bearer auth on /v1/*, multipart /map -> /map_h5ad, and no
     stack trace ever sent to a client. The body is read here, once, and replayed."""
 
-    def __init__(self, app, *, token: str | None, max_body_bytes: int):
+    def __init__(self, app, *, token: str | None, max_body_bytes: int, fast=None):
         self.app = app
+        self.fast = fast  # async (scope, headers, body, send) -> handled?
         self.token = f"Bearer {token}".encode() if token else None
         self.max_body_bytes = max_body_bytes
 
@@ -92,6 +99,8 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.fast is not None and await self.fast(scope, headers, body, send):
+            return
         replayed = False
 
         async def replay():
@@ -127,18 +136,42 @@ class Guard:
 
 
 async def _send_error(send, status: int, message: str):
-    body = _error_body(message)
+    await _send(send, status, _error_body(message), b"application/json")
+
+
+async def _send(send, status: int, body: bytes, media_type: bytes):
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json"),
+                (b"content-type", media_type),
                 (b"content-length", str(len(body)).encode()),
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _fastapi_class():
+    from fastapi import FastAPI
+
+    class App(FastAPI):
+        """FastAPI behind the Guard: the guard (and its fast paths) runs first, outside
+        Starlette's own middleware stack, which it does not need."""
+
+        guard = None
+
+        async def __call__(self, scope, receive, send):
+            if self.guard is None:
+                return await super().__call__(scope, receive, send)
+            await self.guard(scope, receive, send)
+
+    return App
+
+
+def _App(**kwargs):
+    return _fastapi_class()(**kwargs)
 
 
 def create_app(
@@ -185,14 +218,13 @@ def create_app(
         store, gene_store, cache_dir if cache_dir is not None else Path(store) / "_serving"
     )
     batcher = Batcher(mapping.map_jobs, wait_s=batch_wait_ms / 1000, max_cells=batch_max_cells)
-    app = FastAPI(
+    app = _App(
         title="cellvec",
         version=__version__,
         description="Map single cells onto reference atlases; search genes; read-only SQL.",
     )
     app.state.batcher = batcher
     app.state.atlases = atlases_cache
-    app.add_middleware(Guard, token=token, max_body_bytes=max_body_bytes)
 
     def json_response(content, status: int = 200) -> Response:
         import orjson
@@ -222,14 +254,11 @@ def create_app(
     async def http_error(request, exc):
         return error(exc.status_code, str(exc.detail))
 
-    healthz_body = None
+    healthz_body = _json_bytes({"status": "ok", "version": __version__})
 
     @app.get("/healthz")
     async def healthz():
         """Liveness: the process answers."""
-        nonlocal healthz_body
-        if healthz_body is None:
-            healthz_body = json_response({"status": "ok", "version": __version__}).body
         return Response(healthz_body, media_type="application/json")
 
     @app.get("/readyz")
@@ -266,7 +295,7 @@ def create_app(
 
         return json_response({"atlases": [get_atlas(n).summary() for n in list_atlases(store)]})
 
-    async def answer(request: Request, atlas: str, parse, body: bytes):
+    async def answer(atlas: str, parse, body: bytes, arrow: bool) -> tuple[bytes, str]:
         """Parse `body` into a job (off the event loop when big), map it in a batch, answer."""
         served = await served_atlas(atlas)
         if len(body) > PARSE_IN_THREAD_BYTES:
@@ -274,9 +303,56 @@ def create_app(
         else:
             job = parse(body)
         res = await batcher.submit((atlas, served.version), served, job, job.n_cells)
-        if ARROW in request.headers.get("accept", ""):
-            return Response(mapping.render_arrow(served, job, res), media_type=ARROW)
-        return Response(mapping.render_json(served, job, res), media_type="application/json")
+        if arrow:
+            return mapping.render_arrow(served, job, res), ARROW
+        return mapping.render_json(served, job, res), "application/json"
+
+    async def respond(request: Request, atlas: str, parse, body: bytes) -> Response:
+        arrow = ARROW in request.headers.get("accept", "")
+        content, media_type = await answer(atlas, parse, body, arrow)
+        return Response(content, media_type=media_type)
+
+    map_route = re.compile(r"/v1/atlases/([^/]+)/map")
+
+    async def fast(scope, headers: dict, body: bytes, send) -> bool:
+        """The two hot routes without FastAPI's routing and dependency solving (same
+        answers and errors): GET /healthz, and POST /map with a JSON body or an Arrow body
+        without query options. Anything else goes the ordinary way."""
+        path = scope["path"]
+        if path == "/healthz" and scope["method"] == "GET":
+            await _send(send, 200, healthz_body, b"application/json")
+            return True
+        match = map_route.fullmatch(path)
+        if match is None or scope["method"] != "POST" or scope["query_string"]:
+            return False
+        ctype = headers.get(b"content-type", b"")
+        if ctype.startswith(b"application/json"):
+            parse = mapping.job_from_json
+        elif ctype.startswith(ARROW.encode()):
+            parse = mapping.job_from_arrow
+        else:
+            return False
+        arrow = ARROW.encode() in headers.get(b"accept", b"")
+        try:
+            content, media_type = await answer(match.group(1), parse, body, arrow)
+            status = 200
+        except CellvecError as e:
+            status, content, media_type = 422, _error_body(str(e)), "application/json"
+        except ValidationError as e:
+            message = _validation_message(e.errors(), prefix=("body",))
+            status, content, media_type = 422, _error_body(message), "application/json"
+        except HTTPException as e:
+            status, content, media_type = (
+                e.status_code,
+                _error_body(str(e.detail)),
+                "application/json",
+            )
+        await _send(send, status, content, media_type.encode())
+        return True
+
+    app.guard = Guard(
+        partial(FastAPI.__call__, app), token=token, max_body_bytes=max_body_bytes, fast=fast
+    )
 
     map_schema = {
         "requestBody": {
@@ -305,12 +381,12 @@ def create_app(
         ctype = request.headers.get("content-type", "")
         if ctype.startswith(ARROW):
             options = dict(k=k, min_confidence=min_confidence, scores=scores, vectors=vectors)
-            return await answer(request, atlas, _with(mapping.job_from_arrow, options), body)
+            return await respond(request, atlas, _with(mapping.job_from_arrow, options), body)
         if ctype and not ctype.startswith("application/json"):
             raise HTTPException(
                 415, f"Content-Type {ctype!r}: send application/json, {ARROW} or an h5ad upload."
             )
-        return await answer(request, atlas, mapping.job_from_json, body)
+        return await respond(request, atlas, mapping.job_from_json, body)
 
     map_cells.__doc__ += ARROW_SCHEMA_DOC
 
@@ -327,7 +403,7 @@ def create_app(
         """Map the cells of an uploaded .h5ad file."""
         data = await file.read()
         options = dict(k=k, min_confidence=min_confidence, scores=scores, vectors=vectors)
-        return await answer(request, atlas, _with(mapping.job_from_h5ad, options), data + b"\0" * 0)
+        return await respond(request, atlas, _with(mapping.job_from_h5ad, options), data)
 
     def openapi():
         if app.openapi_schema is None:

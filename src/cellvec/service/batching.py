@@ -44,10 +44,10 @@ class Batcher:
         queue = self.queues.get(key)
         if queue is None:
             queue = self.queues[key] = []
-            queue.append((job, n_cells, fut))
+            queue.append((job, n_cells, fut, loop.time()))
             loop.create_task(self._drain(key, target))
         else:
-            queue.append((job, n_cells, fut))
+            queue.append((job, n_cells, fut, loop.time()))
         result = await fut
         if isinstance(result, Exception):
             raise result
@@ -58,8 +58,11 @@ class Batcher:
         queue = self.queues[key]
         try:
             while queue:
-                if sum(n for _, n, _ in queue) < self.max_cells:
-                    await asyncio.sleep(self.wait_s)  # let concurrent requests join
+                # let concurrent requests join, for at most wait_s after the oldest arrived
+                # (under load the queue has waited while the previous batch ran: no wait)
+                delay = queue[0][3] + self.wait_s - loop.time()
+                if delay > 0 and sum(item[1] for item in queue) < self.max_cells:
+                    await asyncio.sleep(delay)
                 batch, cells = [], 0
                 while queue and (not batch or cells + queue[0][1] <= self.max_cells):
                     item = queue.pop(0)
@@ -69,15 +72,15 @@ class Batcher:
                 self.jobs += len(batch)
                 try:
                     results = await loop.run_in_executor(
-                        self.executor, self.run, target, [job for job, _, _ in batch]
+                        self.executor, self.run, target, [item[0] for item in batch]
                     )
                 except Exception as e:  # noqa: BLE001 (each waiting request gets the error)
                     results = [e] * len(batch)
-                for (_, _, fut), res in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(res)
+                for item, res in zip(batch, results):
+                    if not item[2].done():
+                        item[2].set_result(res)
         finally:
             del self.queues[key]
-            for _, _, fut in queue:  # only if cancelled: fail what is left
-                if not fut.done():
-                    fut.set_exception(RuntimeError("batch cancelled"))
+            for item in queue:  # only if cancelled: fail what is left
+                if not item[2].done():
+                    item[2].set_exception(RuntimeError("batch cancelled"))
