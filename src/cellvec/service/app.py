@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -186,6 +187,7 @@ def create_app(
     batch_max_cells: int = BATCH_MAX_CELLS,
     cache_dir: str | Path | None = None,
     search_threads: int = 1,
+    preload: bool = True,
 ):
     """The FastAPI application over one store. `token` (or $CELLVEC_API_TOKEN) turns on bearer auth.
 
@@ -194,7 +196,8 @@ def create_app(
     (default `<store>/_serving`). `search_threads`: faiss (OpenMP) threads per process; one,
     because concurrency comes from batching and workers, and spinning OpenMP threads
     fight the event loop for the cores (a 1-query search took 25 ms with 2 threads against
-    3.4 ms with 1 on a busy 2-core machine).
+    3.4 ms with 1 on a busy 2-core machine). `preload`: load every atlas in the background
+    when the server starts, so no request waits for it.
     """
     import faiss
     from fastapi import FastAPI, HTTPException
@@ -218,7 +221,20 @@ def create_app(
         store, gene_store, cache_dir if cache_dir is not None else Path(store) / "_serving"
     )
     batcher = Batcher(mapping.map_jobs, wait_s=batch_wait_ms / 1000, max_cells=batch_max_cells)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        def warm():
+            import pyarrow.compute  # noqa: F401 (first Arrow request would import these)
+            import pyarrow.ipc  # noqa: F401
+
+            atlases_cache.preload()
+
+        threading.Thread(target=warm, daemon=True, name="cellvec-preload").start()
+        yield
+
     app = _App(
+        lifespan=lifespan if preload else None,
         title="cellvec",
         version=__version__,
         description="Map single cells onto reference atlases; search genes; read-only SQL.",
@@ -283,7 +299,7 @@ def create_app(
             ) from None
 
     async def served_atlas(name: str):
-        hit = atlases_cache.fresh(name)
+        hit = atlases_cache.current(name)
         if hit is not None:
             return hit
         return await asyncio.get_running_loop().run_in_executor(None, get_atlas, name)

@@ -81,6 +81,7 @@ class AtlasCache:
         self.version_check_s = version_check_s
         self.lock = threading.Lock()
         self.atlases: dict[str, tuple[float, ServedAtlas]] = {}
+        self.checking: set[str] = set()
 
     def fresh(self, name: str) -> ServedAtlas | None:
         """The loaded atlas if its version was checked less than `version_check_s` ago."""
@@ -88,6 +89,39 @@ class AtlasCache:
         if cached and time.monotonic() - cached[0] < self.version_check_s:
             return cached[1]
         return None
+
+    def current(self, name: str) -> ServedAtlas | None:
+        """The loaded atlas without waiting (None if not loaded). When its version was last
+        checked `version_check_s` ago or more, one background thread checks it (and loads a
+        newer version) while requests go on being answered from the loaded one; a check
+        on the request path made every request wait on the table once a second."""
+        cached = self.atlases.get(name)
+        if cached is None:
+            return None
+        if time.monotonic() - cached[0] >= self.version_check_s and name not in self.checking:
+            self.checking.add(name)
+            threading.Thread(target=self._check, args=(name,), daemon=True).start()
+        return cached[1]
+
+    def _check(self, name: str) -> None:
+        try:
+            self.get(name)
+        except KeyError:  # the atlas was dropped
+            self.atlases.pop(name, None)
+        except Exception:  # noqa: BLE001 (keep serving the loaded version)
+            log.exception("Checking atlas %s for a newer version failed", name)
+        finally:
+            self.checking.discard(name)
+
+    def preload(self) -> None:
+        """Load every atlas of the store (at startup, so no request waits for it)."""
+        from cellvec.cell_index.atlas import list_atlases
+
+        for name in list_atlases(self.store):
+            try:
+                self.get(name)
+            except Exception:  # noqa: BLE001 (a request will report it)
+                log.exception("Preloading atlas %s failed", name)
 
     def get(self, name: str) -> ServedAtlas:
         """The atlas `name`, loaded or reloaded as needed; KeyError if there is none."""
