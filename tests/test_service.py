@@ -76,7 +76,13 @@ def test_endpoints(served, tmp_path):
         httpx.Client(base_url=url, timeout=30) as c,
     ):
         assert c.get("/healthz").json()["status"] == "ok"
-        assert c.get("/readyz").json()["models"] == ["fake"]
+        for _ in range(300):  # ready once the atlases are loaded (in the background)
+            ready = c.get("/readyz")
+            if ready.status_code == 200:
+                break
+            assert ready.status_code == 503 and "Loading" in ready.json()["error"]
+            time.sleep(0.05)
+        assert ready.json()["models"] == ["fake"]
         atl = c.get("/v1/atlases").json()["atlases"]
         assert atl[0]["name"] == "tiny" and atl[0]["recipe"]["top_genes"] == 10
         body, truth = _cells(6)

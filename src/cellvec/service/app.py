@@ -222,13 +222,20 @@ def create_app(
     )
     batcher = Batcher(mapping.map_jobs, wait_s=batch_wait_ms / 1000, max_cells=batch_max_cells)
 
+    preloaded = threading.Event()
+    if not preload:
+        preloaded.set()
+
     @asynccontextmanager
     async def lifespan(app):
         def warm():
             import pyarrow.compute  # noqa: F401 (first Arrow request would import these)
             import pyarrow.ipc  # noqa: F401
 
-            atlases_cache.preload()
+            try:
+                atlases_cache.preload()
+            finally:
+                preloaded.set()
 
         threading.Thread(target=warm, daemon=True, name="cellvec-preload").start()
         yield
@@ -279,7 +286,9 @@ def create_app(
 
     @app.get("/readyz")
     def readyz():
-        """Readiness: the store opens and has a complete gene table."""
+        """Readiness: the store opens, has a complete gene table, and the atlases are loaded."""
+        if not preloaded.is_set():
+            return error(503, "Loading the atlases; retry in a moment.")
         try:
             models = gene_store.models()
         except Exception as e:  # noqa: BLE001
