@@ -389,7 +389,13 @@ def create_app(
         }
     }
 
-    @app.post("/v1/atlases/{atlas}/map", openapi_extra=map_schema)
+    map_doc = (
+        "Map cells given as gene names plus sparse values per cell (JSON, `MapRequest`), as "
+        "an Arrow IPC stream, or as a multipart h5ad upload (field `file`). Concurrent "
+        "requests are micro-batched; answers are JSON, or Arrow on request.\n\n" + ARROW_SCHEMA_DOC
+    )
+
+    @app.post("/v1/atlases/{atlas}/map", openapi_extra=map_schema, description=map_doc)
     async def map_cells(
         atlas: str,
         request: Request,
@@ -398,10 +404,7 @@ def create_app(
         scores: bool = Query(False, description="Arrow bodies: per-class scores"),
         vectors: bool = Query(False, description="Arrow bodies: cell vectors"),
     ):
-        """Map cells given as gene names plus sparse values per cell (JSON, `MapRequest`), as an
-        Arrow IPC stream, or as a multipart h5ad upload (field `file`).
-
-        """
+        """Map cells (JSON, Arrow IPC or an h5ad upload); `map_doc` says more."""
         body = await request.body()
         ctype = request.headers.get("content-type", "")
         if ctype.startswith(ARROW):
@@ -412,8 +415,6 @@ def create_app(
                 415, f"Content-Type {ctype!r}: send application/json, {ARROW} or an h5ad upload."
             )
         return await respond(request, atlas, mapping.job_from_json, body)
-
-    map_cells.__doc__ += ARROW_SCHEMA_DOC
 
     @app.post("/v1/atlases/{atlas}/map_h5ad")
     async def map_h5ad(

@@ -2,8 +2,11 @@
 
 The first request to arrive for an atlas opens a batch; requests arriving within
 `wait_s` (or until `max_cells` cells are waiting) join it; the batch is mapped in
-one call on a thread of its own while the event loop reads the next requests,
-and each request is answered with its own part. Under load, batches grow by
+one call and each request is answered with its own part. A batch of up to
+`inline_cells` cells is mapped on the event loop itself (measured: handing a
+small batch to a thread cost more than mapping it, 486 against 708 requests/s
+for 1-cell requests with 32 clients); bigger batches run on a thread of their
+own while the event loop reads the next requests. Under load, batches grow by
 themselves (everything that arrived while the previous batch ran); alone, a
 request waits at most `wait_s`. `wait_s = 0` turns batching off: each request is
 mapped by itself on the thread pool.
@@ -20,11 +23,19 @@ log = logging.getLogger(__name__)
 
 
 class Batcher:
-    def __init__(self, run: Callable, *, wait_s: float = 0.002, max_cells: int = 4096):
+    def __init__(
+        self,
+        run: Callable,
+        *,
+        wait_s: float = 0.002,
+        max_cells: int = 4096,
+        inline_cells: int = 256,
+    ):
         """`run(key_object, jobs)` maps a batch and returns one result (or exception) per job."""
         self.run = run
         self.wait_s = wait_s
         self.max_cells = max_cells
+        self.inline_cells = inline_cells
         self.queues: dict = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cellvec-batch")
         self.batches = 0  # counters, for tests and logs
@@ -71,9 +82,11 @@ class Batcher:
                 self.batches += 1
                 self.jobs += len(batch)
                 try:
-                    results = await loop.run_in_executor(
-                        self.executor, self.run, target, [item[0] for item in batch]
-                    )
+                    jobs = [item[0] for item in batch]
+                    if cells <= self.inline_cells:  # a thread hop costs more than the work
+                        results = self.run(target, jobs)
+                    else:
+                        results = await loop.run_in_executor(self.executor, self.run, target, jobs)
                 except Exception as e:  # noqa: BLE001 (each waiting request gets the error)
                     results = [e] * len(batch)
                 for item, res in zip(batch, results):
