@@ -146,7 +146,7 @@ def job_from_arrow(body: bytes, **options) -> MapJob:
 
     try:
         table = pa.ipc.open_stream(body).read_all()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise CellvecError(f"The body is not an Arrow IPC stream ({e}). {ARROW_SCHEMA_DOC}") from e
     missing = {"cell_id", "gene", "value"} - set(table.column_names)
     if missing:
@@ -165,7 +165,7 @@ def job_from_arrow(body: bytes, **options) -> MapJob:
         else:
             gene = gene.cast(pa.string()).combine_chunks().dictionary_encode()
         values = table.column("value").cast(pa.float32()).to_numpy()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+    except (pa.ArrowException, ValueError, TypeError) as e:
         raise CellvecError(
             f"Arrow columns of the wrong type ({e}): cell_id string, gene string, value number."
         ) from e
