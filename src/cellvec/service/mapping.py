@@ -236,15 +236,24 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[JobResult | Exception]:
     q = np.concatenate([vecs[i] for i in order]) if len(order) > 1 else vecs[order[0]]
     k_max = max(jobs[i].k for i in order)
     idx, sim = atlas.index.search(q, k_max)
-    start = 0
+    starts = np.cumsum([0] + [jobs[i].n_cells for i in order])
+    rows_of = {i: slice(starts[j], starts[j + 1]) for j, i in enumerate(order)}
+    votes: dict[tuple, list[int]] = {}  # one vote for the jobs that share k and min_confidence
     for i in order:
-        job, n = jobs[i], jobs[i].n_cells
-        qi, ii, si = q[start : start + n], idx[start : start + n], sim[start : start + n]
-        start += n
+        votes.setdefault((jobs[i].k, jobs[i].min_confidence), []).append(i)
+    for (k, min_confidence), members in votes.items():
+        rows = np.concatenate([np.arange(rows_of[i].start, rows_of[i].stop) for i in members])
         scores, labels, conf = assign_labels(
-            qi, ii[:, : job.k], si[:, : job.k], atlas.classes, atlas.codes, job.min_confidence
+            q[rows], idx[rows, :k], sim[rows, :k], atlas.classes, atlas.codes, min_confidence
         )
-        out[i] = JobResult(job.ids, labels, conf, scores, si[:, 0], qi)
+        start = 0
+        for i in members:
+            n, sl = jobs[i].n_cells, rows_of[i]
+            part = slice(start, start + n)
+            start += n
+            out[i] = JobResult(
+                jobs[i].ids, labels[part], conf[part], scores[part], sim[sl, 0], q[sl]
+            )
     return out
 
 
