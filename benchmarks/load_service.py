@@ -1,13 +1,22 @@
-"""Load test of the HTTP service on loopback: map 1 and 1,000 cells with 1, 8 and 32 clients.
+"""Load test of the HTTP service with wrk on loopback: /map against /healthz in the same run.
 
-Starts `cellvec serve` itself on 127.0.0.1 (a free port) over a store holding a
-synthetic atlas (`--atlas-cells`, default 100,000, 128-d after refinement-free
-whitening of fake gene vectors), then, for each request size and concurrency,
-sends a bounded number of requests (`--requests`) within a bounded time
-(`--seconds`), and reports p50/p99 latency, throughput and errors (target: none).
-Only 127.0.0.1 is ever contacted; the server is stopped at the end.
+Builds a store with a synthetic atlas (`--atlas-cells`, default 500 cells, as the
+issue's pbmc68k_reduced atlas of 490; 384-d like MiniLM), starts `cellvec serve`
+on 127.0.0.1 (a free port) with 1 and 2 workers, and drives it with wrk (a native
+load generator; install it with `apt-get install wrk`: this script installs
+nothing) for `--seconds` per setting: `/healthz` (the server's own floor), then
+`POST /v1/atlases/bench/map` with 1 cell (JSON) and 1,000 cells (JSON and Arrow
+IPC) per request, at 1, 8, 32 and 128 connections. Printed: p50/p99 latency,
+requests/s, cells/s, errors (non-2xx, timeouts, socket errors; target none), the
+ratio of map to healthz requests/s at the same concurrency, and the server's CPU
+time per request (all its processes; useful where other work shares the
+machine). Then a large atlas (`--memory-atlas-cells`, default 250,000: above 200,000 an IVF index) is served
+by 1 and 2 workers to measure resident memory per worker after a warm-up of
+1-cell requests: RSS, and PSS (shared pages split between the processes that map
+them), beside the size of the atlas's index file; a first server, not measured,
+writes that file. Only 127.0.0.1 is contacted; every server is stopped at the end.
 
-    python benchmarks/load_service.py [--requests 200] [--seconds 60]
+    python benchmarks/load_service.py [--seconds 5] [--workers 1,2] [--clients 1,8,32,128]
 """
 
 from __future__ import annotations
@@ -15,18 +24,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+LUA = r"""
+local body_path = os.getenv("CELLVEC_BODY")
+if body_path and body_path ~= "" then
+  local f = assert(io.open(body_path, "rb"))
+  wrk.method = "POST"
+  wrk.body = f:read("*a")
+  f:close()
+  wrk.headers["Content-Type"] = os.getenv("CELLVEC_CTYPE")
+  wrk.headers["Accept"] = os.getenv("CELLVEC_ACCEPT")
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\nRESULT {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, ' ..
+    '"errors": %d, "non2xx": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.max, e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
 
-def make_store(tmp: Path, n_cells: int, n_genes: int = 2000, seed: int = 0) -> list[str]:
+
+def make_store(
+    tmp: Path, n_cells: int, n_genes: int = 2000, dim: int = 384, seed: int = 0
+) -> list[str]:
+    """A store with synthetic gene vectors and an atlas `bench` of `n_cells` cells in 20 types."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -39,20 +71,18 @@ def make_store(tmp: Path, n_cells: int, n_genes: int = 2000, seed: int = 0) -> l
     np.savez(
         tmp / "v.npz",
         genes=np.array(genes),
-        vectors=rng.normal(size=(n_genes, 64)).astype(np.float32),
+        vectors=rng.normal(size=(n_genes, dim)).astype(np.float32),
     )
     import_vectors(tmp / "v.npz", store=tmp / "store", model="bench", species="human")
     n_types = 20
     types = rng.integers(0, n_types, n_cells)
     programs = rng.integers(0, n_genes, size=(n_types, 60))
-    rows, cols, vals = [], [], []
-    for i, t in enumerate(types):
-        g = np.unique(np.concatenate([programs[t], rng.integers(0, n_genes, 140)]))
-        rows.append(np.full(len(g), i))
-        cols.append(g)
-        vals.append(rng.gamma(1.0, 1.0, len(g)) + np.isin(g, programs[t]) * 2.0)
+    # 60 program genes (raised) + 140 random genes per cell; duplicates are summed
+    cols = np.concatenate([programs[types], rng.integers(0, n_genes, (n_cells, 140))], axis=1)
+    vals = rng.gamma(1.0, 1.0, cols.shape).astype(np.float32)
+    vals[:, :60] += 2.0
     x = sp.csr_matrix(
-        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+        (vals.ravel(), (np.repeat(np.arange(n_cells), cols.shape[1]), cols.ravel())),
         shape=(n_cells, n_genes),
     )
     a = ad.AnnData(
@@ -68,19 +98,41 @@ def make_store(tmp: Path, n_cells: int, n_genes: int = 2000, seed: int = 0) -> l
     return genes
 
 
-def payload(genes: list[str], n: int, seed: int) -> dict:
+def query_cells(genes: list[str], n: int, seed: int):
+    """`n` query cells of ~200 non-zero genes: (ids, list of index arrays, list of value arrays)."""
     rng = np.random.default_rng(seed)
-    cells = []
-    for i in range(n):
-        idx = np.unique(rng.integers(0, len(genes), 200))
-        cells.append(
-            {
-                "id": f"q{i}",
-                "indices": idx.tolist(),
-                "values": rng.gamma(1.0, 1.0, len(idx)).round(3).tolist(),
-            }
-        )
-    return {"genes": genes, "cells": cells}
+    idx = [np.unique(rng.integers(0, len(genes), 200)) for _ in range(n)]
+    vals = [rng.gamma(1.0, 1.0, len(i)).round(3).astype(np.float32) for i in idx]
+    return [f"q{i}" for i in range(n)], idx, vals
+
+
+def json_body(genes, n, seed) -> bytes:
+    ids, idx, vals = query_cells(genes, n, seed)
+    cells = [
+        {"id": c, "indices": i.tolist(), "values": v.tolist()} for c, i, v in zip(ids, idx, vals)
+    ]
+    return json.dumps({"genes": genes, "cells": cells}).encode()
+
+
+def arrow_body(genes, n, seed) -> bytes:
+    """Long format: cell_id, gene (dictionary-encoded over the full gene list), value."""
+    import pyarrow as pa
+
+    ids, idx, vals = query_cells(genes, n, seed)
+    counts = [len(i) for i in idx]
+    table = pa.table(
+        {
+            "cell_id": pa.array(np.repeat(np.array(ids), counts)),
+            "gene": pa.DictionaryArray.from_arrays(
+                pa.array(np.concatenate(idx).astype(np.int32)), pa.array(genes)
+            ),
+            "value": pa.array(np.concatenate(vals)),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def free_port() -> int:
@@ -89,118 +141,258 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--atlas-cells", type=int, default=100_000)
-    ap.add_argument(
-        "--requests", type=int, default=200, help="at most this many requests per setting"
+def memory_mib(pid: int) -> dict:
+    """RSS and PSS of a process (MiB), from /proc/PID/smaps_rollup."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    out[key.lower()] = round(int(rest.split()[0]) / 1024)
+    except OSError:
+        pass
+    return out
+
+
+def serving_pids(root: int) -> list[int]:
+    """The processes that serve requests: the children of `root` (uvicorn workers), else root."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == root:
+                cmd = (d / "cmdline").read_bytes()
+                if b"resource_tracker" not in cmd:
+                    kids.append(int(d.name))
+    return sorted(kids) or [root]
+
+
+def wrk(url, lua, clients, seconds, body=None, ctype="", accept="application/json") -> dict:
+    env = dict(os.environ, CELLVEC_BODY=str(body or ""), CELLVEC_CTYPE=ctype, CELLVEC_ACCEPT=accept)
+    cmd = ["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s"]
+    proc = subprocess.run(
+        [*cmd, "-s", str(lua), url], env=env, capture_output=True, text=True, timeout=seconds + 60
     )
-    ap.add_argument("--seconds", type=float, default=60, help="at most this long per setting")
-    ap.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
-    ap.add_argument("--cells", type=lambda v: [int(x) for x in v.split(",")], default=[1, 1000])
-    args = ap.parse_args()
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {proc.stdout}\n{proc.stderr}")
+    r = json.loads(line[len("RESULT ") :])
+    secs = r["duration_us"] / 1e6
+    return {
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "requests_per_s": r["requests"] / secs,
+        "requests": r["requests"],
+        "errors": r["errors"] + r["non2xx"],
+    }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(store: Path, workers: int, batch_wait_ms: float, extra: list[str]):
     import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "cellvec.cli", "-q", "serve", "--store", str(store)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    if batch_wait_ms is not None:
+        cmd += ["--batch-wait-ms", str(batch_wait_ms)]
+    proc = subprocess.Popen(
+        [*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ)
+    )
+    url = f"http://127.0.0.1:{port}"
+    ready = 0
+    for _ in range(3000):  # ready: every worker has loaded the atlas (/readyz says so)
+        try:
+            ready = ready + 1 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200 else 0
+            if ready >= 8 * workers:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+        if proc.poll() is not None:
+            break
+    stop(proc)
+    raise RuntimeError("the server did not start")
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def measure(url, lua, clients, seconds, pids, *body) -> dict:
+    cpu = cpu_seconds(pids)
+    r = wrk(url, lua, clients, seconds, *body)
+    r["cpu_ms_per_request"] = 1000 * (cpu_seconds(pids) - cpu) / max(r["requests"], 1)
+    return r
+
+
+def main():
+    def ints(v):
+        return [int(x) for x in v.split(",")]
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--atlas-cells", type=int, default=500)
+    ap.add_argument("--memory-atlas-cells", type=int, default=250_000, help="0: skip")
+    ap.add_argument("--seconds", type=int, default=5, help="wrk duration per setting")
+    ap.add_argument("--clients", type=ints, default=[1, 8, 32, 128])
+    ap.add_argument("--big-clients", type=ints, default=[1, 8, 32], help="for 1,000-cell requests")
+    ap.add_argument("--workers", type=ints, default=[1, 2])
+    ap.add_argument("--batch-wait-ms", type=float, default=None, help="passed to cellvec serve")
+    ap.add_argument("--store", type=Path, help="reuse a store made by an earlier run (--keep)")
+    ap.add_argument("--memory-store", type=Path, help="the same for the large atlas")
+    ap.add_argument("--keep", type=Path, help="keep the generated stores in this directory")
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra cellvec serve args")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk (the benchmark installs nothing).")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        t = time.perf_counter()
-        genes = make_store(tmp, args.atlas_cells)
-        build_s = time.perf_counter() - t
-        port = free_port()
-        env = dict(os.environ)
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cellvec.cli",
-                "-q",
-                "serve",
-                "--store",
-                str(tmp / "store"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            bodies = {1: payload(genes, 1, 1), 1000: payload(genes, 1000, 2)}
-            with httpx.Client(base_url=url, timeout=120) as c:
-                c.post(
-                    "/v1/atlases/bench/map", json=bodies[1]
-                ).raise_for_status()  # load the atlas once
-            results = []
-            for n_cells, body in bodies.items():
+        genes = [f"G{i}" for i in range(2000)]
+        build_s = {}
+        store = args.store or build(tmp / "small", args.atlas_cells, args.keep, build_s, "small")
+        lua = tmp / "bench.lua"
+        lua.write_text(LUA)
+        bodies = {
+            ("json", 1): (tmp / "one.json", json_body(genes, 1, 1)),
+            ("json", 1000): (tmp / "big.json", json_body(genes, 1000, 2)),
+            ("arrow", 1000): (tmp / "big.arrow", arrow_body(genes, 1000, 2)),
+        }
+        for path, data in bodies.values():
+            path.write_bytes(data)
+        ctypes = {"json": "application/json", "arrow": "application/vnd.apache.arrow.stream"}
+        rows, memory = [], []
+        for workers in args.workers:
+            proc, url = start_server(store, workers, args.batch_wait_ms, args.serve_arg)
+            map_url = f"{url}/v1/atlases/bench/map"
+            try:
+                wrk(map_url, lua, 8, 2, bodies[("json", 1)][0], ctypes["json"])  # warm up
+                pids = sorted({proc.pid, *serving_pids(proc.pid)})
+                memory.append(
+                    (args.atlas_cells, workers, [memory_mib(p) for p in serving_pids(proc.pid)])
+                )
+                floor = {}
                 for clients in args.clients:
-                    if n_cells not in args.cells:
-                        continue
-                    results.append(run(url, body, n_cells, clients, args.requests, args.seconds))
-                    print(json.dumps(results[-1]), file=sys.stderr)
-        finally:
-            server.terminate()
-            server.wait(10)
+                    r = measure(f"{url}/healthz", lua, clients, args.seconds, pids)
+                    floor[clients] = r["requests_per_s"]
+                    rows.append(
+                        {"what": "GET /healthz", "workers": workers, "clients": clients, **r}
+                    )
+                    rows[-1]["cells"] = 0
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+                for (fmt, n), (path, _) in bodies.items():
+                    for clients in args.clients if n == 1 else args.big_clients:
+                        r = measure(
+                            map_url,
+                            lua,
+                            clients,
+                            args.seconds,
+                            pids,
+                            path,
+                            ctypes[fmt],
+                            ctypes[fmt],
+                        )
+                        r["cells_per_s"] = r["requests_per_s"] * n
+                        if clients in floor and n == 1:
+                            r["vs_healthz"] = r["requests_per_s"] / floor[clients]
+                        what = f"map {n:,} cell{'s' if n > 1 else ''}, {fmt}"
+                        rows.append(
+                            {"what": what, "workers": workers, "clients": clients, "cells": n, **r}
+                        )
+                        print(json.dumps(rows[-1]), file=sys.stderr)
+            finally:
+                stop(proc)
+        index_mib = {}
+        if args.memory_atlas_cells:
+            big = args.memory_store or build(
+                tmp / "large", args.memory_atlas_cells, args.keep, build_s, "large"
+            )
+            # the first server writes the atlas's index file (and keeps that heap): not measured
+            stop(start_server(big, 1, args.batch_wait_ms, args.serve_arg)[0])
+            for workers in args.workers:
+                proc, url = start_server(big, workers, args.batch_wait_ms, args.serve_arg)
+                try:
+                    map_url = f"{url}/v1/atlases/bench/map"
+                    wrk(map_url, lua, 8, 3, bodies[("json", 1)][0], ctypes["json"])
+                    pids = sorted({proc.pid, *serving_pids(proc.pid)})
+                    memory.append(
+                        (
+                            args.memory_atlas_cells,
+                            workers,
+                            [memory_mib(p) for p in serving_pids(proc.pid)],
+                        )
+                    )
+                    r = measure(
+                        map_url, lua, 32, args.seconds, pids, bodies[("json", 1)][0], ctypes["json"]
+                    )
+                    r["cells_per_s"] = r["requests_per_s"]
+                    rows.append(
+                        {
+                            "what": f"map 1 cell, json ({args.memory_atlas_cells:,}-cell atlas)",
+                            "workers": workers,
+                            "clients": 32,
+                            "cells": 1,
+                            **r,
+                        }
+                    )
+                finally:
+                    stop(proc)
+            files = list((big / "_serving" / "bench").glob("v*/index.faiss"))
+            index_mib[args.memory_atlas_cells] = files[0].stat().st_size / 2**20 if files else 0
     print(
-        json.dumps(
-            {
-                "atlas_cells": args.atlas_cells,
-                "atlas_build_s": round(build_s, 1),
-                "results": results,
-            },
-            indent=2,
-        )
+        f"atlas: {args.atlas_cells:,} cells x 384 dims; wrk {args.seconds} s per row; "
+        f"store builds (s): {json.dumps({k: round(v) for k, v in build_s.items()})}\n"
     )
+    print(
+        "| request | workers | clients | p50 ms | p99 ms | req/s | cells/s | map/healthz "
+        "| server CPU ms/req | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['vs_healthz']:.2f}" if "vs_healthz" in r else ""
+        cells = f"{r['cells_per_s']:,.0f}" if r["cells"] else ""
+        print(
+            f"| {r['what']} | {r['workers']} | {r['clients']} | {r['p50_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['requests_per_s']:,.0f} | {cells} | {ratio} "
+            f"| {r['cpu_ms_per_request']:.2f} | {r['errors']} |"
+        )
+    print("\n| atlas cells | index file MiB | workers | per worker RSS / PSS MiB | total PSS MiB |")
+    print("|---|---|---|---|---|")
+    for cells, workers, mem in memory:
+        per = ", ".join(f"{m.get('rss', '?')} / {m.get('pss', '?')}" for m in mem)
+        total = sum(m.get("pss", 0) for m in mem)
+        size = f"{index_mib[cells]:.0f}" if cells in index_mib else ""
+        print(f"| {cells:,} | {size} | {workers} | {per} | {total:,} |")
 
 
-def run(url, body, n_cells, clients, max_requests, max_seconds):
-    import httpx
-
-    latencies, errors = [], []
-    deadline = time.perf_counter() + max_seconds
-    counter = iter(range(max_requests))
-
-    def worker():
-        with httpx.Client(base_url=url, timeout=120) as c:
-            while time.perf_counter() < deadline:
-                try:
-                    next(counter)
-                except StopIteration:
-                    return
-                t = time.perf_counter()
-                try:
-                    r = c.post("/v1/atlases/bench/map", json=body)
-                    if r.status_code != 200 or len(r.json()["cells"]) != n_cells:
-                        errors.append(f"{r.status_code}: {r.text[:200]}")
-                except httpx.HTTPError as e:
-                    errors.append(f"{type(e).__name__}: {e}")
-                latencies.append(time.perf_counter() - t)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as ex:
-        for f in [ex.submit(worker) for _ in range(clients)]:
-            f.result()
-    wall = time.perf_counter() - t0
-    lat = np.array(latencies) * 1000
-    return {
-        "cells_per_request": n_cells,
-        "clients": clients,
-        "requests": len(lat),
-        "errors": len(errors),
-        "error_samples": sorted(set(errors))[:3],
-        "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1),
-        "requests_per_s": round(len(lat) / wall, 1),
-        "cells_per_s": round(len(lat) * n_cells / wall),
-    }
+def build(folder: Path, n_cells: int, keep: Path | None, times: dict, name: str) -> Path:
+    folder.mkdir(parents=True)
+    t = time.perf_counter()
+    make_store(folder, n_cells)
+    times[name] = time.perf_counter() - t
+    if keep:
+        shutil.copytree(folder / "store", keep / name, dirs_exist_ok=True)
+    return folder / "store"
 
 
 if __name__ == "__main__":

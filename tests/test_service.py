@@ -76,7 +76,13 @@ def test_endpoints(served, tmp_path):
         httpx.Client(base_url=url, timeout=30) as c,
     ):
         assert c.get("/healthz").json()["status"] == "ok"
-        assert c.get("/readyz").json()["models"] == ["fake"]
+        for _ in range(300):  # ready once the atlases are loaded (in the background)
+            ready = c.get("/readyz")
+            if ready.status_code == 200:
+                break
+            assert ready.status_code == 503 and "Loading" in ready.json()["error"]
+            time.sleep(0.05)
+        assert ready.json()["models"] == ["fake"]
         atl = c.get("/v1/atlases").json()["atlases"]
         assert atl[0]["name"] == "tiny" and atl[0]["recipe"]["top_genes"] == 10
         body, truth = _cells(6)
@@ -263,3 +269,231 @@ def test_serve_with_several_workers(served):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_chunked_body_over_the_limit_is_413(served):
+    """The limit counts the bytes received: a chunked upload (no Content-Length) is refused too."""
+    from cellvec.service import create_app
+
+    def chunks():
+        for _ in range(10):
+            yield b"x" * 5_000
+
+    with (
+        Server(create_app(served, max_body_bytes=20_000)) as url,
+        httpx.Client(base_url=url, timeout=30) as c,
+    ):
+        r = c.post(
+            "/v1/atlases/tiny/map", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 413 and "split the cells" in r.json()["error"]
+        body, truth = _cells(3)  # the server still answers after refusing
+        r = c.post("/v1/atlases/tiny/map", json=body)
+        assert [x["label"] for x in r.json()["cells"]] == truth
+
+
+def test_batched_answers_equal_one_at_a_time(served):
+    """Concurrent requests are gathered into batches; each gets what it would get alone."""
+    from cellvec.service import create_app
+
+    bodies = []
+    for seed in range(24):
+        body, _ = _cells(1 + seed % 3, seed=100 + seed)
+        if seed % 4 == 0:  # another gene list (genes in another order) in the same batches
+            perm = list(reversed(range(len(body["genes"]))))
+            pos = {g: i for i, g in enumerate(perm)}
+            body["genes"] = [body["genes"][i] for i in perm]
+            for c in body["cells"]:
+                c["indices"] = [pos[i] for i in c["indices"]]
+        bodies.append({**body, "scores": True})
+
+    def answers(app, concurrent):
+        with Server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+            post = lambda b: c.post("/v1/atlases/tiny/map", json=b).json()["cells"]  # noqa: E731
+            if not concurrent:
+                return [post(b) for b in bodies]
+            with ThreadPoolExecutor(12) as ex:
+                return list(ex.map(post, bodies))
+
+    alone = answers(create_app(served, batch_wait_ms=0), concurrent=False)
+    app = create_app(served, batch_wait_ms=50)
+    together = answers(app, concurrent=True)
+    assert app.state.batcher.batches < app.state.batcher.jobs == len(bodies)  # batches formed
+    for a, b in zip(alone, together):
+        assert [c["label"] for c in a] == [c["label"] for c in b]
+        for ca, cb in zip(a, b):
+            assert ca["confidence"] == pytest.approx(cb["confidence"], abs=1e-4)
+            assert ca["scores"].keys() == cb["scores"].keys()
+            for cls in ca["scores"]:
+                assert ca["scores"][cls] == pytest.approx(cb["scores"][cls], abs=1e-4)
+
+
+def _arrow(adata, dictionary=True):
+    import numpy as np
+    import pyarrow as pa
+
+    x = adata.X.tocoo()
+    genes = list(adata.var_names)
+    gene = (
+        pa.DictionaryArray.from_arrays(pa.array(x.col.astype(np.int32)), pa.array(genes))
+        if dictionary
+        else pa.array([genes[j] for j in x.col])
+    )
+    table = pa.table(
+        {
+            "cell_id": pa.array(np.asarray(adata.obs_names)[x.row]),
+            "gene": gene,
+            "value": pa.array(x.data.astype(np.float32)),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_arrow_bodies_and_answers(served):
+    import json
+
+    import pyarrow as pa
+
+    from cellvec.service import create_app
+
+    a = tiny_adata(n_cells=12, seed=7, prefix="a")
+    truth = a.obs["cell_type"].astype(str).tolist()
+    arrow = "application/vnd.apache.arrow.stream"
+    with Server(create_app(served)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        for dictionary in (True, False):
+            r = c.post(
+                "/v1/atlases/tiny/map",
+                content=_arrow(a, dictionary),
+                headers={"content-type": arrow},
+                params={"scores": "true"},
+            )
+            assert r.status_code == 200, r.text
+            assert [x["label"] for x in r.json()["cells"]] == truth
+        r = c.post(
+            "/v1/atlases/tiny/map",
+            content=_arrow(a),
+            headers={"content-type": arrow, "accept": arrow},
+            params={"scores": "true", "vectors": "true"},
+        )
+        assert r.headers["content-type"].startswith(arrow)
+        table = pa.ipc.open_stream(r.content).read_all()
+        assert table.column("label").to_pylist() == truth
+        meta = json.loads(table.schema.metadata[b"cellvec"])
+        assert meta["classes"] == ["B", "M", "T"] and meta["k"] == 15
+        assert table.column("scores").type.list_size == 3
+        assert table.column("vector").type.list_size == meta["vector_dimension"] == 128
+        # errors stay JSON 422s
+        r = c.post("/v1/atlases/tiny/map", content=b"not arrow", headers={"content-type": arrow})
+        assert r.status_code == 422 and "Arrow IPC" in r.json()["error"]
+        sink = pa.BufferOutputStream()
+        t = pa.table({"cell": ["x"], "gene": ["TGENE0"], "value": [1.0]})
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        r = c.post(
+            "/v1/atlases/tiny/map",
+            content=sink.getvalue().to_pybytes(),
+            headers={"content-type": arrow},
+        )
+        assert r.status_code == 422 and "cell_id" in r.json()["error"]
+        r = c.post("/v1/atlases/tiny/map", content=b"x", headers={"content-type": "text/csv"})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]
+
+
+def test_workers_share_the_atlas_files(served, monkeypatch):
+    """An atlas version is written once for memory-mapping; later loads only map the files."""
+    import numpy as np
+
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.service import create_app
+
+    with Server(create_app(served)) as url:
+        body, truth = _cells(4)
+        assert [
+            x["label"] for x in httpx.post(f"{url}/v1/atlases/tiny/map", json=body).json()["cells"]
+        ] == truth
+    folders = list((served / "_serving" / "tiny").glob("v*"))
+    assert len(folders) == 1 and (folders[0] / "index.faiss").exists()
+
+    def no_table_read(*a, **k):
+        raise AssertionError("the atlas table was read again")
+
+    monkeypatch.setattr(Atlas, "open", no_table_read)
+    app = create_app(served)  # another worker: the files are there
+    atlas = app.state.atlases.get("tiny")
+    assert atlas.folder == folders[0] and isinstance(atlas.codes, np.memmap)
+    with Server(app) as url:
+        r = httpx.post(f"{url}/v1/atlases/tiny/map", json=body)
+        assert [x["label"] for x in r.json()["cells"]] == truth
+
+
+def test_client_maps_like_local_mapping(served, tmp_path, monkeypatch):
+    """`cellvec.Client.map` and `cellvec map --server` give what local `map_cells` gives."""
+    import json
+
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+    from click.testing import CliRunner
+
+    from cellvec import Client
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.cli import cli
+    from cellvec.service import create_app
+
+    query = tiny_adata(n_cells=40, seed=11, prefix="m")
+    keep = np.ones(query.n_obs, dtype=np.float32)
+    keep[3] = 0  # an empty cell: excluded, as locally
+    query.X = sp.csr_matrix(sp.diags(keep) @ query.X)
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    local = map_cells(path, "tiny", store=served, truth_key="cell_type")
+    monkeypatch.setenv("CELLVEC_API_TOKEN", "tok")
+    with Server(create_app(served)) as url:
+        res = Client(url).map(path, atlas="tiny", truth_key="cell_type", chunk_size=16)
+        assert res.cell_ids == local.cell_ids and len(res.cell_ids) == 39
+        assert res.labels.tolist() == local.labels.tolist()
+        np.testing.assert_allclose(res.confidence, local.confidence, atol=1e-5)
+        np.testing.assert_allclose(res.scores, local.scores, atol=1e-5)
+        np.testing.assert_allclose(res.vectors, local.vectors, atol=1e-5)
+        assert res.metrics["accuracy"] == local.metrics["accuracy"]
+        assert list(res.classes) == list(local.classes)
+        out, table = tmp_path / "out.h5ad", tmp_path / "out.parquet"
+        r = CliRunner().invoke(
+            cli,
+            ["map", str(path), "--server", url, "--atlas", "tiny", "--out", str(out)]
+            + ["--table", str(table), "--truth-key", "cell_type", "--json"],
+        )
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)
+        assert summary["accuracy"] == local.metrics["accuracy"] and summary["n_cells"] == 39
+        mapped = ad.read_h5ad(out)
+        assert mapped.obs["cellvec_label"].astype(str).tolist() == local.labels.tolist()
+        assert "cellvec_confidence" in mapped.obs and mapped.obsm["X_cellvec"].shape[0] == 39
+        assert table.exists()
+        monkeypatch.setenv("CELLVEC_API_TOKEN", "wrong")
+        r = CliRunner().invoke(cli, ["map", str(path), "--server", url, "--atlas", "tiny"])
+        assert r.exit_code != 0 and "401" in r.output
+
+
+def test_service_maps_panels_and_typicality_like_local_mapping(served):
+    """A request measuring a third of the atlas's genes is compared with the reference over
+    those genes, and the typicality threshold applies, exactly as local `map_cells` does."""
+    import numpy as np
+
+    from cellvec import Client
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.service import create_app
+
+    query = tiny_adata(n_cells=30, seed=12, prefix="p")
+    panel = query[:, [i for i in range(query.n_vars) if i % 3 == 0]].copy()
+    local = map_cells(panel, "tiny", store=served, min_typicality=0.2)
+    assert local.gene_coverage < 0.6
+    with Server(create_app(served)) as url:
+        res = Client(url).map(panel, atlas="tiny", min_typicality=0.2)
+    assert res.labels.tolist() == local.labels.tolist()
+    np.testing.assert_allclose(res.typicality, local.typicality, atol=1e-6)
+    np.testing.assert_allclose(res.vectors, local.vectors, atol=1e-5)

@@ -30,6 +30,7 @@ _API = {
     "connect_sql": "cellvec.sql",
     "write_report": "cellvec.report",
     "CellvecError": "cellvec.errors",
+    "Client": "cellvec.client",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -248,17 +248,7 @@ class Atlas:
 
     def encoder(self, gene_store: GeneStore | None = None) -> CellEncoder:
         if self._encoder is None:
-            recipe = self.recipe
-            genes = (gene_store or GeneStore(self.store)).load(recipe.model)
-            if recipe.gene_table_hash and genes.meta.get("content_hash") != recipe.gene_table_hash:
-                raise StoreError(
-                    f"Atlas {self.name!r} was built on another version of the {recipe.model} gene table "
-                    f"(hash {recipe.gene_table_hash}, store now {genes.meta.get('content_hash')}). "
-                    "Rebuild the atlas with `cellvec atlas build`."
-                )
-            bg = load_artifact(self.store, recipe.background_hash) if recipe.background_hash else {}
-            fitted = load_artifact(self.store, recipe.head_hash) if recipe.head_hash else {}
-            self._encoder = CellEncoder(recipe, genes, bg, fitted)
+            self._encoder = load_encoder(self.store, self.name, self.recipe, gene_store)
         return self._encoder
 
     def weights(self) -> sp.csr_matrix:
@@ -352,6 +342,23 @@ class Atlas:
                 k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
             },
         }
+
+
+def load_encoder(
+    store: str | Path, name: str, recipe: Recipe, gene_store: GeneStore | None = None
+) -> CellEncoder:
+    """The encoder of atlas `name`: its gene table, background transform and head, checked
+    against the hashes its recipe records."""
+    genes = (gene_store or GeneStore(store)).load(recipe.model)
+    if recipe.gene_table_hash and genes.meta.get("content_hash") != recipe.gene_table_hash:
+        raise StoreError(
+            f"Atlas {name!r} was built on another version of the {recipe.model} gene table "
+            f"(hash {recipe.gene_table_hash}, store now {genes.meta.get('content_hash')}). "
+            "Rebuild the atlas with `cellvec atlas build`."
+        )
+    bg = load_artifact(store, recipe.background_hash) if recipe.background_hash else {}
+    head = load_artifact(store, recipe.head_hash) if recipe.head_hash else {}
+    return CellEncoder(recipe, genes, bg, head)
 
 
 def list_atlases(store: str | Path) -> list[str]:

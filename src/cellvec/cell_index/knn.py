@@ -25,9 +25,12 @@ EXACT_MAX = 200_000
 class FlatIndex:
     """Exact inner-product search (faiss IndexFlatIP: BLAS blocks and a heap top-k, bounded memory)."""
 
-    def __init__(self, ref: np.ndarray):
+    def __init__(self, ref: np.ndarray | None, *, index=None):
         import faiss
 
+        if index is not None:
+            self.index = index
+            return
         self.index = faiss.IndexFlatIP(ref.shape[1])
         self.index.add(np.ascontiguousarray(ref, dtype=np.float32))
 
@@ -51,10 +54,19 @@ class IVFIndex:
     """A faiss IVF-Flat index over unit vectors (inner product)."""
 
     def __init__(
-        self, ref: np.ndarray, *, nlist: int | None = None, nprobe: int = 64, seed: int = 0
+        self,
+        ref: np.ndarray | None,
+        *,
+        nlist: int | None = None,
+        nprobe: int = 64,
+        seed: int = 0,
+        index=None,
     ):
         import faiss
 
+        if index is not None:
+            self.index, self.nlist = index, index.nlist
+            return
         n, d = ref.shape
         self.nlist = nlist or max(1, int(min(np.sqrt(n), n // 40)))
         quantizer = faiss.IndexFlatIP(d)
@@ -68,6 +80,25 @@ class IVFIndex:
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         sim, idx = self.index.search(np.ascontiguousarray(query, dtype=np.float32), k)
         return idx.astype(np.int64), sim
+
+
+def write_index(index: FlatIndex | IVFIndex, path) -> None:
+    """Write a search index to `path` (faiss format), for `read_index` to map into memory."""
+    import faiss
+
+    faiss.write_index(index.index, str(path))
+
+
+def read_index(path) -> FlatIndex | IVFIndex:
+    """A search index written by `write_index`, memory-mapped: processes that read the same
+    file share its pages instead of holding one copy each."""
+    import faiss
+
+    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+    raw = faiss.read_index(str(path), flag)
+    if isinstance(raw, faiss.IndexIVF):
+        return IVFIndex(None, index=raw)
+    return FlatIndex(None, index=raw)
 
 
 def knn(

@@ -235,17 +235,16 @@ def map_cells(
     q = encoder.encode(source, basis)
     idx, sim = knn(q, ref, k, index=index)
     classes, codes = atlas.label_codes()
-    scores = vote(idx, sim, codes, len(classes))
-    best = scores.argmax(1)
-    conf = scores[np.arange(len(best)), best]
-    labels = classes[best].astype(object)
-    typical = typicality(
-        idx, sim, codes, best, atlas.calibration() if calibration is None else calibration
+    scores, labels, conf, typical = assign_labels(
+        q,
+        idx,
+        sim,
+        classes,
+        codes,
+        min_confidence,
+        calibration=atlas.calibration() if calibration is None else calibration,
+        min_typicality=min_typicality,
     )
-    empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
-    conf[empty] = 0.0
-    typical[empty] = 0.0
-    labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED
     metrics = None
     if truth is not None:
         missing = sorted(set(truth) - set(classes))
@@ -306,6 +305,35 @@ def typicality(
         rows = chosen == c
         out[rows] = (np.searchsorted(cal, score[rows], side="right") + 1) / (len(cal) + 1)
     return out
+
+
+def assign_labels(
+    q: np.ndarray,
+    idx: np.ndarray,
+    sim: np.ndarray,
+    classes: np.ndarray,
+    codes: np.ndarray,
+    min_confidence: float,
+    *,
+    calibration: np.ndarray | None = None,
+    min_typicality: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(per-class scores, labels, confidences, typicalities) of query vectors `q` from their
+    neighbours; typicality is 1 where no `calibration` is given."""
+    scores = vote(idx, sim, codes, len(classes))
+    best = scores.argmax(1)
+    conf = scores[np.arange(len(best)), best]
+    labels = classes[best].astype(object)
+    typical = (
+        typicality(idx, sim, codes, best, calibration)
+        if calibration is not None
+        else np.ones(len(best))
+    )
+    empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
+    conf[empty] = 0.0
+    typical[empty] = 0.0
+    labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED
+    return scores, labels, conf, typical
 
 
 def read_label_map(path: str | Path) -> dict[str, str]:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import click
 
-from cellvec.cli.options import emit_json, input_options, json_option, store_option
+from cellvec.cli.options import emit_json, input_options, json_option
 
 
 @click.command("map")
 @click.argument("query", type=click.Path(exists=True))
-@store_option
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False),
+    help="Gene store directory (LanceDB); not needed with --server.",
+)
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Map through a running `cellvec serve` (token from $CELLVEC_API_TOKEN); same outputs.",
+)
 @click.option("--atlas", "atlas_name", required=True, help="Atlas name.")
 @click.option(
     "--out", type=click.Path(dir_okay=False), help="Output .h5ad (labels in obs, vectors in obsm)."
@@ -53,6 +62,7 @@ from cellvec.cli.options import emit_json, input_options, json_option, store_opt
 def map_cmd(
     query,
     store,
+    server,
     atlas_name,
     out,
     table,
@@ -78,18 +88,20 @@ def map_cmd(
           --out mapped.h5ad --truth-key cell_type --min-confidence 0.5
       cellvec map mouse_retina.h5ad --store human_store/ --atlas retina \\
           --orthologs hcop_mouse_to_human.csv.gz --out mapped.h5ad
+      cellvec map pbmc.h5ad --server http://127.0.0.1:8000 --atlas pbmc --out mapped.h5ad
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cli.common import subset_source
     from cellvec.evaluation.metrics import metrics_table
 
+    if not (store or server):
+        raise click.UsageError("Give --store DIR, or --server URL to map through a service.")
+    if save_as and not store:
+        raise click.UsageError("--save-as writes into a store: give --store DIR.")
     src = subset_source(
         query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
     )
-    res = map_cells(
-        src,
-        atlas_name,
-        store=store,
+    options = dict(
         k=k,
         min_confidence=min_confidence,
         min_typicality=min_typicality,
@@ -97,6 +109,12 @@ def map_cmd(
         label_map=read_label_map(label_map) if label_map else None,
         orthologs=orthologs,
     )
+    if server:
+        from cellvec.client import Client
+
+        res = Client(server).map(src, atlas=atlas_name, **options)
+    else:
+        res = map_cells(src, atlas_name, store=store, **options)
     if out:
         res.write(out)
     if table:

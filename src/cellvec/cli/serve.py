@@ -20,14 +20,29 @@ from cellvec.cli.options import store_option
     "--workers",
     default=1,
     show_default=True,
-    help="Server processes (each loads the atlases it serves; throughput grows with cores).",
+    help="Server processes; they share each atlas's index through memory maps.",
 )
-def serve_cmd(store, host, port, enable_sql, workers):
+@click.option(
+    "--batch-wait-ms",
+    default=2.0,
+    show_default=True,
+    help="How long a map request may wait for concurrent ones to share one encode and "
+    "search (0: no batching).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Where atlases are written for memory-mapping (default: STORE/_serving).",
+)
+@click.option("--access-log", is_flag=True, help="Log every request (off: it costs throughput).")
+def serve_cmd(store, host, port, enable_sql, workers, batch_wait_ms, cache_dir, access_log):
     """Serve the HTTP API (OpenAPI docs at /docs). Bearer auth when $CELLVEC_API_TOKEN is set.
+
+    Runs on uvicorn with uvloop and httptools when installed (the `serve` extra).
 
     \b
     Example:
-      CELLVEC_API_TOKEN=secret cellvec serve --store store/ --port 8000 --enable-sql
+      CELLVEC_API_TOKEN=secret cellvec serve --store store/ --port 8000 --workers 2
     """
     import os
 
@@ -35,19 +50,19 @@ def serve_cmd(store, host, port, enable_sql, workers):
 
     from cellvec.service.app import create_app
 
+    settings = dict(
+        enable_sql=enable_sql,
+        batch_wait_ms=batch_wait_ms,
+        cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None,
+    )
+    server = dict(host=host, port=port, log_level="info", access_log=access_log)
     if workers == 1:
-        uvicorn.run(
-            create_app(store, enable_sql=enable_sql), host=host, port=port, log_level="info"
-        )
+        uvicorn.run(create_app(store, **settings), **server)
         return
-    create_app(store, enable_sql=enable_sql)  # fail here, once, on a bad store
+    create_app(store, **settings)  # fail here, once, on a bad store
     os.environ["CELLVEC_STORE"] = str(Path(store).resolve())
     os.environ["CELLVEC_ENABLE_SQL"] = "1" if enable_sql else "0"
-    uvicorn.run(
-        "cellvec.service.app:create_app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="info",
-    )
+    os.environ["CELLVEC_BATCH_WAIT_MS"] = str(batch_wait_ms)
+    if settings["cache_dir"]:
+        os.environ["CELLVEC_CACHE_DIR"] = settings["cache_dir"]
+    uvicorn.run("cellvec.service.app:create_app_from_env", factory=True, workers=workers, **server)

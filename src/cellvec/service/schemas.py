@@ -25,11 +25,23 @@ class MapRequest(BaseModel):
         ..., min_length=1, description="Gene symbols (or Ensembl ids) of the columns"
     )
     cells: list[Cell] = Field(..., min_length=1, max_length=MAX_CELLS_PER_REQUEST)
-    k: int = Field(15, ge=1, le=200, description="Neighbours in the vote")
+    k: int | None = Field(
+        None,
+        ge=1,
+        le=200,
+        description="Neighbours in the vote (default: the atlas's, 15 unless tuned)",
+    )
     min_confidence: float = Field(
         0.0, ge=0.0, le=1.0, description="Below this a cell is 'unassigned'"
     )
+    min_typicality: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Below this typicality (calibrated on the reference) a cell is 'unassigned'",
+    )
     scores: bool = Field(False, description="Return per-class scores per cell")
+    vectors: bool = Field(False, description="Return each cell's vector")
 
 
 class SQLRequest(BaseModel):

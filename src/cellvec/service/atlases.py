@@ -1,0 +1,272 @@
+"""Atlases as the service holds them: a search index and label codes memory-mapped from files.
+
+The first process to serve an atlas version writes its search index (faiss format)
+and label codes to `<cache_dir>/<atlas>/v<version>-<hash>/`, in a temporary folder
+renamed into place under a file lock; every process (each `--workers` process)
+then maps those files into memory, so the operating system keeps one copy of the
+atlas vectors however many workers serve them. Folders of older versions are
+removed when a newer one is written. Where the cache folder cannot be written,
+the atlas is held in memory as before (and a warning says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cellvec.cell_index.encoder import CellEncoder
+from cellvec.cell_index.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedAtlas:
+    """What mapping a request needs of an atlas: encoder, search index, label codes."""
+
+    name: str
+    version: int
+    meta: dict
+    encoder: CellEncoder
+    index: object  # knn.FlatIndex | knn.IVFIndex
+    classes: np.ndarray
+    codes: np.ndarray
+    calibration: np.ndarray  # typicality calibration per atlas cell (`Atlas.calibration`)
+    store: str = ""
+    folder: Path | None = None  # the memory-mapped files, if any
+    _full: object = None
+
+    @property
+    def k(self) -> int:
+        """Neighbours in the vote unless a request says: the atlas's (15 unless tuned)."""
+        from cellvec.cell_index.atlas import DEFAULT_K
+
+        return int(self.meta.get("k") or DEFAULT_K)
+
+    def full(self):
+        """The whole atlas with its top-gene weights, opened on the first request that
+        measures fewer genes than the atlas (the reference is re-aggregated over them)."""
+        if self._full is None:
+            from cellvec.cell_index.atlas import Atlas
+
+            atlas = Atlas.open(self.store, self.name)
+            atlas._encoder = self.encoder
+            self._full = atlas
+        return self._full
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.encoder.recipe
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.index.index.ntotal)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "n_cells": self.n_cells,
+            "label_key": self.meta.get("label_key"),
+            "classes": self.meta.get("classes"),
+            "recipe": self.meta.get("recipe"),
+            "created": self.meta.get("created"),
+            "source": self.meta.get("source"),
+            "refinement": {
+                k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
+            },
+        }
+
+
+def _key(version: int, meta: dict) -> str:
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    return f"v{version}-{digest}"
+
+
+class AtlasCache:
+    """Loaded atlases by name; a newer committed table version is picked up within
+    `version_check_s` seconds, and a request never sees a half-written atlas."""
+
+    def __init__(self, store: str, gene_store, cache_dir: str | Path | None, version_check_s=1.0):
+        self.store = store
+        self.gene_store = gene_store
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.version_check_s = version_check_s
+        self.lock = threading.Lock()
+        self.atlases: dict[str, tuple[float, ServedAtlas]] = {}
+        self.checking: set[str] = set()
+
+    def fresh(self, name: str) -> ServedAtlas | None:
+        """The loaded atlas if its version was checked less than `version_check_s` ago."""
+        cached = self.atlases.get(name)
+        if cached and time.monotonic() - cached[0] < self.version_check_s:
+            return cached[1]
+        return None
+
+    def current(self, name: str) -> ServedAtlas | None:
+        """The loaded atlas without waiting (None if not loaded). When its version was last
+        checked `version_check_s` ago or more, one background thread checks it (and loads a
+        newer version) while requests go on being answered from the loaded one; a check
+        on the request path made every request wait on the table once a second."""
+        cached = self.atlases.get(name)
+        if cached is None:
+            return None
+        if time.monotonic() - cached[0] >= self.version_check_s and name not in self.checking:
+            self.checking.add(name)
+            threading.Thread(target=self._check, args=(name,), daemon=True).start()
+        return cached[1]
+
+    def _check(self, name: str) -> None:
+        try:
+            self.get(name)
+        except KeyError:  # the atlas was dropped
+            self.atlases.pop(name, None)
+        except Exception:  # noqa: BLE001 (keep serving the loaded version)
+            log.exception("Checking atlas %s for a newer version failed", name)
+        finally:
+            self.checking.discard(name)
+
+    def preload(self) -> None:
+        """Load every atlas of the store (at startup, so no request waits for it)."""
+        from cellvec.cell_index.atlas import list_atlases
+
+        for name in list_atlases(self.store):
+            try:
+                self.get(name)
+            except Exception:  # noqa: BLE001 (a request will report it)
+                log.exception("Preloading atlas %s failed", name)
+
+    def get(self, name: str) -> ServedAtlas:
+        """The atlas `name`, loaded or reloaded as needed; KeyError if there is none."""
+        from cellvec.cell_index.atlas import ATLAS_PREFIX
+
+        hit = self.fresh(name)
+        if hit is not None:
+            return hit
+        now = time.monotonic()
+        tbl = self.gene_store.open_table(ATLAS_PREFIX + name)
+        if tbl is None:
+            raise KeyError(name)
+        with self.lock:
+            cached = self.atlases.get(name)
+            if cached and cached[1].version == tbl.version:
+                self.atlases[name] = (now, cached[1])
+                return cached[1]
+            atlas = self._load(name, tbl)
+            self.atlases[name] = (now, atlas)
+            log.info(
+                "Loaded atlas %s (version %d, %s cells%s)",
+                name,
+                atlas.version,
+                f"{atlas.n_cells:,}",
+                f", memory-mapped from {atlas.folder}" if atlas.folder else "",
+            )
+            return atlas
+
+    def _load(self, name: str, tbl) -> ServedAtlas:
+        from cellvec.cell_index.atlas import Atlas, load_encoder
+        from cellvec.cell_index.knn import read_index
+        from cellvec.gene_store.store import read_meta
+
+        meta = read_meta(tbl)
+        if self.cache_dir is not None and meta.get("complete"):
+            folder = self.cache_dir / name / _key(tbl.version, meta)
+            if not (folder / "index.faiss").exists():
+                folder = self._write(name)
+            if folder is not None:
+                with open(folder / "atlas.json") as fh:
+                    info = json.load(fh)
+                return ServedAtlas(
+                    name=name,
+                    version=info["version"],
+                    meta=info["meta"],
+                    encoder=load_encoder(
+                        self.store, name, Recipe.from_dict(info["meta"]["recipe"]), self.gene_store
+                    ),
+                    index=read_index(folder / "index.faiss"),
+                    classes=np.asarray(info["classes"], dtype=object),
+                    codes=np.load(folder / "codes.npy", mmap_mode="r"),
+                    calibration=np.load(folder / "calibration.npy", mmap_mode="r"),
+                    store=self.store,
+                    folder=folder,
+                )
+        atlas = Atlas.open(self.store, name)
+        classes, codes = atlas.label_codes()
+        return ServedAtlas(
+            name=name,
+            version=atlas.version,
+            meta=atlas.meta,
+            encoder=atlas.encoder(self.gene_store),
+            index=atlas.index(),
+            classes=classes.astype(object),
+            codes=codes,
+            calibration=atlas.calibration(),
+            store=self.store,
+            _full=atlas,
+        )
+
+    def _write(self, name: str) -> Path | None:
+        """Write the files of the atlas's current version (once, whichever process comes
+        first); None when the cache folder cannot be written."""
+        import fcntl
+
+        from cellvec.cell_index.atlas import Atlas
+        from cellvec.cell_index.knn import build_index, write_index
+
+        base = self.cache_dir / name
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            lock = open(base / ".lock", "w")  # noqa: SIM115 (held across the write)
+        except OSError as e:
+            log.warning("Cannot write the atlas cache in %s (%s); atlases stay in memory", base, e)
+            self.cache_dir = None
+            return None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            atlas = Atlas.open(self.store, name)
+            folder = base / _key(atlas.version, atlas.meta)
+            if not (folder / "index.faiss").exists():
+                t = time.perf_counter()
+                tmp = base / f".{folder.name}.{os.getpid()}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                classes, codes = atlas.label_codes()
+                np.save(tmp / "codes.npy", codes.astype(np.int32))
+                np.save(tmp / "calibration.npy", atlas.calibration().astype(np.float32))
+                write_index(build_index(atlas.vectors), tmp / "index.faiss")
+                (tmp / "atlas.json").write_text(
+                    json.dumps(
+                        {
+                            "version": atlas.version,
+                            "meta": atlas.meta,
+                            "classes": classes.astype(str).tolist(),
+                        }
+                    )
+                )
+                os.replace(tmp, folder)
+                log.info(
+                    "Atlas %s version %d written for memory-mapping to %s in %.1f s",
+                    name,
+                    atlas.version,
+                    folder,
+                    time.perf_counter() - t,
+                )
+            for old in base.glob("v*-*"):  # older versions; a process still mapping them keeps
+                if old != folder and _version(old.name) < atlas.version:  # its pages until it
+                    shutil.rmtree(old, ignore_errors=True)  # moves on
+        return folder
+
+
+def _version(folder_name: str) -> int:
+    try:
+        return int(folder_name[1:].split("-", 1)[0])
+    except ValueError:
+        return -1
