@@ -5,6 +5,7 @@ included, run in its own virtual environment):
 
     python benchmarks/evaluate_all.py --out results/          # everything (~1-2 h on 2 cores)
     python benchmarks/evaluate_all.py --only amacrine,pbmc3k  # some sets
+    python benchmarks/evaluate_all.py --representations cellvec --out results/default_recipe
 
 Within-dataset sets: macosko2015_amacrine (mouse retina, 21 amacrine subtypes),
 pbmc3k, pbmc_3chem, pbmc68k_reduced. Cross-dataset pairs (no retraining):
@@ -116,6 +117,13 @@ def main():
     ap.add_argument("--no-celltypist", action="store_true", help="skip the CellTypist peer")
     ap.add_argument("--no-scenarios", action="store_true", help="plain folds and transfer only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--refine-steps", type=int, help="refinement steps (default: the recipe's own, 800+)"
+    )
+    ap.add_argument(
+        "--representations",
+        help="only these, e.g. cellvec (no baselines, peers or scenarios unless named)",
+    )
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this evaluation needs the shared real data")
@@ -144,14 +152,19 @@ def main():
             for key in ("data_limited", "panels", "leave_out", "ablations"):
                 kw.pop(key, None)
         folds = kw.pop("folds", 5)
+        only_reps = args.representations.split(",") if args.representations else None
+        if only_reps:
+            for key in ("data_limited", "panels", "leave_out", "ablations"):
+                kw.pop(key, None)
         t = time.perf_counter()
         res = evaluate(
             store=store,
-            baselines=True,
-            peers=peers,
+            baselines=not only_reps,
+            peers=tuple(p for p in peers if not only_reps or p in only_reps),
             folds=folds or 5,
             seed=args.seed,
             skip_folds=folds == 0,
+            refine_options={"steps": args.refine_steps} if args.refine_steps else None,
             **kw,
         )
         res.dataset = name
