@@ -122,7 +122,12 @@ def main():
     )
     ap.add_argument(
         "--representations",
-        help="only these, e.g. cellvec (no baselines, peers or scenarios unless named)",
+        help="score only these in folds and transfer, e.g. cellvec ('none': scenarios only)",
+    )
+    ap.add_argument(
+        "--scenarios",
+        help="only these of data_limited,panels,leave_out,ablations (default: all planned; "
+        "'none' with --representations)",
     )
     args = ap.parse_args()
     if not SHARED.exists():
@@ -152,15 +157,19 @@ def main():
             for key in ("data_limited", "panels", "leave_out", "ablations"):
                 kw.pop(key, None)
         folds = kw.pop("folds", 5)
-        only_reps = args.representations.split(",") if args.representations else None
-        if only_reps:
-            for key in ("data_limited", "panels", "leave_out", "ablations"):
+        only_reps = None
+        if args.representations:
+            only_reps = [] if args.representations == "none" else args.representations.split(",")
+        keep = args.scenarios.split(",") if args.scenarios else (["none"] if only_reps else None)
+        for key in ("data_limited", "panels", "leave_out", "ablations"):
+            if keep is not None and key not in keep:
                 kw.pop(key, None)
         t = time.perf_counter()
         res = evaluate(
             store=store,
-            baselines=not only_reps,
-            peers=tuple(p for p in peers if not only_reps or p in only_reps),
+            baselines=True,
+            peers=peers,
+            representations=only_reps,
             folds=folds or 5,
             seed=args.seed,
             skip_folds=folds == 0,

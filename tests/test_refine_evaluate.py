@@ -305,3 +305,21 @@ def test_tune_chooses_top_genes_and_k_on_the_reference_and_map_uses_them(fake_st
     res = map_cells(tiny_adata(n_cells=30, seed=9, prefix="q"), "tuned", store=fake_store)
     assert res.k == atlas.k
     assert map_cells(tiny_adata(30, seed=9, prefix="q"), atlas, k=3).k == 3
+
+
+def test_typicality_resolves_below_one_percent_with_small_classes():
+    """Eight classes of 25 calibration cells: a per-class rank could not go below 1/26,
+    so a 0.01 threshold never fired; pooled standardised ranks can."""
+    from cellvec.cell_index.mapping import typicality
+
+    rng = np.random.default_rng(0)
+    codes = np.repeat(np.arange(8), 25)
+    centre = 0.6 + 0.04 * np.arange(8)
+    calibration = (centre[codes] + rng.normal(0, 0.02, len(codes))).astype(np.float32)
+    chosen = np.array([0, 7, 3])
+    sims = np.array([[0.2], [centre[7]], [centre[3] - 0.02]])  # far off, typical, a bit low
+    idx = np.array([[0], [7 * 25], [3 * 25]])
+    p = typicality(idx, sims, codes, chosen, calibration)
+    assert p[0] < 0.01
+    assert 0.3 < p[1] < 0.7
+    assert 0.05 < p[2] < p[1]

@@ -292,19 +292,33 @@ def typicality(
     ref_codes: np.ndarray,
     chosen: np.ndarray,
     calibration: np.ndarray,
+    *,
+    shrink: float = 5.0,
 ) -> np.ndarray:
-    """Per query cell, the share of the chosen class's calibration cells (finite values of
-    `calibration`) whose similarity to their class is at most the query's (its nearest
-    neighbour of that class): (count + 1) / (n + 1)."""
+    """Per query cell, a conformal p-value of how typical it is of its chosen class.
+
+    A cell's score is its similarity to its nearest neighbour of the chosen class,
+    standardised by that class's calibration values (finite `calibration`: reference
+    cells' similarity to their nearest same-class cell), the class spread shrunk
+    towards the pooled one with `shrink` pseudo-cells so that small classes are not
+    over-trusted. The p-value ranks it among all calibration cells' standardised
+    scores, pooled over classes: (count at or below + 1) / (n + 1). Pooling keeps the
+    resolution fine (a per-class rank could not go below 1 / (class size + 1), so a
+    0.01 threshold never fired for classes under 99 cells)."""
+    finite = np.isfinite(calibration)
+    n_classes = int(max(ref_codes.max(initial=0), chosen.max(initial=0))) + 1
+    cal_codes, cal = ref_codes[finite], calibration[finite].astype(np.float64)
+    count = np.bincount(cal_codes, minlength=n_classes).astype(np.float64)
+    mean = np.bincount(cal_codes, weights=cal, minlength=n_classes) / np.maximum(count, 1)
+    sq = np.bincount(cal_codes, weights=(cal - mean[cal_codes]) ** 2, minlength=n_classes)
+    pooled = sq.sum() / max(count.sum() - 1, 1)
+    spread = np.sqrt((sq + shrink * pooled) / (count + shrink)) + 1e-6
+    pool = np.sort((cal - mean[cal_codes]) / spread[cal_codes])
     same = (idx >= 0) & (ref_codes[np.maximum(idx, 0)] == chosen[:, None])
     score = np.where(same, sim, -np.inf).max(axis=1)
-    out = np.zeros(len(chosen), dtype=np.float64)
-    finite = np.isfinite(calibration)
-    for c in np.unique(chosen):
-        cal = np.sort(calibration[finite & (ref_codes == c)])
-        rows = chosen == c
-        out[rows] = (np.searchsorted(cal, score[rows], side="right") + 1) / (len(cal) + 1)
-    return out
+    z = (score - mean[chosen]) / spread[chosen]
+    z[count[chosen] == 0] = -np.inf  # a class without calibration cells: nothing to vouch for it
+    return (np.searchsorted(pool, z, side="right") + 1) / (len(pool) + 1)
 
 
 def assign_labels(
