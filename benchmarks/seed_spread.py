@@ -73,6 +73,7 @@ def scenarios(human: Path, mouse: Path, seed: int, work: Path) -> dict[str, floa
         name="ama_lo",
         label_key="cell_type",
         seed=seed,
+        calibration_split=0.1,
     )
     res = map_cells(q, "ama_lo", store=m, min_typicality=0.01)
     novel = labels[test] == "AC_12"

@@ -161,6 +161,7 @@ def test_a_subtype_the_atlas_lacks_comes_back_unassigned(retina_store, amacrine)
         name="ama_lo",
         label_key="cell_type",
         seed=0,
+        calibration_split=0.1,
     )
     res = map_cells(ama.subset(test), "ama_lo", store=retina_store, min_typicality=0.01)
     novel = labels[test] == "AC_12"

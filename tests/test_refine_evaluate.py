@@ -244,7 +244,14 @@ def test_a_query_with_fewer_genes_is_compared_over_the_shared_genes(fake_store):
 def test_typicality_calls_a_subtype_the_atlas_lacks_unassigned(fake_store):
     ref = tiny_adata(n_cells=120, seed=1)
     ref = ref[ref.obs["cell_type"] != "M"].copy()
-    build_atlas(ref, store=fake_store, name="ref", label_key="cell_type", refine_options=FAST)
+    build_atlas(
+        ref,
+        store=fake_store,
+        name="ref",
+        label_key="cell_type",
+        refine_options=FAST,
+        calibration_split=0.2,
+    )
     q = tiny_adata(n_cells=60, seed=9, prefix="q")
     res = map_cells(q, "ref", store=fake_store, min_typicality=0.05)
     novel = (q.obs["cell_type"] == "M").to_numpy()
@@ -323,3 +330,22 @@ def test_typicality_resolves_below_one_percent_with_small_classes():
     assert p[0] < 0.01
     assert 0.3 < p[1] < 0.7
     assert 0.05 < p[2] < p[1]
+
+
+def test_typicality_needs_held_out_calibration_cells(fake_store):
+    """Calibrated on cells refinement trained on, every new cell would look atypical:
+    mapping with --min-typicality on such an atlas is refused with the fix."""
+    from cellvec.errors import CellvecError
+
+    build_atlas(
+        tiny_adata(90, seed=1),
+        store=fake_store,
+        name="ref",
+        label_key="cell_type",
+        refine_options=FAST,
+    )
+    q = tiny_adata(n_cells=30, seed=9, prefix="q")
+    with pytest.raises(CellvecError, match="--calibration-split"):
+        map_cells(q, "ref", store=fake_store, min_typicality=0.01)
+    res = map_cells(q, "ref", store=fake_store)
+    assert np.isnan(res.typicality).all()  # unknown, not a misleading 1.0

@@ -54,6 +54,7 @@ def served(fake_store, monkeypatch):
         name="tiny",
         label_key="cell_type",
         top_genes=10,
+        calibration_split=0.2,  # held-out cells calibrate typicality
     )
     return fake_store
 

@@ -182,7 +182,8 @@ def map_cells(
     cell is (a conformal p-value, calibrated on the reference alone). With
     `min_typicality=0.01`, about 1% of the cells of subtypes the atlas knows are
     expected to come back unassigned when query and reference are alike; cells of a
-    subtype the atlas lacks mostly do.
+    subtype the atlas lacks mostly do. It needs an atlas built with a calibration
+    split (cells refinement never saw); typicality is NaN without one.
 
     `k` defaults to the atlas's own (15, or what `atlas build --tune` chose).
     `recipe` (optional) states the settings the caller expects; a mismatch with the
@@ -203,6 +204,8 @@ def map_cells(
         )
         atlas.recipe.require_same(expected, atlas.name)
     k = atlas.k if k is None else k
+    if min_typicality > 0:
+        atlas.require_calibration()
     if k < 1:
         raise CellvecError(f"k must be at least 1, got {k}.")
     if orthologs is not None and not isinstance(orthologs, OrthologTable):
@@ -313,12 +316,18 @@ def typicality(
     sq = np.bincount(cal_codes, weights=(cal - mean[cal_codes]) ** 2, minlength=n_classes)
     pooled = sq.sum() / max(count.sum() - 1, 1)
     spread = np.sqrt((sq + shrink * pooled) / (count + shrink)) + 1e-6
+    if not len(cal):
+        return np.full(len(chosen), np.nan)  # no calibration cells: typicality is unknown
     pool = np.sort((cal - mean[cal_codes]) / spread[cal_codes])
     same = (idx >= 0) & (ref_codes[np.maximum(idx, 0)] == chosen[:, None])
     score = np.where(same, sim, -np.inf).max(axis=1)
     z = (score - mean[chosen]) / spread[chosen]
     z[count[chosen] == 0] = -np.inf  # a class without calibration cells: nothing to vouch for it
-    return (np.searchsorted(pool, z, side="right") + 1) / (len(pool) + 1)
+    from scipy.special import ndtr
+
+    # the rank, smoothed by the normal tail of z: continuous below the lowest calibration
+    # score, so a threshold finer than 1 / (n + 1) still means something with few cells
+    return (np.searchsorted(pool, z, side="right") + ndtr(z)) / (len(pool) + 1)
 
 
 def assign_labels(

@@ -34,6 +34,13 @@ def atlas():
     "-k", type=int, help="Neighbours in the vote, stored as the atlas's default (else 15)."
 )
 @click.option(
+    "--calibration-split",
+    default=0.0,
+    show_default=True,
+    help="Keep this share of each subtype out of refinement to calibrate typicality "
+    "(needed by map --min-typicality; 0.1 is a good start).",
+)
+@click.option(
     "--tune",
     is_flag=True,
     help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
@@ -60,6 +67,7 @@ def build(
     transpose,
     seed,
     k,
+    calibration_split,
     tune,
     as_json,
 ):
@@ -97,6 +105,7 @@ def build(
         seed=seed,
         k=k,
         tune=tune,
+        calibration_split=calibration_split,
     )
     if as_json:
         emit_json(a.summary())

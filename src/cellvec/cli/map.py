@@ -38,8 +38,9 @@ from cellvec.cli.options import emit_json, input_options, json_option
     "--min-typicality",
     default=0.0,
     show_default=True,
-    help="Below this typicality (calibrated on the reference: 0.01 calls ~1%% of cells of "
-    "known subtypes unassigned), a cell is 'unassigned': not a subtype of this atlas.",
+    help="Below this typicality (calibrated on held-out reference cells: 0.01 calls ~1%% "
+    "of cells of known subtypes unassigned), a cell is 'unassigned': not a subtype of this "
+    "atlas. Needs an atlas built with --calibration-split.",
 )
 @click.option(
     "--truth-key", help="obs column with known labels: report accuracy, macro-F1, per class."

@@ -67,6 +67,7 @@ BASELINES = (
     "cellvec_unrefined",
 )
 ABLATIONS = ("head_only", "no_center", "top200")
+CALIBRATION_SPLIT = 0.1  # held out of refinement in the left-out scenario, for typicality
 PEERS = ("celltypist",)
 
 
@@ -251,7 +252,9 @@ class _Predictors:
             self._vectors[(model, kind)] = replace(genes, vectors=vecs.astype(np.float32))
         return self._vectors[(model, kind)]
 
-    def fit(self, name: str, ref: ExpressionSource, y_ref: np.ndarray) -> Atlas:
+    def fit(
+        self, name: str, ref: ExpressionSource, y_ref: np.ndarray, calibration_split: float = 0.0
+    ) -> Atlas:
         base, model = name, None
         if name.startswith("cellvec:"):
             base, model = "cellvec", name.split(":", 1)[1]
@@ -265,6 +268,7 @@ class _Predictors:
             recipe,
             seed=self.seed,
             refine_options=self.refine_options,
+            calibration_split=calibration_split,
         )
         return Atlas.from_fit(name, fit, y_ref)
 
@@ -483,9 +487,9 @@ def evaluate(
 
 
 def _left_out_scores(pred, name, source, y, splits, sub, min_typicality) -> dict:
-    """Leave subtype `sub` out of every fold's reference and map the whole held-out fold:
-    the share of `sub`'s cells called unassigned or given another label, and the known
-    subtypes' macro-F1 with and without the unassigned call."""
+    """Leave subtype `sub` out of every fold's reference (built with a calibration split)
+    and map the whole held-out fold: the share of `sub`'s cells called unassigned or
+    given another label, and the known subtypes' macro-F1 with and without the call."""
     n = len(y)
     with_call = np.empty(n, dtype=object)
     without = np.empty(n, dtype=object)
@@ -496,7 +500,7 @@ def _left_out_scores(pred, name, source, y, splits, sub, min_typicality) -> dict
         if name in EXPRESSION_BASELINES:
             without[te] = with_call[te] = pred.predict(name, ref, y[tr], q)
             continue
-        atlas = pred.fit(name, ref, y[tr])
+        atlas = pred.fit(name, ref, y[tr], calibration_split=CALIBRATION_SPLIT)
         with_call[te] = pred.predict(
             name, ref, y[tr], q, atlas=atlas, min_typicality=min_typicality
         )

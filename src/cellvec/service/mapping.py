@@ -221,7 +221,14 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[JobResult | Exception]:
     n_atlas_genes = len(enc.refinement.get("gene_rows", ()))
     out: list = [None] * len(jobs)
     groups: dict[tuple, list[int]] = {}
+    calibrated = bool(np.isfinite(atlas.calibration).any())
     for i, job in enumerate(jobs):
+        if job.min_typicality > 0 and not calibrated:
+            out[i] = CellvecError(
+                f"Atlas {atlas.name!r} has no held-out calibration cells: rebuild it with "
+                "`cellvec atlas build ... --calibration-split 0.1` to use min_typicality."
+            )
+            continue
         groups.setdefault(tuple(job.genes), []).append(i)
     vecs: dict[int, np.ndarray] = {}
     target_of: dict[int, object] = {}  # job -> None (the atlas) or the panel's gene positions
