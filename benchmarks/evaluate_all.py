@@ -118,7 +118,7 @@ def main():
     ap.add_argument("--no-scenarios", action="store_true", help="plain folds and transfer only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--refine-steps", type=int, help="refinement steps (default: the recipe's own, 800+)"
+        "--refine-steps", type=int, help="refinement steps (default: the recipe's own, 400+)"
     )
     ap.add_argument(
         "--representations",

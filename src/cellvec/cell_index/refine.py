@@ -104,15 +104,15 @@ def augment_weights(
 
 
 def default_steps(n_cells: int, batch_size: int = 256) -> int:
-    """80 passes over the reference, at least 800 and at most 2,000 steps.
+    """40 passes over the reference, at least 400 and at most 2,000 steps.
 
     Measured: a fixed ~400 steps beat early stopping on small references by
-    0.02-0.08 macro-F1 (EVIDENCE.md), but the loss still falls until ~800 steps
-    (amacrine: 2.53 at 400, 2.49 at 800, 2.48 at 1,200), and 800 steps gave 0.941
-    macro-F1 on amacrine against 0.929 at 400; 2,000 steps keep 100k cells within
-    minutes on a CPU.
+    0.02-0.08 macro-F1 (EVIDENCE.md). The loss still falls until ~800 steps, but 800
+    did not generalise better: amacrine 0.929 -> 0.941 and pbmc_3chem 0.884 -> 0.896,
+    yet pbmc3k 0.911 -> 0.906 and pbmc68k_reduced 0.690 -> 0.665 (classes of 8-19
+    cells overfit); results/steps800/. 2,000 steps keep 100k cells within minutes.
     """
-    return int(np.clip(80 * np.ceil(n_cells / batch_size), 800, 2000))
+    return int(np.clip(40 * np.ceil(n_cells / batch_size), 400, 2000))
 
 
 @contextlib.contextmanager
