@@ -57,7 +57,7 @@ def runs(chem_split) -> dict:
             label_key="classified",
             data_limited=[5, 20],
             panels=[0.3, 0.1],
-            leave_out=["NK"],
+            leave_out=["NK", "B"],
         ),
         "pbmc_3chem": dict(
             species="human",

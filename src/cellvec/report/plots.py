@@ -191,8 +191,18 @@ def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path):
     ax = axes[1]
     grid = np.linspace(0, 1, 101)
     ax.plot([0, 1], [0, 1], ls="--", color="#999", label="calibrated")
-    if typicality is not None:
-        t = np.asarray(typicality, dtype=float)
+    t = None if typicality is None else np.asarray(typicality, dtype=float)
+    if t is None or not np.isfinite(t).any():
+        ax.text(
+            0.5,
+            0.5,
+            "no typicality: the atlas has no held-out\ncalibration cells "
+            "(atlas build --calibration-split 0.1)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    else:
         for mask, label, colour in (
             (correct, "cells labelled right", "#4c72b0"),
             (~correct, "cells labelled wrong", "crimson"),
