@@ -88,9 +88,9 @@ class Client:
         import pyarrow as pa
 
         from cellvec._progress import progress
-        from cellvec.cell_index.mapping import MappingResult
+        from cellvec.cell_index.mapping import MappingResult, truth_metrics
         from cellvec.cell_index.readers import read_expression
-        from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
+        from cellvec.evaluation.metrics import UNASSIGNED
 
         if orthologs is not None:
             raise CellvecError(
@@ -157,16 +157,7 @@ class Client:
         if meta is None:
             raise CellvecError(f"{source.path}: no cells with any expression to map.")
         classes = np.asarray(meta["classes"], dtype=object)
-        metrics = None
-        if truth is not None:
-            missing = sorted(set(truth) - set(classes))
-            if missing:
-                log.warning(
-                    "Query labels not in atlas %s (they cannot be right): %s",
-                    atlas,
-                    ", ".join(missing[:10]),
-                )
-            metrics = classification_metrics(truth, labels)
+        metrics = truth_metrics(truth, labels, classes, atlas)
         secs = time.perf_counter() - t0
         log.info("Mapped %s cells onto %s via %s in %.1f s", f"{n:,}", atlas, self.url, secs)
         return MappingResult(

@@ -248,16 +248,7 @@ def map_cells(
         calibration=atlas.calibration() if calibration is None else calibration,
         min_typicality=min_typicality,
     )
-    metrics = None
-    if truth is not None:
-        missing = sorted(set(truth) - set(classes))
-        if missing:
-            log.warning(
-                "Query labels not in atlas %s (they cannot be right): %s",
-                atlas.name,
-                ", ".join(missing[:10]),
-            )
-        metrics = classification_metrics(truth, labels)
+    metrics = truth_metrics(truth, labels, classes, atlas.name)
     secs = time.perf_counter() - t0
     log.info(
         "Mapped %s cells onto %s in %.1f s (%.1f%% unassigned)",
@@ -287,6 +278,20 @@ def map_cells(
         orthologs=orthologs.source if orthologs is not None else None,
         source=source,
     )
+
+
+def truth_metrics(truth, labels, classes, atlas: str) -> dict | None:
+    """Metrics against known labels (None without), warning about labels the atlas lacks."""
+    if truth is None:
+        return None
+    missing = sorted(set(truth) - set(classes))
+    if missing:
+        log.warning(
+            "Query labels not in atlas %s (they cannot be right): %s",
+            atlas,
+            ", ".join(missing[:10]),
+        )
+    return classification_metrics(truth, labels)
 
 
 def typicality(
