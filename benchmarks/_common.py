@@ -26,3 +26,12 @@ def timed(results: dict, key: str):
     t = time.perf_counter()
     yield
     results[key] = time.perf_counter() - t
+
+
+def log_progress() -> None:
+    """INFO logs with times on stderr (the runs are long), without the libraries' chatter."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "sentence_transformers", "lance", "lancedb", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

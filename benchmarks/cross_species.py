@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED  # noqa: E402
+from _common import SHARED, log_progress  # noqa: E402
 from _stores import ensure_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +66,7 @@ def main():
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this needs the shared real data")
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("httpx", "sentence_transformers", "lance", "lancedb", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_progress()
     import anndata as ad
 
     from cellvec.cell_index.atlas import build_atlas

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED  # noqa: E402
+from _common import SHARED, log_progress  # noqa: E402
 from _stores import ensure_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,9 +131,7 @@ def main():
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this evaluation needs the shared real data")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("httpx", "sentence_transformers", "lance", "lancedb", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_progress()
     import anndata as ad
 
     from cellvec.evaluation.evaluate import evaluate

@@ -301,7 +301,8 @@ class Atlas:
         return self._weights
 
     def held_out(self) -> np.ndarray:
-        """The reference cells refinement did not train on (`--calibration-split`)."""
+        """The calibration cells: held out of refinement (`--calibration-split`), at most
+        `CALIBRATION_PER_CLASS` a class; re-aggregated panels are calibrated on the same."""
         if self._held_out is None:
             cal = self.calibration()
             self._held_out = np.isfinite(cal)

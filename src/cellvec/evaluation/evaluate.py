@@ -111,81 +111,79 @@ class EvaluationResult:
         return out
 
     def to_markdown(self) -> str:
-        def table(title, rows):
-            lines = [f"| {title} | accuracy | macro-F1 | balanced acc. |", "|---|---|---|---|"]
-            lines += [
-                f"| {n} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['balanced_accuracy']:.3f} |"
-                for n, m in rows.items()
-            ]
-            return lines
-
         lines = [f"**{self.dataset}** ({self.label_key}, {self.folds}-fold CV)", ""]
+        metrics = ("accuracy", "macro_f1", "balanced_accuracy")
+        columns = ["accuracy", "macro-F1", "balanced acc."]
         if self.representations:
-            lines += table("representation", self.representations)
+            lines += _grid(
+                "representation",
+                columns,
+                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.representations.items()},
+            )
         if self.transfer:
-            lines += ["", *table("transfer (no retraining)", self.transfer)]
+            lines += [""] + _grid(
+                "transfer (no retraining)",
+                columns,
+                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.transfer.items()},
+            )
         if self.data_limited:
             sizes = sorted({int(s) for v in self.data_limited.values() for s in v})
-            lines += [
-                "",
-                "| macro-F1 with n reference cells per class | "
-                + " | ".join(map(str, sizes))
-                + " |",
-                "|---|" + "---|" * len(sizes),
-            ]
-            for name, curve in self.data_limited.items():
-                lines.append(
-                    f"| {name} | "
-                    + " | ".join(f"{curve.get(str(s), float('nan')):.3f}" for s in sizes)
-                    + " |"
-                )
+            lines += [""] + _grid(
+                "macro-F1 with n reference cells per class",
+                map(str, sizes),
+                {
+                    n: [f"{curve.get(str(s), float('nan')):.3f}" for s in sizes]
+                    for n, curve in self.data_limited.items()
+                },
+            )
         if self.panels:
-            fracs = list(self.panels)
-            names = list(next(iter(self.panels.values())))
-            lines += [
-                "",
-                "| macro-F1 with a share of the genes in the query | " + " | ".join(fracs) + " |",
-                "|---|" + "---|" * len(fracs),
-            ]
-            for name in names:
-                lines.append(
-                    f"| {name} | "
-                    + " | ".join(
-                        f"{self.panels[f][name]['macro_f1']:.3f}" if name in self.panels[f] else "–"
-                        for f in fracs
-                    )
-                    + " |"
-                )
+            names = dict.fromkeys(n for reps in self.panels.values() for n in reps)
+            lines += [""] + _grid(
+                "macro-F1 with a share of the genes in the query",
+                self.panels,
+                {
+                    n: [
+                        f"{reps[n]['macro_f1']:.3f}" if n in reps else "–"
+                        for reps in self.panels.values()
+                    ]
+                    for n in names
+                },
+            )
         if self.leave_out:
-            lines += [
-                "",
-                "| left-out subtype | representation | unassigned | mislabelled | known macro-F1 "
-                "with / without the unassigned call |",
-                "|---|---|---|---|---|",
-            ]
-            for sub, reps in self.leave_out.items():
-                for name, m in reps.items():
-                    lines.append(
-                        f"| {sub} | {name} | {m['unassigned']:.2f} | {m['mislabelled']:.2f} | "
-                        f"{m['known_macro_f1']:.3f} / {m['known_macro_f1_without']:.3f} |"
-                    )
+            rows = {
+                f"{sub} | {n}": [
+                    f"{m['unassigned']:.2f}",
+                    f"{m['mislabelled']:.2f}",
+                    f"{m['known_macro_f1']:.3f} / {m['known_macro_f1_without']:.3f}",
+                ]
+                for sub, reps in self.leave_out.items()
+                for n, m in reps.items()
+            }
+            lines += [""] + _grid(
+                "left-out subtype | representation",
+                ["unassigned", "mislabelled", "known macro-F1 with / without the unassigned call"],
+                rows,
+            )
         if self.representations:
             first = next(iter(self.representations.values()))
             classes = list(first["per_class"])
-            lines += [
-                "",
-                "| per-class F1 (support) | "
-                + " | ".join(f"{c} ({first['per_class'][c]['support']})" for c in classes)
-                + " |",
-                "|---|" + "---|" * len(classes),
-            ]
-            for name, m in self.representations.items():
-                lines.append(
-                    f"| {name} | "
-                    + " | ".join(f"{m['per_class'][c]['f1']:.2f}" for c in classes)
-                    + " |"
-                )
+            lines += [""] + _grid(
+                "per-class F1 (support)",
+                [f"{c} ({first['per_class'][c]['support']})" for c in classes],
+                {
+                    n: [f"{m['per_class'][c]['f1']:.2f}" for c in classes]
+                    for n, m in self.representations.items()
+                },
+            )
         return "\n".join(lines)
+
+
+def _grid(title: str, columns, rows: dict[str, list[str]]) -> list[str]:
+    """A markdown table: `title` over the row names, then one column per entry."""
+    columns = list(columns)
+    n = len(columns) + title.count("|")
+    out = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---|" * n]
+    return out + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
 
 
 def _folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -224,11 +222,9 @@ class _Predictors:
         k: int,
         seed: int,
         refine_options: dict,
-        min_typicality: float = 0.0,
     ):
         self.genes_by_model, self.recipe, self.k, self.seed = genes_by_model, recipe, k, seed
         self.refine_options = refine_options
-        self.min_typicality = min_typicality
         self._vectors: dict = {}
         self._atlases: dict = {}  # (name, reference cells) -> fitted atlas, reused across scenarios
 
