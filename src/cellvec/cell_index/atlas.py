@@ -11,7 +11,11 @@ written in one commit (a reader sees the old atlas or the new one, never half).
 Nearest-neighbour search runs on the atlas vectors in memory: exact below
 200,000 cells, a faiss IVF index above (built in ~3 s per 1M cells when the
 atlas is loaded). Measured here, per-query LanceDB search takes 4-12 ms whatever
-its index, the in-memory index ~0.2 ms, so no LanceDB vector index is built.
+its index, the in-memory index ~0.2 ms, so an atlas that fits in memory gets no
+Lance vector index. One that does not (`index="disk"`, or "auto" above the memory
+budget of `disk_index.py`) is searched through a Lance IVF_PQ index on its table
+instead, and opening it reads only its label codes and typicality calibration; the
+metadata's `index` records which (`{"kind": "memory"}` or `{"kind": "disk", ...}`).
 """
 
 from __future__ import annotations
@@ -189,16 +193,18 @@ def self_similarity(
 
 @dataclass
 class Atlas:
-    """An atlas loaded from the store: vectors in memory, ready for KNN."""
+    """An atlas opened from the store, ready for KNN: vectors in memory, or, for a disk
+    atlas (`on_disk`), only label codes and calibration, the rest read when asked for."""
 
     name: str
     store: str
     meta: dict
-    cell_ids: np.ndarray
-    labels: np.ndarray
-    batches: np.ndarray
-    vectors: np.ndarray
+    _cell_ids: np.ndarray | None = field(default=None, repr=False)
+    _labels: np.ndarray | None = field(default=None, repr=False)
+    _batches: np.ndarray | None = field(default=None, repr=False)
+    _vectors: np.ndarray | None = field(default=None, repr=False)
     version: int = 0
+    _n_cells: int | None = field(default=None, repr=False)
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
     _codes: tuple | None = field(default=None, repr=False)
@@ -210,6 +216,63 @@ class Atlas:
     @property
     def recipe(self) -> Recipe:
         return Recipe.from_dict(self.meta["recipe"])
+
+    @property
+    def on_disk(self) -> bool:
+        """Searched through the Lance index of its table, never loaded whole."""
+        return (self.meta.get("index") or {}).get("kind") == "disk"
+
+    @property
+    def n_cells(self) -> int:
+        return self._n_cells if self._n_cells is not None else len(self._vectors)
+
+    @property
+    def dimension(self) -> int:
+        """The cell vectors' dimension (the head's output, not the gene vectors')."""
+        if self._vectors is not None:
+            return self._vectors.shape[1]
+        return self._dataset().schema.field("vector").type.list_size
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The reference cells' vectors (cells x dim). A disk atlas reads them all on the
+        first call: mapping never does, only whole-atlas views (report, explain)."""
+        if self._vectors is None:
+            col = self._read_column("vector").combine_chunks()
+            self._vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        return self._vectors
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            classes, codes = self.label_codes()
+            self._labels = classes.astype(object)[codes]
+        return self._labels
+
+    @property
+    def cell_ids(self) -> np.ndarray:
+        if self._cell_ids is None:
+            self._cell_ids = np.asarray(self._read_column("cell_id").to_pylist(), dtype=object)
+        return self._cell_ids
+
+    @property
+    def batches(self) -> np.ndarray:
+        if self._batches is None:
+            self._batches = np.asarray(self._read_column("batch").to_pylist(), dtype=object)
+        return self._batches
+
+    def _dataset(self):
+        return GeneStore(self.store).open_table(ATLAS_PREFIX + self.name).to_lance()
+
+    def _read_column(self, name: str):
+        if self.on_disk:
+            log.info(
+                "Reading column %s of disk atlas %s (%s cells) into memory",
+                name,
+                self.name,
+                f"{self.n_cells:,}",
+            )
+        return self._dataset().to_table(columns=[name]).column(name)
 
     @property
     def k(self) -> int:
@@ -242,6 +305,8 @@ class Atlas:
                 f"Atlas {name!r} in {store} was built by an older cellvec (recipe version "
                 f"{found}, this one reads {RECIPE_VERSION}). Rebuild it with `cellvec atlas build`."
             )
+        if (meta.get("index") or {}).get("kind") == "disk":
+            return cls._open_disk(store, name, meta, tbl)
         arrow = tbl.to_lance().to_table(
             columns=["cell_id", "label", "batch", "vector", "self_similarity"]
         )
@@ -250,12 +315,46 @@ class Atlas:
             name=name,
             store=str(store),
             meta=meta,
-            cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
-            labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
-            batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
-            vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
+            _cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
+            _labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
+            _batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
+            _vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
             version=tbl.version,
             _calibration=arrow.column("self_similarity").to_numpy(zero_copy_only=False),
+        )
+
+    @classmethod
+    def _open_disk(cls, store, name: str, meta: dict, tbl) -> Atlas:
+        """A disk atlas: label codes (int32) and calibration (float32) read in batches, so
+        opening 20M cells holds ~160 MB, never the vectors or the cell ids."""
+        import pyarrow.compute as pc
+
+        ds = tbl.to_lance()
+        n = ds.count_rows()
+        classes = np.asarray(sorted(meta.get("classes") or {}), dtype=object)
+        value_set = pa.array(classes.tolist(), pa.string())
+        codes = np.empty(n, dtype=np.int32)
+        calibration = np.empty(n, dtype=np.float32)
+        at = 0
+        for batch in ds.to_batches(columns=["label", "self_similarity"], batch_size=1 << 20):
+            m = batch.num_rows
+            found = pc.index_in(batch.column(0), value_set=value_set)
+            if found.null_count:
+                raise StoreError(
+                    f"Atlas {name!r} in {store} has labels its metadata does not list; "
+                    "rebuild it with `cellvec atlas build`."
+                )
+            codes[at : at + m] = found.to_numpy(zero_copy_only=False)
+            calibration[at : at + m] = batch.column(1).to_numpy(zero_copy_only=False)
+            at += m
+        return cls(
+            name=name,
+            store=str(store),
+            meta=meta,
+            version=tbl.version,
+            _n_cells=n,
+            _codes=(classes, codes),
+            _calibration=calibration,
         )
 
     @classmethod
@@ -268,10 +367,10 @@ class Atlas:
             name=name,
             store="",
             meta={"recipe": fit.encoder.recipe.to_dict()},
-            cell_ids=np.asarray(ids, dtype=object),
-            labels=np.asarray(labels, dtype=object),
-            batches=np.full(n, "", dtype=object),
-            vectors=fit.vectors,
+            _cell_ids=np.asarray(ids, dtype=object),
+            _labels=np.asarray(labels, dtype=object),
+            _batches=np.full(n, "", dtype=object),
+            _vectors=fit.vectors,
             _encoder=fit.encoder,
             _weights=fit.weights,
             _held_out=fit.held_out,
@@ -296,7 +395,7 @@ class Atlas:
                     genes.values.to_numpy().astype(np.int64),
                     genes.offsets.to_numpy().astype(np.int64),
                 ),
-                shape=(len(self.vectors), n_genes),
+                shape=(self.n_cells, n_genes),
             )
         return self._weights
 
@@ -312,9 +411,7 @@ class Atlas:
         """Per reference cell, the typicality calibration value (`self_similarity`), NaN
         for cells that are not calibration cells."""
         if self._calibration is None:
-            held = (
-                self._held_out if self._held_out is not None else np.zeros(len(self.vectors), bool)
-            )
+            held = self._held_out if self._held_out is not None else np.zeros(self.n_cells, bool)
             self._calibration = self_similarity(
                 self.vectors, self.label_codes()[1], self.index(), held
             )
@@ -334,9 +431,37 @@ class Atlas:
         (the genes a query measures): 1.0 when the query has every gene that counts."""
         if positions is None:
             return 1.0
-        w = self.weights()
+        w = self.weights() if self._panel_fits() else self._weights_sample()
         total = float(w.sum())
         return float(w[:, positions].sum()) / total if total > 0 else 0.0
+
+    def _panel_fits(self) -> bool:
+        """Whether re-aggregating the whole reference over a panel's genes fits the memory
+        budget: always for an atlas searched in memory, for a disk atlas when its top-gene
+        weights (~12 bytes a gene a cell) and a second set of vectors would."""
+        if not self.on_disk:
+            return True
+        from cellvec.cell_index.disk_index import memory_budget, memory_estimate
+
+        need = memory_estimate(self.n_cells, self.dimension) + 12 * self.n_cells * int(
+            self.recipe.top_genes
+        )
+        return need <= memory_budget()
+
+    def _weights_sample(self, n: int = 50_000) -> sp.csr_matrix:
+        """Top-gene weights of `n` evenly spaced reference cells (a disk atlas's coverage)."""
+        rows = np.unique(np.linspace(0, self.n_cells - 1, min(n, self.n_cells)).astype(np.int64))
+        t = self._dataset().take(rows, columns=["top_genes", "top_weights"])
+        genes = t.column("top_genes").combine_chunks()
+        weights = t.column("top_weights").combine_chunks()
+        return sp.csr_matrix(
+            (
+                weights.values.to_numpy().astype(np.float32),
+                genes.values.to_numpy().astype(np.int64),
+                genes.offsets.to_numpy().astype(np.int64),
+            ),
+            shape=(len(rows), len(self.encoder().refinement["gene_rows"])),
+        )
 
     def vectors_over(self, positions: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
         """Reference vectors re-aggregated over the atlas genes at `positions` only, with
@@ -351,6 +476,18 @@ class Atlas:
         key = hash(np.asarray(positions, dtype=np.int64).tobytes())
         if key in self._panels:
             return self._panels[key]
+        if not self._panel_fits():
+            # A prebuilt index holds full-panel vectors; labels from it would rest on genes
+            # the query does not measure, so refuse rather than answer differently.
+            raise CellvecError(
+                f"Atlas {self.name!r} is searched on disk ({self.n_cells:,} cells) and the "
+                f"query measures {len(positions):,} of its "
+                f"{len(self.encoder().refinement['gene_rows']):,} genes: comparing it needs "
+                "the reference re-aggregated over those genes, more than the memory budget "
+                "(CELLVEC_ATLAS_MEMORY_BUDGET) allows. Build an atlas of the reference "
+                "restricted to the query's genes (`cellvec atlas build` on the reference "
+                "with only those genes), or map a query that measures the atlas's genes."
+            )
         enc = self.encoder()
         fitted = enc.refinement
         w = sp.csr_matrix(self.weights()[:, positions])
@@ -368,9 +505,14 @@ class Atlas:
         return self._panels[key]
 
     def index(self):
-        """The search index over the atlas vectors (exact, or IVF above 200k cells), built once."""
+        """The search index over the atlas vectors (exact, or IVF above 200k cells), built
+        once; for a disk atlas, the Lance index of its table (`disk_index.DiskIndex`)."""
         from cellvec.cell_index.knn import build_index
 
+        if self._index is None and self.on_disk:
+            from cellvec.cell_index.disk_index import DiskIndex, DiskIndexParams
+
+            self._index = DiskIndex(self._dataset(), DiskIndexParams.from_dict(self.meta["index"]))
         if self._index is None:
             t = time.perf_counter()
             self._index = build_index(self.vectors)
@@ -385,7 +527,8 @@ class Atlas:
     def summary(self) -> dict:
         return {
             "name": self.name,
-            "n_cells": len(self.vectors),
+            "n_cells": self.n_cells,
+            "index": self.meta.get("index") or {"kind": "memory"},
             "label_key": self.meta.get("label_key"),
             "classes": self.meta.get("classes"),
             "recipe": self.meta.get("recipe"),
@@ -443,6 +586,8 @@ def build_atlas(
     k: int | None = None,
     tune: bool = False,
     calibration_split: float = 0.0,
+    index: str = "auto",
+    ray_address: str | None = None,
 ) -> Atlas:
     """Embed a labelled reference and write it as atlas `name` in the store.
 
@@ -450,7 +595,14 @@ def build_atlas(
     chooses `top_genes` and `k` by 3-fold cross-validation on the reference
     (`cellvec.evaluation.tune`), recorded in the recipe and the atlas metadata.
     `calibration_split` keeps that share of each class out of refinement to calibrate
-    typicality (`map_cells(min_typicality=...)` needs it)."""
+    typicality (`map_cells(min_typicality=...)` needs it). `index`: "memory" (searched
+    with faiss in memory), "disk" (a Lance IVF_PQ index on the table, see
+    `disk_index.py`) or "auto" (disk above the memory budget); `ray_address` builds a
+    disk index on that Ray cluster."""
+    from cellvec.cell_index.disk_index import INDEX_KINDS
+
+    if index not in INDEX_KINDS:
+        raise CellvecError(f"Index {index!r}: choose one of {', '.join(INDEX_KINDS)}.")
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -518,6 +670,7 @@ def build_atlas(
         "tuning": tuning,
     }
     dim = vectors.shape[1]
+    meta["index"] = index_meta(index, source.n_obs, dim)
     memory = Atlas.from_fit(name, fit, labels)
     calibration = memory.calibration()
     schema = pa.schema(
@@ -554,15 +707,69 @@ def build_atlas(
         ],
         schema=schema,
     )
-    replace_table(gs.db, ATLAS_PREFIX + name, table)
+    tbl = replace_table(gs.db, ATLAS_PREFIX + name, table)
+    if meta["index"]["kind"] == "disk":
+        from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
+
+        # Written after the table: a reader in between searches the table exactly (slower,
+        # not wrong) until the index is committed.
+        build_disk_index(
+            tbl.to_lance(), DiskIndexParams.from_dict(meta["index"]), ray_address=ray_address
+        )
     log.info(
-        "Atlas %s: %s cells, %d classes, dim %d, in %.1f s",
+        "Atlas %s: %s cells, %d classes, dim %d, %s index, in %.1f s",
         name,
         f"{source.n_obs:,}",
         len(classes),
         dim,
+        meta["index"]["kind"],
         time.perf_counter() - t0,
     )
     atlas = Atlas.open(store, name)
-    atlas._encoder, atlas._index = encoder, memory._index
+    atlas._encoder = encoder
+    if not atlas.on_disk:
+        atlas._index = memory._index
     return atlas
+
+
+def index_meta(kind: str, n_cells: int, dim: int) -> dict:
+    """The `index` entry of an atlas's metadata: {"kind": "memory"}, or {"kind": "disk"}
+    with the Lance index parameters chosen for its size (`disk_index.choose_params`)."""
+    from cellvec.cell_index.disk_index import choose_kind, choose_params
+
+    kind = choose_kind(kind, n_cells, dim)
+    if kind == "memory":
+        return {"kind": "memory"}
+    return {"kind": "disk", **choose_params(n_cells, dim).to_dict()}
+
+
+def index_atlas(
+    store: str | Path,
+    name: str,
+    *,
+    index: str = "disk",
+    params: dict | None = None,
+    ray_address: str | None = None,
+) -> dict:
+    """(Re)index an atlas already in the store, e.g. one written in chunks by a cluster:
+    builds its Lance index when `index` comes out "disk" (`params` overrides the chosen
+    parameters), then records the choice in its metadata. Returns the `index` entry.
+
+    The index is committed before the metadata names it, so a reader sees the atlas
+    searched in memory, or exactly through its table, until the index is there."""
+    from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
+
+    tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
+    meta = read_meta(tbl) if tbl is not None else {}
+    if not meta.get("complete"):
+        raise StoreError(
+            f"No atlas {name!r} in {store} (atlases: {', '.join(list_atlases(store)) or 'none'})."
+        )
+    ds = tbl.to_lance()
+    entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
+    if entry["kind"] == "disk":
+        entry.update(params or {})
+        ds = build_disk_index(ds, DiskIndexParams.from_dict(entry), ray_address=ray_address)
+    key = META_KEY.decode() if isinstance(META_KEY, bytes) else META_KEY
+    ds.update_schema_metadata({key: json.dumps({**meta, "index": entry})})
+    return entry

@@ -218,7 +218,8 @@ def map_cells(
         truth = labels_of(source, truth_key, label_map=label_map)
     encoder = atlas.encoder()
     basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
-    ref, index, coverage, calibration = atlas.vectors, atlas.index(), 1.0, None
+    # the atlas's own index; a disk atlas's vectors are never read whole
+    ref, index, coverage, calibration = None, atlas.index(), 1.0, None
     n_atlas_genes = len(encoder.refinement.get("gene_rows", ()))
     if basis.positions is not None and len(basis.positions) < n_atlas_genes:
         coverage = atlas.coverage(basis.positions)

@@ -46,6 +46,17 @@ def atlas():
     help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
     "the reference; recorded in the atlas. Costs about six refinements.",
 )
+@click.option(
+    "--index",
+    "index_kind",
+    type=click.Choice(["auto", "memory", "disk"]),
+    default="auto",
+    show_default=True,
+    help="How the atlas is searched: in memory (faiss), or through a disk-resident Lance "
+    "IVF_PQ index for atlases larger than memory; auto puts it on disk when its vectors "
+    "would take more than CELLVEC_ATLAS_MEMORY_BUDGET (default 4G). map and serve follow "
+    "what the atlas records.",
+)
 @json_option
 def build(
     reference,
@@ -69,6 +80,7 @@ def build(
     k,
     calibration_split,
     tune,
+    index_kind,
     as_json,
 ):
     """Embed a labelled REFERENCE (h5ad, 10x, csv, parquet) as an atlas in the store.
@@ -106,12 +118,57 @@ def build(
         k=k,
         tune=tune,
         calibration_split=calibration_split,
+        index=index_kind,
     )
     if as_json:
         emit_json(a.summary())
     else:
         click.echo(
-            f"atlas {a.name}: {len(a.vectors):,} cells, {len(a.classes)} classes, dim {a.vectors.shape[1]} -> {store}"
+            f"atlas {a.name}: {a.n_cells:,} cells, {len(a.classes)} classes, "
+            f"dim {a.dimension}, {a.meta['index']['kind']} index -> {store}"
+        )
+
+
+@atlas.command("index")
+@click.argument("name")
+@store_option
+@click.option(
+    "--index",
+    "index_kind",
+    type=click.Choice(["auto", "memory", "disk"]),
+    default="disk",
+    show_default=True,
+    help="Search the atlas through a disk-resident Lance index (disk), in memory, or auto.",
+)
+@click.option("--nprobes", type=int, help="IVF partitions probed a query (default: chosen).")
+@click.option(
+    "--refine-factor", type=int, help="Candidates re-ranked exactly, times k (default: 10)."
+)
+@json_option
+def index_cmd(name, store, index_kind, nprobes, refine_factor, as_json):
+    """(Re)build the search index of atlas NAME and record it; map and serve follow it.
+
+    \b
+    Example:
+      cellvec atlas index census --store store/ --index disk
+    """
+    from cellvec.cell_index.atlas import index_atlas
+
+    params = {"nprobes": nprobes, "refine_factor": refine_factor}
+    entry = index_atlas(
+        store, name, index=index_kind, params={k: v for k, v in params.items() if v}
+    )
+    if as_json:
+        emit_json({"atlas": name, "index": entry})
+    else:
+        click.echo(
+            f"atlas {name}: {entry['kind']} index"
+            + (
+                f" ({entry['index_type']}, {entry['num_partitions']:,} partitions, nprobes "
+                f"{entry['nprobes']}, refine factor {entry['refine_factor']})"
+                if entry["kind"] == "disk"
+                else ""
+            )
         )
 
 

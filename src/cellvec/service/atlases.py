@@ -37,7 +37,7 @@ class ServedAtlas:
     version: int
     meta: dict
     encoder: CellEncoder
-    index: object  # knn.FlatIndex | knn.IVFIndex
+    index: object  # knn.FlatIndex | knn.IVFIndex | disk_index.DiskIndex
     classes: np.ndarray
     codes: np.ndarray
     calibration: np.ndarray  # typicality calibration per atlas cell (`Atlas.calibration`)
@@ -69,12 +69,13 @@ class ServedAtlas:
 
     @property
     def n_cells(self) -> int:
-        return int(self.index.index.ntotal)
+        return len(self.codes)
 
     def summary(self) -> dict:
         return {
             "name": self.name,
             "n_cells": self.n_cells,
+            "index": self.meta.get("index") or {"kind": "memory"},
             "label_key": self.meta.get("label_key"),
             "classes": self.meta.get("classes"),
             "recipe": self.meta.get("recipe"),
@@ -177,7 +178,10 @@ class AtlasCache:
         from cellvec.gene_store.store import read_meta
 
         meta = read_meta(tbl)
-        if self.cache_dir is not None and meta.get("complete"):
+        # A disk atlas is searched through its table's Lance index, whose files the OS page
+        # cache already shares between workers: only its label codes are held per worker.
+        disk = (meta.get("index") or {}).get("kind") == "disk"
+        if self.cache_dir is not None and meta.get("complete") and not disk:
             folder = self.cache_dir / name / _key(tbl.version, meta)
             if not (folder / "index.faiss").exists():
                 folder = self._write(name)

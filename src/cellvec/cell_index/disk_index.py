@@ -1,0 +1,275 @@
+"""Disk-resident search for atlases larger than memory: a Lance vector index on the atlas table.
+
+An atlas is searched in memory with faiss (`knn.py`) while its vectors fit a memory
+budget; above it (or with `atlas build --index disk`) it is searched through a Lance
+IVF_PQ index stored next to the atlas table, and only the label codes and the
+typicality calibration (4 + 4 bytes a cell) are held in memory. Each query probes
+`nprobes` IVF partitions, ranks their cells by PQ codes, then re-ranks the best
+`k * refine_factor` by their full stored vectors (exact cosine), so the neighbours'
+similarities, which the vote and typicality use, are exact.
+
+Parameters (`choose_params`) were chosen on real cell vectors (refined 128-d atlases
+of pbmc_3chem, pbmc3k, pbmc68k_reduced and amacrine) and on 1M vectors drawn around
+their class centroids with each class's own covariance (benchmarks/bench_large_atlas.py);
+random vectors are PQ's worst case and would have asked for far more than real ones
+need. See `choose_params` for the figures behind each value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from cellvec.errors import CellvecError, StoreError
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "memory", "disk")
+INDEX_NAME = "vector_idx"
+# What an atlas searched in memory may take before `--index auto` puts it on disk:
+# 4 GiB, or CELLVEC_ATLAS_MEMORY_BUDGET (bytes; K, M, G suffixes).
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+MIN_DISK_CELLS = 256  # IVF_PQ trains 256 PQ centroids per sub-vector: fewer cells cannot
+
+
+def memory_budget() -> int:
+    """The memory budget of an in-memory atlas, in bytes (see `DEFAULT_MEMORY_BUDGET`)."""
+    raw = os.environ.get("CELLVEC_ATLAS_MEMORY_BUDGET", "").strip().upper()
+    if not raw:
+        return DEFAULT_MEMORY_BUDGET
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(raw[-1], 1)
+    try:
+        return int(float(raw.rstrip("KMGTB") if scale > 1 else raw) * scale)
+    except ValueError as e:
+        raise CellvecError(
+            f"CELLVEC_ATLAS_MEMORY_BUDGET={raw!r}: give bytes, e.g. 4000000000 or 4G."
+        ) from e
+
+
+def memory_estimate(n_cells: int, dim: int) -> int:
+    """Bytes an atlas takes when searched in memory: its vectors, faiss's copy of them
+    (IVF-Flat stores every vector), and cell ids, labels and batches as Python strings
+    (~200 bytes a cell, measured on the atlases of ../shared/data)."""
+    return int(n_cells) * (2 * 4 * int(dim) + 200)
+
+
+def choose_kind(kind: str, n_cells: int, dim: int) -> str:
+    """'memory' or 'disk' for an atlas of `n_cells` vectors of `dim`; `kind` 'auto' puts it
+    on disk when `memory_estimate` is above `memory_budget()`."""
+    if kind not in INDEX_KINDS:
+        raise CellvecError(f"Index {kind!r}: choose one of {', '.join(INDEX_KINDS)}.")
+    if kind == "auto":
+        kind = "disk" if memory_estimate(n_cells, dim) > memory_budget() else "memory"
+    if kind == "disk" and n_cells < MIN_DISK_CELLS:
+        raise CellvecError(
+            f"An atlas of {n_cells:,} cells is too small for a disk index (IVF_PQ needs "
+            f"{MIN_DISK_CELLS:,} cells or more to train); build it with --index memory."
+        )
+    return kind
+
+
+@dataclass(frozen=True)
+class DiskIndexParams:
+    """How the Lance index of a disk atlas is built and searched (recorded in the atlas)."""
+
+    index_type: str
+    num_partitions: int
+    num_sub_vectors: int
+    nprobes: int
+    refine_factor: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiskIndexParams:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def choose_params(n_cells: int, dim: int) -> DiskIndexParams:
+    """IVF_PQ parameters for `n_cells` unit vectors of `dim`.
+
+    - partitions: sqrt(n) (Lance's and faiss's rule of thumb), at most 4,096, so that IVF
+      training (k-means on 256 cells a partition) and the assignment pass stay affordable
+      on a few cores; 20M cells then have ~4,900 cells a partition.
+    - sub-vectors: dim / 8 (16 bytes a cell for 128-d): on real cell vectors PQ's ranking
+      is only a first cut, the refine step re-ranks on full vectors.
+    - nprobes: 5% of the partitions, at least 8: cells of one subtype spread over several
+      partitions, and kNN mapping needs the 15 nearest of a cell, not only the first.
+    - refine_factor: 10 (150 candidates re-ranked exactly for k = 15).
+    """
+    parts = int(min(4096, max(1, round(np.sqrt(n_cells)))))
+    sub = _sub_vectors(dim)
+    return DiskIndexParams(
+        index_type="IVF_PQ",
+        num_partitions=parts,
+        num_sub_vectors=sub,
+        nprobes=int(min(parts, max(8, round(0.05 * parts)))),
+        refine_factor=10,
+    )
+
+
+def _sub_vectors(dim: int) -> int:
+    for width in (8, 4, 16, 2, 1):  # dimensions per sub-vector, 8 preferred
+        if dim % width == 0 and dim // width >= 1:
+            return dim // width
+    return 1
+
+
+def build_disk_index(
+    dataset, params: DiskIndexParams, *, ray_address: str | None = None, num_workers: int = 2
+):
+    """Build the Lance vector index of an atlas table (a `lance.LanceDataset`), replacing
+    any earlier one; returns the dataset at its new version.
+
+    With `ray_address` the build runs on that Ray cluster through lance-ray: IVF centroids
+    and the PQ codebook are trained once and shared, each worker indexes a share of the
+    table's fragments, and the segments are committed once."""
+    t = time.perf_counter()
+    n = dataset.count_rows()
+    common = dict(
+        metric="cosine",
+        num_partitions=params.num_partitions,
+        num_sub_vectors=params.num_sub_vectors,
+    )
+    if ray_address is not None:
+        import lance_ray
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address or None, log_to_driver=False)
+        dataset = lance_ray.create_index(
+            dataset,
+            column="vector",
+            index_type=params.index_type,
+            name=INDEX_NAME,
+            replace=True,
+            num_workers=num_workers,
+            **common,
+        )
+    else:
+        dataset = dataset.create_index(
+            "vector", params.index_type, name=INDEX_NAME, replace=True, **common
+        )
+    log.info(
+        "%s index over %s atlas cells (%d partitions, %d sub-vectors) in %.1f s%s",
+        params.index_type,
+        f"{n:,}",
+        params.num_partitions,
+        params.num_sub_vectors,
+        time.perf_counter() - t,
+        " on Ray" if ray_address is not None else "",
+    )
+    return dataset
+
+
+def row_starts(dataset) -> dict[int, int]:
+    """Each fragment's first row position; refuses a table with deleted rows (its row
+    addresses would no longer match scan order)."""
+    starts, at = {}, 0
+    for frag in dataset.get_fragments():
+        if frag.metadata.deletion_file is not None:
+            raise StoreError(
+                f"The atlas table {dataset.uri} has deleted rows; rebuild the atlas with "
+                "`cellvec atlas build`."
+            )
+        starts[frag.fragment_id] = at
+        at += frag.count_rows()
+    return starts
+
+
+class DiskIndex:
+    """Search an atlas table through its Lance vector index; `search` answers like
+    `knn.FlatIndex.search`: (row positions, cosine similarities), best first, -1 where a
+    query has fewer than k neighbours."""
+
+    def __init__(self, dataset, params: DiskIndexParams):
+        self.dataset = dataset
+        self.params = params
+        self.ntotal = dataset.count_rows()
+        self.dim = dataset.schema.field("vector").type.list_size
+        self._starts = row_starts(dataset)
+        self.indexed = any(i.name == INDEX_NAME for i in dataset.describe_indices())
+        if not self.indexed:
+            log.warning(
+                "Atlas table %s has no vector index yet (a build that is still indexing, or "
+                "one that stopped): searching it exactly, by a scan of every vector",
+                dataset.uri,
+            )
+
+    def search(
+        self, query: np.ndarray, k: int, *, nprobes: int | None = None, refine: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        k = min(k, self.ntotal)
+        idx = np.full((len(query), k), -1, dtype=np.int64)
+        sim = np.full((len(query), k), -1.0, dtype=np.float32)
+        live = np.flatnonzero(query.any(axis=1))  # cosine is undefined for an empty cell
+        if not len(live) or k == 0:
+            return idx, sim
+        if not self.indexed:
+            i, s = self.exact(query[live], k)
+            idx[live], sim[live] = i, s
+            return idx, sim
+        t = self.dataset.to_table(
+            columns=["_distance"],
+            with_row_address=True,
+            nearest={
+                "column": "vector",
+                "q": query[live] if len(live) > 1 else query[live][0],
+                "k": k,
+                "nprobes": nprobes or self.params.nprobes,
+                "refine_factor": refine or self.params.refine_factor,
+            },
+        )
+        q_of = (
+            t.column("query_index").to_numpy()
+            if "query_index" in t.column_names
+            else np.zeros(len(t), np.int64)
+        )
+        addr = t.column("_rowaddr").to_numpy()
+        pos = self._positions(addr)
+        s = 1.0 - t.column("_distance").to_numpy(zero_copy_only=False).astype(np.float32)
+        order = np.lexsort((-s, q_of))  # by query, best first
+        q_of, pos, s = q_of[order], pos[order], s[order]
+        rank = np.arange(len(q_of)) - np.searchsorted(q_of, q_of, side="left")
+        keep = rank < k
+        idx[live[q_of[keep]], rank[keep]] = pos[keep]
+        sim[live[q_of[keep]], rank[keep]] = s[keep]
+        return idx, sim
+
+    def _positions(self, addr: np.ndarray) -> np.ndarray:
+        frag = (addr >> 32).astype(np.int64)
+        offs = (addr & 0xFFFFFFFF).astype(np.int64)
+        starts = np.array([self._starts[f] for f in frag.tolist()], dtype=np.int64)
+        return starts + offs
+
+    def exact(
+        self, query: np.ndarray, k: int, *, batch_rows: int = 262_144
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by a scan of the stored vectors, `batch_rows` at a time (memory stays
+        at one batch): the ground truth the index is checked against, and the search of a
+        disk atlas whose index is not built yet."""
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        k = min(k, self.ntotal)
+        best_i = np.full((len(q), 0), -1, dtype=np.int64)
+        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        at = 0
+        for batch in self.dataset.to_batches(columns=["vector"], batch_size=batch_rows):
+            v = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+            s = q @ v.T
+            take = min(k, s.shape[1])
+            part = np.argpartition(-s, take - 1, axis=1)[:, :take]
+            best_s = np.concatenate([best_s, np.take_along_axis(s, part, 1)], axis=1)
+            best_i = np.concatenate([best_i, part + at], axis=1)
+            keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = (
+                np.take_along_axis(best_s, keep, 1),
+                np.take_along_axis(best_i, keep, 1),
+            )
+            at += len(v)
+        return best_i, best_s

@@ -1,0 +1,173 @@
+"""Disk atlases: searched through a Lance IVF_PQ index on their table, checked against exact KNN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import FakeEmbedder, tiny_adata
+
+
+@pytest.fixture
+def fake_models(monkeypatch):
+    import cellvec.gene_store.embedders as reg
+    import cellvec.gene_store.store as store_mod
+
+    monkeypatch.setattr(reg, "get_embedder", lambda spec, **kw: FakeEmbedder())
+    monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
+
+
+def _build(store, name, index, n_cells=1200):
+    from cellvec.cell_index.atlas import build_atlas
+
+    return build_atlas(
+        tiny_adata(n_cells=n_cells, seed=1),
+        store=store,
+        name=name,
+        label_key="cell_type",
+        top_genes=10,
+        refine="none",
+        calibration_split=0.1,
+        index=index,
+    )
+
+
+def _tie_aware_recall(sim_ann, sim_exact) -> float:
+    """Share of ANN neighbours at least as similar as the exact k-th neighbour (faiss
+    contrib's tie-aware measure: identical cells make neighbour identities arbitrary)."""
+    kth = sim_exact[:, -1:]
+    return float((sim_ann >= kth - 1e-5).mean())
+
+
+def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.disk_index import DiskIndex
+    from cellvec.cell_index.knn import FlatIndex, vote
+    from cellvec.cell_index.mapping import map_cells
+
+    _build(fake_store, "mem", "memory")
+    built = _build(fake_store, "disk", "disk")
+    assert built.on_disk and built.meta["index"]["index_type"] == "IVF_PQ"
+    mem, disk = Atlas.open(fake_store, "mem"), Atlas.open(fake_store, "disk")
+    assert disk.on_disk and not mem.on_disk and disk.n_cells == 1200
+    index = disk.index()
+    assert isinstance(index, DiskIndex) and index.indexed
+    q = mem.vectors[::7]
+    ai, asim = index.search(q, 15)
+    ei, esim = FlatIndex(mem.vectors).search(q, 15)
+    assert _tie_aware_recall(asim, esim) >= 0.99
+    # refine re-ranks on the stored vectors: similarities are exact, not PQ estimates
+    np.testing.assert_allclose(asim, np.einsum("qd,qkd->qk", q, mem.vectors[ai]), atol=1e-5)
+    classes, codes = mem.label_codes()
+    agree = vote(ai, asim, codes, 3).argmax(1) == vote(ei, esim, codes, 3).argmax(1)
+    assert agree.mean() >= 0.99
+    query = tiny_adata(n_cells=60, seed=5, prefix="q")
+    a = map_cells(query, disk, truth_key="cell_type")
+    b = map_cells(query, mem, truth_key="cell_type")
+    assert (a.labels == b.labels).mean() >= 0.99 and a.metrics["accuracy"] == 1.0
+    np.testing.assert_allclose(a.typicality, b.typicality, atol=1e-5)
+    assert disk._vectors is None  # mapping never read the atlas whole
+
+
+def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_models):
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.disk_index import INDEX_NAME, DiskIndex
+    from cellvec.cell_index.knn import FlatIndex
+
+    atlas = _build(fake_store, "disk", "disk", n_cells=400)
+    ds = atlas._dataset()
+    ds.drop_index(INDEX_NAME)
+    index = DiskIndex(ds, atlas.index().params)
+    assert not index.indexed
+    vecs = Atlas.open(fake_store, "disk").vectors
+    ai, asim = index.search(vecs[:20], 10)
+    ei, esim = FlatIndex(vecs).search(vecs[:20], 10)
+    np.testing.assert_allclose(asim, esim, atol=1e-5)
+
+
+def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):
+    from cellvec.cell_index.disk_index import choose_kind, choose_params, memory_estimate
+    from cellvec.errors import CellvecError
+
+    assert choose_kind("auto", 1_000_000, 128) == "memory"  # ~1.2 GB < 4 GiB
+    assert choose_kind("auto", 20_000_000, 128) == "disk"  # ~24 GB
+    monkeypatch.setenv("CELLVEC_ATLAS_MEMORY_BUDGET", "1M")
+    assert memory_estimate(2_000, 128) > 2**20
+    assert choose_kind("auto", 2_000, 128) == "disk"
+    with pytest.raises(CellvecError, match="too small for a disk index"):
+        choose_kind("disk", 100, 128)
+    monkeypatch.setenv("CELLVEC_ATLAS_MEMORY_BUDGET", "lots")
+    with pytest.raises(CellvecError, match="CELLVEC_ATLAS_MEMORY_BUDGET"):
+        choose_kind("auto", 2_000, 128)
+    p = choose_params(20_000_000, 128)
+    assert (p.num_partitions, p.num_sub_vectors) == (4096, 16) and p.nprobes <= p.num_partitions
+
+
+def test_a_panel_query_is_reaggregated_or_refused_never_answered_from_the_full_index(
+    fake_store, fake_models, monkeypatch
+):
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.errors import CellvecError
+
+    _build(fake_store, "mem", "memory")
+    _build(fake_store, "disk", "disk")
+    query = tiny_adata(n_cells=30, seed=6, prefix="q")
+    panel = query[:, [g for g in query.var_names if not g.endswith(("1", "2", "3"))]].copy()
+    disk = Atlas.open(fake_store, "disk")
+    a = map_cells(panel, disk)  # small enough: re-aggregated over the panel in memory
+    b = map_cells(panel, Atlas.open(fake_store, "mem"))
+    assert a.gene_coverage < 0.999 and (a.labels == b.labels).all()
+    monkeypatch.setenv("CELLVEC_ATLAS_MEMORY_BUDGET", "1K")
+    with pytest.raises(CellvecError, match="searched on disk .* restricted to the query's genes"):
+        map_cells(panel, Atlas.open(fake_store, "disk"))
+    assert map_cells(query, Atlas.open(fake_store, "disk")).gene_coverage == 1.0
+
+
+def test_service_follows_a_disk_atlas(fake_store, fake_models):
+    import time
+
+    import httpx
+
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.service import create_app
+    from test_service import Server, _cells
+
+    _build(fake_store, "disk", "disk")
+    body, truth = _cells(12, seed=7)
+    with Server(create_app(fake_store)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for _ in range(300):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        info = c.get("/v1/atlases").json()["atlases"][0]
+        assert info["index"]["kind"] == "disk" and info["n_cells"] == 1200
+        r = c.post("/v1/atlases/disk/map", json=body)
+        assert r.status_code == 200, r.text
+        served = [x["label"] for x in r.json()["cells"]]
+    local = map_cells(tiny_adata(n_cells=12, seed=7, prefix="q"), "disk", store=fake_store)
+    assert served == local.labels.tolist() == truth
+
+
+def test_atlas_index_command_moves_an_atlas_to_disk_and_back(fake_store, fake_models):
+    import json
+
+    from click.testing import CliRunner
+
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cli import cli
+
+    _build(fake_store, "tiny", "memory", n_cells=600)
+    r = CliRunner().invoke(
+        cli, ["atlas", "index", "tiny", "--store", str(fake_store), "--nprobes", "4", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    entry = json.loads(r.output)["index"]
+    assert entry["kind"] == "disk" and entry["nprobes"] == 4
+    atlas = Atlas.open(fake_store, "tiny")
+    assert atlas.on_disk and atlas.index().indexed
+    r = CliRunner().invoke(
+        cli, ["atlas", "index", "tiny", "--store", str(fake_store), "--index", "memory"]
+    )
+    assert r.exit_code == 0 and "memory index" in r.output
+    assert not Atlas.open(fake_store, "tiny").on_disk
