@@ -171,3 +171,36 @@ def test_atlas_index_command_moves_an_atlas_to_disk_and_back(fake_store, fake_mo
     )
     assert r.exit_code == 0 and "memory index" in r.output
     assert not Atlas.open(fake_store, "tiny").on_disk
+
+
+@pytest.mark.slow
+def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_store, fake_models):
+    """lance-ray trains IVF centroids and the PQ codebook once, workers index fragments."""
+    import os
+    from pathlib import Path
+
+    ray = pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
+    pytest.importorskip("lance_ray", reason="lance-ray is the `ray` extra")
+    from cellvec.cell_index.atlas import Atlas, index_atlas
+    from cellvec.cell_index.knn import FlatIndex
+
+    _build(fake_store, "tiny", "memory", n_cells=1200)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"PYTHONPATH": src}},
+    )
+    try:
+        entry = index_atlas(fake_store, "tiny", index="disk", ray_address="local")
+    finally:
+        ray.shutdown()
+    atlas = Atlas.open(fake_store, "tiny")
+    assert entry["kind"] == "disk" and atlas.index().indexed
+    vecs = atlas.vectors
+    ai, asim = atlas.index().search(vecs[::5], 15)
+    ei, esim = FlatIndex(vecs).search(vecs[::5], 15)
+    assert _tie_aware_recall(asim, esim) >= 0.99
