@@ -142,6 +142,10 @@ def build_disk_index(
 
         if not ray.is_initialized():
             ray.init(address=ray_address or None, log_to_driver=False)
+        # lance-ray trains on `sample_rate` rows a centroid and refuses fewer rows than
+        # that many times 256 PQ centroids: lower it for small atlases (Lance's own build
+        # samples what there is)
+        rate = int(max(2, min(256, n // 256, n // params.num_partitions)))
         dataset = lance_ray.create_index(
             dataset,
             column="vector",
@@ -149,6 +153,7 @@ def build_disk_index(
             name=INDEX_NAME,
             replace=True,
             num_workers=num_workers,
+            sample_rate=rate,
             **common,
         )
     else:
