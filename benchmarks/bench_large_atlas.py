@@ -272,6 +272,48 @@ def exact_phase(args) -> dict:
     return out
 
 
+def sweep_phase(args) -> dict:
+    """Recall@15, label agreement and queries/s of other nprobes / refine factors on the
+    exact sample (the index as built; `DiskIndex.search` takes both per call)."""
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.knn import vote
+
+    store, real = real_atlas(args.work, args.reference)
+    q = queries(args, real)[: args.exact_queries]
+    atlas = Atlas.open(store, args.name)
+    index = atlas.index()
+    ei, es = index.exact(q, K)
+    classes, codes = atlas.label_codes()
+    truth = vote(ei, es, codes, len(classes)).argmax(1)
+    parts = index.params.num_partitions
+    rows = []
+    for nprobes in sorted(
+        {max(1, parts // 100), max(1, parts // 40), max(1, parts // 20), max(1, parts // 10)}
+    ):
+        for refine in (1, 5, 10, 20):
+            t = time.perf_counter()
+            ai, asim = index.search(q, K, nprobes=nprobes, refine=refine)
+            secs = time.perf_counter() - t
+            recall = np.mean([len(set(ai[r]) & set(ei[r])) / K for r in range(len(q))])
+            agree = (vote(ai, asim, codes, len(classes)).argmax(1) == truth).mean()
+            rows.append(
+                {
+                    "nprobes": nprobes,
+                    "refine_factor": refine,
+                    "recall_at_15": round(float(recall), 4),
+                    "label_agreement": round(float(agree), 4),
+                    "queries_per_s": round(len(q) / secs, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {
+        "phase": "sweep",
+        "partitions": parts,
+        "rows": rows,
+        "peak_rss_mib": round(peak_rss_mib()),
+    }
+
+
 def run_phase(args, phase: str) -> dict:
     """Run one phase in a child process (its own peak RSS), return its JSON line."""
     cmd = [sys.executable, __file__, "--phase", phase] + args.passthrough
@@ -301,6 +343,7 @@ def main():
     ap.add_argument("--ray", metavar="ADDRESS", help="build the index on this Ray cluster")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-write", action="store_true", help="reuse the table of an earlier run")
+    ap.add_argument("--sweep", action="store_true", help="also try other nprobes / refine factors")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic table afterwards")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -312,10 +355,11 @@ def main():
             "disk": lambda a: search_phase(a, "disk"),
             "memory": lambda a: search_phase(a, "memory"),
             "exact": exact_phase,
+            "sweep": sweep_phase,
         }[args.phase]
         print(json.dumps(fn(args)))
         return
-    args.passthrough = [a for a in sys.argv[1:] if a not in ("--skip-write", "--keep")]
+    args.passthrough = [a for a in sys.argv[1:] if a not in ("--skip-write", "--keep", "--sweep")]
     free = shutil.disk_usage(args.work).free
     need = args.cells * (4 * 128 + 60) * 1.3
     if free < need:
@@ -328,6 +372,8 @@ def main():
     if args.cells <= args.memory_max:
         res["memory"] = run_phase(args, "memory")
     res["exact"] = run_phase(args, "exact")
+    if args.sweep:
+        res["sweep"] = run_phase(args, "sweep")
     peak = max(r["peak_rss_mib"] for r in res.values())
     summary = {
         "cells": args.cells,
