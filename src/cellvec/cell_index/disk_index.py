@@ -254,7 +254,7 @@ class DiskIndex:
         return starts + offs
 
     def exact(
-        self, query: np.ndarray, k: int, *, batch_rows: int = 262_144
+        self, query: np.ndarray, k: int, *, batch_rows: int = 65_536
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by a scan of the stored vectors, `batch_rows` at a time (memory stays
         at one batch): the ground truth the index is checked against, and the search of a
@@ -266,9 +266,9 @@ class DiskIndex:
         at = 0
         for batch in self.dataset.to_batches(columns=["vector"], batch_size=batch_rows):
             v = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
-            s = q @ v.T
+            s = q @ v.T  # queries x batch_rows: 130 MB for 500 queries
             take = min(k, s.shape[1])
-            part = np.argpartition(-s, take - 1, axis=1)[:, :take]
+            part = np.argpartition(s, s.shape[1] - take, axis=1)[:, -take:]
             best_s = np.concatenate([best_s, np.take_along_axis(s, part, 1)], axis=1)
             best_i = np.concatenate([best_i, part + at], axis=1)
             keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
