@@ -100,7 +100,7 @@ def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):
     with pytest.raises(CellvecError, match="CELLVEC_ATLAS_MEMORY_BUDGET"):
         choose_kind("auto", 2_000, 128)
     p = choose_params(20_000_000, 128)
-    assert (p.num_partitions, p.num_sub_vectors) == (4096, 16) and p.nprobes <= p.num_partitions
+    assert (p.num_partitions, p.num_sub_vectors) == (4096, 32) and p.nprobes <= p.num_partitions
 
 
 def test_a_panel_query_is_reaggregated_or_refused_never_answered_from_the_full_index(

@@ -96,11 +96,17 @@ def choose_params(n_cells: int, dim: int) -> DiskIndexParams:
     - partitions: sqrt(n) (Lance's and faiss's rule of thumb), at most 4,096, so that IVF
       training (k-means on 256 cells a partition) and the assignment pass stay affordable
       on a few cores; 20M cells then have ~4,900 cells a partition.
-    - sub-vectors: dim / 8 (16 bytes a cell for 128-d): on real cell vectors PQ's ranking
-      is only a first cut, the refine step re-ranks on full vectors.
-    - nprobes: 5% of the partitions, at least 8: cells of one subtype spread over several
-      partitions, and kNN mapping needs the 15 nearest of a cell, not only the first.
-    - refine_factor: 10 (150 candidates re-ranked exactly for k = 15).
+    - sub-vectors: dim / 4 (32 bytes a cell for 128-d). PQ ranks the probed cells and
+      only the best k x refine_factor are re-ranked exactly, so PQ must put the true
+      neighbours among them: on the real atlases PQ alone found 0.70 of the 15 nearest
+      with 16 sub-vectors and 0.83 with 32; on 1M cells drawn around pbmc3k's classes,
+      with refine 10 and nprobes 5%, recall@15 was 0.85 with 16 and 0.994 with 32.
+    - nprobes: 5% of the partitions, at least 8 (1M cells: 1% gave 0.92, 2.5% 0.989,
+      5% 0.994, 10% 0.995 with refine 10).
+    - refine_factor: 10 (150 candidates re-ranked on the stored vectors for k = 15;
+      5 gave 0.968, 20 0.998 at ~30% fewer queries a second).
+    Label agreement with exact KNN was 1.000 in every one of these settings at 1M cells
+    and 0.993-1.000 on the real atlases.
     """
     parts = int(min(4096, max(1, round(np.sqrt(n_cells)))))
     sub = _sub_vectors(dim)
@@ -114,7 +120,7 @@ def choose_params(n_cells: int, dim: int) -> DiskIndexParams:
 
 
 def _sub_vectors(dim: int) -> int:
-    for width in (8, 4, 16, 2, 1):  # dimensions per sub-vector, 8 preferred
+    for width in (4, 8, 2, 16, 1):  # dimensions per sub-vector, 4 preferred
         if dim % width == 0 and dim // width >= 1:
             return dim // width
     return 1
