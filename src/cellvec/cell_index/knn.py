@@ -7,8 +7,9 @@ vectors (200k atlas, k=15): nlist = sqrt(n) with nprobe = 64 gives recall@15
 0.999-1.000 at ~0.2 ms a query; nprobe 16 only 0.83-0.96
 (see benchmarks/bench_mapping.py).
 Every path searches this in-memory index, built once per loaded atlas
-(`Atlas.index()`): `map_cells`, the CLI and the HTTP service alike. No LanceDB
-vector index is built (see cell_index/atlas.py for why).
+(`Atlas.index()`): `map_cells`, the CLI and the HTTP service alike. An atlas larger
+than memory is searched through a Lance index on its table instead
+(`disk_index.DiskIndex`, same `search` answer), see cell_index/atlas.py.
 """
 
 from __future__ import annotations
