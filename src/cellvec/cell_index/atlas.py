@@ -35,7 +35,7 @@ from cellvec.cell_index.recipe import RECIPE_VERSION, Recipe
 from cellvec.cell_index.refine import adapted_basis, apply_head, encode_weights, fit_refinement
 from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weighted_mean, weights_matrix
 from cellvec.errors import CellvecError, InputFormatError, StoreError
-from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
+from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table, table_uri
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,22 @@ class FittedReference:
     genes) and the refinement report."""
 
     encoder: CellEncoder
-    vectors: np.ndarray
+    vectors: np.ndarray | None  # None when Ray workers compute them (fit_encoder(ray=...))
     weights: sp.csr_matrix
     report: dict
     held_out: np.ndarray | None = None  # cells kept out of refinement, for calibration
+    blocks: list | None = None  # the Ray workers' weight blocks (Arrow), when ray was given
+
+    @property
+    def dimension(self) -> int:
+        """The length of the atlas's vectors: the head's output, else the gene vectors'."""
+        head = self.encoder.refinement.get("w2")
+        return int(head.shape[1]) if head is not None else self.encoder.genes.dimension
+
+    def basis(self) -> np.ndarray:
+        """The reference genes' vectors after the background transform (before the adapter)."""
+        enc = self.encoder
+        return apply_background(enc.genes.vectors[enc.refinement["gene_rows"]], enc.background)
 
 
 def fit_encoder(
@@ -90,16 +102,26 @@ def fit_encoder(
     seed: int = 0,
     refine_options: dict | None = None,
     calibration_split: float = 0.0,
+    ray: str | bool | None = None,
 ) -> FittedReference:
     """Fit background, centre, gene adapter and head on a reference (nothing else sees it).
 
     `calibration_split`: a stratified share of each class's cells (classes of 5 cells
-    or more) is kept out of refinement; they stay in the atlas and calibrate typicality."""
+    or more) is kept out of refinement; they stay in the atlas and calibrate typicality.
+    `ray` (an address, see `cellvec._ray`): the top genes of each cell are computed by
+    Ray workers, and the reference's vectors are left to them too (`vectors` is None,
+    `blocks` holds the workers' weight blocks for `parallel.write_atlas`)."""
     cols, rows = match_dataset_genes(source.var_names, genes, source.path)
     bg = fit_background(genes.vectors[rows], recipe.background)
     vecs = apply_background(genes.vectors[rows], bg)
-    w = weights_matrix(source, GeneBasis(cols, rows, vecs, len(source.var_names)), recipe)
-    w = sp.csr_matrix(w[:, cols])
+    blocks = None
+    if ray:
+        from cellvec.cell_index.parallel import top_gene_weights
+
+        w, blocks = top_gene_weights(source, cols, recipe, ray=ray)
+    else:
+        w = weights_matrix(source, GeneBasis(cols, rows, vecs, len(source.var_names)), recipe)
+        w = sp.csr_matrix(w[:, cols])
     held = calibration_cells(labels, calibration_split, seed) if calibration_split else None
     train = slice(None) if held is None else ~held
     params, report = fit_refinement(
@@ -126,7 +148,8 @@ def fit_encoder(
     encoder = CellEncoder(recipe, genes, bg, refinement)
     if held is not None:
         report = {**report, "calibration_cells": int(held.sum())}
-    return FittedReference(encoder, encode_weights(w, vecs, params), w, report, held)
+    vectors = None if ray else encode_weights(w, vecs, params)
+    return FittedReference(encoder, vectors, w, report, held, blocks)
 
 
 def calibration_cells(labels, share: float, seed: int = 0) -> np.ndarray:
@@ -139,6 +162,69 @@ def calibration_cells(labels, share: float, seed: int = 0) -> np.ndarray:
         if len(idx) >= 5:
             out[rng.choice(idx, max(1, int(round(share * len(idx)))), replace=False)] = True
     return out
+
+
+def atlas_schema(dim: int, meta: dict) -> pa.Schema:
+    """The atlas table's columns, with the atlas's metadata (recipe, classes, ...)."""
+    return pa.schema(
+        [
+            pa.field("cell_id", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("batch", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            # each cell's top genes (places in the atlas's gene list) and their weights
+            pa.field("top_genes", pa.large_list(pa.int32())),
+            pa.field("top_weights", pa.large_list(pa.float32())),
+            # typicality calibration: similarity to the nearest same-class cell (a sample)
+            pa.field("self_similarity", pa.float32()),
+        ],
+        metadata={META_KEY: json.dumps(meta).encode()},
+    )
+
+
+def weight_lists(w: sp.csr_matrix) -> tuple[pa.Array, pa.Array]:
+    """Top-gene weights as the atlas's `top_genes` and `top_weights` list columns."""
+    offsets = pa.array(w.indptr.astype(np.int64))
+    return (
+        pa.LargeListArray.from_arrays(offsets, pa.array(w.indices.astype(np.int32))),
+        pa.LargeListArray.from_arrays(offsets, pa.array(w.data.astype(np.float32))),
+    )
+
+
+def atlas_table(
+    schema: pa.Schema,
+    *,
+    cell_ids,
+    labels,
+    batches,
+    dataset: str,
+    vectors: np.ndarray,
+    top_genes: pa.Array,
+    top_weights: pa.Array,
+    calibration,
+) -> pa.Table:
+    """Rows of the atlas table (all of them, or a Ray worker's share)."""
+
+    def strings(x):
+        return x if isinstance(x, pa.Array) else pa.array([str(v) for v in x], pa.string())
+
+    n, dim = vectors.shape
+    return pa.Table.from_arrays(
+        [
+            strings(cell_ids),
+            strings(labels),
+            strings(batches),
+            pa.array([dataset] * n, pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+            top_genes,
+            top_weights,
+            calibration
+            if isinstance(calibration, pa.Array)
+            else pa.array(calibration, pa.float32()),
+        ],
+        schema=schema,
+    )
 
 
 def _hash_or_save(store, arrays: dict) -> str | None:
@@ -443,6 +529,7 @@ def build_atlas(
     k: int | None = None,
     tune: bool = False,
     calibration_split: float = 0.0,
+    ray: str | bool | None = None,
 ) -> Atlas:
     """Embed a labelled reference and write it as atlas `name` in the store.
 
@@ -450,7 +537,12 @@ def build_atlas(
     chooses `top_genes` and `k` by 3-fold cross-validation on the reference
     (`cellvec.evaluation.tune`), recorded in the recipe and the atlas metadata.
     `calibration_split` keeps that share of each class out of refinement to calibrate
-    typicality (`map_cells(min_typicality=...)` needs it)."""
+    typicality (`map_cells(min_typicality=...)` needs it).
+
+    `ray` (True for a local cluster, or an address: see `cellvec._ray`): Ray workers
+    read the reference's rows, compute its cells' top genes and final vectors and write
+    the table's fragments, committed once; refinement is trained here, in one process.
+    The atlas equals the one built without Ray (same rows, vectors within 1e-6)."""
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -496,8 +588,9 @@ def build_atlas(
         seed=seed,
         refine_options=refine_options,
         calibration_split=calibration_split,
+        ray=ray,
     )
-    encoder, vectors, report = fit.encoder, fit.vectors, fit.report
+    encoder, report = fit.encoder, fit.report
     batches = (
         source.obs[batch_key].astype(str).to_numpy()
         if batch_key
@@ -517,44 +610,25 @@ def build_atlas(
         "k": int(k or DEFAULT_K),
         "tuning": tuning,
     }
-    dim = vectors.shape[1]
-    memory = Atlas.from_fit(name, fit, labels)
-    calibration = memory.calibration()
-    schema = pa.schema(
-        [
-            pa.field("cell_id", pa.string()),
-            pa.field("label", pa.string()),
-            pa.field("batch", pa.string()),
-            pa.field("dataset", pa.string()),
-            pa.field("vector", pa.list_(pa.float32(), dim)),
-            # each cell's top genes (places in the atlas's gene list) and their weights
-            pa.field("top_genes", pa.large_list(pa.int32())),
-            pa.field("top_weights", pa.large_list(pa.float32())),
-            # typicality calibration: similarity to the nearest same-class cell (a sample)
-            pa.field("self_similarity", pa.float32()),
-        ],
-        metadata={META_KEY: json.dumps(meta).encode()},
-    )
-    table = pa.Table.from_arrays(
-        [
-            pa.array(source.obs_names, pa.string()),
-            pa.array(labels.tolist(), pa.string()),
-            pa.array([str(b) for b in batches], pa.string()),
-            pa.array([Path(str(meta["source"])).stem] * source.n_obs, pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-            pa.LargeListArray.from_arrays(
-                pa.array(fit.weights.indptr.astype(np.int64)),
-                pa.array(fit.weights.indices.astype(np.int32)),
-            ),
-            pa.LargeListArray.from_arrays(
-                pa.array(fit.weights.indptr.astype(np.int64)),
-                pa.array(fit.weights.data.astype(np.float32)),
-            ),
-            pa.array(calibration, pa.float32()),
-        ],
-        schema=schema,
-    )
-    replace_table(gs.db, ATLAS_PREFIX + name, table)
+    dataset = Path(str(meta["source"])).stem
+    dim = fit.dimension
+    if ray:
+        memory = _write_on_ray(gs, name, fit, meta, labels, batches, source, dataset, ray)
+    else:
+        memory = Atlas.from_fit(name, fit, labels)
+        top_genes, top_weights = weight_lists(fit.weights)
+        table = atlas_table(
+            atlas_schema(dim, meta),
+            cell_ids=source.obs_names,
+            labels=labels,
+            batches=batches,
+            dataset=dataset,
+            vectors=fit.vectors,
+            top_genes=top_genes,
+            top_weights=top_weights,
+            calibration=memory.calibration(),
+        )
+        replace_table(gs.db, ATLAS_PREFIX + name, table)
     log.info(
         "Atlas %s: %s cells, %d classes, dim %d, in %.1f s",
         name,
@@ -564,5 +638,37 @@ def build_atlas(
         time.perf_counter() - t0,
     )
     atlas = Atlas.open(store, name)
-    atlas._encoder, atlas._index = encoder, memory._index
+    atlas._encoder = encoder
+    if memory is not None:
+        atlas._index = memory._index
     return atlas
+
+
+def _write_on_ray(gs, name, fit, meta, labels, batches, source, dataset, ray) -> Atlas | None:
+    """The atlas table written by Ray workers (`parallel.write_atlas`); the in-memory atlas
+    that calibrated typicality when held-out cells needed every vector, else None."""
+    from cellvec.cell_index.parallel import write_atlas
+
+    memory = None
+
+    def calibrate(vectors):
+        nonlocal memory
+        fit.vectors = vectors
+        memory = Atlas.from_fit(name, fit, labels)
+        return memory.calibration()
+
+    held = fit.held_out is not None and bool(fit.held_out.any())
+    write_atlas(
+        table_uri(gs, ATLAS_PREFIX + name),
+        atlas_schema(fit.dimension, meta),
+        fit.blocks,
+        basis=fit.basis(),
+        params=fit.encoder.refinement,
+        cell_ids=source.obs_names,
+        labels=labels,
+        batches=batches,
+        dataset=dataset,
+        calibrate=calibrate if held else None,
+        ray=ray,
+    )
+    return memory

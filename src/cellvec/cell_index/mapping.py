@@ -173,6 +173,7 @@ def map_cells(
     gene_column: str | None = None,
     recipe: Recipe | dict | None = None,
     orthologs: OrthologTable | str | Path | None = None,
+    ray: str | bool | None = None,
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
 
@@ -190,6 +191,9 @@ def map_cells(
     atlas's recipe is refused. `label_map` renames truth labels (cross-study names).
     `orthologs` (a table or its file, see `gene_store.orthologs`) matches query genes
     of another species to the atlas's store genes; the atlas's recipe is applied as is.
+    `ray` (True for a local cluster, or an address: see `cellvec._ray`): the query's
+    vectors are computed by Ray workers, shard by shard (same vectors within 1e-6, same
+    labels); the search and the vote run here.
     """
     t0 = time.perf_counter()
     if isinstance(atlas, str):
@@ -235,7 +239,12 @@ def map_cells(
             if coverage < LOW_COVERAGE
             else "; the reference is compared over the shared genes",
         )
-    q = encoder.encode(source, basis)
+    if ray:
+        from cellvec.cell_index.parallel import encode_cells
+
+        q = encode_cells(source, encoder, basis, ray=ray)
+    else:
+        q = encoder.encode(source, basis)
     idx, sim = knn(q, ref, k, index=index)
     classes, codes = atlas.label_codes()
     scores, labels, conf, typical = assign_labels(

@@ -9,6 +9,7 @@ from cellvec.cli.options import (
     input_options,
     json_option,
     model_option,
+    ray_option,
     recipe_options,
     store_option,
 )
@@ -46,6 +47,7 @@ def atlas():
     help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
     "the reference; recorded in the atlas. Costs about six refinements.",
 )
+@ray_option
 @json_option
 def build(
     reference,
@@ -69,14 +71,19 @@ def build(
     k,
     calibration_split,
     tune,
+    ray,
     as_json,
 ):
     """Embed a labelled REFERENCE (h5ad, 10x, csv, parquet) as an atlas in the store.
+
+    With --ray, Ray workers read the reference's rows, compute its cells' top genes
+    and vectors and write the table; refinement is trained in this process.
 
     \b
     Example:
       cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
           --subset donor=3pv2,5p
+      cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
     """
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.cli.common import subset_source
@@ -106,6 +113,7 @@ def build(
         k=k,
         tune=tune,
         calibration_split=calibration_split,
+        ray=ray or None,
     )
     if as_json:
         emit_json(a.summary())

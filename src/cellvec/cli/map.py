@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cellvec.cli.options import emit_json, input_options, json_option
+from cellvec.cli.options import emit_json, input_options, json_option, ray_option
 
 
 @click.command("map")
@@ -59,6 +59,7 @@ from cellvec.cli.options import emit_json, input_options, json_option
 @click.option("--subset", help="Keep query cells where obs column equals value(s): COLUMN=V1,V2.")
 @click.option("--save-as", help="Also save the mapping in the store (SQL view mapping_<NAME>).")
 @input_options
+@ray_option
 @json_option
 def map_cmd(
     query,
@@ -79,6 +80,7 @@ def map_cmd(
     use_raw,
     gene_column,
     transpose,
+    ray,
     as_json,
 ):
     """Map QUERY cells onto an atlas with the atlas's own recipe; no retraining.
@@ -90,6 +92,7 @@ def map_cmd(
       cellvec map mouse_retina.h5ad --store human_store/ --atlas retina \\
           --orthologs hcop_mouse_to_human.csv.gz --out mapped.h5ad
       cellvec map pbmc.h5ad --server http://127.0.0.1:8000 --atlas pbmc --out mapped.h5ad
+      cellvec map big.h5ad --store store/ --atlas pbmc --out mapped.h5ad --ray auto
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cli.common import subset_source
@@ -97,6 +100,10 @@ def map_cmd(
 
     if not (store or server):
         raise click.UsageError("Give --store DIR, or --server URL to map through a service.")
+    if server and ray:
+        raise click.UsageError(
+            "--ray computes vectors here; with --server the service does: give one of them."
+        )
     if save_as and not store:
         raise click.UsageError("--save-as writes into a store: give --store DIR.")
     src = subset_source(
@@ -115,7 +122,7 @@ def map_cmd(
 
         res = Client(server).map(src, atlas=atlas_name, **options)
     else:
-        res = map_cells(src, atlas_name, store=store, **options)
+        res = map_cells(src, atlas_name, store=store, ray=ray or None, **options)
     if out:
         res.write(out)
     if table:

@@ -15,6 +15,19 @@ store_option = click.option(
     type=click.Path(file_okay=False),
     help="Gene store directory (LanceDB).",
 )
+ray_option = click.option(
+    "--ray",
+    "ray",
+    is_flag=False,
+    flag_value="default",
+    default=None,
+    envvar="CELLVEC_RAY_ADDRESS",
+    metavar="[ADDRESS]",
+    help="Run the parallel stages on a Ray cluster (pip install 'cellvec[ray]'). A bare "
+    "--ray joins the cluster running on this machine or starts a local one (127.0.0.1 "
+    "only); or auto, HOST:PORT, ray://HOST:10001. Default: $CELLVEC_RAY_ADDRESS. A bare "
+    "--ray takes the next word as its address unless an option follows: put it last.",
+)
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
 )

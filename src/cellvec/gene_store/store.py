@@ -124,6 +124,12 @@ def replace_table(db, name: str, data):
     )
 
 
+def table_uri(gs: GeneStore, name: str) -> str:
+    """Where table `name` of a store lives, for writers that bypass LanceDB (Ray workers
+    writing Lance fragments): `<store>/<name>.lance`, as LanceDB lays out a directory."""
+    return str(gs.path / f"{name}.lance")
+
+
 def read_meta(tbl) -> dict:
     md = tbl.schema.metadata or {}
     return json.loads(md[META_KEY]) if META_KEY in md else {}
@@ -320,11 +326,14 @@ def build_gene_store(
     summary_text_column: str | None = None,
     embedder: Embedder | None = None,
     batch_size: int = 512,
+    ray: str | bool | None = None,
 ) -> BuildResult:
     """Embed every gene of a species into the store's table for `model`.
 
     Incremental (only genes whose text is new or changed are embedded) and
-    resumable (a killed build continues from its staging table).
+    resumable (a killed build continues from its staging table). `ray` (True for a
+    local cluster, or an address: see `cellvec._ray`) spreads the batches over Ray
+    workers, each with its own copy of the model; the table is the same.
     """
     t0 = time.perf_counter()
     tax = tax_id_for(species)
@@ -369,7 +378,7 @@ def build_gene_store(
         "sources": sources,
     }
     return _write_store(
-        GeneStore(store, create=True), df, embedder, meta, batch_size=batch_size, t0=t0
+        GeneStore(store, create=True), df, embedder, meta, batch_size=batch_size, t0=t0, ray=ray
     )
 
 
@@ -398,7 +407,14 @@ def _existing_vectors(tbl, meta: dict, what: str) -> dict[tuple[int, str], np.nd
 
 
 def _write_store(
-    gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict, *, batch_size: int, t0: float
+    gs: GeneStore,
+    df: pl.DataFrame,
+    embedder: Embedder,
+    meta: dict,
+    *,
+    batch_size: int,
+    t0: float,
+    ray: str | bool | None = None,
 ) -> BuildResult:
     name = table_name(embedder.spec)
     staging_name = STAGING_PREFIX + name[len("genes_") :]
@@ -419,6 +435,7 @@ def _write_store(
         embedder.spec,
         f"{len(keys) - len(pending):,}",
     )
+    config = embedder.config()
     if pending:
         texts = df["text"].to_list()
         pend_texts = [texts[n] for n in pending]
@@ -426,9 +443,16 @@ def _write_store(
         try:
             # Chunks of `batch_size` (one Lance commit each) are embedded in embedder-sized batches.
             order = np.argsort([-len(t) for t in pend_texts], kind="stable")
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                vecs = embedder.embed([pend_texts[i] for i in chunk])
+            chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+            batches = [[pend_texts[i] for i in chunk] for chunk in chunks]
+            if ray:
+                from cellvec.gene_store.parallel import embed_batches
+
+                embedded = embed_batches(embedder, batches, ray=ray)
+            else:
+                embedded = ((embedder.embed(b), None) for b in batches)
+            for chunk, (vecs, worker_config) in zip(chunks, embedded):
+                config = worker_config or config
                 rows = [pending[i] for i in chunk]
                 arrow = _to_arrow(
                     df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False}
@@ -443,9 +467,11 @@ def _write_store(
         finally:
             bar.close()
     vectors = np.stack([have[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)
+    if not ray:
+        config = embedder.config()  # after embedding: a loaded model says more about itself
     meta = {
         **meta,
-        **embedder.config(),
+        **config,
         "model": embedder.spec,
         "dimension": int(vectors.shape[1]),
         "content_hash": content_hash(df["symbol"].to_list(), vectors),
