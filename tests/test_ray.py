@@ -1,7 +1,8 @@
 """Ray for the parallel stages: results equal the single-process run.
 
 One local Ray cluster for the module (2 CPUs, 127.0.0.1 only, no dashboard, no usage
-statistics), started by the fixture and shut down by it.
+statistics), started by the fixture and shut down by it. Marked slow: starting the
+cluster and its workers takes 10-30 s on a shared 2-core machine, the module ~70 s.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ TESTS = str(Path(__file__).resolve().parent)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """A local 2-CPU Ray cluster on 127.0.0.1 for this module's tests."""
     from cellvec._ray import start_local_cluster
 
     # workers unpickle the tests' fake embedder: they need this folder on their path
@@ -77,6 +79,7 @@ LOOPBACK = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net")
 def test_local_cluster_listens_on_loopback_only(ray_cluster):
     addresses = _listening(_process_tree(os.getpid()))
@@ -115,6 +118,13 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(parallel, "CHUNK", 40)
 
 
+def _atlas_table(data, atlas):
+    """The LanceDB table of an atlas (its metadata is the atlas's)."""
+    from cellvec.gene_store.store import GeneStore
+
+    return GeneStore(data["store"]).open_table(f"atlas_{atlas}")
+
+
 def _table(store, name):
     from cellvec.gene_store.store import GeneStore
 
@@ -137,6 +147,7 @@ def _assert_same_atlas(store, a, b):
     )
 
 
+@pytest.mark.slow
 def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluster):
     from cellvec import build_atlas
     from cellvec.gene_store.store import read_meta
@@ -157,18 +168,15 @@ def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluste
     assert len(lance_ds.get_fragments()) > 1  # written by workers, committed once
     assert lance_ds.version == 1
     assert np.isfinite(dist.calibration()).sum() == np.isfinite(single.calibration()).sum() > 0
-    meta_single = read_meta(GeneStoreTable(data["store"], "atlas_single"))
-    meta_dist = read_meta(GeneStoreTable(data["store"], "atlas_dist"))
+    meta_single, meta_dist = (
+        read_meta(_atlas_table(data, "single")),
+        read_meta(_atlas_table(data, "dist")),
+    )
     assert meta_dist["recipe"] == meta_single["recipe"]
     assert meta_dist["classes"] == meta_single["classes"]
 
 
-def GeneStoreTable(store, name):
-    from cellvec.gene_store.store import GeneStore
-
-    return GeneStore(store).open_table(name)
-
-
+@pytest.mark.slow
 def test_atlas_rebuilt_on_ray_replaces_the_old_one(data, ray_cluster):
     """An in-memory AnnData (no file for workers to open) and no refinement; built twice."""
     from cellvec import build_atlas
@@ -183,6 +191,27 @@ def test_atlas_rebuilt_on_ray_replaces_the_old_one(data, ray_cluster):
     assert _table(data["store"], "atlas_mem_dist").version == 2
 
 
+@pytest.mark.slow
+def test_bad_rows_met_by_a_worker_fail_cleanly(data, small_chunks, ray_cluster):
+    """A backed file is checked as it streams: a worker meets the NaN values; the build
+    stops with cellvec's message and leaves no table behind."""
+    from cellvec import build_atlas, read_expression
+    from cellvec.cell_index.atlas import list_atlases
+    from cellvec.errors import InputFormatError
+
+    bad = tiny_adata(2100, seed=4)  # the reader checks the first 2,000 cells itself
+    x = bad.X.toarray()
+    x[2050, :3] = np.nan
+    bad.X = sp.csr_matrix(x)
+    bad.write_h5ad(data["tmp"] / "bad.h5ad")
+    src = read_expression(data["tmp"] / "bad.h5ad", backed=True)
+    with pytest.raises(InputFormatError, match="NaN/inf values in cells 2040-2080") as err:
+        build_atlas(src, store=data["store"], name="bad", label_key="cell_type", ray=True)
+    assert type(err.value) is InputFormatError  # not Ray's wrapper, with its traceback
+    assert "bad" not in list_atlases(data["store"])
+
+
+@pytest.mark.slow
 def test_map_on_ray_equals_single_process(data, small_chunks, ray_cluster):
     from cellvec import build_atlas, map_cells
 
@@ -204,6 +233,7 @@ def test_map_on_ray_equals_single_process(data, small_chunks, ray_cluster):
     assert dist.metrics["accuracy"] == single.metrics["accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_gene_store_on_ray_equals_single_process(data, tmp_path, ray_cluster):
     from cellvec.gene_store.store import GeneStore
     from conftest import FakeEmbedder
@@ -219,6 +249,7 @@ def test_gene_store_on_ray_equals_single_process(data, tmp_path, ray_cluster):
     assert again.n_embedded == 0  # incremental as before
 
 
+@pytest.mark.slow
 def test_cli_ray_flag_and_environment(data, tmp_path, ray_cluster):
     from cellvec.cli import cli
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import pickle
+import shutil
 import time
 
 import numpy as np
@@ -61,7 +63,9 @@ def _reader(source: ExpressionSource, ray) -> dict:
         "path": source.path,
     }
     if source.h5ad is not None:
-        spec["h5ad"] = source.h5ad
+        st = os.stat(source.h5ad[0])
+        # the file's size and time are part of the key: a worker never reads a stale handle
+        spec["h5ad"] = (*source.h5ad, st.st_size, st.st_mtime_ns)
         spec["rows"] = ray.put(source._rows) if source._rows is not None else None
         log.info("%s: workers read their own rows of %s", source.path, source.h5ad[1])
     else:
@@ -75,6 +79,18 @@ def _reader(source: ExpressionSource, ray) -> dict:
 
 
 _OPENED: dict = {}  # per worker process: h5ad files opened backed, shared objects fetched
+_KEEP = 8  # the most recent of them (a long-lived worker serves many builds and maps)
+
+
+def _cached(key, make):
+    """`make()` -> (value, file to close when dropped or None), kept for the next calls."""
+    if key not in _OPENED:
+        while len(_OPENED) >= _KEEP:
+            _, handle = _OPENED.pop(next(iter(_OPENED)))
+            if handle is not None:
+                handle.close()
+        _OPENED[key] = make()
+    return _OPENED[key][0]
 
 
 def _shared(ref):
@@ -83,22 +99,21 @@ def _shared(ref):
 
     if not isinstance(ref, ray.ObjectRef):
         return ref
-    key = ref.hex()
-    if key not in _OPENED:
-        _OPENED[key] = ray.get(ref)
-    return _OPENED[key]
+    return _cached(ref.hex(), lambda: (ray.get(ref), None))
 
 
-def _open_matrix(path: str, key: str):
+def _open_matrix(path: str, key: str, *stamp):
     """The matrix `key` of an h5ad file, backed (rows are read on slicing)."""
-    if (path, key) not in _OPENED:
+
+    def make():
         import h5py
         from anndata.io import sparse_dataset
 
         f = h5py.File(path, "r")
         node = f[key]
-        _OPENED[(path, key)] = sparse_dataset(node) if isinstance(node, h5py.Group) else node
-    return _OPENED[(path, key)]
+        return (sparse_dataset(node) if isinstance(node, h5py.Group) else node), f
+
+    return _cached((path, key, *stamp), make)
 
 
 def _chunks(spec: dict, start: int, stop: int):
@@ -142,18 +157,51 @@ def _csr(table: pa.Table, n_cols: int) -> sp.csr_matrix:
     )
 
 
+def _cellvec_cause(exc: BaseException) -> CellvecError | None:
+    """The cellvec error a worker raised, from inside Ray's wrappers (RayTaskError, ...)."""
+    from ray.exceptions import RayError
+
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CellvecError) and not isinstance(e, RayError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
 @contextlib.contextmanager
 def _ordered(ray):
     """Ray Data in shard order, without its progress bars (cellvec logs its own). A
-    dataset keeps the settings in force when it was made: make it inside."""
+    dataset keeps the settings in force when it was made: make it inside. A cellvec
+    error raised by a worker comes out as itself, not wrapped in Ray's exceptions."""
     ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    before = (
+        ctx.execution_options.preserve_order,
+        ctx.enable_progress_bars,
+        ctx.raise_original_map_exception,
+    )
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True  # a worker's error travels as itself
     try:
         yield
+    except Exception as e:
+        cause = _cellvec_cause(e)
+        if cause is None or cause is e:
+            raise
+        # what a worker found wrong with the input, said as it would be without Ray
+        raise type(cause)(*cause.args) from e
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = before
+        (
+            ctx.execution_options.preserve_order,
+            ctx.enable_progress_bars,
+            ctx.raise_original_map_exception,
+        ) = before
 
 
 def _shard_dataset(ray, n_cells: int):
@@ -295,11 +343,26 @@ def write_atlas(
     `params`) and write Lance fragments; the driver commits them in one overwrite.
 
     `calibrate(vectors) -> self_similarity`, when given, needs every vector: they are
-    computed first, gathered (and returned), and the fragments written after."""
+    computed first, gathered (and returned), and the fragments written after. A failed
+    write commits nothing (and leaves no directory behind when the table is new)."""
+    rest = dict(basis=basis, params=params, dataset=dataset, calibrate=calibrate)
+    ray = init_ray(ray)
+    local = "://" not in uri
+    if local and not os.path.exists(uri):
+        try:
+            return _write_atlas(uri, schema, blocks, ray, cell_ids, labels, batches, **rest)
+        except BaseException:
+            shutil.rmtree(uri, ignore_errors=True)  # a new table that never was: no debris
+            raise
+    return _write_atlas(uri, schema, blocks, ray, cell_ids, labels, batches, **rest)
+
+
+def _write_atlas(
+    uri, schema, blocks, ray, cell_ids, labels, batches, *, basis, params, dataset, calibrate
+):
     import lance
     from lance_ray import LanceFragmentWriter
 
-    ray = init_ray(ray)
     t0 = time.perf_counter()
     n = len(cell_ids)
     shared = {
@@ -327,7 +390,10 @@ def write_atlas(
             vectors = np.concatenate(parts).reshape(n, dim)
             shared["calibration"] = pa.array(np.asarray(calibrate(vectors), dtype=np.float32))
         writer = LanceFragmentWriter(
-            uri, transform=_AtlasRows(ray.put(shared), schema, False), schema=schema
+            uri,
+            transform=_AtlasRows(ray.put(shared), schema, False),
+            schema=schema,
+            data_storage_version="stable",  # what LanceDB writes (and no deprecation warning)
         )
         fragments = []
         with progress(total=n, desc="atlas fragments (ray)", unit="cell") as bar:
