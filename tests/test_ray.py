@@ -285,3 +285,21 @@ def test_ray_addresses():
     assert ray_address(" ray://head:10001 ") == "ray://head:10001"
     os.environ.pop("CELLVEC_RAY_ADDRESS", None)
     assert address_from_env() is None
+
+
+def test_an_address_nothing_answers_at_fails_fast():
+    import socket
+    import time
+
+    from cellvec._ray import _check_reachable
+    from cellvec.errors import CellvecError
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    with pytest.raises(CellvecError, match="Nothing answers at Ray address"):
+        _check_reachable(f"127.0.0.1:{port}", "hint")
+    with pytest.raises(CellvecError, match="has no port"):
+        _check_reachable("ray://head", "hint")
+    assert time.perf_counter() - t < 5

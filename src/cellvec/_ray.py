@@ -102,16 +102,32 @@ def init_ray(address: str | bool | None = True):
                 return start_local_cluster()
             _log_joined(ray, "the running local cluster")
             return ray
+    hint = (
+        "Give the head node's HOST:PORT or ray://HOST:10001, `auto` for a cluster started "
+        "on this machine with `ray start`, or a bare --ray for a local one."
+    )
+    _check_reachable(address, hint)
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise CellvecError(
-            f"Cannot join the Ray cluster at {address!r} ({e}). Give the head node's "
-            "HOST:PORT or ray://HOST:10001, `auto` for a cluster started on this machine "
-            "with `ray start`, or a bare --ray for a local one."
-        ) from e
+        raise CellvecError(f"Cannot join the Ray cluster at {address!r} ({e}). {hint}") from e
     _log_joined(ray, address)
     return ray
+
+
+def _check_reachable(address: str, hint: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a HOST:PORT nothing answers at (Ray itself retries for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise CellvecError(f"Ray address {address!r} has no port. {hint}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise CellvecError(f"Nothing answers at Ray address {address!r} ({e}). {hint}") from e
 
 
 def _log_joined(ray, where: str) -> None:
