@@ -62,19 +62,29 @@ def start_local_cluster(num_cpus: int | None = None, **options):
     Ray binds its servers to the node's routable address unless it believes it runs
     on a laptop; this tells it so, so that the GCS, raylet, object manager and
     workers listen on 127.0.0.1. No dashboard, no usage statistics."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray = import_ray()
     from ray._private import ray_constants
 
+    settings = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    before = {k: os.environ.get(k) for k in settings}
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(settings)  # inherited by the cluster's processes
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray's services
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        **options,
-    )
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            **options,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     log.info(
         "Started a local Ray cluster on 127.0.0.1 with %d CPUs",
         int(ray.cluster_resources().get("CPU", 0)),
