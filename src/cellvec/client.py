@@ -73,6 +73,7 @@ class Client:
         min_confidence: float = 0.0,
         min_typicality: float = 0.0,
         orthologs=None,
+        exclude_labels=(),
         truth_key: str | None = None,
         label_map: dict[str, str] | None = None,
         layer: str | None = None,
@@ -88,10 +89,16 @@ class Client:
         import pyarrow as pa
 
         from cellvec._progress import progress
-        from cellvec.cell_index.mapping import MappingResult, truth_metrics
+        from cellvec.cell_index.mapping import MappingResult, parse_labels, truth_metrics
         from cellvec.cell_index.readers import read_expression
         from cellvec.evaluation.metrics import UNASSIGNED
 
+        if parse_labels(exclude_labels):
+            raise CellvecError(
+                "--exclude-labels is applied by local mapping only (the service takes no "
+                "blocklist yet): map with --store, or rebuild the atlas with "
+                "`cellvec atlas build --exclude-labels`."
+            )
         if orthologs is not None:
             raise CellvecError(
                 "--orthologs is applied by local mapping only: map with --store, or send the "

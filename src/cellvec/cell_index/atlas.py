@@ -393,6 +393,7 @@ class Atlas:
             "source": self.meta.get("source"),
             "k": self.k,
             "tuning": self.meta.get("tuning"),
+            "excluded_labels": self.meta.get("excluded_labels"),
             "refinement": {
                 k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
             },
@@ -443,6 +444,7 @@ def build_atlas(
     k: int | None = None,
     tune: bool = False,
     calibration_split: float = 0.0,
+    exclude_labels=(),
 ) -> Atlas:
     """Embed a labelled reference and write it as atlas `name` in the store.
 
@@ -450,8 +452,12 @@ def build_atlas(
     chooses `top_genes` and `k` by 3-fold cross-validation on the reference
     (`cellvec.evaluation.tune`), recorded in the recipe and the atlas metadata.
     `calibration_split` keeps that share of each class out of refinement to calibrate
-    typicality (`map_cells(min_typicality=...)` needs it)."""
+    typicality (`map_cells(min_typicality=...)` needs it). `exclude_labels` (e.g.
+    ["Doublet", "Unknown"]) drops the reference cells that carry one before anything is
+    fitted; the atlas records what was dropped (`meta["excluded_labels"]`)."""
     import re
+
+    from cellvec.cell_index.mapping import parse_labels
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise CellvecError(
@@ -468,6 +474,22 @@ def build_atlas(
         )
         source = source.subset(known)
     labels = labels_of(source, label_key)
+    excluded = {}
+    for x in parse_labels(exclude_labels):
+        hit = labels == x
+        excluded[x] = int(hit.sum())
+    if excluded:
+        drop = np.isin(labels.astype(str), list(excluded))
+        if drop.all():
+            raise CellvecError(
+                f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
+            )
+        log.info(
+            "Excluded from the reference: %s",
+            ", ".join(f"{x} ({n:,} cells)" for x, n in excluded.items()),
+        )
+        source = source.subset(~drop)
+        labels = labels[~drop]
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = Recipe(
         model=genes.model,
@@ -517,6 +539,8 @@ def build_atlas(
         "k": int(k or DEFAULT_K),
         "tuning": tuning,
     }
+    if excluded:
+        meta["excluded_labels"] = excluded
     dim = vectors.shape[1]
     memory = Atlas.from_fit(name, fit, labels)
     calibration = memory.calibration()

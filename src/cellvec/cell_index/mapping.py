@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cellvec.cell_index.atlas import Atlas
-from cellvec.cell_index.knn import knn, vote
+from cellvec.cell_index.knn import vote
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, InputFormatError
@@ -45,6 +45,7 @@ class MappingResult:
     metrics: dict | None = None
     seconds: float = 0.0
     orthologs: str | None = None  # the ortholog table the query genes went through, if any
+    excluded_labels: list[str] = field(default_factory=list)  # never given as answers
     source: ExpressionSource | None = field(default=None, repr=False)
 
     def to_polars(self, *, scores: bool = True):
@@ -100,6 +101,8 @@ class MappingResult:
         }
         if self.orthologs:
             adata.uns["cellvec"]["orthologs"] = self.orthologs
+        if self.excluded_labels:
+            adata.uns["cellvec"]["excluded_labels"] = list(self.excluded_labels)
         return adata
 
     def write(self, path: str | Path) -> Path:
@@ -153,6 +156,8 @@ class MappingResult:
         }
         if self.orthologs:
             out["orthologs"] = self.orthologs
+        if self.excluded_labels:
+            out["excluded_labels"] = list(self.excluded_labels)
         if self.metrics:
             out.update(self.metrics)
         return out
@@ -173,6 +178,7 @@ def map_cells(
     gene_column: str | None = None,
     recipe: Recipe | dict | None = None,
     orthologs: OrthologTable | str | Path | None = None,
+    exclude_labels=(),
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
 
@@ -190,6 +196,9 @@ def map_cells(
     atlas's recipe is refused. `label_map` renames truth labels (cross-study names).
     `orthologs` (a table or its file, see `gene_store.orthologs`) matches query genes
     of another species to the atlas's store genes; the atlas's recipe is applied as is.
+    `exclude_labels` (e.g. ["Doublet", "Unknown"]) are never given: reference cells that
+    carry one are skipped in the search (more neighbours are searched so that k others
+    remain), not outvoted.
     """
     t0 = time.perf_counter()
     if isinstance(atlas, str):
@@ -236,7 +245,8 @@ def map_cells(
             else "; the reference is compared over the shared genes",
         )
     q = encoder.encode(source, basis)
-    idx, sim = knn(q, ref, k, index=index)
+    excluded, allowed = excluded_cells(atlas, exclude_labels)
+    idx, sim = search_allowed(index, q, k, allowed)
     classes, codes = atlas.label_codes()
     scores, labels, conf, typical = assign_labels(
         q,
@@ -276,8 +286,73 @@ def map_cells(
         metrics=metrics,
         seconds=secs,
         orthologs=orthologs.source if orthologs is not None else None,
+        excluded_labels=excluded,
         source=source,
     )
+
+
+def parse_labels(labels) -> list[str]:
+    """Labels given as "A,B" or a list, stripped, empty ones dropped, order kept."""
+    if labels is None:
+        return []
+    items = labels.split(",") if isinstance(labels, str) else labels
+    return list(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))
+
+
+def excluded_cells(atlas: Atlas, exclude_labels) -> tuple[list[str], np.ndarray | None]:
+    """(the excluded labels the atlas has, a mask of the reference cells that may answer, or
+    None when every cell may). Labels the atlas lacks are named in a log line, not refused:
+    a blocklist such as "Doublet,Unknown" is meant to be reused across atlases."""
+    wanted = parse_labels(exclude_labels)
+    if not wanted:
+        return [], None
+    labels = atlas.labels.astype(str)
+    present = [x for x in wanted if (labels == x).any()]
+    absent = [x for x in wanted if x not in present]
+    if absent:
+        log.info("Excluded label(s) not in atlas %s: %s", atlas.name, ", ".join(absent))
+    blocked = np.isin(labels, present)
+    if blocked.all():
+        raise CellvecError(
+            f"--exclude-labels {','.join(wanted)} excludes every class of atlas {atlas.name!r}; "
+            "leave at least one class to answer with."
+        )
+    if present:
+        log.info(
+            "Skipping %s reference cells labelled %s",
+            f"{int(blocked.sum()):,}",
+            ", ".join(present),
+        )
+    return present, (~blocked if blocked.any() else None)
+
+
+def search_allowed(index, q: np.ndarray, k: int, allowed: np.ndarray | None):
+    """(indices, similarities) of each query's k nearest reference cells among the `allowed`
+    ones (all when None), best first; -1 / -inf pad rows with fewer than k allowed cells.
+
+    Skipped cells are searched past: the search goes deeper (x4 a round) for the rows that
+    have not yet found k allowed neighbours, up to the whole reference."""
+    if allowed is None:
+        return index.search(q, k)
+    n_ref, n_ok = len(allowed), int(allowed.sum())
+    want = min(k, n_ok)
+    out_idx = np.full((len(q), k), -1, dtype=np.int64)
+    out_sim = np.full((len(q), k), -np.inf, dtype=np.float32)
+    todo = np.arange(len(q))
+    depth = min(n_ref, k + int(np.ceil(k * n_ref / max(n_ok, 1))))
+    while len(todo):
+        idx, sim = index.search(q[todo], depth)
+        ok = (idx >= 0) & allowed[np.maximum(idx, 0)]
+        done = (ok.sum(1) >= want) | (depth >= n_ref)
+        order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # allowed first, in rank order
+        width = order.shape[1]
+        keep = np.take_along_axis(ok, order, 1)
+        rows = todo[done]
+        out_idx[rows, :width] = np.where(keep, np.take_along_axis(idx, order, 1), -1)[done]
+        out_sim[rows, :width] = np.where(keep, np.take_along_axis(sim, order, 1), -np.inf)[done]
+        todo = todo[~done]
+        depth = min(n_ref, depth * 4)
+    return out_idx, out_sim
 
 
 def truth_metrics(truth, labels, classes, atlas: str) -> dict | None:
@@ -357,7 +432,8 @@ def assign_labels(
         if calibration is not None
         else np.ones(len(best))
     )
-    empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
+    # cells with no matched expression (only possible for backed files), or no neighbour left
+    empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
     conf[empty] = 0.0
     typical[empty] = 0.0
     labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED

@@ -41,6 +41,12 @@ def atlas():
     "(needed by map --min-typicality; 0.1 is a good start).",
 )
 @click.option(
+    "--exclude-labels",
+    metavar="L1,L2",
+    help="Drop reference cells with these labels (e.g. Doublet,Unknown) before fitting; "
+    "recorded in the atlas.",
+)
+@click.option(
     "--tune",
     is_flag=True,
     help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
@@ -68,6 +74,7 @@ def build(
     seed,
     k,
     calibration_split,
+    exclude_labels,
     tune,
     as_json,
 ):
@@ -106,6 +113,7 @@ def build(
         k=k,
         tune=tune,
         calibration_split=calibration_split,
+        exclude_labels=exclude_labels,
     )
     if as_json:
         emit_json(a.summary())

@@ -56,6 +56,12 @@ from cellvec.cli.options import emit_json, input_options, json_option
     help="Ortholog table for a query of another species: HCOP/Ensembl (e.g. "
     "hcop_mouse_to_human.csv.gz, either direction) or two columns, query symbol -> store symbol.",
 )
+@click.option(
+    "--exclude-labels",
+    metavar="L1,L2",
+    help="Labels never to answer with (e.g. Doublet,Unknown): reference cells carrying one "
+    "are skipped in the search, and k others found.",
+)
 @click.option("--subset", help="Keep query cells where obs column equals value(s): COLUMN=V1,V2.")
 @click.option("--save-as", help="Also save the mapping in the store (SQL view mapping_<NAME>).")
 @input_options
@@ -73,6 +79,7 @@ def map_cmd(
     truth_key,
     label_map,
     orthologs,
+    exclude_labels,
     subset,
     save_as,
     layer,
@@ -89,6 +96,7 @@ def map_cmd(
           --out mapped.h5ad --truth-key cell_type --min-confidence 0.5
       cellvec map mouse_retina.h5ad --store human_store/ --atlas retina \\
           --orthologs hcop_mouse_to_human.csv.gz --out mapped.h5ad
+      cellvec map pbmc.h5ad --store store/ --atlas pbmc --exclude-labels Doublet,Unknown --json
       cellvec map pbmc.h5ad --server http://127.0.0.1:8000 --atlas pbmc --out mapped.h5ad
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
@@ -109,6 +117,7 @@ def map_cmd(
         truth_key=truth_key,
         label_map=read_label_map(label_map) if label_map else None,
         orthologs=orthologs,
+        exclude_labels=exclude_labels,
     )
     if server:
         from cellvec.client import Client
