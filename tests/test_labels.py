@@ -114,3 +114,134 @@ def test_exclude_labels_through_the_cli(fake_store, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["excluded_labels"] == ["Doublet"] and "Doublet" not in out["label_counts"]
+
+
+def _two_levels(seed=1, n=90, prefix="c"):
+    """Tiny cells with fine labels T_a / T_b (random halves of the T cells, alike in
+    expression, so the fine vote splits) under broad T; B and M are their own broad class."""
+    a = tiny_adata(n_cells=n, seed=seed, prefix=prefix)
+    broad = a.obs["cell_type"].astype(str).to_numpy()
+    fine = broad.copy()
+    t = np.flatnonzero(broad == "T")
+    fine[t] = np.where(np.random.default_rng(seed).random(len(t)) < 0.5, "T_a", "T_b")
+    a.obs["cell_type"], a.obs["cell_type_broad"] = fine, broad
+    return a
+
+
+def test_broad_label_given_where_the_fine_one_is_unassigned(fake_store, tmp_path):
+    import anndata as ad
+
+    from cellvec.sql import connect_sql
+
+    atlas = build_atlas(
+        _two_levels(),
+        store=fake_store,
+        name="two",
+        label_key="cell_type",
+        broad_label_key="cell_type_broad",
+        refine="none",
+        calibration_split=0.2,
+    )
+    assert atlas.meta["broad_classes"] == {"B": 30, "M": 30, "T": 30}
+    q = _two_levels(seed=7, n=60, prefix="q")
+    res = map_cells(
+        q,
+        "two",
+        store=fake_store,
+        k=15,
+        min_confidence=0.75,
+        truth_key="cell_type",
+        broad_truth_key="cell_type_broad",
+    )
+    fine, broad = res.labels, res.broad.labels
+    t_cells = q.obs["cell_type_broad"].to_numpy() == "T"
+    assert (fine[t_cells] == "unassigned").mean() > 0.5  # T_a / T_b cannot be told apart
+    assert (broad[t_cells] == "T").all()  # ... but every T cell is called T
+    assert res.broad.metrics["accuracy"] == 1.0
+    given = fine != "unassigned"
+    parent = {"T_a": "T", "T_b": "T", "B": "B", "M": "M"}
+    assert [parent[x] for x in fine[given]] == list(broad[given])  # levels never disagree
+    summary = res.summary()
+    assert summary["broad"]["accuracy"] == 1.0
+    assert summary["broad"]["broad_only_fraction"] == pytest.approx(
+        ((fine == "unassigned") & (broad != "unassigned")).mean()
+    )
+    back = ad.read_h5ad(res.write(tmp_path / "m.h5ad"))
+    assert back.obs["cellvec_label_broad"].astype(str).tolist() == list(broad)
+    assert {"cellvec_confidence_broad", "cellvec_typicality_broad"} <= set(back.obs)
+    res.save(fake_store, "two")
+    sql = connect_sql(fake_store)
+    got = sql.query("SELECT label_broad, count(*) AS n FROM atlas_two GROUP BY 1 ORDER BY 1")
+    assert got["label_broad"].to_list() == ["B", "M", "T"]
+    got = sql.query(
+        "SELECT cellvec_label_broad AS b, count(*) AS n FROM mapping_two GROUP BY 1 ORDER BY 1"
+    )
+    assert dict(zip(got["b"], got["n"]))["T"] == t_cells.sum()
+
+
+def test_broad_level_is_refused_on_a_one_level_atlas_and_absent_from_its_results(fake_store):
+    from cellvec.errors import CellvecError
+
+    build_atlas(
+        tiny_adata(n_cells=60), store=fake_store, name="one", label_key="cell_type", refine="none"
+    )
+    q = tiny_adata(n_cells=9, prefix="q")
+    res = map_cells(q, "one", store=fake_store)
+    assert res.broad is None and "broad" not in res.summary()
+    assert "cellvec_label_broad" not in res.to_polars().columns
+    q.obs["cell_type_broad"] = "x"
+    with pytest.raises(CellvecError, match="--broad-label-key"):
+        map_cells(q, "one", store=fake_store, broad_truth_key="cell_type_broad")
+
+
+def test_excluding_a_broad_label_drops_its_fine_classes_too(fake_store):
+    atlas = build_atlas(
+        _two_levels(),
+        store=fake_store,
+        name="two",
+        label_key="cell_type",
+        broad_label_key="cell_type_broad",
+        refine="none",
+    )
+    res = map_cells(tiny_adata(n_cells=30, seed=3, prefix="q"), atlas, exclude_labels="T")
+    assert not np.isin(res.labels, ["T_a", "T_b"]).any()
+    assert not (res.broad.labels == "T").any()
+
+
+def test_the_service_answers_both_levels_like_local_mapping(fake_store, monkeypatch):
+    import httpx
+
+    from cellvec import Client
+    from cellvec.service import create_app
+    from test_service import Server
+
+    build_atlas(
+        _two_levels(),
+        store=fake_store,
+        name="two",
+        label_key="cell_type",
+        broad_label_key="cell_type_broad",
+        refine="none",
+        calibration_split=0.2,
+    )
+    q = _two_levels(seed=7, n=30, prefix="q")
+    options = dict(min_confidence=0.75, min_typicality=0.05)
+    local = map_cells(q, "two", store=fake_store, **options)
+    panel = q[:, [i for i in range(q.n_vars) if i % 3 == 0]].copy()
+    local_panel = map_cells(panel, "two", store=fake_store, **options)
+    with Server(create_app(fake_store)) as url:
+        res = Client(url).map(q, atlas="two", broad_truth_key="cell_type_broad", **options)
+        res_panel = Client(url).map(panel, atlas="two", **options)
+        x = q.X.tocsr()
+        body = {
+            "genes": list(q.var_names),
+            "cells": [{"id": "c0", "indices": x[0].indices.tolist(), "values": x[0].data.tolist()}],
+        }
+        cell = httpx.post(f"{url}/v1/atlases/two/map", json=body).json()["cells"][0]
+    assert res.broad.labels.tolist() == local.broad.labels.tolist()
+    np.testing.assert_allclose(res.broad.confidence, local.broad.confidence, atol=1e-5)
+    np.testing.assert_allclose(res.broad.typicality, local.broad.typicality, atol=1e-5)
+    assert res_panel.broad.labels.tolist() == local_panel.broad.labels.tolist()
+    assert res.broad.metrics["n_cells"] == 30
+    assert cell["label_broad"] == local.broad.labels[0]
+    assert cell["confidence_broad"] == pytest.approx(local.broad.confidence[0], abs=1e-4)

@@ -24,6 +24,21 @@ LOW_COVERAGE = 0.5  # below this, warn: the labels rest on few of the genes that
 
 
 @dataclass
+class BroadCall:
+    """The broad-level labels of mapped cells (atlases with `--broad-label-key`): given
+    wherever the fine label is (its own broad class), and where the fine label is
+    unassigned but the broad vote clears the same thresholds."""
+
+    key: str | None
+    classes: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+    typicality: np.ndarray
+    truth: np.ndarray | None = None
+    metrics: dict | None = None
+
+
+@dataclass
 class MappingResult:
     """Labels, confidences and per-class scores of mapped cells, with exporters."""
 
@@ -46,6 +61,7 @@ class MappingResult:
     seconds: float = 0.0
     orthologs: str | None = None  # the ortholog table the query genes went through, if any
     excluded_labels: list[str] = field(default_factory=list)  # never given as answers
+    broad: BroadCall | None = None  # the second level, for atlases built with broad labels
     source: ExpressionSource | None = field(default=None, repr=False)
 
     def to_polars(self, *, scores: bool = True):
@@ -63,6 +79,12 @@ class MappingResult:
         }
         if self.truth is not None:
             cols["truth"] = self.truth.astype(str).tolist()
+        if self.broad is not None:
+            cols["cellvec_label_broad"] = self.broad.labels.astype(str).tolist()
+            cols["cellvec_confidence_broad"] = self.broad.confidence.astype(np.float64)
+            cols["cellvec_typicality_broad"] = self.broad.typicality.astype(np.float64)
+            if self.broad.truth is not None:
+                cols["truth_broad"] = self.broad.truth.astype(str).tolist()
         df = pl.DataFrame(cols)
         if scores:
             df = df.with_columns(
@@ -79,6 +101,8 @@ class MappingResult:
             raise CellvecError(
                 "This mapping has no query AnnData attached; use to_polars() instead."
             )
+        import pandas as pd
+
         adata = self.source._adata
         if getattr(adata, "isbacked", False):
             adata = adata.to_memory()
@@ -89,6 +113,10 @@ class MappingResult:
         adata.obs["cellvec_confidence"] = self.confidence.astype(np.float32)
         if self.typicality is not None:
             adata.obs["cellvec_typicality"] = self.typicality.astype(np.float32)
+        if self.broad is not None:
+            adata.obs["cellvec_label_broad"] = pd.Categorical(self.broad.labels.astype(str))
+            adata.obs["cellvec_confidence_broad"] = self.broad.confidence.astype(np.float32)
+            adata.obs["cellvec_typicality_broad"] = self.broad.typicality.astype(np.float32)
         adata.obsm["X_cellvec"] = self.vectors
         adata.obsm["cellvec_scores"] = self.scores.astype(np.float32)
         adata.uns["cellvec"] = {
@@ -103,6 +131,8 @@ class MappingResult:
             adata.uns["cellvec"]["orthologs"] = self.orthologs
         if self.excluded_labels:
             adata.uns["cellvec"]["excluded_labels"] = list(self.excluded_labels)
+        if self.broad is not None:
+            adata.uns["cellvec"]["broad_classes"] = self.broad.classes.astype(str).tolist()
         return adata
 
     def write(self, path: str | Path) -> Path:
@@ -160,6 +190,25 @@ class MappingResult:
             out["excluded_labels"] = list(self.excluded_labels)
         if self.metrics:
             out.update(self.metrics)
+        if self.broad is not None:
+            b = self.broad
+            out["broad"] = {
+                "label_key": b.key,
+                "unassigned_fraction": float((b.labels == UNASSIGNED).mean())
+                if len(b.labels)
+                else 0.0,
+                "label_counts": {
+                    str(c): int(n)
+                    for c, n in zip(*np.unique(b.labels.astype(str), return_counts=True))
+                },
+                # cells the fine level left unassigned that still got a broad label
+                "broad_only_fraction": float(
+                    ((self.labels == UNASSIGNED) & (b.labels != UNASSIGNED)).mean()
+                )
+                if len(b.labels)
+                else 0.0,
+                **(b.metrics or {}),
+            }
         return out
 
 
@@ -179,6 +228,7 @@ def map_cells(
     recipe: Recipe | dict | None = None,
     orthologs: OrthologTable | str | Path | None = None,
     exclude_labels=(),
+    broad_truth_key: str | None = None,
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
 
@@ -198,7 +248,8 @@ def map_cells(
     of another species to the atlas's store genes; the atlas's recipe is applied as is.
     `exclude_labels` (e.g. ["Doublet", "Unknown"]) are never given: reference cells that
     carry one are skipped in the search (more neighbours are searched so that k others
-    remain), not outvoted.
+    remain), not outvoted. An atlas built with broad labels gives each cell a broad label
+    too (`result.broad`), scored against `broad_truth_key` if given.
     """
     t0 = time.perf_counter()
     if isinstance(atlas, str):
@@ -225,15 +276,21 @@ def map_cells(
         from cellvec.cell_index.atlas import labels_of
 
         truth = labels_of(source, truth_key, label_map=label_map)
+    if broad_truth_key and atlas.broad_labels is None:
+        raise CellvecError(
+            f"Atlas {atlas.name!r} has one level of labels; --broad-truth-key needs an atlas "
+            "built with `cellvec atlas build ... --broad-label-key KEY`."
+        )
     encoder = atlas.encoder()
     basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
-    ref, index, coverage, calibration = atlas.vectors, atlas.index(), 1.0, None
+    ref, index, coverage, calibration, panel = atlas.vectors, atlas.index(), 1.0, None, None
     n_atlas_genes = len(encoder.refinement.get("gene_rows", ()))
     if basis.positions is not None and len(basis.positions) < n_atlas_genes:
         coverage = atlas.coverage(basis.positions)
         if coverage < FULL_COVERAGE:
             # A panel: compare with the reference re-aggregated over the genes both have.
             ref, index, calibration = atlas.vectors_over(basis.positions)
+            panel = basis.positions
         (log.warning if coverage < LOW_COVERAGE else log.info)(
             "The query measures %s of the atlas's %s genes, carrying %.0f%% of the reference's "
             "top-gene weight%s",
@@ -259,6 +316,32 @@ def map_cells(
         min_typicality=min_typicality,
     )
     metrics = truth_metrics(truth, labels, classes, atlas.name)
+    broad = None
+    if atlas.broad_labels is not None:
+        broad_classes, broad_codes, parent = atlas.broad_codes()
+        b_labels, b_conf, b_typical = assign_broad(
+            q,
+            idx,
+            sim,
+            labels,
+            classes,
+            broad_classes,
+            broad_codes,
+            parent,
+            min_confidence,
+            calibration=atlas.broad_calibration(panel),
+            min_typicality=min_typicality,
+        )
+        b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
+        broad = BroadCall(
+            key=atlas.meta.get("broad_label_key"),
+            classes=broad_classes,
+            labels=b_labels,
+            confidence=b_conf,
+            typicality=b_typical,
+            truth=b_truth,
+            metrics=truth_metrics(b_truth, b_labels, broad_classes, atlas.name),
+        )
     secs = time.perf_counter() - t0
     log.info(
         "Mapped %s cells onto %s in %.1f s (%.1f%% unassigned)",
@@ -287,6 +370,7 @@ def map_cells(
         seconds=secs,
         orthologs=orthologs.source if orthologs is not None else None,
         excluded_labels=excluded,
+        broad=broad,
         source=source,
     )
 
@@ -307,11 +391,12 @@ def excluded_cells(atlas: Atlas, exclude_labels) -> tuple[list[str], np.ndarray 
     if not wanted:
         return [], None
     labels = atlas.labels.astype(str)
-    present = [x for x in wanted if (labels == x).any()]
+    broad = atlas.broad_labels.astype(str) if atlas.broad_labels is not None else labels
+    present = [x for x in wanted if (labels == x).any() or (broad == x).any()]
     absent = [x for x in wanted if x not in present]
     if absent:
         log.info("Excluded label(s) not in atlas %s: %s", atlas.name, ", ".join(absent))
-    blocked = np.isin(labels, present)
+    blocked = np.isin(labels, present) | np.isin(broad, present)
     if blocked.all():
         raise CellvecError(
             f"--exclude-labels {','.join(wanted)} excludes every class of atlas {atlas.name!r}; "
@@ -438,6 +523,50 @@ def assign_labels(
     typical[empty] = 0.0
     labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED
     return scores, labels, conf, typical
+
+
+def assign_broad(
+    q: np.ndarray,
+    idx: np.ndarray,
+    sim: np.ndarray,
+    fine_labels: np.ndarray,
+    fine_classes: np.ndarray,
+    broad_classes: np.ndarray,
+    broad_codes: np.ndarray,
+    parent: np.ndarray,
+    min_confidence: float,
+    *,
+    calibration: np.ndarray | None = None,
+    min_typicality: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(broad labels, confidences, typicalities) from the same neighbours as the fine call.
+
+    Where the fine label was given and belongs to one broad class (`parent`, per fine
+    class), the broad label is that class, so the two levels never disagree; its
+    confidence is the broad vote's share for it (at least the fine label's). Elsewhere
+    it is the broad vote's winner, unassigned below the same `min_confidence` and
+    `min_typicality` (calibrated on the broad classes): a cell whose subtype is unclear
+    or missing from the atlas still gets "T" when its neighbours agree on T."""
+    scores = vote(idx, sim, broad_codes, len(broad_classes))
+    chosen = scores.argmax(1)
+    given = fine_labels != UNASSIGNED
+    fine_code = np.searchsorted(fine_classes.astype(str), fine_labels.astype(str))
+    fine_code = np.clip(fine_code, 0, len(fine_classes) - 1)
+    inherit = given & (parent[fine_code] >= 0)
+    chosen = np.where(inherit, parent[fine_code], chosen)
+    conf = scores[np.arange(len(chosen)), chosen]
+    typical = (
+        typicality(idx, sim, broad_codes, chosen, calibration)
+        if calibration is not None
+        else np.ones(len(chosen))
+    )
+    empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
+    conf[empty] = 0.0
+    typical[empty] = 0.0
+    labels = broad_classes[chosen].astype(object)
+    refused = (conf < min_confidence) | (typical < min_typicality) | empty
+    labels[refused & ~inherit] = UNASSIGNED
+    return labels, conf, typical
 
 
 def read_label_map(path: str | Path) -> dict[str, str]:

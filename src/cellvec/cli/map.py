@@ -46,6 +46,10 @@ from cellvec.cli.options import emit_json, input_options, json_option
     "--truth-key", help="obs column with known labels: report accuracy, macro-F1, per class."
 )
 @click.option(
+    "--broad-truth-key",
+    help="obs column with known broad labels: score the atlas's broad level too.",
+)
+@click.option(
     "--label-map",
     type=click.Path(exists=True, dir_okay=False),
     help="Rename truth labels to atlas labels (JSON object or two-column CSV/TSV).",
@@ -77,6 +81,7 @@ def map_cmd(
     min_confidence,
     min_typicality,
     truth_key,
+    broad_truth_key,
     label_map,
     orthologs,
     exclude_labels,
@@ -115,6 +120,7 @@ def map_cmd(
         min_confidence=min_confidence,
         min_typicality=min_typicality,
         truth_key=truth_key,
+        broad_truth_key=broad_truth_key,
         label_map=read_label_map(label_map) if label_map else None,
         orthologs=orthologs,
         exclude_labels=exclude_labels,
@@ -138,8 +144,20 @@ def map_cmd(
         f"{len(res.cell_ids):,} cells mapped onto {atlas_name} in {res.seconds:.1f} s"
         + (f" -> {out}" if out else "")
     )
+    summary = res.summary()
     if res.metrics:
         click.echo(metrics_table(res.metrics))
     else:
-        for label, n in res.summary()["label_counts"].items():
+        for label, n in summary["label_counts"].items():
             click.echo(f"  {label:<28}{n:>8,}")
+    if res.broad is not None:
+        broad = summary["broad"]
+        click.echo(
+            f"broad level ({broad['label_key']}): {broad['broad_only_fraction']:.1%} of cells "
+            "have a broad label only (their fine label is unassigned)"
+        )
+        if res.broad.metrics:
+            click.echo(metrics_table(res.broad.metrics))
+        else:
+            for label, n in broad["label_counts"].items():
+                click.echo(f"  {label:<28}{n:>8,}")
