@@ -245,3 +245,32 @@ def test_the_service_answers_both_levels_like_local_mapping(fake_store, monkeypa
     assert res.broad.metrics["n_cells"] == 30
     assert cell["label_broad"] == local.broad.labels[0]
     assert cell["confidence_broad"] == pytest.approx(local.broad.confidence[0], abs=1e-4)
+
+
+def test_evaluate_scores_both_levels(fake_store):
+    from cellvec.evaluation.evaluate import evaluate
+
+    res = evaluate(
+        _two_levels(n=90, seed=4),
+        label_key="cell_type",
+        broad_label_key="cell_type_broad",
+        store=fake_store,
+        folds=3,
+        top_genes=10,
+        refine="none",
+        baselines=True,
+        representations=["logreg_expr", "cellvec"],
+        min_confidence=0.75,
+        leave_out=["T_b"],
+    )
+    d = res.to_dict()
+    assert d["broad"]["cellvec"]["accuracy"] == 1.0 and d["broad"]["logreg_expr"]["n_cells"] == 90
+    two = d["two_levels"]
+    assert two["fine"]["unassigned_fraction"] > 0.1  # T_a / T_b votes split below 0.75
+    assert two["broad"]["unassigned_fraction"] < two["fine"]["unassigned_fraction"]
+    assert two["broad"]["macro_f1_without"] == 1.0
+    assert two["broad_given"] == two["broad_right"] > 0.5 * two["fine_unassigned"]
+    # a missing T subtype's cells still get T at the broad level
+    assert d["leave_out"]["T_b"]["cellvec"]["broad_right"] > 0.8
+    md = res.to_markdown()
+    assert "broad level (cell_type_broad" in md and "right broad label" in md
