@@ -274,3 +274,79 @@ def test_evaluate_scores_both_levels(fake_store):
     assert d["leave_out"]["T_b"]["cellvec"]["broad_right"] > 0.8
     md = res.to_markdown()
     assert "broad level (cell_type_broad" in md and "right broad label" in md
+
+
+def test_confidence_per_cluster(fake_store, tmp_path):
+    import anndata as ad
+
+    from cellvec.sql import connect_sql
+
+    build_atlas(
+        _two_levels(),
+        store=fake_store,
+        name="two",
+        label_key="cell_type",
+        broad_label_key="cell_type_broad",
+        refine="none",
+    )
+    q = _two_levels(seed=7, n=60, prefix="q")
+    q.obs["leiden"] = np.where(q.obs["cell_type_broad"] == "T", "10", "2")  # T vs the rest
+    q.obs.loc[q.obs["cell_type"] == "M", "leiden"] = "9"
+    res = map_cells(q, "two", store=fake_store, k=15, min_confidence=0.6, cluster_key="leiden")
+    df = res.cluster_summary()
+    assert df["cluster"].to_list() == ["2", "9", "10"]  # numeric order
+    assert df.columns == [
+        "cluster",
+        "n_cells",
+        "label",
+        "label_share",
+        "mean_confidence",
+        "unassigned_share",
+        "label_broad",
+        "label_broad_share",
+    ]
+    rows = {r["cluster"]: r for r in df.iter_rows(named=True)}
+    assert rows["9"] == pytest.approx(
+        dict(rows["9"], n_cells=20, label="M", label_share=1.0, unassigned_share=0.0)
+    )
+    t = rows["10"]
+    in_t = q.obs["leiden"].to_numpy() == "10"
+    given = res.labels[in_t][res.labels[in_t] != "unassigned"]
+    names, counts = np.unique(given, return_counts=True)
+    expected = names[counts.argmax()] if len(given) else "unassigned"
+    assert expected in ("T_a", "T_b") and 0 < t["unassigned_share"] < 1
+    assert t["n_cells"] == 20 and t["label"] == expected and t["label_broad"] == "T"
+    assert t["unassigned_share"] == pytest.approx((res.labels[in_t] == "unassigned").mean())
+    assert t["label_share"] == pytest.approx((res.labels[in_t] == t["label"]).mean())
+    assert t["mean_confidence"] == pytest.approx(res.confidence[in_t].mean())
+    assert t["label_broad_share"] == 1.0
+    back = ad.read_h5ad(res.write(tmp_path / "m.h5ad"))
+    assert back.uns["cellvec_clusters"]["label"].tolist() == ["B", "M", t["label"]]
+    assert back.uns["cellvec"]["cluster_key"] == "leiden"
+    assert res.summary()["clusters"][1]["label"] == "M"
+    res.save(fake_store, "run1")
+    got = connect_sql(fake_store).query(
+        "SELECT cluster, n_cells, label FROM mapping_run1_clusters ORDER BY n_cells, cluster"
+    )
+    assert got["cluster"].to_list() == ["10", "2", "9"]
+
+
+def test_cluster_key_through_the_cli(fake_store, tmp_path):
+    q = tiny_adata(n_cells=30, seed=5, prefix="q")
+    q.obs["leiden"] = q.obs["cell_type"].astype(str)
+    path = tmp_path / "q.h5ad"
+    q.write_h5ad(path)
+    build_atlas(
+        tiny_adata(n_cells=60), store=fake_store, name="t", label_key="cell_type", refine="none"
+    )
+    r = CliRunner()
+    args = ["map", str(path), "--store", str(fake_store), "--atlas", "t", "--cluster-key"]
+    res = r.invoke(cli, [*args, "leiden", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["cluster_key"] == "leiden"
+    assert {c["cluster"]: c["label"] for c in out["clusters"]} == {"B": "B", "M": "M", "T": "T"}
+    res = r.invoke(cli, [*args, "leiden"])
+    assert res.exit_code == 0 and "majority label" in res.output and "mean conf" in res.output
+    res = r.invoke(cli, [*args, "louvain"])
+    assert res.exit_code != 0 and "no obs column 'louvain'" in res.output

@@ -76,6 +76,7 @@ class Client:
         exclude_labels=(),
         truth_key: str | None = None,
         broad_truth_key: str | None = None,
+        cluster_key: str | None = None,
         label_map: dict[str, str] | None = None,
         layer: str | None = None,
         use_raw: bool | None = None,
@@ -93,6 +94,7 @@ class Client:
         from cellvec.cell_index.mapping import (
             BroadCall,
             MappingResult,
+            cluster_values,
             parse_labels,
             truth_metrics,
         )
@@ -117,6 +119,7 @@ class Client:
             from cellvec.cell_index.atlas import labels_of
 
             truth = labels_of(source, truth_key, label_map=label_map)
+        clusters = cluster_values(source, cluster_key) if cluster_key else None
         n = source.n_obs
         genes = pa.array(source.var_names, pa.string())
         options = {
@@ -217,6 +220,8 @@ class Client:
             metrics=metrics,
             seconds=secs,
             broad=broad,
+            cluster_key=cluster_key,
+            clusters=clusters,
             source=source,
         )
 

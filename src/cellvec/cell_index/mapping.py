@@ -62,6 +62,8 @@ class MappingResult:
     orthologs: str | None = None  # the ortholog table the query genes went through, if any
     excluded_labels: list[str] = field(default_factory=list)  # never given as answers
     broad: BroadCall | None = None  # the second level, for atlases built with broad labels
+    cluster_key: str | None = None  # the query's obs column summarised by `cluster_summary`
+    clusters: np.ndarray | None = field(default=None, repr=False)  # its value per cell
     source: ExpressionSource | None = field(default=None, repr=False)
 
     def to_polars(self, *, scores: bool = True):
@@ -94,6 +96,65 @@ class MappingResult:
                 ]
             )
         return df
+
+    def cluster_summary(self):
+        """Per query cluster (`cluster_key`): cluster, n_cells, the majority label among
+        the cells given one (`label`, or unassigned where none is), the share of the
+        cluster's cells with it (`label_share`), `mean_confidence` and `unassigned_share`;
+        with broad labels, `label_broad` and `label_broad_share` too. A polars DataFrame,
+        None without a cluster key."""
+        import polars as pl
+
+        if self.clusters is None:
+            return None
+        df = pl.DataFrame(
+            {
+                "cluster": self.clusters.astype(str).tolist(),
+                "label": self.labels.astype(str).tolist(),
+                "confidence": self.confidence.astype(np.float64),
+                "label_broad": (
+                    self.broad.labels.astype(str).tolist()
+                    if self.broad is not None
+                    else [UNASSIGNED] * len(self.labels)
+                ),
+            }
+        )
+
+        def majority(col: str) -> pl.DataFrame:
+            counts = (
+                df.group_by("cluster", col)
+                .len()
+                .with_columns(given=pl.col(col) != UNASSIGNED)
+                .sort(["cluster", "given", "len", col], descending=[False, True, True, False])
+            )
+            return counts.group_by("cluster", maintain_order=True).first().drop("given")
+
+        out = (
+            df.group_by("cluster")
+            .agg(
+                n_cells=pl.len(),
+                mean_confidence=pl.col("confidence").mean(),
+                unassigned_share=(pl.col("label") == UNASSIGNED).mean(),
+            )
+            .join(majority("label").rename({"len": "n_label"}), on="cluster")
+            .with_columns(label_share=pl.col("n_label") / pl.col("n_cells"))
+        )
+        columns = ["cluster", "n_cells", "label", "label_share", "mean_confidence"]
+        columns.append("unassigned_share")
+        if self.broad is not None:
+            out = out.join(
+                majority("label_broad").rename({"len": "n_broad"}), on="cluster"
+            ).with_columns(label_broad_share=pl.col("n_broad") / pl.col("n_cells"))
+            columns += ["label_broad", "label_broad_share"]
+        names = out["cluster"].to_list()
+        numeric = all(x.lstrip("-").isdigit() for x in names)
+        order = sorted(names, key=(lambda x: int(x)) if numeric else str)
+        rank = {c: i for i, c in enumerate(order)}
+        return (
+            out.with_columns(pl.col("cluster").replace_strict(rank).alias("_rank"))
+            .sort("_rank")
+            .select(columns)
+        )
 
     def to_anndata(self):
         """The query AnnData with obs['cellvec_label'], obs['cellvec_confidence'], obsm['X_cellvec']."""
@@ -133,6 +194,10 @@ class MappingResult:
             adata.uns["cellvec"]["excluded_labels"] = list(self.excluded_labels)
         if self.broad is not None:
             adata.uns["cellvec"]["broad_classes"] = self.broad.classes.astype(str).tolist()
+        if self.clusters is not None:
+            adata.uns["cellvec"]["cluster_key"] = self.cluster_key
+            table = self.cluster_summary().to_pandas()
+            adata.uns["cellvec_clusters"] = table.set_index(table["cluster"].rename(None))
         return adata
 
     def write(self, path: str | Path) -> Path:
@@ -166,7 +231,13 @@ class MappingResult:
         tbl = tbl.append_column(
             "vector", pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel()), dim)
         )
-        replace_table(GeneStore(store).db, f"mapping_{name}", tbl)
+        db = GeneStore(store).db
+        replace_table(db, f"mapping_{name}", tbl)
+        if self.clusters is not None:
+            clusters = self.cluster_summary().with_columns(
+                pl.lit(self.cluster_key).alias("cluster_key"), pl.lit(self.atlas).alias("atlas")
+            )
+            replace_table(db, f"mapping_{name}_clusters", clusters.to_arrow())
         return f"mapping_{name}"
 
     def summary(self) -> dict:
@@ -190,6 +261,9 @@ class MappingResult:
             out["excluded_labels"] = list(self.excluded_labels)
         if self.metrics:
             out.update(self.metrics)
+        if self.clusters is not None:
+            out["cluster_key"] = self.cluster_key
+            out["clusters"] = self.cluster_summary().to_dicts()
         if self.broad is not None:
             b = self.broad
             out["broad"] = {
@@ -229,6 +303,7 @@ def map_cells(
     orthologs: OrthologTable | str | Path | None = None,
     exclude_labels=(),
     broad_truth_key: str | None = None,
+    cluster_key: str | None = None,
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
 
@@ -249,7 +324,8 @@ def map_cells(
     `exclude_labels` (e.g. ["Doublet", "Unknown"]) are never given: reference cells that
     carry one are skipped in the search (more neighbours are searched so that k others
     remain), not outvoted. An atlas built with broad labels gives each cell a broad label
-    too (`result.broad`), scored against `broad_truth_key` if given.
+    too (`result.broad`), scored against `broad_truth_key` if given. `cluster_key` names
+    a query obs column (e.g. leiden) summarised per cluster (`result.cluster_summary()`).
     """
     t0 = time.perf_counter()
     if isinstance(atlas, str):
@@ -276,6 +352,7 @@ def map_cells(
         from cellvec.cell_index.atlas import labels_of
 
         truth = labels_of(source, truth_key, label_map=label_map)
+    clusters = cluster_values(source, cluster_key) if cluster_key else None
     if broad_truth_key and atlas.broad_labels is None:
         raise CellvecError(
             f"Atlas {atlas.name!r} has one level of labels; --broad-truth-key needs an atlas "
@@ -371,8 +448,21 @@ def map_cells(
         orthologs=orthologs.source if orthologs is not None else None,
         excluded_labels=excluded,
         broad=broad,
+        cluster_key=cluster_key,
+        clusters=clusters,
         source=source,
     )
+
+
+def cluster_values(source: ExpressionSource, key: str) -> np.ndarray:
+    """The query's `key` obs column as strings (missing values as "nan"), or an error
+    naming the columns there are."""
+    if key not in source.obs.columns:
+        raise InputFormatError(
+            f"{source.path}: no obs column {key!r} to summarise by; obs columns are: "
+            f"{', '.join(map(str, source.obs.columns)) or 'none'}. Name one with --cluster-key."
+        )
+    return source.obs[key].astype(str).to_numpy(dtype=object)
 
 
 def parse_labels(labels) -> list[str]:

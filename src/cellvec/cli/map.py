@@ -66,6 +66,12 @@ from cellvec.cli.options import emit_json, input_options, json_option
     help="Labels never to answer with (e.g. Doublet,Unknown): reference cells carrying one "
     "are skipped in the search, and k others found.",
 )
+@click.option(
+    "--cluster-key",
+    help="Query obs column of clusters (e.g. leiden): per cluster, the majority label, its "
+    "share, mean confidence and unassigned share (printed, in uns['cellvec_clusters'], and "
+    "in the store as mapping_<NAME>_clusters with --save-as).",
+)
 @click.option("--subset", help="Keep query cells where obs column equals value(s): COLUMN=V1,V2.")
 @click.option("--save-as", help="Also save the mapping in the store (SQL view mapping_<NAME>).")
 @input_options
@@ -85,6 +91,7 @@ def map_cmd(
     label_map,
     orthologs,
     exclude_labels,
+    cluster_key,
     subset,
     save_as,
     layer,
@@ -102,6 +109,7 @@ def map_cmd(
       cellvec map mouse_retina.h5ad --store human_store/ --atlas retina \\
           --orthologs hcop_mouse_to_human.csv.gz --out mapped.h5ad
       cellvec map pbmc.h5ad --store store/ --atlas pbmc --exclude-labels Doublet,Unknown --json
+      cellvec map pbmc.h5ad --store store/ --atlas pbmc --cluster-key leiden --save-as run1
       cellvec map pbmc.h5ad --server http://127.0.0.1:8000 --atlas pbmc --out mapped.h5ad
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
@@ -124,6 +132,7 @@ def map_cmd(
         label_map=read_label_map(label_map) if label_map else None,
         orthologs=orthologs,
         exclude_labels=exclude_labels,
+        cluster_key=cluster_key,
     )
     if server:
         from cellvec.client import Client
@@ -161,3 +170,21 @@ def map_cmd(
         else:
             for label, n in broad["label_counts"].items():
                 click.echo(f"  {label:<28}{n:>8,}")
+    if res.clusters is not None:
+        click.echo(cluster_table(res.cluster_summary(), cluster_key))
+
+
+def cluster_table(df, key: str) -> str:
+    """The per-cluster summary as a plain-text table for the terminal."""
+    broad = "label_broad" in df.columns
+    lines = [
+        f"{key[:14]:<15}{'cells':>7}  {'majority label':<24}{'share':>6}{'mean conf':>10}"
+        f"{'unassigned':>11}" + (f"  {'broad label':<16}{'share':>6}" if broad else "")
+    ]
+    for r in df.iter_rows(named=True):
+        lines.append(
+            f"{r['cluster'][:14]:<15}{r['n_cells']:>7,}  {r['label'][:23]:<24}"
+            f"{r['label_share']:>6.2f}{r['mean_confidence']:>10.3f}{r['unassigned_share']:>11.2f}"
+            + (f"  {r['label_broad'][:15]:<16}{r['label_broad_share']:>6.2f}" if broad else "")
+        )
+    return "\n".join(lines)
