@@ -64,6 +64,17 @@ from cellvec.cli.options import (
     help="Vote-confidence threshold scored with --leave-out and --broad-label-key.",
 )
 @click.option(
+    "--species-swap",
+    type=click.Choice(["mouse", "human"]),
+    help="Rename each fold's query (and --query) to this species' symbols through the "
+    "one-to-one orthologs of --orthologs, and map it onto the unchanged reference.",
+)
+@click.option(
+    "--orthologs",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ortholog table for --species-swap (e.g. hcop_mouse_to_human.csv.gz).",
+)
+@click.option(
     "--query",
     type=click.Path(exists=True),
     help="Second labelled dataset: transfer score, no retraining.",
@@ -103,6 +114,8 @@ def evaluate_cmd(
     leave_out,
     min_typicality,
     min_confidence,
+    species_swap,
+    orthologs,
     query,
     query_label_key,
     label_map,
@@ -122,6 +135,8 @@ def evaluate_cmd(
           --baselines --peers celltypist --panel 0.3,0.1 --leave-out NK --json
       cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \
           --broad-label-key cell_type_broad --min-confidence 0.6 --baselines
+      cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \
+          --species-swap mouse --orthologs hcop_mouse_to_human.csv.gz --peers celltypist
     """
     from cellvec.cell_index.mapping import read_label_map
     from cellvec.evaluation.evaluate import evaluate
@@ -156,6 +171,8 @@ def evaluate_cmd(
         min_typicality=min_typicality,
         min_confidence=min_confidence,
         broad_label_key=broad_label_key,
+        species_swap=species_swap,
+        orthologs=orthologs,
         query=query,
         query_label_key=query_label_key,
         label_map=read_label_map(label_map) if label_map else None,

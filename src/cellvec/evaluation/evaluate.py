@@ -86,6 +86,7 @@ class EvaluationResult:
     broad: dict[str, dict] = field(default_factory=dict)  # each representation, broad level
     two_levels: dict = field(default_factory=dict)  # cellvec's calls at both levels
     broad_label_key: str | None = None
+    species_swap: dict = field(default_factory=dict)  # the query in another species' symbols
     recipe: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -116,6 +117,16 @@ class EvaluationResult:
             out["broad"] = {k: strip(v) for k, v in self.broad.items()}
         if self.two_levels:
             out["two_levels"] = self.two_levels
+        if self.species_swap:
+            sw = self.species_swap
+            out["species_swap"] = {
+                **{k: v for k, v in sw.items() if k not in ("folds", "transfer")},
+                **{
+                    part: {k: strip(v) for k, v in sw[part].items()}
+                    for part in ("folds", "transfer")
+                    if part in sw
+                },
+            }
         return out
 
     def to_markdown(self) -> str:
@@ -162,6 +173,30 @@ class EvaluationResult:
                 f"{t['broad_given']:,} get a broad label, {t['broad_right']:,} of them the "
                 "right one.",
             ]
+        if self.species_swap:
+            sw = self.species_swap
+            for part in ("folds", "transfer"):
+                if part not in sw:
+                    continue
+                kept, total = sw["genes"][part]
+                lines += [
+                    "",
+                    f"The query renamed to {sw['to']} symbols through {sw['orthologs']} "
+                    f"(one-to-one orthologs: {kept:,} of {total:,} genes keep a name); cellvec "
+                    "maps it back with `orthologs=`, the expression peers get the kept genes "
+                    "under their own names:",
+                    "",
+                ]
+                same = self.representations if part == "folds" else self.transfer
+                lines += _grid(
+                    f"{'cross-validated' if part == 'folds' else 'transfer'}, query as {sw['to']}",
+                    columns + ["macro-F1 in its own species"],
+                    {
+                        n: [f"{m[k]:.3f}" for k in metrics]
+                        + [f"{same[n]['macro_f1']:.3f}" if n in same else "–"]
+                        for n, m in sw[part].items()
+                    },
+                )
         if self.transfer:
             lines += [""] + _grid(
                 "transfer (no retraining)",
@@ -355,6 +390,7 @@ class _Predictors:
             k=self.k,
             min_typicality=kw.get("min_typicality", 0.0),
             min_confidence=kw.get("min_confidence", 0.0),
+            orthologs=kw.get("orthologs"),
         )
         return res.labels
 
@@ -382,6 +418,8 @@ def evaluate(
     min_typicality: float = 0.01,
     min_confidence: float = 0.0,
     broad_label_key: str | None = None,
+    species_swap: str | None = None,
+    orthologs=None,
     query=None,
     query_label_key: str | None = None,
     label_map: dict[str, str] | None = None,
@@ -410,6 +448,13 @@ def evaluate(
     whose fine label is unassigned still get a broad one, and how many of those are right.
     The left-out scenario then reports how many of a missing subtype's cells get the
     right broad label.
+
+    `species_swap` ("mouse" or "human", with an `orthologs` table such as HCOP's): each
+    fold's query (and the transfer `query`) is renamed to that species' symbols through
+    the table's one-to-one orthologs (other genes dropped, as a real cross-species query
+    lacks them) and mapped onto the unchanged reference: cellvec through `orthologs=`,
+    the expression peers (logistic regression zero-filled and retrained on the kept
+    genes, CellTypist) on the kept genes under their own names.
     """
     t0 = time.perf_counter()
     unknown = [p for p in peers if p not in PEERS]
@@ -460,13 +505,13 @@ def evaluate(
         raise CellvecError("skip_folds leaves nothing to score without a query.")
     splits = [] if skip_folds else _folds(y, folds, seed)
 
-    def cross_validate(name, ref_cells=None, query_of=None) -> np.ndarray:
+    def cross_validate(name, ref_cells=None, query_of=None, **kw) -> np.ndarray:
         out = np.empty(n, dtype=object)
         for i, (tr, te) in enumerate(splits):
             tr = ref_cells(i, tr) if ref_cells else tr
             q = source.subset(_mask(n, te))
             q = query_of(i, q) if query_of else q
-            out[te] = pred.predict(name, source.subset(_mask(n, tr)), y[tr], q)
+            out[te] = pred.predict(name, source.subset(_mask(n, tr)), y[tr], q, **kw)
         return out
 
     results: dict[str, dict] = {}
@@ -535,6 +580,12 @@ def evaluate(
             for name in ["cellvec", "logreg_expr"]
         }
 
+    swap = {}
+    if species_swap:
+        swap = _species_swap_scores(
+            pred, source, y, species_swap, orthologs, peers, cross_validate if splits else None
+        )
+
     transfer = {}
     if query is not None:
         q = read_expression(
@@ -553,6 +604,31 @@ def evaluate(
                 transfer[name]["accuracy"],
                 transfer[name]["macro_f1"],
             )
+        if species_swap:
+            table, rename = swap["_table"], swap["_rename"]
+            q_as, q_kept = rename(q)
+            swap["genes"]["transfer"] = (len(q_kept.var_names), len(q.var_names))
+            swap["transfer"] = {}
+            for name in names:
+                translated = name not in EXPRESSION_BASELINES and name not in PEERS
+                swap["transfer"][name] = classification_metrics(
+                    qy,
+                    pred.predict(
+                        name,
+                        source,
+                        y,
+                        q_as if translated else q_kept,
+                        shared_genes=True,
+                        orthologs=table if translated else None,
+                    ),
+                )
+                log.info(
+                    "transfer as %s %-12s macro-F1 %.3f",
+                    species_swap,
+                    name,
+                    swap["transfer"][name]["macro_f1"],
+                )
+    swap = {k: v for k, v in swap.items() if not k.startswith("_")}
     return EvaluationResult(
         dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",
         label_key=label_key,
@@ -565,9 +641,81 @@ def evaluate(
         broad=broad,
         two_levels=two_levels,
         broad_label_key=broad_label_key,
+        species_swap=swap,
         recipe=recipe.to_dict(),
         seconds=time.perf_counter() - t0,
     )
+
+
+def translate(source: ExpressionSource, mapping: dict[str, str]):
+    """(`source` with its genes renamed through `mapping` (upper-cased symbol -> symbol;
+    genes without one dropped, a repeated name kept once), the same kept genes under their
+    own names)."""
+    seen: set[str] = set()
+    keep = np.zeros(len(source.var_names), dtype=bool)
+    names = []
+    for i, g in enumerate(source.var_names):
+        new = mapping.get(str(g).upper())
+        if new is not None and new not in seen:
+            seen.add(new)
+            keep[i] = True
+            names.append(new)
+    if not keep.any():
+        raise CellvecError(
+            f"{source.path}: no gene has a one-to-one ortholog in the table: is the table of "
+            "this dataset's species?"
+        )
+    kept = source.subset_genes(keep)
+    return replace(kept, var_names=names), kept
+
+
+def _species_swap_scores(pred, source, y, to, orthologs, peers, cross_validate) -> dict:
+    """Each fold's query renamed to `to` symbols: cellvec maps it through the table, the
+    expression peers see the kept genes (see `evaluate`)."""
+    from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
+
+    if orthologs is None:
+        raise CellvecError(
+            "--species-swap needs an ortholog table: --orthologs hcop_mouse_to_human.csv.gz "
+            "(HCOP/Ensembl, either direction) or a two-column file."
+        )
+    table = orthologs if isinstance(orthologs, OrthologTable) else read_orthologs(orthologs)
+    mapping = table.one_to_one(to)
+
+    def rename(src):
+        return translate(src, mapping)
+
+    out = {
+        "to": to,
+        "orthologs": table.source,
+        "genes": {},
+        "_table": table,
+        "_rename": rename,
+    }
+    if cross_validate is None:
+        return out
+    kept = len(rename(source)[1].var_names)
+    out["genes"]["folds"] = (kept, len(source.var_names))
+    log.info(
+        "Species swap: %d of %d genes have a one-to-one %s ortholog",
+        kept,
+        len(source.var_names),
+        to,
+    )
+    out["folds"] = {}
+    for name in ["logreg_expr", "logreg_panel", *peers, "cellvec"]:
+        translated = name == "cellvec"
+        scores = classification_metrics(
+            y,
+            cross_validate(
+                name,
+                query_of=lambda i, q, t=translated: rename(q)[0 if t else 1],
+                orthologs=table if translated else None,
+            ),
+        )
+        out["folds"][name] = scores
+        log.info("query as %s %-12s macro-F1 %.3f", to, name, scores["macro_f1"])
+    return out
 
 
 def _most_common(values: np.ndarray):
