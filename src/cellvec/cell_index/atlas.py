@@ -61,6 +61,26 @@ def labels_of(
     return labels.to_numpy(dtype=object)
 
 
+def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.ndarray:
+    """The cells' broad labels; a cell without one takes its fine label. Logs a fine label
+    that falls under several broad ones (its cells then get the broad vote's label)."""
+    broad = _label_column(source, key).astype(str).to_numpy(dtype=object)
+    missing = ~known_labels(source, key)
+    broad[missing] = labels[missing]
+    if missing.any():
+        log.warning(
+            "%s: %d cells without a %s label are their own broad class",
+            source.path,
+            int(missing.sum()),
+            key,
+        )
+    for fine in np.unique(labels):
+        found = np.unique(broad[labels == fine])
+        if len(found) > 1:
+            log.warning("Label %r falls under several %s: %s", fine, key, ", ".join(found[:5]))
+    return broad
+
+
 def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
     """True for cells that carry a (non-empty) label."""
     col = _label_column(source, label_key)
@@ -199,6 +219,7 @@ class Atlas:
     batches: np.ndarray
     vectors: np.ndarray
     version: int = 0
+    broad_labels: np.ndarray | None = None  # a second, coarser level (`--broad-label-key`)
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
     _codes: tuple | None = field(default=None, repr=False)
@@ -206,6 +227,7 @@ class Atlas:
     _panels: dict = field(default_factory=dict, repr=False)
     _calibration: np.ndarray | None = field(default=None, repr=False)
     _held_out: np.ndarray | None = field(default=None, repr=False)
+    _broad: dict = field(default_factory=dict, repr=False)
 
     @property
     def recipe(self) -> Recipe:
@@ -226,6 +248,35 @@ class Atlas:
             self._codes = np.unique(self.labels.astype(str), return_inverse=True)
         return self._codes
 
+    def broad_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sorted broad class names, each cell's broad class index, each fine class's broad
+        class index or -1 where its cells carry several). Needs an atlas with broad labels."""
+        if "codes" not in self._broad:
+            broad, codes = np.unique(self.broad_labels.astype(str), return_inverse=True)
+            fine = self.label_codes()[1]
+            parent = np.full(len(self.classes), -1, dtype=np.int64)
+            for c in range(len(self.classes)):
+                found = np.unique(codes[fine == c])
+                if len(found) == 1:
+                    parent[c] = found[0]
+            self._broad["codes"] = (broad, codes, parent)
+        return self._broad["codes"]
+
+    def broad_calibration(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """The typicality calibration of the broad level (as `calibration` is of the fine
+        one), over the whole atlas or re-aggregated over the genes at `positions`."""
+        key = None if positions is None else hash(np.asarray(positions, np.int64).tobytes())
+        if key not in self._broad:
+            if key is not None and len(self._broad) > 5:
+                self._broad.pop(next(k for k in self._broad if k not in ("codes", None)))
+            vecs, index = (
+                (self.vectors, self.index())
+                if positions is None
+                else self.vectors_over(positions)[:2]
+            )
+            self._broad[key] = self_similarity(vecs, self.broad_codes()[1], index, self.held_out())
+        return self._broad[key]
+
     @classmethod
     def open(cls, store: str | Path, name: str) -> Atlas:
         gs = GeneStore(store)
@@ -242,9 +293,9 @@ class Atlas:
                 f"Atlas {name!r} in {store} was built by an older cellvec (recipe version "
                 f"{found}, this one reads {RECIPE_VERSION}). Rebuild it with `cellvec atlas build`."
             )
-        arrow = tbl.to_lance().to_table(
-            columns=["cell_id", "label", "batch", "vector", "self_similarity"]
-        )
+        columns = ["cell_id", "label", "batch", "vector", "self_similarity"]
+        has_broad = "label_broad" in tbl.schema.names
+        arrow = tbl.to_lance().to_table(columns=columns + (["label_broad"] if has_broad else []))
         vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
             name=name,
@@ -255,11 +306,18 @@ class Atlas:
             batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
             vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
             version=tbl.version,
+            broad_labels=(
+                np.asarray(arrow.column("label_broad").to_pylist(), dtype=object)
+                if has_broad
+                else None
+            ),
             _calibration=arrow.column("self_similarity").to_numpy(zero_copy_only=False),
         )
 
     @classmethod
-    def from_fit(cls, name: str, fit: FittedReference, labels, cell_ids=None) -> Atlas:
+    def from_fit(
+        cls, name: str, fit: FittedReference, labels, cell_ids=None, broad_labels=None
+    ) -> Atlas:
         """An atlas held in memory only (evaluation folds): the same search and mapping as a
         stored one, without writing it."""
         n = len(fit.vectors)
@@ -272,6 +330,7 @@ class Atlas:
             labels=np.asarray(labels, dtype=object),
             batches=np.full(n, "", dtype=object),
             vectors=fit.vectors,
+            broad_labels=None if broad_labels is None else np.asarray(broad_labels, dtype=object),
             _encoder=fit.encoder,
             _weights=fit.weights,
             _held_out=fit.held_out,
@@ -388,11 +447,14 @@ class Atlas:
             "n_cells": len(self.vectors),
             "label_key": self.meta.get("label_key"),
             "classes": self.meta.get("classes"),
+            "broad_label_key": self.meta.get("broad_label_key"),
+            "broad_classes": self.meta.get("broad_classes"),
             "recipe": self.meta.get("recipe"),
             "created": self.meta.get("created"),
             "source": self.meta.get("source"),
             "k": self.k,
             "tuning": self.meta.get("tuning"),
+            "excluded_labels": self.meta.get("excluded_labels"),
             "refinement": {
                 k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
             },
@@ -443,6 +505,8 @@ def build_atlas(
     k: int | None = None,
     tune: bool = False,
     calibration_split: float = 0.0,
+    exclude_labels=(),
+    broad_label_key: str | None = None,
 ) -> Atlas:
     """Embed a labelled reference and write it as atlas `name` in the store.
 
@@ -450,8 +514,15 @@ def build_atlas(
     chooses `top_genes` and `k` by 3-fold cross-validation on the reference
     (`cellvec.evaluation.tune`), recorded in the recipe and the atlas metadata.
     `calibration_split` keeps that share of each class out of refinement to calibrate
-    typicality (`map_cells(min_typicality=...)` needs it)."""
+    typicality (`map_cells(min_typicality=...)` needs it). `exclude_labels` (e.g.
+    ["Doublet", "Unknown"]) drops the reference cells that carry one before anything is
+    fitted; the atlas records what was dropped (`meta["excluded_labels"]`). `broad_label_key`
+    names a second, coarser label (e.g. `cell_type_broad` over `cell_type`), stored in
+    column `label_broad`: mapping then gives a broad label too, even where the fine one is
+    unassigned. A cell without a broad label is its own broad class (its fine label)."""
     import re
+
+    from cellvec.cell_index.mapping import parse_labels
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise CellvecError(
@@ -468,6 +539,25 @@ def build_atlas(
         )
         source = source.subset(known)
     labels = labels_of(source, label_key)
+    broad = _broad_labels(source, labels, broad_label_key) if broad_label_key else None
+    excluded = {}
+    for x in parse_labels(exclude_labels):
+        excluded[x] = int(((labels == x) | ((broad == x) if broad is not None else False)).sum())
+    if excluded:
+        drop = np.isin(labels.astype(str), list(excluded))
+        if broad is not None:
+            drop |= np.isin(broad.astype(str), list(excluded))
+        if drop.all():
+            raise CellvecError(
+                f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
+            )
+        log.info(
+            "Excluded from the reference: %s",
+            ", ".join(f"{x} ({n:,} cells)" for x, n in excluded.items()),
+        )
+        source = source.subset(~drop)
+        labels = labels[~drop]
+        broad = broad[~drop] if broad is not None else None
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = Recipe(
         model=genes.model,
@@ -517,8 +607,14 @@ def build_atlas(
         "k": int(k or DEFAULT_K),
         "tuning": tuning,
     }
+    if excluded:
+        meta["excluded_labels"] = excluded
+    if broad is not None:
+        meta["broad_label_key"] = broad_label_key
+        names, counts = np.unique(broad.astype(str), return_counts=True)
+        meta["broad_classes"] = {str(c): int(n) for c, n in zip(names, counts)}
     dim = vectors.shape[1]
-    memory = Atlas.from_fit(name, fit, labels)
+    memory = Atlas.from_fit(name, fit, labels, broad_labels=broad)
     calibration = memory.calibration()
     schema = pa.schema(
         [
@@ -532,7 +628,8 @@ def build_atlas(
             pa.field("top_weights", pa.large_list(pa.float32())),
             # typicality calibration: similarity to the nearest same-class cell (a sample)
             pa.field("self_similarity", pa.float32()),
-        ],
+        ]
+        + ([pa.field("label_broad", pa.string())] if broad is not None else []),
         metadata={META_KEY: json.dumps(meta).encode()},
     )
     table = pa.Table.from_arrays(
@@ -551,7 +648,8 @@ def build_atlas(
                 pa.array(fit.weights.data.astype(np.float32)),
             ),
             pa.array(calibration, pa.float32()),
-        ],
+        ]
+        + ([pa.array(broad.tolist(), pa.string())] if broad is not None else []),
         schema=schema,
     )
     replace_table(gs.db, ATLAS_PREFIX + name, table)
