@@ -1,19 +1,28 @@
-"""Content-addressed arrays (background transforms, refinement heads) in `<store>/_artifacts/`.
+"""Content-addressed arrays (background transforms, refinement heads) in the store's
+`_artifacts` table.
 
-An artifact is written to a temporary file and renamed into place, so a reader
-never sees half of one; its name is the hash the recipe records.
+An artifact is one row (`digest`, `data`: the arrays as npz bytes) appended in one
+Lance commit, so a reader never sees half of one, and it goes wherever the store
+goes (a local directory or a bucket) with the store's storage options. Its digest is
+the hash the recipe records. Two atlas builds appending at once both land: Lance
+rebases concurrent appends. Stores written before the table existed kept artifacts
+as files in `<store>/_artifacts/<digest>.npz`; those are still read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from cellvec.errors import StoreError
+from cellvec.storage import StoreLocation, store_location
+
+TABLE = "_artifacts"
+_SCHEMA = pa.schema([pa.field("digest", pa.string()), pa.field("data", pa.large_binary())])
 
 
 def array_hash(arrays: dict[str, np.ndarray]) -> str:
@@ -27,28 +36,54 @@ def array_hash(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:24]
 
 
-def save_artifact(store: str | Path, arrays: dict[str, np.ndarray]) -> str:
+def _find(tbl, digest: str) -> bytes | None:
+    rows = tbl.to_lance().to_table(columns=["data"], filter=f"digest = '{digest}'", limit=1)
+    return rows.column("data")[0].as_py() if rows.num_rows else None
+
+
+def save_artifact(store: str | Path | StoreLocation, arrays: dict[str, np.ndarray]) -> str:
+    from cellvec.gene_store.store import GeneStore
+
     digest = array_hash(arrays)
-    folder = Path(store) / "_artifacts"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{digest}.npz"
-    if not final.exists():
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        tmp = folder / f".{digest}.{os.getpid()}.tmp"
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, final)
+    gs = GeneStore(store, create=True)
+    tbl = gs.open_table(TABLE)
+    if tbl is not None and _find(tbl, digest) is not None:
+        return digest
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    row = pa.table({"digest": [digest], "data": [buf.getvalue()]}, schema=_SCHEMA)
+    if tbl is None:
+        try:
+            gs.db.create_table(TABLE, row)
+            return digest
+        except ValueError as e:  # another writer created the table first: append to it
+            if "already exists" not in str(e):
+                raise
+            tbl = gs.db.open_table(TABLE)
+    tbl.add(row)
     return digest
 
 
-def load_artifact(store: str | Path, digest: str) -> dict[str, np.ndarray]:
-    path = Path(store) / "_artifacts" / f"{digest}.npz"
-    if not path.exists():
+def load_artifact(store: str | Path | StoreLocation, digest: str) -> dict[str, np.ndarray]:
+    from cellvec.gene_store.store import GeneStore
+
+    loc = store_location(store)
+    tbl = GeneStore(loc).open_table(TABLE)
+    data = _find(tbl, digest) if tbl is not None else None
+    where = f"the {TABLE} table of {loc.uri}"
+    if data is None and loc.is_local:
+        legacy = loc.path / "_artifacts" / f"{digest}.npz"
+        if legacy.exists():
+            data, where = legacy.read_bytes(), str(legacy)
+    if data is None:
         raise StoreError(
-            f"{path} is missing: the atlas needs it. Rebuild the atlas with `cellvec atlas build`."
+            f"Artifact {digest} is missing from {where}: the atlas needs it. Rebuild the atlas "
+            "with `cellvec atlas build`."
         )
-    with np.load(path) as z:
+    with np.load(io.BytesIO(data)) as z:
         arrays = {k: z[k] for k in z.files}
     if array_hash(arrays) != digest:
-        raise StoreError(f"{path} does not match its hash (corrupted?). Rebuild the atlas.")
+        raise StoreError(
+            f"Artifact {digest} in {where} does not match its hash (corrupted?). Rebuild the atlas."
+        )
     return arrays
