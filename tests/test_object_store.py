@@ -146,6 +146,8 @@ def _pipeline(tmp_path, store: str, extra: list[str], tag: str) -> dict:
         "sql", "SELECT symbol FROM nearest_genes('TGENE0', 3)", *s, "--format", "json"
     ).stdout
     out["views"] = _run("sql", "SELECT count(*) AS n FROM genes_precomputed_rand", *s).stdout
+    listed = json.loads(_run("atlas", "list", *s, "--json").stdout)["atlases"]
+    out["atlases"] = [(a["name"], a["n_cells"], a["classes"]) for a in listed]
     return out
 
 
@@ -163,6 +165,7 @@ def test_every_command_on_s3_gives_the_local_result(tmp_path, s3, s3_uri, monkey
     assert remote["sql"] == local["sql"] and "30" in remote["sql"]
     assert remote["sql_genes"] == local["sql_genes"]
     assert remote["views"] == local["views"]
+    assert remote["atlases"] == local["atlases"] == [("tiny", 90, {"B": 30, "M": 30, "T": 30})]
     # everything lives in the bucket: tables and the atlas's artifacts, nothing on disk
     keys = {
         o["Key"].split("/")[1]
