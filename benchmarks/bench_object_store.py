@@ -15,7 +15,7 @@ The S3 server is moto, in Python, on the same cores: it is slower than a real ob
 store per request and has no network latency, so the ratio says what the object-store
 path costs here, not what a region away would.
 
-    python benchmarks/bench_object_store.py [--atlas-cells 50000] [--query-cells 5000] [--repeats 3]
+    python benchmarks/bench_object_store.py [--atlas-cells 50000] [--query-cells 1000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -99,12 +99,12 @@ def map_once(store, query: Path) -> tuple[float, float, np.ndarray]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--atlas-cells", type=int, default=50_000)
-    ap.add_argument("--query-cells", type=int, default=5_000)
+    ap.add_argument("--query-cells", type=int, default=1_000)
     ap.add_argument("--genes", type=int, default=2_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--top-genes", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", dest="json_out", help="also write the figures to this file")
     args = ap.parse_args()
     log_progress()

@@ -174,9 +174,10 @@ def test_every_command_on_s3_gives_the_local_result(tmp_path, s3, s3_uri, monkey
         .paginate(Bucket=BUCKET, Prefix=s3_uri.split("/", 3)[3] + "/")
         for o in page.get("Contents", [])
     }
-    assert {"genes_fake.lance", "atlas_tiny.lance", "mapping_q.lance", "_artifacts.lance"} <= keys
+    assert {"genes_fake.lance", "atlas_tiny.lance", "mapping_q.lance"} <= keys
+    assert len([k for k in keys if k.startswith("_artifact_")]) == 2  # whitening, head
     assert not any(p.name.startswith(("s3:", BUCKET)) for p in tmp_path.iterdir())
-    assert not (tmp_path / "store" / "_artifacts").exists()  # artifacts are a table here too
+    assert not (tmp_path / "store" / "_artifacts").exists()  # artifacts are tables here too
 
 
 def test_python_api_reads_credentials_from_the_environment(tmp_path, s3, s3_uri, monkeypatch):
@@ -260,6 +261,12 @@ def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
             else:
                 assert served.folder is not None
     assert answers["s3"] == answers["local"]
+    # --cache-dir: a bucket's atlas memory-mapped from a local folder, same answers
+    app = create_app(s3_atlas["s3"], cache_dir=tmp_path / "cache", preload=False)
+    with Server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/atlases/tiny/map", json=_cells())
+        assert r.status_code == 200 and r.json()["cells"] == answers["s3"][0]
+    assert app.state.atlases.get("tiny").folder.parent == tmp_path / "cache" / "tiny"
     # the local store memory-maps its atlas in STORE/_serving; the bucket left nothing on disk
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("_serving")] == [
         "store/_serving"
@@ -355,10 +362,11 @@ def test_two_writers_racing_lose_nothing(s3, s3_uri):
         [(0, 0)] + [(w, i) for w in (1, 2) for i in range(10)]
     )
 
-    # two atlas builds saving artifacts at once: one creates the table, both rows land
-    arrays = {w: {"a": np.full(5, w, np.float32)} for w in (1, 2)}
-    digests = _together(lambda w: save_artifact(loc, arrays[w]), (1, 2))
-    for w in (1, 2):
+    # atlas builds saving artifacts at once (writers 1 and 3 the same one): all land
+    arrays = {w: {"a": np.full(5, w % 2, np.float32)} for w in (1, 2, 3)}
+    digests = _together(lambda w: save_artifact(loc, arrays[w]), (1, 2, 3))
+    assert all(isinstance(d, str) for d in digests.values()), digests
+    for w in (1, 2, 3):
         np.testing.assert_array_equal(load_artifact(loc, digests[w])["a"], arrays[w]["a"])
 
     # replacements at once: each round ends with exactly one writer's table, never a mix
