@@ -123,8 +123,9 @@ def replace_table(db, name: str, data):
     """Write `data` as table `name` in one commit: created, or overwritten when it exists.
 
     Two writers replacing one table at once: Lance commits one and refuses the other
-    (on S3 through a conditional PUT), which is reported as a `StoreError`; nothing is
-    lost silently and the table is never a mix of the two."""
+    (on S3 through a conditional PUT), which is reported as a `StoreError`; the table is
+    never a mix of the two. (Two creating a new table at once may instead both be
+    committed, one after the other: the last one wins.)"""
     try:
         return db.create_table(
             name, data, mode="overwrite" if name in list_table_names(db) else "create"
