@@ -4,6 +4,7 @@ missing credentials are named with their fix."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -304,15 +305,13 @@ def test_serve_workers_get_the_storage_options(s3_atlas):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        ready, deadline = False, time.monotonic() + 180  # two workers start slowly on busy cores
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read()
+        assert ready, "cellvec serve --workers 2 was not ready within 180 s"
         r = httpx.post(f"{url}/v1/atlases/tiny/map", json=_cells(4), timeout=60)
         assert r.status_code == 200, r.text
         assert [c["label"] for c in r.json()["cells"]] == ["T", "B", "M", "T"]
