@@ -36,6 +36,7 @@ from cellvec.cell_index.refine import adapted_basis, apply_head, encode_weights,
 from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weighted_mean, weights_matrix
 from cellvec.errors import CellvecError, InputFormatError, StoreError
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
+from cellvec.storage import StoreLocation, store_location
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class Atlas:
     """An atlas loaded from the store: vectors in memory, ready for KNN."""
 
     name: str
-    store: str
+    store: StoreLocation | str  # "" for an atlas held in memory only (`from_fit`)
     meta: dict
     cell_ids: np.ndarray
     labels: np.ndarray
@@ -278,7 +279,8 @@ class Atlas:
         return self._broad[key]
 
     @classmethod
-    def open(cls, store: str | Path, name: str) -> Atlas:
+    def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
+        store = store_location(store)
         gs = GeneStore(store)
         tbl = gs.open_table(ATLAS_PREFIX + name)
         meta = read_meta(tbl) if tbl is not None else {}
@@ -299,7 +301,7 @@ class Atlas:
         vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
             name=name,
-            store=str(store),
+            store=store,
             meta=meta,
             cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
             labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
@@ -462,7 +464,10 @@ class Atlas:
 
 
 def load_encoder(
-    store: str | Path, name: str, recipe: Recipe, gene_store: GeneStore | None = None
+    store: str | Path | StoreLocation,
+    name: str,
+    recipe: Recipe,
+    gene_store: GeneStore | None = None,
 ) -> CellEncoder:
     """The encoder of atlas `name`: its gene table, background transform and head, checked
     against the hashes its recipe records."""
@@ -478,7 +483,7 @@ def load_encoder(
     return CellEncoder(recipe, genes, bg, head)
 
 
-def list_atlases(store: str | Path) -> list[str]:
+def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     gs = GeneStore(store)
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
 
@@ -486,7 +491,7 @@ def list_atlases(store: str | Path) -> list[str]:
 def build_atlas(
     reference,
     *,
-    store: str | Path,
+    store: str | Path | StoreLocation,
     name: str,
     label_key: str,
     model: str | None = None,

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import click
 
-from cellvec.cli.options import emit_json, input_options, json_option
+from cellvec.cli.options import STORE_HELP, emit_json, input_options, json_option, store_options
 
 
 @click.command("map")
 @click.argument("query", type=click.Path(exists=True))
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False),
-    help="Gene store directory (LanceDB); not needed with --server.",
-)
+@store_options(required=False, help=STORE_HELP + " Not needed with --server.")
 @click.option(
     "--server",
     metavar="URL",

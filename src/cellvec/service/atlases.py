@@ -41,7 +41,7 @@ class ServedAtlas:
     classes: np.ndarray
     codes: np.ndarray
     calibration: np.ndarray  # typicality calibration per atlas cell (`Atlas.calibration`)
-    store: str = ""
+    store: object = ""  # the StoreLocation the atlas is read from
     folder: Path | None = None  # the memory-mapped files, if any
     # the broad level, for atlases built with --broad-label-key: `classes`, `codes` (per
     # atlas cell), `parent` (per fine class, -1 if several) and `calibration`
