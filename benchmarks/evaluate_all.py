@@ -117,7 +117,10 @@ def _merged(path: Path, new: dict, command: str) -> dict:
     for key in ("representations", "transfer"):
         if new.get(key):
             out[key] = {**old.get(key, {}), **new[key]}
-    written = sorted(new.get("transfer") or new.get("representations") or {})
+    scenarios = [k for k in ("data_limited", "panels", "leave_out") if new.get(k)]
+    for key in scenarios:  # a scenario run replaces that scenario whole
+        out[key] = new[key]
+    written = sorted(new.get("transfer") or new.get("representations") or {}) + scenarios
     out["commands"] = [
         *old.get("commands", [{"command": old.get("command"), "wrote": "everything else"}]),
         {"command": command, "wrote": written, "recipe": new.get("recipe")},
