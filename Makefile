@@ -37,6 +37,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_refine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load_service.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_object_store.py
 
 # The README's results table on every labelled set, with CellTypist (needs ../shared/data).
 evaluate: $(STAMP)

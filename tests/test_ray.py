@@ -134,8 +134,11 @@ def _table(store, name):
 def _assert_same_atlas(store, a, b):
     ta, tb = _table(store, f"atlas_{a}").to_table(), _table(store, f"atlas_{b}").to_table()
     assert ta.num_rows == tb.num_rows
+    assert ta.schema.names == tb.schema.names
     for col in ("cell_id", "label", "batch", "dataset", "top_genes", "top_weights"):
         assert ta.column(col).to_pylist() == tb.column(col).to_pylist(), col
+    if "label_broad" in ta.schema.names:
+        assert ta.column("label_broad").to_pylist() == tb.column("label_broad").to_pylist()
     va = np.asarray(ta.column("vector").to_pylist())
     vb = np.asarray(tb.column("vector").to_pylist())
     np.testing.assert_allclose(va, vb, atol=1e-6, rtol=0)
@@ -156,6 +159,7 @@ def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluste
         store=data["store"],
         label_key="cell_type",
         batch_key="batch",
+        broad_label_key="batch",  # a second label column, whatever it means
         top_genes=12,
         calibration_split=0.2,
         refine_options={"steps": 30},
@@ -163,6 +167,7 @@ def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluste
     single = build_atlas(data["tmp"] / "ref.h5ad", name="single", **options)
     dist = build_atlas(data["tmp"] / "ref.h5ad", name="dist", ray=True, **options)
     assert len(dist.vectors) == 290  # the 10 empty cells are left out on both paths
+    assert (dist.broad_labels == single.broad_labels).all()
     _assert_same_atlas(data["store"], "single", "dist")
     lance_ds = _table(data["store"], "atlas_dist")
     assert len(lance_ds.get_fragments()) > 1  # written by workers, committed once

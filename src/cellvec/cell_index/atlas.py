@@ -35,7 +35,8 @@ from cellvec.cell_index.recipe import RECIPE_VERSION, Recipe
 from cellvec.cell_index.refine import adapted_basis, apply_head, encode_weights, fit_refinement
 from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weighted_mean, weights_matrix
 from cellvec.errors import CellvecError, InputFormatError, StoreError
-from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table, table_uri
+from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
+from cellvec.storage import StoreLocation, store_location
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,26 @@ def labels_of(
     if label_map:
         labels = labels.replace(label_map)
     return labels.to_numpy(dtype=object)
+
+
+def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.ndarray:
+    """The cells' broad labels; a cell without one takes its fine label. Logs a fine label
+    that falls under several broad ones (its cells then get the broad vote's label)."""
+    broad = _label_column(source, key).astype(str).to_numpy(dtype=object)
+    missing = ~known_labels(source, key)
+    broad[missing] = labels[missing]
+    if missing.any():
+        log.warning(
+            "%s: %d cells without a %s label are their own broad class",
+            source.path,
+            int(missing.sum()),
+            key,
+        )
+    for fine in np.unique(labels):
+        found = np.unique(broad[labels == fine])
+        if len(found) > 1:
+            log.warning("Label %r falls under several %s: %s", fine, key, ", ".join(found[:5]))
+    return broad
 
 
 def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
@@ -164,8 +185,9 @@ def calibration_cells(labels, share: float, seed: int = 0) -> np.ndarray:
     return out
 
 
-def atlas_schema(dim: int, meta: dict) -> pa.Schema:
-    """The atlas table's columns, with the atlas's metadata (recipe, classes, ...)."""
+def atlas_schema(dim: int, meta: dict, *, broad: bool = False) -> pa.Schema:
+    """The atlas table's columns, with the atlas's metadata (recipe, classes, ...);
+    `broad`: with the column of broad labels (`--broad-label-key`)."""
     return pa.schema(
         [
             pa.field("cell_id", pa.string()),
@@ -178,7 +200,8 @@ def atlas_schema(dim: int, meta: dict) -> pa.Schema:
             pa.field("top_weights", pa.large_list(pa.float32())),
             # typicality calibration: similarity to the nearest same-class cell (a sample)
             pa.field("self_similarity", pa.float32()),
-        ],
+        ]
+        + ([pa.field("label_broad", pa.string())] if broad else []),
         metadata={META_KEY: json.dumps(meta).encode()},
     )
 
@@ -203,6 +226,7 @@ def atlas_table(
     top_genes: pa.Array,
     top_weights: pa.Array,
     calibration,
+    broad_labels=None,
 ) -> pa.Table:
     """Rows of the atlas table (all of them, or a Ray worker's share)."""
 
@@ -222,7 +246,8 @@ def atlas_table(
             calibration
             if isinstance(calibration, pa.Array)
             else pa.array(calibration, pa.float32()),
-        ],
+        ]
+        + ([strings(broad_labels)] if broad_labels is not None else []),
         schema=schema,
     )
 
@@ -278,13 +303,14 @@ class Atlas:
     """An atlas loaded from the store: vectors in memory, ready for KNN."""
 
     name: str
-    store: str
+    store: StoreLocation | str  # "" for an atlas held in memory only (`from_fit`)
     meta: dict
     cell_ids: np.ndarray
     labels: np.ndarray
     batches: np.ndarray
     vectors: np.ndarray
     version: int = 0
+    broad_labels: np.ndarray | None = None  # a second, coarser level (`--broad-label-key`)
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
     _codes: tuple | None = field(default=None, repr=False)
@@ -292,6 +318,7 @@ class Atlas:
     _panels: dict = field(default_factory=dict, repr=False)
     _calibration: np.ndarray | None = field(default=None, repr=False)
     _held_out: np.ndarray | None = field(default=None, repr=False)
+    _broad: dict = field(default_factory=dict, repr=False)
 
     @property
     def recipe(self) -> Recipe:
@@ -312,8 +339,38 @@ class Atlas:
             self._codes = np.unique(self.labels.astype(str), return_inverse=True)
         return self._codes
 
+    def broad_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sorted broad class names, each cell's broad class index, each fine class's broad
+        class index or -1 where its cells carry several). Needs an atlas with broad labels."""
+        if "codes" not in self._broad:
+            broad, codes = np.unique(self.broad_labels.astype(str), return_inverse=True)
+            fine = self.label_codes()[1]
+            parent = np.full(len(self.classes), -1, dtype=np.int64)
+            for c in range(len(self.classes)):
+                found = np.unique(codes[fine == c])
+                if len(found) == 1:
+                    parent[c] = found[0]
+            self._broad["codes"] = (broad, codes, parent)
+        return self._broad["codes"]
+
+    def broad_calibration(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """The typicality calibration of the broad level (as `calibration` is of the fine
+        one), over the whole atlas or re-aggregated over the genes at `positions`."""
+        key = None if positions is None else hash(np.asarray(positions, np.int64).tobytes())
+        if key not in self._broad:
+            if key is not None and len(self._broad) > 5:
+                self._broad.pop(next(k for k in self._broad if k not in ("codes", None)))
+            vecs, index = (
+                (self.vectors, self.index())
+                if positions is None
+                else self.vectors_over(positions)[:2]
+            )
+            self._broad[key] = self_similarity(vecs, self.broad_codes()[1], index, self.held_out())
+        return self._broad[key]
+
     @classmethod
-    def open(cls, store: str | Path, name: str) -> Atlas:
+    def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
+        store = store_location(store)
         gs = GeneStore(store)
         tbl = gs.open_table(ATLAS_PREFIX + name)
         meta = read_meta(tbl) if tbl is not None else {}
@@ -328,24 +385,31 @@ class Atlas:
                 f"Atlas {name!r} in {store} was built by an older cellvec (recipe version "
                 f"{found}, this one reads {RECIPE_VERSION}). Rebuild it with `cellvec atlas build`."
             )
-        arrow = tbl.to_lance().to_table(
-            columns=["cell_id", "label", "batch", "vector", "self_similarity"]
-        )
+        columns = ["cell_id", "label", "batch", "vector", "self_similarity"]
+        has_broad = "label_broad" in tbl.schema.names
+        arrow = tbl.to_lance().to_table(columns=columns + (["label_broad"] if has_broad else []))
         vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
             name=name,
-            store=str(store),
+            store=store,
             meta=meta,
             cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
             labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
             batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
             vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
             version=tbl.version,
+            broad_labels=(
+                np.asarray(arrow.column("label_broad").to_pylist(), dtype=object)
+                if has_broad
+                else None
+            ),
             _calibration=arrow.column("self_similarity").to_numpy(zero_copy_only=False),
         )
 
     @classmethod
-    def from_fit(cls, name: str, fit: FittedReference, labels, cell_ids=None) -> Atlas:
+    def from_fit(
+        cls, name: str, fit: FittedReference, labels, cell_ids=None, broad_labels=None
+    ) -> Atlas:
         """An atlas held in memory only (evaluation folds): the same search and mapping as a
         stored one, without writing it."""
         n = len(fit.vectors)
@@ -358,6 +422,7 @@ class Atlas:
             labels=np.asarray(labels, dtype=object),
             batches=np.full(n, "", dtype=object),
             vectors=fit.vectors,
+            broad_labels=None if broad_labels is None else np.asarray(broad_labels, dtype=object),
             _encoder=fit.encoder,
             _weights=fit.weights,
             _held_out=fit.held_out,
@@ -474,11 +539,14 @@ class Atlas:
             "n_cells": len(self.vectors),
             "label_key": self.meta.get("label_key"),
             "classes": self.meta.get("classes"),
+            "broad_label_key": self.meta.get("broad_label_key"),
+            "broad_classes": self.meta.get("broad_classes"),
             "recipe": self.meta.get("recipe"),
             "created": self.meta.get("created"),
             "source": self.meta.get("source"),
             "k": self.k,
             "tuning": self.meta.get("tuning"),
+            "excluded_labels": self.meta.get("excluded_labels"),
             "refinement": {
                 k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
             },
@@ -486,7 +554,10 @@ class Atlas:
 
 
 def load_encoder(
-    store: str | Path, name: str, recipe: Recipe, gene_store: GeneStore | None = None
+    store: str | Path | StoreLocation,
+    name: str,
+    recipe: Recipe,
+    gene_store: GeneStore | None = None,
 ) -> CellEncoder:
     """The encoder of atlas `name`: its gene table, background transform and head, checked
     against the hashes its recipe records."""
@@ -502,7 +573,7 @@ def load_encoder(
     return CellEncoder(recipe, genes, bg, head)
 
 
-def list_atlases(store: str | Path) -> list[str]:
+def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     gs = GeneStore(store)
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
 
@@ -510,7 +581,7 @@ def list_atlases(store: str | Path) -> list[str]:
 def build_atlas(
     reference,
     *,
-    store: str | Path,
+    store: str | Path | StoreLocation,
     name: str,
     label_key: str,
     model: str | None = None,
@@ -529,6 +600,8 @@ def build_atlas(
     k: int | None = None,
     tune: bool = False,
     calibration_split: float = 0.0,
+    exclude_labels=(),
+    broad_label_key: str | None = None,
     ray: str | bool | None = None,
 ) -> Atlas:
     """Embed a labelled reference and write it as atlas `name` in the store.
@@ -537,13 +610,20 @@ def build_atlas(
     chooses `top_genes` and `k` by 3-fold cross-validation on the reference
     (`cellvec.evaluation.tune`), recorded in the recipe and the atlas metadata.
     `calibration_split` keeps that share of each class out of refinement to calibrate
-    typicality (`map_cells(min_typicality=...)` needs it).
+    typicality (`map_cells(min_typicality=...)` needs it). `exclude_labels` (e.g.
+    ["Doublet", "Unknown"]) drops the reference cells that carry one before anything is
+    fitted; the atlas records what was dropped (`meta["excluded_labels"]`). `broad_label_key`
+    names a second, coarser label (e.g. `cell_type_broad` over `cell_type`), stored in
+    column `label_broad`: mapping then gives a broad label too, even where the fine one is
+    unassigned. A cell without a broad label is its own broad class (its fine label).
 
     `ray` (True for a local cluster, or an address: see `cellvec._ray`): Ray workers
     read the reference's rows, compute its cells' top genes and final vectors and write
     the table's fragments, committed once; refinement is trained here, in one process.
     The atlas equals the one built without Ray (same rows, vectors within 1e-6)."""
     import re
+
+    from cellvec.cell_index.mapping import parse_labels
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise CellvecError(
@@ -560,6 +640,25 @@ def build_atlas(
         )
         source = source.subset(known)
     labels = labels_of(source, label_key)
+    broad = _broad_labels(source, labels, broad_label_key) if broad_label_key else None
+    excluded = {}
+    for x in parse_labels(exclude_labels):
+        excluded[x] = int(((labels == x) | ((broad == x) if broad is not None else False)).sum())
+    if excluded:
+        drop = np.isin(labels.astype(str), list(excluded))
+        if broad is not None:
+            drop |= np.isin(broad.astype(str), list(excluded))
+        if drop.all():
+            raise CellvecError(
+                f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
+            )
+        log.info(
+            "Excluded from the reference: %s",
+            ", ".join(f"{x} ({n:,} cells)" for x, n in excluded.items()),
+        )
+        source = source.subset(~drop)
+        labels = labels[~drop]
+        broad = broad[~drop] if broad is not None else None
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = Recipe(
         model=genes.model,
@@ -610,15 +709,22 @@ def build_atlas(
         "k": int(k or DEFAULT_K),
         "tuning": tuning,
     }
+    if excluded:
+        meta["excluded_labels"] = excluded
+    if broad is not None:
+        meta["broad_label_key"] = broad_label_key
+        names, counts = np.unique(broad.astype(str), return_counts=True)
+        meta["broad_classes"] = {str(c): int(n) for c, n in zip(names, counts)}
     dataset = Path(str(meta["source"])).stem
     dim = fit.dimension
+    schema = atlas_schema(dim, meta, broad=broad is not None)
     if ray:
-        memory = _write_on_ray(gs, name, fit, meta, labels, batches, source, dataset, ray)
+        memory = _write_on_ray(gs, name, fit, schema, labels, broad, batches, source, dataset, ray)
     else:
-        memory = Atlas.from_fit(name, fit, labels)
+        memory = Atlas.from_fit(name, fit, labels, broad_labels=broad)
         top_genes, top_weights = weight_lists(fit.weights)
         table = atlas_table(
-            atlas_schema(dim, meta),
+            schema,
             cell_ids=source.obs_names,
             labels=labels,
             batches=batches,
@@ -627,6 +733,7 @@ def build_atlas(
             top_genes=top_genes,
             top_weights=top_weights,
             calibration=memory.calibration(),
+            broad_labels=broad,
         )
         replace_table(gs.db, ATLAS_PREFIX + name, table)
     log.info(
@@ -644,7 +751,9 @@ def build_atlas(
     return atlas
 
 
-def _write_on_ray(gs, name, fit, meta, labels, batches, source, dataset, ray) -> Atlas | None:
+def _write_on_ray(
+    gs, name, fit, schema, labels, broad, batches, source, dataset, ray
+) -> Atlas | None:
     """The atlas table written by Ray workers (`parallel.write_atlas`); the in-memory atlas
     that calibrated typicality when held-out cells needed every vector, else None."""
     from cellvec.cell_index.parallel import write_atlas
@@ -654,21 +763,23 @@ def _write_on_ray(gs, name, fit, meta, labels, batches, source, dataset, ray) ->
     def calibrate(vectors):
         nonlocal memory
         fit.vectors = vectors
-        memory = Atlas.from_fit(name, fit, labels)
+        memory = Atlas.from_fit(name, fit, labels, broad_labels=broad)
         return memory.calibration()
 
     held = fit.held_out is not None and bool(fit.held_out.any())
     write_atlas(
-        table_uri(gs, ATLAS_PREFIX + name),
-        atlas_schema(fit.dimension, meta),
+        gs.location.table_uri(ATLAS_PREFIX + name),
+        schema,
         fit.blocks,
         basis=fit.basis(),
         params=fit.encoder.refinement,
         cell_ids=source.obs_names,
         labels=labels,
+        broad_labels=broad,
         batches=batches,
         dataset=dataset,
         calibrate=calibrate if held else None,
+        storage_options=gs.location.options() or None,
         ray=ray,
     )
     return memory

@@ -317,6 +317,7 @@ class _AtlasRows:
             top_genes=genes,
             top_weights=weights,
             calibration=s["calibration"].take(rows),
+            broad_labels=None if s["label_broad"] is None else s["label_broad"].take(rows),
         )
 
 
@@ -335,7 +336,9 @@ def write_atlas(
     labels,
     batches,
     dataset: str,
+    broad_labels=None,
     calibrate=None,
+    storage_options: dict | None = None,
     ray=True,
 ) -> np.ndarray | None:
     """Write the atlas table at `uri` from the weight blocks of `top_gene_weights`: Ray
@@ -345,7 +348,14 @@ def write_atlas(
     `calibrate(vectors) -> self_similarity`, when given, needs every vector: they are
     computed first, gathered (and returned), and the fragments written after. A failed
     write commits nothing (and leaves no directory behind when the table is new)."""
-    rest = dict(basis=basis, params=params, dataset=dataset, calibrate=calibrate)
+    rest = dict(
+        basis=basis,
+        params=params,
+        dataset=dataset,
+        broad_labels=broad_labels,
+        calibrate=calibrate,
+        storage_options=storage_options,
+    )
     ray = init_ray(ray)
     local = "://" not in uri
     if local and not os.path.exists(uri):
@@ -358,7 +368,20 @@ def write_atlas(
 
 
 def _write_atlas(
-    uri, schema, blocks, ray, cell_ids, labels, batches, *, basis, params, dataset, calibrate
+    uri,
+    schema,
+    blocks,
+    ray,
+    cell_ids,
+    labels,
+    batches,
+    *,
+    basis,
+    params,
+    dataset,
+    broad_labels,
+    calibrate,
+    storage_options,
 ):
     import lance
     from lance_ray import LanceFragmentWriter
@@ -373,6 +396,9 @@ def _write_atlas(
         "batch": pa.array([str(b) for b in batches], pa.string()),
         "dataset": dataset,
         "calibration": pa.array(np.full(n, np.nan, dtype=np.float32)),
+        "label_broad": None
+        if broad_labels is None
+        else pa.array([str(x) for x in broad_labels], pa.string()),
     }
     vectors = None
     with _ordered(ray):
@@ -394,6 +420,7 @@ def _write_atlas(
             transform=_AtlasRows(ray.put(shared), schema, False),
             schema=schema,
             data_storage_version="stable",  # what LanceDB writes (and no deprecation warning)
+            storage_options=storage_options,
         )
         fragments = []
         with progress(total=n, desc="atlas fragments (ray)", unit="cell") as bar:
@@ -409,7 +436,9 @@ def _write_atlas(
             f"Ray workers wrote {written:,} of {n:,} atlas rows; nothing was committed. "
             "Run again, or without --ray."
         )
-    lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, fragments))
+    lance.LanceDataset.commit(
+        uri, lance.LanceOperation.Overwrite(schema, fragments), storage_options=storage_options
+    )
     log.info(
         "Atlas table: %s rows in %d fragments written by Ray workers, committed once (%.1f s)",
         f"{n:,}",

@@ -25,6 +25,11 @@ def atlas():
 @store_option
 @click.option("--name", required=True, help="Atlas name (letters, digits, underscores).")
 @click.option("--label-key", required=True, help="obs column with the cell labels.")
+@click.option(
+    "--broad-label-key",
+    help="obs column with coarser labels over --label-key (e.g. cell_type_broad): map then "
+    "gives a broad label too, even where the fine one is unassigned.",
+)
 @click.option("--batch-key", help="obs column recorded as the batch of each cell.")
 @click.option("--subset", help="Keep cells where obs column equals value(s): COLUMN=V1,V2.")
 @model_option()
@@ -42,6 +47,12 @@ def atlas():
     "(needed by map --min-typicality; 0.1 is a good start).",
 )
 @click.option(
+    "--exclude-labels",
+    metavar="L1,L2",
+    help="Drop reference cells with these labels (e.g. Doublet,Unknown) before fitting; "
+    "recorded in the atlas.",
+)
+@click.option(
     "--tune",
     is_flag=True,
     help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
@@ -54,6 +65,7 @@ def build(
     store,
     name,
     label_key,
+    broad_label_key,
     batch_key,
     subset,
     model,
@@ -70,6 +82,7 @@ def build(
     seed,
     k,
     calibration_split,
+    exclude_labels,
     tune,
     ray,
     as_json,
@@ -83,6 +96,8 @@ def build(
     Example:
       cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
           --subset donor=3pv2,5p
+      cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \
+          --broad-label-key cell_type_broad --exclude-labels Doublet --calibration-split 0.1
       cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
     """
     from cellvec.cell_index.atlas import build_atlas
@@ -113,6 +128,8 @@ def build(
         k=k,
         tune=tune,
         calibration_split=calibration_split,
+        exclude_labels=exclude_labels,
+        broad_label_key=broad_label_key,
         ray=ray or None,
     )
     if as_json:

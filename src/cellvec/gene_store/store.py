@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +39,7 @@ from cellvec.gene_store.sources import (
     tax_id_for,
 )
 from cellvec.gene_store.text import TEMPLATE_VERSION, compose_texts
+from cellvec.storage import StoreLocation, store_location, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +120,24 @@ def list_table_names(db) -> list[str]:
 
 
 def replace_table(db, name: str, data):
-    """Write `data` as table `name` in one commit: created, or overwritten when it exists."""
-    return db.create_table(
-        name, data, mode="overwrite" if name in list_table_names(db) else "create"
-    )
+    """Write `data` as table `name` in one commit: created, or overwritten when it exists.
 
-
-def table_uri(gs: GeneStore, name: str) -> str:
-    """Where table `name` of a store lives, for writers that bypass LanceDB (Ray workers
-    writing Lance fragments): `<store>/<name>.lance`, as LanceDB lays out a directory."""
-    return str(gs.path / f"{name}.lance")
+    Two writers replacing one table at once: Lance commits one and refuses the other
+    (on S3 through a conditional PUT), which is reported as a `StoreError`; the table is
+    never a mix of the two. (Two creating a new table at once may instead both be
+    committed, one after the other: the last one wins.)"""
+    try:
+        return db.create_table(
+            name, data, mode="overwrite" if name in list_table_names(db) else "create"
+        )
+    except (ValueError, RuntimeError, OSError) as e:
+        if not re.search(r"already exists|commit conflict|preempted by concurrent", str(e), re.I):
+            raise
+        raise StoreError(
+            f"Table {name} in {db.uri} was written by another writer at the same moment, so "
+            "this write was not committed (the other one was). Run the command again if "
+            "this version should replace it."
+        ) from e
 
 
 def read_meta(tbl) -> dict:
@@ -170,28 +180,35 @@ class BuildResult:
 
 
 class GeneStore:
-    """A gene store directory. Tables load lazily and are cached per version."""
+    """A gene store: a local directory or an object-store URI (`cellvec.storage`). Tables
+    load lazily and are cached per version."""
 
-    def __init__(self, path: str | Path, *, create: bool = False):
-        self.path = Path(path)
-        if not create and not self.path.exists():
-            raise StoreError(
-                f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`."
-            )
+    def __init__(self, path: str | Path | StoreLocation, *, create: bool = False):
+        self.location = store_location(path)
+        self.path = self.location.uri  # what messages name: the directory or the URI
         self._db = None
         self._cache: dict[str, tuple[int, GeneTable]] = {}
+        if not create and not self.exists():
+            raise StoreError(
+                f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`"
+                + ("." if self.location.is_local else ", or check the URI (nothing is there).")
+            )
+
+    def exists(self) -> bool:
+        """A local directory that exists, or a URI with at least one table under it."""
+        if self.location.is_local:
+            return self.location.path.exists()
+        return bool(self.table_names())
 
     @property
     def db(self):
         if self._db is None:
-            import lancedb
-
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._db = lancedb.connect(str(self.path))
+            self._db = self.location.connect(create=True)
         return self._db
 
     def table_names(self) -> list[str]:
-        return list_table_names(self.db)
+        with translate_errors(self.location):
+            return list_table_names(self.db)
 
     def open_table(self, name: str):
         if name not in self.table_names():
