@@ -197,6 +197,35 @@ def test_atlas_rebuilt_on_ray_replaces_the_old_one(data, ray_cluster):
 
 
 @pytest.mark.slow
+def test_atlas_on_ray_in_a_bucket(data, small_chunks, ray_cluster):
+    """Workers write the fragments into a store on the local S3 server, with its options."""
+    from cellvec import build_atlas
+    from cellvec.storage import store_location
+    from s3_server import s3_server
+
+    options = dict(label_key="cell_type", top_genes=12, refine="none")
+    build_atlas(data["tmp"] / "ref.h5ad", store=data["store"], name="local", **options)
+    with s3_server() as s3:
+        s3.create_bucket("ray")
+        store = store_location("s3://ray/store", s3.storage_options())
+        build_tiny(data, store)
+        dist = build_atlas(
+            data["tmp"] / "ref.h5ad", store=store, name="bucket", ray=True, **options
+        )
+        bucket = _table(store, "atlas_bucket")
+        assert len(bucket.get_fragments()) > 1
+        a, b = _table(data["store"], "atlas_local").to_table(), bucket.to_table()
+    assert len(dist.vectors) == 290
+    assert a.column("cell_id").to_pylist() == b.column("cell_id").to_pylist()
+    np.testing.assert_allclose(
+        np.asarray(a.column("vector").to_pylist()),
+        np.asarray(b.column("vector").to_pylist()),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+@pytest.mark.slow
 def test_bad_rows_met_by_a_worker_fail_cleanly(data, small_chunks, ray_cluster):
     """A backed file is checked as it streams: a worker meets the NaN values; the build
     stops with cellvec's message and leaves no table behind."""
