@@ -146,11 +146,11 @@ def _csr(table: pa.Table, n_cols: int) -> sp.csr_matrix:
     """The top-gene weights of a block of rows (its `top_genes` / `top_weights` lists)."""
     genes = table.column("top_genes").combine_chunks()
     weights = table.column("top_weights").combine_chunks()
-    offsets = genes.offsets.to_numpy().astype(np.int64)
+    offsets = genes.offsets.to_numpy().astype(np.int64)  # a slice's own, from offsets[0]
     return sp.csr_matrix(
         (
-            weights.values.to_numpy().astype(np.float32),
-            genes.values.to_numpy().astype(np.int32),
+            weights.flatten().to_numpy().astype(np.float32),  # flatten, not .values: slices
+            genes.flatten().to_numpy().astype(np.int32),
             offsets - offsets[0],
         ),
         shape=(len(table), n_cols),
@@ -282,8 +282,8 @@ def top_gene_weights(
 class _AtlasRows:
     """Turns blocks of top-gene weights into rows of the atlas table (a worker's part)."""
 
-    def __init__(self, shared, schema: pa.Schema, with_vectors: bool):
-        self.shared, self.schema, self.with_vectors = shared, schema, with_vectors
+    def __init__(self, shared, schema: pa.Schema):
+        self.shared, self.schema = shared, schema
 
     def vectors(self, table: pa.Table) -> np.ndarray:
         from cellvec.cell_index.refine import encode_weights
@@ -404,7 +404,7 @@ def _write_atlas(
     with _ordered(ray):
         ds = ray.data.from_arrow(blocks)
         if calibrate is not None:
-            rows = _AtlasRows(ray.put(shared), schema, True)
+            rows = _AtlasRows(ray.put(shared), schema)
             ds = ds.map_batches(
                 _with_vectors, batch_size=None, batch_format="pyarrow", fn_kwargs={"rows": rows}
             ).materialize()
@@ -417,7 +417,7 @@ def _write_atlas(
             shared["calibration"] = pa.array(np.asarray(calibrate(vectors), dtype=np.float32))
         writer = LanceFragmentWriter(
             uri,
-            transform=_AtlasRows(ray.put(shared), schema, False),
+            transform=_AtlasRows(ray.put(shared), schema),
             schema=schema,
             data_storage_version="stable",  # what LanceDB writes (and no deprecation warning)
             storage_options=storage_options,
