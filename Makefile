@@ -29,13 +29,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-# Ratio benchmarks (not part of the test suite; ~40 minutes on 2 cores, see benchmarks/README.md).
+# Ratio benchmarks (not part of the test suite; ~1 hour on 2 cores, see benchmarks/README.md).
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gene_store.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cell_vectors.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_mapping.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_refine.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load_service.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_object_store.py
 
 # The README's results table on every labelled set, with CellTypist (needs ../shared/data).
 evaluate: $(STAMP)

@@ -8,7 +8,7 @@ centre + head) and, in the same run, the head alone (`adapt_genes=False`, the
 shape of the refinement it replaced) for the same steps; prints both times, their
 ratio, and the kNN macro-F1 of held-out cells before and after refinement.
 
-    python benchmarks/bench_refine.py [--cells 100000]
+    python benchmarks/bench_refine.py [--cells 100000] [--steps N]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=100_000)
     ap.add_argument("--classes", type=int, default=20)
+    ap.add_argument("--steps", type=int, help="steps for both fits (default: the recipe's)")
     args = ap.parse_args()
     from cellvec.cell_index.refine import encode_weights, fit_refinement
     from cellvec.cell_index.vectors import top_n_weights
@@ -65,10 +66,10 @@ def main():
     basis = rng.normal(size=(g, d)).astype(np.float32)
     test = rng.random(n) < 0.1
     t = time.perf_counter()
-    params, report = fit_refinement(w[~test], basis, y[~test])
+    params, report = fit_refinement(w[~test], basis, y[~test], steps=args.steps)
     secs = time.perf_counter() - t
     t = time.perf_counter()
-    fit_refinement(w[~test], basis, y[~test], adapt_genes=False, center=False)
+    fit_refinement(w[~test], basis, y[~test], adapt_genes=False, center=False, steps=args.steps)
     head_secs = time.perf_counter() - t
     clean = normalise_rows(np.asarray(w @ basis, dtype=np.float32))
     ref = np.flatnonzero(~test)[:20_000]

@@ -104,6 +104,45 @@ def summary_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _merged(path: Path, new: dict, command: str) -> dict:
+    """A run of some representations replaces just those in the set's result on disk
+    (e.g. cellvec after a recipe change, beside peers measured on the same folds);
+    `commands` says which command last wrote which representations."""
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text())
+    if (old.get("folds"), old.get("label_key")) != (new.get("folds"), new.get("label_key")):
+        return new
+    out = dict(old)
+    for key in ("representations", "transfer"):
+        if new.get(key):
+            out[key] = {**old.get(key, {}), **new[key]}
+    scenarios = [k for k in ("data_limited", "panels", "leave_out") if new.get(k)]
+    for key in scenarios:  # a scenario run replaces that scenario whole
+        out[key] = new[key]
+    written = sorted(new.get("transfer") or new.get("representations") or {}) + scenarios
+    out["commands"] = [
+        *old.get("commands", [{"command": old.get("command"), "wrote": "everything else"}]),
+        {"command": command, "wrote": written, "recipe": new.get("recipe")},
+    ]
+    out["recipe"] = new.get("recipe", old.get("recipe"))
+    return out
+
+
+def _with(res, d: dict):
+    """`res` showing the merged representations, for its markdown."""
+    from dataclasses import replace
+
+    return replace(
+        res,
+        representations=d.get("representations", {}) if not res.transfer else {},
+        transfer=d.get("transfer", {}),
+        data_limited=d.get("data_limited", {}),
+        panels=d.get("panels", {}),
+        leave_out=d.get("leave_out", {}),
+    )
+
+
 def _reps(r: dict) -> dict:
     return r.get("transfer") or r["representations"]
 
@@ -175,7 +214,11 @@ def main():
         )
         res.dataset = name
         d = res.to_dict(confusion=True)
-        d["command"] = "python benchmarks/evaluate_all.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/evaluate_all.py " + " ".join(sys.argv[1:])
+        d["command"] = command
+        if only_reps is not None:
+            d = _merged(args.out / f"{name}.json", d, command)
+            res = _with(res, d)
         (args.out / f"{name}.json").write_text(json.dumps(d, indent=2, default=str))
         (args.out / f"{name}.md").write_text(res.to_markdown() + "\n")
         print(f"== {name} ({time.perf_counter() - t:.0f} s)\n{res.to_markdown()}\n", flush=True)

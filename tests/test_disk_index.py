@@ -176,26 +176,19 @@ def test_atlas_index_command_moves_an_atlas_to_disk_and_back(fake_store, fake_mo
 @pytest.mark.slow
 def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_store, fake_models):
     """lance-ray trains IVF centroids and the PQ codebook once, workers index fragments."""
-    import os
     from pathlib import Path
 
-    ray = pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
+    pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
     pytest.importorskip("lance_ray", reason="lance-ray is the `ray` extra")
+    from cellvec._ray import start_local_cluster
     from cellvec.cell_index.atlas import Atlas, index_atlas
     from cellvec.cell_index.knn import FlatIndex
 
     _build(fake_store, "tiny", "memory", n_cells=1200)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     src = str(Path(__file__).resolve().parents[1] / "src")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": src}},
-    )
+    ray = start_local_cluster(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": src}})
     try:
-        entry = index_atlas(fake_store, "tiny", index="disk", ray_address="local")
+        entry = index_atlas(fake_store, "tiny", index="disk", ray=True)
     finally:
         ray.shutdown()
     atlas = Atlas.open(fake_store, "tiny")

@@ -221,3 +221,67 @@ def test_hcop_translates_upper_case_amacrine_genes_to_human():
     without = match_genes(names, human)
     assert with_table.n_matched > without.n_matched  # 594 against 587 measured
     assert with_table.counts()["ortholog"] >= 5
+
+
+def test_evaluate_species_swap_maps_each_folds_query_back_through_the_table(fake_store, tmp_path):
+    """The query renamed to 'mouse' symbols; genes without a one-to-one ortholog are lost."""
+    from click.testing import CliRunner
+
+    from cellvec.cli import cli
+    from cellvec.evaluation.evaluate import evaluate
+
+    names = [g["symbol"] for g in tiny_genes()]
+    pairs = [(_other_species(n), n) for n in names[:-3]]  # 3 genes have no ortholog
+    pairs += [(_other_species(names[0]), names[-1])]  # a one-to-many pair: not one-to-one
+    table = tmp_path / "orth.csv"
+    table.write_text("mouse,human\n" + "".join(f"{q},{s}\n" for q, s in pairs))
+    data = tiny_adata(n_cells=90, seed=4)
+    res = evaluate(
+        data,
+        label_key="cell_type",
+        store=fake_store,
+        folds=3,
+        top_genes=10,
+        refine="none",
+        species_swap="mouse",
+        orthologs=table,
+        query=tiny_adata(n_cells=30, seed=5, prefix="q"),
+    )
+    sw = res.to_dict()["species_swap"]
+    assert sw["to"] == "mouse" and sw["orthologs"] == "orth.csv"
+    assert tuple(sw["genes"]["folds"]) == (26, 30) and tuple(sw["genes"]["transfer"]) == (26, 30)
+    assert set(sw["folds"]) == {"logreg_expr", "logreg_panel", "cellvec"}
+    assert sw["folds"]["cellvec"]["accuracy"] >= 0.9 and sw["folds"]["cellvec"]["n_cells"] == 90
+    assert sw["transfer"]["cellvec"]["accuracy"] >= 0.9
+    assert "query as mouse" in res.to_markdown()
+    path = tmp_path / "data.h5ad"
+    data.write_h5ad(path)
+    out = CliRunner().invoke(
+        cli,
+        ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
+        + ["--folds", "3", "--refine", "none", "--top-genes", "10", "--species-swap", "mouse"]
+        + ["--orthologs", str(table), "--representations", "none", "--json"],
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["species_swap"]["folds"]["cellvec"]["accuracy"] >= 0.9
+    out = CliRunner().invoke(
+        cli,
+        ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
+        + ["--species-swap", "mouse", "--representations", "none"],
+    )
+    assert out.exit_code != 0 and "needs an ortholog table" in out.output
+
+
+def test_one_to_one_translation_of_hcop_both_ways(tmp_path):
+    path = tmp_path / "hcop.csv"
+    path.write_text(
+        HCOP_HEADER
+        + "ENSMUSG1,Cd3e,ENSG1,CD3E,a\n"
+        + "ENSMUSG2,Gm1,ENSG2,PARA1,a\nENSMUSG2,Gm1,ENSG3,PARA2,a\n"  # one-to-many: dropped
+        + "ENSMUSG4,Ly6a,ENSG4,,a\n"  # no human symbol: dropped
+    )
+    t = read_orthologs(path)
+    assert t.one_to_one("human") == {"CD3E": "CD3E"}
+    assert t.one_to_one("mouse") == {"CD3E": "Cd3e"}
+    with pytest.raises(InputFormatError, match="not into rat"):
+        t.one_to_one("rat")

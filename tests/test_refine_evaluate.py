@@ -104,6 +104,33 @@ def test_class_balanced_sampling_gives_rare_classes_equal_weight():
     )  # the 3-cell class fills a third of the batches
 
 
+def test_partial_balance_draws_classes_as_the_square_root_of_their_size():
+    from cellvec.cell_index.refine import balanced_sampling_weights
+
+    y = np.array([0] * 3000 + [1] * 300 + [2] * 3)
+    p = balanced_sampling_weights(y, 0.5)
+    per_class = np.array([p[y == c].sum() for c in (0, 1, 2)])
+    np.testing.assert_allclose(per_class, np.sqrt([3000, 300, 3]) / np.sqrt([3000, 300, 3]).sum())
+    assert per_class[2] > 20 * 3 / len(y)  # the rare class is still drawn far above its share
+
+
+def test_sparse_product_matches_the_dense_product_and_its_gradient():
+    import torch
+
+    from cellvec.cell_index.refine import _sparse_product
+
+    rng = np.random.default_rng(0)
+    w = sp.random(32, 50, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    a = torch.tensor(rng.normal(size=(50, 8)).astype(np.float32), requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    grad = torch.tensor(rng.normal(size=(32, 8)).astype(np.float32))
+    (_sparse_product().apply(w, a) * grad).sum().backward()
+    (torch.from_numpy(w.toarray()) @ b * grad).sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-5, atol=1e-6)
+    dense = (torch.from_numpy(w.toarray()) @ b).detach().numpy()
+    np.testing.assert_allclose(_sparse_product().apply(w, a).detach().numpy(), dense, atol=1e-6)
+
+
 def test_refined_atlas_maps_queries_without_retraining(fake_store):
     ref = tiny_adata(n_cells=90, seed=1)
     atlas = build_atlas(

@@ -95,3 +95,18 @@ def test_csv_lines_end_with_lf_for_shell_scripts(full_store, tmp_path):
     assert res.stdout_bytes == b"n\n30\n"
     res = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "n.csv")])
     assert res.exit_code == 0 and (tmp_path / "n.csv").read_bytes() == b"n\n30\n"
+
+
+def test_where_filters_on_atlas_and_mapping_views(full_store):
+    """Filters are not pushed into Lance (its pushdown refused list columns and string
+    filters on mapping tables); DuckDB applies them."""
+    conn = connect_sql(full_store, text_embedder=FakeEmbedder())
+    atlas = conn.query("SELECT count(*) AS n FROM atlas_tiny WHERE label = 'B'")["n"][0]
+    by_label = conn.query("SELECT label, count(*) AS n FROM atlas_tiny GROUP BY 1")
+    assert atlas == dict(zip(by_label["label"], by_label["n"]))["B"] > 0
+    mapped = conn.query(
+        "SELECT count(*) AS n FROM mapping_q1 WHERE cellvec_label = 'T' AND cellvec_confidence > 0"
+    )["n"][0]
+    assert 0 < mapped < 30
+    genes = conn.query("SELECT symbol FROM genes WHERE symbol = 'TGENE0'")
+    assert genes["symbol"].to_list() == ["TGENE0"]

@@ -30,6 +30,8 @@ _API = {
     "connect_sql": "cellvec.sql",
     "write_report": "cellvec.report",
     "CellvecError": "cellvec.errors",
+    "store_location": "cellvec.storage",
+    "StoreLocation": "cellvec.storage",
     "Client": "cellvec.client",
 }
 

@@ -73,7 +73,10 @@ class Client:
         min_confidence: float = 0.0,
         min_typicality: float = 0.0,
         orthologs=None,
+        exclude_labels=(),
         truth_key: str | None = None,
+        broad_truth_key: str | None = None,
+        cluster_key: str | None = None,
         label_map: dict[str, str] | None = None,
         layer: str | None = None,
         use_raw: bool | None = None,
@@ -88,10 +91,22 @@ class Client:
         import pyarrow as pa
 
         from cellvec._progress import progress
-        from cellvec.cell_index.mapping import MappingResult, truth_metrics
+        from cellvec.cell_index.mapping import (
+            BroadCall,
+            MappingResult,
+            cluster_values,
+            parse_labels,
+            truth_metrics,
+        )
         from cellvec.cell_index.readers import read_expression
         from cellvec.evaluation.metrics import UNASSIGNED
 
+        if parse_labels(exclude_labels):
+            raise CellvecError(
+                "--exclude-labels is applied by local mapping only (the service takes no "
+                "blocklist yet): map with --store, or rebuild the atlas with "
+                "`cellvec atlas build --exclude-labels`."
+            )
         if orthologs is not None:
             raise CellvecError(
                 "--orthologs is applied by local mapping only: map with --store, or send the "
@@ -104,6 +119,7 @@ class Client:
             from cellvec.cell_index.atlas import labels_of
 
             truth = labels_of(source, truth_key, label_map=label_map)
+        clusters = cluster_values(source, cluster_key) if cluster_key else None
         n = source.n_obs
         genes = pa.array(source.var_names, pa.string())
         options = {
@@ -119,6 +135,8 @@ class Client:
         typical = np.zeros(n)
         nearest = np.zeros(n)
         scores = vectors = meta = None
+        broad_labels = np.full(n, UNASSIGNED, dtype=object)
+        broad_conf, broad_typical = np.zeros(n), np.zeros(n)
         with progress(total=n, desc=f"mapping via {self.url}", unit="cell") as bar:
             for sl, block in source.chunks(chunk_size):
                 coo = block.tocoo()
@@ -153,11 +171,35 @@ class Client:
                     nearest[rows] = answer.column("nearest_similarity").to_numpy()
                     scores[rows] = _fixed_list(answer.column("scores"))
                     vectors[rows] = _fixed_list(answer.column("vector"))
+                    if "label_broad" in answer.column_names:
+                        broad_labels[rows] = answer.column("label_broad").to_pylist()
+                        broad_conf[rows] = answer.column("confidence_broad").to_numpy()
+                        broad_typical[rows] = answer.column("typicality_broad").to_numpy()
                 bar.update(sl.stop - sl.start)
         if meta is None:
             raise CellvecError(f"{source.path}: no cells with any expression to map.")
         classes = np.asarray(meta["classes"], dtype=object)
         metrics = truth_metrics(truth, labels, classes, atlas)
+        broad = None
+        if meta.get("broad_classes") is not None:
+            from cellvec.cell_index.atlas import labels_of
+
+            b_classes = np.asarray(meta["broad_classes"], dtype=object)
+            b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
+            broad = BroadCall(
+                key=meta.get("broad_label_key"),
+                classes=b_classes,
+                labels=broad_labels,
+                confidence=broad_conf,
+                typicality=broad_typical,
+                truth=b_truth,
+                metrics=truth_metrics(b_truth, broad_labels, b_classes, atlas),
+            )
+        elif broad_truth_key:
+            raise CellvecError(
+                f"Atlas {atlas!r} has one level of labels; --broad-truth-key needs an atlas "
+                "built with `cellvec atlas build ... --broad-label-key KEY`."
+            )
         secs = time.perf_counter() - t0
         log.info("Mapped %s cells onto %s via %s in %.1f s", f"{n:,}", atlas, self.url, secs)
         return MappingResult(
@@ -177,6 +219,9 @@ class Client:
             truth=truth,
             metrics=metrics,
             seconds=secs,
+            broad=broad,
+            cluster_key=cluster_key,
+            clusters=clusters,
             source=source,
         )
 

@@ -99,6 +99,10 @@ class StoreSQL:
                 "SELECT symbol, full_name, array_cosine_similarity(vector, text_embedding(q)) AS similarity "
                 "FROM genes ORDER BY similarity DESC LIMIT k"
             )
+        # DuckDB would push WHERE filters into Lance's scanner, whose conversion refuses
+        # list columns (atlas top genes) and string filters on polars-written mapping
+        # tables; DuckDB applies them itself instead (columns are still projected).
+        self.con.execute("SET disabled_optimizers = 'filter_pushdown'")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
         log.info("SQL views: %s", ", ".join(sorted(self.views)) or "none")

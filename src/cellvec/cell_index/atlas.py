@@ -40,6 +40,7 @@ from cellvec.cell_index.refine import adapted_basis, apply_head, encode_weights,
 from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weighted_mean, weights_matrix
 from cellvec.errors import CellvecError, InputFormatError, StoreError
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
+from cellvec.storage import StoreLocation, store_location
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,26 @@ def labels_of(
     return labels.to_numpy(dtype=object)
 
 
+def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.ndarray:
+    """The cells' broad labels; a cell without one takes its fine label. Logs a fine label
+    that falls under several broad ones (its cells then get the broad vote's label)."""
+    broad = _label_column(source, key).astype(str).to_numpy(dtype=object)
+    missing = ~known_labels(source, key)
+    broad[missing] = labels[missing]
+    if missing.any():
+        log.warning(
+            "%s: %d cells without a %s label are their own broad class",
+            source.path,
+            int(missing.sum()),
+            key,
+        )
+    for fine in np.unique(labels):
+        found = np.unique(broad[labels == fine])
+        if len(found) > 1:
+            log.warning("Label %r falls under several %s: %s", fine, key, ", ".join(found[:5]))
+    return broad
+
+
 def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
     """True for cells that carry a (non-empty) label."""
     col = _label_column(source, label_key)
@@ -78,10 +99,22 @@ class FittedReference:
     genes) and the refinement report."""
 
     encoder: CellEncoder
-    vectors: np.ndarray
+    vectors: np.ndarray | None  # None when Ray workers compute them (fit_encoder(ray=...))
     weights: sp.csr_matrix
     report: dict
     held_out: np.ndarray | None = None  # cells kept out of refinement, for calibration
+    blocks: list | None = None  # the Ray workers' weight blocks (Arrow), when ray was given
+
+    @property
+    def dimension(self) -> int:
+        """The length of the atlas's vectors: the head's output, else the gene vectors'."""
+        head = self.encoder.refinement.get("w2")
+        return int(head.shape[1]) if head is not None else self.encoder.genes.dimension
+
+    def basis(self) -> np.ndarray:
+        """The reference genes' vectors after the background transform (before the adapter)."""
+        enc = self.encoder
+        return apply_background(enc.genes.vectors[enc.refinement["gene_rows"]], enc.background)
 
 
 def fit_encoder(
@@ -94,16 +127,26 @@ def fit_encoder(
     seed: int = 0,
     refine_options: dict | None = None,
     calibration_split: float = 0.0,
+    ray: str | bool | None = None,
 ) -> FittedReference:
     """Fit background, centre, gene adapter and head on a reference (nothing else sees it).
 
     `calibration_split`: a stratified share of each class's cells (classes of 5 cells
-    or more) is kept out of refinement; they stay in the atlas and calibrate typicality."""
+    or more) is kept out of refinement; they stay in the atlas and calibrate typicality.
+    `ray` (an address, see `cellvec._ray`): the top genes of each cell are computed by
+    Ray workers, and the reference's vectors are left to them too (`vectors` is None,
+    `blocks` holds the workers' weight blocks for `parallel.write_atlas`)."""
     cols, rows = match_dataset_genes(source.var_names, genes, source.path)
     bg = fit_background(genes.vectors[rows], recipe.background)
     vecs = apply_background(genes.vectors[rows], bg)
-    w = weights_matrix(source, GeneBasis(cols, rows, vecs, len(source.var_names)), recipe)
-    w = sp.csr_matrix(w[:, cols])
+    blocks = None
+    if ray:
+        from cellvec.cell_index.parallel import top_gene_weights
+
+        w, blocks = top_gene_weights(source, cols, recipe, ray=ray)
+    else:
+        w = weights_matrix(source, GeneBasis(cols, rows, vecs, len(source.var_names)), recipe)
+        w = sp.csr_matrix(w[:, cols])
     held = calibration_cells(labels, calibration_split, seed) if calibration_split else None
     train = slice(None) if held is None else ~held
     params, report = fit_refinement(
@@ -130,7 +173,8 @@ def fit_encoder(
     encoder = CellEncoder(recipe, genes, bg, refinement)
     if held is not None:
         report = {**report, "calibration_cells": int(held.sum())}
-    return FittedReference(encoder, encode_weights(w, vecs, params), w, report, held)
+    vectors = None if ray else encode_weights(w, vecs, params)
+    return FittedReference(encoder, vectors, w, report, held, blocks)
 
 
 def calibration_cells(labels, share: float, seed: int = 0) -> np.ndarray:
@@ -143,6 +187,73 @@ def calibration_cells(labels, share: float, seed: int = 0) -> np.ndarray:
         if len(idx) >= 5:
             out[rng.choice(idx, max(1, int(round(share * len(idx)))), replace=False)] = True
     return out
+
+
+def atlas_schema(dim: int, meta: dict, *, broad: bool = False) -> pa.Schema:
+    """The atlas table's columns, with the atlas's metadata (recipe, classes, ...);
+    `broad`: with the column of broad labels (`--broad-label-key`)."""
+    return pa.schema(
+        [
+            pa.field("cell_id", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("batch", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            # each cell's top genes (places in the atlas's gene list) and their weights
+            pa.field("top_genes", pa.large_list(pa.int32())),
+            pa.field("top_weights", pa.large_list(pa.float32())),
+            # typicality calibration: similarity to the nearest same-class cell (a sample)
+            pa.field("self_similarity", pa.float32()),
+        ]
+        + ([pa.field("label_broad", pa.string())] if broad else []),
+        metadata={META_KEY: json.dumps(meta).encode()},
+    )
+
+
+def weight_lists(w: sp.csr_matrix) -> tuple[pa.Array, pa.Array]:
+    """Top-gene weights as the atlas's `top_genes` and `top_weights` list columns."""
+    offsets = pa.array(w.indptr.astype(np.int64))
+    return (
+        pa.LargeListArray.from_arrays(offsets, pa.array(w.indices.astype(np.int32))),
+        pa.LargeListArray.from_arrays(offsets, pa.array(w.data.astype(np.float32))),
+    )
+
+
+def atlas_table(
+    schema: pa.Schema,
+    *,
+    cell_ids,
+    labels,
+    batches,
+    dataset: str,
+    vectors: np.ndarray,
+    top_genes: pa.Array,
+    top_weights: pa.Array,
+    calibration,
+    broad_labels=None,
+) -> pa.Table:
+    """Rows of the atlas table (all of them, or a Ray worker's share)."""
+
+    def strings(x):
+        return x if isinstance(x, pa.Array) else pa.array([str(v) for v in x], pa.string())
+
+    n, dim = vectors.shape
+    return pa.Table.from_arrays(
+        [
+            strings(cell_ids),
+            strings(labels),
+            strings(batches),
+            pa.array([dataset] * n, pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+            top_genes,
+            top_weights,
+            calibration
+            if isinstance(calibration, pa.Array)
+            else pa.array(calibration, pa.float32()),
+        ]
+        + ([strings(broad_labels)] if broad_labels is not None else []),
+        schema=schema,
+    )
 
 
 def _hash_or_save(store, arrays: dict) -> str | None:
@@ -191,13 +302,29 @@ def self_similarity(
     return out
 
 
+class _StoredVectors:
+    """A disk atlas's vectors as `self_similarity` reads them: its length, and the rows of
+    a sample (read from the table), never the whole column."""
+
+    def __init__(self, atlas: Atlas):
+        self.atlas = atlas
+
+    def __len__(self) -> int:
+        return self.atlas.n_cells
+
+    def __getitem__(self, rows) -> np.ndarray:
+        col = self.atlas._dataset().take(np.asarray(rows), columns=["vector"]).column(0)
+        col = col.combine_chunks()
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+
+
 @dataclass
 class Atlas:
     """An atlas opened from the store, ready for KNN: vectors in memory, or, for a disk
     atlas (`on_disk`), only label codes and calibration, the rest read when asked for."""
 
     name: str
-    store: str
+    store: StoreLocation | str  # "" for an atlas held in memory only (`from_fit`)
     meta: dict
     _cell_ids: np.ndarray | None = field(default=None, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
@@ -205,6 +332,7 @@ class Atlas:
     _vectors: np.ndarray | None = field(default=None, repr=False)
     version: int = 0
     _n_cells: int | None = field(default=None, repr=False)
+    broad_labels: np.ndarray | None = None  # a second, coarser level (`--broad-label-key`)
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
     _codes: tuple | None = field(default=None, repr=False)
@@ -212,6 +340,7 @@ class Atlas:
     _panels: dict = field(default_factory=dict, repr=False)
     _calibration: np.ndarray | None = field(default=None, repr=False)
     _held_out: np.ndarray | None = field(default=None, repr=False)
+    _broad: dict = field(default_factory=dict, repr=False)
 
     @property
     def recipe(self) -> Recipe:
@@ -289,8 +418,38 @@ class Atlas:
             self._codes = np.unique(self.labels.astype(str), return_inverse=True)
         return self._codes
 
+    def broad_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sorted broad class names, each cell's broad class index, each fine class's broad
+        class index or -1 where its cells carry several). Needs an atlas with broad labels."""
+        if "codes" not in self._broad:
+            broad, codes = np.unique(self.broad_labels.astype(str), return_inverse=True)
+            fine = self.label_codes()[1]
+            parent = np.full(len(self.classes), -1, dtype=np.int64)
+            for c in range(len(self.classes)):
+                found = np.unique(codes[fine == c])
+                if len(found) == 1:
+                    parent[c] = found[0]
+            self._broad["codes"] = (broad, codes, parent)
+        return self._broad["codes"]
+
+    def broad_calibration(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """The typicality calibration of the broad level (as `calibration` is of the fine
+        one), over the whole atlas or re-aggregated over the genes at `positions`."""
+        key = None if positions is None else hash(np.asarray(positions, np.int64).tobytes())
+        if key not in self._broad:
+            if key is not None and len(self._broad) > 5:
+                self._broad.pop(next(k for k in self._broad if k not in ("codes", None)))
+            vecs, index = (
+                (_StoredVectors(self) if self.on_disk else self.vectors, self.index())
+                if positions is None
+                else self.vectors_over(positions)[:2]
+            )
+            self._broad[key] = self_similarity(vecs, self.broad_codes()[1], index, self.held_out())
+        return self._broad[key]
+
     @classmethod
-    def open(cls, store: str | Path, name: str) -> Atlas:
+    def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
+        store = store_location(store)
         gs = GeneStore(store)
         tbl = gs.open_table(ATLAS_PREFIX + name)
         meta = read_meta(tbl) if tbl is not None else {}
@@ -307,19 +466,24 @@ class Atlas:
             )
         if (meta.get("index") or {}).get("kind") == "disk":
             return cls._open_disk(store, name, meta, tbl)
-        arrow = tbl.to_lance().to_table(
-            columns=["cell_id", "label", "batch", "vector", "self_similarity"]
-        )
+        columns = ["cell_id", "label", "batch", "vector", "self_similarity"]
+        has_broad = "label_broad" in tbl.schema.names
+        arrow = tbl.to_lance().to_table(columns=columns + (["label_broad"] if has_broad else []))
         vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
             name=name,
-            store=str(store),
+            store=store,
             meta=meta,
             _cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
             _labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
             _batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
             _vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
             version=tbl.version,
+            broad_labels=(
+                np.asarray(arrow.column("label_broad").to_pylist(), dtype=object)
+                if has_broad
+                else None
+            ),
             _calibration=arrow.column("self_similarity").to_numpy(zero_copy_only=False),
         )
 
@@ -335,8 +499,12 @@ class Atlas:
         value_set = pa.array(classes.tolist(), pa.string())
         codes = np.empty(n, dtype=np.int32)
         calibration = np.empty(n, dtype=np.float32)
+        has_broad = "label_broad" in ds.schema.names
+        broad_classes = np.asarray(sorted(meta.get("broad_classes") or {}), dtype=object)
+        broad = np.empty(n if has_broad else 0, dtype=np.int32)
         at = 0
-        for batch in ds.to_batches(columns=["label", "self_similarity"], batch_size=1 << 20):
+        columns = ["label", "self_similarity"] + (["label_broad"] if has_broad else [])
+        for batch in ds.to_batches(columns=columns, batch_size=1 << 20):
             m = batch.num_rows
             found = pc.index_in(batch.column(0), value_set=value_set)
             if found.null_count:
@@ -346,19 +514,26 @@ class Atlas:
                 )
             codes[at : at + m] = found.to_numpy(zero_copy_only=False)
             calibration[at : at + m] = batch.column(1).to_numpy(zero_copy_only=False)
+            if has_broad:
+                found = pc.index_in(batch.column(2), value_set=pa.array(broad_classes.tolist()))
+                broad[at : at + m] = pc.fill_null(found, 0).to_numpy(zero_copy_only=False)
             at += m
         return cls(
             name=name,
-            store=str(store),
+            store=store,
             meta=meta,
             version=tbl.version,
             _n_cells=n,
             _codes=(classes, codes),
             _calibration=calibration,
+            # 8 bytes a cell (one pointer to a shared string), for the broad-level vote
+            broad_labels=broad_classes[broad] if has_broad else None,
         )
 
     @classmethod
-    def from_fit(cls, name: str, fit: FittedReference, labels, cell_ids=None) -> Atlas:
+    def from_fit(
+        cls, name: str, fit: FittedReference, labels, cell_ids=None, broad_labels=None
+    ) -> Atlas:
         """An atlas held in memory only (evaluation folds): the same search and mapping as a
         stored one, without writing it."""
         n = len(fit.vectors)
@@ -371,6 +546,7 @@ class Atlas:
             _labels=np.asarray(labels, dtype=object),
             _batches=np.full(n, "", dtype=object),
             _vectors=fit.vectors,
+            broad_labels=None if broad_labels is None else np.asarray(broad_labels, dtype=object),
             _encoder=fit.encoder,
             _weights=fit.weights,
             _held_out=fit.held_out,
@@ -531,11 +707,14 @@ class Atlas:
             "index": self.meta.get("index") or {"kind": "memory"},
             "label_key": self.meta.get("label_key"),
             "classes": self.meta.get("classes"),
+            "broad_label_key": self.meta.get("broad_label_key"),
+            "broad_classes": self.meta.get("broad_classes"),
             "recipe": self.meta.get("recipe"),
             "created": self.meta.get("created"),
             "source": self.meta.get("source"),
             "k": self.k,
             "tuning": self.meta.get("tuning"),
+            "excluded_labels": self.meta.get("excluded_labels"),
             "refinement": {
                 k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
             },
@@ -543,7 +722,10 @@ class Atlas:
 
 
 def load_encoder(
-    store: str | Path, name: str, recipe: Recipe, gene_store: GeneStore | None = None
+    store: str | Path | StoreLocation,
+    name: str,
+    recipe: Recipe,
+    gene_store: GeneStore | None = None,
 ) -> CellEncoder:
     """The encoder of atlas `name`: its gene table, background transform and head, checked
     against the hashes its recipe records."""
@@ -559,7 +741,7 @@ def load_encoder(
     return CellEncoder(recipe, genes, bg, head)
 
 
-def list_atlases(store: str | Path) -> list[str]:
+def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     gs = GeneStore(store)
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
 
@@ -567,7 +749,7 @@ def list_atlases(store: str | Path) -> list[str]:
 def build_atlas(
     reference,
     *,
-    store: str | Path,
+    store: str | Path | StoreLocation,
     name: str,
     label_key: str,
     model: str | None = None,
@@ -586,8 +768,10 @@ def build_atlas(
     k: int | None = None,
     tune: bool = False,
     calibration_split: float = 0.0,
+    exclude_labels=(),
+    broad_label_key: str | None = None,
+    ray: str | bool | None = None,
     index: str = "auto",
-    ray_address: str | None = None,
 ) -> Atlas:
     """Embed a labelled reference and write it as atlas `name` in the store.
 
@@ -595,15 +779,28 @@ def build_atlas(
     chooses `top_genes` and `k` by 3-fold cross-validation on the reference
     (`cellvec.evaluation.tune`), recorded in the recipe and the atlas metadata.
     `calibration_split` keeps that share of each class out of refinement to calibrate
-    typicality (`map_cells(min_typicality=...)` needs it). `index`: "memory" (searched
-    with faiss in memory), "disk" (a Lance IVF_PQ index on the table, see
-    `disk_index.py`) or "auto" (disk above the memory budget); `ray_address` builds a
-    disk index on that Ray cluster."""
+    typicality (`map_cells(min_typicality=...)` needs it). `exclude_labels` (e.g.
+    ["Doublet", "Unknown"]) drops the reference cells that carry one before anything is
+    fitted; the atlas records what was dropped (`meta["excluded_labels"]`). `broad_label_key`
+    names a second, coarser label (e.g. `cell_type_broad` over `cell_type`), stored in
+    column `label_broad`: mapping then gives a broad label too, even where the fine one is
+    unassigned. A cell without a broad label is its own broad class (its fine label).
+
+    `ray` (True for a local cluster, or an address: see `cellvec._ray`): Ray workers
+    read the reference's rows, compute its cells' top genes and final vectors and write
+    the table's fragments, committed once; refinement is trained here, in one process.
+    The atlas equals the one built without Ray (same rows, vectors within 1e-6).
+
+    `index`: "memory" (searched with faiss in memory), "disk" (a Lance IVF_PQ index on
+    the table, see `disk_index.py`; built on the Ray cluster too when `ray` is given)
+    or "auto" (disk above the memory budget)."""
     from cellvec.cell_index.disk_index import INDEX_KINDS
 
     if index not in INDEX_KINDS:
         raise CellvecError(f"Index {index!r}: choose one of {', '.join(INDEX_KINDS)}.")
     import re
+
+    from cellvec.cell_index.mapping import parse_labels
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise CellvecError(
@@ -620,6 +817,25 @@ def build_atlas(
         )
         source = source.subset(known)
     labels = labels_of(source, label_key)
+    broad = _broad_labels(source, labels, broad_label_key) if broad_label_key else None
+    excluded = {}
+    for x in parse_labels(exclude_labels):
+        excluded[x] = int(((labels == x) | ((broad == x) if broad is not None else False)).sum())
+    if excluded:
+        drop = np.isin(labels.astype(str), list(excluded))
+        if broad is not None:
+            drop |= np.isin(broad.astype(str), list(excluded))
+        if drop.all():
+            raise CellvecError(
+                f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
+            )
+        log.info(
+            "Excluded from the reference: %s",
+            ", ".join(f"{x} ({n:,} cells)" for x, n in excluded.items()),
+        )
+        source = source.subset(~drop)
+        labels = labels[~drop]
+        broad = broad[~drop] if broad is not None else None
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = Recipe(
         model=genes.model,
@@ -648,8 +864,9 @@ def build_atlas(
         seed=seed,
         refine_options=refine_options,
         calibration_split=calibration_split,
+        ray=ray,
     )
-    encoder, vectors, report = fit.encoder, fit.vectors, fit.report
+    encoder, report = fit.encoder, fit.report
     batches = (
         source.obs[batch_key].astype(str).to_numpy()
         if batch_key
@@ -669,52 +886,43 @@ def build_atlas(
         "k": int(k or DEFAULT_K),
         "tuning": tuning,
     }
-    dim = vectors.shape[1]
+    if excluded:
+        meta["excluded_labels"] = excluded
+    if broad is not None:
+        meta["broad_label_key"] = broad_label_key
+        names, counts = np.unique(broad.astype(str), return_counts=True)
+        meta["broad_classes"] = {str(c): int(n) for c, n in zip(names, counts)}
+    dataset = Path(str(meta["source"])).stem
+    dim = fit.dimension
     meta["index"] = index_meta(index, source.n_obs, dim)
-    memory = Atlas.from_fit(name, fit, labels)
-    calibration = memory.calibration()
-    schema = pa.schema(
-        [
-            pa.field("cell_id", pa.string()),
-            pa.field("label", pa.string()),
-            pa.field("batch", pa.string()),
-            pa.field("dataset", pa.string()),
-            pa.field("vector", pa.list_(pa.float32(), dim)),
-            # each cell's top genes (places in the atlas's gene list) and their weights
-            pa.field("top_genes", pa.large_list(pa.int32())),
-            pa.field("top_weights", pa.large_list(pa.float32())),
-            # typicality calibration: similarity to the nearest same-class cell (a sample)
-            pa.field("self_similarity", pa.float32()),
-        ],
-        metadata={META_KEY: json.dumps(meta).encode()},
-    )
-    table = pa.Table.from_arrays(
-        [
-            pa.array(source.obs_names, pa.string()),
-            pa.array(labels.tolist(), pa.string()),
-            pa.array([str(b) for b in batches], pa.string()),
-            pa.array([Path(str(meta["source"])).stem] * source.n_obs, pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-            pa.LargeListArray.from_arrays(
-                pa.array(fit.weights.indptr.astype(np.int64)),
-                pa.array(fit.weights.indices.astype(np.int32)),
-            ),
-            pa.LargeListArray.from_arrays(
-                pa.array(fit.weights.indptr.astype(np.int64)),
-                pa.array(fit.weights.data.astype(np.float32)),
-            ),
-            pa.array(calibration, pa.float32()),
-        ],
-        schema=schema,
-    )
-    tbl = replace_table(gs.db, ATLAS_PREFIX + name, table)
+    schema = atlas_schema(dim, meta, broad=broad is not None)
+    if ray:
+        memory = _write_on_ray(gs, name, fit, schema, labels, broad, batches, source, dataset, ray)
+    else:
+        memory = Atlas.from_fit(name, fit, labels, broad_labels=broad)
+        top_genes, top_weights = weight_lists(fit.weights)
+        table = atlas_table(
+            schema,
+            cell_ids=source.obs_names,
+            labels=labels,
+            batches=batches,
+            dataset=dataset,
+            vectors=fit.vectors,
+            top_genes=top_genes,
+            top_weights=top_weights,
+            calibration=memory.calibration(),
+            broad_labels=broad,
+        )
+        replace_table(gs.db, ATLAS_PREFIX + name, table)
     if meta["index"]["kind"] == "disk":
         from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
 
         # Written after the table: a reader in between searches the table exactly (slower,
         # not wrong) until the index is committed.
         build_disk_index(
-            tbl.to_lance(), DiskIndexParams.from_dict(meta["index"]), ray_address=ray_address
+            gs.open_table(ATLAS_PREFIX + name).to_lance(),
+            DiskIndexParams.from_dict(meta["index"]),
+            ray_address=ray,
         )
     log.info(
         "Atlas %s: %s cells, %d classes, dim %d, %s index, in %.1f s",
@@ -727,7 +935,7 @@ def build_atlas(
     )
     atlas = Atlas.open(store, name)
     atlas._encoder = encoder
-    if not atlas.on_disk:
+    if memory is not None and not atlas.on_disk:
         atlas._index = memory._index
     return atlas
 
@@ -749,7 +957,7 @@ def index_atlas(
     *,
     index: str = "disk",
     params: dict | None = None,
-    ray_address: str | None = None,
+    ray: str | bool | None = None,
 ) -> dict:
     """(Re)index an atlas already in the store, e.g. one written in chunks by a cluster:
     builds its Lance index when `index` comes out "disk" (`params` overrides the chosen
@@ -769,7 +977,41 @@ def index_atlas(
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":
         entry.update(params or {})
-        ds = build_disk_index(ds, DiskIndexParams.from_dict(entry), ray_address=ray_address)
+        ds = build_disk_index(ds, DiskIndexParams.from_dict(entry), ray_address=ray)
     key = META_KEY.decode() if isinstance(META_KEY, bytes) else META_KEY
     ds.update_schema_metadata({key: json.dumps({**meta, "index": entry})})
     return entry
+
+
+def _write_on_ray(
+    gs, name, fit, schema, labels, broad, batches, source, dataset, ray
+) -> Atlas | None:
+    """The atlas table written by Ray workers (`parallel.write_atlas`); the in-memory atlas
+    that calibrated typicality when held-out cells needed every vector, else None."""
+    from cellvec.cell_index.parallel import write_atlas
+
+    memory = None
+
+    def calibrate(vectors):
+        nonlocal memory
+        fit.vectors = vectors
+        memory = Atlas.from_fit(name, fit, labels, broad_labels=broad)
+        return memory.calibration()
+
+    held = fit.held_out is not None and bool(fit.held_out.any())
+    write_atlas(
+        gs.location.table_uri(ATLAS_PREFIX + name),
+        schema,
+        fit.blocks,
+        basis=fit.basis(),
+        params=fit.encoder.refinement,
+        cell_ids=source.obs_names,
+        labels=labels,
+        broad_labels=broad,
+        batches=batches,
+        dataset=dataset,
+        calibrate=calibrate if held else None,
+        storage_options=gs.location.options() or None,
+        ray=ray,
+    )
+    return memory

@@ -127,12 +127,18 @@ def _sub_vectors(dim: int) -> int:
 
 
 def build_disk_index(
-    dataset, params: DiskIndexParams, *, ray_address: str | None = None, num_workers: int = 2
+    dataset,
+    params: DiskIndexParams,
+    *,
+    ray_address: str | bool | None = None,
+    num_workers: int = 2,
 ):
     """Build the Lance vector index of an atlas table (a `lance.LanceDataset`), replacing
     any earlier one; returns the dataset at its new version.
 
-    With `ray_address` the build runs on that Ray cluster through lance-ray: IVF centroids
+    With `ray_address` (an address as `cellvec._ray` reads it, True for a local cluster;
+    a process already connected to Ray uses its cluster) the build runs on that Ray
+    cluster through lance-ray: IVF centroids
     and the PQ codebook are trained once and shared, each worker indexes a share of the
     table's fragments, and the segments are committed once."""
     t = time.perf_counter()
@@ -142,12 +148,12 @@ def build_disk_index(
         num_partitions=params.num_partitions,
         num_sub_vectors=params.num_sub_vectors,
     )
-    if ray_address is not None:
+    if ray_address:
         import lance_ray
-        import ray
 
-        if not ray.is_initialized():
-            ray.init(address=ray_address or None, log_to_driver=False)
+        from cellvec._ray import init_ray
+
+        init_ray(ray_address)
         # lance-ray trains on `sample_rate` rows a centroid and refuses fewer rows than
         # that many times 256 PQ centroids: lower it for small atlases (Lance's own build
         # samples what there is)
@@ -173,7 +179,7 @@ def build_disk_index(
         params.num_partitions,
         params.num_sub_vectors,
         time.perf_counter() - t,
-        " on Ray" if ray_address is not None else "",
+        " on Ray" if ray_address else "",
     )
     return dataset
 

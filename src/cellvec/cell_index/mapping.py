@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cellvec.cell_index.atlas import Atlas
-from cellvec.cell_index.knn import knn, vote
+from cellvec.cell_index.knn import vote
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, InputFormatError
@@ -21,6 +21,21 @@ log = logging.getLogger(__name__)
 
 FULL_COVERAGE = 0.999  # below this share of the reference's gene weight, compare over shared genes
 LOW_COVERAGE = 0.5  # below this, warn: the labels rest on few of the genes that count
+
+
+@dataclass
+class BroadCall:
+    """The broad-level labels of mapped cells (atlases with `--broad-label-key`): given
+    wherever the fine label is (its own broad class), and where the fine label is
+    unassigned but the broad vote clears the same thresholds."""
+
+    key: str | None
+    classes: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+    typicality: np.ndarray
+    truth: np.ndarray | None = None
+    metrics: dict | None = None
 
 
 @dataclass
@@ -45,6 +60,10 @@ class MappingResult:
     metrics: dict | None = None
     seconds: float = 0.0
     orthologs: str | None = None  # the ortholog table the query genes went through, if any
+    excluded_labels: list[str] = field(default_factory=list)  # never given as answers
+    broad: BroadCall | None = None  # the second level, for atlases built with broad labels
+    cluster_key: str | None = None  # the query's obs column summarised by `cluster_summary`
+    clusters: np.ndarray | None = field(default=None, repr=False)  # its value per cell
     source: ExpressionSource | None = field(default=None, repr=False)
 
     def to_polars(self, *, scores: bool = True):
@@ -62,6 +81,12 @@ class MappingResult:
         }
         if self.truth is not None:
             cols["truth"] = self.truth.astype(str).tolist()
+        if self.broad is not None:
+            cols["cellvec_label_broad"] = self.broad.labels.astype(str).tolist()
+            cols["cellvec_confidence_broad"] = self.broad.confidence.astype(np.float64)
+            cols["cellvec_typicality_broad"] = self.broad.typicality.astype(np.float64)
+            if self.broad.truth is not None:
+                cols["truth_broad"] = self.broad.truth.astype(str).tolist()
         df = pl.DataFrame(cols)
         if scores:
             df = df.with_columns(
@@ -72,12 +97,73 @@ class MappingResult:
             )
         return df
 
+    def cluster_summary(self):
+        """Per query cluster (`cluster_key`): cluster, n_cells, the majority label among
+        the cells given one (`label`, or unassigned where none is), the share of the
+        cluster's cells with it (`label_share`), `mean_confidence` and `unassigned_share`;
+        with broad labels, `label_broad` and `label_broad_share` too. A polars DataFrame,
+        None without a cluster key."""
+        import polars as pl
+
+        if self.clusters is None:
+            return None
+        df = pl.DataFrame(
+            {
+                "cluster": self.clusters.astype(str).tolist(),
+                "label": self.labels.astype(str).tolist(),
+                "confidence": self.confidence.astype(np.float64),
+                "label_broad": (
+                    self.broad.labels.astype(str).tolist()
+                    if self.broad is not None
+                    else [UNASSIGNED] * len(self.labels)
+                ),
+            }
+        )
+
+        def majority(col: str) -> pl.DataFrame:
+            counts = (
+                df.group_by("cluster", col)
+                .len()
+                .with_columns(given=pl.col(col) != UNASSIGNED)
+                .sort(["cluster", "given", "len", col], descending=[False, True, True, False])
+            )
+            return counts.group_by("cluster", maintain_order=True).first().drop("given")
+
+        out = (
+            df.group_by("cluster")
+            .agg(
+                n_cells=pl.len(),
+                mean_confidence=pl.col("confidence").mean(),
+                unassigned_share=(pl.col("label") == UNASSIGNED).mean(),
+            )
+            .join(majority("label").rename({"len": "n_label"}), on="cluster")
+            .with_columns(label_share=pl.col("n_label") / pl.col("n_cells"))
+        )
+        columns = ["cluster", "n_cells", "label", "label_share", "mean_confidence"]
+        columns.append("unassigned_share")
+        if self.broad is not None:
+            out = out.join(
+                majority("label_broad").rename({"len": "n_broad"}), on="cluster"
+            ).with_columns(label_broad_share=pl.col("n_broad") / pl.col("n_cells"))
+            columns += ["label_broad", "label_broad_share"]
+        names = out["cluster"].to_list()
+        numeric = all(x.lstrip("-").isdigit() for x in names)
+        order = sorted(names, key=(lambda x: int(x)) if numeric else str)
+        rank = {c: i for i, c in enumerate(order)}
+        return (
+            out.with_columns(pl.col("cluster").replace_strict(rank).alias("_rank"))
+            .sort("_rank")
+            .select(columns)
+        )
+
     def to_anndata(self):
         """The query AnnData with obs['cellvec_label'], obs['cellvec_confidence'], obsm['X_cellvec']."""
         if self.source is None or self.source._adata is None:
             raise CellvecError(
                 "This mapping has no query AnnData attached; use to_polars() instead."
             )
+        import pandas as pd
+
         adata = self.source._adata
         if getattr(adata, "isbacked", False):
             adata = adata.to_memory()
@@ -88,6 +174,10 @@ class MappingResult:
         adata.obs["cellvec_confidence"] = self.confidence.astype(np.float32)
         if self.typicality is not None:
             adata.obs["cellvec_typicality"] = self.typicality.astype(np.float32)
+        if self.broad is not None:
+            adata.obs["cellvec_label_broad"] = pd.Categorical(self.broad.labels.astype(str))
+            adata.obs["cellvec_confidence_broad"] = self.broad.confidence.astype(np.float32)
+            adata.obs["cellvec_typicality_broad"] = self.broad.typicality.astype(np.float32)
         adata.obsm["X_cellvec"] = self.vectors
         adata.obsm["cellvec_scores"] = self.scores.astype(np.float32)
         adata.uns["cellvec"] = {
@@ -100,6 +190,14 @@ class MappingResult:
         }
         if self.orthologs:
             adata.uns["cellvec"]["orthologs"] = self.orthologs
+        if self.excluded_labels:
+            adata.uns["cellvec"]["excluded_labels"] = list(self.excluded_labels)
+        if self.broad is not None:
+            adata.uns["cellvec"]["broad_classes"] = self.broad.classes.astype(str).tolist()
+        if self.clusters is not None:
+            adata.uns["cellvec"]["cluster_key"] = self.cluster_key
+            table = self.cluster_summary().to_pandas()
+            adata.uns["cellvec_clusters"] = table.set_index(table["cluster"].rename(None))
         return adata
 
     def write(self, path: str | Path) -> Path:
@@ -133,7 +231,13 @@ class MappingResult:
         tbl = tbl.append_column(
             "vector", pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel()), dim)
         )
-        replace_table(GeneStore(store).db, f"mapping_{name}", tbl)
+        db = GeneStore(store).db
+        replace_table(db, f"mapping_{name}", tbl)
+        if self.clusters is not None:
+            clusters = self.cluster_summary().with_columns(
+                pl.lit(self.cluster_key).alias("cluster_key"), pl.lit(self.atlas).alias("atlas")
+            )
+            replace_table(db, f"mapping_{name}_clusters", clusters.to_arrow())
         return f"mapping_{name}"
 
     def summary(self) -> dict:
@@ -153,8 +257,32 @@ class MappingResult:
         }
         if self.orthologs:
             out["orthologs"] = self.orthologs
+        if self.excluded_labels:
+            out["excluded_labels"] = list(self.excluded_labels)
         if self.metrics:
             out.update(self.metrics)
+        if self.clusters is not None:
+            out["cluster_key"] = self.cluster_key
+            out["clusters"] = self.cluster_summary().to_dicts()
+        if self.broad is not None:
+            b = self.broad
+            out["broad"] = {
+                "label_key": b.key,
+                "unassigned_fraction": float((b.labels == UNASSIGNED).mean())
+                if len(b.labels)
+                else 0.0,
+                "label_counts": {
+                    str(c): int(n)
+                    for c, n in zip(*np.unique(b.labels.astype(str), return_counts=True))
+                },
+                # cells the fine level left unassigned that still got a broad label
+                "broad_only_fraction": float(
+                    ((self.labels == UNASSIGNED) & (b.labels != UNASSIGNED)).mean()
+                )
+                if len(b.labels)
+                else 0.0,
+                **(b.metrics or {}),
+            }
         return out
 
 
@@ -173,6 +301,10 @@ def map_cells(
     gene_column: str | None = None,
     recipe: Recipe | dict | None = None,
     orthologs: OrthologTable | str | Path | None = None,
+    exclude_labels=(),
+    broad_truth_key: str | None = None,
+    cluster_key: str | None = None,
+    ray: str | bool | None = None,
 ) -> MappingResult:
     """Label each query cell from its k nearest atlas cells (distance-weighted vote).
 
@@ -190,6 +322,14 @@ def map_cells(
     atlas's recipe is refused. `label_map` renames truth labels (cross-study names).
     `orthologs` (a table or its file, see `gene_store.orthologs`) matches query genes
     of another species to the atlas's store genes; the atlas's recipe is applied as is.
+    `ray` (True for a local cluster, or an address: see `cellvec._ray`): the query's
+    vectors are computed by Ray workers, shard by shard (same vectors within 1e-6, same
+    labels); the search and the vote run here.
+    `exclude_labels` (e.g. ["Doublet", "Unknown"]) are never given: reference cells that
+    carry one are skipped in the search (more neighbours are searched so that k others
+    remain), not outvoted. An atlas built with broad labels gives each cell a broad label
+    too (`result.broad`), scored against `broad_truth_key` if given. `cluster_key` names
+    a query obs column (e.g. leiden) summarised per cluster (`result.cluster_summary()`).
     """
     t0 = time.perf_counter()
     if isinstance(atlas, str):
@@ -216,16 +356,23 @@ def map_cells(
         from cellvec.cell_index.atlas import labels_of
 
         truth = labels_of(source, truth_key, label_map=label_map)
+    clusters = cluster_values(source, cluster_key) if cluster_key else None
+    if broad_truth_key and atlas.broad_labels is None:
+        raise CellvecError(
+            f"Atlas {atlas.name!r} has one level of labels; --broad-truth-key needs an atlas "
+            "built with `cellvec atlas build ... --broad-label-key KEY`."
+        )
     encoder = atlas.encoder()
     basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
     # the atlas's own index; a disk atlas's vectors are never read whole
-    ref, index, coverage, calibration = None, atlas.index(), 1.0, None
+    ref, index, coverage, calibration, panel = None, atlas.index(), 1.0, None, None
     n_atlas_genes = len(encoder.refinement.get("gene_rows", ()))
     if basis.positions is not None and len(basis.positions) < n_atlas_genes:
         coverage = atlas.coverage(basis.positions)
         if coverage < FULL_COVERAGE:
             # A panel: compare with the reference re-aggregated over the genes both have.
             ref, index, calibration = atlas.vectors_over(basis.positions)
+            panel = basis.positions
         (log.warning if coverage < LOW_COVERAGE else log.info)(
             "The query measures %s of the atlas's %s genes, carrying %.0f%% of the reference's "
             "top-gene weight%s",
@@ -236,8 +383,14 @@ def map_cells(
             if coverage < LOW_COVERAGE
             else "; the reference is compared over the shared genes",
         )
-    q = encoder.encode(source, basis)
-    idx, sim = knn(q, ref, k, index=index)
+    if ray:
+        from cellvec.cell_index.parallel import encode_cells
+
+        q = encode_cells(source, encoder, basis, ray=ray)
+    else:
+        q = encoder.encode(source, basis)
+    excluded, allowed = excluded_cells(atlas, exclude_labels)
+    idx, sim = search_allowed(index, q, k, allowed)
     classes, codes = atlas.label_codes()
     scores, labels, conf, typical = assign_labels(
         q,
@@ -250,6 +403,32 @@ def map_cells(
         min_typicality=min_typicality,
     )
     metrics = truth_metrics(truth, labels, classes, atlas.name)
+    broad = None
+    if atlas.broad_labels is not None:
+        broad_classes, broad_codes, parent = atlas.broad_codes()
+        b_labels, b_conf, b_typical = assign_broad(
+            q,
+            idx,
+            sim,
+            labels,
+            classes,
+            broad_classes,
+            broad_codes,
+            parent,
+            min_confidence,
+            calibration=atlas.broad_calibration(panel),
+            min_typicality=min_typicality,
+        )
+        b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
+        broad = BroadCall(
+            key=atlas.meta.get("broad_label_key"),
+            classes=broad_classes,
+            labels=b_labels,
+            confidence=b_conf,
+            typicality=b_typical,
+            truth=b_truth,
+            metrics=truth_metrics(b_truth, b_labels, broad_classes, atlas.name),
+        )
     secs = time.perf_counter() - t0
     log.info(
         "Mapped %s cells onto %s in %.1f s (%.1f%% unassigned)",
@@ -277,8 +456,88 @@ def map_cells(
         metrics=metrics,
         seconds=secs,
         orthologs=orthologs.source if orthologs is not None else None,
+        excluded_labels=excluded,
+        broad=broad,
+        cluster_key=cluster_key,
+        clusters=clusters,
         source=source,
     )
+
+
+def cluster_values(source: ExpressionSource, key: str) -> np.ndarray:
+    """The query's `key` obs column as strings (missing values as "nan"), or an error
+    naming the columns there are."""
+    if key not in source.obs.columns:
+        raise InputFormatError(
+            f"{source.path}: no obs column {key!r} to summarise by; obs columns are: "
+            f"{', '.join(map(str, source.obs.columns)) or 'none'}. Name one with --cluster-key."
+        )
+    return source.obs[key].astype(str).to_numpy(dtype=object)
+
+
+def parse_labels(labels) -> list[str]:
+    """Labels given as "A,B" or a list, stripped, empty ones dropped, order kept."""
+    if labels is None:
+        return []
+    items = labels.split(",") if isinstance(labels, str) else labels
+    return list(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))
+
+
+def excluded_cells(atlas: Atlas, exclude_labels) -> tuple[list[str], np.ndarray | None]:
+    """(the excluded labels the atlas has, a mask of the reference cells that may answer, or
+    None when every cell may). Labels the atlas lacks are named in a log line, not refused:
+    a blocklist such as "Doublet,Unknown" is meant to be reused across atlases."""
+    wanted = parse_labels(exclude_labels)
+    if not wanted:
+        return [], None
+    labels = atlas.labels.astype(str)
+    broad = atlas.broad_labels.astype(str) if atlas.broad_labels is not None else labels
+    present = [x for x in wanted if (labels == x).any() or (broad == x).any()]
+    absent = [x for x in wanted if x not in present]
+    if absent:
+        log.info("Excluded label(s) not in atlas %s: %s", atlas.name, ", ".join(absent))
+    blocked = np.isin(labels, present) | np.isin(broad, present)
+    if blocked.all():
+        raise CellvecError(
+            f"--exclude-labels {','.join(wanted)} excludes every class of atlas {atlas.name!r}; "
+            "leave at least one class to answer with."
+        )
+    if present:
+        log.info(
+            "Skipping %s reference cells labelled %s",
+            f"{int(blocked.sum()):,}",
+            ", ".join(present),
+        )
+    return present, (~blocked if blocked.any() else None)
+
+
+def search_allowed(index, q: np.ndarray, k: int, allowed: np.ndarray | None):
+    """(indices, similarities) of each query's k nearest reference cells among the `allowed`
+    ones (all when None), best first; -1 / -inf pad rows with fewer than k allowed cells.
+
+    Skipped cells are searched past: the search goes deeper (x4 a round) for the rows that
+    have not yet found k allowed neighbours, up to the whole reference."""
+    if allowed is None:
+        return index.search(q, k)
+    n_ref, n_ok = len(allowed), int(allowed.sum())
+    want = min(k, n_ok)
+    out_idx = np.full((len(q), k), -1, dtype=np.int64)
+    out_sim = np.full((len(q), k), -np.inf, dtype=np.float32)
+    todo = np.arange(len(q))
+    depth = min(n_ref, k + int(np.ceil(k * n_ref / max(n_ok, 1))))
+    while len(todo):
+        idx, sim = index.search(q[todo], depth)
+        ok = (idx >= 0) & allowed[np.maximum(idx, 0)]
+        done = (ok.sum(1) >= want) | (depth >= n_ref)
+        order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # allowed first, in rank order
+        width = order.shape[1]
+        keep = np.take_along_axis(ok, order, 1)
+        rows = todo[done]
+        out_idx[rows, :width] = np.where(keep, np.take_along_axis(idx, order, 1), -1)[done]
+        out_sim[rows, :width] = np.where(keep, np.take_along_axis(sim, order, 1), -np.inf)[done]
+        todo = todo[~done]
+        depth = min(n_ref, depth * 4)
+    return out_idx, out_sim
 
 
 def truth_metrics(truth, labels, classes, atlas: str) -> dict | None:
@@ -358,11 +617,56 @@ def assign_labels(
         if calibration is not None
         else np.ones(len(best))
     )
-    empty = ~q.any(axis=1)  # cells with no matched expression (only possible for backed files)
+    # cells with no matched expression (only possible for backed files), or no neighbour left
+    empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
     conf[empty] = 0.0
     typical[empty] = 0.0
     labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED
     return scores, labels, conf, typical
+
+
+def assign_broad(
+    q: np.ndarray,
+    idx: np.ndarray,
+    sim: np.ndarray,
+    fine_labels: np.ndarray,
+    fine_classes: np.ndarray,
+    broad_classes: np.ndarray,
+    broad_codes: np.ndarray,
+    parent: np.ndarray,
+    min_confidence: float,
+    *,
+    calibration: np.ndarray | None = None,
+    min_typicality: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(broad labels, confidences, typicalities) from the same neighbours as the fine call.
+
+    Where the fine label was given and belongs to one broad class (`parent`, per fine
+    class), the broad label is that class, so the two levels never disagree; its
+    confidence is the broad vote's share for it (at least the fine label's). Elsewhere
+    it is the broad vote's winner, unassigned below the same `min_confidence` and
+    `min_typicality` (calibrated on the broad classes): a cell whose subtype is unclear
+    or missing from the atlas still gets "T" when its neighbours agree on T."""
+    scores = vote(idx, sim, broad_codes, len(broad_classes))
+    chosen = scores.argmax(1)
+    given = fine_labels != UNASSIGNED
+    fine_code = np.searchsorted(fine_classes.astype(str), fine_labels.astype(str))
+    fine_code = np.clip(fine_code, 0, len(fine_classes) - 1)
+    inherit = given & (parent[fine_code] >= 0)
+    chosen = np.where(inherit, parent[fine_code], chosen)
+    conf = scores[np.arange(len(chosen)), chosen]
+    typical = (
+        typicality(idx, sim, broad_codes, chosen, calibration)
+        if calibration is not None
+        else np.ones(len(chosen))
+    )
+    empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
+    conf[empty] = 0.0
+    typical[empty] = 0.0
+    labels = broad_classes[chosen].astype(object)
+    refused = (conf < min_confidence) | (typical < min_typicality) | empty
+    labels[refused & ~inherit] = UNASSIGNED
+    return labels, conf, typical
 
 
 def read_label_map(path: str | Path) -> dict[str, str]:

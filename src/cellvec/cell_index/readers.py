@@ -47,6 +47,9 @@ class ExpressionSource:
     _rows: np.ndarray | None = field(default=None, repr=False)  # kept cell rows
     _adata: object = field(default=None, repr=False)
     validated: bool = True  # False: values are checked chunk by chunk as they stream (backed files)
+    # (file, matrix key such as "X", "layers/counts" or "raw/X") when read from an h5ad file:
+    # Ray workers open the same matrix there, backed, and read their own rows
+    h5ad: tuple[str, str] | None = None
 
     @property
     def n_obs(self) -> int:
@@ -92,6 +95,7 @@ class ExpressionSource:
             rows[np.asarray(mask)],
             self._adata,
             self.validated,
+            self.h5ad,
         )
 
     def subset_genes(self, keep: np.ndarray) -> ExpressionSource:
@@ -109,6 +113,7 @@ class ExpressionSource:
             self._rows,
             self._adata,
             self.validated,
+            self.h5ad,
         )
 
     def to_csr(self) -> sp.csr_matrix:
@@ -199,10 +204,12 @@ def read_expression(
         raise InputFormatError(
             f"{path}: unknown expression format; use .h5ad, a 10x matrix directory or .h5, .csv/.tsv or .parquet."
         )
-    return _from_anndata(adata, str(path), layer, use_raw, gene_column)
+    return _from_anndata(adata, str(path), layer, use_raw, gene_column, h5ad=name.endswith(".h5ad"))
 
 
-def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionSource:
+def _from_anndata(
+    adata, where: str, layer, use_raw, gene_column, *, h5ad: bool = False
+) -> ExpressionSource:
     raw = getattr(adata, "raw", None)
     if layer is not None:
         if layer not in adata.layers:
@@ -230,7 +237,7 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
                 log.info(
                     "%s: X holds scaled values (negative entries); using .raw (%s)", where, raw_kind
                 )
-                return _from_anndata(adata, where, None, True, gene_column)
+                return _from_anndata(adata, where, None, True, gene_column, h5ad=h5ad)
         raise InputFormatError(
             f"{where}: the expression values are scaled (negative entries), so the most-expressed genes "
             "cannot be read from them. Give counts or log-normalised values: a file with .raw, "
@@ -256,7 +263,18 @@ def _from_anndata(adata, where: str, layer, use_raw, gene_column) -> ExpressionS
         names = names[cols]
     obs = adata.obs.copy()
     obs.index = obs.index.astype(str)
-    src = ExpressionSource(where, obs, names.tolist(), kind, matrix, cols, None, adata)
+    key = f"layers/{layer}" if layer is not None else ("raw/X" if use_raw else "X")
+    src = ExpressionSource(
+        where,
+        obs,
+        names.tolist(),
+        kind,
+        matrix,
+        cols,
+        None,
+        adata,
+        h5ad=(str(Path(where).resolve()), key) if h5ad else None,
+    )
     if getattr(adata, "isbacked", False):
         # Large files: no separate pass over the data; each chunk is checked as it streams,
         # and empty cells get zero vectors (mapped as 'unassigned').

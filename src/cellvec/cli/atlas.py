@@ -9,6 +9,7 @@ from cellvec.cli.options import (
     input_options,
     json_option,
     model_option,
+    ray_option,
     recipe_options,
     store_option,
 )
@@ -24,6 +25,11 @@ def atlas():
 @store_option
 @click.option("--name", required=True, help="Atlas name (letters, digits, underscores).")
 @click.option("--label-key", required=True, help="obs column with the cell labels.")
+@click.option(
+    "--broad-label-key",
+    help="obs column with coarser labels over --label-key (e.g. cell_type_broad): map then "
+    "gives a broad label too, even where the fine one is unassigned.",
+)
 @click.option("--batch-key", help="obs column recorded as the batch of each cell.")
 @click.option("--subset", help="Keep cells where obs column equals value(s): COLUMN=V1,V2.")
 @model_option()
@@ -39,6 +45,12 @@ def atlas():
     show_default=True,
     help="Keep this share of each subtype out of refinement to calibrate typicality "
     "(needed by map --min-typicality; 0.1 is a good start).",
+)
+@click.option(
+    "--exclude-labels",
+    metavar="L1,L2",
+    help="Drop reference cells with these labels (e.g. Doublet,Unknown) before fitting; "
+    "recorded in the atlas.",
 )
 @click.option(
     "--tune",
@@ -57,12 +69,14 @@ def atlas():
     "would take more than CELLVEC_ATLAS_MEMORY_BUDGET (default 4G). map and serve follow "
     "what the atlas records.",
 )
+@ray_option
 @json_option
 def build(
     reference,
     store,
     name,
     label_key,
+    broad_label_key,
     batch_key,
     subset,
     model,
@@ -79,16 +93,24 @@ def build(
     seed,
     k,
     calibration_split,
+    exclude_labels,
     tune,
     index_kind,
+    ray,
     as_json,
 ):
     """Embed a labelled REFERENCE (h5ad, 10x, csv, parquet) as an atlas in the store.
+
+    With --ray, Ray workers read the reference's rows, compute its cells' top genes
+    and vectors and write the table; refinement is trained in this process.
 
     \b
     Example:
       cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
           --subset donor=3pv2,5p
+      cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \
+          --broad-label-key cell_type_broad --exclude-labels Doublet --calibration-split 0.1
+      cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
     """
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.cli.common import subset_source
@@ -119,6 +141,9 @@ def build(
         tune=tune,
         calibration_split=calibration_split,
         index=index_kind,
+        exclude_labels=exclude_labels,
+        broad_label_key=broad_label_key,
+        ray=ray or None,
     )
     if as_json:
         emit_json(a.summary())

@@ -19,6 +19,11 @@ from cellvec.cli.options import (
 @click.command("evaluate")
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--label-key", required=True, help="obs column with the cell labels.")
+@click.option(
+    "--broad-label-key",
+    help="obs column with coarser labels (e.g. cell_type_broad): score both levels, and how "
+    "many cells whose fine label is unassigned still get the right broad one.",
+)
 @store_option
 @model_option(multiple=True)
 @recipe_options
@@ -35,6 +40,11 @@ from cellvec.cli.options import (
     help="Real peers in the same folds: celltypist (runs in its own virtual environment, "
     "made on first use).",
 )
+@click.option(
+    "--representations",
+    help="Score exactly these, e.g. logreg_expr,celltypist,cellvec (default: cellvec plus "
+    "what --baselines, --peers and --ablations add; 'none': the scenarios only).",
+)
 @click.option("--ablations", is_flag=True, help="Also score head_only, no_center, top200.")
 @click.option("--data-limited", help="Learning curve: reference cells per class, e.g. 5,10,20,50.")
 @click.option("--panel", help="Query keeps a random share of its genes, e.g. 0.3,0.1.")
@@ -45,7 +55,24 @@ from cellvec.cli.options import (
     "--min-typicality",
     default=0.01,
     show_default=True,
-    help="Unassigned threshold scored with --leave-out.",
+    help="Unassigned threshold scored with --leave-out and --broad-label-key.",
+)
+@click.option(
+    "--min-confidence",
+    default=0.0,
+    show_default=True,
+    help="Vote-confidence threshold scored with --leave-out and --broad-label-key.",
+)
+@click.option(
+    "--species-swap",
+    type=click.Choice(["mouse", "human"]),
+    help="Rename each fold's query (and --query) to this species' symbols through the "
+    "one-to-one orthologs of --orthologs, and map it onto the unchanged reference.",
+)
+@click.option(
+    "--orthologs",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ortholog table for --species-swap (e.g. hcop_mouse_to_human.csv.gz).",
 )
 @click.option(
     "--query",
@@ -67,6 +94,7 @@ from cellvec.cli.options import (
 def evaluate_cmd(
     data,
     label_key,
+    broad_label_key,
     store,
     model,
     top_genes,
@@ -79,11 +107,15 @@ def evaluate_cmd(
     k,
     baselines,
     peers,
+    representations,
     ablations,
     data_limited,
     panel,
     leave_out,
     min_typicality,
+    min_confidence,
+    species_swap,
+    orthologs,
     query,
     query_label_key,
     label_map,
@@ -101,6 +133,10 @@ def evaluate_cmd(
     Example:
       cellvec evaluate pbmc3k.h5ad --label-key classified --store store/ \\
           --baselines --peers celltypist --panel 0.3,0.1 --leave-out NK --json
+      cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \
+          --broad-label-key cell_type_broad --min-confidence 0.6 --baselines
+      cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \
+          --species-swap mouse --orthologs hcop_mouse_to_human.csv.gz --peers celltypist
     """
     from cellvec.cell_index.mapping import read_label_map
     from cellvec.evaluation.evaluate import evaluate
@@ -122,10 +158,21 @@ def evaluate_cmd(
         baselines=baselines,
         peers=tuple(p.strip() for p in peers.split(",")) if peers else (),
         ablations=ablations,
+        representations=(
+            None
+            if representations is None
+            else []
+            if representations == "none"
+            else representations.split(",")
+        ),
         data_limited=[int(x) for x in data_limited.split(",")] if data_limited else None,
         panels=[float(x) for x in panel.split(",")] if panel else None,
         leave_out=list(leave_out) or None,
         min_typicality=min_typicality,
+        min_confidence=min_confidence,
+        broad_label_key=broad_label_key,
+        species_swap=species_swap,
+        orthologs=orthologs,
         query=query,
         query_label_key=query_label_key,
         label_map=read_label_map(label_map) if label_map else None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cellvec.cli.options import emit_json, json_option, model_option, store_option
+from cellvec.cli.options import emit_json, json_option, model_option, ray_option, store_option
 
 
 @click.group()
@@ -34,6 +34,7 @@ def genes():
 )
 @click.option("--batch-size", default=512, show_default=True, help="Genes per committed batch.")
 @store_option
+@ray_option
 @json_option
 def build(
     gene_info,
@@ -46,6 +47,7 @@ def build(
     base_url,
     batch_size,
     store,
+    ray,
     as_json,
 ):
     """Embed every gene of a species into the store (incremental and resumable).
@@ -54,6 +56,7 @@ def build(
     Example:
       cellvec genes build --gene-info mouse.gene_info.gz --gene2go mouse.gene2go.gz \\
           --species mouse --model minilm --store store/
+      cellvec genes build --gene-info mouse.gene_info.gz --species mouse --store store/ --ray auto
     """
     from cellvec.gene_store import build_gene_store, get_embedder
 
@@ -68,6 +71,7 @@ def build(
         summary_text_column=summary_text_column,
         embedder=embedder,
         batch_size=batch_size,
+        ray=ray or None,
     )
     if as_json:
         emit_json(res.to_dict())

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import click
 
-from cellvec.cli.options import emit_json, input_options, json_option
+from cellvec.cli.options import (
+    STORE_HELP,
+    emit_json,
+    input_options,
+    json_option,
+    ray_option,
+    store_options,
+)
 
 
 @click.command("map")
 @click.argument("query", type=click.Path(exists=True))
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False),
-    help="Gene store directory (LanceDB); not needed with --server.",
-)
+@store_options(required=False, help=STORE_HELP + " Not needed with --server.")
 @click.option(
     "--server",
     metavar="URL",
@@ -46,6 +49,10 @@ from cellvec.cli.options import emit_json, input_options, json_option
     "--truth-key", help="obs column with known labels: report accuracy, macro-F1, per class."
 )
 @click.option(
+    "--broad-truth-key",
+    help="obs column with known broad labels: score the atlas's broad level too.",
+)
+@click.option(
     "--label-map",
     type=click.Path(exists=True, dir_okay=False),
     help="Rename truth labels to atlas labels (JSON object or two-column CSV/TSV).",
@@ -56,9 +63,22 @@ from cellvec.cli.options import emit_json, input_options, json_option
     help="Ortholog table for a query of another species: HCOP/Ensembl (e.g. "
     "hcop_mouse_to_human.csv.gz, either direction) or two columns, query symbol -> store symbol.",
 )
+@click.option(
+    "--exclude-labels",
+    metavar="L1,L2",
+    help="Labels never to answer with (e.g. Doublet,Unknown): reference cells carrying one "
+    "are skipped in the search, and k others found.",
+)
+@click.option(
+    "--cluster-key",
+    help="Query obs column of clusters (e.g. leiden): per cluster, the majority label, its "
+    "share, mean confidence and unassigned share (printed, in uns['cellvec_clusters'], and "
+    "in the store as mapping_<NAME>_clusters with --save-as).",
+)
 @click.option("--subset", help="Keep query cells where obs column equals value(s): COLUMN=V1,V2.")
 @click.option("--save-as", help="Also save the mapping in the store (SQL view mapping_<NAME>).")
 @input_options
+@ray_option
 @json_option
 def map_cmd(
     query,
@@ -71,14 +91,18 @@ def map_cmd(
     min_confidence,
     min_typicality,
     truth_key,
+    broad_truth_key,
     label_map,
     orthologs,
+    exclude_labels,
+    cluster_key,
     subset,
     save_as,
     layer,
     use_raw,
     gene_column,
     transpose,
+    ray,
     as_json,
 ):
     """Map QUERY cells onto an atlas with the atlas's own recipe; no retraining.
@@ -89,7 +113,10 @@ def map_cmd(
           --out mapped.h5ad --truth-key cell_type --min-confidence 0.5
       cellvec map mouse_retina.h5ad --store human_store/ --atlas retina \\
           --orthologs hcop_mouse_to_human.csv.gz --out mapped.h5ad
+      cellvec map pbmc.h5ad --store store/ --atlas pbmc --exclude-labels Doublet,Unknown --json
+      cellvec map pbmc.h5ad --store store/ --atlas pbmc --cluster-key leiden --save-as run1
       cellvec map pbmc.h5ad --server http://127.0.0.1:8000 --atlas pbmc --out mapped.h5ad
+      cellvec map big.h5ad --store store/ --atlas pbmc --out mapped.h5ad --ray auto
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cli.common import subset_source
@@ -97,6 +124,10 @@ def map_cmd(
 
     if not (store or server):
         raise click.UsageError("Give --store DIR, or --server URL to map through a service.")
+    if server and ray:
+        raise click.UsageError(
+            "--ray computes vectors here; with --server the service does: give one of them."
+        )
     if save_as and not store:
         raise click.UsageError("--save-as writes into a store: give --store DIR.")
     src = subset_source(
@@ -107,15 +138,18 @@ def map_cmd(
         min_confidence=min_confidence,
         min_typicality=min_typicality,
         truth_key=truth_key,
+        broad_truth_key=broad_truth_key,
         label_map=read_label_map(label_map) if label_map else None,
         orthologs=orthologs,
+        exclude_labels=exclude_labels,
+        cluster_key=cluster_key,
     )
     if server:
         from cellvec.client import Client
 
         res = Client(server).map(src, atlas=atlas_name, **options)
     else:
-        res = map_cells(src, atlas_name, store=store, **options)
+        res = map_cells(src, atlas_name, store=store, ray=ray or None, **options)
     if out:
         res.write(out)
     if table:
@@ -129,8 +163,38 @@ def map_cmd(
         f"{len(res.cell_ids):,} cells mapped onto {atlas_name} in {res.seconds:.1f} s"
         + (f" -> {out}" if out else "")
     )
+    summary = res.summary()
     if res.metrics:
         click.echo(metrics_table(res.metrics))
     else:
-        for label, n in res.summary()["label_counts"].items():
+        for label, n in summary["label_counts"].items():
             click.echo(f"  {label:<28}{n:>8,}")
+    if res.broad is not None:
+        broad = summary["broad"]
+        click.echo(
+            f"broad level ({broad['label_key']}): {broad['broad_only_fraction']:.1%} of cells "
+            "have a broad label only (their fine label is unassigned)"
+        )
+        if res.broad.metrics:
+            click.echo(metrics_table(res.broad.metrics))
+        else:
+            for label, n in broad["label_counts"].items():
+                click.echo(f"  {label:<28}{n:>8,}")
+    if res.clusters is not None:
+        click.echo(cluster_table(res.cluster_summary(), cluster_key))
+
+
+def cluster_table(df, key: str) -> str:
+    """The per-cluster summary as a plain-text table for the terminal."""
+    broad = "label_broad" in df.columns
+    lines = [
+        f"{key[:14]:<15}{'cells':>7}  {'majority label':<24}{'share':>6}{'mean conf':>10}"
+        f"{'unassigned':>11}" + (f"  {'broad label':<16}{'share':>6}" if broad else "")
+    ]
+    for r in df.iter_rows(named=True):
+        lines.append(
+            f"{r['cluster'][:14]:<15}{r['n_cells']:>7,}  {r['label'][:23]:<24}"
+            f"{r['label_share']:>6.2f}{r['mean_confidence']:>10.3f}{r['unassigned_share']:>11.2f}"
+            + (f"  {r['label_broad'][:15]:<16}{r['label_broad_share']:>6.2f}" if broad else "")
+        )
+    return "\n".join(lines)

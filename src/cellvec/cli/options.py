@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -9,11 +10,58 @@ import click
 
 from cellvec.cell_index.recipe import BACKGROUNDS, REFINES, WEIGHTINGS
 
-store_option = click.option(
-    "--store",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Gene store directory (LanceDB).",
+STORE_HELP = (
+    "The store (LanceDB): a directory, or an object-store URI (s3://BUCKET/PREFIX, "
+    "gs://BUCKET/PREFIX, az://CONTAINER/PREFIX)."
+)
+
+
+def store_options(*, required: bool = True, help: str = STORE_HELP):
+    """`--store PATH_OR_URI` and repeatable `--storage-option KEY=VALUE`; the command gets
+    `store` as a `cellvec.storage.StoreLocation` (None when not given)."""
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, store=None, storage_option=(), **kwargs):
+            from cellvec.errors import CellvecError
+            from cellvec.storage import parse_options, store_location
+
+            if store is not None:
+                try:
+                    store = store_location(store, parse_options(storage_option))
+                except CellvecError as e:
+                    raise click.BadParameter(str(e), param_hint="--store") from e
+            elif storage_option:
+                raise click.UsageError("--storage-option applies to a --store: give one.")
+            return f(*args, store=store, **kwargs)
+
+        wrapper = click.option(
+            "--storage-option",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Object-store option for Lance (repeatable), e.g. aws_region=eu-west-1, "
+            "aws_endpoint=http://127.0.0.1:9000, allow_http=true; also from $AWS_* and "
+            "$CELLVEC_STORAGE_OPTIONS (JSON).",
+        )(wrapper)
+        return click.option("--store", required=required, metavar="PATH_OR_URI", help=help)(wrapper)
+
+    return decorate
+
+
+store_option = store_options()
+
+ray_option = click.option(
+    "--ray",
+    "ray",
+    is_flag=False,
+    flag_value="default",
+    default=None,
+    envvar="CELLVEC_RAY_ADDRESS",
+    metavar="[ADDRESS]",
+    help="Run the parallel stages on a Ray cluster (pip install 'cellvec[ray]'). A bare "
+    "--ray joins the cluster running on this machine or starts a local one (127.0.0.1 "
+    "only); or auto, HOST:PORT, ray://HOST:10001. Default: $CELLVEC_RAY_ADDRESS. A bare "
+    "--ray takes the next word as its address unless an option follows: put it last.",
 )
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."

@@ -32,7 +32,8 @@ from cellvec.cli.options import store_option
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
-    help="Where atlases are written for memory-mapping (default: STORE/_serving).",
+    help="Local folder where atlases are written for memory-mapping (default: STORE/_serving "
+    "for a local store; a store in a bucket is held in memory, one copy per worker).",
 )
 @click.option("--access-log", is_flag=True, help="Log every request (off: it costs throughput).")
 def serve_cmd(store, host, port, enable_sql, workers, batch_wait_ms, cache_dir, access_log):
@@ -60,7 +61,8 @@ def serve_cmd(store, host, port, enable_sql, workers, batch_wait_ms, cache_dir, 
         uvicorn.run(create_app(store, **settings), **server)
         return
     create_app(store, **settings)  # fail here, once, on a bad store
-    os.environ["CELLVEC_STORE"] = str(Path(store).resolve())
+    os.environ["CELLVEC_STORE"] = str(store.path.resolve()) if store.is_local else store.uri
+    os.environ.update(store.to_env())  # the workers' storage options
     os.environ["CELLVEC_ENABLE_SQL"] = "1" if enable_sql else "0"
     os.environ["CELLVEC_BATCH_WAIT_MS"] = str(batch_wait_ms)
     if settings["cache_dir"]:

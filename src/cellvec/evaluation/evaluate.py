@@ -83,6 +83,10 @@ class EvaluationResult:
     panels: dict[str, dict[str, dict]] = field(default_factory=dict)
     leave_out: dict[str, dict[str, dict]] = field(default_factory=dict)
     transfer: dict[str, dict] = field(default_factory=dict)
+    broad: dict[str, dict] = field(default_factory=dict)  # each representation, broad level
+    two_levels: dict = field(default_factory=dict)  # cellvec's calls at both levels
+    broad_label_key: str | None = None
+    species_swap: dict = field(default_factory=dict)  # the query in another species' symbols
     recipe: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -108,6 +112,21 @@ class EvaluationResult:
             out["leave_out"] = self.leave_out
         if self.transfer:
             out["transfer"] = {k: strip(v) for k, v in self.transfer.items()}
+        if self.broad:
+            out["broad_label_key"] = self.broad_label_key
+            out["broad"] = {k: strip(v) for k, v in self.broad.items()}
+        if self.two_levels:
+            out["two_levels"] = self.two_levels
+        if self.species_swap:
+            sw = self.species_swap
+            out["species_swap"] = {
+                **{k: v for k, v in sw.items() if k not in ("folds", "transfer")},
+                **{
+                    part: {k: strip(v) for k, v in sw[part].items()}
+                    for part in ("folds", "transfer")
+                    if part in sw
+                },
+            }
         return out
 
     def to_markdown(self) -> str:
@@ -120,6 +139,64 @@ class EvaluationResult:
                 columns,
                 {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.representations.items()},
             )
+        if self.broad:
+            lines += [""] + _grid(
+                f"broad level ({self.broad_label_key}; a fine label counts as its broad class)",
+                columns,
+                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.broad.items()},
+            )
+        if self.two_levels:
+            t = self.two_levels
+            lines += [
+                "",
+                f"cellvec with the unassigned call (min_confidence {t['min_confidence']:g}, "
+                f"min_typicality {t['min_typicality']:g}; atlas with a "
+                f"{t['calibration_split']:g} calibration split):",
+                "",
+            ]
+            lines += _grid(
+                "level",
+                ["macro-F1", "accuracy", "unassigned", "macro-F1 without the call"],
+                {
+                    lvl: [
+                        f"{t[lvl]['macro_f1']:.3f}",
+                        f"{t[lvl]['accuracy']:.3f}",
+                        f"{t[lvl]['unassigned_fraction']:.3f}",
+                        f"{t[lvl]['macro_f1_without']:.3f}",
+                    ]
+                    for lvl in ("fine", "broad")
+                },
+            )
+            lines += [
+                "",
+                f"Of the cells whose fine label is unassigned ({t['fine_unassigned']:,}), "
+                f"{t['broad_given']:,} get a broad label, {t['broad_right']:,} of them the "
+                "right one.",
+            ]
+        if self.species_swap:
+            sw = self.species_swap
+            for part in ("folds", "transfer"):
+                if part not in sw:
+                    continue
+                kept, total = sw["genes"][part]
+                lines += [
+                    "",
+                    f"The query renamed to {sw['to']} symbols through {sw['orthologs']} "
+                    f"(one-to-one orthologs: {kept:,} of {total:,} genes keep a name); cellvec "
+                    "maps it back with `orthologs=`, the expression peers get the kept genes "
+                    "under their own names:",
+                    "",
+                ]
+                same = self.representations if part == "folds" else self.transfer
+                lines += _grid(
+                    f"{'cross-validated' if part == 'folds' else 'transfer'}, query as {sw['to']}",
+                    columns + ["macro-F1 in its own species"],
+                    {
+                        n: [f"{m[k]:.3f}" for k in metrics]
+                        + [f"{same[n]['macro_f1']:.3f}" if n in same else "–"]
+                        for n, m in sw[part].items()
+                    },
+                )
         if self.transfer:
             lines += [""] + _grid(
                 "transfer (no retraining)",
@@ -150,18 +227,23 @@ class EvaluationResult:
                 },
             )
         if self.leave_out:
+            broad = any(
+                "broad_right" in m for reps in self.leave_out.values() for m in reps.values()
+            )
             rows = {
                 f"{sub} | {n}": [
                     f"{m['unassigned']:.2f}",
                     f"{m['mislabelled']:.2f}",
                     f"{m['known_macro_f1']:.3f} / {m['known_macro_f1_without']:.3f}",
                 ]
+                + ([f"{m['broad_right']:.2f}"] if broad else [])
                 for sub, reps in self.leave_out.items()
                 for n, m in reps.items()
             }
             lines += [""] + _grid(
                 "left-out subtype | representation",
-                ["unassigned", "mislabelled", "known macro-F1 with / without the unassigned call"],
+                ["unassigned", "mislabelled", "known macro-F1 with / without the unassigned call"]
+                + (["right broad label"] if broad else []),
                 rows,
             )
         if self.representations:
@@ -249,7 +331,12 @@ class _Predictors:
         return self._vectors[(model, kind)]
 
     def fit(
-        self, name: str, ref: ExpressionSource, y_ref: np.ndarray, calibration_split: float = 0.0
+        self,
+        name: str,
+        ref: ExpressionSource,
+        y_ref: np.ndarray,
+        calibration_split: float = 0.0,
+        broad: np.ndarray | None = None,
     ) -> Atlas:
         base, model = name, None
         if name.startswith("cellvec:"):
@@ -266,7 +353,7 @@ class _Predictors:
             refine_options=self.refine_options,
             calibration_split=calibration_split,
         )
-        return Atlas.from_fit(name, fit, y_ref)
+        return Atlas.from_fit(name, fit, y_ref, broad_labels=broad)
 
     def predict(
         self, name: str, ref: ExpressionSource, y_ref: np.ndarray, query: ExpressionSource, **kw
@@ -297,7 +384,14 @@ class _Predictors:
             if key not in self._atlases:
                 self._atlases[key] = self.fit(name, ref, y_ref)
             atlas = self._atlases[key]
-        res = map_cells(query, atlas, k=self.k, min_typicality=kw.get("min_typicality", 0.0))
+        res = map_cells(
+            query,
+            atlas,
+            k=self.k,
+            min_typicality=kw.get("min_typicality", 0.0),
+            min_confidence=kw.get("min_confidence", 0.0),
+            orthologs=kw.get("orthologs"),
+        )
         return res.labels
 
 
@@ -322,6 +416,10 @@ def evaluate(
     panels: list[float] | None = None,
     leave_out: list[str] | None = None,
     min_typicality: float = 0.01,
+    min_confidence: float = 0.0,
+    broad_label_key: str | None = None,
+    species_swap: str | None = None,
+    orthologs=None,
     query=None,
     query_label_key: str | None = None,
     label_map: dict[str, str] | None = None,
@@ -343,6 +441,20 @@ def evaluate(
     `skip_folds` scores only that. `representations` names exactly which to score in
     folds and transfer (default: cellvec, plus what `baselines`, `peers` and
     `ablations` add); an empty list runs only the scenarios.
+
+    `broad_label_key` (e.g. `cell_type_broad` over `cell_type`) scores every representation
+    at the broad level too (a fine label counts as its broad class), and cellvec's own two
+    levels with the unassigned call (`min_confidence`, `min_typicality`): how many cells
+    whose fine label is unassigned still get a broad one, and how many of those are right.
+    The left-out scenario then reports how many of a missing subtype's cells get the
+    right broad label.
+
+    `species_swap` ("mouse" or "human", with an `orthologs` table such as HCOP's): each
+    fold's query (and the transfer `query`) is renamed to that species' symbols through
+    the table's one-to-one orthologs (other genes dropped, as a real cross-species query
+    lacks them) and mapped onto the unchanged reference: cellvec through `orthologs=`,
+    the expression peers (logistic regression zero-filled and retrained on the kept
+    genes, CellTypist) on the kept genes under their own names.
     """
     t0 = time.perf_counter()
     unknown = [p for p in peers if p not in PEERS]
@@ -365,6 +477,12 @@ def evaluate(
     )
     y = labels_of(source, label_key)
     n = len(y)
+    y_broad = parent_of = None
+    if broad_label_key:
+        from cellvec.cell_index.atlas import _broad_labels
+
+        y_broad = _broad_labels(source, y, broad_label_key)
+        parent_of = {c: _most_common(y_broad[y == c]) for c in np.unique(y)}
     pred = _Predictors(genes_by_model, recipe, k, seed, refine_options or {})
     names = (
         (list(BASELINES) if baselines else [])
@@ -387,19 +505,24 @@ def evaluate(
         raise CellvecError("skip_folds leaves nothing to score without a query.")
     splits = [] if skip_folds else _folds(y, folds, seed)
 
-    def cross_validate(name, ref_cells=None, query_of=None) -> np.ndarray:
+    def cross_validate(name, ref_cells=None, query_of=None, **kw) -> np.ndarray:
         out = np.empty(n, dtype=object)
         for i, (tr, te) in enumerate(splits):
             tr = ref_cells(i, tr) if ref_cells else tr
             q = source.subset(_mask(n, te))
             q = query_of(i, q) if query_of else q
-            out[te] = pred.predict(name, source.subset(_mask(n, tr)), y[tr], q)
+            out[te] = pred.predict(name, source.subset(_mask(n, tr)), y[tr], q, **kw)
         return out
 
     results: dict[str, dict] = {}
+    broad: dict[str, dict] = {}
     for name in names if splits else []:
         t = time.perf_counter()
-        results[name] = classification_metrics(y, cross_validate(name))
+        predicted = cross_validate(name)
+        results[name] = classification_metrics(y, predicted)
+        if y_broad is not None:
+            up = np.array([parent_of.get(p, p) for p in predicted], dtype=object)
+            broad[name] = classification_metrics(y_broad, up)
         log.info(
             "%-18s accuracy %.3f  macro-F1 %.3f  (%.0f s)",
             name,
@@ -441,14 +564,27 @@ def evaluate(
             log.info("panel %.0f%% %-14s macro-F1 %.3f", 100 * share, name, reps[name]["macro_f1"])
         panel_results[f"{share:g}"] = reps
 
+    two_levels = {}
+    if y_broad is not None and splits:
+        two_levels = _two_level_scores(
+            pred, source, y, y_broad, splits, min_confidence, min_typicality
+        )
     left: dict[str, dict[str, dict]] = {}
     for sub in (leave_out or []) if splits else []:
         if sub not in set(y):
             raise CellvecError(f"--leave-out {sub!r} is not a {label_key} of {source.path}.")
         left[sub] = {
-            name: _left_out_scores(pred, name, source, y, splits, sub, min_typicality)
+            name: _left_out_scores(
+                pred, name, source, y, splits, sub, min_typicality, min_confidence, y_broad
+            )
             for name in ["cellvec", "logreg_expr"]
         }
+
+    swap = {}
+    if species_swap:
+        swap = _species_swap_scores(
+            pred, source, y, species_swap, orthologs, peers, cross_validate if splits else None
+        )
 
     transfer = {}
     if query is not None:
@@ -468,6 +604,31 @@ def evaluate(
                 transfer[name]["accuracy"],
                 transfer[name]["macro_f1"],
             )
+        if species_swap:
+            table, rename = swap["_table"], swap["_rename"]
+            q_as, q_kept = rename(q)
+            swap["genes"]["transfer"] = (len(q_kept.var_names), len(q.var_names))
+            swap["transfer"] = {}
+            for name in names:
+                translated = name not in EXPRESSION_BASELINES and name not in PEERS
+                swap["transfer"][name] = classification_metrics(
+                    qy,
+                    pred.predict(
+                        name,
+                        source,
+                        y,
+                        q_as if translated else q_kept,
+                        shared_genes=True,
+                        orthologs=table if translated else None,
+                    ),
+                )
+                log.info(
+                    "transfer as %s %-12s macro-F1 %.3f",
+                    species_swap,
+                    name,
+                    swap["transfer"][name]["macro_f1"],
+                )
+    swap = {k: v for k, v in swap.items() if not k.startswith("_")}
     return EvaluationResult(
         dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",
         label_key=label_key,
@@ -477,33 +638,169 @@ def evaluate(
         panels=panel_results,
         leave_out=left,
         transfer=transfer,
+        broad=broad,
+        two_levels=two_levels,
+        broad_label_key=broad_label_key,
+        species_swap=swap,
         recipe=recipe.to_dict(),
         seconds=time.perf_counter() - t0,
     )
 
 
-def _left_out_scores(pred, name, source, y, splits, sub, min_typicality) -> dict:
+def translate(source: ExpressionSource, mapping: dict[str, str]):
+    """(`source` with its genes renamed through `mapping` (upper-cased symbol -> symbol;
+    genes without one dropped, a repeated name kept once), the same kept genes under their
+    own names)."""
+    seen: set[str] = set()
+    keep = np.zeros(len(source.var_names), dtype=bool)
+    names = []
+    for i, g in enumerate(source.var_names):
+        new = mapping.get(str(g).upper())
+        if new is not None and new not in seen:
+            seen.add(new)
+            keep[i] = True
+            names.append(new)
+    if not keep.any():
+        raise CellvecError(
+            f"{source.path}: no gene has a one-to-one ortholog in the table: is the table of "
+            "this dataset's species?"
+        )
+    kept = source.subset_genes(keep)
+    return replace(kept, var_names=names), kept
+
+
+def _species_swap_scores(pred, source, y, to, orthologs, peers, cross_validate) -> dict:
+    """Each fold's query renamed to `to` symbols: cellvec maps it through the table, the
+    expression peers see the kept genes (see `evaluate`)."""
+    from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
+
+    if orthologs is None:
+        raise CellvecError(
+            "--species-swap needs an ortholog table: --orthologs hcop_mouse_to_human.csv.gz "
+            "(HCOP/Ensembl, either direction) or a two-column file."
+        )
+    table = orthologs if isinstance(orthologs, OrthologTable) else read_orthologs(orthologs)
+    mapping = table.one_to_one(to)
+
+    def rename(src):
+        return translate(src, mapping)
+
+    out = {
+        "to": to,
+        "orthologs": table.source,
+        "genes": {},
+        "_table": table,
+        "_rename": rename,
+    }
+    if cross_validate is None:
+        return out
+    kept = len(rename(source)[1].var_names)
+    out["genes"]["folds"] = (kept, len(source.var_names))
+    log.info(
+        "Species swap: %d of %d genes have a one-to-one %s ortholog",
+        kept,
+        len(source.var_names),
+        to,
+    )
+    out["folds"] = {}
+    for name in ["logreg_expr", "logreg_panel", *peers, "cellvec"]:
+        translated = name == "cellvec"
+        scores = classification_metrics(
+            y,
+            cross_validate(
+                name,
+                query_of=lambda i, q, t=translated: rename(q)[0 if t else 1],
+                orthologs=table if translated else None,
+            ),
+        )
+        out["folds"][name] = scores
+        log.info("query as %s %-12s macro-F1 %.3f", to, name, scores["macro_f1"])
+    return out
+
+
+def _most_common(values: np.ndarray):
+    names, counts = np.unique(values.astype(str), return_counts=True)
+    return names[counts.argmax()]
+
+
+def _two_level_scores(pred, source, y, y_broad, splits, min_confidence, min_typicality) -> dict:
+    """cellvec's fine and broad calls in the same folds, each fold's atlas built with a
+    calibration split and both levels: each level's metrics with and without the
+    unassigned call, and how many cells whose fine label is unassigned get a broad one."""
+    n = len(y)
+    out = {k: np.empty(n, dtype=object) for k in ("fine", "broad", "fine_free", "broad_free")}
+    for tr, te in splits:
+        ref, q = source.subset(_mask(n, tr)), source.subset(_mask(n, te))
+        atlas = pred.fit(
+            "cellvec", ref, y[tr], calibration_split=CALIBRATION_SPLIT, broad=y_broad[tr]
+        )
+        for suffix, conf, typ in (("", min_confidence, min_typicality), ("_free", 0.0, 0.0)):
+            res = map_cells(q, atlas, k=pred.k, min_confidence=conf, min_typicality=typ)
+            out["fine" + suffix][te] = res.labels
+            out["broad" + suffix][te] = res.broad.labels
+    result = {
+        "min_confidence": min_confidence,
+        "min_typicality": min_typicality,
+        "calibration_split": CALIBRATION_SPLIT,
+    }
+    for lvl, truth in (("fine", y), ("broad", y_broad)):
+        m = classification_metrics(truth, out[lvl])
+        result[lvl] = {
+            **{
+                k: m[k]
+                for k in ("accuracy", "macro_f1", "balanced_accuracy", "unassigned_fraction")
+            },
+            "macro_f1_without": classification_metrics(truth, out[lvl + "_free"])["macro_f1"],
+            "per_class": m["per_class"],
+        }
+    lost = out["fine"] == UNASSIGNED
+    given = lost & (out["broad"] != UNASSIGNED)
+    result.update(
+        fine_unassigned=int(lost.sum()),
+        broad_given=int(given.sum()),
+        broad_right=int((given & (out["broad"] == y_broad)).sum()),
+    )
+    return result
+
+
+def _left_out_scores(
+    pred, name, source, y, splits, sub, min_typicality, min_confidence=0.0, y_broad=None
+) -> dict:
     """Leave subtype `sub` out of every fold's reference (built with a calibration split)
     and map the whole held-out fold: the share of `sub`'s cells called unassigned or
-    given another label, and the known subtypes' macro-F1 with and without the call."""
+    given another label, and the known subtypes' macro-F1 with and without the call.
+    With broad labels (`y_broad`), the share of `sub`'s cells given their right broad
+    label (cellvec's broad call; an expression peer's label counts as its broad class)."""
     n = len(y)
     with_call = np.empty(n, dtype=object)
     without = np.empty(n, dtype=object)
+    broad_call = np.empty(n, dtype=object)
     for tr, te in splits:
         tr = tr[y[tr] != sub]
         ref = source.subset(_mask(n, tr))
         q = source.subset(_mask(n, te))
         if name in EXPRESSION_BASELINES:
             without[te] = with_call[te] = pred.predict(name, ref, y[tr], q)
+            if y_broad is not None:
+                parent = {c: _most_common(y_broad[tr][y[tr] == c]) for c in np.unique(y[tr])}
+                broad_call[te] = [parent[p] for p in with_call[te]]
             continue
-        atlas = pred.fit(name, ref, y[tr], calibration_split=CALIBRATION_SPLIT)
-        with_call[te] = pred.predict(
-            name, ref, y[tr], q, atlas=atlas, min_typicality=min_typicality
+        broad = y_broad[tr] if y_broad is not None else None
+        atlas = pred.fit(name, ref, y[tr], calibration_split=CALIBRATION_SPLIT, broad=broad)
+        res = map_cells(
+            q, atlas, k=pred.k, min_typicality=min_typicality, min_confidence=min_confidence
         )
+        with_call[te] = res.labels
+        if res.broad is not None:
+            broad_call[te] = res.broad.labels
         without[te] = pred.predict(name, ref, y[tr], q, atlas=atlas)
     novel = y == sub
     known = ~novel
+    extra = {}
+    if y_broad is not None:
+        extra["broad_right"] = float((broad_call[novel] == y_broad[novel]).mean())
     return {
+        **extra,
         "cells": int(novel.sum()),
         "unassigned": float((with_call[novel] == UNASSIGNED).mean()),
         "mislabelled": float((with_call[novel] != UNASSIGNED).mean()),

@@ -80,6 +80,25 @@ class OrthologTable:
             source=self.source,
         )
 
+    def one_to_one(self, to: str) -> dict[str, str]:
+        """Upper-cased symbol -> its `to`-species ortholog symbol, for the genes with exactly
+        one ortholog each way (pairs naming an Ensembl id instead of a symbol left out): a
+        conservative translation that renames a dataset as if measured in species `to`."""
+        if to == self.store_species:
+            src, dst = "query", "store"
+        elif to == self.query_species:
+            src, dst = "store", "query"
+        else:
+            raise InputFormatError(
+                f"{self.source}: translates between {self.query_species or 'unknown'} and "
+                f"{self.store_species or 'unknown'} symbols, not into {to}."
+            )
+        df = self.pairs.filter(
+            ~pl.col("query").str.starts_with("ENS") & ~pl.col("store").str.starts_with("ENS")
+        ).select("query", "store")
+        df = df.filter((pl.len().over("query") == 1) & (pl.len().over("store") == 1))
+        return {a.upper(): b for a, b in zip(df[src].to_list(), df[dst].to_list())}
+
     def facing(self, species: str | None) -> OrthologTable:
         """This table, or its reverse when the store is of the table's query species."""
         if species and species == self.query_species and species != self.store_species:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +39,7 @@ from cellvec.gene_store.sources import (
     tax_id_for,
 )
 from cellvec.gene_store.text import TEMPLATE_VERSION, compose_texts
+from cellvec.storage import StoreLocation, store_location, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +120,24 @@ def list_table_names(db) -> list[str]:
 
 
 def replace_table(db, name: str, data):
-    """Write `data` as table `name` in one commit: created, or overwritten when it exists."""
-    return db.create_table(
-        name, data, mode="overwrite" if name in list_table_names(db) else "create"
-    )
+    """Write `data` as table `name` in one commit: created, or overwritten when it exists.
+
+    Two writers replacing one table at once: Lance commits one and refuses the other
+    (on S3 through a conditional PUT), which is reported as a `StoreError`; the table is
+    never a mix of the two. (Two creating a new table at once may instead both be
+    committed, one after the other: the last one wins.)"""
+    try:
+        return db.create_table(
+            name, data, mode="overwrite" if name in list_table_names(db) else "create"
+        )
+    except (ValueError, RuntimeError, OSError) as e:
+        if not re.search(r"already exists|commit conflict|preempted by concurrent", str(e), re.I):
+            raise
+        raise StoreError(
+            f"Table {name} in {db.uri} was written by another writer at the same moment, so "
+            "this write was not committed (the other one was). Run the command again if "
+            "this version should replace it."
+        ) from e
 
 
 def read_meta(tbl) -> dict:
@@ -164,28 +180,35 @@ class BuildResult:
 
 
 class GeneStore:
-    """A gene store directory. Tables load lazily and are cached per version."""
+    """A gene store: a local directory or an object-store URI (`cellvec.storage`). Tables
+    load lazily and are cached per version."""
 
-    def __init__(self, path: str | Path, *, create: bool = False):
-        self.path = Path(path)
-        if not create and not self.path.exists():
-            raise StoreError(
-                f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`."
-            )
+    def __init__(self, path: str | Path | StoreLocation, *, create: bool = False):
+        self.location = store_location(path)
+        self.path = self.location.uri  # what messages name: the directory or the URI
         self._db = None
         self._cache: dict[str, tuple[int, GeneTable]] = {}
+        if not create and not self.exists():
+            raise StoreError(
+                f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`"
+                + ("." if self.location.is_local else ", or check the URI (nothing is there).")
+            )
+
+    def exists(self) -> bool:
+        """A local directory that exists, or a URI with at least one table under it."""
+        if self.location.is_local:
+            return self.location.path.exists()
+        return bool(self.table_names())
 
     @property
     def db(self):
         if self._db is None:
-            import lancedb
-
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._db = lancedb.connect(str(self.path))
+            self._db = self.location.connect(create=True)
         return self._db
 
     def table_names(self) -> list[str]:
-        return list_table_names(self.db)
+        with translate_errors(self.location):
+            return list_table_names(self.db)
 
     def open_table(self, name: str):
         if name not in self.table_names():
@@ -320,11 +343,14 @@ def build_gene_store(
     summary_text_column: str | None = None,
     embedder: Embedder | None = None,
     batch_size: int = 512,
+    ray: str | bool | None = None,
 ) -> BuildResult:
     """Embed every gene of a species into the store's table for `model`.
 
     Incremental (only genes whose text is new or changed are embedded) and
-    resumable (a killed build continues from its staging table).
+    resumable (a killed build continues from its staging table). `ray` (True for a
+    local cluster, or an address: see `cellvec._ray`) spreads the batches over Ray
+    workers, each with its own copy of the model; the table is the same.
     """
     t0 = time.perf_counter()
     tax = tax_id_for(species)
@@ -369,7 +395,7 @@ def build_gene_store(
         "sources": sources,
     }
     return _write_store(
-        GeneStore(store, create=True), df, embedder, meta, batch_size=batch_size, t0=t0
+        GeneStore(store, create=True), df, embedder, meta, batch_size=batch_size, t0=t0, ray=ray
     )
 
 
@@ -398,7 +424,14 @@ def _existing_vectors(tbl, meta: dict, what: str) -> dict[tuple[int, str], np.nd
 
 
 def _write_store(
-    gs: GeneStore, df: pl.DataFrame, embedder: Embedder, meta: dict, *, batch_size: int, t0: float
+    gs: GeneStore,
+    df: pl.DataFrame,
+    embedder: Embedder,
+    meta: dict,
+    *,
+    batch_size: int,
+    t0: float,
+    ray: str | bool | None = None,
 ) -> BuildResult:
     name = table_name(embedder.spec)
     staging_name = STAGING_PREFIX + name[len("genes_") :]
@@ -419,6 +452,7 @@ def _write_store(
         embedder.spec,
         f"{len(keys) - len(pending):,}",
     )
+    config = embedder.config()
     if pending:
         texts = df["text"].to_list()
         pend_texts = [texts[n] for n in pending]
@@ -426,9 +460,16 @@ def _write_store(
         try:
             # Chunks of `batch_size` (one Lance commit each) are embedded in embedder-sized batches.
             order = np.argsort([-len(t) for t in pend_texts], kind="stable")
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                vecs = embedder.embed([pend_texts[i] for i in chunk])
+            chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+            batches = [[pend_texts[i] for i in chunk] for chunk in chunks]
+            if ray:
+                from cellvec.gene_store.parallel import embed_batches
+
+                embedded = embed_batches(embedder, batches, ray=ray)
+            else:
+                embedded = ((embedder.embed(b), None) for b in batches)
+            for chunk, (vecs, worker_config) in zip(chunks, embedded):
+                config = worker_config or config
                 rows = [pending[i] for i in chunk]
                 arrow = _to_arrow(
                     df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False}
@@ -443,9 +484,11 @@ def _write_store(
         finally:
             bar.close()
     vectors = np.stack([have[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)
+    if not ray:
+        config = embedder.config()  # after embedding: a loaded model says more about itself
     meta = {
         **meta,
-        **embedder.config(),
+        **config,
         "model": embedder.spec,
         "dimension": int(vectors.shape[1]),
         "content_hash": content_hash(df["symbol"].to_list(), vectors),

@@ -193,7 +193,9 @@ def create_app(
 
     `batch_wait_ms`: how long a map request may wait for others to share its encode and
     search (0: no batching). `cache_dir`: where atlases are written for memory-mapping
-    (default `<store>/_serving`). `search_threads`: faiss (OpenMP) threads per process; one,
+    (default `<store>/_serving` for a local store; a store in a bucket is not copied
+    anywhere: its atlases are held in memory unless `cache_dir` names a local folder).
+    `search_threads`: faiss (OpenMP) threads per process; one,
     because concurrency comes from batching and workers, and spinning OpenMP threads
     fight the event loop for the cores (a 1-query search took 25 ms with 2 threads against
     3.4 ms with 1 on a busy 2-core machine). `preload`: load every atlas in the background
@@ -210,16 +212,15 @@ def create_app(
     from cellvec.service import mapping
     from cellvec.service.atlases import AtlasCache
     from cellvec.service.batching import Batcher
+    from cellvec.storage import store_location
 
     faiss.omp_set_num_threads(search_threads)
-    store = str(store)
-    if not Path(store).exists():
-        raise StoreError(f"No gene store at {store}: build one with `cellvec genes build`.")
+    store = store_location(store)
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-    gene_store = GeneStore(store)
-    atlases_cache = AtlasCache(
-        store, gene_store, cache_dir if cache_dir is not None else Path(store) / "_serving"
-    )
+    gene_store = GeneStore(store)  # refuses a missing store, naming it
+    if cache_dir is None and store.is_local:
+        cache_dir = store.path / "_serving"
+    atlases_cache = AtlasCache(store, gene_store, cache_dir)
     batcher = Batcher(mapping.map_jobs, wait_s=batch_wait_ms / 1000, max_cells=batch_max_cells)
 
     preloaded = threading.Event()

@@ -41,8 +41,11 @@ class ServedAtlas:
     classes: np.ndarray
     codes: np.ndarray
     calibration: np.ndarray  # typicality calibration per atlas cell (`Atlas.calibration`)
-    store: str = ""
+    store: object = ""  # the StoreLocation the atlas is read from
     folder: Path | None = None  # the memory-mapped files, if any
+    # the broad level, for atlases built with --broad-label-key: `classes`, `codes` (per
+    # atlas cell), `parent` (per fine class, -1 if several) and `calibration`
+    broad: dict | None = None
     _full: object = None
 
     @property
@@ -201,6 +204,17 @@ class AtlasCache:
                     calibration=np.load(folder / "calibration.npy", mmap_mode="r"),
                     store=self.store,
                     folder=folder,
+                    broad=(
+                        {
+                            "classes": np.asarray(info["broad_classes"], dtype=object),
+                            **{
+                                k: np.load(folder / f"broad_{k}.npy", mmap_mode="r")
+                                for k in ("codes", "parent", "calibration")
+                            },
+                        }
+                        if info.get("broad_classes") is not None
+                        else None
+                    ),
                 )
         atlas = Atlas.open(self.store, name)
         classes, codes = atlas.label_codes()
@@ -214,6 +228,7 @@ class AtlasCache:
             codes=codes,
             calibration=atlas.calibration(),
             store=self.store,
+            broad=_broad_level(atlas),
             _full=atlas,
         )
 
@@ -246,12 +261,18 @@ class AtlasCache:
                 np.save(tmp / "codes.npy", codes.astype(np.int32))
                 np.save(tmp / "calibration.npy", atlas.calibration().astype(np.float32))
                 write_index(build_index(atlas.vectors), tmp / "index.faiss")
+                broad = _broad_level(atlas)
+                for k in ("codes", "parent", "calibration") if broad else ():
+                    np.save(tmp / f"broad_{k}.npy", broad[k])
                 (tmp / "atlas.json").write_text(
                     json.dumps(
                         {
                             "version": atlas.version,
                             "meta": atlas.meta,
                             "classes": classes.astype(str).tolist(),
+                            "broad_classes": broad["classes"].astype(str).tolist()
+                            if broad
+                            else None,
                         }
                     )
                 )
@@ -267,6 +288,19 @@ class AtlasCache:
                 if old != folder and _version(old.name) < atlas.version:  # its pages until it
                     shutil.rmtree(old, ignore_errors=True)  # moves on
         return folder
+
+
+def _broad_level(atlas) -> dict | None:
+    """The broad level of an `Atlas` as the service holds it (None without one)."""
+    if atlas.broad_labels is None:
+        return None
+    classes, codes, parent = atlas.broad_codes()
+    return {
+        "classes": classes.astype(object),
+        "codes": codes.astype(np.int32),
+        "parent": parent.astype(np.int64),
+        "calibration": atlas.broad_calibration().astype(np.float32),
+    }
 
 
 def _version(folder_name: str) -> int:

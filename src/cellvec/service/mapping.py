@@ -28,10 +28,12 @@ ARROW_SCHEMA_DOC = (
     "(`k`, `min_confidence`, `min_typicality`, `scores`, `vectors`). At most "
     f"{MAX_CELLS_PER_REQUEST:,} cells a request. With `Accept: {ARROW}` the answer is an Arrow "
     "IPC stream too: `cell_id`, `label`, `confidence`, `typicality`, `nearest_similarity`, "
+    "`label_broad`, `confidence_broad` and `typicality_broad` for an atlas with broad labels, "
     "and with "
     "`scores=true` `scores` (fixed-size list of float32, one per class), with `vectors=true` "
     "`vector` (the cell vector); the schema metadata key `cellvec` holds JSON with `atlas`, "
-    "`k`, `classes` (the order of `scores`), `vector_dimension` and `recipe`."
+    "`k`, `classes` (the order of `scores`), `vector_dimension`, `recipe` and, for an atlas "
+    "with broad labels, `broad_label_key` and `broad_classes`."
 )
 
 
@@ -63,6 +65,7 @@ class JobResult:
     vectors: np.ndarray
     typicality: np.ndarray
     k: int
+    broad: tuple | None = None  # (labels, confidences, typicalities) of the broad level
 
 
 def job_from_matrix(x, genes: list[str], ids: list[str], *, where="<request>", **options) -> MapJob:
@@ -213,7 +216,7 @@ def job_from_h5ad(data: bytes, **options) -> MapJob:
 def map_jobs(atlas, jobs: list[MapJob]) -> list[JobResult | Exception]:
     """Map a batch of jobs: one encode per gene list, one search per reference (the atlas,
     or the atlas re-aggregated over a panel's genes), one vote per shared setting."""
-    from cellvec.cell_index.mapping import FULL_COVERAGE, assign_labels
+    from cellvec.cell_index.mapping import FULL_COVERAGE
     from cellvec.cell_index.refine import apply_head
     from cellvec.cell_index.vectors import aggregate
 
@@ -255,15 +258,22 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[JobResult | Exception]:
         key = None if target_of[i] is None else target_of[i].tobytes()
         targets.setdefault(key, []).append(i)
     for key, order in targets.items():
+        broad_calibration = None
         if key is None:
             index, calibration = atlas.index, atlas.calibration
+            if atlas.broad is not None:
+                broad_calibration = atlas.broad["calibration"]
         else:
             _, index, calibration = atlas.full().vectors_over(target_of[order[0]])
-        _map_group(atlas, jobs, order, vecs, index, calibration, assign_labels, out)
+            if atlas.broad is not None:
+                broad_calibration = atlas.full().broad_calibration(target_of[order[0]])
+        _map_group(atlas, jobs, order, vecs, index, calibration, broad_calibration, out)
     return out
 
 
-def _map_group(atlas, jobs, order, vecs, index, calibration, assign_labels, out) -> None:
+def _map_group(atlas, jobs, order, vecs, index, calibration, broad_calibration, out) -> None:
+    from cellvec.cell_index.mapping import assign_broad, assign_labels
+
     q = np.concatenate([vecs[i] for i in order]) if len(order) > 1 else vecs[order[0]]
     k_of = {i: jobs[i].k or atlas.k for i in order}
     idx, sim = index.search(q, max(k_of.values()))
@@ -284,6 +294,22 @@ def _map_group(atlas, jobs, order, vecs, index, calibration, assign_labels, out)
             calibration=calibration,
             min_typicality=min_typicality,
         )
+        broad = None
+        if atlas.broad is not None:
+            b = atlas.broad
+            broad = assign_broad(
+                q[rows],
+                idx[rows, :k],
+                sim[rows, :k],
+                labels,
+                atlas.classes,
+                b["classes"],
+                b["codes"],
+                b["parent"],
+                min_confidence,
+                calibration=broad_calibration,
+                min_typicality=min_typicality,
+            )
         start = 0
         for i in members:
             n, sl = jobs[i].n_cells, rows_of[i]
@@ -298,6 +324,7 @@ def _map_group(atlas, jobs, order, vecs, index, calibration, assign_labels, out)
                 q[sl],
                 typical[part],
                 k,
+                None if broad is None else tuple(x[part] for x in broad),
             )
 
 
@@ -311,6 +338,15 @@ def render_json(atlas, job: MapJob, res: JobResult) -> bytes:
         {"id": i, "label": lab, "confidence": c, "typicality": t}
         for i, lab, c, t in zip(res.ids, labels, conf, typical)
     ]
+    if res.broad is not None:
+        b_labels, b_conf, b_typical = res.broad
+        for cell, lab, c, t in zip(
+            cells,
+            [str(v) for v in b_labels],
+            np.round(b_conf.astype(np.float64), 4).tolist(),
+            np.round(b_typical.astype(np.float64), 4).tolist(),
+        ):
+            cell.update(label_broad=lab, confidence_broad=c, typicality_broad=t)
     if job.scores:
         classes = [str(c) for c in atlas.classes]
         rounded = np.round(res.scores, 4)
@@ -335,6 +371,10 @@ def render_arrow(atlas, job: MapJob, res: JobResult) -> bytes:
         "typicality": pa.array(res.typicality.astype(np.float32)),
         "nearest_similarity": pa.array(res.similarity.astype(np.float32)),
     }
+    if res.broad is not None:
+        cols["label_broad"] = pa.array([str(v) for v in res.broad[0]], pa.string())
+        cols["confidence_broad"] = pa.array(res.broad[1].astype(np.float32))
+        cols["typicality_broad"] = pa.array(res.broad[2].astype(np.float32))
     if job.scores:
         s = np.ascontiguousarray(res.scores, dtype=np.float32)
         cols["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(s.ravel()), s.shape[1])
@@ -350,6 +390,9 @@ def render_arrow(atlas, job: MapJob, res: JobResult) -> bytes:
         "classes": [str(c) for c in atlas.classes],
         "recipe": atlas.recipe.to_dict(),
     }
+    if atlas.broad is not None:
+        meta["broad_label_key"] = atlas.meta.get("broad_label_key")
+        meta["broad_classes"] = [str(c) for c in atlas.broad["classes"]]
     table = pa.table(cols).replace_schema_metadata({"cellvec": json.dumps(meta)})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
