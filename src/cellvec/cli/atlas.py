@@ -169,19 +169,23 @@ def build(
 @click.option(
     "--refine-factor", type=int, help="Candidates re-ranked exactly, times k (default: 10)."
 )
+@ray_option
 @json_option
-def index_cmd(name, store, index_kind, nprobes, refine_factor, as_json):
+def index_cmd(name, store, index_kind, nprobes, refine_factor, ray, as_json):
     """(Re)build the search index of atlas NAME and record it; map and serve follow it.
+
+    With --ray the disk index is built on a Ray cluster (lance-ray: centroids trained
+    once and shared, fragments indexed by the workers, committed once).
 
     \b
     Example:
-      cellvec atlas index census --store store/ --index disk
+      cellvec atlas index census --store store/ --index disk --ray auto
     """
     from cellvec.cell_index.atlas import index_atlas
 
     params = {"nprobes": nprobes, "refine_factor": refine_factor}
     entry = index_atlas(
-        store, name, index=index_kind, params={k: v for k, v in params.items() if v}
+        store, name, index=index_kind, params={k: v for k, v in params.items() if v}, ray=ray
     )
     if as_json:
         emit_json({"atlas": name, "index": entry})
