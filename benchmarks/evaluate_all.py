@@ -5,7 +5,13 @@ included, run in its own virtual environment):
 
     python benchmarks/evaluate_all.py --out results/          # everything (~1-2 h on 2 cores)
     python benchmarks/evaluate_all.py --only amacrine,pbmc3k  # some sets
-    python benchmarks/evaluate_all.py --representations cellvec --out results/default_recipe
+    python benchmarks/evaluate_all.py --representations cellvec   # just cellvec, merged in
+    python benchmarks/evaluate_all.py --only pbmc3k --representations none --scenarios panels
+
+With --representations, the run replaces just those representations (and the
+scenarios it ran) in each set's JSON on disk and keeps the rest, e.g. the peers
+after a change to cellvec's recipe; the JSON's `commands` list says which command
+wrote what.
 
 Within-dataset sets: macosko2015_amacrine (mouse retina, 21 amacrine subtypes),
 pbmc3k, pbmc_3chem, pbmc68k_reduced. Cross-dataset pairs (no retraining):
