@@ -376,3 +376,11 @@ def test_typicality_needs_held_out_calibration_cells(fake_store):
         map_cells(q, "ref", store=fake_store, min_typicality=0.01)
     res = map_cells(q, "ref", store=fake_store)
     assert np.isnan(res.typicality).all()  # unknown, not a misleading 1.0
+
+
+def test_an_unknown_schedule_names_the_choices():
+    from cellvec.errors import CellvecError
+
+    w, basis, y = _toy()
+    with pytest.raises(CellvecError, match="choose constant or cosine"):
+        fit_refinement(w, basis, y, schedule="linear", **FAST)

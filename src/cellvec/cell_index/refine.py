@@ -14,9 +14,11 @@ All of it is trained end to end with a supervised contrastive loss (`supcon`,
 labels as positives) or SimCLR's (`simclr`, two views of a cell as positives).
 Views drop a random share of each cell's genes (the share itself drawn per cell,
 so the result holds when a query measures fewer genes) and jitter the weights.
-Batches are class-balanced, so a 3-cell subtype is drawn as often as a 3,000-cell
-one. Training runs a fixed number of steps (`default_steps`; no early stopping on a few dozen
-held-out cells, which measured as noise) with a fixed seed and thread count, so a
+Batches draw each class in proportion to the square root of its size, so a 3-cell
+subtype is drawn far above its share without its few cells being replayed into
+over-fitting. Training runs a fixed number of steps (`default_steps`; no early stopping
+on a few dozen held-out cells, which measured as noise) on a cosine-decayed learning
+rate, with a fixed seed and thread count, so a
 seed gives the same arrays on any machine of the same kind. The result is plain
 arrays, applied with numpy: mapping needs no torch.
 """
@@ -112,7 +114,9 @@ def default_steps(n_cells: int, batch_size: int = 256) -> int:
     0.02-0.08 macro-F1 (EVIDENCE.md). The loss still falls until ~800 steps, but 800
     did not generalise better: amacrine 0.929 -> 0.941 and pbmc_3chem 0.884 -> 0.896,
     yet pbmc3k 0.911 -> 0.906 and pbmc68k_reduced 0.690 -> 0.665 (classes of 8-19
-    cells overfit); results/steps800/. 2,000 steps keep 100k cells within minutes.
+    cells overfit); results/steps800/. With the cosine-decayed rate of today's
+    defaults, 800 steps still did not beat 400 (mean 0.865 both, 4 sets x 3 seeds,
+    results/refine_variants.md). 2,000 steps keep 100k cells within minutes.
     """
     return int(np.clip(40 * np.ceil(n_cells / batch_size), 400, 2000))
 
@@ -202,6 +206,8 @@ def fit_refinement(
     """
     if mode not in ("none", "supcon", "simclr"):
         raise CellvecError(f"Unknown refinement {mode!r}; choose none, supcon or simclr.")
+    if schedule not in ("constant", "cosine"):
+        raise CellvecError(f"Unknown schedule {schedule!r}; choose constant or cosine.")
     mean0 = reference_mean(w, basis) if center else None
     if mode == "none":
         return ({"cell_mean": mean0} if center else {}), {"mode": "none"}
@@ -239,8 +245,6 @@ def fit_refinement(
         params = list(mlp.parameters()) + list(skip.parameters())
         params += [t for t in (log_gate, delta, cell_mean) if t.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, fused=True)
-        if schedule not in ("constant", "cosine"):
-            raise CellvecError(f"Unknown schedule {schedule!r}; choose constant or cosine.")
         sched = (
             torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, steps) / steps))
