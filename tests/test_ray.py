@@ -312,13 +312,11 @@ def test_cli_ray_flag_and_environment(data, tmp_path, ray_cluster):
 
 
 def test_ray_addresses():
-    from cellvec._ray import DEFAULT, address_from_env, ray_address
+    from cellvec._ray import DEFAULT, ray_address
 
     assert ray_address(None) is None and ray_address(False) is None
     assert ray_address(True) == ray_address("") == ray_address("default") == DEFAULT
     assert ray_address(" ray://head:10001 ") == "ray://head:10001"
-    os.environ.pop("CELLVEC_RAY_ADDRESS", None)
-    assert address_from_env() is None
 
 
 def test_an_address_nothing_answers_at_fails_fast():

@@ -1,4 +1,4 @@
-"""Joining a Ray cluster: what `--ray [ADDRESS]` and `CELLVEC_RAY_ADDRESS` mean.
+"""Joining a Ray cluster: what `--ray [ADDRESS]` (or `CELLVEC_RAY_ADDRESS`, its default) means.
 
 An address is one of:
 
@@ -24,7 +24,6 @@ from cellvec.errors import CellvecError
 
 log = logging.getLogger(__name__)
 
-ENV_ADDRESS = "CELLVEC_RAY_ADDRESS"
 DEFAULT = "default"
 
 
@@ -36,11 +35,6 @@ def ray_address(value: str | bool | None) -> str | None:
         return DEFAULT
     value = str(value).strip()
     return value or DEFAULT
-
-
-def address_from_env() -> str | None:
-    """`CELLVEC_RAY_ADDRESS`, when set and not empty."""
-    return ray_address(os.environ.get(ENV_ADDRESS) or None)
 
 
 def import_ray():
