@@ -19,7 +19,6 @@ Ray Data runs the stages (`ray.data`, one block per shard, order preserved).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from cellvec._progress import progress
-from cellvec._ray import cluster_cpus, init_ray
+from cellvec._ray import cluster_cpus, init_ray, ordered_data
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.errors import CellvecError
 
@@ -157,53 +156,6 @@ def _csr(table: pa.Table, n_cols: int) -> sp.csr_matrix:
     )
 
 
-def _cellvec_cause(exc: BaseException) -> CellvecError | None:
-    """The cellvec error a worker raised, from inside Ray's wrappers (RayTaskError, ...)."""
-    from ray.exceptions import RayError
-
-    seen = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, CellvecError) and not isinstance(e, RayError):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
-
-
-@contextlib.contextmanager
-def _ordered(ray):
-    """Ray Data in shard order, without its progress bars (cellvec logs its own). A
-    dataset keeps the settings in force when it was made: make it inside. A cellvec
-    error raised by a worker comes out as itself, not wrapped in Ray's exceptions."""
-    ctx = ray.data.DataContext.get_current()
-    before = (
-        ctx.execution_options.preserve_order,
-        ctx.enable_progress_bars,
-        ctx.raise_original_map_exception,
-    )
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.raise_original_map_exception = True  # a worker's error travels as itself
-    try:
-        yield
-    except Exception as e:
-        cause = _cellvec_cause(e)
-        if cause is None or cause is e:
-            raise
-        # what a worker found wrong with the input, said as it would be without Ray
-        raise type(cause)(*cause.args) from e
-    finally:
-        (
-            ctx.execution_options.preserve_order,
-            ctx.enable_progress_bars,
-            ctx.raise_original_map_exception,
-        ) = before
-
-
 def _shard_dataset(ray, n_cells: int):
     bounds = shard_bounds(n_cells, cluster_cpus(ray))
     items = [{"start": s, "stop": e} for s, e in bounds]
@@ -250,7 +202,7 @@ def top_gene_weights(
     )
     tables = []
     with (
-        _ordered(ray),
+        ordered_data(ray),
         progress(total=source.n_obs, desc="top genes (ray)", unit="cell") as bar,
     ):
         ds, n_shards = _shard_dataset(ray, source.n_obs)
@@ -401,7 +353,7 @@ def _write_atlas(
         else pa.array([str(x) for x in broad_labels], pa.string()),
     }
     vectors = None
-    with _ordered(ray):
+    with ordered_data(ray):
         ds = ray.data.from_arrow(blocks)
         if calibrate is not None:
             rows = _AtlasRows(ray.put(shared), schema)
@@ -485,7 +437,7 @@ def encode_cells(source: ExpressionSource, encoder, basis, *, ray=True) -> np.nd
     out = None
     seen = 0
     with (
-        _ordered(ray),
+        ordered_data(ray),
         progress(total=source.n_obs, desc="cell vectors (ray)", unit="cell") as bar,
     ):
         ds, n_shards = _shard_dataset(ray, source.n_obs)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from cellvec._ray import cluster_cpus, init_ray
+from cellvec._ray import cluster_cpus, init_ray, ordered_data
 from cellvec.gene_store.embedders.base import Embedder
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,7 @@ def embed_batches(
     t0 = time.perf_counter()
     workers = min(cluster_cpus(ray), len(batches))
     log.info("Embedding %d batches with %s on %d Ray workers", len(batches), embedder.spec, workers)
-    from cellvec.cell_index.parallel import _ordered
-
-    with _ordered(ray):
+    with ordered_data(ray):
         ds = ray.data.from_items(
             [{"batch": i, "texts": list(t)} for i, t in enumerate(batches)],
             override_num_blocks=len(batches),
