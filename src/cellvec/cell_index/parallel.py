@@ -19,6 +19,7 @@ Ray Data runs the stages (`ray.data`, one block per shard, order preserved).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -273,8 +274,16 @@ class _AtlasRows:
         )
 
 
-def _with_vectors(batch: pa.Table, rows: _AtlasRows) -> pa.Table:
-    return rows.with_vector(batch)
+@contextlib.contextmanager
+def _no_debris(uri: str):
+    """A new local table whose write fails leaves no directory behind."""
+    new = "://" not in uri and not os.path.exists(uri)
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(uri, ignore_errors=True)
+        raise
 
 
 def write_atlas(
@@ -300,44 +309,9 @@ def write_atlas(
     `calibrate(vectors) -> self_similarity`, when given, needs every vector: they are
     computed first, gathered (and returned), and the fragments written after. A failed
     write commits nothing (and leaves no directory behind when the table is new)."""
-    rest = dict(
-        basis=basis,
-        params=params,
-        dataset=dataset,
-        broad_labels=broad_labels,
-        calibrate=calibrate,
-        storage_options=storage_options,
-    )
-    ray = init_ray(ray)
-    local = "://" not in uri
-    if local and not os.path.exists(uri):
-        try:
-            return _write_atlas(uri, schema, blocks, ray, cell_ids, labels, batches, **rest)
-        except BaseException:
-            shutil.rmtree(uri, ignore_errors=True)  # a new table that never was: no debris
-            raise
-    return _write_atlas(uri, schema, blocks, ray, cell_ids, labels, batches, **rest)
-
-
-def _write_atlas(
-    uri,
-    schema,
-    blocks,
-    ray,
-    cell_ids,
-    labels,
-    batches,
-    *,
-    basis,
-    params,
-    dataset,
-    broad_labels,
-    calibrate,
-    storage_options,
-):
     import lance
-    from lance_ray import LanceFragmentWriter
 
+    ray = init_ray(ray)
     t0 = time.perf_counter()
     n = len(cell_ids)
     shared = {
@@ -352,13 +326,41 @@ def _write_atlas(
         if broad_labels is None
         else pa.array([str(x) for x in broad_labels], pa.string()),
     }
+    with _no_debris(uri):
+        vectors, fragments = _write_fragments(
+            uri, schema, blocks, ray, shared, calibrate, storage_options
+        )
+        written = sum(f.physical_rows for f in fragments)
+        if written != n:
+            raise CellvecError(
+                f"Ray workers wrote {written:,} of {n:,} atlas rows; nothing was committed. "
+                "Run again, or without --ray."
+            )
+        lance.LanceDataset.commit(
+            uri, lance.LanceOperation.Overwrite(schema, fragments), storage_options=storage_options
+        )
+    log.info(
+        "Atlas table: %s rows in %d fragments written by Ray workers, committed once (%.1f s)",
+        f"{n:,}",
+        len(fragments),
+        time.perf_counter() - t0,
+    )
+    return vectors
+
+
+def _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_options):
+    """(every vector when `calibrate` needs them, else None; the Lance fragments the
+    workers wrote, not yet committed)."""
+    from lance_ray import LanceFragmentWriter
+
+    n = len(shared["cell_id"])
     vectors = None
     with ordered_data(ray):
         ds = ray.data.from_arrow(blocks)
         if calibrate is not None:
             rows = _AtlasRows(ray.put(shared), schema)
             ds = ds.map_batches(
-                _with_vectors, batch_size=None, batch_format="pyarrow", fn_kwargs={"rows": rows}
+                rows.with_vector, batch_size=None, batch_format="pyarrow"
             ).materialize()
             parts = [
                 t.column("vector").combine_chunks().flatten().to_numpy()
@@ -382,22 +384,7 @@ def _write_atlas(
                     frag = pickle.loads(blob)
                     fragments.append(frag)
                     bar.update(frag.physical_rows)
-    written = sum(f.physical_rows for f in fragments)
-    if written != n:
-        raise CellvecError(
-            f"Ray workers wrote {written:,} of {n:,} atlas rows; nothing was committed. "
-            "Run again, or without --ray."
-        )
-    lance.LanceDataset.commit(
-        uri, lance.LanceOperation.Overwrite(schema, fragments), storage_options=storage_options
-    )
-    log.info(
-        "Atlas table: %s rows in %d fragments written by Ray workers, committed once (%.1f s)",
-        f"{n:,}",
-        len(fragments),
-        time.perf_counter() - t0,
-    )
-    return vectors
+    return vectors, fragments
 
 
 # -- query vectors ------------------------------------------------------------
