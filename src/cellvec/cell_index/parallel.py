@@ -128,15 +128,14 @@ def _chunks(spec: dict, start: int, stop: int):
     all_rows = _shared(spec["rows"])
     rows = np.arange(start, stop) if all_rows is None else all_rows[start:stop]
     src = ExpressionSource(
-        spec["path"],
-        pd.DataFrame(index=pd.RangeIndex(len(rows))),
-        spec["var_names"],
-        spec["kind"],
-        _open_matrix(*spec["h5ad"]),
-        spec["cols"],
-        rows,
-        None,
-        spec["validated"],
+        path=spec["path"],
+        obs=pd.DataFrame(index=pd.RangeIndex(len(rows))),
+        var_names=spec["var_names"],
+        kind=spec["kind"],
+        _matrix=_open_matrix(*spec["h5ad"]),
+        _cols=spec["cols"],
+        _rows=rows,
+        validated=spec["validated"],
     )
     for sl, block in src.chunks(size):
         yield start + sl.start, block
