@@ -300,13 +300,13 @@ def write_atlas(
     calibrate=None,
     storage_options: dict | None = None,
     ray=True,
-) -> np.ndarray | None:
+) -> None:
     """Write the atlas table at `uri` from the weight blocks of `top_gene_weights`: Ray
     workers compute the final vectors (`encode_weights` over `basis` and the fitted
     `params`) and write Lance fragments; the driver commits them in one overwrite.
 
     `calibrate(vectors) -> self_similarity`, when given, needs every vector: they are
-    computed first, gathered (and returned), and the fragments written after. A failed
+    computed first, gathered and handed to it, and the fragments written after. A failed
     write commits nothing (and leaves no directory behind when the table is new)."""
     import lance
 
@@ -326,9 +326,7 @@ def write_atlas(
         else pa.array([str(x) for x in broad_labels], pa.string()),
     }
     with _no_debris(uri):
-        vectors, fragments = _write_fragments(
-            uri, schema, blocks, ray, shared, calibrate, storage_options
-        )
+        fragments = _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_options)
         written = sum(f.physical_rows for f in fragments)
         if written != n:
             raise CellvecError(
@@ -344,16 +342,14 @@ def write_atlas(
         len(fragments),
         time.perf_counter() - t0,
     )
-    return vectors
 
 
-def _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_options):
-    """(every vector when `calibrate` needs them, else None; the Lance fragments the
-    workers wrote, not yet committed)."""
+def _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_options) -> list:
+    """The Lance fragments the workers wrote, not yet committed (after `calibrate` had
+    every vector, when given)."""
     from lance_ray import LanceFragmentWriter
 
     n = len(shared["cell_id"])
-    vectors = None
     with ordered_data(ray):
         ds = ray.data.from_arrow(blocks)
         if calibrate is not None:
@@ -383,7 +379,7 @@ def _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_option
                     frag = pickle.loads(blob)
                     fragments.append(frag)
                     bar.update(frag.physical_rows)
-    return vectors, fragments
+    return fragments
 
 
 # -- query vectors ------------------------------------------------------------
