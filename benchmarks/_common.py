@@ -35,3 +35,13 @@ def log_progress() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("httpx", "sentence_transformers", "lance", "lancedb", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def synthetic_h5ad_args(ap) -> None:
+    """The size of the synthetic h5ad (`bench_cell_vectors.write_h5ad`) and its recipe:
+    --cells x --genes with --nnz non-zeros per cell, --dim-d gene vectors, --top-genes."""
+    ap.add_argument("--cells", type=int, default=1_000_000)
+    ap.add_argument("--genes", type=int, default=20_000)
+    ap.add_argument("--nnz", type=int, default=1_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--top-genes", type=int, default=200)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mib, rss_mib  # noqa: E402
+from _common import peak_rss_mib, rss_mib, synthetic_h5ad_args  # noqa: E402
 
 
 def write_h5ad(
@@ -92,12 +92,8 @@ def write_h5ad(
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cells", type=int, default=1_000_000)
-    ap.add_argument("--genes", type=int, default=20_000)
-    ap.add_argument("--nnz", type=int, default=1_000)
-    ap.add_argument("--dim", type=int, default=384)
+    synthetic_h5ad_args(ap)
     ap.add_argument("--chunk", type=int, default=20_000)
-    ap.add_argument("--top-genes", type=int, default=200)
     args = ap.parse_args()
 
     from cellvec.cell_index.background import apply_background, fit_background

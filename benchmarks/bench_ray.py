@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import log_progress, peak_rss_mib  # noqa: E402
+from _common import log_progress, peak_rss_mib, synthetic_h5ad_args  # noqa: E402
 from bench_cell_vectors import write_h5ad  # noqa: E402
 
 
@@ -64,12 +64,8 @@ def add_labels(path: Path, n_cells: int, n_classes: int, seed: int = 0) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cells", type=int, default=1_000_000)
-    ap.add_argument("--genes", type=int, default=20_000)
-    ap.add_argument("--nnz", type=int, default=1_000)
-    ap.add_argument("--dim", type=int, default=384)
+    synthetic_h5ad_args(ap)
     ap.add_argument("--classes", type=int, default=30)
-    ap.add_argument("--top-genes", type=int, default=200)
     ap.add_argument("--refine-steps", type=int, default=0, help="0: --refine none")
     ap.add_argument("--ray-cpus", type=int, default=2)
     args = ap.parse_args()

@@ -246,6 +246,39 @@ def test_bad_rows_met_by_a_worker_fail_cleanly(data, small_chunks, ray_cluster):
 
 
 @pytest.mark.slow
+def test_a_failed_commit_on_ray_leaves_no_table_directory(
+    data, small_chunks, ray_cluster, monkeypatch
+):
+    """The workers have written their fragments; the driver's commit fails: the new
+    table's directory, fragments and all, is removed."""
+    import lance
+
+    from cellvec import build_atlas
+    from cellvec.cell_index.atlas import list_atlases
+
+    seen = []
+
+    def fail(uri, *args, **kwargs):
+        seen.append(any(Path(uri).rglob("*.lance")))
+        raise OSError("commit failed")
+
+    monkeypatch.setattr(lance.LanceDataset, "commit", staticmethod(fail))
+    with pytest.raises(OSError, match="commit failed"):
+        build_atlas(
+            data["tmp"] / "ref.h5ad",
+            store=data["store"],
+            name="uncommitted",
+            label_key="cell_type",
+            refine="none",
+            top_genes=12,
+            ray=True,
+        )
+    assert seen == [True]  # fragments were on disk when the commit was tried
+    assert not (data["store"] / "atlas_uncommitted.lance").exists()
+    assert "uncommitted" not in list_atlases(data["store"])
+
+
+@pytest.mark.slow
 def test_map_on_ray_equals_single_process(data, small_chunks, ray_cluster):
     from cellvec import build_atlas, map_cells
 
@@ -312,13 +345,11 @@ def test_cli_ray_flag_and_environment(data, tmp_path, ray_cluster):
 
 
 def test_ray_addresses():
-    from cellvec._ray import DEFAULT, address_from_env, ray_address
+    from cellvec._ray import DEFAULT, ray_address
 
     assert ray_address(None) is None and ray_address(False) is None
     assert ray_address(True) == ray_address("") == ray_address("default") == DEFAULT
     assert ray_address(" ray://head:10001 ") == "ray://head:10001"
-    os.environ.pop("CELLVEC_RAY_ADDRESS", None)
-    assert address_from_env() is None
 
 
 def test_an_address_nothing_answers_at_fails_fast():

@@ -1,4 +1,4 @@
-"""Joining a Ray cluster: what `--ray [ADDRESS]` and `CELLVEC_RAY_ADDRESS` mean.
+"""Joining a Ray cluster: what `--ray [ADDRESS]` (or `CELLVEC_RAY_ADDRESS`, its default) means.
 
 An address is one of:
 
@@ -12,11 +12,12 @@ An address is one of:
 
 Other modules call `init_ray(address)` and get the `ray` module back, connected;
 a process already connected (`ray.init()` done by the caller, a test's cluster)
-is used as it is.
+is used as it is. They run Ray Data inside `ordered_data(ray)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -24,7 +25,6 @@ from cellvec.errors import CellvecError
 
 log = logging.getLogger(__name__)
 
-ENV_ADDRESS = "CELLVEC_RAY_ADDRESS"
 DEFAULT = "default"
 
 
@@ -36,11 +36,6 @@ def ray_address(value: str | bool | None) -> str | None:
         return DEFAULT
     value = str(value).strip()
     return value or DEFAULT
-
-
-def address_from_env() -> str | None:
-    """`CELLVEC_RAY_ADDRESS`, when set and not empty."""
-    return ray_address(os.environ.get(ENV_ADDRESS) or None)
 
 
 def import_ray():
@@ -153,3 +148,51 @@ def _log_joined(ray, where: str) -> None:
 def cluster_cpus(ray) -> int:
     """CPUs the connected cluster has (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _cellvec_cause(exc: BaseException) -> CellvecError | None:
+    """The cellvec error a worker raised, from inside Ray's wrappers (RayTaskError, ...)."""
+    from ray.exceptions import RayError
+
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CellvecError) and not isinstance(e, RayError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+@contextlib.contextmanager
+def ordered_data(ray):
+    """Ray Data in the input's order (cell shards, store batches), without its progress
+    bars (cellvec logs its own). A dataset keeps the settings in force when it was made:
+    make it inside. A cellvec error raised by a worker comes out as itself, not wrapped
+    in Ray's exceptions."""
+    ctx = ray.data.DataContext.get_current()
+    before = (
+        ctx.execution_options.preserve_order,
+        ctx.enable_progress_bars,
+        ctx.raise_original_map_exception,
+    )
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True  # a worker's error travels as itself
+    try:
+        yield
+    except Exception as e:
+        cause = _cellvec_cause(e)
+        if cause is None or cause is e:
+            raise
+        # what a worker found wrong with the input, said as it would be without Ray
+        raise type(cause)(*cause.args) from e
+    finally:
+        (
+            ctx.execution_options.preserve_order,
+            ctx.enable_progress_bars,
+            ctx.raise_original_map_exception,
+        ) = before

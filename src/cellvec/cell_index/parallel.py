@@ -32,7 +32,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from cellvec._progress import progress
-from cellvec._ray import cluster_cpus, init_ray
+from cellvec._ray import cluster_cpus, init_ray, ordered_data
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.errors import CellvecError
 
@@ -128,15 +128,14 @@ def _chunks(spec: dict, start: int, stop: int):
     all_rows = _shared(spec["rows"])
     rows = np.arange(start, stop) if all_rows is None else all_rows[start:stop]
     src = ExpressionSource(
-        spec["path"],
-        pd.DataFrame(index=pd.RangeIndex(len(rows))),
-        spec["var_names"],
-        spec["kind"],
-        _open_matrix(*spec["h5ad"]),
-        spec["cols"],
-        rows,
-        None,
-        spec["validated"],
+        path=spec["path"],
+        obs=pd.DataFrame(index=pd.RangeIndex(len(rows))),
+        var_names=spec["var_names"],
+        kind=spec["kind"],
+        _matrix=_open_matrix(*spec["h5ad"]),
+        _cols=spec["cols"],
+        _rows=rows,
+        validated=spec["validated"],
     )
     for sl, block in src.chunks(size):
         yield start + sl.start, block
@@ -155,53 +154,6 @@ def _csr(table: pa.Table, n_cols: int) -> sp.csr_matrix:
         ),
         shape=(len(table), n_cols),
     )
-
-
-def _cellvec_cause(exc: BaseException) -> CellvecError | None:
-    """The cellvec error a worker raised, from inside Ray's wrappers (RayTaskError, ...)."""
-    from ray.exceptions import RayError
-
-    seen = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, CellvecError) and not isinstance(e, RayError):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
-
-
-@contextlib.contextmanager
-def _ordered(ray):
-    """Ray Data in shard order, without its progress bars (cellvec logs its own). A
-    dataset keeps the settings in force when it was made: make it inside. A cellvec
-    error raised by a worker comes out as itself, not wrapped in Ray's exceptions."""
-    ctx = ray.data.DataContext.get_current()
-    before = (
-        ctx.execution_options.preserve_order,
-        ctx.enable_progress_bars,
-        ctx.raise_original_map_exception,
-    )
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.raise_original_map_exception = True  # a worker's error travels as itself
-    try:
-        yield
-    except Exception as e:
-        cause = _cellvec_cause(e)
-        if cause is None or cause is e:
-            raise
-        # what a worker found wrong with the input, said as it would be without Ray
-        raise type(cause)(*cause.args) from e
-    finally:
-        (
-            ctx.execution_options.preserve_order,
-            ctx.enable_progress_bars,
-            ctx.raise_original_map_exception,
-        ) = before
 
 
 def _shard_dataset(ray, n_cells: int):
@@ -250,7 +202,7 @@ def top_gene_weights(
     )
     tables = []
     with (
-        _ordered(ray),
+        ordered_data(ray),
         progress(total=source.n_obs, desc="top genes (ray)", unit="cell") as bar,
     ):
         ds, n_shards = _shard_dataset(ray, source.n_obs)
@@ -321,8 +273,16 @@ class _AtlasRows:
         )
 
 
-def _with_vectors(batch: pa.Table, rows: _AtlasRows) -> pa.Table:
-    return rows.with_vector(batch)
+@contextlib.contextmanager
+def _no_debris(uri: str):
+    """A new local table whose write fails leaves no directory behind."""
+    new = "://" not in uri and not os.path.exists(uri)
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(uri, ignore_errors=True)
+        raise
 
 
 def write_atlas(
@@ -340,52 +300,17 @@ def write_atlas(
     calibrate=None,
     storage_options: dict | None = None,
     ray=True,
-) -> np.ndarray | None:
+) -> None:
     """Write the atlas table at `uri` from the weight blocks of `top_gene_weights`: Ray
     workers compute the final vectors (`encode_weights` over `basis` and the fitted
     `params`) and write Lance fragments; the driver commits them in one overwrite.
 
     `calibrate(vectors) -> self_similarity`, when given, needs every vector: they are
-    computed first, gathered (and returned), and the fragments written after. A failed
+    computed first, gathered and handed to it, and the fragments written after. A failed
     write commits nothing (and leaves no directory behind when the table is new)."""
-    rest = dict(
-        basis=basis,
-        params=params,
-        dataset=dataset,
-        broad_labels=broad_labels,
-        calibrate=calibrate,
-        storage_options=storage_options,
-    )
-    ray = init_ray(ray)
-    local = "://" not in uri
-    if local and not os.path.exists(uri):
-        try:
-            return _write_atlas(uri, schema, blocks, ray, cell_ids, labels, batches, **rest)
-        except BaseException:
-            shutil.rmtree(uri, ignore_errors=True)  # a new table that never was: no debris
-            raise
-    return _write_atlas(uri, schema, blocks, ray, cell_ids, labels, batches, **rest)
-
-
-def _write_atlas(
-    uri,
-    schema,
-    blocks,
-    ray,
-    cell_ids,
-    labels,
-    batches,
-    *,
-    basis,
-    params,
-    dataset,
-    broad_labels,
-    calibrate,
-    storage_options,
-):
     import lance
-    from lance_ray import LanceFragmentWriter
 
+    ray = init_ray(ray)
     t0 = time.perf_counter()
     n = len(cell_ids)
     shared = {
@@ -400,13 +325,37 @@ def _write_atlas(
         if broad_labels is None
         else pa.array([str(x) for x in broad_labels], pa.string()),
     }
-    vectors = None
-    with _ordered(ray):
+    with _no_debris(uri):
+        fragments = _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_options)
+        written = sum(f.physical_rows for f in fragments)
+        if written != n:
+            raise CellvecError(
+                f"Ray workers wrote {written:,} of {n:,} atlas rows; nothing was committed. "
+                "Run again, or without --ray."
+            )
+        lance.LanceDataset.commit(
+            uri, lance.LanceOperation.Overwrite(schema, fragments), storage_options=storage_options
+        )
+    log.info(
+        "Atlas table: %s rows in %d fragments written by Ray workers, committed once (%.1f s)",
+        f"{n:,}",
+        len(fragments),
+        time.perf_counter() - t0,
+    )
+
+
+def _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_options) -> list:
+    """The Lance fragments the workers wrote, not yet committed (after `calibrate` had
+    every vector, when given)."""
+    from lance_ray import LanceFragmentWriter
+
+    n = len(shared["cell_id"])
+    with ordered_data(ray):
         ds = ray.data.from_arrow(blocks)
         if calibrate is not None:
             rows = _AtlasRows(ray.put(shared), schema)
             ds = ds.map_batches(
-                _with_vectors, batch_size=None, batch_format="pyarrow", fn_kwargs={"rows": rows}
+                rows.with_vector, batch_size=None, batch_format="pyarrow"
             ).materialize()
             parts = [
                 t.column("vector").combine_chunks().flatten().to_numpy()
@@ -430,22 +379,7 @@ def _write_atlas(
                     frag = pickle.loads(blob)
                     fragments.append(frag)
                     bar.update(frag.physical_rows)
-    written = sum(f.physical_rows for f in fragments)
-    if written != n:
-        raise CellvecError(
-            f"Ray workers wrote {written:,} of {n:,} atlas rows; nothing was committed. "
-            "Run again, or without --ray."
-        )
-    lance.LanceDataset.commit(
-        uri, lance.LanceOperation.Overwrite(schema, fragments), storage_options=storage_options
-    )
-    log.info(
-        "Atlas table: %s rows in %d fragments written by Ray workers, committed once (%.1f s)",
-        f"{n:,}",
-        len(fragments),
-        time.perf_counter() - t0,
-    )
-    return vectors
+    return fragments
 
 
 # -- query vectors ------------------------------------------------------------
@@ -485,7 +419,7 @@ def encode_cells(source: ExpressionSource, encoder, basis, *, ray=True) -> np.nd
     out = None
     seen = 0
     with (
-        _ordered(ray),
+        ordered_data(ray),
         progress(total=source.n_obs, desc="cell vectors (ray)", unit="cell") as bar,
     ):
         ds, n_shards = _shard_dataset(ray, source.n_obs)

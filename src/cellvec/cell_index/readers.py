@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,35 +85,15 @@ class ExpressionSource:
     def subset(self, mask: np.ndarray) -> ExpressionSource:
         """The same source restricted to the cells where `mask` is true (no copy of data)."""
         rows = self._rows if self._rows is not None else np.arange(self.n_obs)
-        return ExpressionSource(
-            self.path,
-            self.obs[mask],
-            self.var_names,
-            self.kind,
-            self._matrix,
-            self._cols,
-            rows[np.asarray(mask)],
-            self._adata,
-            self.validated,
-            self.h5ad,
-        )
+        return replace(self, obs=self.obs[mask], _rows=rows[np.asarray(mask)])
 
     def subset_genes(self, keep: np.ndarray) -> ExpressionSource:
         """The same cells measured on the genes where `keep` is true, as a panel would be:
         raw counts are normalised over the kept genes only (no copy of data)."""
         cols = self._cols if self._cols is not None else np.arange(len(self.var_names))
         keep = np.asarray(keep, dtype=bool)
-        return ExpressionSource(
-            self.path,
-            self.obs,
-            [v for v, k in zip(self.var_names, keep) if k],
-            self.kind,
-            self._matrix,
-            cols[keep],
-            self._rows,
-            self._adata,
-            self.validated,
-            self.h5ad,
+        return replace(
+            self, var_names=[v for v, k in zip(self.var_names, keep) if k], _cols=cols[keep]
         )
 
     def to_csr(self) -> sp.csr_matrix:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from cellvec._ray import cluster_cpus, init_ray
+from cellvec._ray import cluster_cpus, init_ray, ordered_data
 from cellvec.gene_store.embedders.base import Embedder
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,16 @@ class _EmbedBatches:
         self.embedder = ray.get(embedder) if isinstance(embedder, ray.ObjectRef) else embedder
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = {"batch": [], "vectors": [], "dim": []}
-        for i, texts in zip(batch.column("batch").to_pylist(), batch.column("texts").to_pylist()):
-            v = np.ascontiguousarray(self.embedder.embed(texts), dtype=np.float32)
-            out["batch"].append(i)
-            out["vectors"].append(v.tobytes())
-            out["dim"].append(v.shape[1])
-        out["config"] = [json.dumps(self.embedder.config())] * len(out["batch"])
+        vectors = [
+            np.ascontiguousarray(self.embedder.embed(texts), dtype=np.float32)
+            for texts in batch.column("texts").to_pylist()
+        ]
+        config = json.dumps(self.embedder.config())
         return pa.table(
             {
-                "batch": pa.array(out["batch"], pa.int64()),
-                "vectors": pa.array(out["vectors"], pa.large_binary()),
-                "dim": pa.array(out["dim"], pa.int64()),
-                "config": pa.array(out["config"], pa.string()),
+                "vectors": pa.array([v.tobytes() for v in vectors], pa.large_binary()),
+                "dim": pa.array([v.shape[1] for v in vectors], pa.int64()),
+                "config": pa.array([config] * len(vectors), pa.string()),
             }
         )
 
@@ -60,11 +57,9 @@ def embed_batches(
     t0 = time.perf_counter()
     workers = min(cluster_cpus(ray), len(batches))
     log.info("Embedding %d batches with %s on %d Ray workers", len(batches), embedder.spec, workers)
-    from cellvec.cell_index.parallel import _ordered
-
-    with _ordered(ray):
+    with ordered_data(ray):
         ds = ray.data.from_items(
-            [{"batch": i, "texts": list(t)} for i, t in enumerate(batches)],
+            [{"texts": list(t)} for t in batches],
             override_num_blocks=len(batches),
         )
         ds = ds.map_batches(
