@@ -194,6 +194,25 @@ def test_broad_level_is_refused_on_a_one_level_atlas_and_absent_from_its_results
         map_cells(q, "one", store=fake_store, broad_truth_key="cell_type_broad")
 
 
+def test_broad_truth_alone_scores_the_broad_level(fake_store):
+    build_atlas(
+        _two_levels(),
+        store=fake_store,
+        name="two",
+        label_key="cell_type",
+        broad_label_key="cell_type_broad",
+        refine="none",
+    )
+    res = map_cells(
+        _two_levels(seed=7, n=30, prefix="q"),
+        "two",
+        store=fake_store,
+        broad_truth_key="cell_type_broad",
+    )
+    assert res.metrics is None and res.broad.metrics["accuracy"] == 1.0
+    assert res.broad.truth.tolist() == _two_levels(seed=7, n=30).obs["cell_type_broad"].tolist()
+
+
 def test_excluding_a_broad_label_drops_its_fine_classes_too(fake_store):
     atlas = build_atlas(
         _two_levels(),

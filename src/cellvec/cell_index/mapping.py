@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.atlas import Atlas, labels_of
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
@@ -351,17 +351,14 @@ def map_cells(
     if orthologs is not None and not isinstance(orthologs, OrthologTable):
         orthologs = read_orthologs(orthologs)
     source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
-    truth = None
-    if truth_key:
-        from cellvec.cell_index.atlas import labels_of
-
-        truth = labels_of(source, truth_key, label_map=label_map)
+    truth = labels_of(source, truth_key, label_map=label_map) if truth_key else None
     clusters = cluster_values(source, cluster_key) if cluster_key else None
     if broad_truth_key and atlas.broad_labels is None:
         raise CellvecError(
             f"Atlas {atlas.name!r} has one level of labels; --broad-truth-key needs an atlas "
             "built with `cellvec atlas build ... --broad-label-key KEY`."
         )
+    b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
     encoder = atlas.encoder()
     basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
     # the atlas's own index; a disk atlas's vectors are never read whole
@@ -419,7 +416,6 @@ def map_cells(
             calibration=atlas.broad_calibration(panel),
             min_typicality=min_typicality,
         )
-        b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
         broad = BroadCall(
             key=atlas.meta.get("broad_label_key"),
             classes=broad_classes,
