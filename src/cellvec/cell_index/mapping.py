@@ -601,11 +601,17 @@ def assign_labels(
     *,
     calibration: np.ndarray | None = None,
     min_typicality: float = 0.0,
+    inherited: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(per-class scores, labels, confidences, typicalities) of query vectors `q` from their
-    neighbours; typicality is 1 where no `calibration` is given."""
+    neighbours; typicality is 1 where no `calibration` is given. `inherited` (a class index
+    per cell, -1 for none) is taken instead of the vote's winner and never made unassigned."""
     scores = vote(idx, sim, codes, len(classes))
     best = scores.argmax(1)
+    inherit = np.zeros(len(best), dtype=bool)
+    if inherited is not None:
+        inherit = inherited >= 0
+        best = np.where(inherit, inherited, best)
     conf = scores[np.arange(len(best)), best]
     labels = classes[best].astype(object)
     typical = (
@@ -617,7 +623,8 @@ def assign_labels(
     empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
     conf[empty] = 0.0
     typical[empty] = 0.0
-    labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED
+    refused = (conf < min_confidence) | (typical < min_typicality) | empty
+    labels[refused & ~inherit] = UNASSIGNED
     return scores, labels, conf, typical
 
 
@@ -643,25 +650,20 @@ def assign_broad(
     it is the broad vote's winner, unassigned below the same `min_confidence` and
     `min_typicality` (calibrated on the broad classes): a cell whose subtype is unclear
     or missing from the atlas still gets "T" when its neighbours agree on T."""
-    scores = vote(idx, sim, broad_codes, len(broad_classes))
-    chosen = scores.argmax(1)
-    given = fine_labels != UNASSIGNED
     fine_code = np.searchsorted(fine_classes.astype(str), fine_labels.astype(str))
     fine_code = np.clip(fine_code, 0, len(fine_classes) - 1)
-    inherit = given & (parent[fine_code] >= 0)
-    chosen = np.where(inherit, parent[fine_code], chosen)
-    conf = scores[np.arange(len(chosen)), chosen]
-    typical = (
-        typicality(idx, sim, broad_codes, chosen, calibration)
-        if calibration is not None
-        else np.ones(len(chosen))
+    inherited = np.where(fine_labels != UNASSIGNED, parent[fine_code], -1)
+    _, labels, conf, typical = assign_labels(
+        q,
+        idx,
+        sim,
+        broad_classes,
+        broad_codes,
+        min_confidence,
+        calibration=calibration,
+        min_typicality=min_typicality,
+        inherited=inherited,
     )
-    empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
-    conf[empty] = 0.0
-    typical[empty] = 0.0
-    labels = broad_classes[chosen].astype(object)
-    refused = (conf < min_confidence) | (typical < min_typicality) | empty
-    labels[refused & ~inherit] = UNASSIGNED
     return labels, conf, typical
 
 
