@@ -362,13 +362,13 @@ def map_cells(
     encoder = atlas.encoder()
     basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
     # the atlas's own index; a disk atlas's vectors are never read whole
-    ref, index, coverage, calibration, panel = None, atlas.index(), 1.0, None, None
+    index, coverage, calibration, panel = atlas.index(), 1.0, None, None
     n_atlas_genes = len(encoder.refinement.get("gene_rows", ()))
     if basis.positions is not None and len(basis.positions) < n_atlas_genes:
         coverage = atlas.coverage(basis.positions)
         if coverage < FULL_COVERAGE:
             # A panel: compare with the reference re-aggregated over the genes both have.
-            ref, index, calibration = atlas.vectors_over(basis.positions)
+            _, index, calibration = atlas.vectors_over(basis.positions)
             panel = basis.positions
         (log.warning if coverage < LOW_COVERAGE else log.info)(
             "The query measures %s of the atlas's %s genes, carrying %.0f%% of the reference's "
