@@ -247,13 +247,7 @@ class MappingResult:
             "k": self.k,
             "gene_coverage": round(self.gene_coverage, 4),
             "seconds": round(self.seconds, 2),
-            "unassigned_fraction": float((self.labels == UNASSIGNED).mean())
-            if len(self.labels)
-            else 0.0,
-            "label_counts": {
-                str(c): int(n)
-                for c, n in zip(*np.unique(self.labels.astype(str), return_counts=True))
-            },
+            **_label_stats(self.labels),
         }
         if self.orthologs:
             out["orthologs"] = self.orthologs
@@ -268,13 +262,7 @@ class MappingResult:
             b = self.broad
             out["broad"] = {
                 "label_key": b.key,
-                "unassigned_fraction": float((b.labels == UNASSIGNED).mean())
-                if len(b.labels)
-                else 0.0,
-                "label_counts": {
-                    str(c): int(n)
-                    for c, n in zip(*np.unique(b.labels.astype(str), return_counts=True))
-                },
+                **_label_stats(b.labels),
                 # cells the fine level left unassigned that still got a broad label
                 "broad_only_fraction": float(
                     ((self.labels == UNASSIGNED) & (b.labels != UNASSIGNED)).mean()
@@ -284,6 +272,15 @@ class MappingResult:
                 **(b.metrics or {}),
             }
         return out
+
+
+def _label_stats(labels: np.ndarray) -> dict:
+    """`unassigned_fraction` and `label_counts` (label -> cells) of mapped labels."""
+    names, counts = np.unique(labels.astype(str), return_counts=True)
+    return {
+        "unassigned_fraction": float((labels == UNASSIGNED).mean()) if len(labels) else 0.0,
+        "label_counts": {str(c): int(n) for c, n in zip(names, counts)},
+    }
 
 
 def map_cells(
