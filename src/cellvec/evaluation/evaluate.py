@@ -477,12 +477,11 @@ def evaluate(
     )
     y = labels_of(source, label_key)
     n = len(y)
-    y_broad = parent_of = None
+    y_broad = None
     if broad_label_key:
         from cellvec.cell_index.atlas import _broad_labels
 
         y_broad = _broad_labels(source, y, broad_label_key)
-        parent_of = {c: _most_common(y_broad[y == c]) for c in np.unique(y)}
     pred = _Predictors(genes_by_model, recipe, k, seed, refine_options or {})
     names = (
         (list(BASELINES) if baselines else [])
@@ -521,8 +520,7 @@ def evaluate(
         predicted = cross_validate(name)
         results[name] = classification_metrics(y, predicted)
         if y_broad is not None:
-            up = np.array([parent_of.get(p, p) for p in predicted], dtype=object)
-            broad[name] = classification_metrics(y_broad, up)
+            broad[name] = classification_metrics(y_broad, _as_broad(predicted, y, y_broad))
         log.info(
             "%-18s accuracy %.3f  macro-F1 %.3f  (%.0f s)",
             name,
@@ -718,9 +716,15 @@ def _species_swap_scores(pred, source, y, to, orthologs, peers, cross_validate) 
     return out
 
 
-def _most_common(values: np.ndarray):
-    names, counts = np.unique(values.astype(str), return_counts=True)
-    return names[counts.argmax()]
+def _as_broad(predicted: np.ndarray, y_ref: np.ndarray, y_broad_ref: np.ndarray) -> np.ndarray:
+    """Predicted fine labels as broad ones: each fine class's most common broad label among
+    the reference cells (`y_ref`, `y_broad_ref`); a label the reference lacks stays as is."""
+    parent = {}
+    for c in np.unique(y_ref):
+        names, counts = np.unique(y_broad_ref[y_ref == c].astype(str), return_counts=True)
+        parent[c] = names[counts.argmax()]
+    labels, inverse = np.unique(predicted.astype(str), return_inverse=True)
+    return np.array([parent.get(c, c) for c in labels], dtype=object)[inverse]
 
 
 def _two_level_scores(pred, source, y, y_broad, splits, min_confidence, min_typicality) -> dict:
@@ -782,8 +786,7 @@ def _left_out_scores(
         if name in EXPRESSION_BASELINES:
             without[te] = with_call[te] = pred.predict(name, ref, y[tr], q)
             if y_broad is not None:
-                parent = {c: _most_common(y_broad[tr][y[tr] == c]) for c in np.unique(y[tr])}
-                broad_call[te] = [parent[p] for p in with_call[te]]
+                broad_call[te] = _as_broad(with_call[te], y[tr], y_broad[tr])
             continue
         broad = y_broad[tr] if y_broad is not None else None
         atlas = pred.fit(name, ref, y[tr], calibration_split=CALIBRATION_SPLIT, broad=broad)
