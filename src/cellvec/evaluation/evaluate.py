@@ -578,11 +578,15 @@ def evaluate(
             for name in ["cellvec", "logreg_expr"]
         }
 
-    swap = {}
+    swap: dict = {}
     if species_swap:
-        swap = _species_swap_scores(
-            pred, source, y, species_swap, orthologs, peers, cross_validate if splits else None
-        )
+        table = _ortholog_table(orthologs)
+        mapping = table.one_to_one(species_swap)
+        swap = {"to": species_swap, "orthologs": table.source, "genes": {}}
+        if splits:
+            swap["genes"]["folds"], swap["folds"] = _species_swap_scores(
+                pred, source, y, species_swap, table, mapping, peers, cross_validate
+            )
 
     transfer = {}
     if query is not None:
@@ -603,8 +607,7 @@ def evaluate(
                 transfer[name]["macro_f1"],
             )
         if species_swap:
-            table, rename = swap["_table"], swap["_rename"]
-            q_as, q_kept = rename(q)
+            q_as, q_kept = translate(q, mapping)
             swap["genes"]["transfer"] = (len(q_kept.var_names), len(q.var_names))
             swap["transfer"] = {}
             for name in names:
@@ -626,7 +629,6 @@ def evaluate(
                     name,
                     swap["transfer"][name]["macro_f1"],
                 )
-    swap = {k: v for k, v in swap.items() if not k.startswith("_")}
     return EvaluationResult(
         dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",
         label_key=label_key,
@@ -649,27 +651,21 @@ def translate(source: ExpressionSource, mapping: dict[str, str]):
     """(`source` with its genes renamed through `mapping` (upper-cased symbol -> symbol;
     genes without one dropped, a repeated name kept once), the same kept genes under their
     own names)."""
-    seen: set[str] = set()
-    keep = np.zeros(len(source.var_names), dtype=bool)
-    names = []
-    for i, g in enumerate(source.var_names):
-        new = mapping.get(str(g).upper())
-        if new is not None and new not in seen:
-            seen.add(new)
-            keep[i] = True
-            names.append(new)
+    import pandas as pd
+
+    names = pd.Series(source.var_names, dtype=str).str.upper().map(mapping)
+    keep = (names.notna() & ~names.duplicated()).to_numpy()
     if not keep.any():
         raise CellvecError(
             f"{source.path}: no gene has a one-to-one ortholog in the table: is the table of "
             "this dataset's species?"
         )
     kept = source.subset_genes(keep)
-    return replace(kept, var_names=names), kept
+    return replace(kept, var_names=names[keep].tolist()), kept
 
 
-def _species_swap_scores(pred, source, y, to, orthologs, peers, cross_validate) -> dict:
-    """Each fold's query renamed to `to` symbols: cellvec maps it through the table, the
-    expression peers see the kept genes (see `evaluate`)."""
+def _ortholog_table(orthologs):
+    """The `--species-swap` ortholog table (a table or its file), or an error naming one."""
     from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
 
     if orthologs is None:
@@ -677,43 +673,33 @@ def _species_swap_scores(pred, source, y, to, orthologs, peers, cross_validate) 
             "--species-swap needs an ortholog table: --orthologs hcop_mouse_to_human.csv.gz "
             "(HCOP/Ensembl, either direction) or a two-column file."
         )
-    table = orthologs if isinstance(orthologs, OrthologTable) else read_orthologs(orthologs)
-    mapping = table.one_to_one(to)
+    return orthologs if isinstance(orthologs, OrthologTable) else read_orthologs(orthologs)
 
-    def rename(src):
-        return translate(src, mapping)
 
-    out = {
-        "to": to,
-        "orthologs": table.source,
-        "genes": {},
-        "_table": table,
-        "_rename": rename,
-    }
-    if cross_validate is None:
-        return out
-    kept = len(rename(source)[1].var_names)
-    out["genes"]["folds"] = (kept, len(source.var_names))
+def _species_swap_scores(pred, source, y, to, table, mapping, peers, cross_validate):
+    """((genes kept, genes), metrics per representation) with each fold's query renamed to
+    `to` symbols: cellvec maps it through the table, the expression peers see the kept
+    genes (see `evaluate`)."""
+    kept = len(translate(source, mapping)[1].var_names)
     log.info(
         "Species swap: %d of %d genes have a one-to-one %s ortholog",
         kept,
         len(source.var_names),
         to,
     )
-    out["folds"] = {}
+    scores = {}
     for name in ["logreg_expr", "logreg_panel", *peers, "cellvec"]:
         translated = name == "cellvec"
-        scores = classification_metrics(
+        scores[name] = classification_metrics(
             y,
             cross_validate(
                 name,
-                query_of=lambda i, q, t=translated: rename(q)[0 if t else 1],
+                query_of=lambda i, q, t=translated: translate(q, mapping)[0 if t else 1],
                 orthologs=table if translated else None,
             ),
         )
-        out["folds"][name] = scores
-        log.info("query as %s %-12s macro-F1 %.3f", to, name, scores["macro_f1"])
-    return out
+        log.info("query as %s %-12s macro-F1 %.3f", to, name, scores[name]["macro_f1"])
+    return (kept, len(source.var_names)), scores
 
 
 def _as_broad(predicted: np.ndarray, y_ref: np.ndarray, y_broad_ref: np.ndarray) -> np.ndarray:
