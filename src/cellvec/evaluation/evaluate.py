@@ -131,19 +131,22 @@ class EvaluationResult:
 
     def to_markdown(self) -> str:
         lines = [f"**{self.dataset}** ({self.label_key}, {self.folds}-fold CV)", ""]
-        metrics = ("accuracy", "macro_f1", "balanced_accuracy")
         columns = ["accuracy", "macro-F1", "balanced acc."]
+
+        def cells(m: dict) -> list[str]:
+            return [f"{m[k]:.3f}" for k in ("accuracy", "macro_f1", "balanced_accuracy")]
+
         if self.representations:
             lines += _grid(
                 "representation",
                 columns,
-                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.representations.items()},
+                {n: cells(m) for n, m in self.representations.items()},
             )
         if self.broad:
             lines += [""] + _grid(
                 f"broad level ({self.broad_label_key}; a fine label counts as its broad class)",
                 columns,
-                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.broad.items()},
+                {n: cells(m) for n, m in self.broad.items()},
             )
         if self.two_levels:
             t = self.two_levels
@@ -192,8 +195,7 @@ class EvaluationResult:
                     f"{'cross-validated' if part == 'folds' else 'transfer'}, query as {sw['to']}",
                     columns + ["macro-F1 in its own species"],
                     {
-                        n: [f"{m[k]:.3f}" for k in metrics]
-                        + [f"{same[n]['macro_f1']:.3f}" if n in same else "–"]
+                        n: cells(m) + [f"{same[n]['macro_f1']:.3f}" if n in same else "–"]
                         for n, m in sw[part].items()
                     },
                 )
@@ -201,7 +203,7 @@ class EvaluationResult:
             lines += [""] + _grid(
                 "transfer (no retraining)",
                 columns,
-                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.transfer.items()},
+                {n: cells(m) for n, m in self.transfer.items()},
             )
         if self.data_limited:
             sizes = sorted({int(s) for v in self.data_limited.values() for s in v})
