@@ -279,9 +279,10 @@ def test_one_to_one_translation_of_hcop_both_ways(tmp_path):
         + "ENSMUSG1,Cd3e,ENSG1,CD3E,a\n"
         + "ENSMUSG2,Gm1,ENSG2,PARA1,a\nENSMUSG2,Gm1,ENSG3,PARA2,a\n"  # one-to-many: dropped
         + "ENSMUSG4,Ly6a,ENSG4,,a\n"  # no human symbol: dropped
+        + "ENSMUSG5,Ensa,ENSG5,ENSA,a\n"  # a symbol that merely starts like an Ensembl id
     )
     t = read_orthologs(path)
-    assert t.one_to_one("human") == {"CD3E": "CD3E"}
-    assert t.one_to_one("mouse") == {"CD3E": "Cd3e"}
+    assert t.one_to_one("human") == {"CD3E": "CD3E", "ENSA": "ENSA"}
+    assert t.one_to_one("mouse") == {"CD3E": "Cd3e", "ENSA": "Ensa"}
     with pytest.raises(InputFormatError, match="not into rat"):
         t.one_to_one("rat")
