@@ -256,19 +256,17 @@ def test_evaluate_species_swap_maps_each_folds_query_back_through_the_table(fake
     assert "query as mouse" in res.to_markdown()
     path = tmp_path / "data.h5ad"
     data.write_h5ad(path)
+    args = ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
+    args += ["--species-swap", "mouse", "--representations", "none"]
     out = CliRunner().invoke(
         cli,
-        ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
-        + ["--folds", "3", "--refine", "none", "--top-genes", "10", "--species-swap", "mouse"]
-        + ["--orthologs", str(table), "--representations", "none", "--json"],
+        args
+        + ["--folds", "3", "--refine", "none", "--top-genes", "10"]
+        + ["--orthologs", str(table), "--json"],
     )
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["species_swap"]["folds"]["cellvec"]["accuracy"] >= 0.9
-    out = CliRunner().invoke(
-        cli,
-        ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
-        + ["--species-swap", "mouse", "--representations", "none"],
-    )
+    out = CliRunner().invoke(cli, args)
     assert out.exit_code != 0 and "needs an ortholog table" in out.output
 
 
