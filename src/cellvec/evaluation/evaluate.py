@@ -462,6 +462,9 @@ def evaluate(
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise CellvecError(f"Unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}.")
+    if species_swap:  # read (or refuse) the table before any fold runs
+        table = _ortholog_table(orthologs)
+        mapping = table.one_to_one(species_swap)
     gs = GeneStore(store)
     models = list(models or [gs.default_model()])
     genes_by_model = {m: gs.load(m) for m in models}
@@ -582,8 +585,6 @@ def evaluate(
 
     swap: dict = {}
     if species_swap:
-        table = _ortholog_table(orthologs)
-        mapping = table.one_to_one(species_swap)
         swap = {"to": species_swap, "orthologs": table.source, "genes": {}}
         if splits:
             swap["genes"]["folds"], swap["folds"] = _species_swap_scores(
