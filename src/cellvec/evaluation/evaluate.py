@@ -660,8 +660,8 @@ def translate(source: ExpressionSource, mapping: dict[str, str]):
     keep = (names.notna() & ~names.duplicated()).to_numpy()
     if not keep.any():
         raise CellvecError(
-            f"{source.path}: no gene has a one-to-one ortholog in the table: is the table of "
-            "this dataset's species?"
+            f"{source.path}: none of its {len(keep):,} genes has a one-to-one ortholog in the "
+            "table: --species-swap names the other species, and --orthologs a table of both."
         )
     kept = source.subset_genes(keep)
     return replace(kept, var_names=names[keep].tolist()), kept
