@@ -16,6 +16,13 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def _one_level_atlas(store, name: str):
+    """An atlas of 60 tiny cells labelled T, B and M."""
+    return build_atlas(
+        tiny_adata(n_cells=60), store=store, name=name, label_key="cell_type", refine="none"
+    )
+
+
 @pytest.mark.parametrize("blocked_share", [0.0, 0.5, 0.97])
 def test_search_past_blocked_cells_equals_exact_search_over_the_allowed(blocked_share):
     from cellvec.cell_index.knn import FlatIndex, exact_knn
@@ -74,9 +81,7 @@ def test_excluded_labels_are_never_given_and_their_cells_never_vote(fake_store):
 def test_excluding_every_class_is_refused(fake_store):
     from cellvec.errors import CellvecError
 
-    build_atlas(
-        tiny_adata(n_cells=60), store=fake_store, name="t", label_key="cell_type", refine="none"
-    )
+    _one_level_atlas(fake_store, "t")
     with pytest.raises(CellvecError, match="excludes every class"):
         map_cells(tiny_adata(n_cells=9), "t", store=fake_store, exclude_labels=["T", "B", "M"])
 
@@ -128,20 +133,25 @@ def _two_levels(seed=1, n=90, prefix="c"):
     return a
 
 
+def _two_level_atlas(store, **kw):
+    """Atlas "two" of `_two_levels()` cells: cell_type under cell_type_broad."""
+    return build_atlas(
+        _two_levels(),
+        store=store,
+        name="two",
+        label_key="cell_type",
+        broad_label_key="cell_type_broad",
+        refine="none",
+        **kw,
+    )
+
+
 def test_broad_label_given_where_the_fine_one_is_unassigned(fake_store, tmp_path):
     import anndata as ad
 
     from cellvec.sql import connect_sql
 
-    atlas = build_atlas(
-        _two_levels(),
-        store=fake_store,
-        name="two",
-        label_key="cell_type",
-        broad_label_key="cell_type_broad",
-        refine="none",
-        calibration_split=0.2,
-    )
+    atlas = _two_level_atlas(fake_store, calibration_split=0.2)
     assert atlas.meta["broad_classes"] == {"B": 30, "M": 30, "T": 30}
     q = _two_levels(seed=7, n=60, prefix="q")
     res = map_cells(
@@ -182,9 +192,7 @@ def test_broad_label_given_where_the_fine_one_is_unassigned(fake_store, tmp_path
 def test_broad_level_is_refused_on_a_one_level_atlas_and_absent_from_its_results(fake_store):
     from cellvec.errors import CellvecError
 
-    build_atlas(
-        tiny_adata(n_cells=60), store=fake_store, name="one", label_key="cell_type", refine="none"
-    )
+    _one_level_atlas(fake_store, "one")
     q = tiny_adata(n_cells=9, prefix="q")
     res = map_cells(q, "one", store=fake_store)
     assert res.broad is None and "broad" not in res.summary()
@@ -194,36 +202,33 @@ def test_broad_level_is_refused_on_a_one_level_atlas_and_absent_from_its_results
         map_cells(q, "one", store=fake_store, broad_truth_key="cell_type_broad")
 
 
-def test_excluding_a_broad_label_drops_its_fine_classes_too(fake_store):
-    atlas = build_atlas(
-        _two_levels(),
+def test_broad_truth_alone_scores_the_broad_level(fake_store):
+    _two_level_atlas(fake_store)
+    res = map_cells(
+        _two_levels(seed=7, n=30, prefix="q"),
+        "two",
         store=fake_store,
-        name="two",
-        label_key="cell_type",
-        broad_label_key="cell_type_broad",
-        refine="none",
+        broad_truth_key="cell_type_broad",
     )
+    assert res.metrics is None and res.broad.metrics["accuracy"] == 1.0
+    assert res.broad.truth.tolist() == _two_levels(seed=7, n=30).obs["cell_type_broad"].tolist()
+
+
+def test_excluding_a_broad_label_drops_its_fine_classes_too(fake_store):
+    atlas = _two_level_atlas(fake_store)
     res = map_cells(tiny_adata(n_cells=30, seed=3, prefix="q"), atlas, exclude_labels="T")
     assert not np.isin(res.labels, ["T_a", "T_b"]).any()
     assert not (res.broad.labels == "T").any()
 
 
-def test_the_service_answers_both_levels_like_local_mapping(fake_store, monkeypatch):
+def test_the_service_answers_both_levels_like_local_mapping(fake_store):
     import httpx
 
     from cellvec import Client
     from cellvec.service import create_app
     from test_service import Server
 
-    build_atlas(
-        _two_levels(),
-        store=fake_store,
-        name="two",
-        label_key="cell_type",
-        broad_label_key="cell_type_broad",
-        refine="none",
-        calibration_split=0.2,
-    )
+    _two_level_atlas(fake_store, calibration_split=0.2)
     q = _two_levels(seed=7, n=30, prefix="q")
     options = dict(min_confidence=0.75, min_typicality=0.05)
     local = map_cells(q, "two", store=fake_store, **options)
@@ -281,14 +286,7 @@ def test_confidence_per_cluster(fake_store, tmp_path):
 
     from cellvec.sql import connect_sql
 
-    build_atlas(
-        _two_levels(),
-        store=fake_store,
-        name="two",
-        label_key="cell_type",
-        broad_label_key="cell_type_broad",
-        refine="none",
-    )
+    _two_level_atlas(fake_store)
     q = _two_levels(seed=7, n=60, prefix="q")
     q.obs["leiden"] = np.where(q.obs["cell_type_broad"] == "T", "10", "2")  # T vs the rest
     q.obs.loc[q.obs["cell_type"] == "M", "leiden"] = "9"
@@ -336,9 +334,7 @@ def test_cluster_key_through_the_cli(fake_store, tmp_path):
     q.obs["leiden"] = q.obs["cell_type"].astype(str)
     path = tmp_path / "q.h5ad"
     q.write_h5ad(path)
-    build_atlas(
-        tiny_adata(n_cells=60), store=fake_store, name="t", label_key="cell_type", refine="none"
-    )
+    _one_level_atlas(fake_store, "t")
     r = CliRunner()
     args = ["map", str(path), "--store", str(fake_store), "--atlas", "t", "--cluster-key"]
     res = r.invoke(cli, [*args, "leiden", "--json"])

@@ -256,19 +256,17 @@ def test_evaluate_species_swap_maps_each_folds_query_back_through_the_table(fake
     assert "query as mouse" in res.to_markdown()
     path = tmp_path / "data.h5ad"
     data.write_h5ad(path)
+    args = ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
+    args += ["--species-swap", "mouse", "--representations", "none"]
     out = CliRunner().invoke(
         cli,
-        ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
-        + ["--folds", "3", "--refine", "none", "--top-genes", "10", "--species-swap", "mouse"]
-        + ["--orthologs", str(table), "--representations", "none", "--json"],
+        args
+        + ["--folds", "3", "--refine", "none", "--top-genes", "10"]
+        + ["--orthologs", str(table), "--json"],
     )
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["species_swap"]["folds"]["cellvec"]["accuracy"] >= 0.9
-    out = CliRunner().invoke(
-        cli,
-        ["evaluate", str(path), "--label-key", "cell_type", "--store", str(fake_store)]
-        + ["--species-swap", "mouse", "--representations", "none"],
-    )
+    out = CliRunner().invoke(cli, args)
     assert out.exit_code != 0 and "needs an ortholog table" in out.output
 
 
@@ -279,9 +277,10 @@ def test_one_to_one_translation_of_hcop_both_ways(tmp_path):
         + "ENSMUSG1,Cd3e,ENSG1,CD3E,a\n"
         + "ENSMUSG2,Gm1,ENSG2,PARA1,a\nENSMUSG2,Gm1,ENSG3,PARA2,a\n"  # one-to-many: dropped
         + "ENSMUSG4,Ly6a,ENSG4,,a\n"  # no human symbol: dropped
+        + "ENSMUSG5,Ensa,ENSG5,ENSA,a\n"  # a symbol that merely starts like an Ensembl id
     )
     t = read_orthologs(path)
-    assert t.one_to_one("human") == {"CD3E": "CD3E"}
-    assert t.one_to_one("mouse") == {"CD3E": "Cd3e"}
+    assert t.one_to_one("human") == {"CD3E": "CD3E", "ENSA": "ENSA"}
+    assert t.one_to_one("mouse") == {"CD3E": "Cd3e", "ENSA": "Ensa"}
     with pytest.raises(InputFormatError, match="not into rat"):
         t.one_to_one("rat")

@@ -91,6 +91,7 @@ class Client:
         import pyarrow as pa
 
         from cellvec._progress import progress
+        from cellvec.cell_index.atlas import labels_of
         from cellvec.cell_index.mapping import (
             BroadCall,
             MappingResult,
@@ -114,11 +115,8 @@ class Client:
             )
         t0 = time.perf_counter()
         source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
-        truth = None
-        if truth_key:
-            from cellvec.cell_index.atlas import labels_of
-
-            truth = labels_of(source, truth_key, label_map=label_map)
+        truth = labels_of(source, truth_key, label_map=label_map) if truth_key else None
+        b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
         clusters = cluster_values(source, cluster_key) if cluster_key else None
         n = source.n_obs
         genes = pa.array(source.var_names, pa.string())
@@ -182,10 +180,7 @@ class Client:
         metrics = truth_metrics(truth, labels, classes, atlas)
         broad = None
         if meta.get("broad_classes") is not None:
-            from cellvec.cell_index.atlas import labels_of
-
             b_classes = np.asarray(meta["broad_classes"], dtype=object)
-            b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
             broad = BroadCall(
                 key=meta.get("broad_label_key"),
                 classes=b_classes,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.atlas import Atlas, labels_of
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
@@ -247,13 +247,7 @@ class MappingResult:
             "k": self.k,
             "gene_coverage": round(self.gene_coverage, 4),
             "seconds": round(self.seconds, 2),
-            "unassigned_fraction": float((self.labels == UNASSIGNED).mean())
-            if len(self.labels)
-            else 0.0,
-            "label_counts": {
-                str(c): int(n)
-                for c, n in zip(*np.unique(self.labels.astype(str), return_counts=True))
-            },
+            **_label_stats(self.labels),
         }
         if self.orthologs:
             out["orthologs"] = self.orthologs
@@ -268,13 +262,7 @@ class MappingResult:
             b = self.broad
             out["broad"] = {
                 "label_key": b.key,
-                "unassigned_fraction": float((b.labels == UNASSIGNED).mean())
-                if len(b.labels)
-                else 0.0,
-                "label_counts": {
-                    str(c): int(n)
-                    for c, n in zip(*np.unique(b.labels.astype(str), return_counts=True))
-                },
+                **_label_stats(b.labels),
                 # cells the fine level left unassigned that still got a broad label
                 "broad_only_fraction": float(
                     ((self.labels == UNASSIGNED) & (b.labels != UNASSIGNED)).mean()
@@ -284,6 +272,15 @@ class MappingResult:
                 **(b.metrics or {}),
             }
         return out
+
+
+def _label_stats(labels: np.ndarray) -> dict:
+    """`unassigned_fraction` and `label_counts` (label -> cells) of mapped labels."""
+    names, counts = np.unique(labels.astype(str), return_counts=True)
+    return {
+        "unassigned_fraction": float((labels == UNASSIGNED).mean()) if len(labels) else 0.0,
+        "label_counts": {str(c): int(n) for c, n in zip(names, counts)},
+    }
 
 
 def map_cells(
@@ -351,27 +348,24 @@ def map_cells(
     if orthologs is not None and not isinstance(orthologs, OrthologTable):
         orthologs = read_orthologs(orthologs)
     source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
-    truth = None
-    if truth_key:
-        from cellvec.cell_index.atlas import labels_of
-
-        truth = labels_of(source, truth_key, label_map=label_map)
+    truth = labels_of(source, truth_key, label_map=label_map) if truth_key else None
     clusters = cluster_values(source, cluster_key) if cluster_key else None
     if broad_truth_key and atlas.broad_labels is None:
         raise CellvecError(
             f"Atlas {atlas.name!r} has one level of labels; --broad-truth-key needs an atlas "
             "built with `cellvec atlas build ... --broad-label-key KEY`."
         )
+    b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
     encoder = atlas.encoder()
     basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
     # the atlas's own index; a disk atlas's vectors are never read whole
-    ref, index, coverage, calibration, panel = None, atlas.index(), 1.0, None, None
+    index, coverage, calibration, panel = atlas.index(), 1.0, None, None
     n_atlas_genes = len(encoder.refinement.get("gene_rows", ()))
     if basis.positions is not None and len(basis.positions) < n_atlas_genes:
         coverage = atlas.coverage(basis.positions)
         if coverage < FULL_COVERAGE:
             # A panel: compare with the reference re-aggregated over the genes both have.
-            ref, index, calibration = atlas.vectors_over(basis.positions)
+            _, index, calibration = atlas.vectors_over(basis.positions)
             panel = basis.positions
         (log.warning if coverage < LOW_COVERAGE else log.info)(
             "The query measures %s of the atlas's %s genes, carrying %.0f%% of the reference's "
@@ -419,7 +413,6 @@ def map_cells(
             calibration=atlas.broad_calibration(panel),
             min_typicality=min_typicality,
         )
-        b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
         broad = BroadCall(
             key=atlas.meta.get("broad_label_key"),
             classes=broad_classes,
@@ -605,11 +598,17 @@ def assign_labels(
     *,
     calibration: np.ndarray | None = None,
     min_typicality: float = 0.0,
+    inherited: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(per-class scores, labels, confidences, typicalities) of query vectors `q` from their
-    neighbours; typicality is 1 where no `calibration` is given."""
+    neighbours; typicality is 1 where no `calibration` is given. `inherited` (a class index
+    per cell, -1 for none) is taken instead of the vote's winner and never made unassigned."""
     scores = vote(idx, sim, codes, len(classes))
     best = scores.argmax(1)
+    inherit = np.zeros(len(best), dtype=bool)
+    if inherited is not None:
+        inherit = inherited >= 0
+        best = np.where(inherit, inherited, best)
     conf = scores[np.arange(len(best)), best]
     labels = classes[best].astype(object)
     typical = (
@@ -621,7 +620,8 @@ def assign_labels(
     empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
     conf[empty] = 0.0
     typical[empty] = 0.0
-    labels[(conf < min_confidence) | (typical < min_typicality) | empty] = UNASSIGNED
+    refused = (conf < min_confidence) | (typical < min_typicality) | empty
+    labels[refused & ~inherit] = UNASSIGNED
     return scores, labels, conf, typical
 
 
@@ -647,25 +647,20 @@ def assign_broad(
     it is the broad vote's winner, unassigned below the same `min_confidence` and
     `min_typicality` (calibrated on the broad classes): a cell whose subtype is unclear
     or missing from the atlas still gets "T" when its neighbours agree on T."""
-    scores = vote(idx, sim, broad_codes, len(broad_classes))
-    chosen = scores.argmax(1)
-    given = fine_labels != UNASSIGNED
     fine_code = np.searchsorted(fine_classes.astype(str), fine_labels.astype(str))
     fine_code = np.clip(fine_code, 0, len(fine_classes) - 1)
-    inherit = given & (parent[fine_code] >= 0)
-    chosen = np.where(inherit, parent[fine_code], chosen)
-    conf = scores[np.arange(len(chosen)), chosen]
-    typical = (
-        typicality(idx, sim, broad_codes, chosen, calibration)
-        if calibration is not None
-        else np.ones(len(chosen))
+    inherited = np.where(fine_labels != UNASSIGNED, parent[fine_code], -1)
+    _, labels, conf, typical = assign_labels(
+        q,
+        idx,
+        sim,
+        broad_classes,
+        broad_codes,
+        min_confidence,
+        calibration=calibration,
+        min_typicality=min_typicality,
+        inherited=inherited,
     )
-    empty = ~q.any(axis=1) | ~(idx >= 0).any(axis=1)
-    conf[empty] = 0.0
-    typical[empty] = 0.0
-    labels = broad_classes[chosen].astype(object)
-    refused = (conf < min_confidence) | (typical < min_typicality) | empty
-    labels[refused & ~inherit] = UNASSIGNED
     return labels, conf, typical
 
 

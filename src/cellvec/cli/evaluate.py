@@ -133,9 +133,9 @@ def evaluate_cmd(
     Example:
       cellvec evaluate pbmc3k.h5ad --label-key classified --store store/ \\
           --baselines --peers celltypist --panel 0.3,0.1 --leave-out NK --json
-      cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \
+      cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \\
           --broad-label-key cell_type_broad --min-confidence 0.6 --baselines
-      cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \
+      cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \\
           --species-swap mouse --orthologs hcop_mouse_to_human.csv.gz --peers celltypist
     """
     from cellvec.cell_index.mapping import read_label_map

@@ -120,7 +120,6 @@ def map_cmd(
     """
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cli.common import subset_source
-    from cellvec.evaluation.metrics import metrics_table
 
     if not (store or server):
         raise click.UsageError("Give --store DIR, or --server URL to map through a service.")
@@ -164,34 +163,34 @@ def map_cmd(
         + (f" -> {out}" if out else "")
     )
     summary = res.summary()
-    if res.metrics:
-        click.echo(metrics_table(res.metrics))
-    else:
-        for label, n in summary["label_counts"].items():
-            click.echo(f"  {label:<28}{n:>8,}")
+    click.echo(level_table(res.metrics, summary["label_counts"]))
     if res.broad is not None:
         broad = summary["broad"]
         click.echo(
             f"broad level ({broad['label_key']}): {broad['broad_only_fraction']:.1%} of cells "
             "have a broad label only (their fine label is unassigned)"
         )
-        if res.broad.metrics:
-            click.echo(metrics_table(res.broad.metrics))
-        else:
-            for label, n in broad["label_counts"].items():
-                click.echo(f"  {label:<28}{n:>8,}")
+        click.echo(level_table(res.broad.metrics, broad["label_counts"]))
     if res.clusters is not None:
-        click.echo(cluster_table(res.cluster_summary(), cluster_key))
+        click.echo(cluster_table(summary["clusters"], cluster_key, broad=res.broad is not None))
 
 
-def cluster_table(df, key: str) -> str:
-    """The per-cluster summary as a plain-text table for the terminal."""
-    broad = "label_broad" in df.columns
+def level_table(metrics: dict | None, label_counts: dict[str, int]) -> str:
+    """One level's metrics against known labels, or without them its cells per label."""
+    from cellvec.evaluation.metrics import metrics_table
+
+    if metrics:
+        return metrics_table(metrics)
+    return "\n".join(f"  {label:<28}{n:>8,}" for label, n in label_counts.items())
+
+
+def cluster_table(rows: list[dict], key: str, *, broad: bool) -> str:
+    """The per-cluster summary (`MappingResult.cluster_summary` rows) as a plain-text table."""
     lines = [
         f"{key[:14]:<15}{'cells':>7}  {'majority label':<24}{'share':>6}{'mean conf':>10}"
         f"{'unassigned':>11}" + (f"  {'broad label':<16}{'share':>6}" if broad else "")
     ]
-    for r in df.iter_rows(named=True):
+    for r in rows:
         lines.append(
             f"{r['cluster'][:14]:<15}{r['n_cells']:>7,}  {r['label'][:23]:<24}"
             f"{r['label_share']:>6.2f}{r['mean_confidence']:>10.3f}{r['unassigned_share']:>11.2f}"

@@ -131,19 +131,22 @@ class EvaluationResult:
 
     def to_markdown(self) -> str:
         lines = [f"**{self.dataset}** ({self.label_key}, {self.folds}-fold CV)", ""]
-        metrics = ("accuracy", "macro_f1", "balanced_accuracy")
         columns = ["accuracy", "macro-F1", "balanced acc."]
+
+        def cells(m: dict) -> list[str]:
+            return [f"{m[k]:.3f}" for k in ("accuracy", "macro_f1", "balanced_accuracy")]
+
         if self.representations:
             lines += _grid(
                 "representation",
                 columns,
-                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.representations.items()},
+                {n: cells(m) for n, m in self.representations.items()},
             )
         if self.broad:
             lines += [""] + _grid(
                 f"broad level ({self.broad_label_key}; a fine label counts as its broad class)",
                 columns,
-                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.broad.items()},
+                {n: cells(m) for n, m in self.broad.items()},
             )
         if self.two_levels:
             t = self.two_levels
@@ -192,8 +195,7 @@ class EvaluationResult:
                     f"{'cross-validated' if part == 'folds' else 'transfer'}, query as {sw['to']}",
                     columns + ["macro-F1 in its own species"],
                     {
-                        n: [f"{m[k]:.3f}" for k in metrics]
-                        + [f"{same[n]['macro_f1']:.3f}" if n in same else "–"]
+                        n: cells(m) + [f"{same[n]['macro_f1']:.3f}" if n in same else "–"]
                         for n, m in sw[part].items()
                     },
                 )
@@ -201,7 +203,7 @@ class EvaluationResult:
             lines += [""] + _grid(
                 "transfer (no retraining)",
                 columns,
-                {n: [f"{m[k]:.3f}" for k in metrics] for n, m in self.transfer.items()},
+                {n: cells(m) for n, m in self.transfer.items()},
             )
         if self.data_limited:
             sizes = sorted({int(s) for v in self.data_limited.values() for s in v})
@@ -460,6 +462,9 @@ def evaluate(
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise CellvecError(f"Unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}.")
+    if species_swap:  # read (or refuse) the table before any fold runs
+        table = _ortholog_table(orthologs)
+        mapping = table.one_to_one(species_swap)
     gs = GeneStore(store)
     models = list(models or [gs.default_model()])
     genes_by_model = {m: gs.load(m) for m in models}
@@ -477,12 +482,11 @@ def evaluate(
     )
     y = labels_of(source, label_key)
     n = len(y)
-    y_broad = parent_of = None
+    y_broad = None
     if broad_label_key:
         from cellvec.cell_index.atlas import _broad_labels
 
         y_broad = _broad_labels(source, y, broad_label_key)
-        parent_of = {c: _most_common(y_broad[y == c]) for c in np.unique(y)}
     pred = _Predictors(genes_by_model, recipe, k, seed, refine_options or {})
     names = (
         (list(BASELINES) if baselines else [])
@@ -521,8 +525,7 @@ def evaluate(
         predicted = cross_validate(name)
         results[name] = classification_metrics(y, predicted)
         if y_broad is not None:
-            up = np.array([parent_of.get(p, p) for p in predicted], dtype=object)
-            broad[name] = classification_metrics(y_broad, up)
+            broad[name] = classification_metrics(y_broad, _as_broad(predicted, y, y_broad))
         log.info(
             "%-18s accuracy %.3f  macro-F1 %.3f  (%.0f s)",
             name,
@@ -580,11 +583,13 @@ def evaluate(
             for name in ["cellvec", "logreg_expr"]
         }
 
-    swap = {}
+    swap: dict = {}
     if species_swap:
-        swap = _species_swap_scores(
-            pred, source, y, species_swap, orthologs, peers, cross_validate if splits else None
-        )
+        swap = {"to": species_swap, "orthologs": table.source, "genes": {}}
+        if splits:
+            swap["genes"]["folds"], swap["folds"] = _species_swap_scores(
+                pred, source, y, species_swap, table, mapping, peers, cross_validate
+            )
 
     transfer = {}
     if query is not None:
@@ -605,8 +610,7 @@ def evaluate(
                 transfer[name]["macro_f1"],
             )
         if species_swap:
-            table, rename = swap["_table"], swap["_rename"]
-            q_as, q_kept = rename(q)
+            q_as, q_kept = translate(q, mapping)
             swap["genes"]["transfer"] = (len(q_kept.var_names), len(q.var_names))
             swap["transfer"] = {}
             for name in names:
@@ -628,7 +632,6 @@ def evaluate(
                     name,
                     swap["transfer"][name]["macro_f1"],
                 )
-    swap = {k: v for k, v in swap.items() if not k.startswith("_")}
     return EvaluationResult(
         dataset=Path(str(data)).name if not hasattr(data, "obs") else "<AnnData>",
         label_key=label_key,
@@ -651,27 +654,21 @@ def translate(source: ExpressionSource, mapping: dict[str, str]):
     """(`source` with its genes renamed through `mapping` (upper-cased symbol -> symbol;
     genes without one dropped, a repeated name kept once), the same kept genes under their
     own names)."""
-    seen: set[str] = set()
-    keep = np.zeros(len(source.var_names), dtype=bool)
-    names = []
-    for i, g in enumerate(source.var_names):
-        new = mapping.get(str(g).upper())
-        if new is not None and new not in seen:
-            seen.add(new)
-            keep[i] = True
-            names.append(new)
+    import pandas as pd
+
+    names = pd.Series(source.var_names, dtype=str).str.upper().map(mapping)
+    keep = (names.notna() & ~names.duplicated()).to_numpy()
     if not keep.any():
         raise CellvecError(
-            f"{source.path}: no gene has a one-to-one ortholog in the table: is the table of "
-            "this dataset's species?"
+            f"{source.path}: none of its {len(keep):,} genes has a one-to-one ortholog in the "
+            "table: --species-swap names the other species, and --orthologs a table of both."
         )
     kept = source.subset_genes(keep)
-    return replace(kept, var_names=names), kept
+    return replace(kept, var_names=names[keep].tolist()), kept
 
 
-def _species_swap_scores(pred, source, y, to, orthologs, peers, cross_validate) -> dict:
-    """Each fold's query renamed to `to` symbols: cellvec maps it through the table, the
-    expression peers see the kept genes (see `evaluate`)."""
+def _ortholog_table(orthologs):
+    """The `--species-swap` ortholog table (a table or its file), or an error naming one."""
     from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
 
     if orthologs is None:
@@ -679,48 +676,44 @@ def _species_swap_scores(pred, source, y, to, orthologs, peers, cross_validate) 
             "--species-swap needs an ortholog table: --orthologs hcop_mouse_to_human.csv.gz "
             "(HCOP/Ensembl, either direction) or a two-column file."
         )
-    table = orthologs if isinstance(orthologs, OrthologTable) else read_orthologs(orthologs)
-    mapping = table.one_to_one(to)
+    return orthologs if isinstance(orthologs, OrthologTable) else read_orthologs(orthologs)
 
-    def rename(src):
-        return translate(src, mapping)
 
-    out = {
-        "to": to,
-        "orthologs": table.source,
-        "genes": {},
-        "_table": table,
-        "_rename": rename,
-    }
-    if cross_validate is None:
-        return out
-    kept = len(rename(source)[1].var_names)
-    out["genes"]["folds"] = (kept, len(source.var_names))
+def _species_swap_scores(pred, source, y, to, table, mapping, peers, cross_validate):
+    """((genes kept, genes), metrics per representation) with each fold's query renamed to
+    `to` symbols: cellvec maps it through the table, the expression peers see the kept
+    genes (see `evaluate`)."""
+    kept = len(translate(source, mapping)[1].var_names)
     log.info(
         "Species swap: %d of %d genes have a one-to-one %s ortholog",
         kept,
         len(source.var_names),
         to,
     )
-    out["folds"] = {}
+    scores = {}
     for name in ["logreg_expr", "logreg_panel", *peers, "cellvec"]:
         translated = name == "cellvec"
-        scores = classification_metrics(
+        scores[name] = classification_metrics(
             y,
             cross_validate(
                 name,
-                query_of=lambda i, q, t=translated: rename(q)[0 if t else 1],
+                query_of=lambda i, q, t=translated: translate(q, mapping)[0 if t else 1],
                 orthologs=table if translated else None,
             ),
         )
-        out["folds"][name] = scores
-        log.info("query as %s %-12s macro-F1 %.3f", to, name, scores["macro_f1"])
-    return out
+        log.info("query as %s %-12s macro-F1 %.3f", to, name, scores[name]["macro_f1"])
+    return (kept, len(source.var_names)), scores
 
 
-def _most_common(values: np.ndarray):
-    names, counts = np.unique(values.astype(str), return_counts=True)
-    return names[counts.argmax()]
+def _as_broad(predicted: np.ndarray, y_ref: np.ndarray, y_broad_ref: np.ndarray) -> np.ndarray:
+    """Predicted fine labels as broad ones: each fine class's most common broad label among
+    the reference cells (`y_ref`, `y_broad_ref`); a label the reference lacks stays as is."""
+    parent = {}
+    for c in np.unique(y_ref):
+        names, counts = np.unique(y_broad_ref[y_ref == c].astype(str), return_counts=True)
+        parent[c] = names[counts.argmax()]
+    labels, inverse = np.unique(predicted.astype(str), return_inverse=True)
+    return np.array([parent.get(c, c) for c in labels], dtype=object)[inverse]
 
 
 def _two_level_scores(pred, source, y, y_broad, splits, min_confidence, min_typicality) -> dict:
@@ -782,8 +775,7 @@ def _left_out_scores(
         if name in EXPRESSION_BASELINES:
             without[te] = with_call[te] = pred.predict(name, ref, y[tr], q)
             if y_broad is not None:
-                parent = {c: _most_common(y_broad[tr][y[tr] == c]) for c in np.unique(y[tr])}
-                broad_call[te] = [parent[p] for p in with_call[te]]
+                broad_call[te] = _as_broad(with_call[te], y[tr], y_broad[tr])
             continue
         broad = y_broad[tr] if y_broad is not None else None
         atlas = pred.fit(name, ref, y[tr], calibration_split=CALIBRATION_SPLIT, broad=broad)

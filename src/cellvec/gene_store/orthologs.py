@@ -46,6 +46,7 @@ EXPECTED = (
     "columns (e.g. mouse_symbol, human_symbol)"
 )
 _ENSEMBL_SPECIES = (("ENSMUSG", "mouse"), ("ENSG", "human"))
+_ENSEMBL_ID = r"^ENS[A-Z]*G\d+$"  # an id standing in for a missing symbol (not ENSA, a gene)
 _SPECIES_WORD = re.compile("|".join(SPECIES), re.IGNORECASE)
 
 
@@ -94,7 +95,7 @@ class OrthologTable:
                 f"{self.store_species or 'unknown'} symbols, not into {to}."
             )
         df = self.pairs.filter(
-            ~pl.col("query").str.starts_with("ENS") & ~pl.col("store").str.starts_with("ENS")
+            ~pl.col("query").str.contains(_ENSEMBL_ID) & ~pl.col("store").str.contains(_ENSEMBL_ID)
         ).select("query", "store")
         df = df.filter((pl.len().over("query") == 1) & (pl.len().over("store") == 1))
         return {a.upper(): b for a, b in zip(df[src].to_list(), df[dst].to_list())}
