@@ -211,9 +211,16 @@ class GeneStore:
             return list_table_names(self.db)
 
     def open_table(self, name: str):
-        if name not in self.table_names():
-            return None
-        return self.db.open_table(name)
+        """Table `name`, or None when the store has none. Opened first, listed only when
+        that fails: on a bucket a listing is one more request per open (the service checks
+        each atlas's version once a second). A name LanceDB refuses (`a b`) is not listed."""
+        with translate_errors(self.location):
+            try:
+                return self.db.open_table(name)
+            except (ValueError, RuntimeError, OSError):
+                if name in self.table_names():
+                    raise
+        return None
 
     def models(self) -> list[str]:
         """Models with a complete gene table in this store."""
