@@ -459,7 +459,7 @@ def _write_store(
         embedder.spec,
         f"{len(keys) - len(pending):,}",
     )
-    config = embedder.config()
+    worker_config = None  # with Ray: the config of the workers' embedders, which loaded the model
     if pending:
         texts = df["text"].to_list()
         pend_texts = [texts[n] for n in pending]
@@ -475,8 +475,8 @@ def _write_store(
                 embedded = embed_batches(embedder, batches, ray=ray)
             else:
                 embedded = ((embedder.embed(b), None) for b in batches)
-            for chunk, (vecs, worker_config) in zip(chunks, embedded):
-                config = worker_config or config
+            for chunk, (vecs, config) in zip(chunks, embedded):
+                worker_config = config or worker_config
                 rows = [pending[i] for i in chunk]
                 arrow = _to_arrow(
                     df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False}
@@ -491,11 +491,10 @@ def _write_store(
         finally:
             bar.close()
     vectors = np.stack([have[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)
-    if not ray:
-        config = embedder.config()  # after embedding: a loaded model says more about itself
     meta = {
         **meta,
-        **config,
+        # after embedding: a loaded model says more about itself
+        **(worker_config or embedder.config()),
         "model": embedder.spec,
         "dimension": int(vectors.shape[1]),
         "content_hash": content_hash(df["symbol"].to_list(), vectors),
