@@ -376,3 +376,23 @@ def test_bad_uris_and_credentials_say_what_to_fix(s3, monkeypatch, tmp_path):
         cli, ["genes", "search", "--gene", "A", "--store", f"s3://{BUCKET}/empty", *_opts(s3)]
     )
     assert res.exit_code == 1 and "No gene store at s3://" in res.output
+
+
+def test_artifacts_of_older_local_stores_are_still_read(tmp_path):
+    """Stores written before artifacts became tables kept them in `_artifacts/<digest>.npz`."""
+    import io
+
+    from cellvec.cell_index.artifacts import array_hash, load_artifact
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    digest = array_hash(arrays)
+    with pytest.raises(StoreError, match=f"Artifact {digest} is missing.*cellvec atlas build"):
+        load_artifact(tmp_path, digest)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (tmp_path / "_artifacts").mkdir()
+    (tmp_path / "_artifacts" / f"{digest}.npz").write_bytes(buf.getvalue())
+    np.testing.assert_array_equal(load_artifact(tmp_path, digest)["w"], arrays["w"])
+    np.savez(tmp_path / "_artifacts" / f"{digest}.npz", w=arrays["w"] + 1)
+    with pytest.raises(StoreError, match="does not match its hash"):
+        load_artifact(tmp_path, digest)
