@@ -156,6 +156,8 @@ def test_errors_are_json_and_actionable(served):
     ):
         r = c.post("/v1/atlases/nope/map", json=_cells()[0])
         assert r.status_code == 404 and "tiny" in r.json()["error"]
+        r = c.post("/v1/atlases/no such/map", json=_cells()[0])  # not a table name LanceDB takes
+        assert r.status_code == 404 and "tiny" in r.json()["error"]
         r = c.post(
             "/v1/atlases/tiny/map",
             json={"genes": ["A"], "cells": [{"id": "x", "indices": [5], "values": [1.0]}]},
