@@ -4,11 +4,8 @@ missing credentials are named with their fix."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -226,19 +223,9 @@ def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
     return stores
 
 
-def _cells(n=12, seed=3):
-    a = tiny_adata(n_cells=n, seed=seed, prefix="q")
-    x = a.X.tocsr()
-    cells = [
-        {"id": a.obs_names[i], "indices": x[i].indices.tolist(), "values": x[i].data.tolist()}
-        for i in range(n)
-    ]
-    return {"genes": list(a.var_names), "cells": cells}
-
-
 def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
     from cellvec.service import create_app
-    from test_service import Server
+    from test_service import Server, _cells
 
     answers = {}
     for kind, store in s3_atlas.items():
@@ -250,7 +237,7 @@ def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
                 time.sleep(0.05)
             assert c.get("/readyz").status_code == 200
             assert [a["name"] for a in c.get("/v1/atlases").json()["atlases"]] == ["tiny"]
-            r = c.post("/v1/atlases/tiny/map", json=_cells())
+            r = c.post("/v1/atlases/tiny/map", json=_cells(12)[0])
             assert r.status_code == 200, r.text
             sql = c.post("/v1/sql", json={"query": "SELECT count(*) AS n FROM atlas_tiny"})
             assert sql.status_code == 200, sql.text
@@ -265,7 +252,7 @@ def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
     # --cache-dir: a bucket's atlas memory-mapped from a local folder, same answers
     app = create_app(s3_atlas["s3"], cache_dir=tmp_path / "cache", preload=False)
     with Server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
-        r = c.post("/v1/atlases/tiny/map", json=_cells())
+        r = c.post("/v1/atlases/tiny/map", json=_cells(12)[0])
         assert r.status_code == 200 and r.json()["cells"] == answers["s3"][0]
     assert app.state.atlases.get("tiny").folder.parent == tmp_path / "cache" / "tiny"
     # the local store memory-maps its atlas in STORE/_serving; the bucket left nothing on disk
@@ -277,47 +264,15 @@ def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
 def test_serve_workers_get_the_storage_options(s3_atlas):
     """`cellvec serve --store s3://... --storage-option ...  --workers 2`: the workers
     (new processes) open the bucket with the same options."""
-    from test_service import _free_port
+    from test_service import _cells, serve_process
 
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != OPTIONS_ENV and not k.startswith("AWS_")}
     opts = json.loads(os.environ[OPTIONS_ENV])
     args = [a for k, v in opts.items() for a in ("--storage-option", f"{k}={v}")]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cellvec.cli",
-            "-q",
-            "serve",
-            "--store",
-            s3_atlas["s3"],
-            *args,
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-        ],  # fmt: skip
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        ready, deadline = False, time.monotonic() + 180  # two workers start slowly on busy cores
-        while not ready and time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(httpx.TransportError):
-                ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read()
-        assert ready, "cellvec serve --workers 2 was not ready within 180 s"
-        r = httpx.post(f"{url}/v1/atlases/tiny/map", json=_cells(4), timeout=60)
+    with serve_process("--store", s3_atlas["s3"], *args, "--workers", 2, env=env) as url:
+        r = httpx.post(f"{url}/v1/atlases/tiny/map", json=_cells(4)[0], timeout=60)
         assert r.status_code == 200, r.text
         assert [c["label"] for c in r.json()["cells"]] == ["T", "B", "M", "T"]
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def _together(fn, writers) -> dict:
@@ -421,3 +376,23 @@ def test_bad_uris_and_credentials_say_what_to_fix(s3, monkeypatch, tmp_path):
         cli, ["genes", "search", "--gene", "A", "--store", f"s3://{BUCKET}/empty", *_opts(s3)]
     )
     assert res.exit_code == 1 and "No gene store at s3://" in res.output
+
+
+def test_artifacts_of_older_local_stores_are_still_read(tmp_path):
+    """Stores written before artifacts became tables kept them in `_artifacts/<digest>.npz`."""
+    import io
+
+    from cellvec.cell_index.artifacts import array_hash, load_artifact
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    digest = array_hash(arrays)
+    with pytest.raises(StoreError, match=f"Artifact {digest} is missing.*cellvec atlas build"):
+        load_artifact(tmp_path, digest)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (tmp_path / "_artifacts").mkdir()
+    (tmp_path / "_artifacts" / f"{digest}.npz").write_bytes(buf.getvalue())
+    np.testing.assert_array_equal(load_artifact(tmp_path, digest)["w"], arrays["w"])
+    np.savez(tmp_path / "_artifacts" / f"{digest}.npz", w=arrays["w"] + 1)
+    with pytest.raises(StoreError, match="does not match its hash"):
+        load_artifact(tmp_path, digest)

@@ -1,4 +1,8 @@
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +41,33 @@ class Server:
     def __exit__(self, *a):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_process(*args, env: dict | None = None, timeout_s: float = 180):
+    """`cellvec serve ARGS` in a new process on a free port; its URL once /readyz answers
+    200 (workers start slowly on busy cores), the process stopped on exit."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellvec.cli", "-q", "serve", *map(str, args), "--port", str(port)],
+        env=dict(os.environ) if env is None else env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        ready, deadline = False, time.monotonic() + timeout_s
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        assert proc.poll() is None, proc.stderr.read()
+        assert ready, f"cellvec serve {' '.join(map(str, args))} was not ready in {timeout_s} s"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 @pytest.fixture
@@ -124,6 +155,8 @@ def test_errors_are_json_and_actionable(served):
         httpx.Client(base_url=url, timeout=30) as c,
     ):
         r = c.post("/v1/atlases/nope/map", json=_cells()[0])
+        assert r.status_code == 404 and "tiny" in r.json()["error"]
+        r = c.post("/v1/atlases/no such/map", json=_cells()[0])  # not a table name LanceDB takes
         assert r.status_code == 404 and "tiny" in r.json()["error"]
         r = c.post(
             "/v1/atlases/tiny/map",
@@ -231,45 +264,11 @@ def test_bad_cell_arrays_are_422(served):
 @pytest.mark.slow
 def test_serve_with_several_workers(served):
     """`cellvec serve --workers 2` starts worker processes from the environment-configured factory."""
-    import os
-    import subprocess
-    import sys
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cellvec.cli",
-            "-q",
-            "serve",
-            "--store",
-            str(served),
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-        ],
-        env=dict(os.environ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serve_process("--store", served, "--workers", 2) as url:
         body, truth = _cells(4)
         r = httpx.post(f"{url}/v1/atlases/tiny/map", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert [c["label"] for c in r.json()["cells"]] == truth
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def test_chunked_body_over_the_limit_is_413(served):

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from cellvec.errors import StoreError
-from cellvec.storage import StoreLocation, store_location
+from cellvec.gene_store.store import GeneStore
+from cellvec.storage import StoreLocation
 
 PREFIX = "_artifact_"
 _SCHEMA = pa.schema([pa.field("digest", pa.string()), pa.field("data", pa.large_binary())])
@@ -48,8 +49,6 @@ def _read(gs, digest: str) -> bytes | None:
 
 
 def save_artifact(store: str | Path | StoreLocation, arrays: dict[str, np.ndarray]) -> str:
-    from cellvec.gene_store.store import GeneStore
-
     digest = array_hash(arrays)
     gs = GeneStore(store, create=True)
     if PREFIX + digest in gs.table_names():
@@ -66,11 +65,14 @@ def save_artifact(store: str | Path | StoreLocation, arrays: dict[str, np.ndarra
     return digest
 
 
-def load_artifact(store: str | Path | StoreLocation, digest: str) -> dict[str, np.ndarray]:
-    from cellvec.gene_store.store import GeneStore
-
-    loc = store_location(store)
-    data = _read(GeneStore(loc), digest)
+def load_artifact(
+    store: str | Path | StoreLocation | GeneStore, digest: str
+) -> dict[str, np.ndarray]:
+    """The arrays saved as `digest`. `store` may be an open `GeneStore`: its connection is
+    used, not a new one (on a bucket a new connection and its check cost requests)."""
+    gs = store if isinstance(store, GeneStore) else GeneStore(store)
+    loc = gs.location
+    data = _read(gs, digest)
     where = f"table {PREFIX}{digest} of {loc.uri}"
     if data is None and loc.is_local:
         legacy = loc.path / "_artifacts" / f"{digest}.npz"

@@ -211,9 +211,16 @@ class GeneStore:
             return list_table_names(self.db)
 
     def open_table(self, name: str):
-        if name not in self.table_names():
-            return None
-        return self.db.open_table(name)
+        """Table `name`, or None when the store has none. Opened first, listed only when
+        that fails: on a bucket a listing is one more request per open (the service checks
+        each atlas's version once a second). A name LanceDB refuses (`a b`) is not listed."""
+        with translate_errors(self.location):
+            try:
+                return self.db.open_table(name)
+            except (ValueError, RuntimeError, OSError):
+                if name in self.table_names():
+                    raise
+        return None
 
     def models(self) -> list[str]:
         """Models with a complete gene table in this store."""
@@ -452,7 +459,7 @@ def _write_store(
         embedder.spec,
         f"{len(keys) - len(pending):,}",
     )
-    config = embedder.config()
+    worker_config = None  # with Ray: the config of the workers' embedders, which loaded the model
     if pending:
         texts = df["text"].to_list()
         pend_texts = [texts[n] for n in pending]
@@ -468,8 +475,8 @@ def _write_store(
                 embedded = embed_batches(embedder, batches, ray=ray)
             else:
                 embedded = ((embedder.embed(b), None) for b in batches)
-            for chunk, (vecs, worker_config) in zip(chunks, embedded):
-                config = worker_config or config
+            for chunk, (vecs, config) in zip(chunks, embedded):
+                worker_config = config or worker_config
                 rows = [pending[i] for i in chunk]
                 arrow = _to_arrow(
                     df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False}
@@ -484,11 +491,10 @@ def _write_store(
         finally:
             bar.close()
     vectors = np.stack([have[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)
-    if not ray:
-        config = embedder.config()  # after embedding: a loaded model says more about itself
     meta = {
         **meta,
-        **config,
+        # after embedding: a loaded model says more about itself
+        **(worker_config or embedder.config()),
         "model": embedder.spec,
         "dimension": int(vectors.shape[1]),
         "content_hash": content_hash(df["symbol"].to_list(), vectors),

@@ -5,8 +5,9 @@ and label codes to `<cache_dir>/<atlas>/v<version>-<hash>/`, in a temporary fold
 renamed into place under a file lock; every process (each `--workers` process)
 then maps those files into memory, so the operating system keeps one copy of the
 atlas vectors however many workers serve them. Folders of older versions are
-removed when a newer one is written. Where the cache folder cannot be written,
-the atlas is held in memory as before (and a warning says so).
+removed when a newer one is written. Where there is no cache folder (a store in a
+bucket served without `cache_dir`) or it cannot be written (a warning says so), the
+atlas is held in memory; a disk atlas is searched through its table's Lance index.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from cellvec.cell_index.encoder import CellEncoder
 from cellvec.cell_index.recipe import Recipe
+from cellvec.storage import StoreLocation
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class ServedAtlas:
     classes: np.ndarray
     codes: np.ndarray
     calibration: np.ndarray  # typicality calibration per atlas cell (`Atlas.calibration`)
-    store: object = ""  # the StoreLocation the atlas is read from
+    store: StoreLocation | None = None  # where the atlas is read from
     folder: Path | None = None  # the memory-mapped files, if any
     # the broad level, for atlases built with --broad-label-key: `classes`, `codes` (per
     # atlas cell), `parent` (per fine class, -1 if several) and `calibration`
@@ -99,7 +101,9 @@ class AtlasCache:
     """Loaded atlases by name; a newer committed table version is picked up within
     `version_check_s` seconds, and a request never sees a half-written atlas."""
 
-    def __init__(self, store: str, gene_store, cache_dir: str | Path | None, version_check_s=1.0):
+    def __init__(
+        self, store: StoreLocation, gene_store, cache_dir: str | Path | None, version_check_s=1.0
+    ):
         self.store = store
         self.gene_store = gene_store
         self.cache_dir = Path(cache_dir) if cache_dir else None
