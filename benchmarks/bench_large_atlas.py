@@ -185,7 +185,7 @@ def index_phase(args) -> dict:
     if args.partitions:
         params["num_partitions"] = args.partitions
     t = time.perf_counter()
-    entry = index_atlas(store, args.name, index="disk", params=params, ray_address=args.ray)
+    entry = index_atlas(store, args.name, index="disk", params=params, ray=args.ray)
     return {
         "phase": "index",
         "cells": args.cells,
