@@ -111,6 +111,7 @@ def write_phase(args) -> dict:
     import lance
     import pyarrow as pa
 
+    from cellvec.cell_index.atlas import atlas_schema
     from cellvec.gene_store.store import META_KEY
 
     store, atlas = real_atlas(args.work, args.reference)
@@ -146,25 +147,12 @@ def write_phase(args) -> dict:
     meta = {**atlas.meta, "n_cells": args.cells, "source": f"synthetic around {args.reference}"}
     meta["classes"] = {c: 0 for c in sampler.classes}  # counts filled in below
     meta["index"] = {"kind": "memory"}
-    schema = pa.schema(
-        [
-            pa.field("cell_id", pa.string()),
-            pa.field("label", pa.string()),
-            pa.field("batch", pa.string()),
-            pa.field("dataset", pa.string()),
-            pa.field("vector", pa.list_(pa.float32(), dim)),
-            pa.field("top_genes", pa.large_list(pa.int32())),
-            pa.field("top_weights", pa.large_list(pa.float32())),
-            pa.field("self_similarity", pa.float32()),
-        ],
-        metadata={META_KEY: json.dumps(meta).encode()},
-    )
+    schema = atlas_schema(dim, meta)
     t = time.perf_counter()
     reader = pa.RecordBatchReader.from_batches(schema, batches())
     ds = lance.write_dataset(reader, str(uri), schema=schema, max_rows_per_file=args.chunk * 4)
     meta["classes"] = {c: int(n) for c, n in zip(sampler.classes, counts)}
-    key = META_KEY.decode() if isinstance(META_KEY, bytes) else META_KEY
-    ds.update_schema_metadata({key: json.dumps(meta)})
+    ds.update_schema_metadata({META_KEY.decode(): json.dumps(meta)})
     secs = time.perf_counter() - t
     return {
         "phase": "write",
