@@ -188,6 +188,16 @@ def queries(args, atlas):
     return Sampler(atlas).draw(args.queries, np.random.default_rng(args.seed + 1))[0]
 
 
+def compare(ai, asim, ei, truth, codes, n_classes) -> dict:
+    """Recall@15 of neighbours `ai` against the exact `ei`, and agreement of their voted
+    labels with the exact vote `truth`."""
+    from cellvec.cell_index.knn import vote
+
+    recall = (ai[:, :, None] == ei[:, None, :]).any(2).sum(1).mean() / K
+    agree = (vote(ai, asim, codes, n_classes).argmax(1) == truth).mean()
+    return {"recall_at_15": round(float(recall), 4), "label_agreement": round(float(agree), 4)}
+
+
 def search_phase(args, kind: str) -> dict:
     """Map `--queries` cells through the disk index (kind 'disk') or the in-memory faiss
     index (kind 'memory'); neighbours are saved for the comparison with exact search."""
@@ -249,13 +259,9 @@ def exact_phase(args) -> dict:
         if not f.exists():
             continue
         nb = np.load(f)
-        ai, asim = nb["idx"][: len(q)], nb["sim"][: len(q)]
-        recall = np.mean([len(set(ai[r]) & set(ei[r])) / K for r in range(len(q))])
-        labels = vote(ai, asim, codes, len(classes)).argmax(1)
-        out[kind] = {
-            "recall_at_15": round(float(recall), 4),
-            "label_agreement": round(float((labels == truth).mean()), 4),
-        }
+        out[kind] = compare(
+            nb["idx"][: len(q)], nb["sim"][: len(q)], ei, truth, codes, len(classes)
+        )
     out["peak_rss_mib"] = round(peak_rss_mib())
     return out
 
@@ -282,14 +288,11 @@ def sweep_phase(args) -> dict:
             t = time.perf_counter()
             ai, asim = index.search(q, K, nprobes=nprobes, refine=refine)
             secs = time.perf_counter() - t
-            recall = np.mean([len(set(ai[r]) & set(ei[r])) / K for r in range(len(q))])
-            agree = (vote(ai, asim, codes, len(classes)).argmax(1) == truth).mean()
             rows.append(
                 {
                     "nprobes": nprobes,
                     "refine_factor": refine,
-                    "recall_at_15": round(float(recall), 4),
-                    "label_agreement": round(float(agree), 4),
+                    **compare(ai, asim, ei, truth, codes, len(classes)),
                     "queries_per_s": round(len(q) / secs, 1),
                 }
             )
