@@ -214,6 +214,7 @@ def search_phase(args, kind: str) -> dict:
             store=atlas.store,
             meta=atlas.meta,
             _codes=atlas.label_codes(),
+            version=atlas.version,
             _n_cells=atlas.n_cells,
             _vectors=np.ascontiguousarray(atlas.vectors),
         )

@@ -85,6 +85,18 @@ def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_model
     np.testing.assert_allclose(asim, esim, atol=1e-5)
 
 
+def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_store, fake_models):
+    from cellvec.cell_index.atlas import Atlas
+
+    _build(fake_store, "disk", "disk", n_cells=400)
+    old = Atlas.open(fake_store, "disk")
+    _build(fake_store, "disk", "disk", n_cells=600)
+    assert Atlas.open(fake_store, "disk").n_cells == 600
+    # read lazily after the rebuild: still the 400 rows its label codes belong to
+    assert len(old.vectors) == len(old.cell_ids) == old.weights().shape[0] == 400
+    assert old.index().ntotal == 400
+
+
 def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):
     from cellvec.cell_index.disk_index import choose_kind, choose_params, memory_estimate
     from cellvec.errors import CellvecError

@@ -341,6 +341,7 @@ class Atlas:
     _calibration: np.ndarray | None = field(default=None, repr=False)
     _held_out: np.ndarray | None = field(default=None, repr=False)
     _broad: dict = field(default_factory=dict, repr=False)
+    _ds: object = field(default=None, repr=False)  # the table at `version` (`_dataset()`)
 
     @property
     def recipe(self) -> Recipe:
@@ -391,7 +392,13 @@ class Atlas:
         return self._batches
 
     def _dataset(self):
-        return GeneStore(self.store).open_table(ATLAS_PREFIX + self.name).to_lance()
+        """The atlas table (a `lance.LanceDataset`) at the version this atlas was opened at,
+        opened once: what is read later (vectors, top genes, the disk index) belongs to the
+        same rows as the labels read on opening, even after the atlas is rebuilt."""
+        if self._ds is None:
+            ds = GeneStore(self.store).open_table(ATLAS_PREFIX + self.name).to_lance()
+            self._ds = ds if ds.version == self.version else ds.checkout_version(self.version)
+        return self._ds
 
     def _read_column(self, name: str):
         if self.on_disk:
@@ -464,11 +471,12 @@ class Atlas:
                 f"Atlas {name!r} in {store} was built by an older cellvec (recipe version "
                 f"{found}, this one reads {RECIPE_VERSION}). Rebuild it with `cellvec atlas build`."
             )
+        ds = tbl.to_lance()
         if (meta.get("index") or {}).get("kind") == "disk":
-            return cls._open_disk(store, name, meta, tbl)
+            return cls._open_disk(store, name, meta, ds)
         columns = ["cell_id", "label", "batch", "vector", "self_similarity"]
-        has_broad = "label_broad" in tbl.schema.names
-        arrow = tbl.to_lance().to_table(columns=columns + (["label_broad"] if has_broad else []))
+        has_broad = "label_broad" in ds.schema.names
+        arrow = ds.to_table(columns=columns + (["label_broad"] if has_broad else []))
         vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
             name=name,
@@ -478,7 +486,8 @@ class Atlas:
             _labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
             _batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
             _vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
-            version=tbl.version,
+            version=ds.version,
+            _ds=ds,
             broad_labels=(
                 np.asarray(arrow.column("label_broad").to_pylist(), dtype=object)
                 if has_broad
@@ -488,12 +497,11 @@ class Atlas:
         )
 
     @classmethod
-    def _open_disk(cls, store, name: str, meta: dict, tbl) -> Atlas:
+    def _open_disk(cls, store, name: str, meta: dict, ds) -> Atlas:
         """A disk atlas: label codes (int32) and calibration (float32) read in batches, so
         opening 20M cells holds ~160 MB, never the vectors or the cell ids."""
         import pyarrow.compute as pc
 
-        ds = tbl.to_lance()
         n = ds.count_rows()
         classes = np.asarray(sorted(meta.get("classes") or {}), dtype=object)
         value_set = pa.array(classes.tolist(), pa.string())
@@ -522,7 +530,8 @@ class Atlas:
             name=name,
             store=store,
             meta=meta,
-            version=tbl.version,
+            version=ds.version,
+            _ds=ds,
             _n_cells=n,
             _codes=(classes, codes),
             _calibration=calibration,
@@ -560,8 +569,7 @@ class Atlas:
     def weights(self) -> sp.csr_matrix:
         """The reference cells' top-gene weights (cells x the atlas's genes), read once."""
         if self._weights is None:
-            tbl = GeneStore(self.store).open_table(ATLAS_PREFIX + self.name)
-            t = tbl.to_lance().to_table(columns=["top_genes", "top_weights"])
+            t = self._dataset().to_table(columns=["top_genes", "top_weights"])
             genes = t.column("top_genes").combine_chunks()
             weights = t.column("top_weights").combine_chunks()
             n_genes = len(self.encoder().refinement["gene_rows"])
