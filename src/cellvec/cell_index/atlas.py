@@ -219,6 +219,29 @@ def weight_lists(w: sp.csr_matrix) -> tuple[pa.Array, pa.Array]:
     )
 
 
+def weight_matrix(table: pa.Table, n_genes: int) -> sp.csr_matrix:
+    """The `top_genes` / `top_weights` columns of (some of) the atlas's rows as a CSR
+    matrix (rows x the atlas's genes): the inverse of `weight_lists`."""
+    genes = table.column("top_genes").combine_chunks()
+    weights = table.column("top_weights").combine_chunks()
+    offsets = genes.offsets.to_numpy().astype(np.int64)  # a slice's own, from offsets[0]
+    return sp.csr_matrix(
+        (
+            weights.flatten().to_numpy().astype(np.float32),  # flatten, not .values: slices
+            genes.flatten().to_numpy().astype(np.int64),
+            offsets - offsets[0],
+        ),
+        shape=(len(table), n_genes),
+    )
+
+
+def _vectors_of(column) -> np.ndarray:
+    """The atlas's `vector` column (or some of its rows) as a cells x dim float32 array."""
+    col = column.combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(col), -1).astype(np.float32, copy=False)
+
+
 def atlas_table(
     schema: pa.Schema,
     *,
@@ -313,9 +336,7 @@ class _StoredVectors:
         return self.atlas.n_cells
 
     def __getitem__(self, rows) -> np.ndarray:
-        col = self.atlas._dataset().take(np.asarray(rows), columns=["vector"]).column(0)
-        col = col.combine_chunks()
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        return _vectors_of(self.atlas._dataset().take(np.asarray(rows), columns=["vector"])[0])
 
 
 @dataclass
@@ -368,8 +389,7 @@ class Atlas:
         """The reference cells' vectors (cells x dim). A disk atlas reads them all on the
         first call: mapping never does, only whole-atlas views (report, explain)."""
         if self._vectors is None:
-            col = self._read_column("vector").combine_chunks()
-            self._vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            self._vectors = _vectors_of(self._read_column("vector"))
         return self._vectors
 
     @property
@@ -477,7 +497,6 @@ class Atlas:
         columns = ["cell_id", "label", "batch", "vector", "self_similarity"]
         has_broad = "label_broad" in ds.schema.names
         arrow = ds.to_table(columns=columns + (["label_broad"] if has_broad else []))
-        vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
             name=name,
             store=store,
@@ -485,7 +504,7 @@ class Atlas:
             _cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
             _labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
             _batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
-            _vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
+            _vectors=_vectors_of(arrow.column("vector")),
             version=ds.version,
             _ds=ds,
             broad_labels=(
@@ -570,17 +589,7 @@ class Atlas:
         """The reference cells' top-gene weights (cells x the atlas's genes), read once."""
         if self._weights is None:
             t = self._dataset().to_table(columns=["top_genes", "top_weights"])
-            genes = t.column("top_genes").combine_chunks()
-            weights = t.column("top_weights").combine_chunks()
-            n_genes = len(self.encoder().refinement["gene_rows"])
-            self._weights = sp.csr_matrix(
-                (
-                    weights.values.to_numpy().astype(np.float32),
-                    genes.values.to_numpy().astype(np.int64),
-                    genes.offsets.to_numpy().astype(np.int64),
-                ),
-                shape=(self.n_cells, n_genes),
-            )
+            self._weights = weight_matrix(t, len(self.encoder().refinement["gene_rows"]))
         return self._weights
 
     def held_out(self) -> np.ndarray:
@@ -636,16 +645,7 @@ class Atlas:
         """Top-gene weights of `n` evenly spaced reference cells (a disk atlas's coverage)."""
         rows = np.unique(np.linspace(0, self.n_cells - 1, min(n, self.n_cells)).astype(np.int64))
         t = self._dataset().take(rows, columns=["top_genes", "top_weights"])
-        genes = t.column("top_genes").combine_chunks()
-        weights = t.column("top_weights").combine_chunks()
-        return sp.csr_matrix(
-            (
-                weights.values.to_numpy().astype(np.float32),
-                genes.values.to_numpy().astype(np.int64),
-                genes.offsets.to_numpy().astype(np.int64),
-            ),
-            shape=(len(rows), len(self.encoder().refinement["gene_rows"])),
-        )
+        return weight_matrix(t, len(self.encoder().refinement["gene_rows"]))
 
     def vectors_over(self, positions: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
         """Reference vectors re-aggregated over the atlas genes at `positions` only, with
