@@ -477,14 +477,7 @@ class Atlas:
     @classmethod
     def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
         store = store_location(store)
-        gs = GeneStore(store)
-        tbl = gs.open_table(ATLAS_PREFIX + name)
-        meta = read_meta(tbl) if tbl is not None else {}
-        if tbl is None or not meta.get("complete"):
-            have = ", ".join(list_atlases(store)) or "none"
-            raise StoreError(
-                f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
-            )
+        tbl, meta = _atlas_table(store, name)
         found = meta.get("recipe", {}).get("version")
         if found != RECIPE_VERSION:
             raise StoreError(
@@ -754,6 +747,19 @@ def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
 
 
+def _atlas_table(store, name: str):
+    """(the LanceDB table of atlas `name`, its metadata); refused when there is none, or
+    only a half-written one."""
+    tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
+    meta = read_meta(tbl) if tbl is not None else {}
+    if tbl is None or not meta.get("complete"):
+        have = ", ".join(list_atlases(store)) or "none"
+        raise StoreError(
+            f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
+        )
+    return tbl, meta
+
+
 def build_atlas(
     reference,
     *,
@@ -960,7 +966,7 @@ def index_meta(kind: str, n_cells: int, dim: int) -> dict:
 
 
 def index_atlas(
-    store: str | Path,
+    store: str | Path | StoreLocation,
     name: str,
     *,
     index: str = "disk",
@@ -975,19 +981,13 @@ def index_atlas(
     searched in memory, or exactly through its table, until the index is there."""
     from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
 
-    tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
-    meta = read_meta(tbl) if tbl is not None else {}
-    if not meta.get("complete"):
-        raise StoreError(
-            f"No atlas {name!r} in {store} (atlases: {', '.join(list_atlases(store)) or 'none'})."
-        )
+    tbl, meta = _atlas_table(store, name)
     ds = tbl.to_lance()
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":
         entry.update(params or {})
         ds = build_disk_index(ds, DiskIndexParams.from_dict(entry), ray_address=ray)
-    key = META_KEY.decode() if isinstance(META_KEY, bytes) else META_KEY
-    ds.update_schema_metadata({key: json.dumps({**meta, "index": entry})})
+    ds.update_schema_metadata({META_KEY.decode(): json.dumps({**meta, "index": entry})})
     return entry
 
 
