@@ -97,6 +97,33 @@ def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_sto
     assert old.index().ntotal == 400
 
 
+def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake_models):
+    from cellvec.cell_index.atlas import Atlas, build_atlas
+    from cellvec.cell_index.mapping import map_cells
+    from test_labels import _two_levels
+
+    for index in ("memory", "disk"):
+        build_atlas(
+            _two_levels(n=600),
+            store=fake_store,
+            name=index,
+            label_key="cell_type",
+            broad_label_key="cell_type_broad",
+            top_genes=10,
+            refine="none",
+            calibration_split=0.1,
+            index=index,
+        )
+    mem, disk = Atlas.open(fake_store, "memory"), Atlas.open(fake_store, "disk")
+    assert disk.on_disk
+    for a, b in zip(disk.broad_codes(), mem.broad_codes()):
+        np.testing.assert_array_equal(a, b)
+    assert mem.broad_codes()[2].tolist() == [0, 1, 2, 2]  # B, M, T_a and T_b under T
+    q = _two_levels(seed=7, n=60, prefix="q")
+    a, b = map_cells(q, disk), map_cells(q, mem)
+    assert (a.broad.labels == b.broad.labels).mean() >= 0.99
+
+
 def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):
     from cellvec.cell_index.disk_index import choose_kind, choose_params, memory_estimate
     from cellvec.errors import CellvecError

@@ -86,6 +86,17 @@ def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.
     return broad
 
 
+def _parents(fine: np.ndarray, n_fine: int, broad: np.ndarray, n_broad: int) -> np.ndarray:
+    """Each fine class's broad class index (from each cell's fine and broad class index),
+    -1 where its cells carry several broad classes."""
+    pairs = np.unique(fine.astype(np.int64) * n_broad + broad)
+    of, under = np.divmod(pairs, n_broad)
+    parent = np.full(n_fine, -1, dtype=np.int64)
+    single = np.bincount(of, minlength=n_fine)[of] == 1
+    parent[of[single]] = under[single]
+    return parent
+
+
 def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
     """True for cells that carry a (non-empty) label."""
     col = _label_column(source, label_key)
@@ -361,7 +372,8 @@ class Atlas:
     _panels: dict = field(default_factory=dict, repr=False)
     _calibration: np.ndarray | None = field(default=None, repr=False)
     _held_out: np.ndarray | None = field(default=None, repr=False)
-    _broad: dict = field(default_factory=dict, repr=False)
+    _broad_codes: tuple | None = field(default=None, repr=False)
+    _broad: dict = field(default_factory=dict, repr=False)  # broad calibration by panel
     _ds: object = field(default=None, repr=False)  # the table at `version` (`_dataset()`)
 
     @property
@@ -448,24 +460,19 @@ class Atlas:
     def broad_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sorted broad class names, each cell's broad class index, each fine class's broad
         class index or -1 where its cells carry several). Needs an atlas with broad labels."""
-        if "codes" not in self._broad:
+        if self._broad_codes is None:
             broad, codes = np.unique(self.broad_labels.astype(str), return_inverse=True)
-            fine = self.label_codes()[1]
-            parent = np.full(len(self.classes), -1, dtype=np.int64)
-            for c in range(len(self.classes)):
-                found = np.unique(codes[fine == c])
-                if len(found) == 1:
-                    parent[c] = found[0]
-            self._broad["codes"] = (broad, codes, parent)
-        return self._broad["codes"]
+            parent = _parents(self.label_codes()[1], len(self.classes), codes, len(broad))
+            self._broad_codes = (broad, codes, parent)
+        return self._broad_codes
 
     def broad_calibration(self, positions: np.ndarray | None = None) -> np.ndarray:
         """The typicality calibration of the broad level (as `calibration` is of the fine
         one), over the whole atlas or re-aggregated over the genes at `positions`."""
         key = None if positions is None else hash(np.asarray(positions, np.int64).tobytes())
         if key not in self._broad:
-            if key is not None and len(self._broad) > 5:
-                self._broad.pop(next(k for k in self._broad if k not in ("codes", None)))
+            if key is not None and len(self._broad) > 4:
+                self._broad.pop(next(k for k in self._broad if k is not None))
             vecs, index = (
                 (_StoredVectors(self) if self.on_disk else self.vectors, self.index())
                 if positions is None
@@ -521,22 +528,26 @@ class Atlas:
         calibration = np.empty(n, dtype=np.float32)
         has_broad = "label_broad" in ds.schema.names
         broad_classes = np.asarray(sorted(meta.get("broad_classes") or {}), dtype=object)
+        broad_set = pa.array(broad_classes.tolist(), pa.string())
         broad = np.empty(n if has_broad else 0, dtype=np.int32)
-        at = 0
-        columns = ["label", "self_similarity"] + (["label_broad"] if has_broad else [])
-        for batch in ds.to_batches(columns=columns, batch_size=1 << 20):
-            m = batch.num_rows
-            found = pc.index_in(batch.column(0), value_set=value_set)
+
+        def codes_of(column, value_set):
+            found = pc.index_in(column, value_set=value_set)
             if found.null_count:
                 raise StoreError(
                     f"Atlas {name!r} in {store} has labels its metadata does not list; "
                     "rebuild it with `cellvec atlas build`."
                 )
-            codes[at : at + m] = found.to_numpy(zero_copy_only=False)
+            return found.to_numpy(zero_copy_only=False)
+
+        at = 0
+        columns = ["label", "self_similarity"] + (["label_broad"] if has_broad else [])
+        for batch in ds.to_batches(columns=columns, batch_size=1 << 20):
+            m = batch.num_rows
+            codes[at : at + m] = codes_of(batch.column(0), value_set)
             calibration[at : at + m] = batch.column(1).to_numpy(zero_copy_only=False)
             if has_broad:
-                found = pc.index_in(batch.column(2), value_set=pa.array(broad_classes.tolist()))
-                broad[at : at + m] = pc.fill_null(found, 0).to_numpy(zero_copy_only=False)
+                broad[at : at + m] = codes_of(batch.column(2), broad_set)
             at += m
         return cls(
             name=name,
@@ -549,6 +560,11 @@ class Atlas:
             _calibration=calibration,
             # 8 bytes a cell (one pointer to a shared string), for the broad-level vote
             broad_labels=broad_classes[broad] if has_broad else None,
+            _broad_codes=(
+                (broad_classes, broad, _parents(codes, len(classes), broad, len(broad_classes)))
+                if has_broad
+                else None
+            ),
         )
 
     @classmethod
