@@ -215,7 +215,6 @@ def search_phase(args, kind: str) -> dict:
             meta=atlas.meta,
             _codes=atlas.label_codes(),
             version=atlas.version,
-            _n_cells=atlas.n_cells,
             _vectors=np.ascontiguousarray(atlas.vectors),
         )
     index = atlas.index()

@@ -363,7 +363,6 @@ class Atlas:
     _batches: np.ndarray | None = field(default=None, repr=False)
     _vectors: np.ndarray | None = field(default=None, repr=False)
     version: int = 0
-    _n_cells: int | None = field(default=None, repr=False)
     broad_labels: np.ndarray | None = None  # a second, coarser level (`--broad-label-key`)
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
@@ -387,7 +386,7 @@ class Atlas:
 
     @property
     def n_cells(self) -> int:
-        return self._n_cells if self._n_cells is not None else len(self._vectors)
+        return len(self._vectors) if self._vectors is not None else len(self.label_codes()[1])
 
     @property
     def dimension(self) -> int:
@@ -555,7 +554,6 @@ class Atlas:
             meta=meta,
             version=ds.version,
             _ds=ds,
-            _n_cells=n,
             _codes=(classes, codes),
             _calibration=calibration,
             # 8 bytes a cell (one pointer to a shared string), for the broad-level vote
