@@ -846,13 +846,12 @@ def build_atlas(
         source = source.subset(known)
     labels = labels_of(source, label_key)
     broad = _broad_labels(source, labels, broad_label_key) if broad_label_key else None
-    excluded = {}
+    excluded, drop = {}, np.zeros(len(labels), dtype=bool)
     for x in parse_labels(exclude_labels):
-        excluded[x] = int(((labels == x) | ((broad == x) if broad is not None else False)).sum())
+        hit = (labels == x) | ((broad == x) if broad is not None else False)
+        excluded[x] = int(hit.sum())
+        drop |= hit
     if excluded:
-        drop = np.isin(labels.astype(str), list(excluded))
-        if broad is not None:
-            drop |= np.isin(broad.astype(str), list(excluded))
         if drop.all():
             raise CellvecError(
                 f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
