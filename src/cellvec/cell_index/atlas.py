@@ -79,10 +79,13 @@ def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.
             int(missing.sum()),
             key,
         )
-    for fine in np.unique(labels):
-        found = np.unique(broad[labels == fine])
-        if len(found) > 1:
-            log.warning("Label %r falls under several %s: %s", fine, key, ", ".join(found[:5]))
+    fine_classes, fine = np.unique(labels.astype(str), return_inverse=True)
+    broad_classes, codes = np.unique(broad.astype(str), return_inverse=True)
+    for c in np.flatnonzero(_parents(fine, len(fine_classes), codes, len(broad_classes)) < 0):
+        found = broad_classes[np.unique(codes[fine == c])]
+        log.warning(
+            "Label %r falls under several %s: %s", str(fine_classes[c]), key, ", ".join(found[:5])
+        )
     return broad
 
 
