@@ -59,7 +59,8 @@ def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
     # refine re-ranks on the stored vectors: similarities are exact, not PQ estimates
     np.testing.assert_allclose(asim, np.einsum("qd,qkd->qk", q, mem.vectors[ai]), atol=1e-5)
     classes, codes = mem.label_codes()
-    agree = vote(ai, asim, codes, 3).argmax(1) == vote(ei, esim, codes, 3).argmax(1)
+    n = len(classes)
+    agree = vote(ai, asim, codes, n).argmax(1) == vote(ei, esim, codes, n).argmax(1)
     assert agree.mean() >= 0.99
     query = tiny_adata(n_cells=60, seed=5, prefix="q")
     a = map_cells(query, disk, truth_key="cell_type")
@@ -83,6 +84,45 @@ def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_model
     ai, asim = index.search(vecs[:20], 10)
     ei, esim = FlatIndex(vecs).search(vecs[:20], 10)
     np.testing.assert_allclose(asim, esim, atol=1e-5)
+
+
+def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_store, fake_models):
+    from cellvec.cell_index.atlas import Atlas
+
+    _build(fake_store, "disk", "disk", n_cells=400)
+    old = Atlas.open(fake_store, "disk")
+    _build(fake_store, "disk", "disk", n_cells=600)
+    assert Atlas.open(fake_store, "disk").n_cells == 600
+    # read lazily after the rebuild: still the 400 rows its label codes belong to
+    assert len(old.vectors) == len(old.cell_ids) == old.weights().shape[0] == 400
+    assert old.index().ntotal == 400
+
+
+def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake_models):
+    from cellvec.cell_index.atlas import Atlas, build_atlas
+    from cellvec.cell_index.mapping import map_cells
+    from test_labels import _two_levels
+
+    for index in ("memory", "disk"):
+        build_atlas(
+            _two_levels(n=600),
+            store=fake_store,
+            name=index,
+            label_key="cell_type",
+            broad_label_key="cell_type_broad",
+            top_genes=10,
+            refine="none",
+            calibration_split=0.1,
+            index=index,
+        )
+    mem, disk = Atlas.open(fake_store, "memory"), Atlas.open(fake_store, "disk")
+    assert disk.on_disk
+    for a, b in zip(disk.broad_codes(), mem.broad_codes()):
+        np.testing.assert_array_equal(a, b)
+    assert mem.broad_codes()[2].tolist() == [0, 1, 2, 2]  # B, M, T_a and T_b under T
+    q = _two_levels(seed=7, n=60, prefix="q")
+    a, b = map_cells(q, disk), map_cells(q, mem)
+    assert (a.broad.labels == b.broad.labels).mean() >= 0.99
 
 
 def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):

@@ -79,11 +79,25 @@ def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.
             int(missing.sum()),
             key,
         )
-    for fine in np.unique(labels):
-        found = np.unique(broad[labels == fine])
-        if len(found) > 1:
-            log.warning("Label %r falls under several %s: %s", fine, key, ", ".join(found[:5]))
+    fine_classes, fine = np.unique(labels.astype(str), return_inverse=True)
+    broad_classes, codes = np.unique(broad.astype(str), return_inverse=True)
+    for c in np.flatnonzero(_parents(fine, len(fine_classes), codes, len(broad_classes)) < 0):
+        found = broad_classes[np.unique(codes[fine == c])]
+        log.warning(
+            "Label %r falls under several %s: %s", str(fine_classes[c]), key, ", ".join(found[:5])
+        )
     return broad
+
+
+def _parents(fine: np.ndarray, n_fine: int, broad: np.ndarray, n_broad: int) -> np.ndarray:
+    """Each fine class's broad class index (from each cell's fine and broad class index),
+    -1 where its cells carry several broad classes."""
+    pairs = np.unique(fine.astype(np.int64) * n_broad + broad)
+    of, under = np.divmod(pairs, n_broad)
+    parent = np.full(n_fine, -1, dtype=np.int64)
+    single = np.bincount(of, minlength=n_fine)[of] == 1
+    parent[of[single]] = under[single]
+    return parent
 
 
 def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
@@ -219,6 +233,29 @@ def weight_lists(w: sp.csr_matrix) -> tuple[pa.Array, pa.Array]:
     )
 
 
+def weight_matrix(table: pa.Table, n_genes: int) -> sp.csr_matrix:
+    """The `top_genes` / `top_weights` columns of (some of) the atlas's rows as a CSR
+    matrix (rows x the atlas's genes): the inverse of `weight_lists`."""
+    genes = table.column("top_genes").combine_chunks()
+    weights = table.column("top_weights").combine_chunks()
+    offsets = genes.offsets.to_numpy().astype(np.int64)  # a slice's own, from offsets[0]
+    return sp.csr_matrix(
+        (
+            weights.flatten().to_numpy().astype(np.float32),  # flatten, not .values: slices
+            genes.flatten().to_numpy().astype(np.int64),
+            offsets - offsets[0],
+        ),
+        shape=(len(table), n_genes),
+    )
+
+
+def _vectors_of(column) -> np.ndarray:
+    """The atlas's `vector` column (or some of its rows) as a cells x dim float32 array."""
+    col = column.combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(col), -1).astype(np.float32, copy=False)
+
+
 def atlas_table(
     schema: pa.Schema,
     *,
@@ -313,9 +350,7 @@ class _StoredVectors:
         return self.atlas.n_cells
 
     def __getitem__(self, rows) -> np.ndarray:
-        col = self.atlas._dataset().take(np.asarray(rows), columns=["vector"]).column(0)
-        col = col.combine_chunks()
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        return _vectors_of(self.atlas._dataset().take(np.asarray(rows), columns=["vector"])[0])
 
 
 @dataclass
@@ -331,7 +366,6 @@ class Atlas:
     _batches: np.ndarray | None = field(default=None, repr=False)
     _vectors: np.ndarray | None = field(default=None, repr=False)
     version: int = 0
-    _n_cells: int | None = field(default=None, repr=False)
     broad_labels: np.ndarray | None = None  # a second, coarser level (`--broad-label-key`)
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
@@ -340,7 +374,9 @@ class Atlas:
     _panels: dict = field(default_factory=dict, repr=False)
     _calibration: np.ndarray | None = field(default=None, repr=False)
     _held_out: np.ndarray | None = field(default=None, repr=False)
-    _broad: dict = field(default_factory=dict, repr=False)
+    _broad_codes: tuple | None = field(default=None, repr=False)
+    _broad: dict = field(default_factory=dict, repr=False)  # broad calibration by panel
+    _ds: object = field(default=None, repr=False)  # the table at `version` (`_dataset()`)
 
     @property
     def recipe(self) -> Recipe:
@@ -353,7 +389,7 @@ class Atlas:
 
     @property
     def n_cells(self) -> int:
-        return self._n_cells if self._n_cells is not None else len(self._vectors)
+        return len(self._vectors) if self._vectors is not None else len(self.label_codes()[1])
 
     @property
     def dimension(self) -> int:
@@ -367,8 +403,7 @@ class Atlas:
         """The reference cells' vectors (cells x dim). A disk atlas reads them all on the
         first call: mapping never does, only whole-atlas views (report, explain)."""
         if self._vectors is None:
-            col = self._read_column("vector").combine_chunks()
-            self._vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            self._vectors = _vectors_of(self._read_column("vector"))
         return self._vectors
 
     @property
@@ -391,7 +426,13 @@ class Atlas:
         return self._batches
 
     def _dataset(self):
-        return GeneStore(self.store).open_table(ATLAS_PREFIX + self.name).to_lance()
+        """The atlas table (a `lance.LanceDataset`) at the version this atlas was opened at,
+        opened once: what is read later (vectors, top genes, the disk index) belongs to the
+        same rows as the labels read on opening, even after the atlas is rebuilt."""
+        if self._ds is None:
+            ds = GeneStore(self.store).open_table(ATLAS_PREFIX + self.name).to_lance()
+            self._ds = ds if ds.version == self.version else ds.checkout_version(self.version)
+        return self._ds
 
     def _read_column(self, name: str):
         if self.on_disk:
@@ -421,24 +462,19 @@ class Atlas:
     def broad_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sorted broad class names, each cell's broad class index, each fine class's broad
         class index or -1 where its cells carry several). Needs an atlas with broad labels."""
-        if "codes" not in self._broad:
+        if self._broad_codes is None:
             broad, codes = np.unique(self.broad_labels.astype(str), return_inverse=True)
-            fine = self.label_codes()[1]
-            parent = np.full(len(self.classes), -1, dtype=np.int64)
-            for c in range(len(self.classes)):
-                found = np.unique(codes[fine == c])
-                if len(found) == 1:
-                    parent[c] = found[0]
-            self._broad["codes"] = (broad, codes, parent)
-        return self._broad["codes"]
+            parent = _parents(self.label_codes()[1], len(self.classes), codes, len(broad))
+            self._broad_codes = (broad, codes, parent)
+        return self._broad_codes
 
     def broad_calibration(self, positions: np.ndarray | None = None) -> np.ndarray:
         """The typicality calibration of the broad level (as `calibration` is of the fine
         one), over the whole atlas or re-aggregated over the genes at `positions`."""
         key = None if positions is None else hash(np.asarray(positions, np.int64).tobytes())
         if key not in self._broad:
-            if key is not None and len(self._broad) > 5:
-                self._broad.pop(next(k for k in self._broad if k not in ("codes", None)))
+            if key is not None and len(self._broad) > 4:
+                self._broad.pop(next(k for k in self._broad if k is not None))
             vecs, index = (
                 (_StoredVectors(self) if self.on_disk else self.vectors, self.index())
                 if positions is None
@@ -450,26 +486,19 @@ class Atlas:
     @classmethod
     def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
         store = store_location(store)
-        gs = GeneStore(store)
-        tbl = gs.open_table(ATLAS_PREFIX + name)
-        meta = read_meta(tbl) if tbl is not None else {}
-        if tbl is None or not meta.get("complete"):
-            have = ", ".join(list_atlases(store)) or "none"
-            raise StoreError(
-                f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
-            )
+        tbl, meta = _atlas_table(store, name)
         found = meta.get("recipe", {}).get("version")
         if found != RECIPE_VERSION:
             raise StoreError(
                 f"Atlas {name!r} in {store} was built by an older cellvec (recipe version "
                 f"{found}, this one reads {RECIPE_VERSION}). Rebuild it with `cellvec atlas build`."
             )
+        ds = tbl.to_lance()
         if (meta.get("index") or {}).get("kind") == "disk":
-            return cls._open_disk(store, name, meta, tbl)
+            return cls._open_disk(store, name, meta, ds)
         columns = ["cell_id", "label", "batch", "vector", "self_similarity"]
-        has_broad = "label_broad" in tbl.schema.names
-        arrow = tbl.to_lance().to_table(columns=columns + (["label_broad"] if has_broad else []))
-        vec = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        has_broad = "label_broad" in ds.schema.names
+        arrow = ds.to_table(columns=columns + (["label_broad"] if has_broad else []))
         return cls(
             name=name,
             store=store,
@@ -477,8 +506,9 @@ class Atlas:
             _cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
             _labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
             _batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
-            _vectors=vec.reshape(len(arrow), -1).astype(np.float32, copy=False),
-            version=tbl.version,
+            _vectors=_vectors_of(arrow.column("vector")),
+            version=ds.version,
+            _ds=ds,
             broad_labels=(
                 np.asarray(arrow.column("label_broad").to_pylist(), dtype=object)
                 if has_broad
@@ -488,12 +518,11 @@ class Atlas:
         )
 
     @classmethod
-    def _open_disk(cls, store, name: str, meta: dict, tbl) -> Atlas:
+    def _open_disk(cls, store, name: str, meta: dict, ds) -> Atlas:
         """A disk atlas: label codes (int32) and calibration (float32) read in batches, so
         opening 20M cells holds ~160 MB, never the vectors or the cell ids."""
         import pyarrow.compute as pc
 
-        ds = tbl.to_lance()
         n = ds.count_rows()
         classes = np.asarray(sorted(meta.get("classes") or {}), dtype=object)
         value_set = pa.array(classes.tolist(), pa.string())
@@ -501,33 +530,42 @@ class Atlas:
         calibration = np.empty(n, dtype=np.float32)
         has_broad = "label_broad" in ds.schema.names
         broad_classes = np.asarray(sorted(meta.get("broad_classes") or {}), dtype=object)
+        broad_set = pa.array(broad_classes.tolist(), pa.string())
         broad = np.empty(n if has_broad else 0, dtype=np.int32)
-        at = 0
-        columns = ["label", "self_similarity"] + (["label_broad"] if has_broad else [])
-        for batch in ds.to_batches(columns=columns, batch_size=1 << 20):
-            m = batch.num_rows
-            found = pc.index_in(batch.column(0), value_set=value_set)
+
+        def codes_of(column, value_set):
+            found = pc.index_in(column, value_set=value_set)
             if found.null_count:
                 raise StoreError(
                     f"Atlas {name!r} in {store} has labels its metadata does not list; "
                     "rebuild it with `cellvec atlas build`."
                 )
-            codes[at : at + m] = found.to_numpy(zero_copy_only=False)
+            return found.to_numpy(zero_copy_only=False)
+
+        at = 0
+        columns = ["label", "self_similarity"] + (["label_broad"] if has_broad else [])
+        for batch in ds.to_batches(columns=columns, batch_size=1 << 20):
+            m = batch.num_rows
+            codes[at : at + m] = codes_of(batch.column(0), value_set)
             calibration[at : at + m] = batch.column(1).to_numpy(zero_copy_only=False)
             if has_broad:
-                found = pc.index_in(batch.column(2), value_set=pa.array(broad_classes.tolist()))
-                broad[at : at + m] = pc.fill_null(found, 0).to_numpy(zero_copy_only=False)
+                broad[at : at + m] = codes_of(batch.column(2), broad_set)
             at += m
         return cls(
             name=name,
             store=store,
             meta=meta,
-            version=tbl.version,
-            _n_cells=n,
+            version=ds.version,
+            _ds=ds,
             _codes=(classes, codes),
             _calibration=calibration,
             # 8 bytes a cell (one pointer to a shared string), for the broad-level vote
             broad_labels=broad_classes[broad] if has_broad else None,
+            _broad_codes=(
+                (broad_classes, broad, _parents(codes, len(classes), broad, len(broad_classes)))
+                if has_broad
+                else None
+            ),
         )
 
     @classmethod
@@ -560,19 +598,8 @@ class Atlas:
     def weights(self) -> sp.csr_matrix:
         """The reference cells' top-gene weights (cells x the atlas's genes), read once."""
         if self._weights is None:
-            tbl = GeneStore(self.store).open_table(ATLAS_PREFIX + self.name)
-            t = tbl.to_lance().to_table(columns=["top_genes", "top_weights"])
-            genes = t.column("top_genes").combine_chunks()
-            weights = t.column("top_weights").combine_chunks()
-            n_genes = len(self.encoder().refinement["gene_rows"])
-            self._weights = sp.csr_matrix(
-                (
-                    weights.values.to_numpy().astype(np.float32),
-                    genes.values.to_numpy().astype(np.int64),
-                    genes.offsets.to_numpy().astype(np.int64),
-                ),
-                shape=(self.n_cells, n_genes),
-            )
+            t = self._dataset().to_table(columns=["top_genes", "top_weights"])
+            self._weights = weight_matrix(t, len(self.encoder().refinement["gene_rows"]))
         return self._weights
 
     def held_out(self) -> np.ndarray:
@@ -628,16 +655,7 @@ class Atlas:
         """Top-gene weights of `n` evenly spaced reference cells (a disk atlas's coverage)."""
         rows = np.unique(np.linspace(0, self.n_cells - 1, min(n, self.n_cells)).astype(np.int64))
         t = self._dataset().take(rows, columns=["top_genes", "top_weights"])
-        genes = t.column("top_genes").combine_chunks()
-        weights = t.column("top_weights").combine_chunks()
-        return sp.csr_matrix(
-            (
-                weights.values.to_numpy().astype(np.float32),
-                genes.values.to_numpy().astype(np.int64),
-                genes.offsets.to_numpy().astype(np.int64),
-            ),
-            shape=(len(rows), len(self.encoder().refinement["gene_rows"])),
-        )
+        return weight_matrix(t, len(self.encoder().refinement["gene_rows"]))
 
     def vectors_over(self, positions: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
         """Reference vectors re-aggregated over the atlas genes at `positions` only, with
@@ -747,6 +765,19 @@ def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
 
 
+def _atlas_table(store, name: str):
+    """(the LanceDB table of atlas `name`, its metadata); refused when there is none, or
+    only a half-written one."""
+    tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
+    meta = read_meta(tbl) if tbl is not None else {}
+    if tbl is None or not meta.get("complete"):
+        have = ", ".join(list_atlases(store)) or "none"
+        raise StoreError(
+            f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
+        )
+    return tbl, meta
+
+
 def build_atlas(
     reference,
     *,
@@ -819,13 +850,12 @@ def build_atlas(
         source = source.subset(known)
     labels = labels_of(source, label_key)
     broad = _broad_labels(source, labels, broad_label_key) if broad_label_key else None
-    excluded = {}
+    excluded, drop = {}, np.zeros(len(labels), dtype=bool)
     for x in parse_labels(exclude_labels):
-        excluded[x] = int(((labels == x) | ((broad == x) if broad is not None else False)).sum())
+        hit = (labels == x) | ((broad == x) if broad is not None else False)
+        excluded[x] = int(hit.sum())
+        drop |= hit
     if excluded:
-        drop = np.isin(labels.astype(str), list(excluded))
-        if broad is not None:
-            drop |= np.isin(broad.astype(str), list(excluded))
         if drop.all():
             raise CellvecError(
                 f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
@@ -953,7 +983,7 @@ def index_meta(kind: str, n_cells: int, dim: int) -> dict:
 
 
 def index_atlas(
-    store: str | Path,
+    store: str | Path | StoreLocation,
     name: str,
     *,
     index: str = "disk",
@@ -968,19 +998,13 @@ def index_atlas(
     searched in memory, or exactly through its table, until the index is there."""
     from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
 
-    tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
-    meta = read_meta(tbl) if tbl is not None else {}
-    if not meta.get("complete"):
-        raise StoreError(
-            f"No atlas {name!r} in {store} (atlases: {', '.join(list_atlases(store)) or 'none'})."
-        )
+    tbl, meta = _atlas_table(store, name)
     ds = tbl.to_lance()
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":
         entry.update(params or {})
         ds = build_disk_index(ds, DiskIndexParams.from_dict(entry), ray_address=ray)
-    key = META_KEY.decode() if isinstance(META_KEY, bytes) else META_KEY
-    ds.update_schema_metadata({key: json.dumps({**meta, "index": entry})})
+    ds.update_schema_metadata({META_KEY.decode(): json.dumps({**meta, "index": entry})})
     return entry
 
 

@@ -209,7 +209,9 @@ class DiskIndex:
         self.params = params
         self.ntotal = dataset.count_rows()
         self.dim = dataset.schema.field("vector").type.list_size
-        self._starts = row_starts(dataset)
+        starts = row_starts(dataset)
+        self._fragments = np.array(sorted(starts), dtype=np.int64)
+        self._starts = np.array([starts[f] for f in self._fragments.tolist()], dtype=np.int64)
         self.indexed = any(i.name == INDEX_NAME for i in dataset.describe_indices())
         if not self.indexed:
             log.warning(
@@ -260,10 +262,10 @@ class DiskIndex:
         return idx, sim
 
     def _positions(self, addr: np.ndarray) -> np.ndarray:
+        """Row positions (scan order) of Lance row addresses (fragment id << 32 | offset)."""
         frag = (addr >> 32).astype(np.int64)
         offs = (addr & 0xFFFFFFFF).astype(np.int64)
-        starts = np.array([self._starts[f] for f in frag.tolist()], dtype=np.int64)
-        return starts + offs
+        return self._starts[np.searchsorted(self._fragments, frag)] + offs
 
     def exact(
         self, query: np.ndarray, k: int, *, batch_rows: int = 65_536

@@ -141,21 +141,6 @@ def _chunks(spec: dict, start: int, stop: int):
         yield start + sl.start, block
 
 
-def _csr(table: pa.Table, n_cols: int) -> sp.csr_matrix:
-    """The top-gene weights of a block of rows (its `top_genes` / `top_weights` lists)."""
-    genes = table.column("top_genes").combine_chunks()
-    weights = table.column("top_weights").combine_chunks()
-    offsets = genes.offsets.to_numpy().astype(np.int64)  # a slice's own, from offsets[0]
-    return sp.csr_matrix(
-        (
-            weights.flatten().to_numpy().astype(np.float32),  # flatten, not .values: slices
-            genes.flatten().to_numpy().astype(np.int32),
-            offsets - offsets[0],
-        ),
-        shape=(len(table), n_cols),
-    )
-
-
 def _shard_dataset(ray, n_cells: int):
     bounds = shard_bounds(n_cells, cluster_cpus(ray))
     items = [{"start": s, "stop": e} for s, e in bounds]
@@ -218,6 +203,8 @@ def top_gene_weights(
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             tables.append(table)
             bar.update(len(table))
+    from cellvec.cell_index.atlas import weight_matrix
+
     tables = [t for t in tables if len(t)]
     rows = np.concatenate([t.column("row").to_numpy() for t in tables])
     if len(rows) != source.n_obs or (np.diff(rows) != 1).any():
@@ -225,7 +212,7 @@ def top_gene_weights(
             f"Ray returned {len(rows):,} of {source.n_obs:,} cells out of order: a worker "
             "failed or the cluster lost blocks. Run again, or without --ray."
         )
-    w = sp.vstack([_csr(t, len(cols)) for t in tables], format="csr")
+    w = sp.vstack([weight_matrix(t, len(cols)) for t in tables], format="csr")
     log.info("Top genes of %s cells in %.1f s", f"{source.n_obs:,}", time.perf_counter() - t0)
     return w, tables
 
@@ -238,13 +225,14 @@ class _AtlasRows:
         self.shared, self.schema = shared, schema
 
     def vectors(self, table: pa.Table) -> np.ndarray:
+        from cellvec.cell_index.atlas import weight_matrix
         from cellvec.cell_index.refine import encode_weights
 
         s = _shared(self.shared)
         if "vector" in table.column_names:
             flat = table.column("vector").combine_chunks().flatten().to_numpy()
             return flat.reshape(len(table), -1)
-        return encode_weights(_csr(table, len(s["basis"])), s["basis"], s["params"])
+        return encode_weights(weight_matrix(table, len(s["basis"])), s["basis"], s["params"])
 
     def with_vector(self, table: pa.Table) -> pa.Table:
         v = self.vectors(table)

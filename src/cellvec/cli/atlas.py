@@ -15,6 +15,21 @@ from cellvec.cli.options import (
 )
 
 
+def index_option(*, default: str):
+    """`--index auto|memory|disk` (the command gets `index_kind`), for build and index."""
+    return click.option(
+        "--index",
+        "index_kind",
+        type=click.Choice(["auto", "memory", "disk"]),
+        default=default,
+        show_default=True,
+        help="How the atlas is searched: in memory (faiss), or through a disk-resident Lance "
+        "IVF_PQ index for atlases larger than memory; auto puts it on disk when its vectors "
+        "would take more than CELLVEC_ATLAS_MEMORY_BUDGET (default 4G). map and serve follow "
+        "what the atlas records.",
+    )
+
+
 @click.group()
 def atlas():
     """Build and list reference atlases."""
@@ -58,17 +73,7 @@ def atlas():
     help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
     "the reference; recorded in the atlas. Costs about six refinements.",
 )
-@click.option(
-    "--index",
-    "index_kind",
-    type=click.Choice(["auto", "memory", "disk"]),
-    default="auto",
-    show_default=True,
-    help="How the atlas is searched: in memory (faiss), or through a disk-resident Lance "
-    "IVF_PQ index for atlases larger than memory; auto puts it on disk when its vectors "
-    "would take more than CELLVEC_ATLAS_MEMORY_BUDGET (default 4G). map and serve follow "
-    "what the atlas records.",
-)
+@index_option(default="auto")
 @ray_option
 @json_option
 def build(
@@ -108,7 +113,7 @@ def build(
     Example:
       cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
           --subset donor=3pv2,5p
-      cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \
+      cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
           --broad-label-key cell_type_broad --exclude-labels Doublet --calibration-split 0.1
       cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
     """
@@ -157,14 +162,7 @@ def build(
 @atlas.command("index")
 @click.argument("name")
 @store_option
-@click.option(
-    "--index",
-    "index_kind",
-    type=click.Choice(["auto", "memory", "disk"]),
-    default="disk",
-    show_default=True,
-    help="Search the atlas through a disk-resident Lance index (disk), in memory, or auto.",
-)
+@index_option(default="disk")
 @click.option("--nprobes", type=int, help="IVF partitions probed a query (default: chosen).")
 @click.option(
     "--refine-factor", type=int, help="Candidates re-ranked exactly, times k (default: 10)."
