@@ -131,6 +131,45 @@ def test_sparse_product_matches_the_dense_product_and_its_gradient():
     np.testing.assert_allclose(_sparse_product().apply(w, a).detach().numpy(), dense, atol=1e-6)
 
 
+def test_gene_adapter_gradients_match_autograd():
+    """The hand-written gradients of the gates and corrections (penalties included) are
+    autograd's for W @ (exp(a) * (E + D)) over the batch's genes, with the gates put
+    on the weights as fit_refinement does."""
+    import torch
+
+    from cellvec.cell_index.refine import _GeneAdapter, _sparse_product
+
+    rng = np.random.default_rng(0)
+    e = torch.tensor(rng.normal(size=(40, 8)).astype(np.float32))
+    adapter = _GeneAdapter(e, delta_penalty=1.0, gate_penalty=0.01)
+    adapter.log_gate += torch.tensor(rng.normal(0, 0.3, 40).astype(np.float32))
+    adapter.vectors += torch.tensor(rng.normal(0, 0.1, (40, 8)).astype(np.float32))
+    genes = np.sort(rng.choice(40, 15, replace=False))
+    w = sp.random(6, 15, density=0.4, format="csr", random_state=2, dtype=np.float32)
+    out_grad = torch.tensor(rng.normal(size=(6, 8)).astype(np.float32))
+    scaled = sp.csr_matrix((w.data * adapter.gates(genes)[w.indices], w.indices, w.indptr), w.shape)
+    rows = adapter.rows(torch.from_numpy(genes))
+    (_sparse_product().apply(scaled, rows) * out_grad).sum().backward()
+    adapter.backward(rows)
+
+    g = torch.from_numpy(genes)
+    log_gate = adapter.log_gate.clone().requires_grad_(True)
+    delta = (adapter.vectors - e).requires_grad_(True)
+    a = torch.exp(log_gate[g])[:, None] * (e[g] + delta[g])
+    penalty = 1.0 * (delta**2).sum() / float((e**2).sum()) + 0.01 * (log_gate**2).mean()
+    ((torch.from_numpy(w.toarray()) @ a * out_grad).sum() + penalty).backward()
+    np.testing.assert_allclose(
+        adapter.vectors.grad.numpy(), delta.grad.numpy(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        adapter.log_gate.grad.numpy(), log_gate.grad.numpy(), rtol=1e-5, atol=1e-6
+    )
+    assert adapter.penalty() == pytest.approx(float(penalty), rel=1e-5)
+    gates, deltas = adapter.arrays()
+    np.testing.assert_allclose(gates, np.exp(log_gate.detach().numpy()), rtol=1e-6)
+    np.testing.assert_allclose(deltas, delta.detach().numpy(), atol=1e-7)
+
+
 def test_refined_atlas_maps_queries_without_retraining(fake_store):
     ref = tiny_adata(n_cells=90, seed=1)
     atlas = build_atlas(
