@@ -72,7 +72,8 @@ def _subset_store(tmp_path_factory, species: str, datasets: tuple[str, ...]):
 
 @pytest.fixture(scope="module")
 def pbmc_store(tmp_path_factory):
-    """A human minilm store of the genes named in the three PBMC sets (~3,700 genes)."""
+    """A human minilm store of the genes named in the three PBMC sets (3,913 genes, ~10
+    minutes to embed on 2 cores: the tests that use it are marked `long`)."""
     return _subset_store(tmp_path_factory, "human", ("pbmc_3chem", "pbmc3k", "pbmc68k_reduced"))
 
 
@@ -82,6 +83,7 @@ def retina_store(tmp_path_factory):
     return _subset_store(tmp_path_factory, "mouse", ("macosko2015_amacrine",))
 
 
+@pytest.mark.long
 def test_cross_chemistry_mapping(pbmc_store):
     """3pv1 cells mapped onto an atlas of 3pv2 + 5p cells, the default recipe, no retraining."""
     from cellvec.cell_index.atlas import build_atlas
@@ -99,6 +101,7 @@ def test_cross_chemistry_mapping(pbmc_store):
     assert res.metrics["per_class"]["MK"]["support"] == 3  # rare classes are reported
 
 
+@pytest.mark.long
 def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.cell_index.mapping import map_cells, read_label_map
@@ -180,9 +183,9 @@ def test_a_subtype_the_atlas_lacks_comes_back_unassigned(retina_store, amacrine)
 @pytest.mark.parametrize(
     "species, file, label_key",
     [
-        ("human", "pbmc_3chem", "cell_type"),
-        ("human", "pbmc3k", "classified"),
-        ("human", "pbmc68k_reduced", "bulk_labels"),
+        pytest.param("human", "pbmc_3chem", "cell_type", marks=pytest.mark.long),
+        pytest.param("human", "pbmc3k", "classified", marks=pytest.mark.long),
+        pytest.param("human", "pbmc68k_reduced", "bulk_labels", marks=pytest.mark.long),
         ("mouse", "macosko2015_amacrine", "cell_type"),
     ],
 )
