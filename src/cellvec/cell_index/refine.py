@@ -369,7 +369,8 @@ def fit_refinement(
                 loss.backward()
                 if adapter:
                     adapter.backward(rows)
-                if step % 50 == 0 or step == steps - 1:  # before the step, as the gradients
+                # logged before opt.step(): the loss the gradients were taken at
+                if step % 50 == 0 or step == steps - 1:
                     value = loss.item() + (adapter.penalty() if adapter else 0.0)
                     history.append({"step": step + 1, "loss": round(value, 4)})
                     bar.set_postfix(loss=f"{value:.3f}")
