@@ -278,6 +278,7 @@ def test_one_to_one_translation_of_hcop_both_ways(tmp_path):
         + "ENSMUSG2,Gm1,ENSG2,PARA1,a\nENSMUSG2,Gm1,ENSG3,PARA2,a\n"  # one-to-many: dropped
         + "ENSMUSG4,Ly6a,ENSG4,,a\n"  # no human symbol: dropped
         + "ENSMUSG5,Ensa,ENSG5,ENSA,a\n"  # a symbol that merely starts like an Ensembl id
+        + "ENSMUSG6,Tmem6,ENSG6,ENSG00000141510.5,a\n"  # a versioned id for a symbol: dropped
     )
     t = read_orthologs(path)
     assert t.one_to_one("human") == {"CD3E": "CD3E", "ENSA": "ENSA"}

@@ -46,7 +46,8 @@ EXPECTED = (
     "columns (e.g. mouse_symbol, human_symbol)"
 )
 _ENSEMBL_SPECIES = (("ENSMUSG", "mouse"), ("ENSG", "human"))
-_ENSEMBL_ID = r"^ENS[A-Z]*G\d+$"  # an id standing in for a missing symbol (not ENSA, a gene)
+# an id standing in for a missing symbol, versioned or not (not ENSA, a gene)
+_ENSEMBL_ID = r"^ENS[A-Z]*G\d+(\.\d+)?$"
 _SPECIES_WORD = re.compile("|".join(SPECIES), re.IGNORECASE)
 
 
