@@ -23,6 +23,7 @@ import urllib.request
 
 import numpy as np
 
+from cellvec._arrow import fixed_size_rows
 from cellvec.errors import CellvecError
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,8 @@ class Client:
                     conf[rows] = answer.column("confidence").to_numpy()
                     typical[rows] = answer.column("typicality").to_numpy()
                     nearest[rows] = answer.column("nearest_similarity").to_numpy()
-                    scores[rows] = _fixed_list(answer.column("scores"))
-                    vectors[rows] = _fixed_list(answer.column("vector"))
+                    scores[rows] = fixed_size_rows(answer.column("scores"))
+                    vectors[rows] = fixed_size_rows(answer.column("vector"))
                     if "label_broad" in answer.column_names:
                         broad_labels[rows] = answer.column("label_broad").to_pylist()
                         broad_conf[rows] = answer.column("confidence_broad").to_numpy()
@@ -219,8 +220,3 @@ class Client:
             clusters=clusters,
             source=source,
         )
-
-
-def _fixed_list(column) -> np.ndarray:
-    arr = column.combine_chunks()
-    return arr.flatten().to_numpy().reshape(len(arr), arr.type.list_size)

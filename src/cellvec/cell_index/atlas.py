@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+from cellvec._arrow import fixed_size_rows
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.background import apply_background, fit_background
 from cellvec.cell_index.encoder import CellEncoder
@@ -241,19 +242,13 @@ def weight_matrix(table: pa.Table, n_genes: int) -> sp.csr_matrix:
     offsets = genes.offsets.to_numpy().astype(np.int64)  # a slice's own, from offsets[0]
     return sp.csr_matrix(
         (
-            weights.flatten().to_numpy().astype(np.float32),  # flatten, not .values: slices
-            genes.flatten().to_numpy().astype(np.int64),
+            # copies: scipy sorts indices in place, and Arrow's zero-copy arrays are read-only
+            weights.flatten().to_numpy().astype(np.float32),
+            genes.flatten().to_numpy().astype(np.int32),
             offsets - offsets[0],
         ),
         shape=(len(table), n_genes),
     )
-
-
-def _vectors_of(column) -> np.ndarray:
-    """The atlas's `vector` column (or some of its rows) as a cells x dim float32 array."""
-    col = column.combine_chunks()
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(col), -1).astype(np.float32, copy=False)
 
 
 def atlas_table(
@@ -350,7 +345,7 @@ class _StoredVectors:
         return self.atlas.n_cells
 
     def __getitem__(self, rows) -> np.ndarray:
-        return _vectors_of(self.atlas._dataset().take(np.asarray(rows), columns=["vector"])[0])
+        return fixed_size_rows(self.atlas._dataset().take(np.asarray(rows), columns=["vector"])[0])
 
 
 @dataclass
@@ -403,7 +398,7 @@ class Atlas:
         """The reference cells' vectors (cells x dim). A disk atlas reads them all on the
         first call: mapping never does, only whole-atlas views (report, explain)."""
         if self._vectors is None:
-            self._vectors = _vectors_of(self._read_column("vector"))
+            self._vectors = fixed_size_rows(self._read_column("vector"))
         return self._vectors
 
     @property
@@ -506,7 +501,7 @@ class Atlas:
             _cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
             _labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
             _batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
-            _vectors=_vectors_of(arrow.column("vector")),
+            _vectors=fixed_size_rows(arrow.column("vector")),
             version=ds.version,
             _ds=ds,
             broad_labels=(

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cellvec._arrow import fixed_size_rows
 from cellvec.errors import CellvecError, StoreError
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ class DiskIndex:
         best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
         at = 0
         for batch in self.dataset.to_batches(columns=["vector"], batch_size=batch_rows):
-            v = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+            v = fixed_size_rows(batch.column(0))
             s = q @ v.T  # queries x batch_rows: 130 MB for 500 queries
             take = min(k, s.shape[1])
             part = np.argpartition(s, s.shape[1] - take, axis=1)[:, -take:]

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+from cellvec._arrow import fixed_size_rows
 from cellvec._progress import progress
 from cellvec._ray import cluster_cpus, init_ray, ordered_data
 from cellvec.cell_index.readers import ExpressionSource
@@ -230,8 +231,7 @@ class _AtlasRows:
 
         s = _shared(self.shared)
         if "vector" in table.column_names:
-            flat = table.column("vector").combine_chunks().flatten().to_numpy()
-            return flat.reshape(len(table), -1)
+            return fixed_size_rows(table.column("vector"))
         return encode_weights(weight_matrix(table, len(s["basis"])), s["basis"], s["params"])
 
     def with_vector(self, table: pa.Table) -> pa.Table:
@@ -345,12 +345,12 @@ def _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_option
             ds = ds.map_batches(
                 rows.with_vector, batch_size=None, batch_format="pyarrow"
             ).materialize()
-            parts = [
-                t.column("vector").combine_chunks().flatten().to_numpy()
-                for t in ds.iter_batches(batch_size=None, batch_format="pyarrow")
-            ]
-            dim = schema.field("vector").type.list_size
-            vectors = np.concatenate(parts).reshape(n, dim)
+            vectors = np.concatenate(
+                [
+                    fixed_size_rows(t.column("vector"))
+                    for t in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+                ]
+            )
             shared["calibration"] = pa.array(np.asarray(calibrate(vectors), dtype=np.float32))
         writer = LanceFragmentWriter(
             uri,
@@ -417,12 +417,10 @@ def encode_cells(source: ExpressionSource, encoder, basis, *, ray=True) -> np.nd
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if not len(table):
                 continue
-            v = table.column("vector").combine_chunks()
-            dim = v.type.list_size
+            v = fixed_size_rows(table.column("vector"))
             if out is None:
-                out = np.empty((source.n_obs, dim), dtype=np.float32)
-            rows = table.column("row").to_numpy()
-            out[rows] = v.flatten().to_numpy().reshape(len(table), dim)
+                out = np.empty((source.n_obs, v.shape[1]), dtype=np.float32)
+            out[table.column("row").to_numpy()] = v
             seen += len(table)
             bar.update(len(table))
     if seen != source.n_obs:
