@@ -37,6 +37,16 @@ def log_progress() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def compare(ai, asim, ei, truth, codes, n_classes) -> dict:
+    """Recall@k of neighbours `ai` against the exact `ei` (k = their width), and agreement
+    of their voted labels with the exact vote `truth`."""
+    from cellvec.cell_index.knn import vote
+
+    recall = (ai[:, :, None] == ei[:, None, :]).any(2).sum(1).mean() / ei.shape[1]
+    agree = (vote(ai, asim, codes, n_classes).argmax(1) == truth).mean()
+    return {"recall_at_15": round(float(recall), 4), "label_agreement": round(float(agree), 4)}
+
+
 def synthetic_h5ad_args(ap) -> None:
     """The size of the synthetic h5ad (`bench_cell_vectors.write_h5ad`) and its recipe:
     --cells x --genes with --nnz non-zeros per cell, --dim-d gene vectors, --top-genes."""

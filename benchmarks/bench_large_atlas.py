@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED, peak_rss_mib  # noqa: E402
+from _common import SHARED, compare, peak_rss_mib  # noqa: E402
 
 REFERENCES = {  # name: (species, file, label key)
     "pbmc3k": ("human", "pbmc3k", "classified"),
@@ -186,16 +186,6 @@ def index_phase(args) -> dict:
 def queries(args, atlas):
     """Query cells from the same distribution as the atlas (fresh draws, another seed)."""
     return Sampler(atlas).draw(args.queries, np.random.default_rng(args.seed + 1))[0]
-
-
-def compare(ai, asim, ei, truth, codes, n_classes) -> dict:
-    """Recall@15 of neighbours `ai` against the exact `ei`, and agreement of their voted
-    labels with the exact vote `truth`."""
-    from cellvec.cell_index.knn import vote
-
-    recall = (ai[:, :, None] == ei[:, None, :]).any(2).sum(1).mean() / K
-    agree = (vote(ai, asim, codes, n_classes).argmax(1) == truth).mean()
-    return {"recall_at_15": round(float(recall), 4), "label_agreement": round(float(agree), 4)}
 
 
 def search_phase(args, kind: str) -> dict:

@@ -41,6 +41,14 @@ class FlatIndex:
         return idx.astype(np.int64), sim
 
 
+def without_self(idx: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference searched with itself as the query (row i is reference cell i, searched
+    for k + 1): each cell's k nearest others, best first, its own hit taken out."""
+    keep = idx != np.arange(len(idx))[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1)
+
+
 def exact_knn(query: np.ndarray, ref: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, similarities) of the k most similar rows of `ref`, best first."""
     return FlatIndex(ref).search(query, k)
