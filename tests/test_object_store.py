@@ -269,10 +269,11 @@ def test_serve_workers_get_the_storage_options(s3_atlas):
     env = {k: v for k, v in os.environ.items() if k != OPTIONS_ENV and not k.startswith("AWS_")}
     opts = json.loads(os.environ[OPTIONS_ENV])
     args = [a for k, v in opts.items() for a in ("--storage-option", f"{k}={v}")]
+    body, truth = _cells(4)
     with serve_process("--store", s3_atlas["s3"], *args, "--workers", 2, env=env) as url:
-        r = httpx.post(f"{url}/v1/atlases/tiny/map", json=_cells(4)[0], timeout=60)
+        r = httpx.post(f"{url}/v1/atlases/tiny/map", json=body, timeout=60)
         assert r.status_code == 200, r.text
-        assert [c["label"] for c in r.json()["cells"]] == ["T", "B", "M", "T"]
+        assert [c["label"] for c in r.json()["cells"]] == truth
 
 
 def _together(fn, writers) -> dict:
