@@ -90,15 +90,17 @@ def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.
     return broad
 
 
+def pair_counts(fine: np.ndarray, n_fine: int, broad: np.ndarray, n_broad: int) -> np.ndarray:
+    """Cells per (fine class, broad class), from each cell's fine and broad class index."""
+    flat = fine.astype(np.int64) * n_broad + broad
+    return np.bincount(flat, minlength=n_fine * n_broad).reshape(n_fine, n_broad)
+
+
 def _parents(fine: np.ndarray, n_fine: int, broad: np.ndarray, n_broad: int) -> np.ndarray:
     """Each fine class's broad class index (from each cell's fine and broad class index),
-    -1 where its cells carry several broad classes."""
-    pairs = np.unique(fine.astype(np.int64) * n_broad + broad)
-    of, under = np.divmod(pairs, n_broad)
-    parent = np.full(n_fine, -1, dtype=np.int64)
-    single = np.bincount(of, minlength=n_fine)[of] == 1
-    parent[of[single]] = under[single]
-    return parent
+    -1 where its cells carry several broad classes (or none)."""
+    found = pair_counts(fine, n_fine, broad, n_broad) > 0
+    return np.where(found.sum(1) == 1, found.argmax(1), -1)
 
 
 def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import Atlas, fit_encoder, labels_of
+from cellvec.cell_index.atlas import Atlas, fit_encoder, labels_of, pair_counts
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
@@ -708,10 +708,9 @@ def _species_swap_scores(pred, source, y, to, table, mapping, peers, cross_valid
 def _as_broad(predicted: np.ndarray, y_ref: np.ndarray, y_broad_ref: np.ndarray) -> np.ndarray:
     """Predicted fine labels as broad ones: each fine class's most common broad label among
     the reference cells (`y_ref`, `y_broad_ref`); a label the reference lacks stays as is."""
-    parent = {}
-    for c in np.unique(y_ref):
-        names, counts = np.unique(y_broad_ref[y_ref == c].astype(str), return_counts=True)
-        parent[c] = names[counts.argmax()]
+    fine, f = np.unique(np.asarray(y_ref).astype(str), return_inverse=True)
+    broad, b = np.unique(np.asarray(y_broad_ref).astype(str), return_inverse=True)
+    parent = dict(zip(fine, broad[pair_counts(f, len(fine), b, len(broad)).argmax(1)]))
     labels, inverse = np.unique(predicted.astype(str), return_inverse=True)
     return np.array([parent.get(c, c) for c in labels], dtype=object)[inverse]
 
