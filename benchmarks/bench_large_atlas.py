@@ -205,6 +205,7 @@ def search_phase(args, kind: str) -> dict:
             meta=atlas.meta,
             _codes=atlas.label_codes(),
             version=atlas.version,
+            _ds=atlas._dataset(),
             _vectors=np.ascontiguousarray(atlas.vectors),
         )
     index = atlas.index()

@@ -423,12 +423,14 @@ class Atlas:
         return self._batches
 
     def _dataset(self):
-        """The atlas table (a `lance.LanceDataset`) at the version this atlas was opened at,
-        opened once: what is read later (vectors, top genes, the disk index) belongs to the
+        """The atlas table (a `lance.LanceDataset`) at the version this atlas was opened at:
+        what is read later (vectors, top genes, the disk index) belongs to the
         same rows as the labels read on opening, even after the atlas is rebuilt."""
-        if self._ds is None:
-            ds = GeneStore(self.store).open_table(ATLAS_PREFIX + self.name).to_lance()
-            self._ds = ds if ds.version == self.version else ds.checkout_version(self.version)
+        if self._ds is None:  # Atlas.from_fit: never written
+            raise CellvecError(
+                f"Atlas {self.name!r} is held in memory only (Atlas.from_fit) and has no table; "
+                "open a stored atlas with Atlas.open to read one."
+            )
         return self._ds
 
     def _read_column(self, name: str):
@@ -483,14 +485,13 @@ class Atlas:
     @classmethod
     def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
         store = store_location(store)
-        tbl, meta = _atlas_table(store, name)
+        ds, meta = _atlas_dataset(store, name)
         found = meta.get("recipe", {}).get("version")
         if found != RECIPE_VERSION:
             raise StoreError(
                 f"Atlas {name!r} in {store} was built by an older cellvec (recipe version "
                 f"{found}, this one reads {RECIPE_VERSION}). Rebuild it with `cellvec atlas build`."
             )
-        ds = tbl.to_lance()
         if (meta.get("index") or {}).get("kind") == "disk":
             return cls._open_disk(store, name, meta, ds)
         columns = ["cell_id", "label", "batch", "vector", "self_similarity"]
@@ -762,17 +763,18 @@ def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
 
 
-def _atlas_table(store, name: str):
-    """(the LanceDB table of atlas `name`, its metadata); refused when there is none, or
-    only a half-written one."""
+def _atlas_dataset(store, name: str):
+    """(the table of atlas `name` as a `lance.LanceDataset`, its metadata, read from that
+    same version); refused when there is none, or only a half-written one."""
     tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
-    meta = read_meta(tbl) if tbl is not None else {}
-    if tbl is None or not meta.get("complete"):
+    ds = tbl.to_lance() if tbl is not None else None
+    meta = read_meta(ds) if ds is not None else {}
+    if ds is None or not meta.get("complete"):
         have = ", ".join(list_atlases(store)) or "none"
         raise StoreError(
             f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
         )
-    return tbl, meta
+    return ds, meta
 
 
 def build_atlas(
@@ -995,8 +997,7 @@ def index_atlas(
     searched in memory, or exactly through its table, until the index is there."""
     from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
 
-    tbl, meta = _atlas_table(store, name)
-    ds = tbl.to_lance()
+    ds, meta = _atlas_dataset(store, name)
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":
         entry.update(params or {})
