@@ -97,6 +97,8 @@ def summary_table(results: dict[str, dict]) -> str:
     ]
     for set_name, r in results.items():
         reps = _reps(r)
+        if not any(n in names for n in reps):
+            continue  # a run of scenarios only: nothing for this table
         best = max(m["macro_f1"] for n, m in reps.items() if n in names)
         cells = []
         for n in names:

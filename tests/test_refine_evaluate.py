@@ -358,6 +358,9 @@ def test_evaluate_panels_and_left_out_subtypes(fake_store):
     assert {"cellvec", "logreg_expr", "logreg_panel"} <= set(d["panels"]["0.5"])
     left = d["leave_out"]["M"]["cellvec"]
     assert left["cells"] == 30 and left["unassigned"] + left["mislabelled"] == pytest.approx(1)
+    # each test's share of the missing subtype; together they make the unassigned share
+    assert max(left["by_typicality"], left["by_mixing"]) <= left["unassigned"]
+    assert left["unassigned"] <= left["by_typicality"] + left["by_mixing"] + 1e-9
     assert d["leave_out"]["M"]["logreg_expr"]["unassigned"] == 0  # it cannot say "not here"
     assert "left-out subtype" in res.to_markdown()
 

@@ -652,8 +652,41 @@ class Atlas:
     def _weights_sample(self, n: int = 50_000) -> sp.csr_matrix:
         """Top-gene weights of `n` evenly spaced reference cells (a disk atlas's coverage)."""
         rows = np.unique(np.linspace(0, self.n_cells - 1, min(n, self.n_cells)).astype(np.int64))
+        return self._weights_of(rows)
+
+    def _weights_of(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Top-gene weights of the reference cells at `rows` (sorted); a disk atlas reads only those."""
+        if self._weights is not None or not self.on_disk:
+            return sp.csr_matrix(self.weights()[rows])
         t = self._dataset().take(rows, columns=["top_genes", "top_weights"])
         return weight_matrix(t, len(self.encoder().refinement["gene_rows"]))
+
+    def _reaggregate(self, w: sp.csr_matrix, positions: np.ndarray | None = None) -> np.ndarray:
+        """Vectors before the head (adapted genes, centred) of reference top-gene weights `w`,
+        over the atlas genes at `positions` only (each cell's weights there rescaled to sum
+        to 1), or all of them."""
+        enc = self.encoder()
+        fitted = enc.refinement
+        if positions is None:
+            positions = np.arange(len(fitted["gene_rows"]))
+        w = sp.csr_matrix(w[:, positions])
+        sums = np.asarray(w.sum(axis=1)).ravel()
+        w = sp.csr_matrix(sp.diags(np.where(sums > 0, 1.0 / np.where(sums > 0, sums, 1), 0)) @ w)
+        rows = fitted["gene_rows"][positions]
+        params = {k: fitted[k][positions] for k in ("gene_gate", "gene_delta") if k in fitted}
+        basis = adapted_basis(apply_background(enc.genes.vectors[rows], enc.background), params)
+        return weighted_mean(w, basis, fitted.get("cell_mean"))
+
+    def unrefined_sample(
+        self, positions: np.ndarray | None = None, n: int = 20_000, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors before the head, class codes) of a uniform sample of `n` reference cells
+        (all of them when fewer), over the atlas genes at `positions` (all when None): the
+        atlas side of the mixing test (`cell_index.mixing`)."""
+        from cellvec.cell_index.mixing import sample_rows
+
+        rows = sample_rows(self.n_cells, n, seed)
+        return self._reaggregate(self._weights_of(rows), positions), self.label_codes()[1][rows]
 
     def vectors_over(self, positions: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
         """Reference vectors re-aggregated over the atlas genes at `positions` only, with
@@ -680,15 +713,7 @@ class Atlas:
                 "restricted to the query's genes (`cellvec atlas build` on the reference "
                 "with only those genes), or map a query that measures the atlas's genes."
             )
-        enc = self.encoder()
-        fitted = enc.refinement
-        w = sp.csr_matrix(self.weights()[:, positions])
-        sums = np.asarray(w.sum(axis=1)).ravel()
-        w = sp.csr_matrix(sp.diags(np.where(sums > 0, 1.0 / np.where(sums > 0, sums, 1), 0)) @ w)
-        rows = fitted["gene_rows"][positions]
-        params = {k: fitted[k][positions] for k in ("gene_gate", "gene_delta") if k in fitted}
-        basis = adapted_basis(apply_background(enc.genes.vectors[rows], enc.background), params)
-        vecs = apply_head(fitted, weighted_mean(w, basis, fitted.get("cell_mean")))
+        vecs = apply_head(self.encoder().refinement, self._reaggregate(self.weights(), positions))
         if len(self._panels) >= 4:
             self._panels.pop(next(iter(self._panels)))
         index = build_index(vecs)

@@ -11,8 +11,10 @@ import numpy as np
 
 from cellvec.cell_index.atlas import Atlas, labels_of
 from cellvec.cell_index.knn import vote
+from cellvec.cell_index.mixing import mixing_pvalues, unmixed
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.refine import apply_head
 from cellvec.errors import CellvecError, InputFormatError
 from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
 from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
@@ -55,6 +57,9 @@ class MappingResult:
     min_confidence: float
     typicality: np.ndarray | None = None
     min_typicality: float = 0.0
+    mixing: np.ndarray | None = None  # the mixing test's p-value per cell (`min_mixing` > 0)
+    min_mixing: float = 0.0
+    mixing_applied: bool = False  # False when query and atlas did not mix (`mixing.unmixed`)
     gene_coverage: float = 1.0
     truth: np.ndarray | None = None
     metrics: dict | None = None
@@ -79,6 +84,8 @@ class MappingResult:
             ).astype(np.float64),
             "nearest_similarity": self.neighbour_similarity.astype(np.float64),
         }
+        if self.mixing is not None:
+            cols["cellvec_mixing"] = self.mixing.astype(np.float64)
         if self.truth is not None:
             cols["truth"] = self.truth.astype(str).tolist()
         if self.broad is not None:
@@ -174,6 +181,8 @@ class MappingResult:
         adata.obs["cellvec_confidence"] = self.confidence.astype(np.float32)
         if self.typicality is not None:
             adata.obs["cellvec_typicality"] = self.typicality.astype(np.float32)
+        if self.mixing is not None:
+            adata.obs["cellvec_mixing"] = self.mixing.astype(np.float32)
         if self.broad is not None:
             adata.obs["cellvec_label_broad"] = pd.Categorical(self.broad.labels.astype(str))
             adata.obs["cellvec_confidence_broad"] = self.broad.confidence.astype(np.float32)
@@ -185,6 +194,7 @@ class MappingResult:
             "k": self.k,
             "min_confidence": self.min_confidence,
             "min_typicality": self.min_typicality,
+            "min_mixing": self.min_mixing,
             "classes": self.classes.astype(str).tolist(),
             "recipe": {k: ("" if v is None else v) for k, v in self.recipe.items()},
         }
@@ -251,6 +261,12 @@ class MappingResult:
         }
         if self.orthologs:
             out["orthologs"] = self.orthologs
+        if self.mixing is not None:
+            out["mixing"] = {
+                "min_mixing": self.min_mixing,
+                "below_fraction": float((self.mixing < self.min_mixing).mean()),
+                "applied": self.mixing_applied,
+            }
         if self.excluded_labels:
             out["excluded_labels"] = list(self.excluded_labels)
         if self.metrics:
@@ -291,6 +307,7 @@ def map_cells(
     k: int | None = None,
     min_confidence: float = 0.0,
     min_typicality: float = 0.0,
+    min_mixing: float = 0.0,
     truth_key: str | None = None,
     label_map: dict[str, str] | None = None,
     layer: str | None = None,
@@ -313,6 +330,14 @@ def map_cells(
     expected to come back unassigned when query and reference are alike; cells of a
     subtype the atlas lacks mostly do. It needs an atlas built with a calibration
     split (cells refinement never saw); typicality is NaN without one.
+
+    A cell is also `unassigned` when its mixing p-value is below `min_mixing` (0.01 is a
+    good start): among its nearest cells in the query and the atlas pooled, far more
+    are query cells than the atlas's own cells of its label see (`cell_index.mixing`).
+    This catches a subtype the atlas lacks that sits inside a known class (a left-out
+    NK among CD8 T), where typicality cannot. It judges the query as a whole, so map
+    whole files with it; when most of the query fails (query and atlas do not mix, as
+    across chemistries), it is not applied and a warning says so.
 
     `k` defaults to the atlas's own (15, or what `atlas build --tune` chose).
     `recipe` (optional) states the settings the caller expects; a mismatch with the
@@ -380,9 +405,10 @@ def map_cells(
     if ray:
         from cellvec.cell_index.parallel import encode_cells
 
-        q = encode_cells(source, encoder, basis, ray=ray)
+        unrefined = encode_cells(source, encoder, basis, ray=ray, head=False)
     else:
-        q = encoder.encode(source, basis)
+        unrefined = encoder.unrefined(source, basis)
+    q = apply_head(encoder.refinement, unrefined)
     excluded, allowed = excluded_cells(atlas, exclude_labels)
     idx, sim = search_allowed(index, q, k, allowed)
     classes, codes = atlas.label_codes()
@@ -396,6 +422,15 @@ def map_cells(
         calibration=atlas.calibration() if calibration is None else calibration,
         min_typicality=min_typicality,
     )
+    mixing, mixing_applied = None, False
+    if min_mixing > 0:
+        reference, ref_codes = atlas.unrefined_sample(panel)
+        mixing = mixing_pvalues(reference, ref_codes, unrefined, scores.argmax(1))
+        failing = unmixed(mixing, min_mixing, atlas.name)
+        mixing_applied = failing is not None
+        if mixing_applied:
+            labels[failing] = UNASSIGNED
+    del unrefined
     metrics = truth_metrics(truth, labels, classes, atlas.name)
     broad = None
     if atlas.broad_labels is not None:
@@ -444,6 +479,9 @@ def map_cells(
         min_confidence=min_confidence,
         typicality=typical,
         min_typicality=min_typicality,
+        mixing=mixing,
+        min_mixing=min_mixing,
+        mixing_applied=mixing_applied,
         gene_coverage=coverage,
         truth=truth,
         metrics=metrics,

@@ -390,9 +390,11 @@ def _vectors_batch(batch: pa.Table, shared) -> pa.Table:
     )
 
 
-def encode_cells(source: ExpressionSource, encoder, basis, *, ray=True) -> np.ndarray:
-    """`encoder.encode(source, basis)`, computed by Ray workers shard by shard and
-    gathered in cell order on the driver."""
+def encode_cells(
+    source: ExpressionSource, encoder, basis, *, ray=True, head: bool = True
+) -> np.ndarray:
+    """`encoder.encode(source, basis)` (`encoder.unrefined` without the `head`), computed
+    by Ray workers shard by shard and gathered in cell order on the driver."""
     ray = init_ray(ray)
     t0 = time.perf_counter()
     basis.full  # noqa: B018  (computed once here, not in every worker)
@@ -401,7 +403,7 @@ def encode_cells(source: ExpressionSource, encoder, basis, *, ray=True) -> np.nd
             "reader": _reader(source, ray),
             "basis": basis,
             "recipe": encoder.recipe,
-            "params": encoder.refinement,
+            "params": encoder.refinement if head else {},
         }
     )
     out = None

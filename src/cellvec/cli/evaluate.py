@@ -58,6 +58,12 @@ from cellvec.cli.options import (
     help="Unassigned threshold scored with --leave-out and --broad-label-key.",
 )
 @click.option(
+    "--min-mixing",
+    default=0.01,
+    show_default=True,
+    help="Mixing-test threshold scored with --leave-out (see `cellvec map --min-mixing`).",
+)
+@click.option(
     "--min-confidence",
     default=0.0,
     show_default=True,
@@ -113,6 +119,7 @@ def evaluate_cmd(
     panel,
     leave_out,
     min_typicality,
+    min_mixing,
     min_confidence,
     species_swap,
     orthologs,
@@ -169,6 +176,7 @@ def evaluate_cmd(
         panels=[float(x) for x in panel.split(",")] if panel else None,
         leave_out=list(leave_out) or None,
         min_typicality=min_typicality,
+        min_mixing=min_mixing,
         min_confidence=min_confidence,
         broad_label_key=broad_label_key,
         species_swap=species_swap,

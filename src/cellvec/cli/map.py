@@ -46,6 +46,15 @@ from cellvec.cli.options import (
     "atlas. Needs an atlas built with --calibration-split.",
 )
 @click.option(
+    "--min-mixing",
+    default=0.0,
+    show_default=True,
+    help="Below this mixing p-value (0.01 is a good start), a cell is 'unassigned': far more "
+    "of its nearest cells in query and atlas pooled are query cells than the atlas's own "
+    "cells of its label see, as for a subtype the atlas lacks that sits inside a known one. "
+    "Judges the whole query file; left off, with a warning, when query and atlas do not mix.",
+)
+@click.option(
     "--truth-key", help="obs column with known labels: report accuracy, macro-F1, per class."
 )
 @click.option(
@@ -90,6 +99,7 @@ def map_cmd(
     k,
     min_confidence,
     min_typicality,
+    min_mixing,
     truth_key,
     broad_truth_key,
     label_map,
@@ -127,6 +137,11 @@ def map_cmd(
         raise click.UsageError(
             "--ray computes vectors here; with --server the service does: give one of them."
         )
+    if server and min_mixing:
+        raise click.UsageError(
+            "--min-mixing judges the whole query against the atlas, and the service maps "
+            "cells in chunks: map with --store to use it."
+        )
     if save_as and not store:
         raise click.UsageError("--save-as writes into a store: give --store DIR.")
     src = subset_source(
@@ -148,7 +163,9 @@ def map_cmd(
 
         res = Client(server).map(src, atlas=atlas_name, **options)
     else:
-        res = map_cells(src, atlas_name, store=store, ray=ray or None, **options)
+        res = map_cells(
+            src, atlas_name, store=store, ray=ray or None, min_mixing=min_mixing, **options
+        )
     if out:
         res.write(out)
     if table:
@@ -163,6 +180,12 @@ def map_cmd(
         + (f" -> {out}" if out else "")
     )
     summary = res.summary()
+    if "mixing" in summary:
+        m = summary["mixing"]
+        click.echo(
+            f"mixing test: {m['below_fraction']:.1%} of cells below p {m['min_mixing']:g}"
+            + ("" if m["applied"] else " (not applied: query and atlas do not mix)")
+        )
     click.echo(level_table(res.metrics, summary["label_counts"]))
     if res.broad is not None:
         broad = summary["broad"]

@@ -71,6 +71,7 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
         typicality=a.obs["cellvec_typicality"].to_numpy()
         if "cellvec_typicality" in a.obs.columns
         else None,
+        mixing=a.obs["cellvec_mixing"].to_numpy() if "cellvec_mixing" in a.obs.columns else None,
         summary={"mapped": mapped, "atlas": name, "cells": a.n_obs},
         min_confidence=float(a.uns.get("cellvec", {}).get("min_confidence", 0.0)),
     )

@@ -234,7 +234,12 @@ class EvaluationResult:
             )
             rows = {
                 f"{sub} | {n}": [
-                    f"{m['unassigned']:.2f}",
+                    f"{m['unassigned']:.2f}"
+                    + (
+                        f" ({m['by_typicality']:.2f} / {m['by_mixing']:.2f})"
+                        if "by_mixing" in m
+                        else ""
+                    ),
                     f"{m['mislabelled']:.2f}",
                     f"{m['known_macro_f1']:.3f} / {m['known_macro_f1_without']:.3f}",
                 ]
@@ -244,7 +249,11 @@ class EvaluationResult:
             }
             lines += [""] + _grid(
                 "left-out subtype | representation",
-                ["unassigned", "mislabelled", "known macro-F1 with / without the unassigned call"]
+                [
+                    "unassigned (by typicality / by mixing)",
+                    "mislabelled",
+                    "known macro-F1 with / without the unassigned call",
+                ]
                 + (["right broad label"] if broad else []),
                 rows,
             )
@@ -418,6 +427,7 @@ def evaluate(
     panels: list[float] | None = None,
     leave_out: list[str] | None = None,
     min_typicality: float = 0.01,
+    min_mixing: float = 0.01,
     min_confidence: float = 0.0,
     broad_label_key: str | None = None,
     species_swap: str | None = None,
@@ -438,7 +448,7 @@ def evaluate(
 
     `data_limited`: reference cells per class for a learning curve. `panels`: shares
     of the genes kept in the query. `leave_out`: subtypes left out of the reference
-    (`min_typicality` is the unassigned threshold scored there). `query`: a second
+    (`min_typicality` and `min_mixing` are the unassigned thresholds scored there). `query`: a second
     labelled dataset mapped onto the whole of `data` without retraining (transfer);
     `skip_folds` scores only that. `representations` names exactly which to score in
     folds and transfer (default: cellvec, plus what `baselines`, `peers` and
@@ -578,7 +588,16 @@ def evaluate(
             raise CellvecError(f"--leave-out {sub!r} is not a {label_key} of {source.path}.")
         left[sub] = {
             name: _left_out_scores(
-                pred, name, source, y, splits, sub, min_typicality, min_confidence, y_broad
+                pred,
+                name,
+                source,
+                y,
+                splits,
+                sub,
+                min_typicality,
+                min_confidence,
+                y_broad,
+                min_mixing=min_mixing,
             )
             for name in ["cellvec", "logreg_expr"]
         }
@@ -756,17 +775,30 @@ def _two_level_scores(pred, source, y, y_broad, splits, min_confidence, min_typi
 
 
 def _left_out_scores(
-    pred, name, source, y, splits, sub, min_typicality, min_confidence=0.0, y_broad=None
+    pred,
+    name,
+    source,
+    y,
+    splits,
+    sub,
+    min_typicality,
+    min_confidence=0.0,
+    y_broad=None,
+    *,
+    min_mixing=0.0,
 ) -> dict:
     """Leave subtype `sub` out of every fold's reference (built with a calibration split)
     and map the whole held-out fold: the share of `sub`'s cells called unassigned or
     given another label, and the known subtypes' macro-F1 with and without the call.
+    For cellvec, the share of `sub`'s cells each test refuses (`by_typicality`: typicality
+    or confidence; `by_mixing`: the mixing test), which may overlap.
     With broad labels (`y_broad`), the share of `sub`'s cells given their right broad
     label (cellvec's broad call; an expression peer's label counts as its broad class)."""
     n = len(y)
     with_call = np.empty(n, dtype=object)
     without = np.empty(n, dtype=object)
     broad_call = np.empty(n, dtype=object)
+    by_typicality, by_mixing = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for tr, te in splits:
         tr = tr[y[tr] != sub]
         ref = source.subset(_mask(n, tr))
@@ -779,9 +811,17 @@ def _left_out_scores(
         broad = y_broad[tr] if y_broad is not None else None
         atlas = pred.fit(name, ref, y[tr], calibration_split=CALIBRATION_SPLIT, broad=broad)
         res = map_cells(
-            q, atlas, k=pred.k, min_typicality=min_typicality, min_confidence=min_confidence
+            q,
+            atlas,
+            k=pred.k,
+            min_typicality=min_typicality,
+            min_confidence=min_confidence,
+            min_mixing=min_mixing,
         )
         with_call[te] = res.labels
+        by_typicality[te] = (res.typicality < min_typicality) | (res.confidence < min_confidence)
+        if res.mixing_applied:
+            by_mixing[te] = res.mixing < min_mixing
         if res.broad is not None:
             broad_call[te] = res.broad.labels
         without[te] = pred.predict(name, ref, y[tr], q, atlas=atlas)
@@ -790,6 +830,13 @@ def _left_out_scores(
     extra = {}
     if y_broad is not None:
         extra["broad_right"] = float((broad_call[novel] == y_broad[novel]).mean())
+    if name not in EXPRESSION_BASELINES:
+        extra.update(
+            min_typicality=min_typicality,
+            min_mixing=min_mixing,
+            by_typicality=float(by_typicality[novel].mean()),
+            by_mixing=float(by_mixing[novel].mean()),
+        )
     return {
         **extra,
         "cells": int(novel.sum()),

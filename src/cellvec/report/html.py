@@ -29,6 +29,7 @@ def write_report(
     min_confidence: float = 0.0,
     truth=None,
     typicality=None,
+    mixing=None,
     title: str = "cellvec mapping report",
     max_points: int = 20_000,
     seed: int = 0,
@@ -36,7 +37,8 @@ def write_report(
     """Write `report.html` and PNGs into `out_dir`; returns the HTML path.
 
     With `truth` (known labels of the query cells) the report also shows the
-    reliability of the confidence and the calibration of `typicality`."""
+    reliability of the confidence and the calibration of `typicality` (and of `mixing`,
+    the mixing test's p-values, when the mapping ran it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -66,7 +68,11 @@ def write_report(
         pngs["reliability"] = out / "reliability.png"
         correct = np.asarray(truth).astype(str) == np.asarray(query_labels).astype(str)
         plots.plot_reliability(
-            np.asarray(confidence, dtype=float), correct, typicality, pngs["reliability"]
+            np.asarray(confidence, dtype=float),
+            correct,
+            typicality,
+            pngs["reliability"],
+            mixing=mixing,
         )
     path = out / "report.html"
     tmp = out / ".report.html.tmp"
@@ -116,7 +122,7 @@ def _html(title, pngs, recipe, metrics, summary) -> str:
         "per_class_f1": "Per-class F1 with support",
         "confidence": "Confidence histogram",
         "reliability": "Reliability: observed accuracy against confidence, and the typicality "
-        "calibration behind the unassigned call",
+        "(and mixing) calibration behind the unassigned call",
     }
     for key in ("umap", "confusion", "per_class_f1", "confidence", "reliability"):
         if key in pngs:

@@ -159,11 +159,13 @@ def plot_confidence(conf: np.ndarray, min_confidence: float, path):
     plt.close(fig)
 
 
-def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path):
+def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path, mixing=None):
     """Left: observed accuracy per confidence bin against the diagonal (a calibrated vote
     lies on it), with the cells per bin. Right: the share of cells whose typicality is at
     most t, against t: for cells of subtypes the atlas knows it should follow the
-    diagonal (so --min-typicality t calls about t of them unassigned)."""
+    diagonal (so --min-typicality t calls about t of them unassigned). With `mixing`
+    (map --min-mixing), the same for the mixing p-value, dashed: a binomial tail, so at
+    or below the diagonal for cells of known subtypes."""
     plt = _mpl()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
     ax = axes[0]
@@ -192,7 +194,16 @@ def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path):
     grid = np.linspace(0, 1, 101)
     ax.plot([0, 1], [0, 1], ls="--", color="#999", label="calibrated")
     t = None if typicality is None else np.asarray(typicality, dtype=float)
-    if t is None or not np.isfinite(t).any():
+    mix = None if mixing is None else np.asarray(mixing, dtype=float)
+    if mix is not None:
+        for mask, label, colour in (
+            (correct, "mixing, cells labelled right", "#4c72b0"),
+            (~correct, "mixing, cells labelled wrong", "crimson"),
+        ):
+            if mask.any():
+                shares = [(mix[mask] <= g).mean() for g in grid]
+                ax.plot(grid, shares, label=label, color=colour, ls=":")
+    if (t is None or not np.isfinite(t).any()) and mix is None:
         ax.text(
             0.5,
             0.5,
@@ -202,7 +213,7 @@ def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path):
             va="center",
             transform=ax.transAxes,
         )
-    else:
+    elif t is not None and np.isfinite(t).any():
         for mask, label, colour in (
             (correct, "cells labelled right", "#4c72b0"),
             (~correct, "cells labelled wrong", "crimson"),
@@ -211,9 +222,11 @@ def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path):
                 ax.plot(grid, [(t[mask] <= g).mean() for g in grid], label=label, color=colour)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("typicality threshold t")
-    ax.set_ylabel("share of cells with typicality <= t")
-    ax.set_title("Typicality calibration (unassigned call)")
+    ax.set_xlabel("threshold t")
+    ax.set_ylabel("share of cells at or below t")
+    ax.set_title(
+        "Typicality" + (" and mixing" if mix is not None else "") + " calibration (unassigned call)"
+    )
     ax.legend(loc="lower right")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
