@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from cellvec._progress import progress
 from cellvec.cell_index.knn import FlatIndex
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ MIXING_K = 15
 POOL_MAX = 20_000  # cells of each side in the pooled neighbourhoods
 SHRINK = 5.0  # pseudo-cells pulling a class's expected share towards the pooled one
 NOT_MIXING = 0.5  # above this share of query cells failing, query and atlas do not mix
+BLOCK = 65_536  # query cells searched at a time
 
 
 def sample_rows(n: int, at_most: int, seed: int = 0) -> np.ndarray:
@@ -109,12 +111,17 @@ def _query_neighbours(
     """How many of each vector's `k` nearest pooled cells are query cells (pool rows from
     `n_ref` on), its own row `own` left out; searched in blocks so memory stays bounded."""
     out = np.empty(len(vectors), dtype=np.int64)
-    for start in range(0, len(vectors), 65_536):
-        block = slice(start, start + 65_536)
-        idx, _ = index.search(vectors[block], k + 1)
-        keep = idx != own[block, None]
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k others
-        out[block] = (np.take_along_axis(idx, order, 1) >= n_ref).sum(axis=1)
+    small = len(vectors) <= BLOCK  # one block: no progress to show
+    with progress(
+        total=len(vectors), desc="mixing test", unit="cell", disable=small or None
+    ) as bar:
+        for start in range(0, len(vectors), BLOCK):
+            block = slice(start, start + BLOCK)
+            idx, _ = index.search(vectors[block], k + 1)
+            keep = idx != own[block, None]
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k others
+            out[block] = (np.take_along_axis(idx, order, 1) >= n_ref).sum(axis=1)
+            bar.update(len(idx))
     return out
 
 
