@@ -136,3 +136,16 @@ def test_a_disk_atlas_samples_the_same_reference_cells_as_in_memory(fake_store):
     res = map_cells(q, disk, min_mixing=0.01)
     novel = (q.obs["cell_type"] == "M").to_numpy()
     assert (res.labels[novel] == "unassigned").mean() >= 0.9
+
+
+def test_the_reliability_plot_draws_the_mixing_calibration(tmp_path):
+    from cellvec.report.plots import plot_reliability
+
+    rng = np.random.default_rng(0)
+    correct = rng.random(200) < 0.9
+    path = tmp_path / "reliability.png"
+    plot_reliability(rng.random(200), correct, rng.random(200), path, mixing=rng.random(200))
+    assert path.stat().st_size > 10_000
+    # mixing alone (an atlas without calibration cells) still draws its curves
+    plot_reliability(rng.random(200), correct, None, tmp_path / "m.png", mixing=rng.random(200))
+    assert (tmp_path / "m.png").stat().st_size > 10_000

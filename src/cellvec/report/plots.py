@@ -164,7 +164,7 @@ def plot_reliability(conf: np.ndarray, correct: np.ndarray, typicality, path, mi
     lies on it), with the cells per bin. Right: the share of cells whose typicality is at
     most t, against t: for cells of subtypes the atlas knows it should follow the
     diagonal (so --min-typicality t calls about t of them unassigned). With `mixing`
-    (map --min-mixing), the same for the mixing p-value, dashed: a binomial tail, so at
+    (map --min-mixing), the same for the mixing p-value, dotted: a binomial tail, so at
     or below the diagonal for cells of known subtypes."""
     plt = _mpl()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
