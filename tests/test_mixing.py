@@ -7,7 +7,7 @@ import pytest
 
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
-from cellvec.cell_index.mixing import mixing_pvalues, unmixed
+from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
 from conftest import tiny_adata
 
 FAST = {"steps": 30, "batch_size": 32}
@@ -61,6 +61,7 @@ def test_a_query_that_does_not_mix_leaves_the_test_off_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         assert unmixed(p, 0.01, "ref") is None
     assert "do not mix" in caplog.text
+    assert not mixes(p, 0.01) and mixes(p, 1e-300)
     mixed = mixing_pvalues(*_scene()[:3], _scene()[4])
     assert unmixed(mixed, 0.01, "ref").sum() == (mixed < 0.01).sum()
 

@@ -41,10 +41,14 @@ class FlatIndex:
         return idx.astype(np.int64), sim
 
 
-def without_self(idx: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The reference searched with itself as the query (row i is reference cell i, searched
-    for k + 1): each cell's k nearest others, best first, its own hit taken out."""
-    keep = idx != np.arange(len(idx))[:, None]
+def without_self(
+    idx: np.ndarray, sim: np.ndarray, k: int, own: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cells searched in an index that holds them (searched for k + 1): each cell's k
+    nearest others, best first, its own hit taken out. `own`: each row's own position in
+    the index (-1 for a cell it does not hold); by default row i is position i."""
+    own = np.arange(len(idx)) if own is None else own
+    keep = idx != own[:, None]
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1)
 

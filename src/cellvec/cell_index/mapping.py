@@ -11,7 +11,7 @@ import numpy as np
 
 from cellvec.cell_index.atlas import Atlas, labels_of
 from cellvec.cell_index.knn import vote
-from cellvec.cell_index.mixing import mixing_pvalues, unmixed
+from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head
@@ -59,7 +59,6 @@ class MappingResult:
     min_typicality: float = 0.0
     mixing: np.ndarray | None = None  # the mixing test's p-value per cell (`min_mixing` > 0)
     min_mixing: float = 0.0
-    mixing_applied: bool = False  # False when query and atlas did not mix (`mixing.unmixed`)
     gene_coverage: float = 1.0
     truth: np.ndarray | None = None
     metrics: dict | None = None
@@ -70,6 +69,12 @@ class MappingResult:
     cluster_key: str | None = None  # the query's obs column summarised by `cluster_summary`
     clusters: np.ndarray | None = field(default=None, repr=False)  # its value per cell
     source: ExpressionSource | None = field(default=None, repr=False)
+
+    @property
+    def mixing_applied(self) -> bool:
+        """Whether the mixing test took part in the unassigned call: it ran, and the query
+        mixed with the atlas (`mixing.mixes`)."""
+        return self.mixing is not None and mixes(self.mixing, self.min_mixing)
 
     def to_polars(self, *, scores: bool = True):
         """One row per cell: cell_id, cellvec_label, cellvec_confidence, [truth], score_<class>..."""
@@ -422,13 +427,12 @@ def map_cells(
         calibration=atlas.calibration() if calibration is None else calibration,
         min_typicality=min_typicality,
     )
-    mixing, mixing_applied = None, False
+    mixing = None
     if min_mixing > 0:
         reference, ref_codes = atlas.unrefined_sample(panel)
         mixing = mixing_pvalues(reference, ref_codes, unrefined, scores.argmax(1))
         failing = unmixed(mixing, min_mixing, atlas.name)
-        mixing_applied = failing is not None
-        if mixing_applied:
+        if failing is not None:
             labels[failing] = UNASSIGNED
     del unrefined
     metrics = truth_metrics(truth, labels, classes, atlas.name)
@@ -481,7 +485,6 @@ def map_cells(
         min_typicality=min_typicality,
         mixing=mixing,
         min_mixing=min_mixing,
-        mixing_applied=mixing_applied,
         gene_coverage=coverage,
         truth=truth,
         metrics=metrics,

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from cellvec._progress import progress
-from cellvec.cell_index.knn import FlatIndex
+from cellvec.cell_index.knn import FlatIndex, without_self
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def mixing_pvalues(
     codes = ref_codes[ref_rows]
     around = ref_hits / k
     count = np.bincount(codes, minlength=n_classes).astype(np.float64)
-    pooled = float(around.mean()) if len(around) else len(query_rows) / len(pool)
+    pooled = float(around.mean())
     expected = (np.bincount(codes, weights=around, minlength=n_classes) + SHRINK * pooled) / (
         count + SHRINK
     )
@@ -117,22 +117,26 @@ def _query_neighbours(
     ) as bar:
         for start in range(0, len(vectors), BLOCK):
             block = slice(start, start + BLOCK)
-            idx, _ = index.search(vectors[block], k + 1)
-            keep = idx != own[block, None]
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k others
-            out[block] = (np.take_along_axis(idx, order, 1) >= n_ref).sum(axis=1)
+            idx, _ = without_self(*index.search(vectors[block], k + 1), k, own[block])
+            out[block] = (idx >= n_ref).sum(axis=1)
             bar.update(len(idx))
     return out
 
 
+def mixes(p: np.ndarray, min_mixing: float) -> bool:
+    """Whether the query mixes with the atlas: at most `NOT_MIXING` of its cells have a
+    mixing p-value below `min_mixing`. Otherwise (a batch or chemistry effect, or a
+    query mostly of types the atlas lacks) the test would only say that, and is not
+    applied."""
+    return not len(p) or float((p < min_mixing).mean()) <= NOT_MIXING
+
+
 def unmixed(p: np.ndarray, min_mixing: float, atlas: str) -> np.ndarray | None:
-    """The cells to call unassigned: mixing p-value below `min_mixing`. None (with a
-    warning) when more than `NOT_MIXING` of the query fails: then query and atlas do not
-    mix at all (a batch or chemistry effect, or a query mostly of types the atlas lacks),
-    and the test would only say that."""
+    """The cells to call unassigned (mixing p-value below `min_mixing`), or None, with a
+    warning, when the query does not mix with the atlas (`mixes`)."""
     failing = p < min_mixing
     share = float(failing.mean()) if len(p) else 0.0
-    if share > NOT_MIXING:
+    if not mixes(p, min_mixing):
         log.warning(
             "%.0f%% of the query's cells have far more query cells around them than %s's own "
             "cells do: query and atlas do not mix (a batch or chemistry effect, or a query "
