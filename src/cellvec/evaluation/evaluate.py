@@ -583,22 +583,12 @@ def evaluate(
             pred, source, y, y_broad, splits, min_confidence, min_typicality
         )
     left: dict[str, dict[str, dict]] = {}
+    call = dict(min_typicality=min_typicality, min_confidence=min_confidence, min_mixing=min_mixing)
     for sub in (leave_out or []) if splits else []:
         if sub not in set(y):
             raise CellvecError(f"--leave-out {sub!r} is not a {label_key} of {source.path}.")
         left[sub] = {
-            name: _left_out_scores(
-                pred,
-                name,
-                source,
-                y,
-                splits,
-                sub,
-                min_typicality,
-                min_confidence,
-                y_broad,
-                min_mixing=min_mixing,
-            )
+            name: _left_out_scores(pred, name, source, y, splits, sub, call, y_broad)
             for name in ["cellvec", "logreg_expr"]
         }
 
@@ -774,22 +764,12 @@ def _two_level_scores(pred, source, y, y_broad, splits, min_confidence, min_typi
     return result
 
 
-def _left_out_scores(
-    pred,
-    name,
-    source,
-    y,
-    splits,
-    sub,
-    min_typicality,
-    min_confidence=0.0,
-    y_broad=None,
-    *,
-    min_mixing=0.0,
-) -> dict:
+def _left_out_scores(pred, name, source, y, splits, sub, call: dict, y_broad=None) -> dict:
     """Leave subtype `sub` out of every fold's reference (built with a calibration split)
-    and map the whole held-out fold: the share of `sub`'s cells called unassigned or
-    given another label, and the known subtypes' macro-F1 with and without the call.
+    and map the whole held-out fold with the unassigned call `call` (map_cells'
+    `min_typicality`, `min_confidence` and `min_mixing`): the share of `sub`'s cells
+    called unassigned or given another label, and the known subtypes' macro-F1 with and
+    without the call.
     For cellvec, the share of `sub`'s cells each test refuses (`by_typicality`: typicality
     or confidence; `by_mixing`: the mixing test), which may overlap.
     With broad labels (`y_broad`), the share of `sub`'s cells given their right broad
@@ -810,18 +790,13 @@ def _left_out_scores(
             continue
         broad = y_broad[tr] if y_broad is not None else None
         atlas = pred.fit(name, ref, y[tr], calibration_split=CALIBRATION_SPLIT, broad=broad)
-        res = map_cells(
-            q,
-            atlas,
-            k=pred.k,
-            min_typicality=min_typicality,
-            min_confidence=min_confidence,
-            min_mixing=min_mixing,
-        )
+        res = map_cells(q, atlas, k=pred.k, **call)
         with_call[te] = res.labels
-        by_typicality[te] = (res.typicality < min_typicality) | (res.confidence < min_confidence)
+        by_typicality[te] = (res.typicality < call["min_typicality"]) | (
+            res.confidence < call["min_confidence"]
+        )
         if res.mixing_applied:
-            by_mixing[te] = res.mixing < min_mixing
+            by_mixing[te] = res.mixing < call["min_mixing"]
         if res.broad is not None:
             broad_call[te] = res.broad.labels
         without[te] = pred.predict(name, ref, y[tr], q, atlas=atlas)
@@ -832,8 +807,8 @@ def _left_out_scores(
         extra["broad_right"] = float((broad_call[novel] == y_broad[novel]).mean())
     if name not in EXPRESSION_BASELINES:
         extra.update(
-            min_typicality=min_typicality,
-            min_mixing=min_mixing,
+            min_typicality=call["min_typicality"],
+            min_mixing=call["min_mixing"],
             by_typicality=float(by_typicality[novel].mean()),
             by_mixing=float(by_mixing[novel].mean()),
         )
