@@ -426,3 +426,18 @@ def test_an_unknown_schedule_names_the_choices():
     w, basis, y = _toy()
     with pytest.raises(CellvecError, match="choose constant or cosine"):
         fit_refinement(w, basis, y, schedule="linear", **FAST)
+
+
+def test_panel_caches_keep_the_whole_atlas_and_the_last_four_panels():
+    from cellvec.cell_index.atlas import _remember
+
+    cache, made = {}, []
+
+    def make(key):
+        made.append(key)
+        return f"value {key}"
+
+    for key in [None, 1, 2, 3, 4, 1, 5]:
+        assert _remember(cache, key, lambda key=key: make(key)) == f"value {key}"
+    assert made == [None, 1, 2, 3, 4, 5]  # 1 was still cached the second time
+    assert list(cache) == [None, 2, 3, 4, 5]  # the oldest panel went, the whole atlas stays

@@ -372,7 +372,7 @@ class Atlas:
     _calibration: np.ndarray | None = field(default=None, repr=False)
     _held_out: np.ndarray | None = field(default=None, repr=False)
     _broad_codes: tuple | None = field(default=None, repr=False)
-    _broad: dict = field(default_factory=dict, repr=False)  # broad calibration by panel
+    _broad: dict = field(default_factory=dict, repr=False)  # broad calibration by panel key
     _ds: object = field(default=None, repr=False)  # the table at `version` (`_dataset()`)
 
     @property
@@ -470,17 +470,16 @@ class Atlas:
     def broad_calibration(self, positions: np.ndarray | None = None) -> np.ndarray:
         """The typicality calibration of the broad level (as `calibration` is of the fine
         one), over the whole atlas or re-aggregated over the genes at `positions`."""
-        key = None if positions is None else hash(np.asarray(positions, np.int64).tobytes())
-        if key not in self._broad:
-            if key is not None and len(self._broad) > 4:
-                self._broad.pop(next(k for k in self._broad if k is not None))
+
+        def calibrate():
             vecs, index = (
                 (_StoredVectors(self) if self.on_disk else self.vectors, self.index())
                 if positions is None
                 else self.vectors_over(positions)[:2]
             )
-            self._broad[key] = self_similarity(vecs, self.broad_codes()[1], index, self.held_out())
-        return self._broad[key]
+            return self_similarity(vecs, self.broad_codes()[1], index, self.held_out())
+
+        return _remember(self._broad, _panel_key(positions), calibrate)
 
     @classmethod
     def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
@@ -696,11 +695,11 @@ class Atlas:
         kept its variable genes) is then compared with reference cells described by the
         same genes. Returns (vectors, index, typicality calibration), cached for the last
         few panels."""
+        return _remember(self._panels, _panel_key(positions), lambda: self._panel(positions))
+
+    def _panel(self, positions: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
         from cellvec.cell_index.knn import build_index
 
-        key = hash(np.asarray(positions, dtype=np.int64).tobytes())
-        if key in self._panels:
-            return self._panels[key]
         if not self._panel_fits():
             # A prebuilt index holds full-panel vectors; labels from it would rest on genes
             # the query does not measure, so refuse rather than answer differently.
@@ -714,12 +713,9 @@ class Atlas:
                 "with only those genes), or map a query that measures the atlas's genes."
             )
         vecs = apply_head(self.encoder().refinement, self._reaggregate(self.weights(), positions))
-        if len(self._panels) >= 4:
-            self._panels.pop(next(iter(self._panels)))
         index = build_index(vecs)
         held = self.held_out()
-        self._panels[key] = (vecs, index, self_similarity(vecs, self.label_codes()[1], index, held))
-        return self._panels[key]
+        return vecs, index, self_similarity(vecs, self.label_codes()[1], index, held)
 
     def index(self):
         """The search index over the atlas vectors (exact, or IVF above 200k cells), built
@@ -760,6 +756,21 @@ class Atlas:
                 k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
             },
         }
+
+
+def _panel_key(positions: np.ndarray | None):
+    """A cache key for a gene panel (None: the atlas's own genes)."""
+    return None if positions is None else hash(np.asarray(positions, np.int64).tobytes())
+
+
+def _remember(cache: dict, key, make, keep: int = 4):
+    """`cache[key]`, made by `make()` on a miss; at most `keep` panels are kept besides the
+    whole atlas (key None), the oldest dropped first (a service sees a few panels)."""
+    if key not in cache:
+        if sum(k is not None for k in cache) >= keep:
+            cache.pop(next(k for k in cache if k is not None))
+        cache[key] = make()
+    return cache[key]
 
 
 def load_encoder(
