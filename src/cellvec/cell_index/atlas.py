@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from cellvec._arrow import fixed_size_rows
+from cellvec._arrow import fixed_size_rows, string_values
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.background import apply_background, fit_background
 from cellvec.cell_index.encoder import CellEncoder
@@ -413,13 +413,13 @@ class Atlas:
     @property
     def cell_ids(self) -> np.ndarray:
         if self._cell_ids is None:
-            self._cell_ids = np.asarray(self._read_column("cell_id").to_pylist(), dtype=object)
+            self._cell_ids = string_values(self._read_column("cell_id"))
         return self._cell_ids
 
     @property
     def batches(self) -> np.ndarray:
         if self._batches is None:
-            self._batches = np.asarray(self._read_column("batch").to_pylist(), dtype=object)
+            self._batches = string_values(self._read_column("batch"))
         return self._batches
 
     def _dataset(self):
@@ -500,17 +500,13 @@ class Atlas:
             name=name,
             store=store,
             meta=meta,
-            _cell_ids=np.asarray(arrow.column("cell_id").to_pylist(), dtype=object),
-            _labels=np.asarray(arrow.column("label").to_pylist(), dtype=object),
-            _batches=np.asarray(arrow.column("batch").to_pylist(), dtype=object),
+            _cell_ids=string_values(arrow.column("cell_id")),
+            _labels=string_values(arrow.column("label")),
+            _batches=string_values(arrow.column("batch")),
             _vectors=fixed_size_rows(arrow.column("vector")),
             version=ds.version,
             _ds=ds,
-            broad_labels=(
-                np.asarray(arrow.column("label_broad").to_pylist(), dtype=object)
-                if has_broad
-                else None
-            ),
+            broad_labels=(string_values(arrow.column("label_broad")) if has_broad else None),
             _calibration=arrow.column("self_similarity").to_numpy(zero_copy_only=False),
         )
 
