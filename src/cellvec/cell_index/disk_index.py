@@ -185,19 +185,21 @@ def build_disk_index(
     return dataset
 
 
-def row_starts(dataset) -> dict[int, int]:
-    """Each fragment's first row position; refuses a table with deleted rows (its row
-    addresses would no longer match scan order)."""
-    starts, at = {}, 0
+def row_starts(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(fragment ids, sorted; each one's first row position in scan order); refuses a
+    table with deleted rows (its row addresses would no longer match scan order)."""
+    ids, starts, at = [], [], 0
     for frag in dataset.get_fragments():
         if frag.metadata.deletion_file is not None:
             raise StoreError(
                 f"The atlas table {dataset.uri} has deleted rows; rebuild the atlas with "
                 "`cellvec atlas build`."
             )
-        starts[frag.fragment_id] = at
+        ids.append(frag.fragment_id)
+        starts.append(at)
         at += frag.count_rows()
-    return starts
+    order = np.argsort(ids)
+    return np.asarray(ids, dtype=np.int64)[order], np.asarray(starts, dtype=np.int64)[order]
 
 
 class DiskIndex:
@@ -210,9 +212,7 @@ class DiskIndex:
         self.params = params
         self.ntotal = dataset.count_rows()
         self.dim = dataset.schema.field("vector").type.list_size
-        starts = row_starts(dataset)
-        self._fragments = np.array(sorted(starts), dtype=np.int64)
-        self._starts = np.array([starts[f] for f in self._fragments.tolist()], dtype=np.int64)
+        self._fragments, self._starts = row_starts(dataset)
         self.indexed = any(i.name == INDEX_NAME for i in dataset.describe_indices())
         if not self.indexed:
             log.warning(
