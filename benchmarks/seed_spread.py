@@ -27,6 +27,33 @@ ROOT = Path(__file__).resolve().parents[1]
 CELLS = SHARED / "cells"
 
 
+def left_out(store, source, test, label_key: str, sub: str, seed: int, key: str) -> dict:
+    """An atlas of the cells outside `test` less subtype `sub` (a 0.1 calibration split),
+    the `test` cells mapped onto it with typicality and the mixing test at 0.01: the
+    share of `sub`'s cells unassigned, and of the known cells (`<key>.unassigned`,
+    `<key>.known_unassigned`)."""
+    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.mapping import map_cells
+
+    labels = source.obs[label_key].astype(str).to_numpy()
+    name = f"lo_{sub}"
+    build_atlas(
+        source.subset(~test & (labels != sub)),
+        store=store,
+        name=name,
+        label_key=label_key,
+        seed=seed,
+        calibration_split=0.1,
+    )
+    res = map_cells(source.subset(test), name, store=store, min_typicality=0.01, min_mixing=0.01)
+    novel = labels[test] == sub
+    unassigned = res.labels == "unassigned"
+    return {
+        f"{key}.unassigned": float(unassigned[novel].mean()),
+        f"{key}.known_unassigned": float(unassigned[~novel].mean()),
+    }
+
+
 def scenarios(human: Path, mouse: Path, seed: int, work: Path) -> dict[str, float]:
     """Every figure the real-data tests assert, for one seed (the tests' own set-ups)."""
     import shutil
@@ -58,19 +85,7 @@ def scenarios(human: Path, mouse: Path, seed: int, work: Path) -> dict[str, floa
     out["pbmc68k_to_pbmc3k.B_f1"] = res.metrics["per_class"]["B"]["f1"]
     pbmc = read_expression(CELLS / "pbmc3k.h5ad")
     test = np.random.default_rng(0).random(pbmc.n_obs) < 0.3  # fixed split, as for amacrine
-    labels = pbmc.obs["classified"].astype(str).to_numpy()
-    build_atlas(
-        pbmc.subset(~test & (labels != "NK")),
-        store=h,
-        name="pbmc3k_lo",
-        label_key="classified",
-        seed=seed,
-        calibration_split=0.1,
-    )
-    res = map_cells(pbmc.subset(test), "pbmc3k_lo", store=h, min_typicality=0.01, min_mixing=0.01)
-    novel = labels[test] == "NK"
-    out["pbmc3k_leave_out_NK.unassigned"] = float((res.labels[novel] == "unassigned").mean())
-    out["pbmc3k_leave_out_NK.known_unassigned"] = float((res.labels[~novel] == "unassigned").mean())
+    out.update(left_out(h, pbmc, test, "classified", "NK", seed, "pbmc3k_leave_out_NK"))
     ama = read_expression(CELLS / "macosko2015_amacrine.h5ad")
     rng = np.random.default_rng(0)  # the split is fixed; only the refinement seed varies
     test = rng.random(ama.n_obs) < 0.3
@@ -81,21 +96,7 @@ def scenarios(human: Path, mouse: Path, seed: int, work: Path) -> dict[str, floa
     keep = np.random.default_rng(1).random(len(q.var_names)) < 0.3
     res = map_cells(q.subset_genes(keep), "ama", store=m, truth_key="cell_type")
     out["amacrine_panel30.macro_f1"] = res.metrics["macro_f1"]
-    labels = ama.obs["cell_type"].astype(str).to_numpy()
-    build_atlas(
-        ama.subset(~test & (labels != "AC_12")),
-        store=m,
-        name="ama_lo",
-        label_key="cell_type",
-        seed=seed,
-        calibration_split=0.1,
-    )
-    res = map_cells(q, "ama_lo", store=m, min_typicality=0.01, min_mixing=0.01)
-    novel = labels[test] == "AC_12"
-    out["amacrine_leave_out_AC_12.unassigned"] = float((res.labels[novel] == "unassigned").mean())
-    out["amacrine_leave_out_AC_12.known_unassigned"] = float(
-        (res.labels[~novel] == "unassigned").mean()
-    )
+    out.update(left_out(m, ama, test, "cell_type", "AC_12", seed, "amacrine_leave_out_AC_12"))
     return out
 
 

@@ -131,30 +131,37 @@ def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
     assert res.metrics["per_class"]["B"]["f1"] >= FLOORS["pbmc68k_to_pbmc3k.B_f1"]
 
 
+def _left_out(store, source, test, label_key: str, sub: str):
+    """An atlas of the cells outside `test` less subtype `sub` (seed 0, a 0.1 calibration
+    split), and the `test` cells mapped onto it with typicality and the mixing test at
+    0.01, as benchmarks/seed_spread.py does: (the mapping, which test cells are `sub`)."""
+    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.mapping import map_cells
+
+    labels = source.obs[label_key].astype(str).to_numpy()
+    name = f"lo_{sub}"
+    build_atlas(
+        source.subset(~test & (labels != sub)),
+        store=store,
+        name=name,
+        label_key=label_key,
+        seed=0,
+        calibration_split=0.1,
+    )
+    res = map_cells(source.subset(test), name, store=store, min_typicality=0.01, min_mixing=0.01)
+    return res, labels[test] == sub
+
+
 @pytest.mark.long
 def test_a_left_out_nk_is_found_by_the_mixing_test(pbmc_store):
     """NK left out of a pbmc3k atlas lands inside CD8 T in the refined space, closer to
     its CD8 T neighbours than they are to each other, so typicality cannot flag it; the
     mixing test (query cells whose neighbourhood is mostly query cells) does."""
-    from cellvec.cell_index.atlas import build_atlas
-    from cellvec.cell_index.mapping import map_cells
     from cellvec.cell_index.readers import read_expression
 
     pbmc = read_expression(CELLS / "pbmc3k.h5ad")
     test = np.random.default_rng(0).random(pbmc.n_obs) < 0.3
-    labels = pbmc.obs["classified"].astype(str).to_numpy()
-    build_atlas(
-        pbmc.subset(~test & (labels != "NK")),
-        store=pbmc_store,
-        name="pbmc3k_lo",
-        label_key="classified",
-        seed=0,
-        calibration_split=0.1,
-    )
-    res = map_cells(
-        pbmc.subset(test), "pbmc3k_lo", store=pbmc_store, min_typicality=0.01, min_mixing=0.01
-    )
-    novel = labels[test] == "NK"
+    res, novel = _left_out(pbmc_store, pbmc, test, "classified", "NK")
     assert res.mixing_applied
     assert (res.labels[novel] == "unassigned").mean() >= FLOORS["pbmc3k_leave_out_NK.unassigned"]
     known = (res.labels[~novel] == "unassigned").mean()
@@ -194,23 +201,9 @@ def test_a_30_percent_panel_maps_onto_the_full_atlas(retina_store, amacrine):
 
 
 def test_a_subtype_the_atlas_lacks_comes_back_unassigned(retina_store, amacrine):
-    from cellvec.cell_index.atlas import build_atlas
-    from cellvec.cell_index.mapping import map_cells
 
     ama, test = amacrine
-    labels = ama.obs["cell_type"].astype(str).to_numpy()
-    build_atlas(
-        ama.subset(~test & (labels != "AC_12")),
-        store=retina_store,
-        name="ama_lo",
-        label_key="cell_type",
-        seed=0,
-        calibration_split=0.1,
-    )
-    res = map_cells(
-        ama.subset(test), "ama_lo", store=retina_store, min_typicality=0.01, min_mixing=0.01
-    )
-    novel = labels[test] == "AC_12"
+    res, novel = _left_out(retina_store, ama, test, "cell_type", "AC_12")
     assert (res.labels[novel] == "unassigned").mean() >= FLOORS[
         "amacrine_leave_out_AC_12.unassigned"
     ]
