@@ -123,6 +123,12 @@ def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake
     q = _two_levels(seed=7, n=60, prefix="q")
     a, b = map_cells(q, disk), map_cells(q, mem)
     assert (a.broad.labels == b.broad.labels).mean() >= 0.99
+    # a blocklist naming a broad label (T covers T_a and T_b) works from the codes alone
+    a, b = map_cells(q, disk, exclude_labels="T"), map_cells(q, mem, exclude_labels="T")
+    assert a.excluded_labels == b.excluded_labels == ["T"]
+    assert not set(a.labels) & {"T_a", "T_b"} and not set(b.labels) & {"T_a", "T_b"}
+    assert disk._broad_labels is None  # mapping never built the per-cell broad labels
+    assert (disk.broad_labels == mem.broad_labels).all()  # built on asking, the same
 
 
 def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):

@@ -363,7 +363,7 @@ class Atlas:
     _batches: np.ndarray | None = field(default=None, repr=False)
     _vectors: np.ndarray | None = field(default=None, repr=False)
     version: int = 0
-    broad_labels: np.ndarray | None = None  # a second, coarser level (`--broad-label-key`)
+    _broad_labels: np.ndarray | None = field(default=None, repr=False)  # see broad_labels
     _index: object = field(default=None, repr=False)
     _encoder: CellEncoder | None = field(default=None, repr=False)
     _codes: tuple | None = field(default=None, repr=False)
@@ -409,6 +409,20 @@ class Atlas:
             classes, codes = self.label_codes()
             self._labels = classes.astype(object)[codes]
         return self._labels
+
+    @property
+    def has_broad(self) -> bool:
+        """Whether the atlas has a second, coarser level of labels (`--broad-label-key`)."""
+        return self._broad_labels is not None or self._broad_codes is not None
+
+    @property
+    def broad_labels(self) -> np.ndarray | None:
+        """Each reference cell's broad label (None without a second level). A disk atlas
+        keeps only the codes and builds this on the first call, as it does `labels`."""
+        if self._broad_labels is None and self._broad_codes is not None:
+            classes, codes, _ = self._broad_codes
+            self._broad_labels = classes.astype(object)[codes]
+        return self._broad_labels
 
     @property
     def cell_ids(self) -> np.ndarray:
@@ -506,7 +520,7 @@ class Atlas:
             _vectors=fixed_size_rows(arrow.column("vector")),
             version=ds.version,
             _ds=ds,
-            broad_labels=(string_values(arrow.column("label_broad")) if has_broad else None),
+            _broad_labels=(string_values(arrow.column("label_broad")) if has_broad else None),
             _calibration=arrow.column("self_similarity").to_numpy(zero_copy_only=False),
         )
 
@@ -552,8 +566,6 @@ class Atlas:
             _ds=ds,
             _codes=(classes, codes),
             _calibration=calibration,
-            # 8 bytes a cell (one pointer to a shared string), for the broad-level vote
-            broad_labels=broad_classes[broad] if has_broad else None,
             _broad_codes=(
                 (broad_classes, broad, _parents(codes, len(classes), broad, len(broad_classes)))
                 if has_broad
@@ -577,7 +589,7 @@ class Atlas:
             _labels=np.asarray(labels, dtype=object),
             _batches=np.full(n, "", dtype=object),
             _vectors=fit.vectors,
-            broad_labels=None if broad_labels is None else np.asarray(broad_labels, dtype=object),
+            _broad_labels=None if broad_labels is None else np.asarray(broad_labels, dtype=object),
             _encoder=fit.encoder,
             _weights=fit.weights,
             _held_out=fit.held_out,

@@ -380,7 +380,7 @@ def map_cells(
     source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
     truth = labels_of(source, truth_key, label_map=label_map) if truth_key else None
     clusters = cluster_values(source, cluster_key) if cluster_key else None
-    if broad_truth_key and atlas.broad_labels is None:
+    if broad_truth_key and not atlas.has_broad:
         raise CellvecError(
             f"Atlas {atlas.name!r} has one level of labels; --broad-truth-key needs an atlas "
             "built with `cellvec atlas build ... --broad-label-key KEY`."
@@ -437,7 +437,7 @@ def map_cells(
     del unrefined
     metrics = truth_metrics(truth, labels, classes, atlas.name)
     broad = None
-    if atlas.broad_labels is not None:
+    if atlas.has_broad:
         broad_classes, broad_codes, parent = atlas.broad_codes()
         b_labels, b_conf, b_typical = assign_broad(
             q,
@@ -524,13 +524,16 @@ def excluded_cells(atlas: Atlas, exclude_labels) -> tuple[list[str], np.ndarray 
     wanted = parse_labels(exclude_labels)
     if not wanted:
         return [], None
-    labels = atlas.labels.astype(str)
-    broad = atlas.broad_labels.astype(str) if atlas.broad_labels is not None else labels
-    present = [x for x in wanted if (labels == x).any() or (broad == x).any()]
-    absent = [x for x in wanted if x not in present]
+    # by class codes, never per cell by name (a disk atlas keeps only the codes)
+    levels = [atlas.label_codes()] + ([atlas.broad_codes()[:2]] if atlas.has_broad else [])
+    names = {str(c) for classes, _ in levels for c in classes}
+    present = [x for x in wanted if x in names]
+    absent = [x for x in wanted if x not in names]
     if absent:
         log.info("Excluded label(s) not in atlas %s: %s", atlas.name, ", ".join(absent))
-    blocked = np.isin(labels, present) | np.isin(broad, present)
+    blocked = np.zeros(atlas.n_cells, dtype=bool)
+    for classes, codes in levels:
+        blocked |= np.isin(classes.astype(str), present)[codes]
     if blocked.all():
         raise CellvecError(
             f"--exclude-labels {','.join(wanted)} excludes every class of atlas {atlas.name!r}; "

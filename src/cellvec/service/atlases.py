@@ -296,7 +296,7 @@ class AtlasCache:
 
 def _broad_level(atlas) -> dict | None:
     """The broad level of an `Atlas` as the service holds it (None without one)."""
-    if atlas.broad_labels is None:
+    if not atlas.has_broad:
         return None
     classes, codes, parent = atlas.broad_codes()
     return {
