@@ -120,6 +120,8 @@ def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake
     for a, b in zip(disk.broad_codes(), mem.broad_codes()):
         np.testing.assert_array_equal(a, b)
     assert mem.broad_codes()[2].tolist() == [0, 1, 2, 2]  # B, M, T_a and T_b under T
+    for atlas in (mem, disk):  # what `atlas list` shows, from the metadata alone
+        assert Atlas.describe(fake_store, atlas.name) == atlas.summary()
     q = _two_levels(seed=7, n=60, prefix="q")
     a, b = map_cells(q, disk), map_cells(q, mem)
     assert (a.broad.labels == b.broad.labels).mean() >= 0.99

@@ -460,7 +460,7 @@ class Atlas:
     @property
     def k(self) -> int:
         """Neighbours in the vote: chosen by `atlas build --tune`, else 15."""
-        return int(self.meta.get("k") or DEFAULT_K)
+        return _k_of(self.meta)
 
     @property
     def classes(self) -> np.ndarray:
@@ -745,25 +745,40 @@ class Atlas:
             )
         return self._index
 
+    @classmethod
+    def describe(cls, store: str | Path | StoreLocation, name: str) -> dict:
+        """`summary()` of a stored atlas from its metadata and row count alone (`atlas
+        list`): no labels, vectors or weights are read."""
+        ds, meta = _atlas_dataset(store, name)
+        return _summary(name, meta, ds.count_rows())
+
     def summary(self) -> dict:
-        return {
-            "name": self.name,
-            "n_cells": self.n_cells,
-            "index": self.meta.get("index") or {"kind": "memory"},
-            "label_key": self.meta.get("label_key"),
-            "classes": self.meta.get("classes"),
-            "broad_label_key": self.meta.get("broad_label_key"),
-            "broad_classes": self.meta.get("broad_classes"),
-            "recipe": self.meta.get("recipe"),
-            "created": self.meta.get("created"),
-            "source": self.meta.get("source"),
-            "k": self.k,
-            "tuning": self.meta.get("tuning"),
-            "excluded_labels": self.meta.get("excluded_labels"),
-            "refinement": {
-                k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
-            },
-        }
+        return _summary(self.name, self.meta, self.n_cells)
+
+
+def _k_of(meta: dict) -> int:
+    """The atlas's neighbours in the vote: chosen by `atlas build --tune`, else 15."""
+    return int(meta.get("k") or DEFAULT_K)
+
+
+def _summary(name: str, meta: dict, n_cells: int) -> dict:
+    """What `atlas list` and the service say of an atlas: its size, labels and recipe."""
+    return {
+        "name": name,
+        "n_cells": n_cells,
+        "index": meta.get("index") or {"kind": "memory"},
+        "label_key": meta.get("label_key"),
+        "classes": meta.get("classes"),
+        "broad_label_key": meta.get("broad_label_key"),
+        "broad_classes": meta.get("broad_classes"),
+        "recipe": meta.get("recipe"),
+        "created": meta.get("created"),
+        "source": meta.get("source"),
+        "k": _k_of(meta),
+        "tuning": meta.get("tuning"),
+        "excluded_labels": meta.get("excluded_labels"),
+        "refinement": {k: v for k, v in (meta.get("refinement") or {}).items() if k != "history"},
+    }
 
 
 def _panel_key(positions: np.ndarray | None):

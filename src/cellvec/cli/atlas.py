@@ -211,7 +211,7 @@ def list_cmd(store, as_json):
     """
     from cellvec.cell_index.atlas import Atlas, list_atlases
 
-    out = [Atlas.open(store, n).summary() for n in list_atlases(store)]
+    out = [Atlas.describe(store, n) for n in list_atlases(store)]
     if as_json:
         emit_json({"atlases": out})
     else:
