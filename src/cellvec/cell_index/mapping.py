@@ -414,6 +414,8 @@ def map_cells(
     else:
         unrefined = encoder.unrefined(source, basis)
     q = apply_head(encoder.refinement, unrefined)
+    if not min_mixing > 0:
+        unrefined = None  # only the mixing test needs it: free it before the search
     excluded, allowed = excluded_cells(atlas, exclude_labels)
     idx, sim = search_allowed(index, q, k, allowed)
     classes, codes = atlas.label_codes()
@@ -434,7 +436,7 @@ def map_cells(
         failing = unmixed(mixing, min_mixing, atlas.name)
         if failing is not None:
             labels[failing] = UNASSIGNED
-    del unrefined
+    unrefined = None
     metrics = truth_metrics(truth, labels, classes, atlas.name)
     broad = None
     if atlas.has_broad:
