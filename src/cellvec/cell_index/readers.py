@@ -28,6 +28,18 @@ from cellvec.errors import InputFormatError
 log = logging.getLogger(__name__)
 
 BACKED_ABOVE_BYTES = 1 << 30  # h5ad files larger than this are read backed, in chunks
+# the suffixes of the formats read from one file (a directory is a 10x matrix directory)
+FILE_SUFFIXES = (
+    ".h5ad",
+    ".h5",
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".csv.gz",
+    ".tsv.gz",
+    ".txt.gz",
+    ".parquet",
+)
 COUNTS, LOGNORM, SCALED = "counts", "log-normalised", "scaled"
 
 
@@ -166,25 +178,68 @@ def read_expression(
         raise InputFormatError(f"{path}: no such file or directory.")
     name = path.name.lower()
     if path.is_dir():
+        if name.endswith(FILE_SUFFIXES):
+            raise InputFormatError(
+                f"{path}: a directory, not a {path.suffix} file; give the path of the file "
+                "itself (a directory is read as a 10x matrix directory)."
+            )
         adata = read_10x_mtx(path)
-    elif name.endswith(".h5ad"):
-        if backed is None:
-            backed = path.stat().st_size > BACKED_ABOVE_BYTES
-        try:
-            adata = ad.read_h5ad(path, backed="r" if backed else None)
-        except (OSError, KeyError) as e:
-            raise InputFormatError(f"{path}: not a readable h5ad file ({e}).") from e
-    elif name.endswith(".h5"):
-        adata = read_10x_h5(path)
-    elif name.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
-        adata = read_table(path, transpose=transpose)
-    elif name.endswith(".parquet"):
-        adata = read_parquet(path)
-    else:
+    elif not name.endswith(FILE_SUFFIXES):
         raise InputFormatError(
             f"{path}: unknown expression format; use .h5ad, a 10x matrix directory or .h5, .csv/.tsv or .parquet."
         )
+    elif path.stat().st_size == 0:
+        raise InputFormatError(
+            f"{path}: the file is empty (0 bytes); was it written or downloaded to the end? "
+            "Write or download it again."
+        )
+    elif name.endswith(".h5ad"):
+        if backed is None:
+            backed = path.stat().st_size > BACKED_ABOVE_BYTES
+        adata = _read_h5ad(path, backed)
+    elif name.endswith(".h5"):
+        adata = read_10x_h5(path)
+    elif name.endswith(".parquet"):
+        adata = read_parquet(path)
+    else:
+        adata = read_table(path, transpose=transpose)
     return _from_anndata(adata, str(path), layer, use_raw, gene_column, h5ad=name.endswith(".h5ad"))
+
+
+def _read_h5ad(path: Path, backed: bool):
+    import anndata as ad
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise InputFormatError(
+            f"{path}: not a readable h5ad: it is not an HDF5 file (AnnData.write_h5ad writes "
+            "one); check that it is the file you meant, or name it for its real format (.csv, "
+            ".tsv, .parquet)."
+        )
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        # anndata raises any of these on an HDF5 file it cannot read as AnnData
+        raise InputFormatError(
+            f"{path}: an HDF5 file but not a readable h5ad ({type(e).__name__}: {e}); write it "
+            "with AnnData.write_h5ad (a Cell Ranger matrix is read when named .h5)."
+        ) from e
+
+
+def _require_cells_and_genes(shape: tuple[int, int], where: str) -> None:
+    """An empty matrix is refused by name, before anything reads it as having no expression."""
+    n_cells, n_genes = shape
+    if n_cells == 0:
+        raise InputFormatError(
+            f"{where}: no cells (the expression matrix is 0 cells x {n_genes:,} genes); give a "
+            "file that holds cells."
+        )
+    if n_genes == 0:
+        raise InputFormatError(
+            f"{where}: no genes (the expression matrix is {n_cells:,} cells x 0 genes); give "
+            "the data before its genes were filtered away, or name the --layer or .raw "
+            "(--use-raw) that holds them."
+        )
 
 
 def _from_anndata(
@@ -207,8 +262,9 @@ def _from_anndata(
         raise InputFormatError(
             f"{where}: the expression matrix is empty (X is None); name a --layer."
         )
+    _require_cells_and_genes(matrix.shape, where)
     n = adata.n_obs
-    kind = detect_kind(_to_csr(matrix[: min(n, 2000)]), where) if n else LOGNORM
+    kind = detect_kind(_to_csr(matrix[: min(n, 2000)]), where)
     if kind == SCALED:
         if use_raw is None and layer is None and raw is not None:
             raw_sample = _to_csr(raw.X[: min(n, 2000)])
@@ -347,15 +403,29 @@ def read_10x_mtx(path: Path):
 
     mtx, feats, bcs = find("matrix.mtx"), find("features.tsv", "genes.tsv"), find("barcodes.tsv")
     if not (mtx and feats and bcs):
+        missing = [
+            n
+            for n, found in (
+                ("matrix.mtx", mtx),
+                ("features.tsv (or genes.tsv)", feats),
+                ("barcodes.tsv", bcs),
+            )
+            if not found
+        ]
         raise InputFormatError(
-            f"{path}: not a 10x matrix directory; it needs matrix.mtx, features.tsv (or genes.tsv) "
-            "and barcodes.tsv (optionally gzipped)."
+            f"{path}: not a 10x matrix directory: {' and '.join(missing)} missing; it needs "
+            "matrix.mtx, features.tsv (or genes.tsv) and barcodes.tsv (optionally gzipped), as "
+            "in Cell Ranger's filtered_feature_bc_matrix/: copy the missing files there, or "
+            "give the path of the expression file itself."
         )
-    m = (
-        scipy.io.mmread(str(mtx)).tocsr().T.tocsr().astype(np.float32)
-    )  # genes x cells -> cells x genes
-    f = pd.read_csv(feats, sep="\t", header=None)
-    b = pd.read_csv(bcs, sep="\t", header=None)
+    try:
+        m = scipy.io.mmread(str(mtx))
+    except ValueError as e:
+        raise InputFormatError(
+            f"{mtx}: not a Matrix Market file ({e}); copy Cell Ranger's matrix.mtx(.gz) again."
+        ) from e
+    m = sp.csr_matrix(m).T.tocsr().astype(np.float32)  # genes x cells -> cells x genes
+    f, b = _tsv_column(feats), _tsv_column(bcs)
     if m.shape != (len(b), len(f)):
         raise InputFormatError(
             f"{path}: matrix is {m.shape[1]} x {m.shape[0]} but has {len(f)} features and {len(b)} barcodes."
@@ -370,6 +440,21 @@ def read_10x_mtx(path: Path):
     return ad.AnnData(m, obs=pd.DataFrame(index=b[0].astype(str).to_numpy()), var=var)
 
 
+def _tsv_column(path: Path) -> pd.DataFrame:
+    """A 10x features or barcodes file (tab-separated, no header), or an error naming it."""
+    try:
+        return pd.read_csv(path, sep="\t", header=None)
+    except pd.errors.EmptyDataError as e:
+        raise InputFormatError(
+            f"{path}: the file is empty; copy Cell Ranger's {path.name} into its matrix directory again."
+        ) from e
+    except (ValueError, pd.errors.ParserError) as e:
+        raise InputFormatError(
+            f"{path}: cannot parse as a tab-separated 10x file ({e}); copy Cell Ranger's "
+            f"{path.name} into its matrix directory again."
+        ) from e
+
+
 def read_10x_h5(path: Path):
     """A 10x Cell Ranger .h5 matrix (v3 `matrix` group, or v2 per-genome groups)."""
     import anndata as ad
@@ -378,7 +463,11 @@ def read_10x_h5(path: Path):
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise InputFormatError(f"{path}: not an HDF5 file ({e}).") from e
+        raise InputFormatError(
+            f"{path}: not an HDF5 file ({e}); a .h5 file is read as a Cell Ranger matrix: check "
+            "that it is the file you meant, or name it for its real format (.h5ad, .csv, .tsv, "
+            ".parquet)."
+        ) from e
     with f:
         grp = f["matrix"] if "matrix" in f else (f[next(iter(f.keys()))] if len(f.keys()) else None)
         if grp is None or not {"data", "indices", "indptr", "shape"} <= set(grp.keys()):
@@ -414,12 +503,25 @@ def read_table(path: Path, *, transpose: bool = False):
     import anndata as ad
 
     sep = "," if ".csv" in path.name.lower() else "\t"
+    kind = "CSV" if sep == "," else "TSV"
+    row, value = ("a gene: its name", "cell") if transpose else ("a cell: its id", "gene")
     try:
         df = pd.read_csv(path, sep=sep, index_col=0)
+    except pd.errors.EmptyDataError as e:
+        raise InputFormatError(
+            f"{path}: no table in the file (not even a header line); the first line names the "
+            f"{value}s, and each line after it is {row}, then one value per {value}."
+        ) from e
     except (ValueError, pd.errors.ParserError) as e:
         raise InputFormatError(
-            f"{path}: cannot parse as a {'CSV' if sep == ',' else 'TSV'} table ({e})."
+            f"{path}: cannot parse as a {kind} table ({e}); a .csv file is read "
+            "comma-separated, .tsv and .txt tab-separated: name the file for its separator."
         ) from e
+    if len(df) == 0:
+        raise InputFormatError(
+            f"{path}: a header line but no rows below it; each line after the header is {row}, "
+            f"then one value per {value}."
+        )
     if transpose:
         df = df.T
     nonnum = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
@@ -440,7 +542,13 @@ def read_parquet(path: Path):
     import anndata as ad
     import polars as pl
 
-    df = pl.read_parquet(path)
+    try:
+        df = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputFormatError(
+            f"{path}: not a readable parquet file ({e}); check that it is the file you meant and "
+            "was written to the end, or name it for its real format (.h5ad, .csv, .tsv)."
+        ) from e
     cols = {c.lower(): c for c in df.columns}
     if {"cell", "gene", "value"} <= set(cols):
         cell, gene, value = cols["cell"], cols["gene"], cols["value"]
