@@ -48,20 +48,27 @@ log = logging.getLogger(__name__)
 ATLAS_PREFIX = "atlas_"
 
 
-def _label_column(source: ExpressionSource, label_key: str):
+def _label_column(source: ExpressionSource, label_key: str, option: str = "--label-key"):
+    """The obs column `label_key`, or an error naming the columns there are and `option`,
+    the command-line option that named it."""
     if label_key not in source.obs.columns:
         raise InputFormatError(
             f"{source.path}: no cell annotation {label_key!r}; obs columns are: "
-            f"{', '.join(map(str, source.obs.columns)) or 'none'}. Name one with --label-key."
+            f"{', '.join(map(str, source.obs.columns)) or 'none'}. Name one with {option}."
         )
     return source.obs[label_key]
 
 
 def labels_of(
-    source: ExpressionSource, label_key: str, *, label_map: dict[str, str] | None = None
+    source: ExpressionSource,
+    label_key: str,
+    *,
+    label_map: dict[str, str] | None = None,
+    option: str = "--label-key",
 ) -> np.ndarray:
-    """The cells' labels as strings, renamed through `label_map` (cross-study names) if given."""
-    labels = _label_column(source, label_key).astype(str)
+    """The cells' labels as strings, renamed through `label_map` (cross-study names) if given;
+    `option` is the command-line option named in the error for a missing column."""
+    labels = _label_column(source, label_key, option).astype(str)
     if label_map:
         labels = labels.replace(label_map)
     return labels.to_numpy(dtype=object)
@@ -70,8 +77,8 @@ def labels_of(
 def _broad_labels(source: ExpressionSource, labels: np.ndarray, key: str) -> np.ndarray:
     """The cells' broad labels; a cell without one takes its fine label. Logs a fine label
     that falls under several broad ones (its cells then get the broad vote's label)."""
-    broad = _label_column(source, key).astype(str).to_numpy(dtype=object)
-    missing = ~known_labels(source, key)
+    broad = _label_column(source, key, "--broad-label-key").astype(str).to_numpy(dtype=object)
+    missing = ~known_labels(source, key, "--broad-label-key")
     broad[missing] = labels[missing]
     if missing.any():
         log.warning(
@@ -103,10 +110,75 @@ def _parents(fine: np.ndarray, n_fine: int, broad: np.ndarray, n_broad: int) -> 
     return np.where(found.sum(1) == 1, found.argmax(1), -1)
 
 
-def known_labels(source: ExpressionSource, label_key: str) -> np.ndarray:
+def known_labels(
+    source: ExpressionSource, label_key: str, option: str = "--label-key"
+) -> np.ndarray:
     """True for cells that carry a (non-empty) label."""
-    col = _label_column(source, label_key)
+    col = _label_column(source, label_key, option)
     return (col.notna() & (col.astype(str).str.len() > 0)).to_numpy()
+
+
+def reference_labels(
+    source: ExpressionSource,
+    label_key: str,
+    *,
+    broad_label_key: str | None = None,
+    exclude_labels=(),
+) -> tuple[ExpressionSource, np.ndarray, np.ndarray | None, dict[str, int]]:
+    """The cells an atlas is built from, with their labels: cells without a label are left
+    out (a logged count), then those carrying one of `exclude_labels` (fine or broad).
+
+    Returns (the kept cells, their labels, their broad labels or None, {excluded label:
+    cells}). A reference left with fewer than two classes is refused: an atlas of one class
+    would call every query cell that class."""
+    from cellvec.cell_index.mapping import parse_labels
+
+    known = known_labels(source, label_key)
+    if not known.any():
+        raise InputFormatError(
+            f"{source.path}: none of its {source.n_obs:,} cells has a {label_key!r} label (the "
+            "column is empty or all missing); name the obs column that holds the cell types "
+            f"with --label-key (obs columns: {', '.join(map(str, source.obs.columns))})."
+        )
+    if not known.all():
+        log.warning(
+            "%s: %d cells without a %s label excluded", source.path, int((~known).sum()), label_key
+        )
+        source = source.subset(known)
+    labels = labels_of(source, label_key)
+    broad = _broad_labels(source, labels, broad_label_key) if broad_label_key else None
+    excluded, drop = {}, np.zeros(len(labels), dtype=bool)
+    for x in parse_labels(exclude_labels):
+        hit = (labels == x) | ((broad == x) if broad is not None else False)
+        excluded[x] = int(hit.sum())
+        drop |= hit
+    if excluded:
+        if drop.all():
+            raise CellvecError(
+                f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
+            )
+        log.info(
+            "Excluded from the reference: %s",
+            ", ".join(f"{x} ({n:,} cells)" for x, n in excluded.items()),
+        )
+        source = source.subset(~drop)
+        labels = labels[~drop]
+        broad = broad[~drop] if broad is not None else None
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        after = f" after --exclude-labels {','.join(excluded)}" if excluded else ""
+        raise InputFormatError(
+            f"{source.path}: all {len(labels):,} labelled cells{after} are {str(classes[0])!r} "
+            f"in {label_key!r}, and an atlas of one class would call every query cell "
+            f"{str(classes[0])!r}; it needs at least two. Name an obs column with several cell "
+            "types with --label-key, "
+            + (
+                "add reference cells of other types, or exclude fewer labels."
+                if excluded
+                else "or add reference cells of other types."
+            )
+        )
+    return source, labels, broad, excluded
 
 
 @dataclass
@@ -890,8 +962,6 @@ def build_atlas(
         raise CellvecError(f"Index {index!r}: choose one of {', '.join(INDEX_KINDS)}.")
     import re
 
-    from cellvec.cell_index.mapping import parse_labels
-
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise CellvecError(
             f"Atlas name {name!r}: use letters, digits and underscores (it becomes a SQL view name)."
@@ -900,31 +970,12 @@ def build_atlas(
     gs = GeneStore(store)
     genes = gs.load(model)
     source = read_expression(reference, layer=layer, use_raw=use_raw, gene_column=gene_column)
-    known = known_labels(source, label_key)
-    if not known.all():
-        log.warning(
-            "%s: %d cells without a %s label excluded", source.path, int((~known).sum()), label_key
-        )
-        source = source.subset(known)
-    labels = labels_of(source, label_key)
-    broad = _broad_labels(source, labels, broad_label_key) if broad_label_key else None
-    excluded, drop = {}, np.zeros(len(labels), dtype=bool)
-    for x in parse_labels(exclude_labels):
-        hit = (labels == x) | ((broad == x) if broad is not None else False)
-        excluded[x] = int(hit.sum())
-        drop |= hit
-    if excluded:
-        if drop.all():
-            raise CellvecError(
-                f"--exclude-labels {','.join(excluded)} drops every cell of {source.path}."
-            )
-        log.info(
-            "Excluded from the reference: %s",
-            ", ".join(f"{x} ({n:,} cells)" for x, n in excluded.items()),
-        )
-        source = source.subset(~drop)
-        labels = labels[~drop]
-        broad = broad[~drop] if broad is not None else None
+    # every input check comes before fitting: fitting writes artifact tables into the store
+    if batch_key:
+        _label_column(source, batch_key, "--batch-key")
+    source, labels, broad, excluded = reference_labels(
+        source, label_key, broad_label_key=broad_label_key, exclude_labels=exclude_labels
+    )
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = Recipe(
         model=genes.model,
