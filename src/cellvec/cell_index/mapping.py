@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +218,7 @@ class MappingResult:
 
     def write(self, path: str | Path) -> Path:
         """Write .h5ad (AnnData with results) or a table (.parquet, .csv, .tsv)."""
-        path = Path(path)
+        path = check_output(path)
         suffix = path.suffix.lower()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -225,15 +226,14 @@ class MappingResult:
             self.to_anndata().write_h5ad(tmp)
         elif suffix == ".parquet":
             self.to_polars().write_parquet(tmp)
-        elif suffix in (".csv", ".tsv"):
-            self.to_polars().write_csv(tmp, separator="," if suffix == ".csv" else "\t")
         else:
-            raise CellvecError(f"{path}: write .h5ad, .parquet, .csv or .tsv.")
+            self.to_polars().write_csv(tmp, separator="," if suffix == ".csv" else "\t")
         tmp.replace(path)  # never a half-written output
         return path
 
     def save(self, store: str | Path, name: str) -> str:
         """Save as table `mapping_<name>` in the store (the SQL view of the same name)."""
+        check_mapping_name(name)
         import polars as pl
         import pyarrow as pa
 
@@ -302,6 +302,41 @@ def _label_stats(labels: np.ndarray) -> dict:
         "unassigned_fraction": float((labels == UNASSIGNED).mean()) if len(labels) else 0.0,
         "label_counts": {str(c): int(n) for c, n in zip(names, counts)},
     }
+
+
+OUTPUT_SUFFIXES = (".h5ad", ".parquet", ".csv", ".tsv")
+
+
+def check_output(path: str | Path) -> Path:
+    """`path` as a place `MappingResult.write` can write, or an error saying what to change:
+    its suffix names the format, and its folder exists or can be made (`write` makes it).
+    Callers check before mapping, so a mistyped output costs no mapping time."""
+    path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise CellvecError(
+            f"{path}: unknown output format {path.suffix or '(no suffix)'!r}; name the output "
+            f"for its format: {', '.join(OUTPUT_SUFFIXES)}."
+        )
+    folder = path.parent
+    while not folder.exists():  # ends at the current directory or the root
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CellvecError(
+            f"{path}: {folder} is a file, so no folder can be made there; write the output "
+            "into another folder."
+        )
+    return path
+
+
+def check_mapping_name(name: str) -> str:
+    """`name` as `MappingResult.save` takes it, or an error: it becomes the SQL view
+    mapping_<name>. Callers check before mapping, so a bad name costs no mapping time."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise CellvecError(
+            f"Mapping name {name!r}: use letters, digits and underscores (it becomes the SQL "
+            f"view mapping_{name})."
+        )
+    return name
 
 
 def map_cells(
@@ -378,14 +413,20 @@ def map_cells(
     if orthologs is not None and not isinstance(orthologs, OrthologTable):
         orthologs = read_orthologs(orthologs)
     source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
-    truth = labels_of(source, truth_key, label_map=label_map) if truth_key else None
+    truth = (
+        labels_of(source, truth_key, label_map=label_map, option="--truth-key")
+        if truth_key
+        else None
+    )
     clusters = cluster_values(source, cluster_key) if cluster_key else None
     if broad_truth_key and not atlas.has_broad:
         raise CellvecError(
             f"Atlas {atlas.name!r} has one level of labels; --broad-truth-key needs an atlas "
             "built with `cellvec atlas build ... --broad-label-key KEY`."
         )
-    b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
+    b_truth = (
+        labels_of(source, broad_truth_key, option="--broad-truth-key") if broad_truth_key else None
+    )
     encoder = atlas.encoder()
     basis = encoder.basis(source.var_names, source.path, orthologs=orthologs)
     # the atlas's own index; a disk atlas's vectors are never read whole

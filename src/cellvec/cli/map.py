@@ -128,7 +128,12 @@ def map_cmd(
       cellvec map pbmc.h5ad --server http://127.0.0.1:8000 --atlas pbmc --out mapped.h5ad
       cellvec map big.h5ad --store store/ --atlas pbmc --out mapped.h5ad --ray auto
     """
-    from cellvec.cell_index.mapping import map_cells, read_label_map
+    from cellvec.cell_index.mapping import (
+        check_mapping_name,
+        check_output,
+        map_cells,
+        read_label_map,
+    )
     from cellvec.cli.common import subset_source
 
     if not (store or server):
@@ -144,6 +149,12 @@ def map_cmd(
         )
     if save_as and not store:
         raise click.UsageError("--save-as writes into a store: give --store DIR.")
+    # checked before mapping: a mistyped output or name costs no mapping time
+    for path in (out, table):
+        if path:
+            check_output(path)
+    if save_as:
+        check_mapping_name(save_as)
     src = subset_source(
         query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
     )
