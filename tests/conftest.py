@@ -170,3 +170,35 @@ def tiny_adata(n_cells: int = 60, seed: int = 0, counts: bool = True, prefix: st
     if not counts:
         a.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
     return a
+
+
+@pytest.fixture
+def served(fake_store, monkeypatch):
+    """The fake store with atlas `tiny` (90 cells, typicality calibrated), and the fake
+    embedder wherever a server would load a model."""
+    import cellvec.gene_store.embedders as registry
+    import cellvec.gene_store.store as store_mod
+    from cellvec.cell_index.atlas import build_atlas
+
+    monkeypatch.setattr(registry, "get_embedder", lambda spec, **kw: FakeEmbedder())
+    monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
+    build_atlas(
+        tiny_adata(n_cells=90, seed=1),
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        top_genes=10,
+        calibration_split=0.2,  # held-out cells calibrate typicality
+    )
+    return fake_store
+
+
+def request_cells(n=5, seed=3):
+    """A JSON map request of `n` tiny cells, and their true labels."""
+    a = tiny_adata(n_cells=n, seed=seed, prefix="q")
+    x = a.X.tocsr()
+    cells = [
+        {"id": a.obs_names[i], "indices": x[i].indices.tolist(), "values": x[i].data.tolist()}
+        for i in range(n)
+    ]
+    return {"genes": list(a.var_names), "cells": cells}, a.obs["cell_type"].astype(str).tolist()

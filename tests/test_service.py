@@ -1,8 +1,3 @@
-import contextlib
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,93 +6,9 @@ import httpx
 import pytest
 
 from cellvec.cell_index.atlas import build_atlas
+from conftest import request_cells as _cells
 from conftest import tiny_adata
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *a):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-@contextlib.contextmanager
-def serve_process(*args, env: dict | None = None, timeout_s: float = 180):
-    """`cellvec serve ARGS` in a new process on a free port; its URL once /readyz answers
-    200 (workers start slowly on busy cores), the process stopped on exit."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellvec.cli", "-q", "serve", *map(str, args), "--port", str(port)],
-        env=dict(os.environ) if env is None else env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        ready, deadline = False, time.monotonic() + timeout_s
-        while not ready and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            with contextlib.suppress(httpx.TransportError):
-                ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        assert proc.poll() is None, proc.stderr.read()
-        assert ready, f"cellvec serve {' '.join(map(str, args))} was not ready in {timeout_s} s"
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(20)
-
-
-@pytest.fixture
-def served(fake_store, monkeypatch):
-    import cellvec.gene_store.embedders as reg
-    from conftest import FakeEmbedder
-
-    monkeypatch.setattr(reg, "get_embedder", lambda spec, **kw: FakeEmbedder())
-    import cellvec.gene_store.store as store_mod
-
-    monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
-    build_atlas(
-        tiny_adata(n_cells=90, seed=1),
-        store=fake_store,
-        name="tiny",
-        label_key="cell_type",
-        top_genes=10,
-        calibration_split=0.2,  # held-out cells calibrate typicality
-    )
-    return fake_store
-
-
-def _cells(n=5, seed=3):
-    a = tiny_adata(n_cells=n, seed=seed, prefix="q")
-    x = a.X.tocsr()
-    cells = [
-        {"id": a.obs_names[i], "indices": x[i].indices.tolist(), "values": x[i].data.tolist()}
-        for i in range(n)
-    ]
-    return {"genes": list(a.var_names), "cells": cells}, a.obs["cell_type"].astype(str).tolist()
+from servers import Server, serve_process  # noqa: F401 (imported from here by other tests)
 
 
 def test_endpoints(served, tmp_path):

@@ -29,3 +29,7 @@ class RecipeMismatchError(StoreError):
 
 class GeneMatchError(CellvecError):
     """Too few of a dataset's genes are found in the gene store."""
+
+
+class UntrustedInputError(InputFormatError):
+    """A file or body from elsewhere that would read other files or decode past its budget."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -889,6 +890,15 @@ def load_encoder(
     return CellEncoder(recipe, genes, bg, head)
 
 
+MAX_ATLAS_NAME = 200  # "atlas_<name>.lance" must fit a file name (255 bytes)
+
+
+def is_atlas_name(name: str) -> bool:
+    """Letters, digits and underscores, at most `MAX_ATLAS_NAME` of them: what `build_atlas`
+    accepts, so anything else is answered 'no such atlas' without touching the store."""
+    return len(name) <= MAX_ATLAS_NAME and re.fullmatch(r"[A-Za-z0-9_]+", name) is not None
+
+
 def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     gs = GeneStore(store)
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
@@ -960,11 +970,10 @@ def build_atlas(
 
     if index not in INDEX_KINDS:
         raise CellvecError(f"Index {index!r}: choose one of {', '.join(INDEX_KINDS)}.")
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+    if not is_atlas_name(name):
         raise CellvecError(
-            f"Atlas name {name!r}: use letters, digits and underscores (it becomes a SQL view name)."
+            f"Atlas name {name!r}: use up to {MAX_ATLAS_NAME} letters, digits and underscores "
+            "(it becomes a SQL view name and a folder name)."
         )
     t0 = time.perf_counter()
     gs = GeneStore(store)

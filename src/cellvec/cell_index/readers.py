@@ -41,6 +41,7 @@ FILE_SUFFIXES = (
     ".parquet",
 )
 COUNTS, LOGNORM, SCALED = "counts", "log-normalised", "scaled"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -128,7 +129,9 @@ def _to_csr(x) -> sp.csr_matrix:
 
 def _as_lognorm(x: sp.csr_matrix, kind: str, path: str) -> sp.csr_matrix:
     if kind == COUNTS:
-        totals = np.asarray(x.sum(axis=1)).ravel()
+        # float64: a float32 total overflows past 3.4e38 (two values of 3e38), and the cell
+        # would silently become all zeros
+        totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
         scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
         x = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ x)
         np.log1p(x.data, out=x.data)
@@ -363,23 +366,31 @@ def read_matrix(
     return _as_lognorm(x, kind, where), rows, names
 
 
-def _check_block(block: sp.csr_matrix, where: str, start: int, stop: int, kind: str) -> None:
+def _check_block(block: sp.csr_matrix, where: str, start: int, stop: int, kind: str) -> np.ndarray:
+    """Refuse NaN/inf, negative values and cells whose values add up past float32; returns
+    each cell's total (float64)."""
     if block.data.size and not np.isfinite(block.data).all():
         raise InputFormatError(
             f"{where}: NaN/inf values in cells {start}-{stop}; remove or impute them."
+        )
+    totals = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+    if totals.size and totals.max() > FLOAT32_MAX:
+        raise InputFormatError(
+            f"{where}: the values of a cell among cells {start}-{stop} add up past 3.4e38 (the "
+            "float32 range), which no expression data reaches; check the input's units."
         )
     if block.data.size and (block.data < 0).any():
         raise InputFormatError(
             f"{where}: negative values among cells {start}-{stop} of a {kind} matrix; "
             "counts and log-normalised values cannot be negative. Check the input layer."
         )
+    return totals
 
 
 def _drop_empty_and_check(src: ExpressionSource, where: str) -> ExpressionSource:
     totals = np.empty(src.n_obs, dtype=np.float64)
     for sl, block in src.chunks(as_stored=True):
-        _check_block(block, where, sl.start, sl.stop, src.kind)
-        totals[sl] = np.asarray(block.sum(axis=1)).ravel()
+        totals[sl] = _check_block(block, where, sl.start, sl.stop, src.kind)
     empty = totals <= 0
     if empty.any():
         log.warning("%s: %d cells with no expression excluded", where, int(empty.sum()))

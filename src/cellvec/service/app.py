@@ -100,8 +100,15 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if self.fast is not None and await self.fast(scope, headers, body, send):
-            return
+        if self.fast is not None:
+            try:
+                if await self.fast(scope, headers, body, send):
+                    return
+            except Exception:  # never a stack trace (nor text/plain) to the client
+                log.exception("Unhandled error on %s", path)
+                return await _send_error(
+                    send, 500, "Internal error; the server log has the details."
+                )
         replayed = False
 
         async def replay():
@@ -206,6 +213,7 @@ def create_app(
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
     from pydantic import ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from cellvec import __version__
     from cellvec.gene_store.store import GeneStore
@@ -274,9 +282,13 @@ def create_app(
     async def pydantic_error(request, exc):
         return error(422, _validation_message(exc.errors(), prefix=("body",)))
 
-    @app.exception_handler(HTTPException)
+    # Starlette's own (unknown route 404, 405, a bad multipart body's 400) included: every
+    # error is {"error": ...}, none {"detail": ...}
+    @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
-        return error(exc.status_code, str(exc.detail))
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
 
     healthz_body = _json_bytes({"status": "ok", "version": __version__})
 

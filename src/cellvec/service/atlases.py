@@ -154,8 +154,10 @@ class AtlasCache:
 
     def get(self, name: str) -> ServedAtlas:
         """The atlas `name`, loaded or reloaded as needed; KeyError if there is none."""
-        from cellvec.cell_index.atlas import ATLAS_PREFIX
+        from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name
 
+        if not is_atlas_name(name):  # no store look-up for a name no atlas can have
+            raise KeyError(name)
         hit = self.fresh(name)
         if hit is not None:
             return hit

@@ -152,10 +152,16 @@ def job_from_arrow(body: bytes, **options) -> MapJob:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from cellvec.untrusted import check_arrow_stream
+
+    check_arrow_stream(body)  # sizes from the metadata, before anything is decompressed
     try:
         table = pa.ipc.open_stream(body).read_all()
+        table.validate(full=True)  # e.g. dictionary indices out of range
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise CellvecError(f"The body is not an Arrow IPC stream ({e}). {ARROW_SCHEMA_DOC}") from e
+        raise CellvecError(
+            f"The body is not a valid Arrow IPC stream ({e}). {ARROW_SCHEMA_DOC}"
+        ) from e
     missing = {"cell_id", "gene", "value"} - set(table.column_names)
     if missing:
         raise CellvecError(
@@ -180,16 +186,20 @@ def job_from_arrow(body: bytes, **options) -> MapJob:
     if gene.null_count or cells.null_count:
         raise CellvecError("The Arrow table has null cell ids or genes.")
     ids = cells.dictionary.to_pylist()
-    if len(ids) > MAX_CELLS_PER_REQUEST:
-        raise CellvecError(
-            f"{len(ids):,} cells in one request; at most {MAX_CELLS_PER_REQUEST:,}: split them."
-        )
+    _check_cells(len(ids))
     genes = gene.dictionary.to_pylist()
     rows = pc.fill_null(cells.indices, 0).to_numpy()
     cols = gene.indices.to_numpy()
     x = sp.csr_matrix((values, (rows, cols)), shape=(len(ids), len(genes)), dtype=np.float32)
     x.sum_duplicates()
     return job_from_matrix(x, genes, ids, **options)
+
+
+def _check_cells(n: int) -> None:
+    if n > MAX_CELLS_PER_REQUEST:
+        raise CellvecError(
+            f"{n:,} cells in one request; at most {MAX_CELLS_PER_REQUEST:,}: split them."
+        )
 
 
 def job_from_h5ad(data: bytes, **options) -> MapJob:
@@ -199,16 +209,23 @@ def job_from_h5ad(data: bytes, **options) -> MapJob:
     import anndata as ad
 
     from cellvec.cell_index.readers import read_expression
+    from cellvec.untrusted import check_hdf5
 
     with tempfile.NamedTemporaryFile(suffix=".h5ad") as tmp:
         tmp.write(data)
         tmp.flush()
+        # No external storage, links or virtual datasets, and the decoded size budgeted,
+        # before anndata reads anything (or the upload could read the server's files).
+        facts = check_hdf5(tmp.name, where="The uploaded file")
+        _check_cells(facts.n_cells)
         try:
             adata = ad.read_h5ad(tmp.name)
         except Exception as e:  # noqa: BLE001
             raise CellvecError(
-                f"The upload is not a readable .h5ad file ({type(e).__name__})."
+                f"The upload is not a readable .h5ad file ({type(e).__name__}); "
+                "send a file written by anndata (`adata.write_h5ad`)."
             ) from e
+    _check_cells(adata.n_obs)
     src = read_expression(adata)
     return MapJob(src.var_names, src.to_csr(), src.obs_names, **options)
 

@@ -1,0 +1,227 @@
+"""Opening what a client sends: sizes budgeted before decoding, nothing that points elsewhere.
+
+An HTTP upload (and, later, a bundle fetched from elsewhere) is untrusted. Two formats
+can make a small body do large or far-reaching work:
+
+- HDF5 (`.h5ad`): a dataset may keep its bytes in *external storage* (any file on the
+  server, e.g. /etc/passwd), a link may be an *external link* to another file, a
+  *virtual dataset* maps other files, and a 1 MB gzip-compressed dataset may decode to
+  gigabytes. `check_hdf5` walks every link without following it and refuses all of
+  these before anndata reads a byte.
+- Arrow IPC streams: a compressed (zstd, lz4) record batch of a few KB may decode to
+  millions of rows. `check_arrow_stream` reads each message's own record of its buffer
+  sizes (the flatbuffer metadata, and the uncompressed length that prefixes every
+  compressed buffer) and adds them up before anything is decompressed.
+
+Both raise `cellvec.errors.UntrustedInputError` (the service answers 422).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cellvec.errors import UntrustedInputError
+
+# What one request may decode to, whatever its format: 4x the default body limit (64 MiB).
+MAX_DECODED_BYTES = 256 * 1024 * 1024
+MAX_HDF5_OBJECTS = 100_000  # links walked in one file (an AnnData has a few hundred)
+
+
+@dataclass(frozen=True)
+class Hdf5Facts:
+    """What `check_hdf5` learned about a file: cells (rows of obs / X) and decoded bytes."""
+
+    n_cells: int
+    decoded_bytes: int
+
+
+def check_hdf5(
+    source, *, where: str = "the upload", max_decoded_bytes: int | None = None
+) -> Hdf5Facts:
+    """Refuse an HDF5 file with external storage, external or soft links, virtual datasets,
+    or datasets that decode past `max_decoded_bytes` (counted per link, so a dataset
+    linked twice counts twice, as a reader would read it twice). `source`: a path or a
+    binary file object. Nothing is followed and no dataset is read."""
+    import h5py
+
+    max_decoded_bytes = max_decoded_bytes or MAX_DECODED_BYTES
+    try:
+        f = h5py.File(source, "r", locking=False)
+    except OSError as e:
+        raise UntrustedInputError(
+            f"{where} is not an HDF5 file ({e}); send an .h5ad written by anndata."
+        ) from e
+    with f:
+        total, seen = 0, 0
+        groups = {_address(f)}
+        stack = [("", f)]
+        while stack:
+            path, group = stack.pop()
+            for name in group:
+                seen += 1
+                if seen > MAX_HDF5_OBJECTS:
+                    raise UntrustedInputError(
+                        f"{where} has more than {MAX_HDF5_OBJECTS:,} HDF5 objects; an .h5ad has "
+                        "a few hundred. Write it with anndata."
+                    )
+                full = f"{path}/{name}"
+                kind = group.id.links.get_info(name.encode()).type
+                if kind != h5py.h5l.TYPE_HARD:
+                    what = {
+                        h5py.h5l.TYPE_SOFT: "a soft link",
+                        h5py.h5l.TYPE_EXTERNAL: "an external link",
+                    }
+                    raise UntrustedInputError(
+                        f"{where}: {full} is {what.get(kind, 'a user-defined link')}; links are "
+                        "not followed in uploaded files. Write the data into the file itself "
+                        "(anndata's write_h5ad does)."
+                    )
+                obj = group[name]
+                if isinstance(obj, h5py.Group):
+                    address = _address(obj)
+                    if address in groups:
+                        raise UntrustedInputError(
+                            f"{where}: {full} links a group that appears elsewhere in the file; "
+                            "write the file with anndata."
+                        )
+                    groups.add(address)
+                    stack.append((full, obj))
+                elif isinstance(obj, h5py.Dataset):
+                    total += _dataset_bytes(obj, full, where)
+                    if total > max_decoded_bytes:
+                        raise UntrustedInputError(
+                            f"{where} decodes to more than {max_decoded_bytes / 2**20:,.0f} MiB "
+                            f"(counted up to {full}); split the cells over several requests."
+                        )
+        return Hdf5Facts(_n_cells(f), total)
+
+
+def _address(obj) -> bytes:
+    import h5py
+
+    info = h5py.h5o.get_info(obj.id)
+    return bytes(info.token) if hasattr(info, "token") else info.addr.to_bytes(8, "little")
+
+
+def _dataset_bytes(dset, full: str, where: str) -> int:
+    import h5py
+
+    plist = dset.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        raise UntrustedInputError(
+            f"{where}: dataset {full} keeps its values in external files; uploaded files must "
+            "hold their own data. Write it with anndata."
+        )
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        raise UntrustedInputError(
+            f"{where}: dataset {full} is a virtual dataset mapping other files; uploaded "
+            "files must hold their own data. Write it with anndata."
+        )
+    return int(dset.size) * int(dset.dtype.itemsize)
+
+
+def _n_cells(f) -> int:
+    """Rows of obs (its index dataset) or of X, whichever the file has; 0 if neither."""
+    import h5py
+
+    obs = f.get("obs")
+    if isinstance(obs, h5py.Group):
+        index = obs.attrs.get("_index")
+        if isinstance(index, bytes):
+            index = index.decode()
+        if isinstance(index, str) and isinstance(obs.get(index), h5py.Dataset):
+            return int(obs[index].shape[0]) if obs[index].shape else 0
+    x = f.get("X")
+    if isinstance(x, h5py.Dataset) and x.shape:
+        return int(x.shape[0])
+    if isinstance(x, h5py.Group) and "shape" in x.attrs:
+        return int(x.attrs["shape"][0])
+    return 0
+
+
+# Arrow IPC: the few fields of the flatbuffer `Message` that give a batch's decoded size.
+_RECORD_BATCH, _DICTIONARY_BATCH = 3, 2
+
+
+def check_arrow_stream(body: bytes, *, max_decoded_bytes: int | None = None) -> int:
+    """Decoded bytes of an Arrow IPC stream, from each message's metadata (and, for a
+    compressed buffer, the uncompressed length it starts with), before decoding anything;
+    `UntrustedInputError` past `max_decoded_bytes`, and for a stream whose metadata
+    cannot be read (what cannot be measured is not decoded)."""
+    import pyarrow as pa
+
+    max_decoded_bytes = max_decoded_bytes or MAX_DECODED_BYTES
+    total = 0
+    try:
+        for message in pa.ipc.MessageReader.open_stream(pa.py_buffer(body)):
+            meta = message.metadata.to_pybytes()
+            batch = _batch_table(meta)
+            if batch is None:
+                continue
+            total += _batch_bytes(meta, batch, message.body)
+            if total > max_decoded_bytes:
+                raise UntrustedInputError(
+                    f"The Arrow body decodes to more than {max_decoded_bytes / 2**20:,.0f} MiB; "
+                    "split the cells over several requests."
+                )
+    except (pa.ArrowException, OSError, ValueError, IndexError, struct.error) as e:
+        raise UntrustedInputError(
+            f"The body is not an Arrow IPC stream ({type(e).__name__}: {e}); send a stream "
+            "written by pyarrow.ipc.new_stream."
+        ) from e
+    return total
+
+
+def _table(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(table position, its vtable position, the vtable's length) of a flatbuffer table."""
+    vtable = pos - struct.unpack_from("<i", buf, pos)[0]
+    return pos, vtable, struct.unpack_from("<H", buf, vtable)[0]
+
+
+def _field(buf: bytes, table: tuple[int, int, int], i: int) -> int | None:
+    """Position of field `i` of a table, or None when absent (its default)."""
+    pos, vtable, size = table
+    if 4 + 2 * i >= size:
+        return None
+    off = struct.unpack_from("<H", buf, vtable + 4 + 2 * i)[0]
+    return pos + off if off else None
+
+
+def _deref(buf: bytes, at: int) -> int:
+    return at + struct.unpack_from("<I", buf, at)[0]
+
+
+def _batch_table(meta: bytes):
+    """The `RecordBatch` table of a record-batch or dictionary message, else None."""
+    message = _table(meta, struct.unpack_from("<I", meta, 0)[0])
+    kind_at, header_at = _field(meta, message, 1), _field(meta, message, 2)
+    if kind_at is None or header_at is None:
+        return None
+    kind = meta[kind_at]
+    header = _table(meta, _deref(meta, header_at))
+    if kind == _RECORD_BATCH:
+        return header
+    if kind == _DICTIONARY_BATCH:
+        data_at = _field(meta, header, 1)
+        return None if data_at is None else _table(meta, _deref(meta, data_at))
+    return None
+
+
+def _batch_bytes(meta: bytes, batch, body) -> int:
+    buffers_at = _field(meta, batch, 2)
+    if buffers_at is None:
+        return 0
+    vec = _deref(meta, buffers_at)
+    n = struct.unpack_from("<I", meta, vec)[0]
+    compressed = _field(meta, batch, 3) is not None
+    data = memoryview(body) if (compressed and body is not None) else b""
+    total = 0
+    for j in range(n):
+        offset, length = struct.unpack_from("<qq", meta, vec + 4 + 16 * j)
+        if not compressed or length < 8:
+            total += max(length, 0)
+            continue
+        decoded = struct.unpack_from("<q", data, offset)[0]
+        total += length - 8 if decoded == -1 else max(decoded, 0)
+    return total

@@ -1,0 +1,208 @@
+"""Attacks on `cellvec serve`, each as a red-team session sent it: uploads that point the
+server at its own files, bombs that decode past any limit, bodies that crashed a parser,
+and error answers in a shape other than `{"error": ...}`. Each test fails when its fix is
+reverted; the server must stay up and log no traceback."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+
+from conftest import request_cells, tiny_adata
+from servers import Server
+
+ARROW = "application/vnd.apache.arrow.stream"
+SECRET = "root:x:0:0:secret-line-of-the-server"
+
+
+@pytest.fixture
+def client(served, caplog):
+    """A client of a real server on loopback; after the test, no error was logged."""
+    from cellvec.service import create_app
+
+    caplog.set_level(logging.ERROR, logger="cellvec")
+    with Server(create_app(served)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+        assert c.get("/healthz").status_code == 200  # still up
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+def _h5ad_bytes(adata, edit=None) -> bytes:
+    """The file anndata writes, then changed by `edit(h5py.File)` as an attacker would."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "q.h5ad"
+        adata.write_h5ad(path)
+        if edit is not None:
+            with h5py.File(path, "r+") as f:
+                edit(f)
+        return path.read_bytes()
+
+
+def _upload(client, data: bytes, atlas: str = "tiny"):
+    return client.post(f"/v1/atlases/{atlas}/map", files={"file": ("q.h5ad", data)})
+
+
+def _refused(r, *words):
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    message = r.json()["error"]
+    assert all(w in message for w in words), message
+    assert SECRET not in r.text
+    return message
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    """A file of the server's that no client may read (stands in for /etc/passwd)."""
+    path = tmp_path / "passwd"
+    path.write_text((SECRET + "\n") * 64)
+    return path
+
+
+def test_an_upload_whose_obs_index_is_stored_in_a_server_file_is_refused(client, secret_file):
+    def external(f):
+        del f["obs/_index"]
+        f["obs"].create_dataset(
+            "_index", shape=(5,), dtype="S32", external=[(str(secret_file), 0, 160)]
+        )
+
+    r = _upload(client, _h5ad_bytes(tiny_adata(n_cells=5, prefix="q"), external))
+    _refused(r, "obs/_index", "external files")
+
+
+def test_an_upload_whose_x_is_an_external_link_is_refused(client, tmp_path):
+    other = tmp_path / "other.h5ad"
+    tiny_adata(n_cells=5, prefix="o").write_h5ad(other)
+
+    def link(f):
+        del f["X"]
+        f["X"] = h5py.ExternalLink(str(other), "/X")
+
+    r = _upload(client, _h5ad_bytes(tiny_adata(n_cells=5, prefix="q"), link))
+    _refused(r, "/X", "external link")
+
+
+def test_an_upload_with_a_virtual_dataset_or_a_soft_link_is_refused(client, secret_file):
+    def virtual(f):
+        layout = h5py.VirtualLayout(shape=(5,), dtype="S32")
+        layout[:] = h5py.VirtualSource(str(secret_file), "data", shape=(5,))
+        del f["obs/_index"]
+        f["obs"].create_virtual_dataset("_index", layout)
+
+    def soft(f):
+        f["obs/alias"] = h5py.SoftLink("/obs/_index")
+
+    q = tiny_adata(n_cells=5, prefix="q")
+    _refused(_upload(client, _h5ad_bytes(q, virtual)), "virtual dataset")
+    _refused(_upload(client, _h5ad_bytes(q, soft)), "soft link")
+
+
+def test_an_upload_of_more_cells_than_a_request_may_hold_is_refused(client):
+    from cellvec.service.schemas import MAX_CELLS_PER_REQUEST
+
+    n = MAX_CELLS_PER_REQUEST + 1
+    genes = tiny_adata(n_cells=3).var_names
+    x = sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), np.zeros(n, int))), (n, len(genes)))
+    big = ad.AnnData(x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]))
+    big.var_names = genes
+    _refused(_upload(client, _h5ad_bytes(big)), f"{n:,} cells", "split")
+
+
+def test_a_gzip_bomb_upload_is_refused_before_it_is_decoded(client, monkeypatch):
+    import cellvec.untrusted as untrusted
+
+    monkeypatch.setattr(untrusted, "MAX_DECODED_BYTES", 4 * 2**20)
+    genes = tiny_adata(n_cells=3).var_names
+
+    def dense_zeros(f):  # 2,000 cells x 30 genes x 2,000 columns of float32 zeros: 16 MB
+        del f["X"]
+        f.create_dataset("X", shape=(2000, 2000), dtype="f4", compression="gzip", fillvalue=0)
+
+    q = ad.AnnData(sp.csr_matrix((2000, len(genes)), dtype=np.float32))
+    q.var_names = genes
+    data = _h5ad_bytes(q, dense_zeros)
+    assert len(data) < 200_000
+    _refused(_upload(client, data), "MiB", "split")
+
+
+def _arrow_stream(table: pa.Table, compression=None) -> bytes:
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_compressed_arrow_bomb_is_refused_from_its_metadata(client, monkeypatch):
+    import cellvec.untrusted as untrusted
+
+    monkeypatch.setattr(untrusted, "MAX_DECODED_BYTES", 4 * 2**20)
+    n = 1_000_000  # rows of one cell, one gene: 9 MB decoded, a few KB sent
+    table = pa.table(
+        {
+            "cell_id": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), ["c0"]),
+            "gene": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), ["TGENE0"]),
+            "value": np.ones(n, np.float32),
+        }
+    )
+    body = _arrow_stream(table, "zstd")
+    assert len(body) < 100_000
+    r = client.post("/v1/atlases/tiny/map", content=body, headers={"content-type": ARROW})
+    _refused(r, "decodes to more than", "split")
+
+
+def test_an_arrow_gene_index_out_of_its_dictionary_is_422(client):
+    gene = pa.DictionaryArray.from_arrays(
+        pa.array([0, 7], pa.int32()), pa.array(["TGENE0", "TGENE1"]), safe=False
+    )
+    table = pa.table({"cell_id": ["c0", "c0"], "gene": gene, "value": [3.0, 4.0]})
+    r = client.post(
+        "/v1/atlases/tiny/map", content=_arrow_stream(table), headers={"content-type": ARROW}
+    )
+    _refused(r, "Arrow")
+
+
+def test_values_whose_total_overflows_float32_are_refused(client):
+    body, _ = request_cells(1)
+    body["cells"][0].update(indices=[0, 1], values=[3e38, 3e38])
+    r = client.post("/v1/atlases/tiny/map", json=body)
+    _refused(r, "3.4e38")
+
+
+def test_every_error_is_json_with_an_error_key(client):
+    checks = [
+        client.get("/no/such/route"),
+        client.delete("/v1/atlases"),
+        client.post(
+            "/v1/atlases/tiny/map",
+            content=b"--x\r\nnot a part",
+            headers={"content-type": "multipart/form-data; boundary=zz"},
+        ),
+        client.post("/v1/atlases/tiny/map_h5ad"),
+    ]
+    for r in checks:
+        assert 400 <= r.status_code < 500, r.text
+        assert r.headers["content-type"].startswith("application/json"), r.text
+        assert list(r.json()) == ["error"], r.text
+
+
+def test_an_atlas_name_no_atlas_can_have_is_a_fast_404(client):
+    body, _ = request_cells(1)
+    for name in ("a" * 260, "x" * 1000, "a.b", "..%2F..%2Fetc"):
+        t0 = time.perf_counter()
+        r = client.post(f"/v1/atlases/{name}/map", json=body)
+        assert r.status_code == 404 and r.json()["error"], r.text
+        assert "%2F" in name or "tiny" in r.json()["error"]  # the atlases there are
+        assert time.perf_counter() - t0 < 1.0  # was ~2 s each, stalling other requests
