@@ -3,7 +3,9 @@
 A full species store takes 20-30 minutes to embed on 2 cores; the evaluation needs
 only the genes its datasets measure (~3,700 human PBMC genes, ~600 mouse retina
 genes), so each store here is built from a gene_info subset in a few minutes and
-reused on later runs.
+reused on later runs. The Baron 2016 pancreas pair (20,125 human, 14,877 mouse
+genes) has stores of its own (`baron_human`, `baron_mouse`: ~5-10 minutes each),
+so that the within-species stores stay the ones results/summary.md was made with.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ DATASETS = {
     "human": ("pbmc_3chem", "pbmc3k", "pbmc68k_reduced"),
     "mouse": ("macosko2015_amacrine",),
 }
+# Stores named for the sets they cover, beside the per-species ones: name -> (species, sets).
+NAMED = {
+    "baron_human": ("human", ("baron2016_pancreas_human",)),
+    "baron_mouse": ("mouse", ("baron2016_pancreas_mouse",)),
+}
 SUMMARIES = {s: SHARED / "genes" / f"refseq_summary.{s}.tsv.gz" for s in DATASETS}
 
 
-def dataset_gene_names(species: str) -> set[str]:
+def dataset_gene_names(species: str, sets: tuple[str, ...] | None = None) -> set[str]:
     import anndata as ad
 
     names: set[str] = set()
-    for f in DATASETS[species]:
+    for f in sets or DATASETS[species]:
         names |= {
             str(v).upper()
             for v in ad.read_h5ad(SHARED / "cells" / f"{f}.h5ad", backed="r").var_names
@@ -33,15 +40,21 @@ def dataset_gene_names(species: str) -> set[str]:
 
 
 def ensure_store(
-    store: Path, species: str, *, summaries: bool = False, model: str = "minilm"
+    store: Path,
+    species: str,
+    *,
+    summaries: bool = False,
+    model: str = "minilm",
+    sets: tuple[str, ...] | None = None,
 ) -> Path:
-    """Build (once) a `model` store of the genes named in `species`' labelled sets."""
+    """Build (once) a `model` store of the genes named in `species`' labelled sets (or in
+    the h5ad files `sets` of ../shared/data/cells, by stem)."""
     from cellvec.gene_store import GeneStore, build_gene_store
 
     store = Path(store)
     if store.exists() and model in GeneStore(store).models():
         return store
-    names = dataset_gene_names(species)
+    names = dataset_gene_names(species, sets)
     store.mkdir(parents=True, exist_ok=True)
     subset = store.parent / f"{store.name}.gene_info"
     with (
@@ -63,3 +76,9 @@ def ensure_store(
         model=model,
     )
     return store
+
+
+def ensure_named_store(stores: Path, name: str, *, model: str = "minilm") -> Path:
+    """The store `stores/name` of a NAMED set (e.g. `baron_mouse`), built once."""
+    species, sets = NAMED[name]
+    return ensure_store(Path(stores) / name, species, model=model, sets=sets)

@@ -6,6 +6,7 @@ import gzip
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellvec.cell_index.atlas import Atlas, build_atlas
@@ -285,3 +286,38 @@ def test_one_to_one_translation_of_hcop_both_ways(tmp_path):
     assert t.one_to_one("mouse") == {"CD3E": "Cd3e", "ENSA": "Ensa"}
     with pytest.raises(InputFormatError, match="not into rat"):
         t.one_to_one("rat")
+
+
+def test_many_to_one_orthologs_are_counted_once(atlas_store, tmp_path, caplog):
+    """Two paralogs of the query reaching one atlas gene: their expression is summed (as
+    counts) into that gene, which is counted once, so gene_coverage never exceeds 1 and a
+    gene split in two paralogs gives the vectors of the gene whole."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    panel = query[:, 4:].copy()  # a panel: 26 of the atlas's 30 genes, so coverage is computed
+    x = panel.X.toarray()
+    half = np.floor(x[:, :6] / 2)
+    split = np.hstack([x[:, :6] - half, half, x[:, 6:]])
+    names = list(panel.var_names)
+    renamed = [_other_species(n) for n in names[:6]]
+    paralogs = [n + "b" for n in renamed]  # Zt4 and Zt4b both -> TGENE4
+    query2 = ad.AnnData(
+        sp.csr_matrix(split),
+        obs=panel.obs,
+        var=pd.DataFrame(index=renamed + paralogs + [_other_species(n) for n in names[6:]]),
+    )
+    pairs = [(_other_species(n), n) for n in names] + list(zip(paralogs, names[:6]))
+    table = _pairs_csv(tmp_path / "orth.csv", pairs)
+    whole = map_cells(panel, "tiny", store=atlas_store)
+    with caplog.at_level("INFO"):
+        res = map_cells(query2, "tiny", store=atlas_store, orthologs=table)
+    assert "6 store genes are reached by 2 or more of its genes (12 genes in all)" in caplog.text
+    assert whole.gene_coverage < 1
+    assert res.gene_coverage == pytest.approx(whole.gene_coverage)
+    np.testing.assert_allclose(res.vectors, whole.vectors, atol=1e-5)
+    # and coverage itself counts an atlas gene once, however often it is named
+    atlas = Atlas.open(atlas_store, "tiny")
+    assert atlas.coverage(np.array([0, 0, 1, 1, 2])) == atlas.coverage(np.array([0, 1, 2]))
+    assert atlas.coverage(np.tile(np.arange(30), 3)) == pytest.approx(1.0)

@@ -39,7 +39,13 @@ from cellvec.cell_index.encoder import CellEncoder
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import RECIPE_VERSION, Recipe
 from cellvec.cell_index.refine import adapted_basis, apply_head, encode_weights, fit_refinement
-from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weighted_mean, weights_matrix
+from cellvec.cell_index.vectors import (
+    GeneBasis,
+    fold_duplicates,
+    match_dataset_genes,
+    weighted_mean,
+    weights_matrix,
+)
 from cellvec.errors import CellvecError, InputFormatError, StoreError
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
 from cellvec.storage import StoreLocation, store_location
@@ -226,17 +232,19 @@ def fit_encoder(
     `ray` (an address, see `cellvec._ray`): the top genes of each cell are computed by
     Ray workers, and the reference's vectors are left to them too (`vectors` is None,
     `blocks` holds the workers' weight blocks for `parallel.write_atlas`)."""
-    cols, rows = match_dataset_genes(source.var_names, genes, source.path)
+    cols, rows, fold = fold_duplicates(
+        *match_dataset_genes(source.var_names, genes, source.path), source.path
+    )
     bg = fit_background(genes.vectors[rows], recipe.background)
     vecs = apply_background(genes.vectors[rows], bg)
     blocks = None
     if ray:
         from cellvec.cell_index.parallel import top_gene_weights
 
-        w, blocks = top_gene_weights(source, cols, recipe, ray=ray)
+        w, blocks = top_gene_weights(source, cols, recipe, ray=ray, fold=fold)
     else:
-        w = weights_matrix(source, GeneBasis(cols, rows, vecs, len(source.var_names)), recipe)
-        w = sp.csr_matrix(w[:, cols])
+        basis = GeneBasis(cols, rows, vecs, len(source.var_names), fold=fold)
+        w = sp.csr_matrix(weights_matrix(source, basis, recipe)[:, cols])
     held = calibration_cells(labels, calibration_split, seed) if calibration_split else None
     train = slice(None) if held is None else ~held
     params, report = fit_refinement(
@@ -714,6 +722,8 @@ class Atlas:
             return 1.0
         w = self.weights() if self._panel_fits() else self._weights_sample()
         total = float(w.sum())
+        # each atlas gene counted once, however many query genes reach it: never above 1
+        positions = np.unique(positions)
         return float(w[:, positions].sum()) / total if total > 0 else 0.0
 
     def _panel_fits(self) -> bool:

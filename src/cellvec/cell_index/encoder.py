@@ -11,7 +11,12 @@ from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import adapted_basis, apply_head
-from cellvec.cell_index.vectors import GeneBasis, cell_vectors, match_dataset_genes
+from cellvec.cell_index.vectors import (
+    GeneBasis,
+    cell_vectors,
+    fold_duplicates,
+    match_dataset_genes,
+)
 from cellvec.gene_store.orthologs import OrthologTable
 from cellvec.gene_store.store import GeneTable
 
@@ -49,7 +54,9 @@ class CellEncoder:
         hit = self._bases.get(key)
         if hit is not None:
             return hit
-        cols, rows = match_dataset_genes(var_names, self.genes, where, orthologs=orthologs)
+        cols, rows, fold = fold_duplicates(
+            *match_dataset_genes(var_names, self.genes, where, orthologs=orthologs), where
+        )
         positions = None
         params = {k: v for k, v in self.refinement.items() if k in GENE_KEYS}
         ref_rows = self.refinement.get("gene_rows")
@@ -66,6 +73,8 @@ class CellEncoder:
                     f"{len(ref_rows):,}",
                 )
             cols, rows, positions = cols[known], rows[known], positions[known]
+            if fold is not None:
+                fold = fold[:, np.isin(fold[1], cols)]
             params = {k: v[positions] for k, v in params.items()}
         vectors = adapted_basis(apply_background(self.genes.vectors[rows], self.background), params)
         basis = GeneBasis(
@@ -75,6 +84,7 @@ class CellEncoder:
             len(var_names),
             cell_mean=self.refinement.get("cell_mean"),
             positions=positions,
+            fold=fold,
         )
         if len(self._bases) >= 32:
             self._bases.pop(next(iter(self._bases)))

@@ -45,7 +45,7 @@ def explain_subtype(
     basis = enc.basis(src.var_names, src.path)
     sub = src.subset(mask)
     w = top_n_weights(
-        sub.to_csr(), enc.recipe.top_genes, enc.recipe.weighting, col_mask=basis.mask
+        basis.combine(sub.to_csr()), enc.recipe.top_genes, enc.recipe.weighting, col_mask=basis.mask
     )[:, basis.columns]
     mean_w = np.asarray(w.mean(axis=0)).ravel()
     centroid = normalise_rows((mean_w @ basis.vectors)[None, :])[0]

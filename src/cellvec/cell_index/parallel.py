@@ -150,12 +150,13 @@ def _shard_dataset(ray, n_cells: int):
 
 # -- stage 1: top-gene weights ------------------------------------------------
 def _weights_batch(batch: pa.Table, shared) -> pa.Table:
-    from cellvec.cell_index.vectors import top_n_weights
+    from cellvec.cell_index.vectors import fold_columns, top_n_weights
 
     s = _shared(shared)
     positions, parts = [], []
     for start, stop in zip(batch.column("start").to_pylist(), batch.column("stop").to_pylist()):
         for first, block in _chunks(s["reader"], start, stop):
+            block = fold_columns(block, s["fold"])
             w = top_n_weights(block, s["top_genes"], s["weighting"], col_mask=s["mask"])
             parts.append(sp.csr_matrix(w[:, s["cols"]]))
             positions.append(np.arange(first, first + block.shape[0], dtype=np.int64))
@@ -166,10 +167,11 @@ def _weights_batch(batch: pa.Table, shared) -> pa.Table:
 
 
 def top_gene_weights(
-    source: ExpressionSource, cols: np.ndarray, recipe, *, ray=True
+    source: ExpressionSource, cols: np.ndarray, recipe, *, ray=True, fold=None
 ) -> tuple[sp.csr_matrix, list[pa.Table]]:
-    """Each cell's top-N genes and weights (cells x the matched columns `cols`), computed
-    by Ray workers, as `weights_matrix(...)[:, cols]` computes them in one process.
+    """Each cell's top-N genes and weights (cells x the matched columns `cols`, with the
+    columns of `fold` summed into theirs: `vectors.fold_duplicates`), computed by Ray
+    workers, as `weights_matrix(...)[:, cols]` computes them in one process.
 
     Returns the matrix and the blocks it came from (Arrow tables with `row`,
     `top_genes`, `top_weights`), which `write_atlas` hands back to the workers."""
@@ -182,6 +184,7 @@ def top_gene_weights(
             "reader": _reader(source, ray),
             "mask": mask,
             "cols": np.asarray(cols),
+            "fold": fold,
             "top_genes": recipe.top_genes,
             "weighting": recipe.weighting,
         }

@@ -18,7 +18,7 @@ from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import GeneMatchError
 from cellvec.gene_store.embedders.base import normalise_rows
-from cellvec.gene_store.orthologs import OrthologTable
+from cellvec.gene_store.orthologs import ORTHOLOG_OF_SEVERAL, OrthologTable
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.store import GeneTable
 
@@ -103,7 +103,14 @@ class GeneBasis:
     n_vars: int = 0  # the dataset's number of columns
     cell_mean: np.ndarray | None = None  # subtracted from each cell vector before normalising
     positions: np.ndarray | None = None  # the columns' places in the atlas's own gene list
+    # 2 x m: dataset columns (row 0) whose expression is summed into another column (row 1)
+    # that reaches the same store gene (`fold_duplicates`); None when every gene is its own
+    fold: np.ndarray | None = None
     _full: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def combine(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        """A chunk of the dataset's expression with the folded columns summed into theirs."""
+        return fold_columns(x, self.fold)
 
     @property
     def mask(self) -> np.ndarray:
@@ -145,13 +152,18 @@ def match_dataset_genes(
         ", ".join(f"{k} {v:,}" for k, v in counts.items()),
     )
     if orthologs is not None:
-        n_orth = counts.get("ortholog", 0)
+        one, several = counts.get("ortholog", 0), counts.get(ORTHOLOG_OF_SEVERAL, 0)
         log.info(
-            "%s: %s genes matched directly, %s through orthologs (%s)",
+            "%s: %s genes matched directly, %s through orthologs (%s): %s to their one "
+            "ortholog in the store, %s to the best supported of several, %s left out as "
+            "ambiguous",
             where,
-            f"{n - n_orth:,}",
-            f"{n_orth:,}",
+            f"{n - one - several:,}",
+            f"{one + several:,}",
             orthologs.source,
+            f"{one:,}",
+            f"{several:,}",
+            f"{counts.get('ortholog (ambiguous)', 0):,}",
         )
     if n < min(MIN_MATCHED_GENES, total // 2) or n < MIN_MATCHED_FRACTION * total:
         sample = [str(v) for v in var_names[:5]]
@@ -178,6 +190,60 @@ def match_dataset_genes(
     return cols, m.rows[cols]
 
 
+def fold_duplicates(
+    cols: np.ndarray, rows: np.ndarray, where: str = "dataset"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One column per store gene: (columns, their store rows, fold) where columns that reach
+    a store gene an earlier column already reaches are folded into that first column (fold:
+    2 x m, the folded columns and the columns they join; None when there are none).
+
+    Several dataset genes reach one store gene through orthologs (paralogs: human ACSM2A
+    and ACSM2B -> mouse Acsm2; mouse Ins1 and Ins2 -> human INS) or synonyms. Counted once
+    each, they would fill two top-gene places with one gene vector and give the store gene
+    twice the weight its own species would; so their expression is summed (as counts,
+    `fold_columns`), which is what a cell of the store's species would show for the one
+    gene, and the store gene is counted once."""
+    cols, rows = np.asarray(cols), np.asarray(rows)
+    _, first, inverse, n = np.unique(
+        rows, return_index=True, return_inverse=True, return_counts=True
+    )
+    if (n == 1).all():
+        return cols, rows, None
+    keep = np.sort(first)
+    extra = np.setdiff1d(np.arange(len(rows)), keep)
+    fold = np.stack([cols[extra], cols[first[inverse[extra]]]])
+    log.info(
+        "%s: %s store genes are reached by 2 or more of its genes (%s genes in all): "
+        "their expression is summed and each store gene counted once",
+        where,
+        f"{int((n > 1).sum()):,}",
+        f"{int(n[n > 1].sum()):,}",
+    )
+    return cols[keep], rows[keep], fold
+
+
+def fold_columns(x: sp.csr_matrix, fold: np.ndarray | None) -> sp.csr_matrix:
+    """`x` (log-normalised) with columns fold[0] summed into columns fold[1], as counts:
+    log1p of the sum of expm1; the folded columns end up empty. Columns not involved keep
+    their values exactly."""
+    if fold is None or not len(fold[0]):
+        return x
+    x = sp.csr_matrix(x, copy=True)
+    n = x.shape[1]
+    involved = np.zeros(n, dtype=bool)
+    involved[fold[0]] = involved[fold[1]] = True
+    hit = involved[x.indices]
+    x.data[hit] = np.expm1(x.data[hit])
+    target = np.arange(n)
+    target[fold[0]] = fold[1]
+    move = sp.csr_matrix((np.ones(n, dtype=x.dtype), (np.arange(n), target)), shape=(n, n))
+    y = sp.csr_matrix(x @ move)
+    y.sort_indices()
+    hit = involved[y.indices]
+    y.data[hit] = np.log1p(y.data[hit])
+    return y
+
+
 def weighted_mean(
     w: sp.csr_matrix, gene_vectors: np.ndarray, cell_mean: np.ndarray | None = None
 ) -> np.ndarray:
@@ -192,7 +258,7 @@ def weighted_mean(
 def aggregate(x: sp.csr_matrix, basis: GeneBasis, recipe: Recipe) -> np.ndarray:
     """Cell vectors (unit length, before any head) of a chunk of log-normalised expression."""
     return weighted_mean(
-        top_n_weights(x, recipe.top_genes, recipe.weighting, col_mask=basis.mask),
+        top_n_weights(basis.combine(x), recipe.top_genes, recipe.weighting, col_mask=basis.mask),
         basis.full,
         basis.cell_mean,
     )
@@ -235,7 +301,7 @@ def weights_matrix(
 
     Use it with `basis.full`."""
     parts = [
-        top_n_weights(block, recipe.top_genes, recipe.weighting, col_mask=basis.mask)
+        top_n_weights(basis.combine(block), recipe.top_genes, recipe.weighting, col_mask=basis.mask)
         for _, block in source.chunks(chunk_size)
     ]
     return sp.vstack(parts, format="csr")

@@ -20,7 +20,9 @@ missing). One-to-many orthologs are resolved deterministically: among the
 orthologs present in the store, the one with the most supporting sources
 (HCOP's `support`/`supporting_source`; 1 per row in a plain two-column table);
 on a tie, the one whose symbol equals the query's, case aside; otherwise the
-gene is skipped as ambiguous.
+gene is skipped as ambiguous. Many-to-one orthologs (several query genes reaching
+one store gene: paralogs such as mouse Ins1 and Ins2 -> human INS) are counted
+once: their expression is summed into the store gene (`vectors.fold_duplicates`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ _ENSEMBL_SPECIES = (("ENSMUSG", "mouse"), ("ENSG", "human"))
 # an id standing in for a missing symbol, versioned or not (not ENSA, a gene)
 _ENSEMBL_ID = r"^ENS[A-Z]*G\d+(\.\d+)?$"
 _SPECIES_WORD = re.compile("|".join(SPECIES), re.IGNORECASE)
+ORTHOLOG_OF_SEVERAL = "ortholog (best of several)"
 
 
 @dataclass(eq=False)
@@ -131,7 +134,9 @@ class OrthologTable:
 
     def store_rows(self, names, genes: pl.DataFrame) -> tuple[np.ndarray, list[str | None]]:
         """Store rows of query `names` through their orthologs (-1 where none or ambiguous),
-        and for each how: "ortholog", "ortholog (ambiguous)" or None."""
+        and for each how: "ortholog" (its one ortholog in the store), "ortholog (best of
+        several)" (one of its orthologs in the store, by the rule in the module docstring),
+        "ortholog (ambiguous)" or None."""
         from cellvec.gene_store.resolve import match_genes
 
         names = [str(n) for n in names]
@@ -166,10 +171,11 @@ class OrthologTable:
         chosen = best.filter((pl.col("n") == 1) | ((pl.col("n_same") == 1) & pl.col("same")))
         for i in best["i"].unique().to_list():
             how[i] = "ortholog (ambiguous)"
+        several = set(cand.filter(pl.len().over("i") > 1)["i"].unique().to_list())
         idx = chosen["i"].to_numpy()
         rows[idx] = chosen["srow"].to_numpy()
         for i in idx.tolist():
-            how[i] = "ortholog"
+            how[i] = ORTHOLOG_OF_SEVERAL if i in several else "ortholog"
         return rows, how
 
 

@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class GeneMatch:
     """`rows[i]` is the store row of query gene i, or -1; `how[i]` says by what
-    ("symbol", "symbol (case)", "synonym", "ensembl", "ortholog"), is "ambiguous" or
-    "ortholog (ambiguous)" when the name fits several genes, or None when it fits none."""
+    ("symbol", "symbol (case)", "synonym", "ensembl", "ortholog", "ortholog (best of
+    several)"), is "ambiguous" or "ortholog (ambiguous)" when the name fits several genes,
+    or None when it fits none. Several names may reach one row (`vectors.fold_duplicates`
+    counts such a gene once)."""
 
     rows: np.ndarray
     how: list[str | None]
