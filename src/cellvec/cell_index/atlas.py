@@ -47,6 +47,7 @@ from cellvec.cell_index.vectors import (
     weights_matrix,
 )
 from cellvec.errors import CellvecError, InputFormatError, StoreError
+from cellvec.fetch import fetch_bundle
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
 from cellvec.storage import StoreLocation, store_location
 
@@ -577,7 +578,13 @@ class Atlas:
         return _remember(self._broad, _panel_key(positions), calibrate)
 
     @classmethod
-    def open(cls, store: str | Path | StoreLocation, name: str) -> Atlas:
+    def open(cls, store: str | Path | StoreLocation, name: str | None = None) -> Atlas:
+        """Atlas `name` of `store`; or, with no name, the atlas of the bundle `store` (a
+        local folder, https://... or s3://..., fetched once into the cache and verified:
+        `cellvec.fetch`)."""
+        if name is None:
+            bundle = fetch_bundle(str(store))
+            store, name = bundle.path, bundle.atlas
         store = store_location(store)
         ds, meta = _atlas_dataset(store, name)
         found = meta.get("recipe", {}).get("version")
@@ -912,6 +919,12 @@ def is_atlas_name(name: str) -> bool:
 def list_atlases(store: str | Path | StoreLocation) -> list[str]:
     gs = GeneStore(store)
     return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
+
+
+def stored_atlas(store, name: str):
+    """(the table of atlas `name` as a `lance.LanceDataset`, its metadata): what exporting
+    or describing an atlas reads without loading it."""
+    return _atlas_dataset(store, name)
 
 
 def _atlas_dataset(store, name: str):

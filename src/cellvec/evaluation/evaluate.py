@@ -821,3 +821,45 @@ def _left_out_scores(pred, name, source, y, splits, sub, call: dict, y_broad=Non
         "known_macro_f1_without": classification_metrics(y[known], without[known])["macro_f1"],
         "known_unassigned": float((with_call[known] == UNASSIGNED).mean()),
     }
+
+
+def evaluate_atlas(
+    store, name: str, *, reference=None, folds: int = 5, seed: int = 0, **read_options
+) -> dict:
+    """An atlas's own cross-validated scores, for its card (`cellvec atlas export
+    --evaluate`): its reference (`reference`, default the file the atlas was built from)
+    scored in `folds` stratified folds with the atlas's recipe and k. Returns `folds`,
+    `accuracy`, `macro_f1`, `per_class_f1` and the `reference` scored."""
+    atlas = Atlas.open(store, name)
+    reference = reference or atlas.meta.get("source")
+    if not reference or not Path(str(reference)).exists():
+        raise CellvecError(
+            f"Atlas {name!r}: its reference ({reference}) is not here to cross-validate; give "
+            "it with --reference FILE."
+        )
+    r = atlas.recipe
+    ev = evaluate(
+        reference,
+        label_key=atlas.meta["label_key"],
+        store=store,
+        models=[r.model],
+        top_genes=r.top_genes,
+        weighting=r.weighting,
+        background=r.background,
+        center=r.center,
+        refine=r.refine,
+        adapt_genes=r.adapt_genes,
+        folds=folds,
+        k=atlas.k,
+        seed=seed,
+        representations=["cellvec"],
+        **read_options,
+    )
+    m = ev.representations["cellvec"]
+    return {
+        "folds": folds,
+        "accuracy": round(float(m["accuracy"]), 4),
+        "macro_f1": round(float(m["macro_f1"]), 4),
+        "per_class_f1": {c: round(float(v["f1"]), 4) for c, v in m["per_class"].items()},
+        "reference": str(reference),
+    }

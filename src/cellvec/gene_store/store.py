@@ -140,6 +140,18 @@ def replace_table(db, name: str, data):
         ) from e
 
 
+def restricted_vectors(vec: pa.Array, dim: int) -> np.ndarray:
+    """Genes x `dim` from a list column where only some genes carry a vector (an atlas
+    bundle's gene table keeps every gene's names but only the atlas's genes' vectors); the
+    others are zero rows, which no atlas of that bundle ever uses."""
+    lengths = vec.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    if not np.isin(lengths, (0, dim)).all():
+        raise StoreError(f"A gene table's vectors are neither {dim} long nor empty.")
+    mat = np.zeros((len(vec), dim), dtype=np.float32)
+    mat[lengths == dim] = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return mat
+
+
 def read_meta(tbl) -> dict:
     md = tbl.schema.metadata or {}
     return json.loads(md[META_KEY]) if META_KEY in md else {}
@@ -271,12 +283,15 @@ class GeneStore:
             return cached[1]
         arrow = tbl.to_arrow()
         vec = arrow.column("vector").combine_chunks()
-        mat = (
-            vec.flatten()
-            .to_numpy(zero_copy_only=False)
-            .reshape(len(arrow), -1)
-            .astype(np.float32, copy=False)
-        )
+        if pa.types.is_fixed_size_list(vec.type):
+            mat = (
+                vec.flatten()
+                .to_numpy(zero_copy_only=False)
+                .reshape(len(arrow), -1)
+                .astype(np.float32, copy=False)
+            )
+        else:
+            mat = restricted_vectors(vec, int(meta["dimension"]))
         genes = pl.from_arrow(arrow.drop_columns(["vector"]))
         gt = GeneTable(model=meta["model"], genes=genes, vectors=mat, meta=meta)
         self._cache[name] = (version, gt)

@@ -1,0 +1,383 @@
+"""Atlas bundles: one folder another lab maps onto, with no gene store to build.
+
+`export_bundle` writes a folder that is itself a small LanceDB store, so mapping onto a
+bundle is mapping onto that store and nothing in the mapping path changes:
+
+- `atlas_<name>.lance`: the atlas table as it is (latest version only), its metadata
+  gaining the card;
+- `_artifact_<digest>.lance`: the background transform and the refinement (gene rows,
+  gene adapter, centre, head) the recipe names, under the same digests;
+- `genes_<model>.lance`: the gene table the atlas was built on, every row kept with its
+  names (symbol, synonyms, Ensembl id), so a query's genes match exactly as they match
+  in the original store (the same ambiguities, the same share matched), but vectors only
+  for the genes the atlas uses (the reference's matched genes, `gene_rows`); the others
+  carry an empty vector and are never used, since a query gene outside the atlas's
+  genes carries no weight. Rows keep their order, so the artifacts' `gene_rows` hold
+  as they are, and the table's metadata keeps the original `content_hash`: the recipe's
+  `gene_table_hash` names the table the vectors come from, and the check in
+  `load_encoder` passes by construction (`restricted` in its metadata says what was
+  left out);
+- `card.json` (`atlas_card`) and `manifest.json` (sizes and sha256 of every file,
+  `cellvec.fetch`).
+
+`import_bundle` copies a bundle's atlas into a store whose gene table for that model
+matches it in the genes the atlas uses (rows re-pointed when the table differs only
+elsewhere); `fetch.fetch_bundle` brings a bundle from a URL into the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cellvec import __version__
+from cellvec.cell_index.artifacts import load_artifact, save_artifact
+from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name, stored_atlas
+from cellvec.cell_index.recipe import Recipe
+from cellvec.errors import CellvecError, StoreError
+from cellvec.fetch import CARD, fetch_bundle, file_sha256, write_manifest
+from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table, table_name
+from cellvec.storage import StoreLocation, store_location
+
+log = logging.getLogger(__name__)
+
+CARD_FIELDS = ("species", "tissue", "source", "citation", "licence")
+_NAME_COLUMNS = ["gene_id", "symbol", "synonyms", "ensembl_id", "tax_id", "full_name"]
+
+
+@dataclass
+class ExportResult:
+    """What `export_bundle` wrote: the folder, its size, files and manifest digest."""
+
+    path: str
+    atlas: str
+    bytes: int
+    files: int
+    manifest_sha256: str
+    seconds: float
+    card: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def atlas_card(store, name: str, *, extra: dict | None = None) -> dict:
+    """What an atlas is: species, tissue, source, citation and licence (from `extra` or
+    what export recorded), cells, genes, classes with counts, recipe and model, the
+    cellvec version, and its cross-validated scores when they were computed."""
+    ds, meta = stored_atlas(store, name)
+    recipe = Recipe.from_dict(meta["recipe"])
+    gs = GeneStore(store)
+    head = load_artifact(gs, recipe.head_hash) if recipe.head_hash else {}
+    gene_meta = read_meta(gs.open_table(table_name(recipe.model)) or pa.table({}))
+    given = {k: v for k, v in (meta.get("card") or {}).items() if v is not None}
+    given.update({k: v for k, v in (extra or {}).items() if v is not None})
+    classes = meta.get("classes") or {}
+    card = {
+        "atlas": name,
+        "species": given.get("species") or gene_meta.get("species"),
+        "tissue": given.get("tissue"),
+        "source": given.get("source") or meta.get("source"),
+        "citation": given.get("citation"),
+        "licence": given.get("licence"),
+        "n_cells": ds.count_rows(),
+        "n_genes": int(len(head["gene_rows"])) if "gene_rows" in head else None,
+        "n_classes": len(classes),
+        "classes": classes,
+        "label_key": meta.get("label_key"),
+        "broad_classes": meta.get("broad_classes"),
+        "model": recipe.model,
+        "recipe": meta["recipe"],
+        "k": int(meta.get("k") or 15),
+        "created": meta.get("created"),
+        "cellvec_version": given.get("cellvec_version") or __version__,
+        "evaluation": given.get("evaluation"),
+    }
+    return card
+
+
+def card_text(card: dict) -> str:
+    """The card as plain text (`cellvec atlas card`)."""
+    r = card.get("recipe") or {}
+    lines = [f"atlas {card['atlas']}"]
+    for key in CARD_FIELDS:
+        lines.append(f"  {key + ':':<12}{card.get(key) or '-'}")
+    lines.append(
+        f"  {'cells:':<12}{card['n_cells']:,}   genes: {card.get('n_genes') or '-':,}"
+        if isinstance(card.get("n_genes"), int)
+        else f"  {'cells:':<12}{card['n_cells']:,}"
+    )
+    lines.append(
+        f"  {'recipe:':<12}{r.get('model')} top{r.get('top_genes')} {r.get('weighting')} "
+        f"bg={r.get('background')} refine={r.get('refine')} k={card.get('k')}"
+    )
+    lines.append(f"  {'cellvec:':<12}{card.get('cellvec_version')}")
+    ev = card.get("evaluation") or {}
+    if ev:
+        lines.append(
+            f"  {'scores:':<12}macro-F1 {ev['macro_f1']:.3f}, accuracy {ev['accuracy']:.3f} "
+            f"({ev['folds']}-fold cross-validation on the reference)"
+        )
+    per = ev.get("per_class_f1") or {}
+    lines.append(f"  classes ({card['n_classes']}):")
+    for c, n in sorted(card["classes"].items(), key=lambda kv: -kv[1]):
+        f1 = f"   F1 {per[c]:.3f}" if c in per else ""
+        lines.append(f"    {c:<30}{n:>8,}{f1}")
+    return "\n".join(lines)
+
+
+def _restricted_genes(gs: GeneStore, model: str, rows: np.ndarray) -> pa.Table:
+    """The gene table of `model` with every row's names but only `rows`' vectors."""
+    tbl = gs.open_table(table_name(model))
+    arrow = tbl.to_arrow()
+    meta = read_meta(tbl)
+    vec = arrow.column("vector").combine_chunks()
+    dim = int(meta["dimension"])
+    keep = np.zeros(len(arrow), dtype=bool)
+    keep[rows] = True
+    values = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(arrow), dim)[keep]
+    offsets = np.zeros(len(arrow) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(np.where(keep, dim, 0))
+    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()))
+    n = len(arrow)
+    meta = {
+        **meta,
+        "restricted": {
+            "genes_with_vectors": int(keep.sum()),
+            "n_genes": n,
+            "why": "an atlas bundle: every gene's names (so queries match as in the full "
+            "table) and the vectors of the atlas's genes only; content_hash names the full "
+            "table those vectors come from",
+        },
+    }
+    columns = {c: arrow.column(c) for c in _NAME_COLUMNS}
+    columns["type_of_gene"] = arrow.column("type_of_gene")
+    columns["go_terms"] = pa.array([[]] * n, pa.list_(pa.string()))
+    columns["text"] = pa.nulls(n, pa.string())
+    columns["text_hash"] = pa.nulls(n, pa.string())
+    columns["vector"] = vectors
+    table = pa.table(columns)
+    return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+
+
+def _write_genes(location: StoreLocation, model: str, table: pa.Table) -> None:
+    """A restricted gene table, written by Lance itself (LanceDB refuses a `vector` column
+    whose lists are not all one length, which is what a restricted table is) where the
+    store has no table for `model`."""
+    import lance
+
+    lance.write_dataset(
+        table,
+        location.table_uri(table_name(model)),
+        mode="create",
+        storage_options=location.options() or None,
+    )
+
+
+def _copy_atlas(db, name: str, ds, meta: dict) -> None:
+    """The atlas table's latest version, streamed, with metadata `meta`."""
+    schema = ds.schema.with_metadata({META_KEY: json.dumps(meta).encode()})
+    reader = pa.RecordBatchReader.from_batches(
+        schema, (b.cast(schema) for b in ds.to_batches(batch_size=65_536))
+    )
+    replace_table(db, ATLAS_PREFIX + name, reader)
+
+
+def export_bundle(
+    store: str | Path | StoreLocation,
+    name: str,
+    out: str | Path,
+    *,
+    card: dict | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write atlas `name` of `store` as a bundle folder `out` (see the module docstring).
+    `card` adds species, tissue, source, citation, licence and `evaluation` to the card.
+    The folder appears whole or not at all."""
+    t0 = time.perf_counter()
+    store = store_location(store)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CellvecError(f"{out} exists: choose another --out, or pass --overwrite.")
+    ds, meta = stored_atlas(store, name)
+    recipe = Recipe.from_dict(meta["recipe"])
+    gs = GeneStore(store)
+    card = atlas_card(store, name, extra=card)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        target = GeneStore(tmp, create=True)
+        arrays = {h: load_artifact(gs, h) for h in (recipe.background_hash, recipe.head_hash) if h}
+        for digest, a in arrays.items():
+            if save_artifact(tmp, a) != digest:
+                raise StoreError(f"Artifact {digest} of atlas {name!r} changed on copying.")
+        rows = arrays[recipe.head_hash]["gene_rows"] if recipe.head_hash else None
+        if rows is None:
+            raise CellvecError(
+                f"Atlas {name!r} records no gene rows (no refinement artifact); rebuild it with "
+                "`cellvec atlas build` before exporting."
+            )
+        _write_genes(target.location, recipe.model, _restricted_genes(gs, recipe.model, rows))
+        _copy_atlas(target.db, name, ds, {**meta, "card": _card_given(card)})
+        if (meta.get("index") or {}).get("kind") == "disk":
+            from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
+
+            build_disk_index(
+                target.open_table(ATLAS_PREFIX + name).to_lance(),
+                DiskIndexParams.from_dict(meta["index"]),
+            )
+        _prune(tmp)
+        (tmp / CARD).write_text(json.dumps(card, indent=1))
+        manifest = write_manifest(
+            tmp, atlas=name, model=recipe.model, extra={"cellvec_version": __version__}
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    res = ExportResult(
+        path=str(out),
+        atlas=name,
+        bytes=size + (out / "manifest.json").stat().st_size,
+        files=len(manifest["files"]) + 1,
+        manifest_sha256=file_sha256(out / "manifest.json"),
+        seconds=round(time.perf_counter() - t0, 2),
+        card=card,
+    )
+    log.info(
+        "Bundle %s: atlas %s, %s cells, %s genes with vectors, %.1f MiB, %d files, in %.1f s",
+        out,
+        name,
+        f"{card['n_cells']:,}",
+        f"{len(rows):,}",
+        res.bytes / 2**20,
+        res.files,
+        res.seconds,
+    )
+    return res
+
+
+def _card_given(card: dict) -> dict:
+    """What the atlas's metadata keeps of a card: what was given, not what it derives."""
+    return {k: card.get(k) for k in (*CARD_FIELDS, "cellvec_version", "evaluation")}
+
+
+def _prune(folder: Path) -> None:
+    """Drop what LanceDB leaves besides the tables (empty staging folders)."""
+    for p in folder.iterdir():
+        if p.is_dir() and not p.name.endswith(".lance"):
+            shutil.rmtree(p)
+
+
+def import_bundle(
+    ref: str | os.PathLike,
+    store: str | Path | StoreLocation,
+    *,
+    name: str | None = None,
+    replace: bool = False,
+    storage_options: dict | None = None,
+) -> dict:
+    """Copy the atlas of bundle `ref` into `store` (as `name`, default its own).
+
+    The store's gene table for the atlas's model must hold the atlas's genes with the
+    same vectors: the same table (its content hash) is used as it is; a table that differs
+    only in other genes gets the atlas's gene rows re-pointed at its own rows (the recipe
+    then names that table); one that lacks or changes a gene the atlas uses is refused,
+    naming the fix. A store with no table for the model gets the bundle's (every gene's
+    names, the atlas's genes' vectors)."""
+    bundle = fetch_bundle(ref, storage_options=storage_options)
+    name = name or bundle.atlas
+    if not is_atlas_name(name):
+        raise CellvecError(f"Atlas name {name!r}: use letters, digits and underscores.")
+    src = GeneStore(bundle.path)
+    ds, meta = stored_atlas(bundle.path, bundle.atlas)
+    recipe = Recipe.from_dict(meta["recipe"])
+    target = GeneStore(store, create=True)
+    if ATLAS_PREFIX + name in target.table_names() and not replace:
+        raise CellvecError(
+            f"Store {target.path} already has an atlas {name!r}: import as another --name, or "
+            "pass --replace."
+        )
+    head = load_artifact(src, recipe.head_hash)
+    bg = load_artifact(src, recipe.background_hash) if recipe.background_hash else None
+    theirs = src.load(recipe.model)
+    gene_table = target.open_table(table_name(recipe.model))
+    how = "the same gene table"
+    if gene_table is None:
+        _write_genes(
+            target.location, recipe.model, src.open_table(table_name(recipe.model)).to_arrow()
+        )
+        how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
+    elif read_meta(gene_table).get("content_hash") != recipe.gene_table_hash:
+        ours = target.load(recipe.model)
+        rows = _repoint(theirs, ours, head["gene_rows"], bundle.source, target.path)
+        head = {**head, "gene_rows": rows}
+        recipe = Recipe.from_dict(
+            {
+                **recipe.to_dict(),
+                "gene_table_hash": ours.meta.get("content_hash"),
+                "head_hash": save_artifact(target.location, head),
+            }
+        )
+        meta = {**meta, "recipe": recipe.to_dict()}
+        how = f"the store's own gene table ({len(rows):,} atlas genes re-pointed at its rows)"
+    for arrays in (head, bg):
+        if arrays is not None:
+            save_artifact(target.location, arrays)
+    _copy_atlas(target.db, name, ds, meta)
+    if (meta.get("index") or {}).get("kind") == "disk":
+        from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
+
+        build_disk_index(
+            target.open_table(ATLAS_PREFIX + name).to_lance(),
+            DiskIndexParams.from_dict(meta["index"]),
+        )
+    log.info("Imported atlas %s from %s into %s, on %s", name, bundle.source, target.path, how)
+    return {
+        "atlas": name,
+        "store": str(target.path),
+        "source": bundle.source,
+        "n_cells": int(ds.count_rows()),
+        "gene_table": how,
+    }
+
+
+def _repoint(theirs, ours, rows: np.ndarray, source: str, store: str) -> np.ndarray:
+    """The rows of `ours` holding the atlas's genes (`rows` of `theirs`), matched by gene id
+    and symbol, refused unless every one is there with the same vector."""
+    key = ["gene_id", "symbol"]
+    want = theirs.genes[rows.tolist()].select(key).with_row_index("at")
+    have = ours.genes.select(key).with_row_index("row")
+    found = want.join(have, on=key, how="left").sort("at")
+    found = found.unique("at", keep="first", maintain_order=True)
+    at_rows = found["row"].fill_null(-1).to_numpy().astype(np.int64)
+    missing = at_rows < 0
+    same = np.zeros(len(rows), dtype=bool)
+    ok = ~missing
+    same[ok] = (
+        np.abs(ours.vectors[at_rows[ok]] - theirs.vectors[rows[ok]]).max(axis=1, initial=0) <= 1e-6
+    )
+    bad = np.flatnonzero(~same)
+    if len(bad):
+        names = want["symbol"].to_list()
+        example = ", ".join(str(names[i]) for i in bad[:5])
+        raise StoreError(
+            f"Store {store}: its {theirs.model} gene table differs from the bundle's in "
+            f"{len(bad):,} of the atlas's {len(rows):,} genes ({int(missing.sum()):,} missing, "
+            f"{int((~missing & ~same).sum()):,} with other vectors; e.g. {example}), so the atlas "
+            "would be mapped with other gene vectors than it was built with. Fix: import it into "
+            "another store (--store NEW_DIR), or map straight from the bundle with "
+            f"`cellvec map QUERY --atlas {source}`."
+        )
+    return at_rows

@@ -1,0 +1,436 @@
+"""Atlas bundles from anywhere: a local folder, https:// or s3://, fetched once into a
+cache and verified before anything in them is opened.
+
+A bundle (`cellvec atlas export`) is a folder that is itself a small LanceDB store (the
+atlas's table, its fitted artifacts, the gene table it needs) plus `card.json` and
+`manifest.json`. The manifest lists every other file with its size and sha256.
+
+A bundle from elsewhere is untrusted, like an upload (`cellvec.untrusted`):
+
+- the manifest is read first (at most `MAX_MANIFEST_BYTES`), and every path in it must
+  be relative, in plain POSIX form, inside the bundle (no `..`, no absolute path, no
+  backslash);
+- each file is streamed into the cache with its sha256 computed on the way and its size
+  held to what the manifest says; a file in a local bundle that is a symlink (or sits
+  under one) is refused, and a copy ends up with exactly the listed files, so Lance
+  cannot be pointed at a table version that was never checksummed;
+- after the checksums, the Lance tables are checked to keep their data files inside
+  their own folder, and the artifacts (npz bytes) to hold plain numeric arrays (no
+  pickled objects). No HDF5 is ever read from a bundle.
+
+Every failure is a `StoreError` naming the bundle and the part that failed. A verified
+copy lives in `$CELLVEC_CACHE/bundles/<manifest sha256>/` (default: the user's cache
+folder, `~/.cache/cellvec`), so a bundle is fetched once, whatever URL it came from;
+`$CELLVEC_CACHE/sources/` remembers which copy a URL gave last, for offline use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from cellvec._progress import progress
+from cellvec.errors import StoreError
+from cellvec.storage import env_options
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CARD = "card.json"
+FORMAT = "cellvec-atlas-bundle"
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+MAX_FILES = 100_000
+CACHE_ENV = "CELLVEC_CACHE"
+_VERIFIED = ".verified"  # written last in a cached copy: its checks all passed
+_CHUNK = 1 << 20
+_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")  # an atlas name (cell_index.atlas.is_atlas_name)
+_REMOTE = ("http", "https", "s3")
+
+
+def cache_dir() -> Path:
+    """`$CELLVEC_CACHE`, else `$XDG_CACHE_HOME/cellvec`, else `~/.cache/cellvec` (not created
+    here: nothing happens until a bundle is fetched)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "cellvec"
+
+
+def _scheme(ref: str) -> str | None:
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", ref)
+    return m.group(1).lower() if m else None
+
+
+def is_bundle_ref(ref: str) -> bool:
+    """Whether `--atlas REF` names a bundle (a URL, or a local folder with a manifest) rather
+    than an atlas in a store (letters, digits and underscores)."""
+    ref = str(ref)
+    if _scheme(ref) is not None:
+        return True
+    return _NAME.fullmatch(ref) is None or (Path(ref) / MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle in the cache: `path` is a LanceDB store holding atlas `atlas`."""
+
+    path: Path
+    manifest: dict
+    source: str
+
+    @property
+    def atlas(self) -> str:
+        return self.manifest["atlas"]
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.path.name
+
+    def card(self) -> dict:
+        return json.loads((self.path / CARD).read_text()) if (self.path / CARD).exists() else {}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, *, atlas: str, model: str, extra: dict | None = None) -> dict:
+    """List every file under `folder` (sizes and sha256) in `folder/manifest.json`."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            raise StoreError(f"{p} is a symlink; a bundle holds plain files only.")
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(folder).as_posix()
+            files[rel] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "atlas": atlas,
+        "model": model,
+        **(extra or {}),
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def check_manifest(data: bytes, where: str) -> dict:
+    """The manifest of bundle `where`, refused unless every path in it stays in the bundle."""
+    try:
+        m = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"Bundle {where}: {MANIFEST} is not JSON ({e}).") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(
+            f"Bundle {where}: {MANIFEST} is not a cellvec atlas bundle's (format "
+            f"{m.get('format') if isinstance(m, dict) else None!r}); make one with "
+            "`cellvec atlas export`."
+        )
+    if m.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"Bundle {where} has format version {m.get('format_version')!r}; this cellvec "
+            f"reads version {FORMAT_VERSION}. Upgrade cellvec or re-export the bundle."
+        )
+    if not isinstance(m.get("atlas"), str) or not _NAME.fullmatch(m["atlas"]):
+        raise StoreError(f"Bundle {where}: {MANIFEST} names no valid atlas ({m.get('atlas')!r}).")
+    files = m.get("files")
+    if not isinstance(files, dict) or not files or len(files) > MAX_FILES:
+        raise StoreError(f"Bundle {where}: {MANIFEST} lists no files (or too many).")
+    for rel, info in files.items():
+        _check_path(rel, where)
+        ok = (
+            isinstance(info, dict)
+            and isinstance(info.get("bytes"), int)
+            and info["bytes"] >= 0
+            and isinstance(info.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", info["sha256"]) is not None
+        )
+        if not ok:
+            raise StoreError(f"Bundle {where}: {MANIFEST} entry {rel!r} lacks a size or sha256.")
+    return m
+
+
+def _check_path(rel, where: str) -> None:
+    p = PurePosixPath(rel) if isinstance(rel, str) else None
+    bad = (
+        p is None
+        or not rel
+        or "\\" in rel
+        or "\x00" in rel
+        or p.is_absolute()
+        or re.match(r"^[A-Za-z]:", rel) is not None
+        or any(part in ("", ".", "..") for part in rel.split("/"))
+        or rel in (MANIFEST, _VERIFIED)
+    )
+    if bad:
+        raise StoreError(
+            f"Bundle {where}: {MANIFEST} lists the path {rel!r}, which would leave the bundle's "
+            "folder (paths must be relative, without '..'); the bundle was refused."
+        )
+
+
+# -- sources -----------------------------------------------------------------
+class _Local:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def open(self, rel: str):
+        path = self.root
+        for part in rel.split("/"):
+            path = path / part
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path} is missing") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise StoreError(
+                    f"Bundle {self.root}: {rel} is (or sits under) a symlink; a bundle holds "
+                    "plain files only, so it was refused."
+                )
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"Bundle {self.root}: {rel} is not a plain file.")
+        return open(path, "rb")
+
+
+class _Http:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def open(self, rel: str):
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.url}/{urllib.parse.quote(rel)}"
+        req = urllib.request.Request(url, headers={"User-Agent": "cellvec"})
+        return urllib.request.urlopen(req, timeout=60)  # noqa: S310 (http/https only)
+
+
+class _S3:
+    def __init__(self, uri: str, options: dict):
+        import pyarrow.fs as pafs
+
+        self.prefix = uri.split("://", 1)[1].rstrip("/")
+        endpoint = (
+            options.get("aws_endpoint")
+            or options.get("aws_endpoint_url")
+            or options.get("endpoint")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        kw = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        if options.get("aws_access_key_id"):
+            kw.update(
+                access_key=options["aws_access_key_id"],
+                secret_key=options.get("aws_secret_access_key"),
+                session_token=options.get("aws_session_token"),
+            )
+        region = options.get("aws_region") or options.get("region")
+        if region:
+            kw["region"] = region
+        self.fs = pafs.S3FileSystem(**kw)
+
+    def open(self, rel: str):
+        return self.fs.open_input_stream(f"{self.prefix}/{rel}")
+
+
+def _source(ref: str, storage_options: dict | None):
+    scheme = _scheme(ref)
+    if scheme is None or scheme == "file":
+        return _Local(Path(ref[len("file://") :] if scheme == "file" else ref))
+    if scheme in ("http", "https"):
+        return _Http(ref)
+    if scheme == "s3":
+        return _S3(ref, {**env_options(), **(storage_options or {})})
+    raise StoreError(
+        f"Bundle {ref}: unknown scheme {scheme!r}; give a local folder, https://HOST/PATH or "
+        "s3://BUCKET/PATH."
+    )
+
+
+def _read_manifest(src, ref: str) -> bytes:
+    with src.open(MANIFEST) as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise StoreError(
+            f"Bundle {ref}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES // 2**20} MiB."
+        )
+    return data
+
+
+# -- fetching ------------------------------------------------------------------
+def fetch_bundle(
+    ref: str | os.PathLike,
+    *,
+    cache: str | os.PathLike | None = None,
+    storage_options: dict | None = None,
+) -> Bundle:
+    """The bundle at `ref` (a local folder, https://... or s3://...), as a verified copy in
+    the cache: fetched and checked the first time, reused after that. When `ref` cannot be
+    reached, the copy it gave last is used (offline), with a warning."""
+    ref = os.fspath(ref)
+    root = Path(cache).expanduser() if cache else cache_dir()
+    src = _source(ref, storage_options)
+    remembered = root / "sources" / f"{hashlib.sha256(ref.encode()).hexdigest()[:24]}.json"
+    try:
+        data = _read_manifest(src, ref)
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 (URLError, OSError, pyarrow's errors: unreachable)
+        cached = _remembered(root, remembered)
+        if cached is not None:
+            log.warning("Bundle %s could not be reached (%s); using the copy in %s", ref, e, cached)
+            return _load_cached(cached, ref)
+        raise StoreError(
+            f"Bundle {ref}: its {MANIFEST} could not be read ({e}). Check the URL or path (a "
+            "bundle is the folder `cellvec atlas export --out` wrote), and for s3:// the "
+            "credentials and endpoint (AWS_* or $CELLVEC_STORAGE_OPTIONS)."
+        ) from e
+    manifest = check_manifest(data, ref)
+    digest = hashlib.sha256(data).hexdigest()
+    final = root / "bundles" / digest
+    if not (final / _VERIFIED).exists():
+        _download(src, ref, manifest, data, final)
+    else:
+        log.info("Bundle %s: cached copy %s (already verified)", ref, final)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    tmp = remembered.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps({"ref": ref, "manifest_sha256": digest}))
+    tmp.replace(remembered)
+    return Bundle(final, manifest, ref)
+
+
+def _remembered(root: Path, remembered: Path) -> Path | None:
+    try:
+        digest = json.loads(remembered.read_text())["manifest_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = root / "bundles" / str(digest)
+    return (
+        path if re.fullmatch(r"[0-9a-f]{64}", str(digest)) and (path / _VERIFIED).exists() else None
+    )
+
+
+def _load_cached(path: Path, ref: str) -> Bundle:
+    return Bundle(path, check_manifest((path / MANIFEST).read_bytes(), ref), ref)
+
+
+def _download(src, ref: str, manifest: dict, data: bytes, final: Path) -> None:
+    """Copy every listed file of the bundle into `final`, checking sizes and checksums on
+    the way, then its Lance tables and artifacts; nothing is left behind on failure."""
+    files = manifest["files"]
+    total = sum(f["bytes"] for f in files.values())
+    log.info(
+        "Fetching bundle %s: atlas %s, %d files, %.1f MiB",
+        ref,
+        manifest["atlas"],
+        len(files),
+        total / 2**20,
+    )
+    t0 = time.perf_counter()
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        with progress(total=total, desc=f"fetching {manifest['atlas']}", unit="B") as bar:
+            for rel in sorted(files):
+                _fetch_file(src, ref, rel, files[rel], tmp / rel, bar)
+        (tmp / MANIFEST).write_bytes(data)
+        check_tables(tmp, ref)
+        (tmp / _VERIFIED).write_text(json.dumps({"ref": ref, "verified": time.time()}))
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / _VERIFIED).exists():  # not a copy another process just finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "Bundle %s: %d files verified (sha256) in %.1f s -> %s",
+        ref,
+        len(files),
+        time.perf_counter() - t0,
+        final,
+    )
+
+
+def _fetch_file(src, ref: str, rel: str, info: dict, dest: Path, bar) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h, n = hashlib.sha256(), 0
+    try:
+        with src.open(rel) as f, open(dest, "wb") as out:
+            while True:
+                block = f.read(_CHUNK)
+                if not block:
+                    break
+                n += len(block)
+                if n > info["bytes"]:
+                    raise StoreError(
+                        f"Bundle {ref}: part {rel} is larger than its manifest says "
+                        f"({info['bytes']:,} bytes); the bundle was refused."
+                    )
+                h.update(block)
+                out.write(block)
+                bar.update(len(block))
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 (URLError, OSError, pyarrow's errors)
+        raise StoreError(f"Bundle {ref}: part {rel} could not be read ({e}).") from e
+    if n != info["bytes"] or h.hexdigest() != info["sha256"]:
+        raise StoreError(
+            f"Bundle {ref}: part {rel} does not match its checksum in {MANIFEST} (sha256 "
+            f"{h.hexdigest()[:16]}..., {n:,} bytes; expected {info['sha256'][:16]}..., "
+            f"{info['bytes']:,} bytes): corrupted or altered. Fetch it again from its source."
+        )
+
+
+def check_tables(folder: Path, ref: str) -> None:
+    """After the checksums: each Lance table keeps its data files inside its own folder, and
+    each artifact holds plain numeric arrays (no pickled objects)."""
+    import lance
+    import numpy as np
+
+    for table in sorted(folder.glob("*.lance")):
+        part = table.name
+        try:
+            ds = lance.dataset(str(table))
+            paths = [f.path for frag in ds.get_fragments() for f in frag.data_files()]
+        except Exception as e:  # noqa: BLE001 (Lance's own errors on a damaged table)
+            raise StoreError(f"Bundle {ref}: table {part} cannot be opened ({e}).") from e
+        for p in paths:
+            if not isinstance(p, str) or p.startswith("/") or ".." in p.split("/") or "://" in p:
+                raise StoreError(
+                    f"Bundle {ref}: table {part} points at a data file outside its folder "
+                    f"({p!r}); the bundle was refused."
+                )
+        if part.startswith("_artifact_"):
+            for blob in ds.to_table(columns=["data"]).column("data").to_pylist():
+                try:
+                    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                        kinds = {z[k].dtype.kind for k in z.files}
+                except Exception as e:  # noqa: BLE001 (numpy refuses pickles with ValueError)
+                    raise StoreError(
+                        f"Bundle {ref}: artifact {part} is not plain arrays ({e}); the bundle "
+                        "was refused."
+                    ) from e
+                if not kinds <= set("biuf"):
+                    raise StoreError(
+                        f"Bundle {ref}: artifact {part} holds non-numeric arrays ({kinds}); the "
+                        "bundle was refused."
+                    )
