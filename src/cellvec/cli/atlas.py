@@ -1,4 +1,4 @@
-"""`cellvec atlas`: build and list reference atlases."""
+"""`cellvec atlas`: build, list, export (bundles), import and describe reference atlases."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from cellvec.cli.options import (
     ray_option,
     recipe_options,
     store_option,
+    store_options,
 )
 
 
@@ -32,7 +33,7 @@ def index_option(*, default: str):
 
 @click.group()
 def atlas():
-    """Build and list reference atlases."""
+    """Build, list, export, import and describe reference atlases."""
 
 
 @atlas.command("build")
@@ -221,3 +222,131 @@ def list_cmd(store, as_json):
                 f"{a['name']:<20} {a['n_cells']:>9,} cells  {len(a['classes']):>3} classes  "
                 f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} refine={r['refine']}"
             )
+
+
+@atlas.command("export")
+@click.argument("name")
+@store_option
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="The bundle folder to write."
+)
+@click.option("--species", help="Card: species (default: the gene table's).")
+@click.option("--tissue", help="Card: tissue, e.g. retina.")
+@click.option("--source", "source_", help="Card: where the reference comes from (study, GEO id).")
+@click.option("--citation", help="Card: how to cite the reference.")
+@click.option("--licence", help="Card: the licence the atlas is shared under, e.g. CC-BY-4.0.")
+@click.option(
+    "--evaluate",
+    "evaluate_",
+    is_flag=True,
+    help="Cross-validate the atlas's recipe on its reference and put macro-F1 and per-class "
+    "F1 on the card (costs one refinement per fold).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True),
+    help="The reference to cross-validate with --evaluate (default: the file the atlas was "
+    "built from).",
+)
+@click.option("--folds", default=5, show_default=True, help="Folds of --evaluate.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@json_option
+def export_cmd(
+    name,
+    store,
+    out,
+    species,
+    tissue,
+    source_,
+    citation,
+    licence,
+    evaluate_,
+    reference,
+    folds,
+    overwrite,
+    as_json,
+):
+    """Write atlas NAME as a bundle: one folder (a small LanceDB store, card.json and
+    manifest.json with the sha256 of every file) that maps anywhere with no gene store.
+
+    Put the folder on a web server or in a bucket as it is; others map onto it with
+    `cellvec map QUERY --atlas URL` or import it with `cellvec atlas import`.
+
+    \b
+    Example:
+      cellvec atlas export rgc --store store/ --out rgc.cellvec --tissue retina \\
+          --citation "Tran et al. 2019" --licence CC-BY-4.0 --evaluate
+    """
+    from cellvec.cell_index.bundle import export_bundle
+
+    card = dict(species=species, tissue=tissue, source=source_, citation=citation, licence=licence)
+    if evaluate_:
+        from cellvec.evaluation.evaluate import evaluate_atlas
+
+        card["evaluation"] = evaluate_atlas(store, name, reference=reference, folds=folds)
+    res = export_bundle(store, name, out, card=card, overwrite=overwrite)
+    if as_json:
+        emit_json(res.to_dict())
+    else:
+        click.echo(
+            f"bundle {res.path}: atlas {name}, {res.card['n_cells']:,} cells, "
+            f"{res.bytes / 2**20:.1f} MiB in {res.files} files, manifest sha256 "
+            f"{res.manifest_sha256[:16]}... ({res.seconds:.1f} s)"
+        )
+
+
+@atlas.command("import")
+@click.argument("bundle")
+@store_option
+@click.option("--name", help="Name of the atlas in the store (default: the bundle's).")
+@click.option("--replace", is_flag=True, help="Replace an atlas of that name in the store.")
+@json_option
+def import_cmd(bundle, store, name, replace, as_json):
+    """Copy the atlas of BUNDLE (a folder, https://... or s3://...) into a store.
+
+    The store's gene table for the atlas's model must hold the atlas's genes with the
+    same vectors (a store without one gets the bundle's); otherwise the import is
+    refused, naming the fix.
+
+    \b
+    Example:
+      cellvec atlas import https://example.org/atlases/rgc.cellvec --store store/
+    """
+    from cellvec.cell_index.bundle import import_bundle
+
+    res = import_bundle(bundle, store, name=name, replace=replace)
+    if as_json:
+        emit_json(res)
+    else:
+        click.echo(
+            f"atlas {res['atlas']}: {res['n_cells']:,} cells from {res['source']} -> "
+            f"{res['store']} ({res['gene_table']})"
+        )
+
+
+@atlas.command("card")
+@click.argument("atlas_ref", metavar="NAME_OR_BUNDLE")
+@store_options(required=False, help="The store of atlas NAME (not needed for a bundle).")
+@json_option
+def card_cmd(atlas_ref, store, as_json):
+    """Print what an atlas is: species, tissue, source, citation, licence, cells, genes,
+    classes with counts (and F1), recipe, model, cellvec version.
+
+    \b
+    Example:
+      cellvec atlas card rgc --store store/
+      cellvec atlas card https://example.org/atlases/rgc.cellvec --json
+    """
+    from cellvec.cell_index.bundle import atlas_card, card_text
+    from cellvec.fetch import fetch_bundle, is_bundle_ref
+
+    if store is None:
+        if not is_bundle_ref(atlas_ref):
+            raise click.UsageError(f"Give --store for atlas {atlas_ref!r}, or a bundle path/URL.")
+        bundle = fetch_bundle(atlas_ref)
+        store, atlas_ref = bundle.path, bundle.atlas
+    card = atlas_card(store, atlas_ref)
+    if as_json:
+        emit_json(card)
+    else:
+        click.echo(card_text(card))

@@ -22,7 +22,13 @@ from cellvec.cli.options import (
     metavar="URL",
     help="Map through a running `cellvec serve` (token from $CELLVEC_API_TOKEN); same outputs.",
 )
-@click.option("--atlas", "atlas_name", required=True, help="Atlas name.")
+@click.option(
+    "--atlas",
+    "atlas_name",
+    required=True,
+    help="Atlas name in --store, or a bundle (`cellvec atlas export`): a folder, https://... "
+    "or s3://..., fetched once into $CELLVEC_CACHE and verified; no --store then.",
+)
 @click.option(
     "--out", type=click.Path(dir_okay=False), help="Output .h5ad (labels in obs, vectors in obsm)."
 )
@@ -127,6 +133,7 @@ def map_cmd(
       cellvec map pbmc.h5ad --store store/ --atlas pbmc --cluster-key leiden --save-as run1
       cellvec map pbmc.h5ad --server http://127.0.0.1:8000 --atlas pbmc --out mapped.h5ad
       cellvec map big.h5ad --store store/ --atlas pbmc --out mapped.h5ad --ray auto
+      cellvec map q.h5ad --atlas https://example.org/atlases/rgc.cellvec --out mapped.h5ad
     """
     from cellvec.cell_index.mapping import (
         check_mapping_name,
@@ -135,9 +142,15 @@ def map_cmd(
         read_label_map,
     )
     from cellvec.cli.common import subset_source
+    from cellvec.fetch import is_bundle_ref
 
-    if not (store or server):
-        raise click.UsageError("Give --store DIR, or --server URL to map through a service.")
+    if not (store or server or is_bundle_ref(atlas_name)):
+        raise click.UsageError(
+            "Give --store DIR, --server URL to map through a service, or --atlas BUNDLE (a "
+            "folder, https://... or s3://... that `cellvec atlas export` wrote)."
+        )
+    if store and "://" in atlas_name:
+        raise click.UsageError(f"--atlas {atlas_name} is a bundle: leave out --store.")
     if server and ray:
         raise click.UsageError(
             "--ray computes vectors here; with --server the service does: give one of them."
@@ -155,6 +168,12 @@ def map_cmd(
             check_output(path)
     if save_as:
         check_mapping_name(save_as)
+    if not (store or server):  # a bundle: fetched once into the cache, verified, then a store
+        from cellvec.fetch import fetch_bundle
+        from cellvec.storage import store_location
+
+        bundle = fetch_bundle(atlas_name)
+        store, atlas_name = store_location(bundle.path), bundle.atlas
     src = subset_source(
         query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
     )

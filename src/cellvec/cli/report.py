@@ -6,16 +6,17 @@ from pathlib import Path
 
 import click
 
-from cellvec.cli.options import store_option
+from cellvec.cli.options import STORE_HELP, store_options
 
 
 @click.command("report")
 @click.argument("mapped", type=click.Path(exists=True, dir_okay=False))
-@store_option
+@store_options(required=False, help=STORE_HELP + " Not needed with --atlas BUNDLE.")
 @click.option(
     "--atlas",
     "atlas_name",
-    help="Atlas the cells were mapped onto (default: the one recorded in MAPPED).",
+    help="Atlas the cells were mapped onto (default: the one recorded in MAPPED), or the "
+    "bundle it came from (a folder or URL; no --store then).",
 )
 @click.option(
     "--truth-key", help="obs column with known labels (adds confusion matrix and per-class F1)."
@@ -37,6 +38,7 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
     import anndata as ad
 
     from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.bundle import atlas_card
     from cellvec.errors import CellvecError
     from cellvec.evaluation.metrics import classification_metrics
     from cellvec.report import write_report
@@ -47,6 +49,13 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
             raise CellvecError(
                 f"{mapped}: no obs['{key}']; write it with `cellvec map ... --out {Path(mapped).name}`."
             )
+    if store is None:
+        from cellvec.fetch import fetch_bundle, is_bundle_ref
+
+        if not (atlas_name and is_bundle_ref(atlas_name)):
+            raise click.UsageError("Give --store DIR, or --atlas BUNDLE (a folder or URL).")
+        bundle = fetch_bundle(atlas_name)
+        store, atlas_name = bundle.path, bundle.atlas
     name = atlas_name or a.uns.get("cellvec", {}).get("atlas")
     if not name:
         raise CellvecError(f"{mapped}: the atlas is not recorded; give --atlas.")
@@ -74,5 +83,6 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
         mixing=a.obs["cellvec_mixing"].to_numpy() if "cellvec_mixing" in a.obs.columns else None,
         summary={"mapped": mapped, "atlas": name, "cells": a.n_obs},
         min_confidence=float(a.uns.get("cellvec", {}).get("min_confidence", 0.0)),
+        card=atlas_card(store, name),
     )
     click.echo(str(path))

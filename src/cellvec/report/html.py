@@ -33,12 +33,14 @@ def write_report(
     title: str = "cellvec mapping report",
     max_points: int = 20_000,
     seed: int = 0,
+    card: dict | None = None,
 ) -> Path:
     """Write `report.html` and PNGs into `out_dir`; returns the HTML path.
 
     With `truth` (known labels of the query cells) the report also shows the
     reliability of the confidence and the calibration of `typicality` (and of `mixing`,
-    the mixing test's p-values, when the mapping ran it)."""
+    the mixing test's p-values, when the mapping ran it). With `card` (the atlas's card,
+    `cell_index.bundle.atlas_card`) it also shows what the atlas is."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -76,7 +78,7 @@ def write_report(
         )
     path = out / "report.html"
     tmp = out / ".report.html.tmp"
-    tmp.write_text(_html(title, pngs, recipe, metrics, summary or {}))
+    tmp.write_text(_html(title, pngs, recipe, metrics, summary or {}, card))
     tmp.replace(path)
     return path
 
@@ -86,7 +88,36 @@ def _img(path: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
-def _html(title, pngs, recipe, metrics, summary) -> str:
+def _card_html(card: dict | None) -> str:
+    """The atlas card: what it is, its classes with counts and, when scored, their F1."""
+    if not card:
+        return ""
+    keys = ("atlas", "species", "tissue", "source", "citation", "licence", "n_cells", "n_genes")
+    keys += ("model", "cellvec_version")
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(card.get(k) or '-'))}</td></tr>"
+        for k in keys
+    )
+    ev = card.get("evaluation") or {}
+    if ev:
+        rows += (
+            f"<tr><th>cross-validated</th><td>macro-F1 {ev['macro_f1']:.3f}, accuracy "
+            f"{ev['accuracy']:.3f} ({ev['folds']} folds)</td></tr>"
+        )
+    per = ev.get("per_class_f1") or {}
+    classes = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{n:,}</td>"
+        f"<td>{f'{per[c]:.3f}' if c in per else ''}</td></tr>"
+        for c, n in sorted((card.get("classes") or {}).items(), key=lambda kv: -kv[1])
+    )
+    return (
+        f"<h2>Atlas</h2><table class='card'>{rows}</table>"
+        f"<table class='grid'><tr><th>class</th><th>cells</th><th>F1 (cross-validated)</th>"
+        f"</tr>{classes}</table>"
+    )
+
+
+def _html(title, pngs, recipe, metrics, summary, card=None) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
         for k, v in recipe.items()
@@ -146,6 +177,7 @@ table.grid td {{ font-variant-numeric: tabular-nums; }}
 {"".join(figs)}
 {per_table}
 <h2>Run</h2><table>{extra}</table>
+{_card_html(card)}
 <h2>Recipe</h2><table>{rows}</table>
 <script>
 // Lets a headless browser (and the test suite) confirm every plot decoded.
