@@ -66,3 +66,39 @@ def serve_process(*args, env: dict | None = None, timeout_s: float = 180):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@contextlib.contextmanager
+def static_server(directory, *, lifetime_s: float = 300):
+    """Files of `directory` over plain HTTP on a free port of 127.0.0.1 (a thread), as a web
+    server or a bucket's public URL serves a bundle; stopped on exit, or by itself after
+    `lifetime_s`. Yields (base URL, list of the paths requested, in order)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    requested = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+    httpd = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(directory))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.daemon = True
+    thread.start()
+    timer = threading.Timer(lifetime_s, httpd.shutdown)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", requested
+    finally:
+        timer.cancel()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)

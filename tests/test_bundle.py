@@ -1,0 +1,343 @@
+"""Atlas bundles: exported as one folder, fetched from a folder, a web server or a bucket
+(servers on 127.0.0.1 that the tests start and stop), mapped with the same labels as the
+original store, imported into other stores, described by a card, and refused when
+tampered with."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.bundle import atlas_card, card_text, export_bundle, import_bundle
+from cellvec.cell_index.mapping import map_cells
+from cellvec.cli import cli
+from cellvec.errors import CellvecError, StoreError
+from cellvec.fetch import MANIFEST, fetch_bundle, write_manifest
+from cellvec.gene_store.resolve import match_genes
+from cellvec.gene_store.store import GeneStore
+from conftest import (
+    build_tiny,
+    tiny_adata,
+    tiny_genes,
+    write_gene2go,
+    write_gene_info,
+)
+from servers import static_server
+
+
+def _extra_genes(n: int = 5) -> list[dict]:
+    """Genes no reference cell measures (so no atlas uses them), one sharing a synonym."""
+    return [
+        {
+            "id": 9000 + i,
+            "symbol": f"XGENE{i}",
+            "syn": f"XALIAS{i}" + ("|TALIAS0" if i == 0 else ""),
+            "ens": f"ENSG{9000 + i:011d}",
+            "name": f"unrelated gene {i}",
+            "proc": "photosynthesis",
+            "comp": "chloroplast",
+            "func": "light harvesting",
+        }
+        for i in range(n)
+    ]
+
+
+def _store(tmp_path, name: str, genes: list[dict], embedder=None):
+    files = {
+        "gene_info": write_gene_info(tmp_path / f"{name}.gene_info.gz", genes),
+        "gene2go": write_gene2go(tmp_path / f"{name}.gene2go.gz", genes),
+    }
+    build_tiny(files, tmp_path / name, embedder=embedder)
+    return tmp_path / name
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("CELLVEC_CACHE", str(path))
+    return path
+
+
+@pytest.fixture
+def atlas_store(tmp_path):
+    """A store of the 30 tiny genes plus 5 no reference cell measures, with atlas `tiny`."""
+    store = _store(tmp_path, "store", tiny_genes() + _extra_genes())
+    build_atlas(
+        tiny_adata(n_cells=90, seed=1),
+        store=store,
+        name="tiny",
+        label_key="cell_type",
+        top_genes=10,
+        calibration_split=0.2,
+    )
+    return store
+
+
+@pytest.fixture
+def bundle(atlas_store, tmp_path):
+    card = {"tissue": "blood", "citation": "Test et al. 2026", "licence": "CC-BY-4.0"}
+    export_bundle(atlas_store, "tiny", tmp_path / "tiny.cellvec", card=card)
+    return tmp_path / "tiny.cellvec"
+
+
+def _query():
+    return tiny_adata(n_cells=30, seed=5, prefix="q")
+
+
+def _run(*args):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_export_writes_a_small_store_with_a_checksum_for_every_file(bundle, atlas_store):
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {
+        MANIFEST
+    }
+    assert set(manifest["files"]) == on_disk
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+    assert manifest["atlas"] == "tiny" and "card.json" in manifest["files"]
+    # the bundle is a store: its atlas opens and lists like any other
+    assert [a["name"] for a in json.loads(_run("atlas", "list", "--store", bundle, "--json").stdout)["atlases"]] == ["tiny"]  # fmt: skip
+    # every gene's names, the atlas's genes' vectors only, the original content hash
+    full, part = GeneStore(atlas_store).load("fake"), GeneStore(bundle).load("fake")
+    assert part.genes["symbol"].to_list() == full.genes["symbol"].to_list()
+    used = np.abs(part.vectors).sum(1) > 0
+    assert used.sum() == 30 and part.meta["restricted"]["genes_with_vectors"] == 30
+    np.testing.assert_array_equal(part.vectors[used], full.vectors[used])
+    assert part.meta["content_hash"] == full.meta["content_hash"]
+    # a query gene matches the same gene by any name in both (XALIAS0 / TALIAS0 included)
+    names = [n for g in tiny_genes() + _extra_genes() for n in (g["symbol"], g["ens"], *g["syn"].split("|"))]  # fmt: skip
+    names += [n.lower() for n in names]
+    np.testing.assert_array_equal(
+        match_genes(names, part.genes).rows, match_genes(names, full.genes).rows
+    )
+
+
+def test_mapping_onto_a_bundle_equals_mapping_onto_the_store(bundle, atlas_store, cache):
+    want = map_cells(_query(), "tiny", store=atlas_store)
+    atlas = Atlas.open(str(bundle))
+    got = map_cells(_query(), atlas, recipe=Atlas.open(atlas_store, "tiny").recipe)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-6)
+    assert str(atlas.store).startswith(str(cache / "bundles"))
+
+
+def test_map_from_a_web_server_with_no_gene_store(bundle, atlas_store, tmp_path, cache, caplog):
+    """The issue's test: `cellvec map query.h5ad --atlas URL --out m.h5ad` with no store
+    anywhere gives the labels of the original store, builds nothing, and works offline
+    from the cache once fetched."""
+    import anndata as ad
+
+    q = tmp_path / "query.h5ad"
+    _query().write_h5ad(q)
+    want = map_cells(str(q), "tiny", store=atlas_store).labels
+    served = tmp_path / "www"
+    shutil.copytree(bundle, served / "atlases" / "tiny.cellvec")
+    shutil.rmtree(atlas_store)  # no gene store on this machine
+    caplog.set_level(logging.INFO)
+    with static_server(served) as (url, requested):
+        ref = f"{url}/atlases/tiny.cellvec"
+        _run("map", q, "--atlas", ref, "--out", tmp_path / "m.h5ad")
+        n_files = len(requested)
+        _run("map", q, "--atlas", ref, "--out", tmp_path / "m2.h5ad")
+        assert requested[n_files:] == ["/atlases/tiny.cellvec/manifest.json"]  # fetched once
+    got = ad.read_h5ad(tmp_path / "m.h5ad").obs["cellvec_label"].astype(str).to_numpy()
+    np.testing.assert_array_equal(got, want)
+    log = caplog.text
+    assert "Fetching bundle" in log and "verified (sha256)" in log
+    assert "genes to embed" not in log and "Table genes_" not in log  # no store build
+    # the server is gone: the cached copy serves, with a warning
+    caplog.clear()
+    _run("map", q, "--atlas", ref, "--out", tmp_path / "m3.h5ad")
+    assert "could not be reached" in caplog.text
+    got = ad.read_h5ad(tmp_path / "m3.h5ad").obs["cellvec_label"].astype(str).to_numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_map_from_a_bucket(bundle, atlas_store, cache, monkeypatch):
+    from s3_server import s3_server
+
+    want = map_cells(_query(), "tiny", store=atlas_store).labels
+    with s3_server(lifetime_s=300) as s3:
+        s3.create_bucket("atlases")
+        client = s3.client()
+        for p in bundle.rglob("*"):
+            if p.is_file():
+                client.upload_file(str(p), "atlases", f"lab/tiny.cellvec/{p.relative_to(bundle).as_posix()}")  # fmt: skip
+        monkeypatch.setenv("CELLVEC_STORAGE_OPTIONS", json.dumps(s3.storage_options()))
+        got = map_cells(_query(), Atlas.open("s3://atlases/lab/tiny.cellvec"))
+    np.testing.assert_array_equal(got.labels, want)
+
+
+def test_import_into_stores(bundle, atlas_store, tmp_path, cache):
+    want = map_cells(_query(), "tiny", store=atlas_store).labels
+    # a store with no gene table gets the bundle's
+    _run("atlas", "import", bundle, "--store", tmp_path / "empty")
+    np.testing.assert_array_equal(map_cells(_query(), "tiny", store=tmp_path / "empty").labels, want)  # fmt: skip
+    # the same gene table: used as it is
+    same = _store(tmp_path, "same", tiny_genes() + _extra_genes())
+    import_bundle(bundle, same)
+    np.testing.assert_array_equal(map_cells(_query(), "tiny", store=same).labels, want)
+    # a table that differs only in genes the atlas does not use: rows re-pointed
+    other = _store(tmp_path, "other", _extra_genes(2)[::-1] + tiny_genes()[::-1])
+    res = import_bundle(bundle, other)
+    assert "re-pointed" in res["gene_table"]
+    np.testing.assert_array_equal(map_cells(_query(), "tiny", store=other).labels, want)
+    with pytest.raises(CellvecError, match="already has an atlas 'tiny'.*--replace"):
+        import_bundle(bundle, other)
+    # a table with other vectors for the atlas's genes: refused, naming the fix
+    retold = [dict(g, name=f"{g['name']} retold") for g in tiny_genes()]  # other texts
+    changed = _store(tmp_path, "changed", retold)
+    with pytest.raises(StoreError, match=r"differs from the bundle's in 30 of the atlas's 30 genes.*--store NEW_DIR.*cellvec map QUERY --atlas"):  # fmt: skip
+        import_bundle(bundle, changed)
+    assert "atlas_tiny" not in GeneStore(changed).table_names()
+
+
+def test_card(bundle, atlas_store, tmp_path, cache):
+    card = json.loads(_run("atlas", "card", bundle, "--json").stdout)
+    assert card["tissue"] == "blood" and card["licence"] == "CC-BY-4.0"
+    assert card["species"] == "human" and card["n_cells"] == 90 and card["n_genes"] == 30
+    assert card["classes"] == {"B": 30, "M": 30, "T": 30} and card["model"] == "fake"
+    assert card["recipe"]["top_genes"] == 10 and card["cellvec_version"]
+    text = _run("atlas", "card", "tiny", "--store", atlas_store).stdout
+    assert "classes (3)" in text and "tissue:" in text
+    # the card travels: after an import the store's atlas has it too
+    import_bundle(bundle, tmp_path / "s2")
+    assert atlas_card(tmp_path / "s2", "tiny")["citation"] == "Test et al. 2026"
+
+
+@pytest.mark.slow
+def test_export_with_cross_validated_scores(atlas_store, tmp_path, cache):
+    ref = tmp_path / "ref.h5ad"
+    tiny_adata(n_cells=90, seed=1).write_h5ad(ref)
+    build_atlas(ref, store=atlas_store, name="scored", label_key="cell_type", top_genes=10)
+    out = json.loads(
+        _run(
+            "atlas",
+            "export",
+            "scored",
+            "--store",
+            atlas_store,
+            "--out",
+            tmp_path / "s.cellvec",
+            "--evaluate",
+            "--folds",
+            "2",
+            "--json",
+        ).stdout  # fmt: skip
+    )
+    ev = out["card"]["evaluation"]
+    assert ev["folds"] == 2 and 0 <= ev["macro_f1"] <= 1 and set(ev["per_class_f1"]) == {"B", "M", "T"}  # fmt: skip
+    assert "F1" in card_text(out["card"])
+
+
+def test_serve_a_bundle(bundle, atlas_store, cache):
+    import httpx
+
+    from cellvec.cli.serve import _store_of
+    from cellvec.service import create_app
+    from conftest import request_cells
+    from servers import Server
+
+    store, serving = _store_of(None, str(bundle), None)
+    assert not str(serving).startswith(str(store.path))  # serving files go beside the copy
+    body, _ = request_cells(8)
+    answers = {}
+    for kind, where in (("bundle", store), ("store", atlas_store)):
+        with Server(create_app(where, cache_dir=serving + kind)) as url, httpx.Client(base_url=url, timeout=30) as c:  # fmt: skip
+            for _ in range(300):
+                if c.get("/readyz").status_code == 200:
+                    break
+                import time
+
+                time.sleep(0.05)
+            r = c.post("/v1/atlases/tiny/map", json=body)
+            assert r.status_code == 200, r.text
+            answers[kind] = [cell["label"] for cell in r.json()["cells"]]
+    assert answers["bundle"] == answers["store"]
+
+
+# -- untrusted bundles ---------------------------------------------------------
+def _tamper_manifest(bundle, change):
+    m = json.loads((bundle / MANIFEST).read_text())
+    change(m)
+    (bundle / MANIFEST).write_text(json.dumps(m))
+
+
+def test_an_altered_part_is_refused_by_name(bundle, tmp_path):
+    part = next(p for p in sorted(bundle.rglob("*.lance")) if p.is_file())
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    rel = part.relative_to(bundle).as_posix()
+    with pytest.raises(StoreError, match=f"part {rel} does not match its checksum"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+    assert not list((tmp_path / "c" / "bundles").iterdir())  # nothing half-fetched is kept
+
+
+@pytest.mark.parametrize("path", ["../evil", "/etc/passwd", "a/../../b", "a\\b", "C:/x", ""])
+def test_paths_that_leave_the_bundle_are_refused(bundle, tmp_path, path):
+    _tamper_manifest(bundle, lambda m: m["files"].update({path: {"bytes": 1, "sha256": "0" * 64}}))  # fmt: skip
+    with pytest.raises(StoreError, match="would leave the bundle's folder"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+
+
+def test_symlinks_and_unlisted_files_do_not_travel(bundle, tmp_path):
+    (bundle / "extra.txt").write_text("not listed")
+    copy = fetch_bundle(bundle, cache=tmp_path / "c").path
+    assert not (copy / "extra.txt").exists()
+    target = bundle / "card.json"
+    secret = tmp_path / "secret.json"
+    secret.write_bytes(target.read_bytes())
+    target.unlink()
+    os.symlink(secret, target)
+    with pytest.raises(StoreError, match="card.json is \\(or sits under\\) a symlink"):
+        fetch_bundle(bundle, cache=tmp_path / "c2")
+
+
+def test_a_pickled_artifact_is_refused(bundle, tmp_path):
+    import lance
+
+    art = next(bundle.glob("_artifact_*.lance"))
+    buf = io.BytesIO()
+    np.savez(buf, x=np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    shutil.rmtree(art)
+    lance.write_dataset(pa.table({"digest": ["x"], "data": pa.array([buf.getvalue()], pa.large_binary())}), str(art))  # fmt: skip
+    (bundle / MANIFEST).unlink()
+    m = json.loads((bundle / "card.json").read_text())
+    write_manifest(bundle, atlas="tiny", model=m["model"])
+    with pytest.raises(StoreError, match=f"artifact {art.name} is not plain arrays"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+
+
+def test_not_a_bundle(tmp_path, cache):
+    with pytest.raises(StoreError, match="manifest.json could not be read"):
+        fetch_bundle(tmp_path / "nothing.cellvec")
+    (tmp_path / "x.cellvec").mkdir()
+    (tmp_path / "x.cellvec" / MANIFEST).write_text('{"format": "other"}')
+    with pytest.raises(StoreError, match="not a cellvec atlas bundle"):
+        fetch_bundle(tmp_path / "x.cellvec")
+    res = CliRunner().invoke(cli, ["map", str(tmp_path / "q.h5ad"), "--atlas", "tiny"])
+    assert res.exit_code != 0
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_card(bundle, tmp_path, cache):
+    q = tmp_path / "query.h5ad"
+    _query().write_h5ad(q)
+    _run("map", q, "--atlas", bundle, "--out", tmp_path / "m.h5ad")
+    path = _run("report", tmp_path / "m.h5ad", "--atlas", bundle, "--out", tmp_path / "rep")
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert path.stdout.strip().endswith("report.html")
+    assert "<h2>Atlas</h2>" in page and "CC-BY-4.0" in page and "Test et al. 2026" in page
