@@ -54,8 +54,11 @@ def test_vector_helpers(full_store):
         ("DELETE FROM genes", "DELETE statements are not allowed"),
         ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY statements are not allowed"),
         ("INSTALL httpfs", "statements are not allowed"),
-        ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
-        ("SET enable_external_access = true", "statements are not allowed"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "read_csv\\(\\) is not allowed"),
+        ("SELECT * FROM '/etc/passwd'", "/etc/passwd does not exist"),  # no file scans
+        ("SET enable_external_access = true", "SET statements are not allowed"),
+        ("EXPLAIN SELECT 1", "EXPLAIN statements are not allowed"),
+        ("PRAGMA show_tables", "PRAGMA statements are not allowed"),
         ("SELEC 1", "syntax error"),
     ],
 )
@@ -63,6 +66,26 @@ def test_read_only(full_store, sql, message):
     conn = connect_sql(full_store, text_embedder=FakeEmbedder())
     with pytest.raises(SQLError, match=message):
         conn.query(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH t AS (SELECT label FROM atlas_tiny) SELECT count(*) FROM t",
+        "SELECT * FROM nearest_genes('TGENE0', 3)",
+        "SELECT * FROM genes_like('immune synapse', 3) -- a comment",
+        "/* comment */ SELECT symbol FROM genes LIMIT 2;",
+        "FROM genes SELECT symbol LIMIT 1",
+        "SHOW TABLES",
+        "DESCRIBE genes",
+        "SUMMARIZE SELECT gene_id FROM genes",
+        "SELECT * FROM range(3) UNION ALL SELECT * FROM generate_series(1, 2)",
+        "SELECT * FROM duckdb_views() WHERE NOT internal",
+    ],
+)
+def test_read_queries_pass_the_gate(full_store, sql):
+    conn = connect_sql(full_store, text_embedder=FakeEmbedder())
+    assert conn.query(sql).height > 0
 
 
 def test_streamed_output_formats(full_store, tmp_path):

@@ -27,7 +27,13 @@ from cellvec.cli.options import store_option
     type=click.Path(dir_okay=False),
     help="Write here instead of stdout (required for parquet).",
 )
-def sql_cmd(query, store, fmt, output):
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop a query after this many seconds (default: no limit; Ctrl-C stops one).",
+)
+def sql_cmd(query, store, fmt, output, timeout):
     """Run read-only SQL (DuckDB) over the store; no QUERY opens an interactive shell.
 
     \b
@@ -38,9 +44,11 @@ def sql_cmd(query, store, fmt, output):
     Example:
       cellvec sql "SELECT * FROM genes_like('axon regeneration', 10)" --store store/
     """
-    from cellvec.sql import connect_sql, write_result
+    from dataclasses import replace
 
-    conn = connect_sql(store)
+    from cellvec.sql import LOCAL_LIMITS, connect_sql, write_result
+
+    conn = connect_sql(store, limits=replace(LOCAL_LIMITS, timeout_s=timeout))
     if query is None:
         _shell(conn)
         return

@@ -507,30 +507,28 @@ def create_app(
             raise HTTPException(
                 403, "SQL is disabled on this server; start it with `cellvec serve --enable-sql`."
             )
-        from cellvec.sql import StoreSQL
+        from contextlib import closing
+        from dataclasses import replace
 
-        conn = StoreSQL(gene_store)
-        timer = threading.Timer(sql_timeout_s, conn.con.interrupt)
-        timer.start()
+        from cellvec.sql import SERVICE_LIMITS, SQLTimeoutError, StoreSQL
+
+        limits = replace(SERVICE_LIMITS, timeout_s=sql_timeout_s)
         rows, truncated, columns = [], False, []
-        try:
-            for batch in conn.execute(body.query):
-                columns = batch.schema.names
-                for r in batch.to_pylist():
-                    if len(rows) >= sql_max_rows:
+        # One batch of max_rows + 1 rows tells whether the answer was truncated.
+        with (
+            StoreSQL(gene_store, limits=limits) as conn,
+            closing(conn.execute(body.query, batch_rows=sql_max_rows + 1)) as batches,
+        ):
+            try:
+                for batch in batches:
+                    columns = batch.schema.names
+                    kept = batch.slice(0, sql_max_rows - len(rows))
+                    rows.extend(kept.to_pylist())
+                    if kept.num_rows < batch.num_rows:
                         truncated = True
                         break
-                    rows.append(r)
-                if truncated:
-                    break
-        except CellvecError as e:
-            if "INTERRUPT" in str(e).upper():
-                raise HTTPException(
-                    408, f"The query ran past the {sql_timeout_s:g} s limit."
-                ) from None
-            raise
-        finally:
-            timer.cancel()
+            except SQLTimeoutError as e:
+                raise HTTPException(408, str(e)) from None
         return {
             "columns": columns,
             "rows": _jsonable(rows),
