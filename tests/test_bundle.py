@@ -25,6 +25,7 @@ from cellvec.fetch import MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.store import GeneStore
 from conftest import (
+    FakeEmbedder,
     build_tiny,
     tiny_adata,
     tiny_genes,
@@ -341,3 +342,73 @@ def test_the_report_shows_the_card(bundle, tmp_path, cache):
     page = (tmp_path / "rep" / "report.html").read_text()
     assert path.stdout.strip().endswith("report.html")
     assert "<h2>Atlas</h2>" in page and "CC-BY-4.0" in page and "Test et al. 2026" in page
+
+
+# -- Cell Ontology ids -------------------------------------------------------------
+def _fake_ontology():
+    from cellvec.cell_index.ontology import CellOntology
+
+    terms = [
+        ("CL:0000236", "B cell", ["B lymphocyte"], "A lymphocyte of B lineage."),
+        ("CL:0000084", "T cell", ["T lymphocyte"], "A lymphocyte with a T cell receptor."),
+        ("CL:0000576", "monocyte", [], "A myeloid phagocyte."),
+        ("CL:0000169", "type B pancreatic cell", ["pancreatic beta cell"], "Secretes insulin."),
+        ("CL:0000171", "pancreatic A cell", ["pancreatic alpha cell"], "Secretes glucagon."),
+        ("CL:0004117", "alpha retinal ganglion cell", ["alpha"], "A retinal neuron."),
+    ]
+    return CellOntology(
+        version="test",
+        ids=[t[0] for t in terms],
+        labels=[t[1] for t in terms],
+        synonyms=[t[2] for t in terms],
+        definitions=[t[3] for t in terms],
+    )
+
+
+def test_ontology_proposals(cache):
+    from cellvec.cell_index.ontology import propose_ontology_ids
+
+    onto = _fake_ontology()
+    got = propose_ontology_ids(
+        ["alpha", "beta", "t_cell", "B", "qqq zzz"], embedder=FakeEmbedder(), ontology=onto
+    )
+    assert got["t_cell"].id == "CL:0000084" and got["B"].id == "CL:0000236"
+    assert got["alpha"].id == "CL:0004117"  # the bare name is another tissue's cell...
+    assert got["qqq zzz"].id is None and got["qqq zzz"].how == "abstained"
+    got = propose_ontology_ids(["alpha", "beta"], embedder=FakeEmbedder(), ontology=onto, tissue="pancreas")  # fmt: skip
+    assert {k: p.id for k, p in got.items()} == {"alpha": "CL:0000171", "beta": "CL:0000169"}
+    assert got["beta"].how == "exact"  # ...and the tissue hint finds the pancreatic one
+    got = propose_ontology_ids(["beta"], embedder=FakeEmbedder(), ontology=onto, overrides={"beta": "CL:0000171"})  # fmt: skip
+    assert (got["beta"].id, got["beta"].how) == ("CL:0000171", "override")
+
+
+def test_ontology_ids_travel_to_the_mapped_h5ad_and_the_card(atlas_store, tmp_path, cache, monkeypatch):  # fmt: skip
+    import cellvec.cell_index.ontology as ontology
+
+    monkeypatch.setattr(ontology, "load_cell_ontology", _fake_ontology)
+    over = tmp_path / "over.csv"
+    over.write_text("label,cell_type_ontology_term_id\nM,CL:0000576\n")
+    out = json.loads(_run("atlas", "ontology", "tiny", "--store", atlas_store, "--overrides", over, "--json").stdout)  # fmt: skip
+    assert {k: v["id"] for k, v in out["labels"].items()} == {
+        "B": "CL:0000236",
+        "M": "CL:0000576",
+        "T": "CL:0000084",
+    }
+    adata = map_cells(_query(), "tiny", store=atlas_store).to_anndata()
+    want = {"B": "CL:0000236", "M": "CL:0000576", "T": "CL:0000084"}
+    assert [want[x] for x in adata.obs["cellvec_label"]] == list(adata.obs["cell_type_ontology_term_id"])  # fmt: skip
+    export_bundle(atlas_store, "tiny", tmp_path / "o.cellvec")
+    assert atlas_card(tmp_path / "o.cellvec", "tiny")["ontology"] == want
+    assert "CL:0000576" in card_text(atlas_card(tmp_path / "o.cellvec", "tiny"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("M,monocyte\n")
+    res = CliRunner().invoke(cli, ["atlas", "ontology", "tiny", "--store", str(atlas_store), "--overrides", str(bad)])  # fmt: skip
+    assert res.exit_code != 0 and "not a Cell Ontology id" in res.output
+
+
+def test_the_cell_ontology_ships_offline():
+    pytest.importorskip("cellxgene_ontology_guide")
+    from cellvec.cell_index.ontology import load_cell_ontology
+
+    onto = load_cell_ontology()
+    assert onto.label_of("CL:0000236") == "B cell" and len(onto.ids) > 1000

@@ -101,6 +101,10 @@ def atlas_card(store, name: str, *, extra: dict | None = None) -> dict:
         "created": meta.get("created"),
         "cellvec_version": given.get("cellvec_version") or __version__,
         "evaluation": given.get("evaluation"),
+        "ontology": {
+            c: v.get("id") for c, v in ((meta.get("ontology") or {}).get("labels") or {}).items()
+        }
+        or None,
     }
     return card
 
@@ -128,10 +132,12 @@ def card_text(card: dict) -> str:
             f"({ev['folds']}-fold cross-validation on the reference)"
         )
     per = ev.get("per_class_f1") or {}
+    onto = card.get("ontology") or {}
     lines.append(f"  classes ({card['n_classes']}):")
     for c, n in sorted(card["classes"].items(), key=lambda kv: -kv[1]):
         f1 = f"   F1 {per[c]:.3f}" if c in per else ""
-        lines.append(f"    {c:<30}{n:>8,}{f1}")
+        cl = f"   {onto.get(c) or '-'}" if onto else ""
+        lines.append(f"    {c:<30}{n:>8,}{f1}{cl}")
     return "\n".join(lines)
 
 

@@ -70,6 +70,7 @@ class MappingResult:
     cluster_key: str | None = None  # the query's obs column summarised by `cluster_summary`
     clusters: np.ndarray | None = field(default=None, repr=False)  # its value per cell
     source: ExpressionSource | None = field(default=None, repr=False)
+    ontology_ids: dict[str, str] | None = None  # label -> Cell Ontology id, from the atlas
 
     @property
     def mixing_applied(self) -> bool:
@@ -193,6 +194,9 @@ class MappingResult:
             adata.obs["cellvec_label_broad"] = pd.Categorical(self.broad.labels.astype(str))
             adata.obs["cellvec_confidence_broad"] = self.broad.confidence.astype(np.float32)
             adata.obs["cellvec_typicality_broad"] = self.broad.typicality.astype(np.float32)
+        if self.ontology_ids:  # CELLxGENE's column; "unknown" where no id is known
+            ids = [self.ontology_ids.get(x) or "unknown" for x in self.labels.astype(str)]
+            adata.obs["cell_type_ontology_term_id"] = pd.Categorical(ids)
         adata.obsm["X_cellvec"] = self.vectors
         adata.obsm["cellvec_scores"] = self.scores.astype(np.float32)
         adata.uns["cellvec"] = {
@@ -337,6 +341,12 @@ def check_mapping_name(name: str) -> str:
             f"view mapping_{name})."
         )
     return name
+
+
+def ontology_ids(meta: dict) -> dict[str, str] | None:
+    """label -> Cell Ontology id as `cellvec atlas ontology` stored them (None without)."""
+    labels = (meta.get("ontology") or {}).get("labels") or {}
+    return {k: v["id"] for k, v in labels.items() if v.get("id")} or None
 
 
 def map_cells(
@@ -538,6 +548,7 @@ def map_cells(
         cluster_key=cluster_key,
         clusters=clusters,
         source=source,
+        ontology_ids=ontology_ids(atlas.meta),
     )
 
 

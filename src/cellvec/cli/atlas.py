@@ -75,6 +75,13 @@ def atlas():
     "the reference; recorded in the atlas. Costs about six refinements.",
 )
 @index_option(default="auto")
+@click.option(
+    "--ontology-ids",
+    is_flag=True,
+    help="Then propose a Cell Ontology id per label (as `cellvec atlas ontology` does; "
+    "needs the ontology extra).",
+)
+@click.option("--tissue", help="Tissue hint for --ontology-ids, e.g. pancreas.")
 @ray_option
 @json_option
 def build(
@@ -102,6 +109,8 @@ def build(
     exclude_labels,
     tune,
     index_kind,
+    ontology_ids,
+    tissue,
     ray,
     as_json,
 ):
@@ -151,6 +160,10 @@ def build(
         broad_label_key=broad_label_key,
         ray=ray or None,
     )
+    if ontology_ids:
+        from cellvec.cell_index.ontology import annotate_atlas
+
+        annotate_atlas(store, name, tissue=tissue)
     if as_json:
         emit_json(a.summary())
     else:
@@ -350,3 +363,53 @@ def card_cmd(atlas_ref, store, as_json):
         emit_json(card)
     else:
         click.echo(card_text(card))
+
+
+@atlas.command("ontology")
+@click.argument("name")
+@store_option
+@click.option("--tissue", help="Tissue hint, e.g. pancreas (prefers pancreatic terms).")
+@click.option(
+    "--overrides",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Two columns, label and CL id (CSV or TSV): these win over every proposal.",
+)
+@click.option(
+    "--markers/--no-markers",
+    default=True,
+    show_default=True,
+    help="Re-rank the text's best terms by how the class's marker genes match each "
+    "term's definition.",
+)
+@json_option
+def ontology_cmd(name, store, tissue, overrides, markers, as_json):
+    """Propose a Cell Ontology id for each class of atlas NAME and store them with it;
+    map then writes obs['cell_type_ontology_term_id'] and the card shows them.
+
+    Needs the `ontology` extra (pip install 'cellvec[ontology]'). Check the proposals
+    (an id is abstained when nothing scores well enough) and correct them with
+    --overrides.
+
+    \b
+    Example:
+      cellvec atlas ontology baron --store store/ --tissue pancreas
+      cellvec atlas ontology baron --store store/ --overrides baron_cl.csv --json
+    """
+    from cellvec.cell_index.ontology import annotate_atlas, read_overrides
+
+    entry = annotate_atlas(
+        store,
+        name,
+        tissue=tissue,
+        overrides=read_overrides(overrides) if overrides else None,
+        use_markers=markers,
+    )
+    if as_json:
+        emit_json(entry)
+        return
+    click.echo(f"atlas {name}: Cell Ontology {entry['cl_version']}")
+    for label, p in entry["labels"].items():
+        click.echo(
+            f"  {label[:28]:<30}{p['id'] or '(abstained)':<14}{(p['term'] or '')[:40]:<42}"
+            f"{p['how']} {p['score']:.2f}"
+        )

@@ -105,15 +105,17 @@ def _card_html(card: dict | None) -> str:
             f"{ev['accuracy']:.3f} ({ev['folds']} folds)</td></tr>"
         )
     per = ev.get("per_class_f1") or {}
+    onto = card.get("ontology") or {}
     classes = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{n:,}</td>"
-        f"<td>{f'{per[c]:.3f}' if c in per else ''}</td></tr>"
+        f"<td>{f'{per[c]:.3f}' if c in per else ''}</td>"
+        f"<td>{html.escape(onto.get(c) or '')}</td></tr>"
         for c, n in sorted((card.get("classes") or {}).items(), key=lambda kv: -kv[1])
     )
     return (
         f"<h2>Atlas</h2><table class='card'>{rows}</table>"
         f"<table class='grid'><tr><th>class</th><th>cells</th><th>F1 (cross-validated)</th>"
-        f"</tr>{classes}</table>"
+        f"<th>Cell Ontology</th></tr>{classes}</table>"
     )
 
 
