@@ -39,6 +39,30 @@ def _tie_aware_recall(sim_ann, sim_exact) -> float:
     return float((sim_ann >= kth - 1e-5).mean())
 
 
+def _recall(index, vecs, step: int, k: int = 15) -> float:
+    """Tie-aware recall@k of every `step`-th atlas cell searched through `index`."""
+    from cellvec.cell_index.knn import FlatIndex
+
+    q = vecs[::step]
+    return _tie_aware_recall(index.search(q, k)[1], FlatIndex(vecs).search(q, k)[1])
+
+
+def _seed_spread(store, name: str, step: int, seeds: int) -> np.ndarray:
+    """Recall (`_recall`) of atlas `name`'s disk index trained with each of `seeds` seeds:
+    what a floor is set from, since one seed makes one figure on every run."""
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.disk_index import DiskIndex, build_disk_index, choose_params
+
+    atlas = Atlas.open(store, name)
+    vecs = atlas.vectors
+    params = choose_params(*vecs.shape)
+    out = []
+    for seed in range(seeds):
+        ds = build_disk_index(atlas._dataset(), params, seed=seed)
+        out.append(_recall(DiskIndex(ds, params), vecs, step))
+    return np.array(out)
+
+
 def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.disk_index import DiskIndex
@@ -55,7 +79,10 @@ def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
     q = mem.vectors[::7]
     ai, asim = index.search(q, 15)
     ei, esim = FlatIndex(mem.vectors).search(q, 15)
-    assert _tie_aware_recall(asim, esim) >= 0.99
+    # trained with a fixed seed, the index gives one figure on every run (0.9984); over
+    # training seeds 0-39 it ranged 0.9984-1.0000 (range 0.0016), the floor is one range
+    # below the lowest (`python tests/test_disk_index.py 40`, the "every 7th" line)
+    assert _tie_aware_recall(asim, esim) >= 0.996
     # refine re-ranks on the stored vectors: similarities are exact, not PQ estimates
     np.testing.assert_allclose(asim, np.einsum("qd,qkd->qk", q, mem.vectors[ai]), atol=1e-5)
     classes, codes = mem.label_codes()
@@ -84,6 +111,11 @@ def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_model
     ai, asim = index.search(vecs[:20], 10)
     ei, esim = FlatIndex(vecs).search(vecs[:20], 10)
     np.testing.assert_allclose(asim, esim, atol=1e-5)
+    # the same neighbours, not only the same similarities: each id's own similarity is the
+    # one reported, and ids agree wherever a similarity is not shared (a tie's order is free)
+    np.testing.assert_allclose(asim, np.einsum("qd,qkd->qk", vecs[:20], vecs[ai]), atol=1e-5)
+    tied = (np.abs(esim[:, :, None] - esim[:, None, :]) < 1e-6).sum(2) > 1
+    np.testing.assert_array_equal(ai[~tied], ei[~tied])
 
 
 def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_store, fake_models):
@@ -223,7 +255,8 @@ def test_atlas_index_command_moves_an_atlas_to_disk_and_back(fake_store, fake_mo
 
 @pytest.mark.slow
 def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_store, fake_models):
-    """lance-ray trains IVF centroids and the PQ codebook once, workers index fragments."""
+    """Centroids and codebook trained once (seeded), Ray workers index the fragments with
+    them: the same index as the one built in this process, and as good as exact KNN."""
     from pathlib import Path
 
     pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
@@ -243,5 +276,58 @@ def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_stor
     assert entry["kind"] == "disk" and atlas.index().indexed
     vecs = atlas.vectors
     ai, asim = atlas.index().search(vecs[::5], 15)
-    ei, esim = FlatIndex(vecs).search(vecs[::5], 15)
-    assert _tie_aware_recall(asim, esim) >= 0.99
+    _, esim = FlatIndex(vecs).search(vecs[::5], 15)
+    # unseeded (lance-ray's own training) this was 0.9950-1.0000 over 20 builds, and 0.9892
+    # once in CI; seeded it is 0.9978 on every build (20 of 20) and the same index as a
+    # build in this process (below), and over training seeds 0-39 it ranged 0.9978-1.0000
+    # (range 0.0022): the floor is one range below the lowest (`python
+    # tests/test_disk_index.py 40`, the "every 5th" line)
+    assert _tie_aware_recall(asim, esim) >= 0.995
+    index_atlas(fake_store, "tiny", index="disk")  # rebuilt in this process: the same index
+    np.testing.assert_array_equal(
+        Atlas.open(fake_store, "tiny").index().search(vecs[::5], 15)[0], ai
+    )
+
+
+if __name__ == "__main__":
+    # The spread the recall floors above are set from: python tests/test_disk_index.py [SEEDS]
+    # (the tests' 1,200-cell atlas, its index rebuilt with each training seed; the disk
+    # atlas of the first test holds the same vectors, so it gives the same figures)
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import cellvec.gene_store.embedders as reg
+    import cellvec.gene_store.store as store_mod
+    from cellvec.cell_index.atlas import build_atlas
+    from conftest import build_tiny, tiny_genes, write_gene2go, write_gene_info
+
+    reg.get_embedder = store_mod.get_embedder = lambda spec, **kw: FakeEmbedder()  # fake_models
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        genes = tiny_genes()
+        store = tmp / "store"
+        build_tiny(
+            {
+                "gene_info": write_gene_info(tmp / "g.gz", genes),
+                "gene2go": write_gene2go(tmp / "go.gz", genes),
+            },
+            store,
+        )
+        build_atlas(
+            tiny_adata(n_cells=1200, seed=1),
+            store=store,
+            name="tiny",
+            label_key="cell_type",
+            top_genes=10,
+            refine="none",
+            calibration_split=0.1,
+            index="memory",
+        )
+        seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+        for step in (5, 7):
+            r = _seed_spread(store, "tiny", step, seeds)
+            print(
+                f"every {step}th cell, seeds 0-{seeds - 1}: seed 0 {r[0]:.4f}, min {r.min():.4f}, "
+                f"max {r.max():.4f}, range {np.ptp(r):.4f}, floor {r.min() - np.ptp(r):.4f}"
+            )
