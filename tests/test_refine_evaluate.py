@@ -240,6 +240,8 @@ def test_evaluate_reports_every_representation(fake_store):
         assert m["n_cells"] == 90
     assert d["representations"]["cellvec"]["accuracy"] >= 0.9
     assert set(d["data_limited"]["cellvec"]) == {"5", "10"}
+    # the prior without refinement beside it: small references can over-fit refinement
+    assert set(d["data_limited"]["cellvec_unrefined"]) == {"5", "10"}
     md = res.to_markdown()
     assert "| pca_knn |" in md and "per-class F1" in md
 

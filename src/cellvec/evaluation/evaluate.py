@@ -547,7 +547,16 @@ def evaluate(
     curves: dict[str, dict[str, float]] = {}
     classes = np.unique(y)
     if data_limited and splits:
-        for name in ["pca_knn", "logreg_expr", *peers, "random_vectors", "cellvec"]:
+        # cellvec_unrefined: the language-model prior without refinement, which small
+        # references can over-fit (results/data_limited.md)
+        for name in [
+            "pca_knn",
+            "logreg_expr",
+            *peers,
+            "random_vectors",
+            *(["cellvec_unrefined"] if refine != "none" else []),
+            "cellvec",
+        ]:
             curve = {}
             for n_per in data_limited:
                 rng = np.random.default_rng(seed)
