@@ -2,21 +2,28 @@
 
 Builds a store with a synthetic atlas (`--atlas-cells`, default 500 cells, as the
 issue's pbmc68k_reduced atlas of 490; 384-d like MiniLM), starts `cellvec serve`
-on 127.0.0.1 (a free port) with 1 and 2 workers, and drives it with wrk (a native
-load generator; install it with `apt-get install wrk`: this script installs
-nothing) for `--seconds` per setting: `/healthz` (the server's own floor), then
-`POST /v1/atlases/bench/map` with 1 cell (JSON) and 1,000 cells (JSON and Arrow
-IPC) per request, at 1, 8, 32 and 128 connections. Printed: p50/p99 latency,
-requests/s, cells/s, errors (non-2xx, timeouts, socket errors; target none), the
-ratio of map to healthz requests/s at the same concurrency, and the server's CPU
-time per request (all its processes; useful where other work shares the
-machine). Then a large atlas (`--memory-atlas-cells`, default 250,000: above 200,000 an IVF index) is served
-by 1 and 2 workers to measure resident memory per worker after a warm-up of
-1-cell requests: RSS, and PSS (shared pages split between the processes that map
-them), beside the size of the atlas's index file; a first server, not measured,
-writes that file. Only 127.0.0.1 is contacted; every server is stopped at the end.
+on 127.0.0.1 (free ports) with 1 and 2 workers, both running at once, and drives
+each in turn with wrk (a native load generator; install it with `apt-get install
+wrk`: this script installs nothing) for `--seconds` per setting: `/healthz` (the
+server's own floor), then `POST /v1/atlases/bench/map` with 1 cell (JSON) and
+1,000 cells (JSON and Arrow IPC) per request, at 1, 8, 32 and 128 connections.
+Each setting is measured on every server back to back (`--repeat` times over,
+medians shown), so 1 and 2 workers are compared within seconds of each other; with
+`--baseline-src` (a source tree of older code, e.g. from `git worktree add /tmp/base
+HEAD`) its servers run beside these and each row gets an after/before ratio.
+Printed: p50/p99 latency, requests/s, cells/s, errors (non-2xx, timeouts, socket
+errors; target none), the ratio of map to healthz requests/s at the same
+concurrency, the server's CPU time per request (all its processes; useful where
+other work shares the machine), 2 workers against 1 side by side, threads per
+worker process, and the load average. Then a large atlas (`--memory-atlas-cells`,
+default 250,000: above 200,000 an IVF index) is served by 1 and 2 workers: 1-cell
+requests, and resident memory per worker after a warm-up: RSS, and PSS (shared
+pages split between the processes that map them), beside the size of the atlas's
+index file; a first server, not measured, writes that file and each server maps a
+copy of its own. Only 127.0.0.1 is contacted; every server is stopped at the end.
 
     python benchmarks/load_service.py [--seconds 5] [--workers 1,2] [--clients 1,8,32,128]
+        [--repeat 1] [--baseline-src /tmp/base/src]
 """
 
 from __future__ import annotations
@@ -203,7 +210,9 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(store: Path, workers: int, batch_wait_ms: float, extra: list[str]):
+def start_server(store: Path, workers: int, batch_wait_ms: float, extra: list[str], src=None):
+    """`cellvec serve` on a free port of 127.0.0.1, from `src` (a source tree, e.g. a
+    `git worktree` of an older commit) when given; returns (process, url) once ready."""
     import httpx
 
     port = free_port()
@@ -211,8 +220,11 @@ def start_server(store: Path, workers: int, batch_wait_ms: float, extra: list[st
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     if batch_wait_ms is not None:
         cmd += ["--batch-wait-ms", str(batch_wait_ms)]
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
-        [*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ)
+        [*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     url = f"http://127.0.0.1:{port}"
     ready = 0
@@ -246,6 +258,110 @@ def measure(url, lua, clients, seconds, pids, *body) -> dict:
     return r
 
 
+def thread_counts(pids: list[int]) -> list[int]:
+    """Threads of each process, from /proc/PID/task."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(len(os.listdir(f"/proc/{pid}/task")))
+        except OSError:
+            out.append(0)
+    return out
+
+
+class Servers:
+    """The servers under test, all started before the first row and all running until
+    the last, so that each row is measured on every server back to back (1 and 2
+    workers, this code and the baseline's): on a shared machine, settings measured
+    minutes apart differ by more than the settings do."""
+
+    def __init__(self, store: Path, args, codes: dict, cache_root: Path):
+        # A first server, not measured, writes the atlas's serving files (and keeps that
+        # heap); each server then maps a copy of its own, so that the PSS of its workers is
+        # not shared with the other servers' (which would map the same pages).
+        stop(start_server(store, 1, args.batch_wait_ms, args.serve_arg)[0])
+        self.procs = {}
+        try:
+            for code, src in codes.items():
+                for workers in args.workers:
+                    cache = cache_root / f"{code}-{workers}"
+                    shutil.copytree(store / "_serving", cache, dirs_exist_ok=True)
+                    extra = [*args.serve_arg, "--cache-dir", str(cache)]
+                    proc, url = start_server(store, workers, args.batch_wait_ms, extra, src)
+                    self.procs[code, workers] = (proc, url)
+        except BaseException:
+            self.stop()
+            raise
+
+    def items(self):
+        for (code, workers), (proc, url) in self.procs.items():
+            serving = serving_pids(proc.pid)
+            yield code, workers, url, sorted({proc.pid, *serving}), serving
+
+    def stop(self):
+        for proc, _ in self.procs.values():
+            stop(proc)
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The median of each number over repeated runs of one row (errors: summed)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(np.median([r[key] for r in runs]))
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["runs"] = len(runs)
+    return out
+
+
+def run_rows(servers: Servers, settings: list[dict], lua, args) -> list[dict]:
+    """Each setting (`what`, `url` path, `clients`, `cells`, `body`) on each server back to
+    back, `--repeat` times over; one row per server and setting (medians over repeats)."""
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(args.repeat):
+        for st in settings:
+            for code, workers, url, pids, _serving in servers.items():
+                r = measure(url + st["path"], lua, st["clients"], args.seconds, pids, *st["body"])
+                r["load_1min"] = os.getloadavg()[0]
+                key = (st["what"], st["clients"], code, workers)
+                runs.setdefault(key, []).append(r)
+                print(
+                    json.dumps({"code": code, "workers": workers, **st, **r}, default=str),
+                    file=sys.stderr,
+                )
+    rows = []
+    for (what, clients, code, workers), rs in runs.items():
+        st = next(x for x in settings if x["what"] == what and x["clients"] == clients)
+        r = median_row(rs)
+        if st["cells"]:
+            r["cells_per_s"] = r["requests_per_s"] * st["cells"]
+        rows.append(
+            {
+                "what": what,
+                "code": code,
+                "workers": workers,
+                "clients": clients,
+                "cells": st["cells"],
+                **r,
+            }
+        )
+    for r in rows:  # map against /healthz on the same server and clients
+        floor = next(
+            (
+                x
+                for x in rows
+                if x["what"] == "GET /healthz"
+                and x["code"] == r["code"]
+                and x["workers"] == r["workers"]
+                and x["clients"] == r["clients"]
+            ),
+            None,
+        )
+        if r["cells"] == 1 and floor and "atlas)" not in r["what"]:
+            r["vs_healthz"] = r["requests_per_s"] / floor["requests_per_s"]
+    return rows
+
+
 def main():
     def ints(v):
         return [int(x) for x in v.split(",")]
@@ -257,6 +373,13 @@ def main():
     ap.add_argument("--clients", type=ints, default=[1, 8, 32, 128])
     ap.add_argument("--big-clients", type=ints, default=[1, 8, 32], help="for 1,000-cell requests")
     ap.add_argument("--workers", type=ints, default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each row (medians shown)")
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also serve the code of this source tree (e.g. `git worktree add /tmp/base HEAD` "
+        "then /tmp/base/src), each row right after this code's, and print after/before",
+    )
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="passed to cellvec serve")
     ap.add_argument("--store", type=Path, help="reuse a store made by an earlier run (--keep)")
     ap.add_argument("--memory-store", type=Path, help="the same for the large atlas")
@@ -265,7 +388,11 @@ def main():
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk (the benchmark installs nothing).")
+    codes = {"this": None}
+    if args.baseline_src:
+        codes = {"baseline": args.baseline_src, "this": None}
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         genes = [f"G{i}" for i in range(2000)]
@@ -281,108 +408,137 @@ def main():
         for path, data in bodies.values():
             path.write_bytes(data)
         ctypes = {"json": "application/json", "arrow": "application/vnd.apache.arrow.stream"}
-        rows, memory = [], []
-        for workers in args.workers:
-            proc, url = start_server(store, workers, args.batch_wait_ms, args.serve_arg)
-            map_url = f"{url}/v1/atlases/bench/map"
-            try:
-                wrk(map_url, lua, 8, 2, bodies[("json", 1)][0], ctypes["json"])  # warm up
-                pids = sorted({proc.pid, *serving_pids(proc.pid)})
-                memory.append(
-                    (args.atlas_cells, workers, [memory_mib(p) for p in serving_pids(proc.pid)])
+        map_path = "/v1/atlases/bench/map"
+        settings = [
+            {"what": "GET /healthz", "path": "/healthz", "clients": c, "cells": 0, "body": ()}
+            for c in args.clients
+        ]
+        for (fmt, n), (path, _) in bodies.items():
+            for clients in args.clients if n == 1 else args.big_clients:
+                settings.append(
+                    {
+                        "what": f"map {n:,} cell{'s' if n > 1 else ''}, {fmt}",
+                        "path": map_path,
+                        "clients": clients,
+                        "cells": n,
+                        "body": (path, ctypes[fmt], ctypes[fmt]),
+                    }
                 )
-                floor = {}
-                for clients in args.clients:
-                    r = measure(f"{url}/healthz", lua, clients, args.seconds, pids)
-                    floor[clients] = r["requests_per_s"]
-                    rows.append(
-                        {"what": "GET /healthz", "workers": workers, "clients": clients, **r}
-                    )
-                    rows[-1]["cells"] = 0
-                    print(json.dumps(rows[-1]), file=sys.stderr)
-                for (fmt, n), (path, _) in bodies.items():
-                    for clients in args.clients if n == 1 else args.big_clients:
-                        r = measure(
-                            map_url,
-                            lua,
-                            clients,
-                            args.seconds,
-                            pids,
-                            path,
-                            ctypes[fmt],
-                            ctypes[fmt],
-                        )
-                        r["cells_per_s"] = r["requests_per_s"] * n
-                        if clients in floor and n == 1:
-                            r["vs_healthz"] = r["requests_per_s"] / floor[clients]
-                        what = f"map {n:,} cell{'s' if n > 1 else ''}, {fmt}"
-                        rows.append(
-                            {"what": what, "workers": workers, "clients": clients, "cells": n, **r}
-                        )
-                        print(json.dumps(rows[-1]), file=sys.stderr)
-            finally:
-                stop(proc)
+        memory, threads = [], []
+        servers = Servers(store, args, codes, tmp / "serving-small")
+        try:
+            for code, workers, url, _pids, serving in servers.items():  # warm up
+                wrk(url + map_path, lua, 8, 2, bodies[("json", 1)][0], ctypes["json"])
+                memory.append((args.atlas_cells, code, workers, [memory_mib(p) for p in serving]))
+                threads.append((code, workers, thread_counts(serving)))
+            rows = run_rows(servers, settings, lua, args)
+        finally:
+            servers.stop()
         index_mib = {}
         if args.memory_atlas_cells:
             big = args.memory_store or build(
                 tmp / "large", args.memory_atlas_cells, args.keep, build_s, "large"
             )
-            # the first server writes the atlas's index file (and keeps that heap): not measured
-            stop(start_server(big, 1, args.batch_wait_ms, args.serve_arg)[0])
-            for workers in args.workers:
-                proc, url = start_server(big, workers, args.batch_wait_ms, args.serve_arg)
-                try:
-                    map_url = f"{url}/v1/atlases/bench/map"
-                    wrk(map_url, lua, 8, 3, bodies[("json", 1)][0], ctypes["json"])
-                    pids = sorted({proc.pid, *serving_pids(proc.pid)})
+            servers = Servers(big, args, codes, tmp / "serving-large")
+            try:
+                for code, workers, url, _pids, serving in servers.items():
+                    wrk(url + map_path, lua, 8, 3, bodies[("json", 1)][0], ctypes["json"])
                     memory.append(
-                        (
-                            args.memory_atlas_cells,
-                            workers,
-                            [memory_mib(p) for p in serving_pids(proc.pid)],
-                        )
+                        (args.memory_atlas_cells, code, workers, [memory_mib(p) for p in serving])
                     )
-                    r = measure(
-                        map_url, lua, 32, args.seconds, pids, bodies[("json", 1)][0], ctypes["json"]
-                    )
-                    r["cells_per_s"] = r["requests_per_s"]
-                    rows.append(
-                        {
-                            "what": f"map 1 cell, json ({args.memory_atlas_cells:,}-cell atlas)",
-                            "workers": workers,
-                            "clients": 32,
-                            "cells": 1,
-                            **r,
-                        }
-                    )
-                finally:
-                    stop(proc)
+                what = f"map 1 cell, json ({args.memory_atlas_cells:,}-cell atlas)"
+                big_setting = {
+                    "what": what,
+                    "path": map_path,
+                    "clients": 32,
+                    "cells": 1,
+                    "body": (bodies[("json", 1)][0], ctypes["json"], ctypes["json"]),
+                }
+                rows += run_rows(servers, [big_setting], lua, args)
+            finally:
+                servers.stop()
             files = list((big / "_serving" / "bench").glob("v*/index.faiss"))
             index_mib[args.memory_atlas_cells] = files[0].stat().st_size / 2**20 if files else 0
+    report(rows, memory, threads, index_mib, args, build_s, load_before, os.getloadavg())
+
+
+def report(rows, memory, threads, index_mib, args, build_s, load_before, load_after):
+    """The tables: every row; workers side by side; this code against the baseline."""
+    show_code = args.baseline_src is not None
     print(
-        f"atlas: {args.atlas_cells:,} cells x 384 dims; wrk {args.seconds} s per row; "
-        f"store builds (s): {json.dumps({k: round(v) for k, v in build_s.items()})}\n"
+        f"atlas: {args.atlas_cells:,} cells x 384 dims; wrk {args.seconds} s per row, "
+        f"{args.repeat} run(s) each (medians); store builds (s): "
+        f"{json.dumps({k: round(v) for k, v in build_s.items()})}; load average (1 min) "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; "
+        f"{os.cpu_count()} cores\n"
     )
+    code_col = "code | " if show_code else ""
     print(
-        "| request | workers | clients | p50 ms | p99 ms | req/s | cells/s | map/healthz "
-        "| server CPU ms/req | errors |"
+        f"| request | {code_col}workers | clients | p50 ms | p99 ms | req/s | cells/s "
+        "| map/healthz | server CPU ms/req | errors |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (10 + show_code) + "|")
     for r in rows:
         ratio = f"{r['vs_healthz']:.2f}" if "vs_healthz" in r else ""
         cells = f"{r['cells_per_s']:,.0f}" if r["cells"] else ""
+        code = f"{r['code']} | " if show_code else ""
         print(
-            f"| {r['what']} | {r['workers']} | {r['clients']} | {r['p50_ms']:.1f} "
+            f"| {r['what']} | {code}{r['workers']} | {r['clients']} | {r['p50_ms']:.1f} "
             f"| {r['p99_ms']:.1f} | {r['requests_per_s']:,.0f} | {cells} | {ratio} "
             f"| {r['cpu_ms_per_request']:.2f} | {r['errors']} |"
         )
-    print("\n| atlas cells | index file MiB | workers | per worker RSS / PSS MiB | total PSS MiB |")
-    print("|---|---|---|---|---|")
-    for cells, workers, mem in memory:
+
+    def cell(r):
+        return f"{r['requests_per_s']:,.0f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})"
+
+    by = {(r["what"], r["clients"], r["code"], r["workers"]): r for r in rows}
+    settings = list(dict.fromkeys((r["what"], r["clients"]) for r in rows))
+    if len(args.workers) > 1:
+        w0, rest = args.workers[0], args.workers[1:]
+        print(
+            f"\nWorkers side by side (same run), this code: req/s (p50 / p99 ms); ratio to "
+            f"{w0} worker{'s' if w0 > 1 else ''}\n"
+        )
+        head = " | ".join(f"{w} workers | {w}/{w0}" for w in rest)
+        print(f"| request | clients | {w0} worker{'s' if w0 > 1 else ''} | {head} |")
+        print("|---" * (3 + 2 * len(rest)) + "|")
+        for what, clients in settings:
+            base = by.get((what, clients, "this", w0))
+            if base is None:
+                continue
+            cols = []
+            for w in rest:
+                r = by.get((what, clients, "this", w))
+                cols += [cell(r), f"{r['requests_per_s'] / base['requests_per_s']:.2f}"]
+            print(f"| {what} | {clients} | {cell(base)} | {' | '.join(cols)} |")
+    if show_code:
+        print("\nThis code against the baseline (same run): req/s (p50 / p99 ms)\n")
+        print("| request | workers | clients | baseline | this | req/s this/baseline |")
+        print("|---|---|---|---|---|---|")
+        for what, clients in settings:
+            for w in args.workers:
+                a, b = by.get((what, clients, "baseline", w)), by.get((what, clients, "this", w))
+                if a and b:
+                    ratio = b["requests_per_s"] / a["requests_per_s"]
+                    print(f"| {what} | {w} | {clients} | {cell(a)} | {cell(b)} | {ratio:.2f} |")
+    print(
+        "\nThreads per worker process: "
+        + "; ".join(
+            f"{code} {w} worker{'s' if w > 1 else ''}: {', '.join(map(str, n))}"
+            for code, w, n in threads
+        )
+    )
+    print(
+        f"\n| atlas cells | index file MiB | {code_col}workers | per worker RSS / PSS MiB "
+        "| total PSS MiB |"
+    )
+    print("|---" * (5 + show_code) + "|")
+    for cells, code, workers, mem in memory:
         per = ", ".join(f"{m.get('rss', '?')} / {m.get('pss', '?')}" for m in mem)
         total = sum(m.get("pss", 0) for m in mem)
         size = f"{index_mib[cells]:.0f}" if cells in index_mib else ""
-        print(f"| {cells:,} | {size} | {workers} | {per} | {total:,} |")
+        c = f"{code} | " if show_code else ""
+        print(f"| {cells:,} | {size} | {c}{workers} | {per} | {total:,} |")
 
 
 def build(folder: Path, n_cells: int, keep: Path | None, times: dict, name: str) -> Path:

@@ -34,8 +34,8 @@ from cellvec.cli.options import STORE_HELP, store_options
     type=click.IntRange(min=1),
     help="Threads of each numeric pool in each worker (numpy's BLAS, faiss's OpenMP, torch; "
     "sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS). Default: the cores this "
-    "process may use divided by --workers, at least 1, so that no pool spins on another "
-    "worker's core.",
+    "process may use divided by --workers, less one for the worker's event loop, at least 1 "
+    "(1 on 2 cores), so that no pool thread spins on a core another thread needs.",
 )
 @click.option(
     "--batch-wait-ms",
@@ -87,7 +87,7 @@ def serve_cmd(
     )
     server = dict(host=host, port=port, log_level="info", access_log=access_log)
     if workers == 1:
-        uvicorn.run(create_app(store, **settings), **server)
+        uvicorn.run(create_app(store, **settings, freeze_heap=True), **server)
         return
     create_app(store, **settings)  # fail here, once, on a bad store
     os.environ["CELLVEC_STORE"] = str(store.path.resolve()) if store.is_local else store.uri

@@ -193,8 +193,9 @@ def create_app(
     batch_wait_ms: float = BATCH_WAIT_MS,
     batch_max_cells: int = BATCH_MAX_CELLS,
     cache_dir: str | Path | None = None,
-    search_threads: int = 1,
+    threads: int | None = None,
     preload: bool = True,
+    freeze_heap: bool = False,
 ):
     """The FastAPI application over one store. `token` (or $CELLVEC_API_TOKEN) turns on bearer auth.
 
@@ -202,13 +203,15 @@ def create_app(
     search (0: no batching). `cache_dir`: where atlases are written for memory-mapping
     (default `<store>/_serving` for a local store; a store in a bucket is not copied
     anywhere: its atlases are held in memory unless `cache_dir` names a local folder).
-    `search_threads`: faiss (OpenMP) threads per process; one,
-    because concurrency comes from batching and workers, and spinning OpenMP threads
-    fight the event loop for the cores (a 1-query search took 25 ms with 2 threads against
-    3.4 ms with 1 on a busy 2-core machine). `preload`: load every atlas in the background
-    when the server starts, so no request waits for it.
+    `threads`: threads of each numeric pool (numpy's BLAS, faiss's OpenMP, torch) in
+    this process; None: the number `cellvec serve` chose ($CELLVEC_THREADS, the cores
+    shared out between its workers), else the cores this process may use (see
+    `service.threads`). `preload`: load every atlas in the background
+    when the server starts, so no request waits for it. `freeze_heap`: for a process that
+    only serves (`cellvec serve` sets it), keep its heap as loaded out of the garbage
+    collector's full passes (`AtlasCache.settle_heap`); not for an app inside another
+    program, whose garbage in cycles would then never be collected.
     """
-    import faiss
     from fastapi import FastAPI, HTTPException
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
@@ -220,16 +223,23 @@ def create_app(
     from cellvec.service import mapping
     from cellvec.service.atlases import AtlasCache
     from cellvec.service.batching import Batcher
+    from cellvec.service.threads import env_threads, limit_pools, limit_thread, pool_size
     from cellvec.storage import store_location
 
-    faiss.omp_set_num_threads(search_threads)
+    threads = threads or env_threads() or pool_size(1)
+    limit_pools(threads)  # numpy's and faiss's pools are loaded by now
     store = store_location(store)
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     gene_store = GeneStore(store)  # refuses a missing store, naming it
     if cache_dir is None and store.is_local:
         cache_dir = store.path / "_serving"
-    atlases_cache = AtlasCache(store, gene_store, cache_dir)
-    batcher = Batcher(mapping.map_jobs, wait_s=batch_wait_ms / 1000, max_cells=batch_max_cells)
+    atlases_cache = AtlasCache(store, gene_store, cache_dir, freeze_heap=freeze_heap)
+    batcher = Batcher(
+        mapping.map_jobs,
+        wait_s=batch_wait_ms / 1000,
+        max_cells=batch_max_cells,
+        thread_setup=partial(limit_thread, threads),
+    )
 
     preloaded = threading.Event()
     if not preload:
@@ -551,6 +561,7 @@ def create_app_from_env():
         enable_sql=os.environ.get("CELLVEC_ENABLE_SQL") == "1",
         batch_wait_ms=float(os.environ.get("CELLVEC_BATCH_WAIT_MS", BATCH_WAIT_MS)),
         cache_dir=os.environ.get("CELLVEC_CACHE_DIR") or None,
+        freeze_heap=True,
     )
 
 

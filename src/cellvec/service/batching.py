@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,14 +31,25 @@ class Batcher:
         wait_s: float = 0.002,
         max_cells: int = 4096,
         inline_cells: int = 256,
+        thread_setup: Callable | None = None,
     ):
-        """`run(key_object, jobs)` maps a batch and returns one result (or exception) per job."""
+        """`run(key_object, jobs)` maps a batch and returns one result (or exception) per job;
+        `thread_setup()` runs first in each thread that maps batches (e.g. `threads.limit_thread`,
+        as OpenMP's thread count is set per thread)."""
         self.run = run
         self.wait_s = wait_s
         self.max_cells = max_cells
         self.inline_cells = inline_cells
         self.queues: dict = {}
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cellvec-batch")
+        self.executor = ThreadPoolExecutor(
+            1, thread_name_prefix="cellvec-batch", initializer=thread_setup
+        )
+        # without batching each request is mapped by itself, several at a time
+        self.unbatched = ThreadPoolExecutor(
+            min(32, (os.cpu_count() or 1) + 4),
+            thread_name_prefix="cellvec-map",
+            initializer=thread_setup,
+        )
         self.batches = 0  # counters, for tests and logs
         self.jobs = 0
 
@@ -47,7 +59,7 @@ class Batcher:
         if self.wait_s <= 0:
             self.batches += 1
             self.jobs += 1
-            result = (await loop.run_in_executor(None, self.run, target, [job]))[0]
+            result = (await loop.run_in_executor(self.unbatched, self.run, target, [job]))[0]
             if isinstance(result, Exception):
                 raise result
             return result
