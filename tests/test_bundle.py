@@ -386,6 +386,8 @@ def test_ontology_ids_travel_to_the_mapped_h5ad_and_the_card(atlas_store, tmp_pa
     import cellvec.cell_index.ontology as ontology
 
     monkeypatch.setattr(ontology, "load_cell_ontology", _fake_ontology)
+    marked = json.loads(_run("atlas", "ontology", "tiny", "--store", atlas_store, "--markers", "--json").stdout)  # fmt: skip
+    assert set(marked["labels"]) == {"B", "M", "T"}  # re-ranked by the classes' marker genes
     over = tmp_path / "over.csv"
     over.write_text("label,cell_type_ontology_term_id\nM,CL:0000576\n")
     out = json.loads(_run("atlas", "ontology", "tiny", "--store", atlas_store, "--overrides", over, "--json").stdout)  # fmt: skip

@@ -17,7 +17,9 @@ A label is proposed a term in this order:
    terms that name the tissue gain `TISSUE_BONUS`. With the class's marker genes
    (`class_markers`: the genes its cells weigh most above the others, from the atlas),
    the best `RERANK` candidates are re-ranked by the cosine of the markers' mean gene
-   vector with each term's definition (`MARKER_WEIGHT`);
+   vector with each term's definition (`MARKER_WEIGHT`). Measured on the Baron and PBMC
+   labels (benchmarks/ontology_labels.py) this changed no count but one (a loss), so it
+   is off unless asked for;
 3. **abstained** below `MIN_SCORE`: no id is better than a wrong one.
 
 An override file (two columns: label, CL id; CSV or TSV) wins over every proposal.
@@ -328,7 +330,7 @@ def annotate_atlas(
     *,
     tissue: str | None = None,
     overrides: dict[str, str] | None = None,
-    use_markers: bool = True,
+    use_markers: bool = False,
 ) -> dict:
     """Propose (or override) a Cell Ontology id for each class of stored atlas `name` and
     record them in its metadata (`ontology`), where mapping finds them. Returns that entry."""
