@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -244,29 +245,28 @@ def test_export_with_cross_validated_scores(atlas_store, tmp_path, cache):
 
 
 def test_serve_a_bundle(bundle, atlas_store, cache):
+    """`cellvec serve --atlas BUNDLE` (a process on 127.0.0.1) answers as a server on the
+    original store does, and writes its serving files beside the verified copy."""
     import httpx
 
-    from cellvec.cli.serve import _store_of
     from cellvec.service import create_app
     from conftest import request_cells
-    from servers import Server
+    from servers import Server, serve_process
 
-    store, serving = _store_of(None, str(bundle), None)
-    assert not str(serving).startswith(str(store.path))  # serving files go beside the copy
     body, _ = request_cells(8)
-    answers = {}
-    for kind, where in (("bundle", store), ("store", atlas_store)):
-        with Server(create_app(where, cache_dir=serving + kind)) as url, httpx.Client(base_url=url, timeout=30) as c:  # fmt: skip
-            for _ in range(300):
-                if c.get("/readyz").status_code == 200:
-                    break
-                import time
-
-                time.sleep(0.05)
-            r = c.post("/v1/atlases/tiny/map", json=body)
-            assert r.status_code == 200, r.text
-            answers[kind] = [cell["label"] for cell in r.json()["cells"]]
-    assert answers["bundle"] == answers["store"]
+    with serve_process("--atlas", bundle) as url:
+        r = httpx.post(f"{url}/v1/atlases/tiny/map", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        from_bundle = [cell["label"] for cell in r.json()["cells"]]
+    with Server(create_app(atlas_store)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(300):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        from_store = [cell["label"] for cell in c.post("/v1/atlases/tiny/map", json=body).json()["cells"]]  # fmt: skip
+    assert from_bundle == from_store
+    (copy,) = (cache / "bundles").iterdir()
+    assert not (copy / "_serving").exists() and (cache / "serving").exists()
 
 
 # -- untrusted bundles ---------------------------------------------------------
