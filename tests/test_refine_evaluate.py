@@ -443,3 +443,23 @@ def test_panel_caches_keep_the_whole_atlas_and_the_last_four_panels():
         assert _remember(cache, key, lambda key=key: make(key)) == f"value {key}"
     assert made == [None, 1, 2, 3, 4, 5]  # 1 was still cached the second time
     assert list(cache) == [None, 2, 3, 4, 5]  # the oldest panel went, the whole atlas stays
+
+
+def test_atlas_card_scores_only_the_cells_the_atlas_was_built_from(fake_store, tmp_path):
+    """An atlas built with --exclude-labels never predicts the excluded class: its card's
+    cross-validation leaves those cells out as the build did, so no score for it."""
+    from cellvec.evaluation.evaluate import evaluate_atlas
+
+    ref = tmp_path / "ref.h5ad"
+    tiny_adata(n_cells=90, seed=1).write_h5ad(ref)
+    build_atlas(
+        ref,
+        store=fake_store,
+        name="no_m",
+        label_key="cell_type",
+        refine="none",
+        top_genes=10,
+        exclude_labels=["M"],
+    )
+    ev = evaluate_atlas(fake_store, "no_m", folds=2)
+    assert set(ev["per_class_f1"]) == {"B", "T"} and ev["accuracy"] >= 0.9

@@ -33,7 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import Atlas, fit_encoder, labels_of, pair_counts
+from cellvec.cell_index.atlas import (
+    Atlas,
+    fit_encoder,
+    labels_of,
+    pair_counts,
+    reference_labels,
+)
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
@@ -837,8 +843,10 @@ def evaluate_atlas(
 ) -> dict:
     """An atlas's own cross-validated scores, for its card (`cellvec atlas export
     --evaluate`): its reference (`reference`, default the file the atlas was built from)
-    scored in `folds` stratified folds with the atlas's recipe and k. Returns `folds`,
-    `accuracy`, `macro_f1`, `per_class_f1` and the `reference` scored."""
+    scored in `folds` stratified folds with the atlas's recipe and k, over the cells the
+    atlas was built from (`reference_labels`: labelled, and none of the labels it excluded,
+    `meta["excluded_labels"]`, which it never predicts). Returns `folds`, `accuracy`,
+    `macro_f1`, `per_class_f1` and the `reference` scored."""
     atlas = Atlas.open(store, name)
     reference = reference or atlas.meta.get("source")
     if not reference or not Path(str(reference)).exists():
@@ -846,9 +854,15 @@ def evaluate_atlas(
             f"Atlas {name!r}: its reference ({reference}) is not here to cross-validate; give "
             "it with --reference FILE."
         )
+    source, _, _, _ = reference_labels(
+        read_expression(reference, **read_options),
+        atlas.meta["label_key"],
+        broad_label_key=atlas.meta.get("broad_label_key"),
+        exclude_labels=list(atlas.meta.get("excluded_labels") or {}),
+    )
     r = atlas.recipe
     ev = evaluate(
-        reference,
+        source,
         label_key=atlas.meta["label_key"],
         store=store,
         models=[r.model],
@@ -862,7 +876,6 @@ def evaluate_atlas(
         k=atlas.k,
         seed=seed,
         representations=["cellvec"],
-        **read_options,
     )
     m = ev.representations["cellvec"]
     return {
