@@ -321,3 +321,25 @@ def test_many_to_one_orthologs_are_counted_once(atlas_store, tmp_path, caplog):
     atlas = Atlas.open(atlas_store, "tiny")
     assert atlas.coverage(np.array([0, 0, 1, 1, 2])) == atlas.coverage(np.array([0, 1, 2]))
     assert atlas.coverage(np.tile(np.arange(30), 3)) == pytest.approx(1.0)
+
+
+def test_an_atlas_listing_a_store_gene_twice_is_mapped_with_a_warning_to_rebuild(
+    atlas_store, caplog
+):
+    """Atlases built before store genes were counted once list a gene twice in gene_rows
+    (two reference columns reaching it, weighted apart) while queries are folded now: the
+    recipe version stays (atlases without such genes are unaffected), mapping warns."""
+    from cellvec.cell_index.encoder import CellEncoder
+
+    enc = Atlas.open(atlas_store, "tiny").encoder()
+    names = [g["symbol"] for g in tiny_genes()]
+    with caplog.at_level("WARNING"):
+        enc.basis(names)
+    assert "twice" not in caplog.text
+    rows = enc.refinement["gene_rows"].copy()
+    rows[1] = rows[0]
+    old = CellEncoder(enc.recipe, enc.genes, enc.background, {**enc.refinement, "gene_rows": rows})
+    with caplog.at_level("WARNING"):
+        old.basis(names, "query")
+    assert "query: the atlas lists 1 store genes twice" in caplog.text
+    assert "Rebuild the atlas with `cellvec atlas build`" in caplog.text

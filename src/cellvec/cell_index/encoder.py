@@ -61,6 +61,18 @@ class CellEncoder:
         params = {k: v for k, v in self.refinement.items() if k in GENE_KEYS}
         ref_rows = self.refinement.get("gene_rows")
         if ref_rows is not None:
+            twice = len(ref_rows) - len(np.unique(ref_rows))
+            if twice:
+                # Atlases built before store genes were counted once (`fold_duplicates`):
+                # their reference weights split such a gene in two, a query's are summed.
+                log.warning(
+                    "%s: the atlas lists %d store genes twice (two of its reference's genes "
+                    "reached each, split there and summed in queries since); its labels may "
+                    "differ from a current atlas's. Rebuild the atlas with `cellvec atlas "
+                    "build` to count each gene once.",
+                    where,
+                    twice,
+                )
             order = np.argsort(ref_rows)
             at = np.searchsorted(ref_rows, rows, sorter=order).clip(0, len(ref_rows) - 1)
             positions = order[at]
