@@ -1095,6 +1095,7 @@ def build_atlas(
             gs.open_table(ATLAS_PREFIX + name).to_lance(),
             DiskIndexParams.from_dict(meta["index"]),
             ray_address=ray,
+            storage_options=gs.location.options() or None,
         )
     log.info(
         "Atlas %s: %s cells, %d classes, dim %d, %s index, in %.1f s",
@@ -1143,7 +1144,12 @@ def index_atlas(
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":
         entry.update(params or {})
-        ds = build_disk_index(ds, DiskIndexParams.from_dict(entry), ray_address=ray)
+        ds = build_disk_index(
+            ds,
+            DiskIndexParams.from_dict(entry),
+            ray_address=ray,
+            storage_options=store_location(store).options() or None,
+        )
     ds.update_schema_metadata({META_KEY.decode(): json.dumps({**meta, "index": entry})})
     return entry
 

@@ -183,6 +183,7 @@ def build_disk_index(
     params: DiskIndexParams,
     *,
     ray_address: str | bool | None = None,
+    storage_options: dict | None = None,
     num_workers: int = 2,
     seed: int = TRAIN_SEED,
 ):
@@ -193,7 +194,8 @@ def build_disk_index(
     With `ray_address` (an address as `cellvec._ray` reads it, True for a local cluster;
     a process already connected to Ray uses its cluster) each of up to `num_workers` Ray
     tasks indexes a share of the table's fragments with those centroids and codebook, and
-    the segments are committed once, as one index."""
+    the segments are committed once, as one index; `storage_options` (the store's,
+    `StoreLocation.options()`) let the workers open the table where it lives."""
     t = time.perf_counter()
     n = dataset.count_rows()
     centroids, codebook = train_quantizers(dataset, params, seed=seed)
@@ -210,7 +212,9 @@ def build_disk_index(
     if ray_address:
         from cellvec._ray import init_ray
 
-        dataset = _index_on_ray(init_ray(ray_address), dataset, options, num_workers)
+        dataset = _index_on_ray(
+            init_ray(ray_address), dataset, options, num_workers, storage_options
+        )
     else:
         dataset = dataset.create_index("vector", **options)
     log.info(
@@ -225,7 +229,7 @@ def build_disk_index(
     return dataset
 
 
-def _index_on_ray(ray, dataset, options: dict, num_workers: int):
+def _index_on_ray(ray, dataset, options: dict, num_workers: int, storage: dict | None):
     """The index built by Ray tasks, each over a share of the fragments, then committed.
 
     What lance-ray's `create_index` does, but with the centroids and codebook given:
@@ -233,7 +237,6 @@ def _index_on_ray(ray, dataset, options: dict, num_workers: int):
     import lance
 
     shares = _fragment_shares(dataset, num_workers)
-    storage = getattr(dataset, "_storage_options", None) or None
     shared = ray.put(options)
     task = ray.remote(_index_share)
     segments = ray.get([task.remote(dataset.uri, storage, ids, shared) for ids in shares])
