@@ -186,7 +186,7 @@ def build(
 def index_cmd(name, store, index_kind, nprobes, refine_factor, ray, as_json):
     """(Re)build the search index of atlas NAME and record it; map and serve follow it.
 
-    With --ray the disk index is built on a Ray cluster (lance-ray: centroids trained
+    With --ray the disk index is built on a Ray cluster (centroids and codebook trained here,
     once and shared, fragments indexed by the workers, committed once).
 
     \b
