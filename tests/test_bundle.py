@@ -276,6 +276,29 @@ def _tamper_manifest(bundle, change):
     (bundle / MANIFEST).write_text(json.dumps(m))
 
 
+def _relist(bundle):
+    """A fresh manifest over what the bundle folder now holds (as a hostile exporter would)."""
+    (bundle / MANIFEST).unlink()
+    m = json.loads((bundle / "card.json").read_text())
+    write_manifest(bundle, atlas="tiny", model=m["model"])
+
+
+def test_a_shallow_clone_reading_another_folder_is_refused(bundle, tmp_path):
+    """A Lance shallow clone keeps relative data file paths with a base path that points
+    anywhere: its rows would come from files no checksum covered."""
+    import lance
+
+    table = bundle / "atlas_tiny.lance"
+    elsewhere = tmp_path / "elsewhere" / "atlas_tiny.lance"
+    shutil.copytree(table, elsewhere)
+    shutil.rmtree(table)
+    ds = lance.dataset(str(elsewhere))
+    ds.shallow_clone(str(table), ds.version)
+    _relist(bundle)
+    with pytest.raises(StoreError, match="table atlas_tiny.lance reads files from other folders"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+
+
 def test_an_altered_part_is_refused_by_name(bundle, tmp_path):
     part = next(p for p in sorted(bundle.rglob("*.lance")) if p.is_file())
     data = bytearray(part.read_bytes())
@@ -315,9 +338,7 @@ def test_a_pickled_artifact_is_refused(bundle, tmp_path):
     np.savez(buf, x=np.array([{"a": 1}], dtype=object), allow_pickle=True)
     shutil.rmtree(art)
     lance.write_dataset(pa.table({"digest": ["x"], "data": pa.array([buf.getvalue()], pa.large_binary())}), str(art))  # fmt: skip
-    (bundle / MANIFEST).unlink()
-    m = json.loads((bundle / "card.json").read_text())
-    write_manifest(bundle, atlas="tiny", model=m["model"])
+    _relist(bundle)
     with pytest.raises(StoreError, match=f"artifact {art.name} is not plain arrays"):
         fetch_bundle(bundle, cache=tmp_path / "c")
 

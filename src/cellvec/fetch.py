@@ -14,8 +14,8 @@ A bundle from elsewhere is untrusted, like an upload (`cellvec.untrusted`):
   held to what the manifest says; a file in a local bundle that is a symlink (or sits
   under one) is refused, and a copy ends up with exactly the listed files, so Lance
   cannot be pointed at a table version that was never checksummed;
-- after the checksums, the Lance tables are checked to keep their data files inside
-  their own folder, and the artifacts (npz bytes) to hold plain numeric arrays (no
+- after the checksums, the Lance tables are checked to read only listed files of their
+  own folder (no base paths, as a shallow clone has), and the artifacts (npz bytes) to hold plain numeric arrays (no
   pickled objects). No HDF5 is ever read from a bundle.
 
 Every failure is a `StoreError` naming the bundle and the part that failed. A verified
@@ -352,7 +352,7 @@ def _download(src, ref: str, manifest: dict, data: bytes, final: Path) -> None:
             for rel in sorted(files):
                 _fetch_file(src, ref, rel, files[rel], tmp / rel, bar)
         (tmp / MANIFEST).write_bytes(data)
-        check_tables(tmp, ref)
+        check_tables(tmp, ref, files)
         (tmp / _VERIFIED).write_text(json.dumps({"ref": ref, "verified": time.time()}))
         try:
             tmp.rename(final)
@@ -400,9 +400,11 @@ def _fetch_file(src, ref: str, rel: str, info: dict, dest: Path, bar) -> None:
         )
 
 
-def check_tables(folder: Path, ref: str) -> None:
-    """After the checksums: each Lance table keeps its data files inside its own folder, and
-    each artifact holds plain numeric arrays (no pickled objects)."""
+def check_tables(folder: Path, ref: str, files: dict) -> None:
+    """After the checksums: each Lance table reads only files of its own folder that the
+    manifest lists (`files`), and each artifact holds plain numeric arrays (no pickled
+    objects). A table with base paths (a shallow clone, or data files kept elsewhere)
+    could read anything it names, checksummed or not, so it is refused."""
     import lance
     import numpy as np
 
@@ -410,15 +412,22 @@ def check_tables(folder: Path, ref: str) -> None:
         part = table.name
         try:
             ds = lance.dataset(str(table))
-            paths = [f.path for frag in ds.get_fragments() for f in frag.data_files()]
+            bases = ds.base_paths()
+            frags = [frag.metadata for frag in ds.get_fragments()]
         except Exception as e:  # noqa: BLE001 (Lance's own errors on a damaged table)
             raise StoreError(f"Bundle {ref}: table {part} cannot be opened ({e}).") from e
-        for p in paths:
-            if not isinstance(p, str) or p.startswith("/") or ".." in p.split("/") or "://" in p:
-                raise StoreError(
-                    f"Bundle {ref}: table {part} points at a data file outside its folder "
-                    f"({p!r}); the bundle was refused."
-                )
+        if bases:
+            where = ", ".join(str(b.path) for b in bases.values())
+            raise StoreError(
+                f"Bundle {ref}: table {part} reads files from other folders ({where}: a "
+                "shallow clone, or base paths); the bundle was refused."
+            )
+        for meta in frags:
+            for f in meta.files:
+                _check_table_file(ref, part, f"data/{f.path}", f.base_id, files)
+            gone = meta.deletion_file
+            if gone is not None:
+                _check_table_file(ref, part, gone.path(meta.id), gone.base_id, files)
         if part.startswith("_artifact_"):
             for blob in ds.to_table(columns=["data"]).column("data").to_pylist():
                 try:
@@ -434,3 +443,21 @@ def check_tables(folder: Path, ref: str) -> None:
                         f"Bundle {ref}: artifact {part} holds non-numeric arrays ({kinds}); the "
                         "bundle was refused."
                     )
+
+
+def _check_table_file(ref: str, part: str, rel, base_id, files: dict) -> None:
+    """A file table `part` reads (`rel`, relative to the table): in the table's own folder
+    (no base path) and listed in the bundle's manifest, so it was checksummed."""
+    inside = (
+        base_id is None
+        and isinstance(rel, str)
+        and "://" not in rel
+        and not rel.startswith("/")
+        and all(x not in ("", ".", "..") for x in rel.split("/"))
+        and f"{part}/{rel}" in files
+    )
+    if not inside:
+        raise StoreError(
+            f"Bundle {ref}: table {part} points at a file outside its folder or not in "
+            f"{MANIFEST} ({rel!r}); the bundle was refused."
+        )
