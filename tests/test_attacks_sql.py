@@ -132,6 +132,19 @@ def test_text_embedding_is_capped_per_query(fake_store):
         json={"query": "SELECT count(text_embedding('t' || range::VARCHAR)) FROM range(300)"},
     )
     assert r.status_code == 422 and "at most 256 distinct texts" in r.json()["error"]
+    local = StoreSQL(fake_store, text_embedder=FakeEmbedder())  # the CLI's: the user's machine
+    many = "SELECT count(text_embedding('t' || range::VARCHAR)) AS n FROM range(300)"
+    assert local.query(many)["n"][0] == 300
+
+
+def test_sql_queries_at_once_are_bounded(fake_store, monkeypatch):
+    """Each query's connection may take SERVICE_LIMITS' memory and threads: 40 at once
+    (anyio's thread pool) would be 40 GB."""
+    import cellvec.service.app as app_module
+
+    monkeypatch.setattr(app_module, "SQL_SLOTS", 0)  # every slot taken
+    r = client(fake_store).post("/v1/sql", json={"query": "SELECT 1 AS one"})
+    assert r.status_code == 503 and "retry" in r.json()["error"]
 
 
 # Attack 8: one answer row of 100 MB, and no bound on DuckDB's memory.
@@ -146,7 +159,13 @@ def test_answer_bytes_are_capped_over_http(fake_store):
             "query": "SELECT current_setting('memory_limit') AS m, current_setting('threads') AS t"
         },
     )
-    assert r.status_code == 200 and r.json()["rows"] == [{"m": "953.6 MiB", "t": 2}]
+    import duckdb
+
+    with duckdb.connect(":memory:") as con:  # DuckDB's own rendering of SERVICE_LIMITS'
+        con.execute("SET memory_limit = ?", [SERVICE_LIMITS.memory_limit])
+        [(expected,)] = con.execute("SELECT current_setting('memory_limit')").fetchall()
+    assert r.status_code == 200
+    assert r.json()["rows"] == [{"m": expected, "t": SERVICE_LIMITS.threads}]
 
 
 def test_memory_limit_refuses_a_query_that_outgrows_it(fake_store):

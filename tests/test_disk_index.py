@@ -211,7 +211,8 @@ def test_service_follows_a_disk_atlas(fake_store, fake_models):
 
     from cellvec.cell_index.mapping import map_cells
     from cellvec.service import create_app
-    from test_service import Server, _cells
+    from conftest import request_cells as _cells
+    from servers import Server
 
     _build(fake_store, "disk", "disk")
     body, truth = _cells(12, seed=7)

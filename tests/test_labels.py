@@ -226,7 +226,7 @@ def test_the_service_answers_both_levels_like_local_mapping(fake_store):
 
     from cellvec import Client
     from cellvec.service import create_app
-    from test_service import Server
+    from servers import Server
 
     _two_level_atlas(fake_store, calibration_split=0.2)
     q = _two_levels(seed=7, n=30, prefix="q")

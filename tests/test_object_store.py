@@ -225,7 +225,8 @@ def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
 
 def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
     from cellvec.service import create_app
-    from test_service import Server, _cells
+    from conftest import request_cells as _cells
+    from servers import Server
 
     answers = {}
     for kind, store in s3_atlas.items():
@@ -264,7 +265,8 @@ def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
 def test_serve_workers_get_the_storage_options(s3_atlas):
     """`cellvec serve --store s3://... --storage-option ...  --workers 2`: the workers
     (new processes) open the bucket with the same options."""
-    from test_service import _cells, serve_process
+    from conftest import request_cells as _cells
+    from servers import serve_process
 
     env = {k: v for k, v in os.environ.items() if k != OPTIONS_ENV and not k.startswith("AWS_")}
     opts = json.loads(os.environ[OPTIONS_ENV])

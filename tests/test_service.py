@@ -8,7 +8,7 @@ import pytest
 from cellvec.cell_index.atlas import build_atlas
 from conftest import request_cells as _cells
 from conftest import tiny_adata
-from servers import Server, serve_process  # noqa: F401 (imported from here by other tests)
+from servers import Server, serve_process
 
 
 def test_endpoints(served, tmp_path):

@@ -78,14 +78,14 @@ class SQLLimits:
 
     timeout_s: float | None = None
     max_answer_bytes: int | None = None
-    max_texts: int = 256
+    max_texts: int | None = 256
     memory_limit: str | None = None
     threads: int | None = None
 
 
 # `cellvec sql`: the user's own machine and data, streamed to a file or the terminal;
 # no time limit unless --timeout (Ctrl-C stops a query), DuckDB's memory default.
-LOCAL_LIMITS = SQLLimits()
+LOCAL_LIMITS = SQLLimits(max_texts=None)
 # `POST /v1/sql` (`cellvec serve --enable-sql`): one query cannot hold the server.
 SERVICE_LIMITS = SQLLimits(
     timeout_s=10.0, max_answer_bytes=16 * 2**20, memory_limit="1GB", threads=2
@@ -324,10 +324,11 @@ class StoreSQL:
         with self._lock:
             if text in self._texts:
                 return
-            if len(self._texts) >= self.limits.max_texts:
+            cap = self.limits.max_texts
+            if cap is not None and len(self._texts) >= cap:
                 raise self._fail(
                     SQLError(
-                        f"text_embedding() embeds at most {self.limits.max_texts} distinct texts "
+                        f"text_embedding() embeds at most {cap} distinct texts "
                         "per query; compare with the stored gene vectors (the vector column, "
                         "gene_vector()) or split the query."
                     )
@@ -360,6 +361,8 @@ class StoreSQL:
 
 
 _HINTS = {
+    "MULTI": " PIVOT and UNPIVOT expand into several statements: write the same with GROUP BY "
+    "and FILTER (count(*) FILTER (WHERE ...)).",
     "COPY": " Export results with --format csv|json|parquet instead of COPY.",
     "EXPLAIN": " EXPLAIN is refused because it can wrap any statement (EXPLAIN ANALYZE runs it).",
     "PRAGMA": " To list views or columns use SHOW TABLES or DESCRIBE <view>.",

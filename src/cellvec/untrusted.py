@@ -19,7 +19,6 @@ Both raise `cellvec.errors.UntrustedInputError` (the service answers 422).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from cellvec.errors import UntrustedInputError
 
@@ -28,26 +27,15 @@ MAX_DECODED_BYTES = 256 * 1024 * 1024
 MAX_HDF5_OBJECTS = 100_000  # links walked in one file (an AnnData has a few hundred)
 
 
-@dataclass(frozen=True)
-class Hdf5Facts:
-    """What `check_hdf5` learned about a file: cells (rows of obs / X) and decoded bytes."""
-
-    n_cells: int
-    decoded_bytes: int
-
-
-def check_hdf5(
-    source, *, where: str = "the upload", max_decoded_bytes: int | None = None
-) -> Hdf5Facts:
+def check_hdf5(path, *, where: str = "the upload") -> None:
     """Refuse an HDF5 file with external storage, external or soft links, virtual datasets,
-    or datasets that decode past `max_decoded_bytes` (counted per link, so a dataset
-    linked twice counts twice, as a reader would read it twice). `source`: a path or a
-    binary file object. Nothing is followed and no dataset is read."""
+    or datasets that decode past `MAX_DECODED_BYTES` (counted per link, so a dataset
+    linked twice counts twice, as a reader would read it twice). Nothing is followed and
+    no dataset is read."""
     import h5py
 
-    max_decoded_bytes = max_decoded_bytes or MAX_DECODED_BYTES
     try:
-        f = h5py.File(source, "r", locking=False)
+        f = h5py.File(path, "r", locking=False)
     except OSError as e:
         raise UntrustedInputError(
             f"{where} is not an HDF5 file ({e}); send an .h5ad written by anndata."
@@ -89,12 +77,11 @@ def check_hdf5(
                     stack.append((full, obj))
                 elif isinstance(obj, h5py.Dataset):
                     total += _dataset_bytes(obj, full, where)
-                    if total > max_decoded_bytes:
+                    if total > MAX_DECODED_BYTES:
                         raise UntrustedInputError(
-                            f"{where} decodes to more than {max_decoded_bytes / 2**20:,.0f} MiB "
+                            f"{where} decodes to more than {MAX_DECODED_BYTES / 2**20:,.0f} MiB "
                             f"(counted up to {full}); split the cells over several requests."
                         )
-        return Hdf5Facts(_n_cells(f), total)
 
 
 def _address(obj) -> bytes:
@@ -118,40 +105,24 @@ def _dataset_bytes(dset, full: str, where: str) -> int:
             f"{where}: dataset {full} is a virtual dataset mapping other files; uploaded "
             "files must hold their own data. Write it with anndata."
         )
-    return int(dset.size) * int(dset.dtype.itemsize)
-
-
-def _n_cells(f) -> int:
-    """Rows of obs (its index dataset) or of X, whichever the file has; 0 if neither."""
-    import h5py
-
-    obs = f.get("obs")
-    if isinstance(obs, h5py.Group):
-        index = obs.attrs.get("_index")
-        if isinstance(index, bytes):
-            index = index.decode()
-        if isinstance(index, str) and isinstance(obs.get(index), h5py.Dataset):
-            return int(obs[index].shape[0]) if obs[index].shape else 0
-    x = f.get("X")
-    if isinstance(x, h5py.Dataset) and x.shape:
-        return int(x.shape[0])
-    if isinstance(x, h5py.Group) and "shape" in x.attrs:
-        return int(x.attrs["shape"][0])
-    return 0
+    # An empty dataspace (h5py.Empty) has no size. Variable-length strings count at their
+    # pointers' size: their text lies in the file's global heap. Not guarded: a crafted
+    # file whose many elements point at one large heap object is read once per element.
+    return int(dset.size or 0) * int(dset.dtype.itemsize)
 
 
 # Arrow IPC: the few fields of the flatbuffer `Message` that give a batch's decoded size.
 _RECORD_BATCH, _DICTIONARY_BATCH = 3, 2
 
 
-def check_arrow_stream(body: bytes, *, max_decoded_bytes: int | None = None) -> int:
-    """Decoded bytes of an Arrow IPC stream, from each message's metadata (and, for a
-    compressed buffer, the uncompressed length it starts with), before decoding anything;
-    `UntrustedInputError` past `max_decoded_bytes`, and for a stream whose metadata
-    cannot be read (what cannot be measured is not decoded)."""
+def check_arrow_stream(body: bytes) -> None:
+    """Add up the decoded bytes of an Arrow IPC stream from each message's metadata (and,
+    for a compressed buffer, the uncompressed length it starts with), before decoding
+    anything; `UntrustedInputError` past `MAX_DECODED_BYTES`, and for a stream whose
+    metadata cannot be read (what cannot be measured is not decoded). The reader must
+    still refuse types that expand when converted (views, dictionaries cast to strings)."""
     import pyarrow as pa
 
-    max_decoded_bytes = max_decoded_bytes or MAX_DECODED_BYTES
     total = 0
     try:
         for message in pa.ipc.MessageReader.open_stream(pa.py_buffer(body)):
@@ -160,9 +131,9 @@ def check_arrow_stream(body: bytes, *, max_decoded_bytes: int | None = None) -> 
             if batch is None:
                 continue
             total += _batch_bytes(meta, batch, message.body)
-            if total > max_decoded_bytes:
+            if total > MAX_DECODED_BYTES:
                 raise UntrustedInputError(
-                    f"The Arrow body decodes to more than {max_decoded_bytes / 2**20:,.0f} MiB; "
+                    f"The Arrow body decodes to more than {MAX_DECODED_BYTES / 2**20:,.0f} MiB; "
                     "split the cells over several requests."
                 )
     except (pa.ArrowException, OSError, ValueError, IndexError, struct.error) as e:
@@ -170,7 +141,6 @@ def check_arrow_stream(body: bytes, *, max_decoded_bytes: int | None = None) -> 
             f"The body is not an Arrow IPC stream ({type(e).__name__}: {e}); send a stream "
             "written by pyarrow.ipc.new_stream."
         ) from e
-    return total
 
 
 def _table(buf: bytes, pos: int) -> tuple[int, int, int]:
@@ -209,19 +179,23 @@ def _batch_table(meta: bytes):
 
 
 def _batch_bytes(meta: bytes, batch, body) -> int:
+    import numpy as np
+
     buffers_at = _field(meta, batch, 2)
     if buffers_at is None:
         return 0
     vec = _deref(meta, buffers_at)
     n = struct.unpack_from("<I", meta, vec)[0]
-    compressed = _field(meta, batch, 3) is not None
-    data = memoryview(body) if (compressed and body is not None) else b""
-    total = 0
-    for j in range(n):
-        offset, length = struct.unpack_from("<qq", meta, vec + 4 + 16 * j)
-        if not compressed or length < 8:
-            total += max(length, 0)
-            continue
-        decoded = struct.unpack_from("<q", data, offset)[0]
-        total += length - 8 if decoded == -1 else max(decoded, 0)
-    return total
+    # the Buffer structs: (offset, length) int64 pairs; a ValueError when out of bounds
+    offset, length = np.frombuffer(meta, "<i8", 2 * n, vec + 4).reshape(n, 2).T
+    if _field(meta, batch, 3) is None or body is None:  # not compressed
+        return int(np.maximum(length, 0).sum())
+    # each compressed buffer starts with its uncompressed length (-1: stored as is)
+    data = np.frombuffer(body, np.uint8)
+    has = length >= 8
+    at = offset[has, None] + np.arange(8)
+    if at.size and (at.min() < 0 or at.max() >= len(data)):
+        raise IndexError("a buffer lies outside the message body")
+    decoded = data[at].copy().view("<i8").ravel()
+    decoded = np.where(decoded == -1, length[has] - 8, np.maximum(decoded, 0))
+    return int(np.maximum(length[~has], 0).sum() + decoded.sum())

@@ -353,11 +353,8 @@ def read_matrix(
         )
         cols = np.flatnonzero(~dup)
         x, names = x[:, cols], [names[i] for i in cols]
-    _check_block(x, where, 0, n, kind)
-    # values are checked non-negative: a cell is expressed where any value is positive
-    expressed = np.zeros(n, dtype=bool)
-    expressed[np.repeat(np.arange(n), np.diff(x.indptr))[x.data > 0]] = True
-    rows = np.flatnonzero(expressed)
+    # values are checked non-negative: a cell is expressed where its total is positive
+    rows = np.flatnonzero(_check_block(x, where, 0, n, kind) > 0)
     if len(rows) < n:
         log.warning("%s: %d cells with no expression excluded", where, n - len(rows))
         x = x[rows]

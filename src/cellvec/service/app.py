@@ -39,6 +39,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 BATCH_WAIT_MS = 2.0
 BATCH_MAX_CELLS = 4096
 PARSE_IN_THREAD_BYTES = 256 * 1024  # bigger bodies are parsed off the event loop
+# SQL queries at once (each DuckDB connection may take SERVICE_LIMITS' memory and threads)
+SQL_SLOTS = 2
 
 
 def _json_bytes(content) -> bytes:
@@ -100,16 +102,7 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if self.fast is not None:
-            try:
-                if await self.fast(scope, headers, body, send):
-                    return
-            except Exception:  # never a stack trace (nor text/plain) to the client
-                log.exception("Unhandled error on %s", path)
-                return await _send_error(
-                    send, 500, "Internal error; the server log has the details."
-                )
-        replayed = False
+        replayed = started = False
 
         async def replay():
             nonlocal replayed
@@ -118,8 +111,6 @@ class Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        started = False
-
         async def tracked(message):
             nonlocal started
             if message["type"] == "http.response.start":
@@ -127,8 +118,9 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, replay, tracked)
-        except Exception:  # never a stack trace to the client
+            if self.fast is None or not await self.fast(scope, headers, body, tracked):
+                await self.app(scope, replay, tracked)
+        except Exception:  # never a stack trace (nor text/plain) to the client
             log.exception("Unhandled error on %s", path)
             if not started:
                 await _send_error(send, 500, "Internal error; the server log has the details.")
@@ -189,7 +181,7 @@ def create_app(
     token: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     sql_max_rows: int = 10_000,
-    sql_timeout_s: float = 10.0,
+    sql_timeout_s: float | None = None,
     batch_wait_ms: float = BATCH_WAIT_MS,
     batch_max_cells: int = BATCH_MAX_CELLS,
     cache_dir: str | Path | None = None,
@@ -204,7 +196,8 @@ def create_app(
     (default `<store>/_serving` for a local store; a store in a bucket is not copied
     anywhere: its atlases are held in memory unless `cache_dir` names a local folder).
     `threads`: threads of each numeric pool (numpy's BLAS, faiss's OpenMP, torch) in
-    this process; None: the number `cellvec serve` chose ($CELLVEC_THREADS, the cores
+    this process, set process-wide (an app inside another program sizes that program's
+    pools too); None: the number `cellvec serve` chose ($CELLVEC_THREADS, the cores
     shared out between its workers), else the cores this process may use (see
     `service.threads`). `preload`: load every atlas in the background
     when the server starts, so no request waits for it. `freeze_heap`: for a process that
@@ -241,6 +234,7 @@ def create_app(
         thread_setup=partial(limit_thread, threads),
     )
 
+    sql_slots = threading.BoundedSemaphore(SQL_SLOTS)
     preloaded = threading.Event()
     if not preload:
         preloaded.set()
@@ -343,10 +337,13 @@ def create_app(
 
         return json_response({"atlases": [get_atlas(n).summary() for n in list_atlases(store)]})
 
-    async def answer(atlas: str, parse, body: bytes, arrow: bool) -> tuple[bytes, str]:
-        """Parse `body` into a job (off the event loop when big), map it in a batch, answer."""
+    async def answer(
+        atlas: str, parse, body: bytes, arrow: bool, in_thread: bool = False
+    ) -> tuple[bytes, str]:
+        """Parse `body` into a job (off the event loop when big, or `in_thread`), map it in
+        a batch, answer."""
         served = await served_atlas(atlas)
-        if len(body) > PARSE_IN_THREAD_BYTES:
+        if in_thread or len(body) > PARSE_IN_THREAD_BYTES:
             job = await asyncio.get_running_loop().run_in_executor(None, parse, body)
         else:
             job = parse(body)
@@ -355,9 +352,11 @@ def create_app(
             return mapping.render_arrow(served, job, res), ARROW
         return mapping.render_json(served, job, res), "application/json"
 
-    async def respond(request: Request, atlas: str, parse, body: bytes) -> Response:
+    async def respond(
+        request: Request, atlas: str, parse, body: bytes, in_thread: bool = False
+    ) -> Response:
         arrow = ARROW in request.headers.get("accept", "")
-        content, media_type = await answer(atlas, parse, body, arrow)
+        content, media_type = await answer(atlas, parse, body, arrow, in_thread)
         return Response(content, media_type=media_type)
 
     map_route = re.compile(r"/v1/atlases/([^/]+)/map")
@@ -468,7 +467,9 @@ def create_app(
             scores=scores,
             vectors=vectors,
         )
-        return await respond(request, atlas, _with(mapping.job_from_h5ad, options), data)
+        # an upload is walked (check_hdf5) and read by anndata: never on the event loop
+        parse = _with(mapping.job_from_h5ad, options)
+        return await respond(request, atlas, parse, data, in_thread=True)
 
     def openapi():
         if app.openapi_schema is None:
@@ -522,14 +523,17 @@ def create_app(
 
         from cellvec.sql import SERVICE_LIMITS, SQLTimeoutError, StoreSQL
 
-        limits = replace(SERVICE_LIMITS, timeout_s=sql_timeout_s)
+        limits = replace(SERVICE_LIMITS, timeout_s=sql_timeout_s or SERVICE_LIMITS.timeout_s)
+        if not sql_slots.acquire(blocking=False):
+            raise HTTPException(
+                503, f"{SQL_SLOTS} SQL queries are running already; retry in a moment."
+            )
         rows, truncated, columns = [], False, []
-        # One batch of max_rows + 1 rows tells whether the answer was truncated.
-        with (
-            StoreSQL(gene_store, limits=limits) as conn,
-            closing(conn.execute(body.query, batch_rows=sql_max_rows + 1)) as batches,
-        ):
-            try:
+        try:  # one batch of max_rows + 1 rows tells whether the answer was truncated
+            with (
+                StoreSQL(gene_store, limits=limits) as conn,
+                closing(conn.execute(body.query, batch_rows=sql_max_rows + 1)) as batches,
+            ):
                 for batch in batches:
                     columns = batch.schema.names
                     kept = batch.slice(0, sql_max_rows - len(rows))
@@ -537,8 +541,10 @@ def create_app(
                     if kept.num_rows < batch.num_rows:
                         truncated = True
                         break
-            except SQLTimeoutError as e:
-                raise HTTPException(408, str(e)) from None
+        except SQLTimeoutError as e:
+            raise HTTPException(408, str(e)) from None
+        finally:
+            sql_slots.release()
         return {
             "columns": columns,
             "rows": _jsonable(rows),

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+
+from cellvec.service.threads import cores
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,12 @@ class Batcher:
         self.executor = ThreadPoolExecutor(
             1, thread_name_prefix="cellvec-batch", initializer=thread_setup
         )
-        # without batching each request is mapped by itself, several at a time
-        self.unbatched = ThreadPoolExecutor(
-            min(32, (os.cpu_count() or 1) + 4),
-            thread_name_prefix="cellvec-map",
-            initializer=thread_setup,
+        # without batching each request is mapped by itself, one per core at a time (more
+        # threads, each with its own pools, would spin against each other: issue 25)
+        self.unbatched = (
+            ThreadPoolExecutor(cores(), thread_name_prefix="cellvec-map", initializer=thread_setup)
+            if wait_s <= 0
+            else None
         )
         self.batches = 0  # counters, for tests and logs
         self.jobs = 0

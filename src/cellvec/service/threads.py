@@ -65,10 +65,10 @@ def limit_thread(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def limit_pools(threads: int) -> dict[str, int]:
+def limit_pools(threads: int) -> None:
     """Set the pools already loaded in this process to `threads` each: the BLAS
     libraries (numpy's, faiss's), OpenMP (for this thread), and torch if it is
-    imported. Returns the threads of each pool after, by library."""
+    imported; logs the threads of each pool after."""
     import faiss  # noqa: F401 (loaded first, so that its pools are found and set)
     from threadpoolctl import threadpool_info, threadpool_limits  # with scikit-learn
 
@@ -87,4 +87,3 @@ def limit_pools(threads: int) -> dict[str, int]:
         ", ".join(f"{k} {v}" for k, v in pools.items()),
         cores(),
     )
-    return pools
