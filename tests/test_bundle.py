@@ -299,6 +299,30 @@ def test_a_shallow_clone_reading_another_folder_is_refused(bundle, tmp_path):
         fetch_bundle(bundle, cache=tmp_path / "c")
 
 
+def test_a_bundle_too_large_or_without_room_is_refused_before_fetching(bundle, tmp_path, monkeypatch):  # fmt: skip
+    import cellvec.fetch as fetch
+
+    _tamper_manifest(bundle, lambda m: m["files"]["card.json"].update(bytes=50 * 2**30))
+    with static_server(tmp_path) as (url, requested):
+        with pytest.raises(
+            StoreError,
+            match=r"lists 50\.0 GiB of files, more than the 20\.0 GiB.*CELLVEC_MAX_BUNDLE_BYTES=51G",
+        ):
+            fetch_bundle(f"{url}/{bundle.name}", cache=tmp_path / "c")
+        _tamper_manifest(bundle, lambda m: m["files"]["card.json"].update(bytes=2**10))
+        monkeypatch.setenv("CELLVEC_MAX_BUNDLE_BYTES", "64K")
+        with pytest.raises(
+            StoreError,
+            match=r"lists [\d.]+ [KM]iB of files, more than the 64\.0 KiB.*BUNDLE_BYTES=1G",
+        ):
+            fetch_bundle(f"{url}/{bundle.name}", cache=tmp_path / "c")
+        monkeypatch.delenv("CELLVEC_MAX_BUNDLE_BYTES")
+        monkeypatch.setattr(fetch.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1))
+        with pytest.raises(StoreError, match="has 1 bytes free; nothing was fetched"):
+            fetch_bundle(f"{url}/{bundle.name}", cache=tmp_path / "c")
+    assert requested == [f"/{bundle.name}/{MANIFEST}"] * 3  # no part was fetched
+
+
 def test_an_altered_part_is_refused_by_name(bundle, tmp_path):
     part = next(p for p in sorted(bundle.rglob("*.lance")) if p.is_file())
     data = bytearray(part.read_bytes())

@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 
 from cellvec._progress import progress
 from cellvec.errors import StoreError
-from cellvec.storage import env_options
+from cellvec.storage import env_bytes, env_options
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ FORMAT = "cellvec-atlas-bundle"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 MAX_FILES = 100_000
+# What a bundle may hold in all, checked before anything is downloaded: 20 GiB, or
+# $CELLVEC_MAX_BUNDLE_BYTES (bytes; K, M, G, T suffixes).
+MAX_BUNDLE_BYTES = 20 * 2**30
+MAX_BUNDLE_ENV = "CELLVEC_MAX_BUNDLE_BYTES"
 CACHE_ENV = "CELLVEC_CACHE"
 _VERIFIED = ".verified"  # written last in a cached copy: its checks all passed
 _CHUNK = 1 << 20
@@ -344,6 +348,7 @@ def _download(src, ref: str, manifest: dict, data: bytes, final: Path) -> None:
         len(files),
         total / 2**20,
     )
+    _check_room(ref, total, final.parent)
     t0 = time.perf_counter()
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
@@ -368,6 +373,33 @@ def _download(src, ref: str, manifest: dict, data: bytes, final: Path) -> None:
         time.perf_counter() - t0,
         final,
     )
+
+
+def _check_room(ref: str, total: int, folder: Path) -> None:
+    """Refuse a bundle larger than `MAX_BUNDLE_BYTES` (or `$CELLVEC_MAX_BUNDLE_BYTES`), or
+    one the cache's disk has no room for, before its first byte is fetched."""
+    limit = env_bytes(MAX_BUNDLE_ENV, MAX_BUNDLE_BYTES)
+    if total > limit:
+        raise StoreError(
+            f"Bundle {ref}: its {MANIFEST} lists {_size(total)} of files, more than the "
+            f"{_size(limit)} a bundle may hold here; nothing was fetched. If "
+            f"you trust it, raise the limit: {MAX_BUNDLE_ENV}={-(-total // 2**30)}G."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free <= total:
+        raise StoreError(
+            f"Bundle {ref}: {_size(total)} to fetch, and the cache {folder} has "
+            f"{_size(free)} free; nothing was fetched. Free some space, or point "
+            f"${CACHE_ENV} at a disk with room."
+        )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:,} bytes"
 
 
 def _fetch_file(src, ref: str, rel: str, info: dict, dest: Path, bar) -> None:

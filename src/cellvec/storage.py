@@ -123,6 +123,20 @@ def env_options() -> dict[str, str]:
     return {str(k).lower(): str(v) for k, v in opts.items()}
 
 
+def env_bytes(name: str, default: int) -> int:
+    """A size from environment variable `name` (bytes, or with a K, M, G or T suffix:
+    `20G`), else `default`."""
+    raw = os.environ.get(name, "").strip().upper()
+    if not raw:
+        return default
+    text = raw[:-1] if raw.endswith("B") else raw
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError as e:
+        raise StoreError(f"${name}={raw!r}: give bytes, e.g. 20000000000 or 20G.") from e
+
+
 def store_location(
     store: str | os.PathLike | StoreLocation, storage_options: Mapping[str, str] | None = None
 ) -> StoreLocation:
