@@ -35,7 +35,6 @@ from cellvec.cell_index.atlas import Atlas, build_atlas
 from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.refine import adapted_basis
-from cellvec.cell_index.vectors import top_n_weights
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.orthologs import read_orthologs
 from cellvec.gene_store.resolve import match_genes
@@ -88,7 +87,7 @@ def no_panel():
 def _query_mean(source, basis, recipe):
     tot, n = 0, 0
     for _, x in source.chunks(20000):
-        w = top_n_weights(basis.combine(x), recipe.top_genes, recipe.weighting, col_mask=basis.mask)
+        w = basis.top_weights(x, recipe)
         v = np.asarray(w @ basis.full, dtype=np.float64)
         tot = tot + v.sum(0)
         n += len(v)

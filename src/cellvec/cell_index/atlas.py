@@ -238,13 +238,13 @@ def fit_encoder(
     )
     bg = fit_background(genes.vectors[rows], recipe.background)
     vecs = apply_background(genes.vectors[rows], bg)
+    basis = GeneBasis(cols, rows, vecs, len(source.var_names), fold=fold)
     blocks = None
     if ray:
         from cellvec.cell_index.parallel import top_gene_weights
 
-        w, blocks = top_gene_weights(source, cols, recipe, ray=ray, fold=fold)
+        w, blocks = top_gene_weights(source, basis, recipe, ray=ray)
     else:
-        basis = GeneBasis(cols, rows, vecs, len(source.var_names), fold=fold)
         w = sp.csr_matrix(weights_matrix(source, basis, recipe)[:, cols])
     held = calibration_cells(labels, calibration_split, seed) if calibration_split else None
     train = slice(None) if held is None else ~held

@@ -15,7 +15,6 @@ import polars as pl
 
 from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.readers import read_expression
-from cellvec.cell_index.vectors import top_n_weights
 from cellvec.errors import CellvecError
 from cellvec.gene_store.embedders.base import normalise_rows
 
@@ -44,9 +43,7 @@ def explain_subtype(
         raise CellvecError(f"{src.path}: no cell labelled {subtype!r} in {label_key!r}.")
     basis = enc.basis(src.var_names, src.path)
     sub = src.subset(mask)
-    w = top_n_weights(
-        basis.combine(sub.to_csr()), enc.recipe.top_genes, enc.recipe.weighting, col_mask=basis.mask
-    )[:, basis.columns]
+    w = basis.top_weights(sub.to_csr(), enc.recipe)[:, basis.columns]
     mean_w = np.asarray(w.mean(axis=0)).ravel()
     centroid = normalise_rows((mean_w @ basis.vectors)[None, :])[0]
     contrib = mean_w * (normalise_rows(basis.vectors) @ centroid)

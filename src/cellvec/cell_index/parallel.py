@@ -150,15 +150,12 @@ def _shard_dataset(ray, n_cells: int):
 
 # -- stage 1: top-gene weights ------------------------------------------------
 def _weights_batch(batch: pa.Table, shared) -> pa.Table:
-    from cellvec.cell_index.vectors import fold_columns, top_n_weights
-
     s = _shared(shared)
+    basis = s["basis"]
     positions, parts = [], []
     for start, stop in zip(batch.column("start").to_pylist(), batch.column("stop").to_pylist()):
         for first, block in _chunks(s["reader"], start, stop):
-            block = fold_columns(block, s["fold"])
-            w = top_n_weights(block, s["top_genes"], s["weighting"], col_mask=s["mask"])
-            parts.append(sp.csr_matrix(w[:, s["cols"]]))
+            parts.append(sp.csr_matrix(basis.top_weights(block, s["recipe"])[:, basis.columns]))
             positions.append(np.arange(first, first + block.shape[0], dtype=np.int64))
     from cellvec.cell_index.atlas import weight_lists
 
@@ -167,28 +164,17 @@ def _weights_batch(batch: pa.Table, shared) -> pa.Table:
 
 
 def top_gene_weights(
-    source: ExpressionSource, cols: np.ndarray, recipe, *, ray=True, fold=None
+    source: ExpressionSource, basis, recipe, *, ray=True
 ) -> tuple[sp.csr_matrix, list[pa.Table]]:
-    """Each cell's top-N genes and weights (cells x the matched columns `cols`, with the
-    columns of `fold` summed into theirs: `vectors.fold_duplicates`), computed by Ray
-    workers, as `weights_matrix(...)[:, cols]` computes them in one process.
+    """Each cell's top-N genes and weights (cells x the matched columns `basis.columns`,
+    folded columns summed into theirs: `GeneBasis.top_weights`), computed by Ray workers,
+    as `weights_matrix(...)[:, basis.columns]` computes them in one process.
 
     Returns the matrix and the blocks it came from (Arrow tables with `row`,
     `top_genes`, `top_weights`), which `write_atlas` hands back to the workers."""
     ray = init_ray(ray)
     t0 = time.perf_counter()
-    mask = np.zeros(len(source.var_names), dtype=bool)
-    mask[cols] = True
-    shared = ray.put(
-        {
-            "reader": _reader(source, ray),
-            "mask": mask,
-            "cols": np.asarray(cols),
-            "fold": fold,
-            "top_genes": recipe.top_genes,
-            "weighting": recipe.weighting,
-        }
-    )
+    shared = ray.put({"reader": _reader(source, ray), "basis": basis, "recipe": recipe})
     tables = []
     with (
         ordered_data(ray),
@@ -216,7 +202,7 @@ def top_gene_weights(
             f"Ray returned {len(rows):,} of {source.n_obs:,} cells out of order: a worker "
             "failed or the cluster lost blocks. Run again, or without --ray."
         )
-    w = sp.vstack([weight_matrix(t, len(cols)) for t in tables], format="csr")
+    w = sp.vstack([weight_matrix(t, len(basis.columns)) for t in tables], format="csr")
     log.info("Top genes of %s cells in %.1f s", f"{source.n_obs:,}", time.perf_counter() - t0)
     return w, tables
 

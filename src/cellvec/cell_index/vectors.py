@@ -112,6 +112,14 @@ class GeneBasis:
         """A chunk of the dataset's expression with the folded columns summed into theirs."""
         return fold_columns(x, self.fold)
 
+    def top_weights(self, x: sp.csr_matrix, recipe: Recipe) -> sp.csr_matrix:
+        """Each cell's top-gene weights (cells x the dataset's columns) of a chunk of its
+        log-normalised expression, as `recipe` says: folded columns summed first, only
+        matched columns taken."""
+        return top_n_weights(
+            self.combine(x), recipe.top_genes, recipe.weighting, col_mask=self.mask
+        )
+
     @property
     def mask(self) -> np.ndarray:
         m = np.zeros(
@@ -257,11 +265,7 @@ def weighted_mean(
 
 def aggregate(x: sp.csr_matrix, basis: GeneBasis, recipe: Recipe) -> np.ndarray:
     """Cell vectors (unit length, before any head) of a chunk of log-normalised expression."""
-    return weighted_mean(
-        top_n_weights(basis.combine(x), recipe.top_genes, recipe.weighting, col_mask=basis.mask),
-        basis.full,
-        basis.cell_mean,
-    )
+    return weighted_mean(basis.top_weights(x, recipe), basis.full, basis.cell_mean)
 
 
 def iter_cell_vectors(
@@ -300,8 +304,5 @@ def weights_matrix(
     """The whole top-N weight matrix (cells x dataset genes), for training-time augmentation.
 
     Use it with `basis.full`."""
-    parts = [
-        top_n_weights(basis.combine(block), recipe.top_genes, recipe.weighting, col_mask=basis.mask)
-        for _, block in source.chunks(chunk_size)
-    ]
+    parts = [basis.top_weights(block, recipe) for _, block in source.chunks(chunk_size)]
     return sp.vstack(parts, format="csr")
