@@ -126,6 +126,23 @@ def test_export_writes_a_small_store_with_a_checksum_for_every_file(bundle, atla
     )
 
 
+def test_overwrite_replaces_a_bundle_and_nothing_else(bundle, atlas_store, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", work, tmp_path / "tiny.cellvec" / "atlas_tiny.lance"):
+        res = CliRunner().invoke(cli, ["atlas", "export", "tiny", "--store", str(atlas_store), "--out", str(out), "--overwrite"])  # fmt: skip
+        assert (
+            res.exit_code != 0 and "is not a bundle" in res.output and "--overwrite" in res.output
+        )
+    assert os.listdir(work) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".*.tmp")) and (bundle / "atlas_tiny.lance").is_dir()
+    (bundle / "stray.txt").write_text("x")  # a bundle is replaced whole
+    _run("atlas", "export", "tiny", "--store", atlas_store, "--out", bundle, "--overwrite")
+    assert not (bundle / "stray.txt").exists() and (bundle / MANIFEST).is_file()
+
+
 def test_mapping_onto_a_bundle_equals_mapping_onto_the_store(bundle, atlas_store, cache):
     want = map_cells(_query(), "tiny", store=atlas_store)
     atlas = Atlas.open(str(bundle))

@@ -44,7 +44,7 @@ from cellvec.cell_index.artifacts import load_artifact, save_artifact
 from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name, stored_atlas
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, StoreError
-from cellvec.fetch import CARD, fetch_bundle, file_sha256, write_manifest
+from cellvec.fetch import CARD, MANIFEST, fetch_bundle, file_sha256, write_manifest
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table, table_name
 from cellvec.storage import StoreLocation, store_location
 
@@ -212,13 +212,13 @@ def export_bundle(
     t0 = time.perf_counter()
     store = store_location(store)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CellvecError(f"{out} exists: choose another --out, or pass --overwrite.")
+    _check_out(out, overwrite)
     ds, meta = stored_atlas(store, name)
     recipe = Recipe.from_dict(meta["recipe"])
     gs = GeneStore(store)
     card = atlas_card(store, name, extra=card)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    folder = out.resolve()
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
     try:
         target = GeneStore(tmp, create=True)
@@ -247,8 +247,9 @@ def export_bundle(
             tmp, atlas=name, model=recipe.model, extra={"cellvec_version": __version__}
         )
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            _check_out(out, overwrite)  # still a bundle, a moment later
+            shutil.rmtree(folder)
+        tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f["bytes"] for f in manifest["files"].values())
@@ -272,6 +273,22 @@ def export_bundle(
         res.seconds,
     )
     return res
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """`out` may be written: it does not exist, or it is a bundle (it has a manifest) and
+    `overwrite` is given. `--overwrite` never empties a folder that is not a bundle (`--out
+    .` would be the working directory), nor one that would hold the folder being written."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise CellvecError(f"{out} exists: choose another --out, or pass --overwrite.")
+    folder = out.resolve()
+    if not (folder / MANIFEST).is_file() or folder == folder.parent:
+        raise CellvecError(
+            f"{out} is not a bundle (it has no {MANIFEST}), so --overwrite will not replace "
+            "it: choose a new --out, or remove the folder yourself."
+        )
 
 
 def _card_given(card: dict) -> dict:
