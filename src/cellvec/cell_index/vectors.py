@@ -8,7 +8,8 @@ and aggregate with one sparse x dense product `W @ E`. No per-cell Python loop.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -106,11 +107,10 @@ class GeneBasis:
     # 2 x m: dataset columns (row 0) whose expression is summed into another column (row 1)
     # that reaches the same store gene (`fold_duplicates`); None when every gene is its own
     fold: np.ndarray | None = None
-    _full: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def combine(self, x: sp.csr_matrix) -> sp.csr_matrix:
         """A chunk of the dataset's expression with the folded columns summed into theirs."""
-        return fold_columns(x, self.fold)
+        return fold_columns(x, self._folding)
 
     def top_weights(self, x: sp.csr_matrix, recipe: Recipe) -> sp.csr_matrix:
         """Each cell's top-gene weights (cells x the dataset's columns) of a chunk of its
@@ -120,22 +120,26 @@ class GeneBasis:
             self.combine(x), recipe.top_genes, recipe.weighting, col_mask=self.mask
         )
 
-    @property
+    @cached_property
     def mask(self) -> np.ndarray:
+        """True for the dataset columns that matched (computed once per gene list)."""
         m = np.zeros(
             self.n_vars or (int(self.columns.max()) + 1 if len(self.columns) else 0), dtype=bool
         )
         m[self.columns] = True
         return m
 
-    @property
+    @cached_property
     def full(self) -> np.ndarray:
         """n_vars x dim, zero rows for unmatched columns (never selected: they are masked)."""
-        if self._full is None:
-            full = np.zeros((len(self.mask), self.vectors.shape[1]), dtype=np.float32)
-            full[self.columns] = self.vectors
-            self._full = full
-        return self._full
+        full = np.zeros((len(self.mask), self.vectors.shape[1]), dtype=np.float32)
+        full[self.columns] = self.vectors
+        return full
+
+    @cached_property
+    def _folding(self):
+        """`fold_plan` of `fold`, made once (not per chunk)."""
+        return fold_plan(self.fold, len(self.mask))
 
 
 def match_dataset_genes(
@@ -230,22 +234,31 @@ def fold_duplicates(
     return cols[keep], rows[keep], fold
 
 
-def fold_columns(x: sp.csr_matrix, fold: np.ndarray | None) -> sp.csr_matrix:
-    """`x` (log-normalised) with columns fold[0] summed into columns fold[1], as counts:
-    log1p of the sum of expm1; the folded columns end up empty. Columns not involved keep
-    their values exactly."""
+def fold_plan(fold: np.ndarray | None, n: int) -> tuple[np.ndarray, sp.csr_matrix] | None:
+    """What `fold_columns` needs for a dataset of `n` columns, made once per gene list:
+    (the columns involved, the n x n matrix moving columns fold[0] onto fold[1]); None
+    when nothing is folded."""
     if fold is None or not len(fold[0]):
-        return x
-    x = sp.csr_matrix(x, copy=True)
-    n = x.shape[1]
+        return None
     involved = np.zeros(n, dtype=bool)
     involved[fold[0]] = involved[fold[1]] = True
-    hit = involved[x.indices]
-    x.data[hit] = np.expm1(x.data[hit])
     target = np.arange(n)
     target[fold[0]] = fold[1]
-    move = sp.csr_matrix((np.ones(n, dtype=x.dtype), (np.arange(n), target)), shape=(n, n))
-    y = sp.csr_matrix(x @ move)
+    move = sp.csr_matrix((np.ones(n, dtype=np.float32), (np.arange(n), target)), shape=(n, n))
+    return involved, move
+
+
+def fold_columns(x: sp.csr_matrix, plan: tuple[np.ndarray, sp.csr_matrix] | None) -> sp.csr_matrix:
+    """`x` (log-normalised) with the columns of a `fold_plan` summed into theirs, as counts:
+    log1p of the sum of expm1; the folded columns end up empty. Columns not involved keep
+    their values exactly."""
+    if plan is None:
+        return x
+    involved, move = plan
+    x = sp.csr_matrix(x, copy=True)
+    hit = involved[x.indices]
+    x.data[hit] = np.expm1(x.data[hit])
+    y = sp.csr_matrix(x @ move.astype(x.dtype, copy=False))
     y.sort_indices()
     hit = involved[y.indices]
     y.data[hit] = np.log1p(y.data[hit])
