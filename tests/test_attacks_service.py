@@ -137,6 +137,19 @@ def test_a_gzip_bomb_upload_is_refused_before_it_is_decoded(client, monkeypatch)
     _refused(_upload(client, data), "MiB", "split")
 
 
+def test_variable_length_strings_count_by_their_text_not_their_pointers(client, monkeypatch):
+    """Strings live in the file's heap, where a crafted file can point many elements at
+    one large object: counted at their 16-byte pointers they passed any budget."""
+    import cellvec.untrusted as untrusted
+
+    monkeypatch.setattr(untrusted, "MAX_DECODED_BYTES", 4 * 2**20)
+
+    def long_names(f):  # 5,000 names of 1 KB: 80 KB of pointers, 5 MB of text
+        f["uns"].create_dataset("names", data=["x" * 1024] * 5000, dtype=h5py.string_dtype())
+
+    _refused(_upload(client, _h5ad_bytes(tiny_adata(n_cells=5, prefix="q"), long_names)), "MiB")
+
+
 def _arrow_stream(table: pa.Table, compression=None) -> bytes:
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=compression)

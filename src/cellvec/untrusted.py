@@ -105,10 +105,29 @@ def _dataset_bytes(dset, full: str, where: str) -> int:
             f"{where}: dataset {full} is a virtual dataset mapping other files; uploaded "
             "files must hold their own data. Write it with anndata."
         )
-    # An empty dataspace (h5py.Empty) has no size. Variable-length strings count at their
-    # pointers' size: their text lies in the file's global heap. Not guarded: a crafted
-    # file whose many elements point at one large heap object is read once per element.
-    return int(dset.size or 0) * int(dset.dtype.itemsize)
+    if h5py.check_vlen_dtype(dset.dtype) is not None:
+        return _vlen_bytes(dset, full, where)
+    return int(dset.size or 0) * int(dset.dtype.itemsize)  # h5py.Empty: no size
+
+
+def _vlen_bytes(dset, full: str, where: str) -> int:
+    """Bytes of a variable-length dataset (anndata's strings), read a few elements at a
+    time. Their values lie in the file's heap, and many elements may point at one large
+    heap object, each read as a copy: so at most `MAX_DECODED_BYTES // file size`
+    elements a read (none larger than the file), and reading stops past the budget."""
+    if dset.ndim != 1:
+        raise UntrustedInputError(
+            f"{where}: dataset {full} holds variable-length values in {dset.ndim} dimensions; "
+            "anndata writes them as 1-D arrays. Write the file with anndata."
+        )
+    step = max(1, MAX_DECODED_BYTES // max(1, dset.file.id.get_filesize()))
+    total = 0
+    for start in range(0, dset.shape[0], step):
+        for value in dset[start : start + step]:
+            total += len(value) if isinstance(value, (bytes, str)) else value.nbytes
+        if total > MAX_DECODED_BYTES:
+            break
+    return total
 
 
 # Arrow IPC: the few fields of the flatbuffer `Message` that give a batch's decoded size.
