@@ -77,7 +77,7 @@ def test_one_to_many_resolution_is_deterministic(fake_store, tmp_path):
     tie = read_orthologs(
         _pairs_csv(tmp_path / "tie.csv", [("Tgene5", "TGENE6"), ("Tgene5", "TGENE5")])
     )
-    assert tie.store_rows(["TGENE5"], genes)[0].tolist() == [row["TGENE5"]]
+    assert tie.store_rows(["TGENE5"], genes) == ([row["TGENE5"]], ["ortholog (best of several)"])
 
 
 def test_more_supporting_sources_win_in_an_hcop_table(fake_store, tmp_path):
@@ -94,6 +94,8 @@ def test_more_supporting_sources_win_in_an_hcop_table(fake_store, tmp_path):
     assert (orth.query_species, orth.store_species) == ("mouse", "human")
     m = match_genes(["Zb0", "Zb2"], genes, orthologs=orth)
     assert m.rows.tolist() == [row["BGENE0"], row["BGENE3"]]
+    assert m.how == ["ortholog (best of several)", "ortholog"]
+    assert m.counts() == {"ortholog (best of several)": 1, "ortholog": 1}
 
 
 def test_one_hcop_table_serves_both_directions(tmp_path):
@@ -343,3 +345,75 @@ def test_an_atlas_listing_a_store_gene_twice_is_mapped_with_a_warning_to_rebuild
         old.basis(names, "query")
     assert "query: the atlas lists 1 store genes twice" in caplog.text
     assert "Rebuild the atlas with `cellvec atlas build`" in caplog.text
+
+
+def _split_reference(n_cells=90, seed=1, n_split=3):
+    """A reference whose first `n_split` genes are each measured in two columns (the gene
+    and its synonym, e.g. TGENE0 and TALIAS0, both reaching store gene TGENE0) that share
+    its counts, and the reference with each gene whole."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    whole = tiny_adata(n_cells=n_cells, seed=seed)
+    x = whole.X.toarray()
+    half = np.floor(x[:, :n_split] / 2)
+    names = list(whole.var_names)
+    split = ad.AnnData(
+        sp.csr_matrix(np.hstack([x[:, :n_split] - half, x[:, n_split:], half])),
+        obs=whole.obs,
+        var=pd.DataFrame(index=names + [n.replace("GENE", "ALIAS") for n in names[:n_split]]),
+    )
+    return split, whole
+
+
+def test_an_atlas_of_a_reference_measuring_a_gene_twice_counts_it_once(fake_store, caplog):
+    """Two reference columns reaching one store gene are summed (as counts) into it when
+    the atlas is built (`fit_encoder`): the atlas lists the gene once and equals the atlas
+    of the reference with the gene whole."""
+    split, whole = _split_reference()
+    # every gene kept (top_genes above 30): no tie at the N-th place to break differently
+    options = dict(store=fake_store, label_key="cell_type", refine="none", top_genes=40)
+    with caplog.at_level("INFO"):
+        a = build_atlas(split, name="split", **options)
+    assert "3 store genes are reached by 2 or more of its genes (6 genes in all)" in caplog.text
+    b = build_atlas(whole, name="whole", **options)
+    rows = a.encoder().refinement["gene_rows"]
+    assert len(np.unique(rows)) == len(rows) == 30
+    np.testing.assert_array_equal(rows, b.encoder().refinement["gene_rows"])
+    np.testing.assert_allclose(a.weights().toarray(), b.weights().toarray(), atol=1e-6)
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
+
+
+def test_ray_workers_fold_a_reference_gene_measured_twice_as_one_process_does(fake_store):
+    """`parallel._weights_batch` (what each Ray worker runs, called here without a
+    cluster) gives the top-gene weights `fit_encoder` computes in one process."""
+    pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
+    import pyarrow as pa
+
+    from cellvec.cell_index.atlas import weight_matrix
+    from cellvec.cell_index.parallel import CHUNK, _weights_batch
+    from cellvec.cell_index.readers import read_expression
+    from cellvec.cell_index.recipe import Recipe
+    from cellvec.cell_index.vectors import (
+        GeneBasis,
+        fold_duplicates,
+        match_dataset_genes,
+        weights_matrix,
+    )
+
+    source = read_expression(_split_reference()[0])
+    genes = GeneStore(fake_store).load("fake")
+    cols, rows, fold = fold_duplicates(*match_dataset_genes(source.var_names, genes))
+    assert fold is not None and fold.shape == (2, 3)
+    basis = GeneBasis(cols, rows, genes.vectors[rows], len(source.var_names), fold=fold)
+    recipe = Recipe(top_genes=10)
+    reader = {"chunk": CHUNK, "blocks": [block for _, block in source.chunks(CHUNK)]}
+    out = _weights_batch(
+        pa.table({"start": [0], "stop": [source.n_obs]}),
+        {"reader": reader, "basis": basis, "recipe": recipe},
+    )
+    assert out.column("row").to_pylist() == list(range(source.n_obs))
+    np.testing.assert_array_equal(
+        weight_matrix(out, len(cols)).toarray(),
+        weights_matrix(source, basis, recipe)[:, cols].toarray(),
+    )
