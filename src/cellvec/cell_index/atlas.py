@@ -724,13 +724,12 @@ class Atlas:
 
     def coverage(self, positions: np.ndarray | None) -> float:
         """The share of the reference's top-gene weight on the atlas genes at `positions`
-        (the genes a query measures): 1.0 when the query has every gene that counts."""
+        (the genes a query measures, each once: a `GeneBasis`'s positions): 1.0 when the
+        query has every gene that counts."""
         if positions is None:
             return 1.0
         w = self.weights() if self._panel_fits() else self._weights_sample()
         total = float(w.sum())
-        # each atlas gene counted once, however many query genes reach it: never above 1
-        positions = np.unique(positions)
         return float(w[:, positions].sum()) / total if total > 0 else 0.0
 
     def _panel_fits(self) -> bool:

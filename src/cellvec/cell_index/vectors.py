@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from cellvec._progress import progress
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
-from cellvec.errors import GeneMatchError
+from cellvec.errors import CellvecError, GeneMatchError
 from cellvec.gene_store.embedders.base import normalise_rows
 from cellvec.gene_store.orthologs import ORTHOLOG_OF_SEVERAL, OrthologTable
 from cellvec.gene_store.resolve import match_genes
@@ -107,6 +107,16 @@ class GeneBasis:
     # 2 x m: dataset columns (row 0) whose expression is summed into another column (row 1)
     # that reaches the same store gene (`fold_duplicates`); None when every gene is its own
     fold: np.ndarray | None = None
+
+    def __post_init__(self):
+        # Query columns reaching one store gene are folded (`fold_duplicates`), so each atlas
+        # gene has one place here, and what is summed over `positions` (coverage, the
+        # re-aggregated panel) counts it once.
+        if self.positions is not None and len(np.unique(self.positions)) < len(self.positions):
+            raise CellvecError(
+                "A gene basis places two dataset columns at one atlas gene; fold them first "
+                "(vectors.fold_duplicates), as CellEncoder.basis does."
+            )
 
     def combine(self, x: sp.csr_matrix) -> sp.csr_matrix:
         """A chunk of the dataset's expression with the folded columns summed into theirs."""
