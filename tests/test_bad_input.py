@@ -266,6 +266,13 @@ def test_map_save_as_a_name_sql_cannot_hold(tmp_path, store, query):
         "use letters, digits and underscores",
     )
     assert not out.exists()
+    # the atlases' limit too: mapping_<name>_clusters.lance must fit a file name
+    refused(
+        store,
+        map_args(store, query, "--out", str(out), "--save-as", "a" * 201),
+        "use letters, digits and underscores, up to 200",
+    )
+    assert not out.exists()
 
 
 def test_map_truth_key_missing_names_its_option(store, query):

@@ -906,13 +906,19 @@ def load_encoder(
     return CellEncoder(recipe, genes, bg, head)
 
 
-MAX_ATLAS_NAME = 200  # "atlas_<name>.lance" must fit a file name (255 bytes)
+MAX_TABLE_NAME = 200  # "atlas_<name>.lance", "mapping_<name>_clusters.lance": 255 bytes
+
+
+def is_table_name(name: str) -> bool:
+    """Letters, digits and underscores, at most `MAX_TABLE_NAME` of them: what an atlas or a
+    saved mapping may be called (the name becomes a table's folder and a SQL view)."""
+    return len(name) <= MAX_TABLE_NAME and re.fullmatch(r"[A-Za-z0-9_]+", name) is not None
 
 
 def is_atlas_name(name: str) -> bool:
-    """Letters, digits and underscores, at most `MAX_ATLAS_NAME` of them: what `build_atlas`
-    accepts, so anything else is answered 'no such atlas' without touching the store."""
-    return len(name) <= MAX_ATLAS_NAME and re.fullmatch(r"[A-Za-z0-9_]+", name) is not None
+    """`is_table_name`: what `build_atlas` accepts, so anything else is answered 'no such
+    atlas' without touching the store."""
+    return is_table_name(name)
 
 
 def list_atlases(store: str | Path | StoreLocation) -> list[str]:
@@ -992,9 +998,9 @@ def build_atlas(
 
     if index not in INDEX_KINDS:
         raise CellvecError(f"Index {index!r}: choose one of {', '.join(INDEX_KINDS)}.")
-    if not is_atlas_name(name):
+    if not is_table_name(name):
         raise CellvecError(
-            f"Atlas name {name!r}: use up to {MAX_ATLAS_NAME} letters, digits and underscores "
+            f"Atlas name {name!r}: use up to {MAX_TABLE_NAME} letters, digits and underscores "
             "(it becomes a SQL view name and a folder name)."
         )
     t0 = time.perf_counter()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import Atlas, labels_of
+from cellvec.cell_index.atlas import MAX_TABLE_NAME, Atlas, is_table_name, labels_of
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
 from cellvec.cell_index.readers import ExpressionSource, read_expression
@@ -335,10 +334,10 @@ def check_output(path: str | Path) -> Path:
 def check_mapping_name(name: str) -> str:
     """`name` as `MappingResult.save` takes it, or an error: it becomes the SQL view
     mapping_<name>. Callers check before mapping, so a bad name costs no mapping time."""
-    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+    if not is_table_name(name):
         raise CellvecError(
-            f"Mapping name {name!r}: use letters, digits and underscores (it becomes the SQL "
-            f"view mapping_{name})."
+            f"Mapping name {name!r}: use letters, digits and underscores, up to "
+            f"{MAX_TABLE_NAME} (it becomes the SQL view mapping_{name})."
         )
     return name
 
