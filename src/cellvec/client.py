@@ -92,12 +92,11 @@ class Client:
         import pyarrow as pa
 
         from cellvec._progress import progress
-        from cellvec.cell_index.atlas import labels_of
+        from cellvec.cell_index.atlas import labels_of, parse_labels
         from cellvec.cell_index.mapping import (
             BroadCall,
             MappingResult,
             cluster_values,
-            parse_labels,
             truth_metrics,
         )
         from cellvec.cell_index.readers import read_expression

@@ -126,6 +126,14 @@ def known_labels(
     return (col.notna() & (col.astype(str).str.len() > 0)).to_numpy()
 
 
+def parse_labels(labels) -> list[str]:
+    """Labels given as "A,B" or a list, stripped, empty ones dropped, order kept."""
+    if labels is None:
+        return []
+    items = labels.split(",") if isinstance(labels, str) else labels
+    return list(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))
+
+
 def reference_labels(
     source: ExpressionSource,
     label_key: str,
@@ -139,8 +147,6 @@ def reference_labels(
     Returns (the kept cells, their labels, their broad labels or None, {excluded label:
     cells}). A reference left with fewer than two classes is refused: an atlas of one class
     would call every query cell that class."""
-    from cellvec.cell_index.mapping import parse_labels
-
     known = known_labels(source, label_key)
     if not known.any():
         raise InputFormatError(

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import MAX_TABLE_NAME, Atlas, is_table_name, labels_of
+from cellvec.cell_index.atlas import (
+    MAX_TABLE_NAME,
+    Atlas,
+    is_table_name,
+    labels_of,
+    parse_labels,
+)
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
 from cellvec.cell_index.readers import ExpressionSource, read_expression
@@ -560,14 +566,6 @@ def cluster_values(source: ExpressionSource, key: str) -> np.ndarray:
             f"{', '.join(map(str, source.obs.columns)) or 'none'}. Name one with --cluster-key."
         )
     return source.obs[key].astype(str).to_numpy(dtype=object)
-
-
-def parse_labels(labels) -> list[str]:
-    """Labels given as "A,B" or a list, stripped, empty ones dropped, order kept."""
-    if labels is None:
-        return []
-    items = labels.split(",") if isinstance(labels, str) else labels
-    return list(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))
 
 
 def excluded_cells(atlas: Atlas, exclude_labels) -> tuple[list[str], np.ndarray | None]:
