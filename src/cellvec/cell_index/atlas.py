@@ -592,7 +592,7 @@ class Atlas:
             bundle = fetch_bundle(str(store))
             store, name = bundle.path, bundle.atlas
         store = store_location(store)
-        ds, meta = _atlas_dataset(store, name)
+        ds, meta = stored_atlas(store, name)
         found = meta.get("recipe", {}).get("version")
         if found != RECIPE_VERSION:
             raise StoreError(
@@ -844,7 +844,7 @@ class Atlas:
     def describe(cls, store: str | Path | StoreLocation, name: str) -> dict:
         """`summary()` of a stored atlas from its metadata and row count alone (`atlas
         list`): no labels, vectors or weights are read."""
-        ds, meta = _atlas_dataset(store, name)
+        ds, meta = stored_atlas(store, name)
         return _summary(name, meta, ds.count_rows())
 
     def summary(self) -> dict:
@@ -933,14 +933,9 @@ def list_atlases(store: str | Path | StoreLocation) -> list[str]:
 
 
 def stored_atlas(store, name: str):
-    """(the table of atlas `name` as a `lance.LanceDataset`, its metadata): what exporting
-    or describing an atlas reads without loading it."""
-    return _atlas_dataset(store, name)
-
-
-def _atlas_dataset(store, name: str):
     """(the table of atlas `name` as a `lance.LanceDataset`, its metadata, read from that
-    same version); refused when there is none, or only a half-written one."""
+    same version): what opening, exporting or describing an atlas reads first, without
+    loading it; refused when there is none, or only a half-written one."""
     tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
     ds = tbl.to_lance() if tbl is not None else None
     meta = read_meta(ds) if ds is not None else {}
@@ -1151,7 +1146,7 @@ def index_atlas(
     searched in memory, or exactly through its table, until the index is there."""
     from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
 
-    ds, meta = _atlas_dataset(store, name)
+    ds, meta = stored_atlas(store, name)
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":
         entry.update(params or {})
