@@ -157,6 +157,7 @@ class OrthologTable:
             .join(to_store, on="store")
             .group_by("i", "srow")
             .agg(pl.col("support").max())
+            .with_columns(candidates=pl.len().over("i"))  # store genes each name reaches
         )
         rows = np.full(len(names), -1, dtype=np.int64)
         how: list[str | None] = [None] * len(names)
@@ -171,11 +172,10 @@ class OrthologTable:
         chosen = best.filter((pl.col("n") == 1) | ((pl.col("n_same") == 1) & pl.col("same")))
         for i in best["i"].unique().to_list():
             how[i] = "ortholog (ambiguous)"
-        several = set(cand.filter(pl.len().over("i") > 1)["i"].unique().to_list())
         idx = chosen["i"].to_numpy()
         rows[idx] = chosen["srow"].to_numpy()
-        for i in idx.tolist():
-            how[i] = ORTHOLOG_OF_SEVERAL if i in several else "ortholog"
+        for i, n in zip(idx.tolist(), chosen["candidates"].to_list()):
+            how[i] = ORTHOLOG_OF_SEVERAL if n > 1 else "ortholog"
         return rows, how
 
 
