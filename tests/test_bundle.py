@@ -184,6 +184,24 @@ def test_map_from_a_web_server_with_no_gene_store(bundle, atlas_store, tmp_path,
     np.testing.assert_array_equal(got, want)
 
 
+def test_only_a_url_that_does_not_answer_falls_back_to_the_cache(bundle, tmp_path, cache, monkeypatch):  # fmt: skip
+    """A 404 is an answer, not a network failure: no stale copy. A local folder is named
+    by its absolute path, so a relative path means what it means from here."""
+    served = tmp_path / "www"
+    shutil.copytree(bundle, served / "tiny.cellvec")
+    with static_server(served) as (url, _):
+        fetch_bundle(f"{url}/tiny.cellvec")
+        shutil.rmtree(served / "tiny.cellvec")
+        with pytest.raises(StoreError, match="manifest.json could not be read .*404"):
+            fetch_bundle(f"{url}/tiny.cellvec")
+    monkeypatch.chdir(tmp_path)
+    assert fetch_bundle("tiny.cellvec").source == str(bundle)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match=f"Bundle {tmp_path / 'elsewhere' / 'tiny.cellvec'}: its manifest.json could not be read"):  # fmt: skip
+        fetch_bundle("tiny.cellvec")
+
+
 def test_map_from_a_bucket(bundle, atlas_store, cache, monkeypatch):
     from s3_server import s3_server
 

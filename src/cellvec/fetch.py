@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 
 from cellvec._progress import progress
 from cellvec.errors import StoreError
-from cellvec.storage import env_bytes, env_options
+from cellvec.storage import env_bytes, env_options, is_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,14 @@ def _check_path(rel, where: str) -> None:
 
 # -- sources -----------------------------------------------------------------
 class _Local:
+    """A bundle folder on this machine, named by its absolute path; never offline."""
+
     def __init__(self, root: Path):
-        self.root = root
+        self.root = root.resolve()
+        self.ref = str(self.root)
+
+    def unreachable(self, err: BaseException) -> bool:
+        return False
 
     def open(self, rel: str):
         path = self.root
@@ -215,6 +221,17 @@ class _Local:
 class _Http:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
+        self.ref = url
+
+    def unreachable(self, err: BaseException) -> bool:
+        """No answer (refused, DNS, timeout); an answer such as 404 or 403 is not."""
+        import socket
+        import urllib.error
+
+        if isinstance(err, urllib.error.HTTPError):  # the server answered
+            return False
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        return isinstance(reason, (socket.gaierror, ConnectionError, TimeoutError))
 
     def open(self, rel: str):
         import urllib.parse
@@ -229,6 +246,7 @@ class _S3:
     def __init__(self, uri: str, options: dict):
         import pyarrow.fs as pafs
 
+        self.ref = uri
         self.prefix = uri.split("://", 1)[1].rstrip("/")
         endpoint = (
             options.get("aws_endpoint")
@@ -253,6 +271,9 @@ class _S3:
 
     def open(self, rel: str):
         return self.fs.open_input_stream(f"{self.prefix}/{rel}")
+
+    def unreachable(self, err: BaseException) -> bool:
+        return is_unreachable(err)
 
 
 def _source(ref: str, storage_options: dict | None):
@@ -287,18 +308,20 @@ def fetch_bundle(
     storage_options: dict | None = None,
 ) -> Bundle:
     """The bundle at `ref` (a local folder, https://... or s3://...), as a verified copy in
-    the cache: fetched and checked the first time, reused after that. When `ref` cannot be
-    reached, the copy it gave last is used (offline), with a warning."""
-    ref = os.fspath(ref)
+    the cache: fetched and checked the first time, reused after that. When a URL cannot be
+    reached (no answer: network, DNS, timeout; not an answer such as 404), the copy it
+    gave last is used (offline), with a warning. A local folder is named by its absolute
+    path and never falls back: it is there or it is an error."""
+    src = _source(os.fspath(ref), storage_options)
+    ref = src.ref
     root = Path(cache).expanduser() if cache else cache_dir()
-    src = _source(ref, storage_options)
     remembered = root / "sources" / f"{hashlib.sha256(ref.encode()).hexdigest()[:24]}.json"
     try:
         data = _read_manifest(src, ref)
     except StoreError:
         raise
-    except Exception as e:  # noqa: BLE001 (URLError, OSError, pyarrow's errors: unreachable)
-        cached = _remembered(root, remembered)
+    except Exception as e:  # noqa: BLE001 (URLError, OSError, pyarrow's errors)
+        cached = _remembered(root, remembered) if src.unreachable(e) else None
         if cached is not None:
             log.warning("Bundle %s could not be reached (%s); using the copy in %s", ref, e, cached)
             return _load_cached(cached, ref)
@@ -314,10 +337,11 @@ def fetch_bundle(
         _download(src, ref, manifest, data, final)
     else:
         log.info("Bundle %s: cached copy %s (already verified)", ref, final)
-    remembered.parent.mkdir(parents=True, exist_ok=True)
-    tmp = remembered.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps({"ref": ref, "manifest_sha256": digest}))
-    tmp.replace(remembered)
+    if not isinstance(src, _Local):  # for offline use
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        tmp = remembered.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"ref": ref, "manifest_sha256": digest}))
+        tmp.replace(remembered)
     return Bundle(final, manifest, ref)
 
 

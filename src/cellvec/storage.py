@@ -172,6 +172,11 @@ def store_location(
     return StoreLocation(uri.rstrip("/"), loc.storage_options)
 
 
+# No answer from an object store (Lance's and pyarrow's words): network, DNS, timeout.
+_UNREACHABLE = (
+    r"tcp connect error|Connection refused|dns error|error sending request|"
+    r"Connect, ConnectError|timed out|NETWORK_CONNECTION|Could not connect|Could not resolve"
+)
 # What object stores answer, as (pattern in Lance's message, problem, fix).
 _PROBLEMS = [
     (
@@ -204,8 +209,7 @@ _PROBLEMS = [
         "--storage-option azure_storage_account_name=...",
     ),
     (
-        r"tcp connect error|Connection refused|dns error|error sending request|"
-        r"Connect, ConnectError|timed out",
+        _UNREACHABLE,
         "the object store could not be reached",
         "check the endpoint (AWS_ENDPOINT_URL or --storage-option aws_endpoint=URL; "
         "allow_http=true for a plain-http server) and the network",
@@ -226,6 +230,14 @@ def describe_error(loc: StoreLocation, err: BaseException) -> StoreError | None:
             where = "" if loc.is_local else _endpoint_note(loc)
             return StoreError(f"Store {loc.uri}: {problem}{where}. Fix: {fix}.")
     return None
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether `err` says the store could not be reached (network, DNS, timeout), rather
+    than that it answered (no such key, access denied, ...)."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    return re.search(_UNREACHABLE, str(err), flags=re.IGNORECASE) is not None
 
 
 def _endpoint_note(loc: StoreLocation) -> str:
