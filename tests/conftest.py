@@ -114,14 +114,19 @@ def write_gene2go(path: Path, genes: list[dict], tax: int = 9606) -> Path:
     return path
 
 
-@pytest.fixture
-def gene_files(tmp_path):
+def write_gene_files(folder: Path) -> dict:
+    """The tiny human gene set's files in `folder`: {"genes", "gene_info", "gene2go"}."""
     genes = tiny_genes()
     return {
         "genes": genes,
-        "gene_info": write_gene_info(tmp_path / "tiny.gene_info.gz", genes),
-        "gene2go": write_gene2go(tmp_path / "tiny.gene2go.gz", genes),
+        "gene_info": write_gene_info(folder / "tiny.gene_info.gz", genes),
+        "gene2go": write_gene2go(folder / "tiny.gene2go.gz", genes),
     }
+
+
+@pytest.fixture
+def gene_files(tmp_path):
+    return write_gene_files(tmp_path)
 
 
 def build_tiny(gene_files: dict, store, embedder=None, **options):

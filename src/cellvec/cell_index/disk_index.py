@@ -15,7 +15,8 @@ starts from an unseeded draw on an unseeded sample, and lance-ray trains IVF on
 140 rows, for 1,200 cells): every build was another index, and the tests' 1,200-cell
 atlas gave recall@15 0.995-1.000 over 20 lance-ray builds (0.989 once in CI). Seeded, a
 rebuild is the same index, here or on Ray workers (0.998 on every one of 20 builds;
-0.998-1.000 over seeds 0-39: `python tests/test_disk_index.py 40`).
+0.998-1.000 over seeds 0-39: `python
+benchmarks/disk_index_seed_spread.py --seeds 40`).
 
 Parameters (`choose_params`) were chosen on real cell vectors (refined 128-d atlases
 of pbmc_3chem, pbmc3k, pbmc68k_reduced and amacrine) and on 1M vectors drawn around
