@@ -17,6 +17,7 @@ Ins1, Ins2). A gene outside the store is unmatched, so cellvec sees these genes 
 
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 
@@ -49,9 +50,11 @@ def dataset_gene_names(species: str, sets: tuple[str, ...] | None = None) -> set
     return names
 
 
-def carrying_genes(path: Path, share: float = 0.05, share_top: float = 0.005) -> list[str]:
+@functools.cache
+def carrying_genes(path: Path, share: float = 0.05, share_top: float = 0.005) -> tuple[str, ...]:
     """Genes among the top 1,000 (log-normalised) of at least `share` of the cells of
-    `path`, or among the top 100 of at least `share_top`: no labels used."""
+    `path`, or among the top 100 of at least `share_top`: no labels used. Computed once
+    per file (a run asks for each file's several times)."""
     import numpy as np
 
     from cellvec.cell_index.readers import read_expression
@@ -62,7 +65,7 @@ def carrying_genes(path: Path, share: float = 0.05, share_top: float = 0.005) ->
     wide = np.asarray((top_n_weights(x, 1000, "value") > 0).sum(0)).ravel()
     narrow = np.asarray((top_n_weights(x, 100, "value") > 0).sum(0)).ravel()
     keep = (wide >= share * x.shape[0]) | (narrow >= share_top * x.shape[0])
-    return [g for g, k in zip(src.var_names, keep) if k]
+    return tuple(g for g, k in zip(src.var_names, keep) if k)
 
 
 def ensure_store(

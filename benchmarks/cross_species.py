@@ -103,7 +103,7 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
     # each file normalised over all its genes (CP10k, log1p) before the query is cut to
     # its translated genes, so that both sides' values are on the same scale
     r, q = read_expression(ref), read_expression(lognorm(query))
-    translated = translate(q, hcop.one_to_one(species))[0]
+    translated, sources = translate(q, hcop.one_to_one(species))
     have = set(translated.var_names)
     genes = [g for g in r.var_names if g in have]
     x_ref = align(r.to_csr(), r.var_names, genes)
@@ -112,7 +112,7 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
     # the same, on the genes cellvec is given (both files' carrying genes, `carried`)
     own = set(carrying_genes(BARON[species_of(query)]))
     both = set(carrying_genes(BARON[species])) & {
-        g for g, o in zip(translated.var_names, translated_sources(q, hcop, species)) if o in own
+        g for g, o in zip(translated.var_names, sources.var_names) if o in own
     }
     kept = [g for g in genes if g in both]
     at = {g: i for i, g in enumerate(genes)}
@@ -130,13 +130,6 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
 
         out[name] = celltypist_predict(x_ref, y, x_q, genes, seed=seed)
     return out
-
-
-def translated_sources(q, hcop, species: str) -> list[str]:
-    """The query's own names of the genes `translate` keeps, in its order."""
-    from cellvec.evaluation.evaluate import translate
-
-    return list(translate(q, hcop.one_to_one(species))[1].var_names)
 
 
 def baron_cellvec(
