@@ -358,6 +358,25 @@ def test_a_bundle_too_large_or_without_room_is_refused_before_fetching(bundle, t
     assert requested == [f"/{bundle.name}/{MANIFEST}"] * 3  # no part was fetched
 
 
+def test_a_cached_copy_that_changed_is_not_used(bundle, tmp_path):
+    copy = fetch_bundle(bundle, cache=tmp_path / "c").path
+    versions = copy / "atlas_tiny.lance" / "_versions"
+    stray = versions / "1.manifest"
+    stray.write_bytes(next(versions.glob("*.manifest")).read_bytes())
+    with pytest.raises(StoreError, match="holds atlas_tiny.lance/_versions/1.manifest, which manifest.json does not list"):  # fmt: skip
+        fetch_bundle(bundle, cache=tmp_path / "c")
+    stray.unlink()
+    card = copy / "card.json"
+    card.write_text(card.read_text()[:-10])
+    with pytest.raises(StoreError, match="card.json is not the size manifest.json says.*Remove that folder"):  # fmt: skip
+        fetch_bundle(bundle, cache=tmp_path / "c")
+    card.unlink()
+    with pytest.raises(StoreError, match="card.json is missing"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+    shutil.rmtree(copy)
+    assert fetch_bundle(bundle, cache=tmp_path / "c").path == copy  # fetched again
+
+
 def test_an_altered_part_is_refused_by_name(bundle, tmp_path):
     part = next(p for p in sorted(bundle.rglob("*.lance")) if p.is_file())
     data = bytearray(part.read_bytes())

@@ -336,6 +336,7 @@ def fetch_bundle(
     if not (final / _VERIFIED).exists():
         _download(src, ref, manifest, data, final)
     else:
+        _check_copy(final, manifest, ref)
         log.info("Bundle %s: cached copy %s (already verified)", ref, final)
     if not isinstance(src, _Local):  # for offline use
         remembered.parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +358,43 @@ def _remembered(root: Path, remembered: Path) -> Path | None:
 
 
 def _load_cached(path: Path, ref: str) -> Bundle:
-    return Bundle(path, check_manifest((path / MANIFEST).read_bytes(), ref), ref)
+    manifest = check_manifest((path / MANIFEST).read_bytes(), ref)
+    _check_copy(path, manifest, ref)
+    return Bundle(path, manifest, ref)
+
+
+def _check_copy(path: Path, manifest: dict, ref: str) -> None:
+    """A cached copy holds exactly the files its manifest lists, at their sizes: a file
+    put there since it was verified (a stray `_versions/N.manifest` would be the table
+    version Lance opens) or one cut short is refused, not trusted on `.verified` alone."""
+    files = manifest["files"]
+    found = set()
+    for folder, dirs, names in os.walk(path):
+        for name in dirs + names:
+            p = Path(folder) / name
+            rel = p.relative_to(path).as_posix()
+            if p.is_symlink():
+                problem = f"{rel} is a symlink"
+            elif p.is_dir() or rel in (MANIFEST, _VERIFIED):
+                continue
+            elif rel not in files:
+                problem = f"it holds {rel}, which {MANIFEST} does not list"
+            elif p.stat().st_size != files[rel]["bytes"]:
+                problem = f"{rel} is not the size {MANIFEST} says"
+            else:
+                found.add(rel)
+                continue
+            _refuse_copy(path, ref, problem)
+    missing = sorted(set(files) - found)
+    if missing:
+        _refuse_copy(path, ref, f"{missing[0]} is missing")
+
+
+def _refuse_copy(path: Path, ref: str, problem: str):
+    raise StoreError(
+        f"Bundle {ref}: the cached copy {path} changed since it was verified ({problem}), "
+        "so it was not used. Remove that folder to fetch the bundle again."
+    )
 
 
 def _download(src, ref: str, manifest: dict, data: bytes, final: Path) -> None:
