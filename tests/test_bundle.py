@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -408,17 +409,44 @@ def test_symlinks_and_unlisted_files_do_not_travel(bundle, tmp_path):
         fetch_bundle(bundle, cache=tmp_path / "c2")
 
 
-def test_a_pickled_artifact_is_refused(bundle, tmp_path):
+def _hostile_artifact(bundle, digest: str, data: bytes) -> None:
+    """Put npz bytes `data` in the bundle as artifact `digest`, listed in its manifest."""
     import lance
 
-    art = next(bundle.glob("_artifact_*.lance"))
+    art = bundle / f"_artifact_{digest}.lance"
+    shutil.rmtree(art, ignore_errors=True)
+    lance.write_dataset(pa.table({"digest": [digest], "data": pa.array([data], pa.large_binary())}), str(art))  # fmt: skip
+    _relist(bundle)
+
+
+def test_a_pickled_artifact_is_refused(bundle, tmp_path, cache):
+    digest = next(bundle.glob("_artifact_*.lance")).name.removeprefix("_artifact_").removesuffix(".lance")  # fmt: skip
     buf = io.BytesIO()
     np.savez(buf, x=np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    shutil.rmtree(art)
-    lance.write_dataset(pa.table({"digest": ["x"], "data": pa.array([buf.getvalue()], pa.large_binary())}), str(art))  # fmt: skip
-    _relist(bundle)
-    with pytest.raises(StoreError, match=f"artifact {art.name} is not plain arrays"):
-        fetch_bundle(bundle, cache=tmp_path / "c")
+    _hostile_artifact(bundle, digest, buf.getvalue())
+    with pytest.raises(StoreError, match=f"Artifact table _artifact_{digest} .* holds x.npy of dtype object"):  # fmt: skip
+        map_cells(_query(), Atlas.open(str(bundle)))
+
+
+def test_a_zip_bomb_artifact_is_refused_before_decoding(bundle, tmp_path):
+    """Artifacts whose hash holds (so only the size budget stops them): a deflated run of
+    zeros (1,000 times its stored size), and an npy header claiming more than it holds."""
+    from cellvec.cell_index.artifacts import array_hash, load_artifact
+
+    bomb = {"x": np.zeros(20_000_000, np.uint8)}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **bomb)
+    _hostile_artifact(bundle, array_hash(bomb), buf.getvalue())
+    liar = io.BytesIO()
+    with zipfile.ZipFile(liar, "w") as zf, zf.open("x.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})  # fmt: skip
+        f.write(b"\0" * 64)
+    _hostile_artifact(bundle, "0" * 24, liar.getvalue())
+    copy = fetch_bundle(bundle, cache=tmp_path / "c").path
+    with pytest.raises(StoreError, match=r"decodes to 20,000,\d+ bytes from [\d,]+ stored \(a zip bomb\?\)"):  # fmt: skip
+        load_artifact(copy, array_hash(bomb))
+    with pytest.raises(StoreError, match=r"says x.npy is \(1000000000000,\) but holds \d+ bytes"):
+        load_artifact(copy, "0" * 24)
 
 
 def test_not_a_bundle(tmp_path, cache):

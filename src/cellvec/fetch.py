@@ -15,8 +15,9 @@ A bundle from elsewhere is untrusted, like an upload (`cellvec.untrusted`):
   under one) is refused, and a copy ends up with exactly the listed files, so Lance
   cannot be pointed at a table version that was never checksummed;
 - after the checksums, the Lance tables are checked to read only listed files of their
-  own folder (no base paths, as a shallow clone has), and the artifacts (npz bytes) to hold plain numeric arrays (no
-  pickled objects). No HDF5 is ever read from a bundle.
+  own folder (no base paths, as a shallow clone has). The artifacts (npz bytes) are
+  checked where they are decoded, in `cell_index.artifacts` (plain numeric arrays, no
+  pickled objects, sizes budgeted before decoding). No HDF5 is ever read from a bundle.
 
 Every failure is a `StoreError` naming the bundle and the part that failed. A verified
 copy lives in `$CELLVEC_CACHE/bundles/<manifest sha256>/` (default: the user's cache
@@ -27,7 +28,6 @@ folder, `~/.cache/cellvec`), so a bundle is fetched once, whatever URL it came f
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -495,11 +495,10 @@ def _fetch_file(src, ref: str, rel: str, info: dict, dest: Path, bar) -> None:
 
 def check_tables(folder: Path, ref: str, files: dict) -> None:
     """After the checksums: each Lance table reads only files of its own folder that the
-    manifest lists (`files`), and each artifact holds plain numeric arrays (no pickled
-    objects). A table with base paths (a shallow clone, or data files kept elsewhere)
-    could read anything it names, checksummed or not, so it is refused."""
+    manifest lists (`files`). A table with base paths (a shallow clone, or data files kept
+    elsewhere) could read anything it names, checksummed or not, so it is refused. (The
+    artifacts' npz bytes are checked where they are decoded: `artifacts.decode_arrays`.)"""
     import lance
-    import numpy as np
 
     for table in sorted(folder.glob("*.lance")):
         part = table.name
@@ -521,21 +520,6 @@ def check_tables(folder: Path, ref: str, files: dict) -> None:
             gone = meta.deletion_file
             if gone is not None:
                 _check_table_file(ref, part, gone.path(meta.id), gone.base_id, files)
-        if part.startswith("_artifact_"):
-            for blob in ds.to_table(columns=["data"]).column("data").to_pylist():
-                try:
-                    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-                        kinds = {z[k].dtype.kind for k in z.files}
-                except Exception as e:  # noqa: BLE001 (numpy refuses pickles with ValueError)
-                    raise StoreError(
-                        f"Bundle {ref}: artifact {part} is not plain arrays ({e}); the bundle "
-                        "was refused."
-                    ) from e
-                if not kinds <= set("biuf"):
-                    raise StoreError(
-                        f"Bundle {ref}: artifact {part} holds non-numeric arrays ({kinds}); the "
-                        "bundle was refused."
-                    )
 
 
 def _check_table_file(ref: str, part: str, rel, base_id, files: dict) -> None:

@@ -26,6 +26,9 @@ from cellvec.gene_store.store import GeneStore
 from cellvec.storage import StoreLocation
 
 PREFIX = "_artifact_"
+# What an artifact's arrays may take decoded, per byte stored: `np.savez` stores them
+# uncompressed (1), so anything far above is a zip bomb, refused before decoding.
+MAX_EXPANSION = 4
 _SCHEMA = pa.schema([pa.field("digest", pa.string()), pa.field("data", pa.large_binary())])
 
 
@@ -65,6 +68,41 @@ def save_artifact(store: str | Path | StoreLocation, arrays: dict[str, np.ndarra
     return digest
 
 
+def decode_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """The arrays of npz bytes `data` (artifact `where`). An artifact may come from a
+    bundle, so before anything is decoded its zip and npy headers must show plain numeric
+    arrays (no pickled objects, no strings) whose sizes add up to at most
+    `MAX_EXPANSION` times the bytes stored, each within what its zip entry holds."""
+    import zipfile
+
+    def refuse(problem: str):
+        raise StoreError(f"Artifact {where} {problem}; it was not decoded. Rebuild the atlas.")
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+            decoded = sum(i.file_size for i in infos)
+            if decoded > MAX_EXPANSION * len(data) + 2**16:
+                refuse(f"decodes to {decoded:,} bytes from {len(data):,} stored (a zip bomb?)")
+            for info in infos:
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = header(f)
+                if dtype.hasobject or dtype.kind not in "biuf":
+                    refuse(f"holds {info.filename} of dtype {dtype}: not plain numeric arrays")
+                if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > info.file_size:
+                    refuse(f"says {info.filename} is {shape} but holds {info.file_size:,} bytes")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise StoreError(f"Artifact {where} is not plain arrays ({e}); it was not decoded.") from e
+
+
 def load_artifact(
     store: str | Path | StoreLocation | GeneStore, digest: str
 ) -> dict[str, np.ndarray]:
@@ -83,8 +121,7 @@ def load_artifact(
             f"Artifact {digest} is missing ({where}): the atlas needs it. Rebuild the atlas "
             "with `cellvec atlas build`."
         )
-    with np.load(io.BytesIO(data)) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = decode_arrays(data, where)
     if array_hash(arrays) != digest:
         raise StoreError(
             f"Artifact {digest} ({where}) does not match its hash (corrupted?). Rebuild the atlas."
