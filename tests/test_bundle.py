@@ -396,6 +396,13 @@ def test_paths_that_leave_the_bundle_are_refused(bundle, tmp_path, path):
         fetch_bundle(bundle, cache=tmp_path / "c")
 
 
+def test_a_part_listed_as_file_and_folder_is_refused(bundle, tmp_path):
+    _tamper_manifest(bundle, lambda m: m["files"].update({"card.json/x": m["files"]["card.json"]}))  # fmt: skip
+    with pytest.raises(StoreError, match="lists part card.json both as a file and as a folder"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+    assert not (tmp_path / "c" / "bundles").exists() or not list((tmp_path / "c" / "bundles").iterdir())  # fmt: skip
+
+
 def test_symlinks_and_unlisted_files_do_not_travel(bundle, tmp_path):
     (bundle / "extra.txt").write_text("not listed")
     copy = fetch_bundle(bundle, cache=tmp_path / "c").path

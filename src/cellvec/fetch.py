@@ -167,6 +167,13 @@ def check_manifest(data: bytes, where: str) -> dict:
         )
         if not ok:
             raise StoreError(f"Bundle {where}: {MANIFEST} entry {rel!r} lacks a size or sha256.")
+    folders = {"/".join(rel.split("/")[:i]) for rel in files for i in range(1, rel.count("/") + 1)}
+    clash = sorted(folders & set(files))
+    if clash:
+        raise StoreError(
+            f"Bundle {where}: {MANIFEST} lists part {clash[0]} both as a file and as a folder "
+            "of other parts; the bundle was refused."
+        )
     return m
 
 
@@ -464,9 +471,9 @@ def _size(n: int) -> str:
 
 
 def _fetch_file(src, ref: str, rel: str, info: dict, dest: Path, bar) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
     h, n = hashlib.sha256(), 0
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with src.open(rel) as f, open(dest, "wb") as out:
             while True:
                 block = f.read(_CHUNK)
