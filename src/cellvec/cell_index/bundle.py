@@ -45,13 +45,19 @@ from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name, stored_atlas
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import CARD, MANIFEST, fetch_bundle, file_sha256, write_manifest
-from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table, table_name
+from cellvec.gene_store.store import (
+    GENE_COLUMNS,
+    META_KEY,
+    GeneStore,
+    read_meta,
+    replace_table,
+    table_name,
+)
 from cellvec.storage import StoreLocation, store_location
 
 log = logging.getLogger(__name__)
 
 CARD_FIELDS = ("species", "tissue", "source", "citation", "licence")
-_NAME_COLUMNS = ["gene_id", "symbol", "synonyms", "ensembl_id", "tax_id", "full_name"]
 
 
 @dataclass
@@ -142,21 +148,18 @@ def card_text(card: dict) -> str:
 
 
 def _restricted_genes(gs: GeneStore, model: str, rows: np.ndarray) -> pa.Table:
-    """The gene table of `model` with every row's names but only `rows`' vectors."""
-    tbl = gs.open_table(table_name(model))
-    arrow = tbl.to_arrow()
-    meta = read_meta(tbl)
-    vec = arrow.column("vector").combine_chunks()
-    dim = int(meta["dimension"])
-    keep = np.zeros(len(arrow), dtype=bool)
+    """The gene table of `model` with every row's names but only `rows`' vectors (the
+    store's table may itself be a bundle's restricted one: `GeneStore.load` reads both)."""
+    genes = gs.load(model)
+    types = gs.open_table(table_name(model)).schema
+    n, dim = genes.vectors.shape
+    keep = np.zeros(n, dtype=bool)
     keep[rows] = True
-    values = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(arrow), dim)[keep]
-    offsets = np.zeros(len(arrow) + 1, dtype=np.int32)
+    offsets = np.zeros(n + 1, dtype=np.int32)
     offsets[1:] = np.cumsum(np.where(keep, dim, 0))
-    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()))
-    n = len(arrow)
+    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(genes.vectors[keep].ravel()))
     meta = {
-        **meta,
+        **genes.meta,
         "restricted": {
             "genes_with_vectors": int(keep.sum()),
             "n_genes": n,
@@ -165,8 +168,8 @@ def _restricted_genes(gs: GeneStore, model: str, rows: np.ndarray) -> pa.Table:
             "table those vectors come from",
         },
     }
-    columns = {c: arrow.column(c) for c in _NAME_COLUMNS}
-    columns["type_of_gene"] = arrow.column("type_of_gene")
+    names = genes.genes.to_arrow()
+    columns = {c: names.column(c).cast(types.field(c).type) for c in GENE_COLUMNS}
     columns["go_terms"] = pa.array([[]] * n, pa.list_(pa.string()))
     columns["text"] = pa.nulls(n, pa.string())
     columns["text_hash"] = pa.nulls(n, pa.string())
