@@ -253,6 +253,25 @@ def test_import_into_stores(bundle, atlas_store, tmp_path, cache):
     assert "atlas_tiny" not in GeneStore(changed).table_names()
 
 
+def test_a_bundles_gene_table_is_for_mapping_only(bundle, atlas_store, tmp_path, cache):
+    """A store that got a bundle's partial gene table maps onto its atlas, but building an
+    atlas on it, or importing an atlas whose genes it lacks, is refused, naming the fix,
+    and the refused import writes nothing."""
+    ref = tiny_adata(n_cells=60, seed=2)
+    ref = ref[ref.obs["cell_type"] != "M", :20].copy()  # T and B genes only
+    build_atlas(ref, store=atlas_store, name="tb", label_key="cell_type", top_genes=10)
+    export_bundle(atlas_store, "tb", tmp_path / "tb.cellvec")
+    part = tmp_path / "part"
+    import_bundle(tmp_path / "tb.cellvec", part)
+    assert set(map_cells(_query(), "tb", store=part).labels) <= {"T", "B"}
+    with pytest.raises(StoreError, match=r"came with an atlas bundle: it has vectors for 20 of its 35 genes.*cellvec genes build --model fake"):  # fmt: skip
+        build_atlas(tiny_adata(n_cells=30), store=part, name="new", label_key="cell_type", top_genes=10)  # fmt: skip
+    before = {p.relative_to(part) for p in part.rglob("*")}
+    with pytest.raises(StoreError, match=r"no vectors for 10 of this atlas's 30 genes \(e.g. MGENE0.*cellvec genes build"):  # fmt: skip
+        import_bundle(bundle, part)
+    assert {p.relative_to(part) for p in part.rglob("*")} == before
+
+
 def test_card(bundle, atlas_store, tmp_path, cache):
     card = json.loads(_run("atlas", "card", bundle, "--json").stdout)
     assert card["tissue"] == "blood" and card["licence"] == "CC-BY-4.0"

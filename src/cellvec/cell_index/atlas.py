@@ -1006,7 +1006,7 @@ def build_atlas(
         )
     t0 = time.perf_counter()
     gs = GeneStore(store)
-    genes = gs.load(model)
+    genes = gs.load(model, every_gene=True)  # not a bundle's partial table
     source = read_expression(reference, layer=layer, use_raw=use_raw, gene_column=gene_column)
     # every input check comes before fitting: fitting writes artifact tables into the store
     if batch_key:

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from cellvec import __version__
-from cellvec.cell_index.artifacts import load_artifact, save_artifact
+from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name, stored_atlas
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, StoreError
@@ -337,27 +337,32 @@ def import_bundle(
         )
     head = load_artifact(src, recipe.head_hash)
     bg = load_artifact(src, recipe.background_hash) if recipe.background_hash else None
-    theirs = src.load(recipe.model)
+    # every check before the first write: a refused import leaves the store as it was
     gene_table = target.open_table(table_name(recipe.model))
-    how = "the same gene table"
+    if gene_table is None:
+        how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
+    else:
+        ours = target.load(recipe.model)
+        if ours.meta.get("content_hash") == recipe.gene_table_hash:
+            _require_vectors(ours, head["gene_rows"], bundle.source, target.path)
+            how = "the same gene table"
+        else:
+            theirs = src.load(recipe.model)
+            rows = _repoint(theirs, ours, head["gene_rows"], bundle.source, target.path)
+            head = {**head, "gene_rows": rows}
+            recipe = Recipe.from_dict(
+                {
+                    **recipe.to_dict(),
+                    "gene_table_hash": ours.meta.get("content_hash"),
+                    "head_hash": array_hash(head),
+                }
+            )
+            meta = {**meta, "recipe": recipe.to_dict()}
+            how = f"the store's own gene table ({len(rows):,} atlas genes re-pointed at its rows)"
     if gene_table is None:
         _write_genes(
             target.location, recipe.model, src.open_table(table_name(recipe.model)).to_arrow()
         )
-        how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
-    elif read_meta(gene_table).get("content_hash") != recipe.gene_table_hash:
-        ours = target.load(recipe.model)
-        rows = _repoint(theirs, ours, head["gene_rows"], bundle.source, target.path)
-        head = {**head, "gene_rows": rows}
-        recipe = Recipe.from_dict(
-            {
-                **recipe.to_dict(),
-                "gene_table_hash": ours.meta.get("content_hash"),
-                "head_hash": save_artifact(target.location, head),
-            }
-        )
-        meta = {**meta, "recipe": recipe.to_dict()}
-        how = f"the store's own gene table ({len(rows):,} atlas genes re-pointed at its rows)"
     for arrays in (head, bg):
         if arrays is not None:
             save_artifact(target.location, arrays)
@@ -377,6 +382,23 @@ def import_bundle(
         "n_cells": int(ds.count_rows()),
         "gene_table": how,
     }
+
+
+def _require_vectors(ours, rows: np.ndarray, source: str, store: str) -> None:
+    """The store's table is the one the atlas was built on, but it may itself have come
+    from another bundle, with vectors for that bundle's atlas's genes only: refused
+    unless every gene this atlas uses has one."""
+    lacking = np.flatnonzero(~np.abs(ours.vectors[rows]).any(axis=1))
+    if len(lacking):
+        names = ours.genes["symbol"].to_list()
+        example = ", ".join(str(names[rows[i]]) for i in lacking[:5])
+        raise StoreError(
+            f"Store {store}: its {ours.model} gene table came with another atlas bundle and "
+            f"has no vectors for {len(lacking):,} of this atlas's {len(rows):,} genes (e.g. "
+            f"{example}). Fix: build the full table there (`cellvec genes build --model "
+            f"{ours.model} --store {store} ...`), import into another store (--store NEW_DIR), "
+            f"or map straight from the bundle with `cellvec map QUERY --atlas {source}`."
+        )
 
 
 def _repoint(theirs, ours, rows: np.ndarray, source: str, store: str) -> np.ndarray:

@@ -265,8 +265,12 @@ class GeneStore:
             )
         return models[0]
 
-    def load(self, model: str | None = None) -> GeneTable:
-        """The complete gene table of `model` (default: the store's default model)."""
+    def load(self, model: str | None = None, *, every_gene: bool = False) -> GeneTable:
+        """The complete gene table of `model` (default: the store's default model).
+
+        A table that came with an atlas bundle has vectors for that atlas's genes only
+        (`restricted` in its metadata): enough to map onto the atlas, not to build one.
+        `every_gene` (building) refuses it, naming the command that builds the full one."""
         model = self.resolve_model(model)
         name = table_name(model)
         tbl = self.open_table(name)
@@ -276,6 +280,15 @@ class GeneStore:
             raise StoreError(
                 f"The gene store {self.path} has no complete table for model {model!r} "
                 f"(models here: {have}). Build it with `cellvec genes build --model {model} --store {self.path}`."
+            )
+        part = meta.get("restricted")
+        if every_gene and part:
+            raise StoreError(
+                f"The {model} gene table of {self.path} came with an atlas bundle: it has "
+                f"vectors for {part['genes_with_vectors']:,} of its {part['n_genes']:,} genes "
+                "only (the bundle's atlas's), so an atlas built on it would miss the others. "
+                f"Build the full table first: `cellvec genes build --model {model} --store "
+                f"{self.path} ...`."
             )
         version = tbl.version
         cached = self._cache.get(name)
