@@ -41,7 +41,13 @@ from pathlib import Path, PurePosixPath
 
 from cellvec._progress import progress
 from cellvec.errors import StoreError
-from cellvec.storage import env_bytes, env_options, is_unreachable
+from cellvec.storage import (
+    StoreLocation,
+    env_bytes,
+    is_unreachable,
+    store_location,
+    uri_scheme,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +77,11 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "cellvec"
 
 
-def _scheme(ref: str) -> str | None:
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", ref)
-    return m.group(1).lower() if m else None
-
-
 def is_bundle_ref(ref: str) -> bool:
     """Whether `--atlas REF` names a bundle (a URL, or a local folder with a manifest) rather
     than an atlas in a store (letters, digits and underscores)."""
     ref = str(ref)
-    if _scheme(ref) is not None:
+    if uri_scheme(ref) is not None:
         return True
     return _NAME.fullmatch(ref) is None or (Path(ref) / MANIFEST).is_file()
 
@@ -250,20 +251,17 @@ class _Http:
 
 
 class _S3:
-    def __init__(self, uri: str, options: dict):
+    """A bundle in a bucket, read with pyarrow (the store's options: `cellvec.storage`)."""
+
+    def __init__(self, loc: StoreLocation):
         import pyarrow.fs as pafs
 
-        self.ref = uri
-        self.prefix = uri.split("://", 1)[1].rstrip("/")
-        endpoint = (
-            options.get("aws_endpoint")
-            or options.get("aws_endpoint_url")
-            or options.get("endpoint")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        self.ref = loc.uri
+        self.prefix = loc.uri.split("://", 1)[1]
+        options = loc.options()
         kw = {}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
+        if loc.endpoint:
+            scheme, _, host = loc.endpoint.partition("://")
             kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
         if options.get("aws_access_key_id"):
             kw.update(
@@ -284,17 +282,18 @@ class _S3:
 
 
 def _source(ref: str, storage_options: dict | None):
-    scheme = _scheme(ref)
-    if scheme is None or scheme == "file":
-        return _Local(Path(ref[len("file://") :] if scheme == "file" else ref))
+    """Where the files of bundle `ref` are read from: a folder (`file://` too, as a store
+    path), a web server, or a bucket with the store's options (`store_location`)."""
+    scheme = uri_scheme(ref)
     if scheme in ("http", "https"):
         return _Http(ref)
-    if scheme == "s3":
-        return _S3(ref, {**env_options(), **(storage_options or {})})
-    raise StoreError(
-        f"Bundle {ref}: unknown scheme {scheme!r}; give a local folder, https://HOST/PATH or "
-        "s3://BUCKET/PATH."
-    )
+    if scheme not in (None, "file", "s3"):
+        raise StoreError(
+            f"Bundle {ref}: unknown scheme {scheme!r}; give a local folder, https://HOST/PATH "
+            "or s3://BUCKET/PATH."
+        )
+    loc = store_location(ref, storage_options)
+    return _Local(loc.path) if loc.is_local else _S3(loc)
 
 
 def _read_manifest(src, ref: str) -> bytes:

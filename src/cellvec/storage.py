@@ -41,6 +41,12 @@ SCHEMES = {
 EXAMPLES = "a local directory, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX"
 
 
+def uri_scheme(uri: str) -> str | None:
+    """The scheme of `uri` (`s3`, `https`, ..., lower-cased); None for a plain path."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+    return m.group(1).lower() if m else None
+
+
 @dataclass(frozen=True)
 class StoreLocation:
     """A store: `uri` (a local path, or scheme://bucket/prefix) and its storage options."""
@@ -54,8 +60,7 @@ class StoreLocation:
     @property
     def scheme(self) -> str | None:
         """`s3`, `gs`, `az`, ...; None for a local directory."""
-        m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", self.uri)
-        return m.group(1).lower() if m else None
+        return uri_scheme(self.uri)
 
     @property
     def is_local(self) -> bool:
@@ -70,6 +75,18 @@ class StoreLocation:
 
     def options(self) -> dict[str, str]:
         return dict(self.storage_options)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The S3-compatible endpoint named by the options or the environment (None: AWS)."""
+        opts = self.options()
+        return (
+            opts.get("aws_endpoint")
+            or opts.get("endpoint")
+            or opts.get("aws_endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or os.environ.get("AWS_ENDPOINT")
+        )
 
     def table_uri(self, table: str) -> str:
         """Where LanceDB keeps table `table` (for `lance.dataset(uri, storage_options=...)`)."""
@@ -241,14 +258,7 @@ def is_unreachable(err: BaseException) -> bool:
 
 
 def _endpoint_note(loc: StoreLocation) -> str:
-    opts = loc.options()
-    endpoint = (
-        opts.get("aws_endpoint")
-        or opts.get("endpoint")
-        or opts.get("aws_endpoint_url")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or os.environ.get("AWS_ENDPOINT")
-    )
+    endpoint = loc.endpoint
     return f" (endpoint {endpoint})" if endpoint and loc.scheme in ("s3", "s3+ddb") else ""
 
 
