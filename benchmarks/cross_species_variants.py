@@ -9,14 +9,17 @@ ortholog table (symbols only), and the query's genes with their own species' vec
 The query-side variants are patched in here (unittest.mock), not options of cellvec:
 none of them won both ways. Labels of the query are only scored, never used.
 
-    python benchmarks/cross_species_variants.py --out results/
+    python benchmarks/cross_species_variants.py --out results/ [--stores DIR] [--variants V ...]
+
+Every atlas is built in the run that maps onto it (once per recipe, shared by the
+query-side variants), never reused from an earlier run and older code.
 """
 
 import argparse
 import json
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -35,11 +38,11 @@ from cellvec.cell_index.atlas import Atlas, build_atlas
 from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.refine import adapted_basis
+from cellvec.cell_index.vectors import GeneBasis
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.orthologs import read_orthologs
 from cellvec.gene_store.resolve import match_genes
 
-S = Path("/tmp/cellvec_eval_stores")
 VARIANTS = (
     "default",
     "main_before_fix",
@@ -62,7 +65,8 @@ def passthrough(cols, rows, where="dataset"):
 
 @contextmanager
 def old_main():
-    """Main before the fix: no folding, coverage counting duplicates."""
+    """Main before the fix: no folding, coverage counting duplicates (and no refusal of
+    the duplicate positions that follow)."""
 
     def coverage(self, positions):
         if positions is None:
@@ -74,6 +78,7 @@ def old_main():
         mock.patch.object(enc_mod, "fold_duplicates", passthrough),
         mock.patch.object(atlas_mod, "fold_duplicates", passthrough),
         mock.patch.object(Atlas, "coverage", coverage),
+        mock.patch.object(GeneBasis, "__post_init__", lambda self: None),
     ):
         yield
 
@@ -111,10 +116,10 @@ def query_centre(min_cells=50):
 
 
 @contextmanager
-def own_species_vectors(query_species):
+def own_species_vectors(stores: Path, query_species):
     """Two-species store: the query's genes carry their own species' gene vectors (through
     the atlas's background, with the gates/corrections of their ortholog, or none)."""
-    own = GeneStore(S / f"baron_{query_species}").load("minilm")
+    own = GeneStore(stores / f"baron_{query_species}").load("minilm")
     orig = enc_mod.CellEncoder.basis
 
     def basis(self, var_names, where="dataset", *, orthologs=None):
@@ -147,7 +152,7 @@ def no_gene_params_query():
 
 
 @contextmanager
-def split_one_to_many(hcop):
+def split_one_to_many():
     """A query gene with several orthologs among the atlas's genes gets the mean of their
     adapted vectors (its weight split equally), and all of them count in the panel."""
     orig = enc_mod.CellEncoder.basis
@@ -195,9 +200,6 @@ def split_one_to_many(hcop):
         yield
 
 
-STATE = {}
-
-
 def _sqrt_psd(c, inv=False):
     w, v = np.linalg.eigh(c)
     w = np.clip(w, 1e-12, None)
@@ -205,9 +207,10 @@ def _sqrt_psd(c, inv=False):
 
 
 @contextmanager
-def coral(shrink=0.1, centre_only=False):
-    """Align the query's unrefined vectors to the reference's (over the shared genes): its
-    mean and covariance matched to the reference's (CORAL; no labels), then the head."""
+def coral(atlas, shrink=0.1, centre_only=False):
+    """Align the query's unrefined vectors to those of `atlas`'s reference (over the shared
+    genes): its mean and covariance matched to the reference's (CORAL; no labels), then
+    the head."""
     from cellvec.gene_store.embedders.base import normalise_rows
 
     orig = enc_mod.CellEncoder.unrefined
@@ -215,7 +218,6 @@ def coral(shrink=0.1, centre_only=False):
     def unrefined(self, source, basis=None, *, orthologs=None):
         basis = basis or self.basis(source.var_names, source.path, orthologs=orthologs)
         q = orig(self, source, basis).astype(np.float64)
-        atlas = STATE["atlas"]
         r = atlas._reaggregate(atlas.weights(), basis.positions).astype(np.float64)
         mq, mr = q.mean(0), r.mean(0)
         if centre_only:
@@ -233,70 +235,51 @@ def coral(shrink=0.1, centre_only=False):
         yield
 
 
-def run(species, variant, hcop):
+BUILD = {"refine_none": {"refine": "none"}, "no_adapter": {"adapt_genes": False}}
+
+
+def query_side(variant: str, atlas, stores: Path, query_species: str):
+    """The patch a query-side variant maps under (nothing for the others)."""
+    patches = {
+        "coral": lambda: coral(atlas),
+        "shift_to_ref_mean": lambda: coral(atlas, centre_only=True),
+        "no_panel": no_panel,
+        "query_centre": query_centre,
+        "two_species_store": lambda: own_species_vectors(stores, query_species),
+        "no_gene_params_on_query": no_gene_params_query,
+        "split_one_to_many": split_one_to_many,
+    }
+    return patches.get(variant, nullcontext)()
+
+
+def run(species, variant, hcop, stores: Path, built: set) -> dict:
+    """One variant, one direction: the query of the other species mapped onto an atlas of
+    `species` (built here the first time this run needs it: `built` holds the names)."""
     other = "mouse" if species == "human" else "human"
     ref, query = xs.baron(species, other)
     known = set(ref.obs["label"])
     truth = query.obs["label"].to_numpy().astype(str)
     ref, query = xs.carried(ref), xs.carried(query)
-    store = ensure_named_store(S, f"baron_{species}")
-    build = {}
-    ctx = []
-    orth = hcop
-    if variant == "default":
-        pass
-    elif variant == "main_before_fix":
-        ctx.append(old_main())
-        build = {"_tag": "old"}
-    elif variant == "coral":
-        ctx.append(coral())
-    elif variant == "shift_to_ref_mean":
-        ctx.append(coral(centre_only=True))
-    elif variant == "refine_none+coral":
-        build = {"refine": "none"}
-        ctx.append(coral())
-    elif variant == "refine_none":
-        build = {"refine": "none"}
-    elif variant == "no_adapter":
-        build = {"adapt_genes": False}
-    elif variant == "no_panel":
-        ctx.append(no_panel())
-    elif variant == "query_centre":
-        ctx.append(query_centre())
-    elif variant == "refine_none+query_centre":
-        build = {"refine": "none"}
-        ctx.append(query_centre())
-    elif variant == "text_only":
-        orth = None
-    elif variant == "two_species_store":
-        ctx.append(own_species_vectors(other))
-    elif variant == "no_gene_params_on_query":
-        ctx.append(no_gene_params_query())
-    elif variant == "split_one_to_many":
-        ctx.append(split_one_to_many(hcop))
-    else:
-        raise SystemExit(variant)
+    store = ensure_named_store(stores, f"baron_{species}")
+    build = BUILD.get(variant, {})
     tag = (
-        build.pop("_tag", None)
-        or "_".join(f"{k}{v}" for k, v in sorted(build.items()))
-        or "default"
+        "old"
+        if variant == "main_before_fix"
+        else "_".join(f"{k}{v}" for k, v in sorted(build.items()))
     )
-    name = f"xs_{species}_{tag}"
+    name = f"xs_{species}_{tag or 'default'}"
     t0 = time.time()
-    with ExitStack() as st:
-        for c in ctx:
-            st.enter_context(c)
-        from cellvec.cell_index.atlas import list_atlases
-
-        if name in list_atlases(store):
-            atlas = Atlas.open(store, name)
-        else:
-            atlas = build_atlas(
+    with old_main() if variant == "main_before_fix" else nullcontext():
+        if name not in built:
+            build_atlas(
                 ref, store=store, name=name, label_key="label", calibration_split=0.1, **build
             )
-        STATE["atlas"] = atlas
-        res = map_cells(query, atlas, orthologs=orth)
-        strict = map_cells(query, atlas, orthologs=orth, min_typicality=0.01)
+            built.add(name)
+        atlas = Atlas.open(store, name)
+        orth = None if variant == "text_only" else hcop
+        with query_side(variant, atlas, stores, other):
+            res = map_cells(query, atlas, orthologs=orth)
+            strict = map_cells(query, atlas, orthologs=orth, min_typicality=0.01)
     row = xs.baron_row(truth, known, res.labels, strict.labels)
     row.update(
         direction=f"{other} onto {species}",
@@ -339,11 +322,13 @@ def table(rows) -> list[str]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--stores", type=Path, default=Path("/tmp/cellvec_eval_stores"))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     a = ap.parse_args()
     log_progress()
     hcop = read_orthologs(xs.HCOP)
-    rows = [run(sp, v, hcop) for sp in ("mouse", "human") for v in a.variants.split(",")]
+    built: set[str] = set()
+    rows = [run(sp, v, hcop, a.stores, built) for sp in ("mouse", "human") for v in a.variants]
     lines = [
         "# Baron pancreas across species: one change at a time",
         "",
