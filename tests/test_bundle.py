@@ -272,6 +272,27 @@ def test_a_bundles_gene_table_is_for_mapping_only(bundle, atlas_store, tmp_path,
     assert {p.relative_to(part) for p in part.rglob("*")} == before
 
 
+def test_one_rule_for_store_and_atlas_in_every_command(bundle, atlas_store, tmp_path, cache):
+    """--atlas NAME needs --store; --atlas BUNDLE (a folder or URL) goes without one."""
+    q = tmp_path / "q.h5ad"
+    mapped = _query()
+    mapped.obs["cellvec_label"], mapped.obs["cellvec_confidence"] = "T", 1.0
+    mapped.write_h5ad(q)
+    url = "https://example.org/tiny.cellvec"
+    for args in (
+        ["map", q, "--atlas", "tiny"],
+        ["atlas", "card", "tiny"],
+        ["map", q, "--store", atlas_store, "--atlas", url],
+        ["atlas", "card", url, "--store", atlas_store],
+        ["report", q, "--store", atlas_store, "--atlas", bundle, "--out", tmp_path / "r"],
+    ):
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+        want = "leave out --store" if "--store" in args else "is a name, not a bundle"
+        assert res.exit_code == 1 and want in res.output, (args, res.output)
+    with pytest.raises(CellvecError, match="'tiny' is a name, not a bundle"):
+        Atlas.open("tiny")
+
+
 def test_card(bundle, atlas_store, tmp_path, cache):
     card = json.loads(_run("atlas", "card", bundle, "--json").stdout)
     assert card["tissue"] == "blood" and card["licence"] == "CC-BY-4.0"

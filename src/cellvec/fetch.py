@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cellvec._progress import progress
-from cellvec.errors import StoreError
+from cellvec.errors import CellvecError, StoreError
 from cellvec.storage import (
     StoreLocation,
     env_bytes,
@@ -84,6 +84,28 @@ def is_bundle_ref(ref: str) -> bool:
     if uri_scheme(ref) is not None:
         return True
     return _NAME.fullmatch(ref) is None or (Path(ref) / MANIFEST).is_file()
+
+
+def resolve_atlas(
+    store: str | os.PathLike | StoreLocation | None, atlas: str
+) -> tuple[StoreLocation, str]:
+    """(the store, the atlas name) that `--store STORE --atlas ATLAS` mean. With a store,
+    ATLAS is an atlas of it; without one, ATLAS is a bundle (a folder, https://... or
+    s3://...), fetched and verified into the cache once, whose copy is the store."""
+    atlas = os.fspath(atlas)
+    if store is not None:
+        if _NAME.fullmatch(atlas) is None and is_bundle_ref(atlas):
+            raise CellvecError(
+                f"--atlas {atlas} is a bundle, not an atlas of a store: leave out --store."
+            )
+        return store_location(store), atlas
+    if not is_bundle_ref(atlas):
+        raise CellvecError(
+            f"Atlas {atlas!r} is a name, not a bundle: give the store it is in (--store), or a "
+            "bundle (a folder `cellvec atlas export` wrote, https://... or s3://...)."
+        )
+    bundle = fetch_bundle(atlas)
+    return store_location(bundle.path), bundle.atlas
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from cellvec.cell_index.vectors import (
     weights_matrix,
 )
 from cellvec.errors import CellvecError, InputFormatError, StoreError
-from cellvec.fetch import fetch_bundle
+from cellvec.fetch import resolve_atlas
 from cellvec.gene_store.store import META_KEY, GeneStore, read_meta, replace_table
 from cellvec.storage import StoreLocation, store_location
 
@@ -589,8 +589,7 @@ class Atlas:
         local folder, https://... or s3://..., fetched once into the cache and verified:
         `cellvec.fetch`)."""
         if name is None:
-            bundle = fetch_bundle(str(store))
-            store, name = bundle.path, bundle.atlas
+            store, name = resolve_atlas(None, str(store))
         store = store_location(store)
         ds, meta = stored_atlas(store, name)
         found = meta.get("recipe", {}).get("version")

@@ -351,14 +351,9 @@ def card_cmd(atlas_ref, store, as_json):
       cellvec atlas card https://example.org/atlases/rgc.cellvec --json
     """
     from cellvec.cell_index.bundle import atlas_card, card_text
-    from cellvec.fetch import fetch_bundle, is_bundle_ref
+    from cellvec.fetch import resolve_atlas
 
-    if store is None:
-        if not is_bundle_ref(atlas_ref):
-            raise click.UsageError(f"Give --store for atlas {atlas_ref!r}, or a bundle path/URL.")
-        bundle = fetch_bundle(atlas_ref)
-        store, atlas_ref = bundle.path, bundle.atlas
-    card = atlas_card(store, atlas_ref)
+    card = atlas_card(*resolve_atlas(store, atlas_ref))
     if as_json:
         emit_json(card)
     else:

@@ -142,15 +142,8 @@ def map_cmd(
         read_label_map,
     )
     from cellvec.cli.common import subset_source
-    from cellvec.fetch import is_bundle_ref
+    from cellvec.fetch import resolve_atlas
 
-    if not (store or server or is_bundle_ref(atlas_name)):
-        raise click.UsageError(
-            "Give --store DIR, --server URL to map through a service, or --atlas BUNDLE (a "
-            "folder, https://... or s3://... that `cellvec atlas export` wrote)."
-        )
-    if store and "://" in atlas_name:
-        raise click.UsageError(f"--atlas {atlas_name} is a bundle: leave out --store.")
     if server and ray:
         raise click.UsageError(
             "--ray computes vectors here; with --server the service does: give one of them."
@@ -168,12 +161,8 @@ def map_cmd(
             check_output(path)
     if save_as:
         check_mapping_name(save_as)
-    if not (store or server):  # a bundle: fetched once into the cache, verified, then a store
-        from cellvec.fetch import fetch_bundle
-        from cellvec.storage import store_location
-
-        bundle = fetch_bundle(atlas_name)
-        store, atlas_name = store_location(bundle.path), bundle.atlas
+    if not server:  # an atlas of --store, or a bundle (fetched once, verified: a store)
+        store, atlas_name = resolve_atlas(store, atlas_name)
     src = subset_source(
         query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
     )

@@ -41,6 +41,7 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
     from cellvec.cell_index.bundle import atlas_card
     from cellvec.errors import CellvecError
     from cellvec.evaluation.metrics import classification_metrics
+    from cellvec.fetch import resolve_atlas
     from cellvec.report import write_report
 
     a = ad.read_h5ad(mapped)
@@ -49,13 +50,10 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
             raise CellvecError(
                 f"{mapped}: no obs['{key}']; write it with `cellvec map ... --out {Path(mapped).name}`."
             )
-    if store is None:
-        from cellvec.fetch import fetch_bundle, is_bundle_ref
-
-        if not (atlas_name and is_bundle_ref(atlas_name)):
-            raise click.UsageError("Give --store DIR, or --atlas BUNDLE (a folder or URL).")
-        bundle = fetch_bundle(atlas_name)
-        store, atlas_name = bundle.path, bundle.atlas
+    if store is None and not atlas_name:
+        raise click.UsageError("Give --store DIR, or --atlas BUNDLE (a folder or URL).")
+    if atlas_name:
+        store, atlas_name = resolve_atlas(store, atlas_name)
     name = atlas_name or a.uns.get("cellvec", {}).get("atlas")
     if not name:
         raise CellvecError(f"{mapped}: the atlas is not recorded; give --atlas.")

@@ -106,8 +106,8 @@ def _store_of(store, bundle, cache_dir):
         raise click.UsageError("Give --store DIR or --atlas BUNDLE (one of them).")
     if bundle is None:
         return store, cache_dir
-    from cellvec.fetch import fetch_bundle
-    from cellvec.storage import store_location
+    from cellvec.fetch import resolve_atlas
 
-    path = fetch_bundle(bundle).path
-    return store_location(path), cache_dir or str(path.parent.parent / "serving" / path.name)
+    store, _ = resolve_atlas(None, bundle)
+    path = store.path
+    return store, cache_dir or str(path.parent.parent / "serving" / path.name)
