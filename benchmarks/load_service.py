@@ -288,18 +288,18 @@ class Servers:
                     shutil.copytree(store / "_serving", cache, dirs_exist_ok=True)
                     extra = [*args.serve_arg, "--cache-dir", str(cache)]
                     proc, url = start_server(store, workers, args.batch_wait_ms, extra, src)
-                    self.procs[code, workers] = (proc, url)
+                    # its workers are up once it is ready (start_server): found once here
+                    self.procs[code, workers] = (proc, url, serving_pids(proc.pid))
         except BaseException:
             self.stop()
             raise
 
     def items(self):
-        for (code, workers), (proc, url) in self.procs.items():
-            serving = serving_pids(proc.pid)
+        for (code, workers), (proc, url, serving) in self.procs.items():
             yield code, workers, url, sorted({proc.pid, *serving}), serving
 
     def stop(self):
-        for proc, _ in self.procs.values():
+        for proc, _, _ in self.procs.values():
             stop(proc)
 
 
@@ -329,37 +329,27 @@ def run_rows(servers: Servers, settings: list[dict], lua, args) -> list[dict]:
                     json.dumps({"code": code, "workers": workers, **st, **r}, default=str),
                     file=sys.stderr,
                 )
-    rows = []
+    setting = {(st["what"], st["clients"]): st for st in settings}
+    by = {}
     for (what, clients, code, workers), rs in runs.items():
-        st = next(x for x in settings if x["what"] == what and x["clients"] == clients)
+        st = setting[what, clients]
         r = median_row(rs)
         if st["cells"]:
             r["cells_per_s"] = r["requests_per_s"] * st["cells"]
-        rows.append(
-            {
-                "what": what,
-                "code": code,
-                "workers": workers,
-                "clients": clients,
-                "cells": st["cells"],
-                **r,
-            }
-        )
-    for r in rows:  # map against /healthz on the same server and clients
-        floor = next(
-            (
-                x
-                for x in rows
-                if x["what"] == "GET /healthz"
-                and x["code"] == r["code"]
-                and x["workers"] == r["workers"]
-                and x["clients"] == r["clients"]
-            ),
-            None,
-        )
-        if r["cells"] == 1 and floor and "atlas)" not in r["what"]:
+        by[what, clients, code, workers] = {
+            "what": what,
+            "code": code,
+            "workers": workers,
+            "clients": clients,
+            "cells": st["cells"],
+            **r,
+        }
+    for (_, clients, code, workers), r in by.items():
+        # 1-cell maps against /healthz on the same server and clients, in the same call
+        floor = by.get(("GET /healthz", clients, code, workers))
+        if r["cells"] == 1 and floor:
             r["vs_healthz"] = r["requests_per_s"] / floor["requests_per_s"]
-    return rows
+    return list(by.values())
 
 
 def main():
