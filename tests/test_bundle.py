@@ -138,6 +138,18 @@ def test_a_bundle_exports_again(bundle, atlas_store, tmp_path, cache):
     np.testing.assert_array_equal(map_cells(_query(), Atlas.open(again.path)).labels, want)
 
 
+def test_a_disk_indexed_atlas_travels_with_its_index(atlas_store, tmp_path, cache):
+    build_atlas(tiny_adata(n_cells=300, seed=3), store=atlas_store, name="disk", label_key="cell_type", top_genes=10, index="disk")  # fmt: skip
+    want = Atlas.open(atlas_store, "disk").meta["index"]
+    export_bundle(atlas_store, "disk", tmp_path / "disk.cellvec")
+    import_bundle(tmp_path / "disk.cellvec", tmp_path / "s2")
+    for atlas in (Atlas.open(str(tmp_path / "disk.cellvec")), Atlas.open(tmp_path / "s2", "disk")):
+        assert atlas.on_disk and atlas.meta["index"] == want
+        assert atlas._dataset().describe_indices()  # the index itself, not only its name
+        labels = map_cells(_query(), atlas).labels
+        np.testing.assert_array_equal(labels, map_cells(_query(), "disk", store=atlas_store).labels)
+
+
 def test_overwrite_replaces_a_bundle_and_nothing_else(bundle, atlas_store, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

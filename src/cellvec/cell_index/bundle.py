@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
-from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name, stored_atlas
+from cellvec.cell_index.atlas import ATLAS_PREFIX, index_atlas, is_atlas_name, stored_atlas
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import CARD, MANIFEST, fetch_bundle, file_sha256, write_manifest
@@ -201,6 +201,14 @@ def _copy_atlas(db, name: str, ds, meta: dict) -> None:
     replace_table(db, ATLAS_PREFIX + name, reader)
 
 
+def _reindex(store: StoreLocation, name: str, meta: dict) -> None:
+    """An atlas searched through a disk index gets that index again, with the same
+    parameters, on its copy (the table is copied row by row, its index is not)."""
+    index = meta.get("index") or {}
+    if index.get("kind") == "disk":
+        index_atlas(store, name, index="disk", params=index)
+
+
 def export_bundle(
     store: str | Path | StoreLocation,
     name: str,
@@ -237,13 +245,7 @@ def export_bundle(
             )
         _write_genes(target.location, recipe.model, _restricted_genes(gs, recipe.model, rows))
         _copy_atlas(target.db, name, ds, {**meta, "card": _card_given(card)})
-        if (meta.get("index") or {}).get("kind") == "disk":
-            from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
-
-            build_disk_index(
-                target.open_table(ATLAS_PREFIX + name).to_lance(),
-                DiskIndexParams.from_dict(meta["index"]),
-            )
+        _reindex(target.location, name, meta)
         _prune(tmp)
         (tmp / CARD).write_text(json.dumps(card, indent=1))
         manifest = write_manifest(
@@ -367,13 +369,7 @@ def import_bundle(
         if arrays is not None:
             save_artifact(target.location, arrays)
     _copy_atlas(target.db, name, ds, meta)
-    if (meta.get("index") or {}).get("kind") == "disk":
-        from cellvec.cell_index.disk_index import DiskIndexParams, build_disk_index
-
-        build_disk_index(
-            target.open_table(ATLAS_PREFIX + name).to_lance(),
-            DiskIndexParams.from_dict(meta["index"]),
-        )
+    _reindex(target.location, name, meta)
     log.info("Imported atlas %s from %s into %s, on %s", name, bundle.source, target.path, how)
     return {
         "atlas": name,
