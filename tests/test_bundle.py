@@ -599,6 +599,9 @@ def test_ontology_ids_travel_to_the_mapped_h5ad_and_the_card(atlas_store, tmp_pa
     export_bundle(atlas_store, "tiny", tmp_path / "o.cellvec")
     assert atlas_card(tmp_path / "o.cellvec", "tiny")["ontology"] == want
     assert "CL:0000576" in card_text(atlas_card(tmp_path / "o.cellvec", "tiny"))
+    tsv = tmp_path / "over.tsv"
+    tsv.write_text("label\tontology id\n M \tCL:0000576\n")
+    assert ontology.read_overrides(tsv) == {"M": "CL:0000576"}
     bad = tmp_path / "bad.csv"
     bad.write_text("M,monocyte\n")
     res = CliRunner().invoke(cli, ["atlas", "ontology", "tiny", "--store", str(atlas_store), "--overrides", str(bad)])  # fmt: skip

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellvec.cell_index.mapping import read_label_map
 from cellvec.errors import CellvecError
 
 log = logging.getLogger(__name__)
@@ -158,16 +159,13 @@ class Proposal:
 
 
 def read_overrides(path: str | Path) -> dict[str, str]:
-    """A two-column file (label, CL id; CSV or TSV, an optional header) as a dict."""
-    import csv
-
-    text = Path(path).read_text()
-    delimiter = "\t" if "\t" in text.splitlines()[0] else ","
+    """Label -> CL id from a label map (`mapping.read_label_map`: two columns, CSV or TSV,
+    or JSON), a header row allowed, every id checked to be a Cell Ontology id."""
     out = {}
-    for n, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter)):
-        if len(row) < 2 or not row[0].strip():
+    for n, (label, term) in enumerate(read_label_map(path).items()):
+        label, term = label.strip(), term.strip()
+        if not label:
             continue
-        label, term = row[0].strip(), row[1].strip()
         if not re.fullmatch(r"CL:\d{7}", term):
             if n == 0 and re.search(r"id|ontology|term", term, re.I):
                 continue  # a header
