@@ -115,35 +115,50 @@ def atlas_card(store, name: str, *, extra: dict | None = None) -> dict:
     return card
 
 
-def card_text(card: dict) -> str:
-    """The card as plain text (`cellvec atlas card`)."""
+def card_rows(card: dict) -> tuple[list[tuple[str, str]], list[tuple[str, int, str, str]]]:
+    """The card as rows, for `card_text` and the HTML report alike: (field, value) pairs,
+    and per class, largest first, (name, cells, cross-validated F1 or '', Cell Ontology id,
+    '-' when none was chosen, or '' when the atlas has no ids)."""
     r = card.get("recipe") or {}
-    lines = [f"atlas {card['atlas']}"]
-    for key in CARD_FIELDS:
-        lines.append(f"  {key + ':':<12}{card.get(key) or '-'}")
-    lines.append(
-        f"  {'cells:':<12}{card['n_cells']:,}   genes: {card.get('n_genes') or '-':,}"
-        if isinstance(card.get("n_genes"), int)
-        else f"  {'cells:':<12}{card['n_cells']:,}"
-    )
-    lines.append(
-        f"  {'recipe:':<12}{r.get('model')} top{r.get('top_genes')} {r.get('weighting')} "
-        f"bg={r.get('background')} refine={r.get('refine')} k={card.get('k')}"
-    )
-    lines.append(f"  {'cellvec:':<12}{card.get('cellvec_version')}")
+    fields = [(key, str(card.get(key) or "-")) for key in CARD_FIELDS]
+    genes = card.get("n_genes")
+    fields += [
+        ("cells", f"{card['n_cells']:,}"),
+        ("genes", f"{genes:,}" if isinstance(genes, int) else "-"),
+        (
+            "recipe",
+            f"{r.get('model')} top{r.get('top_genes')} {r.get('weighting')} "
+            f"bg={r.get('background')} refine={r.get('refine')} k={card.get('k')}",
+        ),
+        ("cellvec", str(card.get("cellvec_version") or "-")),
+    ]
     ev = card.get("evaluation") or {}
     if ev:
-        lines.append(
-            f"  {'scores:':<12}macro-F1 {ev['macro_f1']:.3f}, accuracy {ev['accuracy']:.3f} "
-            f"({ev['folds']}-fold cross-validation on the reference)"
+        fields.append(
+            (
+                "scores",
+                f"macro-F1 {ev['macro_f1']:.3f}, accuracy {ev['accuracy']:.3f} "
+                f"({ev['folds']}-fold cross-validation on the reference)",
+            )
         )
     per = ev.get("per_class_f1") or {}
     onto = card.get("ontology") or {}
-    lines.append(f"  classes ({card['n_classes']}):")
-    for c, n in sorted(card["classes"].items(), key=lambda kv: -kv[1]):
-        f1 = f"   F1 {per[c]:.3f}" if c in per else ""
-        cl = f"   {onto.get(c) or '-'}" if onto else ""
-        lines.append(f"    {c:<30}{n:>8,}{f1}{cl}")
+    classes = [
+        (c, n, f"{per[c]:.3f}" if c in per else "", (onto.get(c) or "-") if onto else "")
+        for c, n in sorted((card.get("classes") or {}).items(), key=lambda kv: -kv[1])
+    ]
+    return fields, classes
+
+
+def card_text(card: dict) -> str:
+    """The card as plain text (`cellvec atlas card`)."""
+    fields, classes = card_rows(card)
+    lines = [f"atlas {card['atlas']}"] + [f"  {k + ':':<12}{v}" for k, v in fields]
+    lines.append(f"  classes ({len(classes)}):")
+    scored = any(f1 for _, _, f1, _ in classes)
+    for c, n, f1, cl in classes:
+        f1 = (f"   F1 {f1}" if f1 else " " * 11) if scored else ""
+        lines.append(f"    {c:<30}{n:>8,}{f1}{f'   {cl}' if cl else ''}")
     return "\n".join(lines)
 
 

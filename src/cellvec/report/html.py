@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellvec.cell_index.bundle import card_rows
 from cellvec.report import plots
 
 log = logging.getLogger(__name__)
@@ -89,33 +90,23 @@ def _img(path: Path, alt: str) -> str:
 
 
 def _card_html(card: dict | None) -> str:
-    """The atlas card: what it is, its classes with counts and, when scored, their F1."""
+    """The atlas card (`bundle.card_rows`): what it is, its classes with counts and, when
+    scored, their F1."""
     if not card:
         return ""
-    keys = ("atlas", "species", "tissue", "source", "citation", "licence", "n_cells", "n_genes")
-    keys += ("model", "cellvec_version")
+    fields, classes = card_rows(card)
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(card.get(k) or '-'))}</td></tr>"
-        for k in keys
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in [("atlas", card["atlas"]), *fields]
     )
-    ev = card.get("evaluation") or {}
-    if ev:
-        rows += (
-            f"<tr><th>cross-validated</th><td>macro-F1 {ev['macro_f1']:.3f}, accuracy "
-            f"{ev['accuracy']:.3f} ({ev['folds']} folds)</td></tr>"
-        )
-    per = ev.get("per_class_f1") or {}
-    onto = card.get("ontology") or {}
-    classes = "".join(
-        f"<tr><td>{html.escape(c)}</td><td>{n:,}</td>"
-        f"<td>{f'{per[c]:.3f}' if c in per else ''}</td>"
-        f"<td>{html.escape(onto.get(c) or '')}</td></tr>"
-        for c, n in sorted((card.get("classes") or {}).items(), key=lambda kv: -kv[1])
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (c, f"{n:,}", f1, cl)) + "</tr>"
+        for c, n, f1, cl in classes
     )
     return (
         f"<h2>Atlas</h2><table class='card'>{rows}</table>"
         f"<table class='grid'><tr><th>class</th><th>cells</th><th>F1 (cross-validated)</th>"
-        f"<th>Cell Ontology</th></tr>{classes}</table>"
+        f"<th>Cell Ontology</th></tr>{cells}</table>"
     )
 
 
