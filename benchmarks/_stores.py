@@ -78,12 +78,24 @@ def ensure_store(
 ) -> Path:
     """Build (once) a `model` store of the genes named in `species`' labelled sets (or in
     the h5ad files `sets` of ../shared/data/cells, by stem)."""
-    from cellvec.gene_store import GeneStore, build_gene_store
+    from cellvec.gene_store import GeneStore
 
     store = Path(store)
     if store.exists() and model in GeneStore(store).models():
         return store
-    names = dataset_gene_names(species, sets)
+    return subset_store(
+        store, species, dataset_gene_names(species, sets), model=model, summaries=summaries
+    )
+
+
+def subset_store(
+    store: Path, species: str, names: set[str], *, model: str = "minilm", summaries: bool = False
+) -> Path:
+    """Build a `model` store at `store` of the NCBI genes of `species` whose symbol or a
+    synonym is in `names` (upper-cased), from ../shared/data/genes."""
+    from cellvec.gene_store import build_gene_store
+
+    store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     subset = store.parent / f"{store.name}.gene_info"
     with (

@@ -19,7 +19,6 @@ written while looking at these PBMC labels, so the PBMC figures are in-sample.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import SHARED, log_progress  # noqa: E402
+from _stores import subset_store  # noqa: E402
 
 PBMC_TRUTH = {
     "B": "CL:0000236",  # B cell
@@ -77,7 +77,7 @@ def markers(src, key: str, species: str, tmp: Path) -> dict[str, np.ndarray]:
     """Each class's marker genes' mean MiniLM vector, from a store of just those genes."""
     from cellvec.cell_index.ontology import N_MARKERS, marker_vectors
     from cellvec.gene_store.resolve import match_genes
-    from cellvec.gene_store.store import GeneStore, build_gene_store
+    from cellvec.gene_store.store import GeneStore
 
     labels = src.obs[key].astype(str).to_numpy()
     classes = np.unique(labels)
@@ -91,19 +91,7 @@ def markers(src, key: str, species: str, tmp: Path) -> dict[str, np.ndarray]:
     lift = profile - profile.mean(0, keepdims=True)
     top = np.unique(np.argsort(-lift, axis=1)[:, : N_MARKERS * 2])
     names = {str(src.var_names[i]).upper() for i in top}
-    store = tmp / f"markers_{species}_{len(names)}"
-    info = tmp / f"{store.name}.gene_info"
-    with gzip.open(SHARED / "genes" / f"{species}.gene_info.gz", "rt") as f, open(info, "w") as out:
-        for i, line in enumerate(f):
-            if i == 0 or line.split("\t")[2].upper() in names:
-                out.write(line)
-    build_gene_store(
-        info,
-        gene2go=SHARED / "genes" / f"{species}.gene2go.gz",
-        species=species,
-        store=store,
-        model="minilm",
-    )
+    store = subset_store(tmp / f"markers_{species}_{len(names)}", species, names)
     genes = GeneStore(store).load("minilm")
     rows = match_genes([str(v) for v in src.var_names], genes.genes).rows
     vecs = np.zeros((len(src.var_names), genes.dimension), np.float32)
