@@ -183,19 +183,26 @@ def served(fake_store, monkeypatch):
     embedder wherever a server would load a model."""
     import cellvec.gene_store.embedders as registry
     import cellvec.gene_store.store as store_mod
-    from cellvec.cell_index.atlas import build_atlas
 
     monkeypatch.setattr(registry, "get_embedder", lambda spec, **kw: FakeEmbedder())
     monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
-    build_atlas(
+    build_tiny_atlas(fake_store)
+    return fake_store
+
+
+def build_tiny_atlas(store):
+    """Atlas `tiny` in `store`: 90 tiny cells of types T, B, M, top 10 genes, typicality
+    calibrated on held-out cells."""
+    from cellvec.cell_index.atlas import build_atlas
+
+    return build_atlas(
         tiny_adata(n_cells=90, seed=1),
-        store=fake_store,
+        store=store,
         name="tiny",
         label_key="cell_type",
         top_genes=10,
         calibration_split=0.2,  # held-out cells calibrate typicality
     )
-    return fake_store
 
 
 def request_cells(n=5, seed=3):

@@ -29,6 +29,7 @@ from cellvec.gene_store.store import GeneStore
 from conftest import (
     FakeEmbedder,
     build_tiny,
+    build_tiny_atlas,
     tiny_adata,
     tiny_genes,
     write_gene2go,
@@ -74,14 +75,7 @@ def cache(tmp_path, monkeypatch):
 def atlas_store(tmp_path):
     """A store of the 30 tiny genes plus 5 no reference cell measures, with atlas `tiny`."""
     store = _store(tmp_path, "store", tiny_genes() + _extra_genes())
-    build_atlas(
-        tiny_adata(n_cells=90, seed=1),
-        store=store,
-        name="tiny",
-        label_key="cell_type",
-        top_genes=10,
-        calibration_split=0.2,
-    )
+    build_tiny_atlas(store)
     return store
 
 
