@@ -125,6 +125,7 @@ def test_a_bundle_exports_again(bundle, atlas_store, tmp_path, cache):
     """A store whose gene table came from a bundle (restricted: empty vectors for the
     genes the atlas does not use) exports as the original store does."""
     again = export_bundle(bundle, "tiny", tmp_path / "again.cellvec")
+    assert again.manifest_sha256 == fetch_bundle(again.path).path.name  # what names the copy
     first, second = GeneStore(bundle).load("fake"), GeneStore(again.path).load("fake")
     np.testing.assert_array_equal(second.vectors, first.vectors)
     assert second.genes.equals(first.genes) and second.meta["content_hash"] == first.meta["content_hash"]  # fmt: skip

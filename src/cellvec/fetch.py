@@ -136,8 +136,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, *, atlas: str, model: str, extra: dict | None = None) -> dict:
-    """List every file under `folder` (sizes and sha256) in `folder/manifest.json`."""
+def write_manifest(
+    folder: Path, *, atlas: str, model: str, extra: dict | None = None
+) -> tuple[dict, str]:
+    """List every file under `folder` (sizes and sha256) in `folder/manifest.json`; returns
+    the manifest and its own sha256 (what names the bundle's copies in caches)."""
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_symlink():
@@ -153,8 +156,9 @@ def write_manifest(folder: Path, *, atlas: str, model: str, extra: dict | None =
         **(extra or {}),
         "files": files,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    (folder / MANIFEST).write_bytes(data)
+    return manifest, hashlib.sha256(data).hexdigest()
 
 
 def check_manifest(data: bytes, where: str) -> dict:

@@ -44,7 +44,7 @@ from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifac
 from cellvec.cell_index.atlas import ATLAS_PREFIX, index_atlas, is_atlas_name, stored_atlas
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, StoreError
-from cellvec.fetch import CARD, MANIFEST, fetch_bundle, file_sha256, write_manifest
+from cellvec.fetch import CARD, MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.store import (
     GENE_COLUMNS,
     META_KEY,
@@ -84,6 +84,13 @@ def atlas_card(store, name: str, *, extra: dict | None = None) -> dict:
     recipe = Recipe.from_dict(meta["recipe"])
     gs = GeneStore(store)
     head = load_artifact(gs, recipe.head_hash) if recipe.head_hash else {}
+    return _card(gs, name, ds, meta, head, extra=extra)
+
+
+def _card(gs: GeneStore, name: str, ds, meta: dict, head: dict, *, extra: dict | None) -> dict:
+    """`atlas_card` from what the caller has read already: the atlas table and metadata,
+    and its refinement artifact (`head`)."""
+    recipe = Recipe.from_dict(meta["recipe"])
     gene_meta = read_meta(gs.open_table(table_name(recipe.model)) or pa.table({}))
     given = {k: v for k, v in (meta.get("card") or {}).items() if v is not None}
     given.update({k: v for k, v in (extra or {}).items() if v is not None})
@@ -242,28 +249,29 @@ def export_bundle(
     ds, meta = stored_atlas(store, name)
     recipe = Recipe.from_dict(meta["recipe"])
     gs = GeneStore(store)
-    card = atlas_card(store, name, extra=card)
+    arrays = {h: load_artifact(gs, h) for h in (recipe.background_hash, recipe.head_hash) if h}
+    head = arrays.get(recipe.head_hash) or {}
+    if "gene_rows" not in head:
+        raise CellvecError(
+            f"Atlas {name!r} records no gene rows (no refinement artifact); rebuild it with "
+            "`cellvec atlas build` before exporting."
+        )
+    rows = head["gene_rows"]
+    card = _card(gs, name, ds, meta, head, extra=card)
     folder = out.resolve()
     tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
     try:
         target = GeneStore(tmp, create=True)
-        arrays = {h: load_artifact(gs, h) for h in (recipe.background_hash, recipe.head_hash) if h}
         for digest, a in arrays.items():
             if save_artifact(tmp, a) != digest:
                 raise StoreError(f"Artifact {digest} of atlas {name!r} changed on copying.")
-        rows = arrays[recipe.head_hash]["gene_rows"] if recipe.head_hash else None
-        if rows is None:
-            raise CellvecError(
-                f"Atlas {name!r} records no gene rows (no refinement artifact); rebuild it with "
-                "`cellvec atlas build` before exporting."
-            )
         _write_genes(target.location, recipe.model, _restricted_genes(gs, recipe.model, rows))
         _copy_atlas(target.db, name, ds, {**meta, "card": _card_given(card)})
         _reindex(target.location, name, meta)
         _prune(tmp)
         (tmp / CARD).write_text(json.dumps(card, indent=1))
-        manifest = write_manifest(
+        manifest, digest = write_manifest(
             tmp, atlas=name, model=recipe.model, extra={"cellvec_version": __version__}
         )
         if out.exists():
@@ -276,9 +284,9 @@ def export_bundle(
     res = ExportResult(
         path=str(out),
         atlas=name,
-        bytes=size + (out / "manifest.json").stat().st_size,
+        bytes=size + (out / MANIFEST).stat().st_size,
         files=len(manifest["files"]) + 1,
-        manifest_sha256=file_sha256(out / "manifest.json"),
+        manifest_sha256=digest,
         seconds=round(time.perf_counter() - t0, 2),
         card=card,
     )

@@ -336,18 +336,17 @@ def annotate_atlas(
     from cellvec.gene_store.embedders import get_embedder
     from cellvec.gene_store.store import META_KEY
 
-    atlas = Atlas.open(store, name)
-    embedder = get_embedder(atlas.recipe.model)
+    _, meta = stored_atlas(store, name)  # classes and model: the atlas is opened for markers only
     onto = load_cell_ontology()
     props = propose_ontology_ids(
-        list(atlas.classes),
-        embedder=embedder,
+        sorted(meta.get("classes") or {}),
+        embedder=get_embedder(meta["recipe"]["model"]),
         tissue=tissue,
-        class_markers=class_markers(atlas) if use_markers else None,
+        class_markers=class_markers(Atlas.open(store, name)) if use_markers else None,
         overrides=overrides,
         ontology=onto,
     )
     entry = proposals_json(props, onto.version, tissue)
-    ds, meta = stored_atlas(store, name)
+    ds, meta = stored_atlas(store, name)  # as it is now, after minutes of embedding
     ds.update_schema_metadata({META_KEY.decode(): json.dumps({**meta, "ontology": entry})})
     return entry
