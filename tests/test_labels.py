@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from cellvec.cell_index.atlas import build_atlas
-from cellvec.cell_index.mapping import map_cells, search_allowed
+from cellvec.cell_index.calls import search_allowed
+from cellvec.cell_index.mapping import map_cells
 from cellvec.cli import cli
 from conftest import tiny_adata
 

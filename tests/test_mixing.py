@@ -9,6 +9,7 @@ from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
 from conftest import tiny_adata
+from servers import Server
 
 FAST = {"steps": 30, "batch_size": 32}
 
@@ -84,12 +85,14 @@ def test_map_cells_leaves_a_missing_type_unassigned_by_mixing(fake_store):
     assert (plain.labels != "unassigned").all()
 
 
-def test_cli_map_min_mixing_reports_the_test_and_refuses_a_server(fake_store, tmp_path):
+def test_cli_map_min_mixing_reports_the_test_locally_and_through_a_server(fake_store, tmp_path):
+    """The left-out M cells fail the mixing test, and `map --server` finds the same ones."""
     import json
 
     from click.testing import CliRunner
 
     from cellvec.cli import cli
+    from cellvec.service import create_app
 
     ref = tiny_adata(n_cells=120, seed=1)
     ref = ref[ref.obs["cell_type"] != "M"].copy()
@@ -101,15 +104,20 @@ def test_cli_map_min_mixing_reports_the_test_and_refuses_a_server(fake_store, tm
     assert res.exit_code == 0, res.output
     assert "mixing test: 3" in res.output  # the 30 M cells of 90 (33.3%), none else
     res = CliRunner().invoke(cli, [*base, "--json"])
-    assert json.loads(res.stdout)["mixing"] == {
+    local = json.loads(res.stdout)
+    assert local["mixing"] == {
         "min_mixing": 0.01,
         "below_fraction": pytest.approx(1 / 3, abs=0.02),
         "applied": True,
     }
-    res = CliRunner().invoke(
-        cli, ["map", str(q), "--server", "http://127.0.0.1:9", "--atlas", "ref"] + base[-2:]
-    )
-    assert res.exit_code == 2 and "--min-mixing judges the whole query" in res.output
+    with Server(create_app(fake_store)) as url:
+        res = CliRunner().invoke(
+            cli,
+            ["map", str(q), "--server", url, "--atlas", "ref", "--min-mixing", "0.01", "--json"],
+        )
+    assert res.exit_code == 0, res.output
+    remote = json.loads(res.stdout)
+    assert remote["mixing"] == local["mixing"] and remote["label_counts"] == local["label_counts"]
 
 
 def test_a_disk_atlas_samples_the_same_reference_cells_as_in_memory(fake_store):

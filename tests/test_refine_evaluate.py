@@ -388,7 +388,7 @@ def test_tune_chooses_top_genes_and_k_on_the_reference_and_map_uses_them(fake_st
 def test_typicality_resolves_below_one_percent_with_small_classes():
     """Eight classes of 25 calibration cells: a per-class rank could not go below 1/26,
     so a 0.01 threshold never fired; pooled standardised ranks can."""
-    from cellvec.cell_index.mapping import typicality
+    from cellvec.cell_index.calls import typicality
 
     rng = np.random.default_rng(0)
     codes = np.repeat(np.arange(8), 25)

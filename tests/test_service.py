@@ -335,7 +335,7 @@ def test_workers_share_the_atlas_files(served, monkeypatch):
     monkeypatch.setattr(Atlas, "open", no_table_read)
     app = create_app(served)  # another worker: the files are there
     atlas = app.state.atlases.get("tiny")
-    assert atlas.folder == folders[0] and isinstance(atlas.codes, np.memmap)
+    assert atlas.folder == folders[0] and isinstance(atlas.reference.labels.codes, np.memmap)
     with Server(app) as url:
         r = httpx.post(f"{url}/v1/atlases/tiny/map", json=body)
         assert [x["label"] for x in r.json()["cells"]] == truth
@@ -408,3 +408,47 @@ def test_service_maps_panels_and_typicality_like_local_mapping(served):
     assert res.labels.tolist() == local.labels.tolist()
     np.testing.assert_allclose(res.typicality, local.typicality, atol=1e-6)
     np.testing.assert_allclose(res.vectors, local.vectors, atol=1e-5)
+
+
+def test_map_server_gives_map_store_labels_with_every_option(served, tmp_path):
+    """`cellvec map --server` with the mixing test, a blocklist and an ortholog table gives
+    the labels, confidences and mixing p-values `cellvec map --store` gives: one mapping
+    path (the whole query travels in one request, the table with it)."""
+    import json
+
+    import anndata as ad
+    import numpy as np
+    from click.testing import CliRunner
+
+    from cellvec.cli import cli
+    from cellvec.service import create_app
+
+    query = tiny_adata(n_cells=45, seed=13, prefix="o")
+    query.var_names = ["Z" + n[0].lower() + n[len("XGENE") :] for n in query.var_names]
+    q = tmp_path / "q.h5ad"
+    query.write_h5ad(q)
+    table = tmp_path / "orth.tsv"  # "another species": Zt3 is TGENE3's ortholog
+    table.write_text(
+        "mouse\thuman\n" + "".join(f"Z{n[0].lower()}{n[5:]}\t{n}\n" for n in tiny_adata().var_names)
+    )
+    options = ["--atlas", "tiny", "--orthologs", str(table), "--min-mixing", "0.01"]
+    options += ["--exclude-labels", "B,Doublet", "--min-typicality", "0.01"]
+    options += ["--truth-key", "cell_type", "--json"]
+    local = CliRunner().invoke(
+        cli, ["map", str(q), "--store", str(served), "--out", str(tmp_path / "l.h5ad"), *options]
+    )
+    assert local.exit_code == 0, local.output
+    with Server(create_app(served)) as url:
+        remote = CliRunner().invoke(
+            cli, ["map", str(q), "--server", url, "--out", str(tmp_path / "r.h5ad"), *options]
+        )
+    assert remote.exit_code == 0, remote.output
+    a, b = json.loads(local.stdout), json.loads(remote.stdout)
+    assert a["excluded_labels"] == b["excluded_labels"] == ["B"]
+    assert a["orthologs"] == b["orthologs"] == "orth.tsv"
+    assert a["mixing"] == b["mixing"] and a["label_counts"] == b["label_counts"]
+    assert "B" not in a["label_counts"] and a["accuracy"] == b["accuracy"]
+    left, right = ad.read_h5ad(tmp_path / "l.h5ad"), ad.read_h5ad(tmp_path / "r.h5ad")
+    assert left.obs["cellvec_label"].tolist() == right.obs["cellvec_label"].tolist()
+    for column in ("cellvec_confidence", "cellvec_typicality", "cellvec_mixing"):
+        np.testing.assert_allclose(left.obs[column], right.obs[column], atol=1e-5)

@@ -1,14 +1,16 @@
 """A client of `cellvec serve`: map cells through a running service, get a `MappingResult`.
 
-    from cellvec import Client
+    from cellvec import Client, map_cells
     res = Client("http://127.0.0.1:8000").map("query.h5ad", atlas="pbmc")
+    res = map_cells("query.h5ad", Client("http://127.0.0.1:8000").atlas("pbmc"))  # the same
     res.write("mapped.h5ad")
 
-The query is read locally exactly as `map_cells` reads it (same kind detection,
-gene de-duplication and empty-cell rules), sent in chunks as Arrow IPC streams of
-log-normalised values (no JSON round trip), and the answers (labels, confidences,
-per-class scores, cell vectors) are assembled into the same `MappingResult` that
-local mapping returns, so its exporters work. Standard library HTTP only.
+A served atlas is a `RemoteAtlas`: `map_cells` calls it as it calls a local one, so the
+options, the query's reading (kind detection, gene de-duplication, empty cells), the
+truth metrics and the `MappingResult` are the same code. The query's cells travel in
+chunks as Arrow IPC streams of log-normalised values; with the mixing test, which
+judges the query as a whole, in one request. An ortholog table travels with each
+request (its file's text, gzipped). Standard library HTTP only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,7 +25,14 @@ import urllib.request
 import numpy as np
 
 from cellvec._arrow import fixed_size_rows
+from cellvec._progress import progress
+from cellvec.cell_index.calls import Calls, MapOptions
+from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.readers import ExpressionSource
+from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.result import BroadCall, MappingResult
 from cellvec.errors import CellvecError
+from cellvec.evaluation.metrics import UNASSIGNED
 
 log = logging.getLogger(__name__)
 
@@ -65,157 +73,184 @@ class Client:
         """The service's atlases with their recipes and classes."""
         return json.loads(self._request("GET", "/v1/atlases")[0])["atlases"]
 
-    def map(
-        self,
-        query,
-        *,
-        atlas: str,
-        k: int | None = None,
-        min_confidence: float = 0.0,
-        min_typicality: float = 0.0,
-        orthologs=None,
-        exclude_labels=(),
-        truth_key: str | None = None,
-        broad_truth_key: str | None = None,
-        cluster_key: str | None = None,
-        label_map: dict[str, str] | None = None,
-        layer: str | None = None,
-        use_raw: bool | None = None,
-        gene_column: str | None = None,
-        chunk_size: int = 5_000,
-    ):
-        """Map `query` (a path, an AnnData or an ExpressionSource) onto the service's `atlas`.
+    def atlas(self, name: str, *, chunk_size: int = 5_000) -> RemoteAtlas:
+        """The service's atlas `name`, to map onto with `map_cells`."""
+        return RemoteAtlas(self, name, chunk_size=chunk_size)
 
-        Same arguments and result as `map_cells`; cells travel `chunk_size` at a time.
-        Ortholog tables are applied by local mapping only (the service takes none yet).
-        """
+    def map(self, query, *, atlas: str, chunk_size: int = 5_000, **options) -> MappingResult:
+        """`map_cells(query, self.atlas(atlas), **options)`: the same options (`k`,
+        `min_confidence`, `min_typicality`, `min_mixing`, `exclude_labels`, `orthologs`,
+        `truth_key`, `broad_truth_key`, `label_map`, `cluster_key`, `recipe`) and result;
+        cells travel `chunk_size` at a time (the whole query with `min_mixing`)."""
+        return map_cells(query, self.atlas(atlas, chunk_size=chunk_size), **options)
+
+
+class RemoteAtlas:
+    """An atlas served by `cellvec serve`, called as `map_cells` calls a local one."""
+
+    def __init__(self, client: Client, name: str, *, chunk_size: int = 5_000):
+        self.client, self.name, self.chunk_size = client, name, chunk_size
+        self._summary: dict | None = None
+
+    def summary(self) -> dict:
+        """What the service says of the atlas (`GET /v1/atlases`), asked once."""
+        if self._summary is None:
+            atlases = {a["name"]: a for a in self.client.atlases()}
+            if self.name not in atlases:
+                raise CellvecError(
+                    f"{self.client.url}: no atlas {self.name!r}; atlases: "
+                    f"{', '.join(atlases) or 'none'}."
+                )
+            self._summary = atlases[self.name]
+        return self._summary
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe.from_dict(self.summary()["recipe"])
+
+    @property
+    def has_broad(self) -> bool:
+        return self.summary().get("broad_classes") is not None
+
+    def call(self, source: ExpressionSource, options: MapOptions, *, ray=None) -> Calls:
+        """The service's calls for `source`'s cells, chunk by chunk."""
+        if ray:
+            raise CellvecError(
+                "--ray computes vectors here; with --server the service does: give one of them."
+            )
+        n = source.n_obs
+        chunk = n if options.min_mixing > 0 else self.chunk_size  # the test needs every cell
+        path = f"/v1/atlases/{urllib.parse.quote(self.name)}/map?" + _query_string(options)
+        orthologs = _ortholog_text(options)
+        answer = _Answer(n)
+        with progress(total=n, desc=f"mapping via {self.client.url}", unit="cell") as bar:
+            for sl, block in source.chunks(max(chunk, 1)):
+                if block.nnz:
+                    body = _arrow_request(block, source.var_names, orthologs)
+                    headers = {"Content-Type": ARROW, "Accept": ARROW}
+                    try:
+                        data, _ = self.client._request("POST", path, body, headers)
+                    except CellvecError as e:
+                        if options.min_mixing > 0 and " 413 " in str(e):
+                            raise CellvecError(
+                                f"{e} The mixing test judges the whole query, so it travels in "
+                                "one request: map with --store, or without --min-mixing."
+                            ) from None
+                        raise
+                    answer.add(sl.start, data)
+                bar.update(sl.stop - sl.start)
+        if answer.meta is None:
+            raise CellvecError(f"{source.path}: no cells with any expression to map.")
+        return answer.calls()
+
+
+def _query_string(options: MapOptions) -> str:
+    params = {
+        "min_confidence": options.min_confidence,
+        "min_typicality": options.min_typicality,
+        "min_mixing": options.min_mixing,
+        "scores": "true",
+        "vectors": "true",
+    }
+    if options.k is not None:
+        params["k"] = options.k
+    if options.exclude_labels:
+        params["exclude_labels"] = ",".join(options.exclude_labels)
+    return urllib.parse.urlencode(params)
+
+
+def _ortholog_text(options: MapOptions) -> bytes | None:
+    """The ortholog table as it travels: its file's text, gzipped."""
+    table = options.orthologs
+    if table is None:
+        return None
+    if table.text is None:
+        raise CellvecError(
+            "This ortholog table has no text to send the service; read it from its file "
+            "(`read_orthologs`) or pass the file's path."
+        )
+    import gzip
+
+    return gzip.compress(table.text, mtime=0)
+
+
+def _arrow_request(block, genes: list[str], orthologs: bytes | None) -> bytes:
+    """A chunk of cells as the Arrow IPC stream the service reads (`service.mapping`)."""
+    import pyarrow as pa
+
+    coo = block.tocoo()
+    table = pa.table(
+        {  # cell ids are row numbers: unique even where obs names are not
+            "cell_id": pa.array(coo.row.astype(np.int64)).cast(pa.string()),
+            "gene": pa.DictionaryArray.from_arrays(
+                pa.array(coo.col.astype(np.int32)), pa.array(genes, pa.string())
+            ),
+            "value": pa.array(coo.data.astype(np.float32)),
+        }
+    )
+    if orthologs is not None:
+        table = table.replace_schema_metadata({b"cellvec.orthologs": orthologs})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+class _Answer:
+    """The service's answers for a query's chunks, gathered into one `Calls`; cells the
+    service never saw (no expression) stay unassigned with zero confidence."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.meta: dict | None = None
+        self.labels = np.full(n, UNASSIGNED, dtype=object)
+        self.confidence, self.typicality, self.similarity = np.zeros(n), np.zeros(n), np.zeros(n)
+        self.mixing = self.scores = self.vectors = None
+        self.broad = [np.full(n, UNASSIGNED, dtype=object), np.zeros(n), np.zeros(n)]
+
+    def add(self, offset: int, data: bytes) -> None:
         import pyarrow as pa
 
-        from cellvec._progress import progress
-        from cellvec.cell_index.atlas import labels_of, parse_labels
-        from cellvec.cell_index.mapping import (
-            BroadCall,
-            MappingResult,
-            cluster_values,
-            truth_metrics,
-        )
-        from cellvec.cell_index.readers import read_expression
-        from cellvec.evaluation.metrics import UNASSIGNED
+        answer = pa.ipc.open_stream(data).read_all()
+        if self.meta is None:
+            self.meta = json.loads(answer.schema.metadata[b"cellvec"])
+            self.scores = np.zeros((self.n, len(self.meta["classes"])))
+            self.vectors = np.zeros((self.n, self.meta["vector_dimension"]), dtype=np.float32)
+            if "mixing" in answer.column_names:
+                self.mixing = np.ones(self.n)
+        rows = offset + np.asarray(answer.column("cell_id").to_pylist(), dtype=int)
+        self.labels[rows] = np.asarray(answer.column("label").to_pylist(), dtype=object)
+        self.confidence[rows] = answer.column("confidence").to_numpy()
+        self.typicality[rows] = answer.column("typicality").to_numpy()
+        self.similarity[rows] = answer.column("nearest_similarity").to_numpy()
+        self.scores[rows] = fixed_size_rows(answer.column("scores"))
+        self.vectors[rows] = fixed_size_rows(answer.column("vector"))
+        if self.mixing is not None:
+            self.mixing[rows] = answer.column("mixing").to_numpy()
+        if "label_broad" in answer.column_names:
+            self.broad[0][rows] = answer.column("label_broad").to_pylist()
+            self.broad[1][rows] = answer.column("confidence_broad").to_numpy()
+            self.broad[2][rows] = answer.column("typicality_broad").to_numpy()
 
-        if parse_labels(exclude_labels):
-            raise CellvecError(
-                "--exclude-labels is applied by local mapping only (the service takes no "
-                "blocklist yet): map with --store, or rebuild the atlas with "
-                "`cellvec atlas build --exclude-labels`."
-            )
-        if orthologs is not None:
-            raise CellvecError(
-                "--orthologs is applied by local mapping only: map with --store, or send the "
-                "query with its genes renamed to the atlas's species."
-            )
-        t0 = time.perf_counter()
-        source = read_expression(query, layer=layer, use_raw=use_raw, gene_column=gene_column)
-        truth = labels_of(source, truth_key, label_map=label_map) if truth_key else None
-        b_truth = labels_of(source, broad_truth_key) if broad_truth_key else None
-        clusters = cluster_values(source, cluster_key) if cluster_key else None
-        n = source.n_obs
-        genes = pa.array(source.var_names, pa.string())
-        options = {
-            "min_confidence": min_confidence,
-            "min_typicality": min_typicality,
-            "scores": "true",
-            "vectors": "true",
-        }
-        params = urllib.parse.urlencode({**options, **({"k": k} if k is not None else {})})
-        path = f"/v1/atlases/{urllib.parse.quote(atlas)}/map?{params}"
-        labels = np.full(n, UNASSIGNED, dtype=object)
-        conf = np.zeros(n)
-        typical = np.zeros(n)
-        nearest = np.zeros(n)
-        scores = vectors = meta = None
-        broad_labels = np.full(n, UNASSIGNED, dtype=object)
-        broad_conf, broad_typical = np.zeros(n), np.zeros(n)
-        with progress(total=n, desc=f"mapping via {self.url}", unit="cell") as bar:
-            for sl, block in source.chunks(chunk_size):
-                coo = block.tocoo()
-                if coo.nnz:
-                    table = pa.table(
-                        {  # cell ids are row numbers: unique even where obs names are not
-                            "cell_id": pa.array(coo.row.astype(np.int64)).cast(pa.string()),
-                            "gene": pa.DictionaryArray.from_arrays(
-                                pa.array(coo.col.astype(np.int32)), genes
-                            ),
-                            "value": pa.array(coo.data.astype(np.float32)),
-                        }
-                    )
-                    sink = pa.BufferOutputStream()
-                    with pa.ipc.new_stream(sink, table.schema) as w:
-                        w.write_table(table)
-                    data, _ = self._request(
-                        "POST",
-                        path,
-                        sink.getvalue().to_pybytes(),
-                        {"Content-Type": ARROW, "Accept": ARROW},
-                    )
-                    answer = pa.ipc.open_stream(data).read_all()
-                    if meta is None:
-                        meta = json.loads(answer.schema.metadata[b"cellvec"])
-                        scores = np.zeros((n, len(meta["classes"])))
-                        vectors = np.zeros((n, meta["vector_dimension"]), dtype=np.float32)
-                    rows = sl.start + np.asarray(answer.column("cell_id").to_pylist(), dtype=int)
-                    labels[rows] = np.asarray(answer.column("label").to_pylist(), dtype=object)
-                    conf[rows] = answer.column("confidence").to_numpy()
-                    typical[rows] = answer.column("typicality").to_numpy()
-                    nearest[rows] = answer.column("nearest_similarity").to_numpy()
-                    scores[rows] = fixed_size_rows(answer.column("scores"))
-                    vectors[rows] = fixed_size_rows(answer.column("vector"))
-                    if "label_broad" in answer.column_names:
-                        broad_labels[rows] = answer.column("label_broad").to_pylist()
-                        broad_conf[rows] = answer.column("confidence_broad").to_numpy()
-                        broad_typical[rows] = answer.column("typicality_broad").to_numpy()
-                bar.update(sl.stop - sl.start)
-        if meta is None:
-            raise CellvecError(f"{source.path}: no cells with any expression to map.")
-        classes = np.asarray(meta["classes"], dtype=object)
-        metrics = truth_metrics(truth, labels, classes, atlas)
+    def calls(self) -> Calls:
+        meta = self.meta
         broad = None
         if meta.get("broad_classes") is not None:
-            b_classes = np.asarray(meta["broad_classes"], dtype=object)
-            broad = BroadCall(
-                key=meta.get("broad_label_key"),
-                classes=b_classes,
-                labels=broad_labels,
-                confidence=broad_conf,
-                typicality=broad_typical,
-                truth=b_truth,
-                metrics=truth_metrics(b_truth, broad_labels, b_classes, atlas),
-            )
-        elif broad_truth_key:
-            raise CellvecError(
-                f"Atlas {atlas!r} has one level of labels; --broad-truth-key needs an atlas "
-                "built with `cellvec atlas build ... --broad-label-key KEY`."
-            )
-        secs = time.perf_counter() - t0
-        log.info("Mapped %s cells onto %s via %s in %.1f s", f"{n:,}", atlas, self.url, secs)
-        return MappingResult(
-            atlas=atlas,
-            cell_ids=source.obs_names,
-            labels=labels,
-            confidence=conf,
-            classes=classes,
-            scores=scores,
-            vectors=vectors,
-            neighbour_similarity=nearest,
+            classes = np.asarray(meta["broad_classes"], dtype=object)
+            broad = BroadCall(meta.get("broad_label_key"), classes, *self.broad)
+        return Calls(
+            self.labels,
+            self.confidence,
+            self.typicality,
+            self.scores,
+            self.similarity,
+            self.vectors,
+            int(meta["k"]),
+            self.mixing,
+            broad,
+            classes=np.asarray(meta["classes"], dtype=object),
+            coverage=float(meta.get("gene_coverage", 1.0)),
+            excluded=list(meta.get("excluded_labels") or []),
             recipe=meta["recipe"],
-            k=int(meta["k"]),
-            min_confidence=min_confidence,
-            typicality=typical,
-            min_typicality=min_typicality,
-            truth=truth,
-            metrics=metrics,
-            seconds=secs,
-            broad=broad,
-            cluster_key=cluster_key,
-            clusters=clusters,
-            source=source,
+            ontology_ids=meta.get("ontology_ids"),
         )

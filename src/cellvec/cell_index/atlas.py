@@ -688,6 +688,12 @@ class Atlas:
             _held_out=fit.held_out,
         )
 
+    def with_encoder(self, encoder: CellEncoder) -> Atlas:
+        """This atlas using `encoder`, already loaded elsewhere (the service's), instead of
+        loading its own."""
+        self._encoder = encoder
+        return self
+
     def encoder(self, gene_store: GeneStore | None = None) -> CellEncoder:
         if self._encoder is None:
             self._encoder = load_encoder(self.store, self.name, self.recipe, gene_store)
@@ -844,10 +850,10 @@ class Atlas:
         """`summary()` of a stored atlas from its metadata and row count alone (`atlas
         list`): no labels, vectors or weights are read."""
         ds, meta = stored_atlas(store, name)
-        return _summary(name, meta, ds.count_rows())
+        return atlas_summary(name, meta, ds.count_rows())
 
     def summary(self) -> dict:
-        return _summary(self.name, self.meta, self.n_cells)
+        return atlas_summary(self.name, self.meta, self.n_cells)
 
 
 def _k_of(meta: dict) -> int:
@@ -855,7 +861,7 @@ def _k_of(meta: dict) -> int:
     return int(meta.get("k") or DEFAULT_K)
 
 
-def _summary(name: str, meta: dict, n_cells: int) -> dict:
+def atlas_summary(name: str, meta: dict, n_cells: int) -> dict:
     """What `atlas list` and the service say of an atlas: its size, labels and recipe."""
     return {
         "name": name,

@@ -135,23 +135,14 @@ def map_cmd(
       cellvec map big.h5ad --store store/ --atlas pbmc --out mapped.h5ad --ray auto
       cellvec map q.h5ad --atlas https://example.org/atlases/rgc.cellvec --out mapped.h5ad
     """
-    from cellvec.cell_index.mapping import (
-        check_mapping_name,
-        check_output,
-        map_cells,
-        read_label_map,
-    )
+    from cellvec.cell_index.mapping import map_cells, read_label_map
+    from cellvec.cell_index.result import check_mapping_name, check_output
     from cellvec.cli.common import subset_source
     from cellvec.fetch import resolve_atlas
 
     if server and ray:
         raise click.UsageError(
             "--ray computes vectors here; with --server the service does: give one of them."
-        )
-    if server and min_mixing:
-        raise click.UsageError(
-            "--min-mixing judges the whole query against the atlas, and the service maps "
-            "cells in chunks: map with --store to use it."
         )
     if save_as and not store:
         raise click.UsageError("--save-as writes into a store: give --store DIR.")
@@ -170,6 +161,7 @@ def map_cmd(
         k=k,
         min_confidence=min_confidence,
         min_typicality=min_typicality,
+        min_mixing=min_mixing,
         truth_key=truth_key,
         broad_truth_key=broad_truth_key,
         label_map=read_label_map(label_map) if label_map else None,
@@ -177,14 +169,12 @@ def map_cmd(
         exclude_labels=exclude_labels,
         cluster_key=cluster_key,
     )
-    if server:
+    if server:  # the same call, answered by the service
         from cellvec.client import Client
 
-        res = Client(server).map(src, atlas=atlas_name, **options)
+        res = map_cells(src, Client(server).atlas(atlas_name), **options)
     else:
-        res = map_cells(
-            src, atlas_name, store=store, ray=ray or None, min_mixing=min_mixing, **options
-        )
+        res = map_cells(src, atlas_name, store=store, ray=ray or None, **options)
     if out:
         res.write(out)
     if table:

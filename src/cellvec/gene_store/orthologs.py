@@ -62,6 +62,7 @@ class OrthologTable:
     query_species: str | None = None
     store_species: str | None = None
     source: str = "orthologs"
+    text: bytes | None = field(default=None, repr=False)  # as read: what a client sends a service
     _query_genes: pl.DataFrame | None = field(default=None, init=False, repr=False)
     _digest: str | None = field(default=None, init=False, repr=False)
     _reverse: OrthologTable | None = field(default=None, init=False, repr=False)
@@ -196,7 +197,12 @@ def _support(col: str | None) -> pl.Expr:
 def read_orthologs(path: str | Path) -> OrthologTable:
     """Read an ortholog table (see module docstring for the layouts)."""
     path = Path(path)
-    data = _read_bytes(path)
+    return parse_orthologs(_read_bytes(path), path)
+
+
+def parse_orthologs(data: bytes, path: Path) -> OrthologTable:
+    """An ortholog table from its text (`data`, not compressed); `path` names it in
+    messages, and its suffix (.csv, .tsv) gives the separator where the text does not."""
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     first_line = data.split(b"\n", 1)[0]
     if suffixes and suffixes[-1] == ".csv":
@@ -267,7 +273,7 @@ def read_orthologs(path: str | Path) -> OrthologTable:
     )
     if pairs.height == 0:
         raise InputFormatError(f"{path}: no ortholog pairs (every row has an empty side).")
-    t = OrthologTable(pairs, q_sp, s_sp, source=path.name)
+    t = OrthologTable(pairs, q_sp, s_sp, source=path.name, text=data)
     log.info(
         "Ortholog table %s: %s pairs, %s %s -> %s %s symbols",
         path.name,

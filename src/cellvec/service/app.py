@@ -426,6 +426,12 @@ def create_app(
         ),
         min_confidence: float = Query(0.0, ge=0, le=1, description="Arrow bodies"),
         min_typicality: float = Query(0.0, ge=0, le=1, description="Arrow bodies"),
+        min_mixing: float = Query(
+            0.0, ge=0, le=1, description="Arrow bodies: the request's cells are one query"
+        ),
+        exclude_labels: str = Query(
+            "", description="Arrow bodies: labels never given, comma-separated"
+        ),
         scores: bool = Query(False, description="Arrow bodies: per-class scores"),
         vectors: bool = Query(False, description="Arrow bodies: cell vectors"),
     ):
@@ -437,10 +443,13 @@ def create_app(
                 k=k,
                 min_confidence=min_confidence,
                 min_typicality=min_typicality,
-                scores=scores,
-                vectors=vectors,
+                min_mixing=min_mixing,
+                exclude_labels=exclude_labels,
             )
-            return await respond(request, atlas, _with(mapping.job_from_arrow, options), body)
+            parse = _with(
+                mapping.job_from_arrow, dict(options=options, scores=scores, vectors=vectors)
+            )
+            return await respond(request, atlas, parse, body)
         if ctype and not ctype.startswith("application/json"):
             raise HTTPException(
                 415, f"Content-Type {ctype!r}: send application/json, {ARROW} or an h5ad upload."
@@ -452,23 +461,27 @@ def create_app(
         atlas: str,
         request: Request,
         file: UploadFile = File(...),
+        orthologs: UploadFile | None = File(None),
         k: int | None = Query(None, ge=1, le=200),
         min_confidence: float = Query(0.0, ge=0, le=1),
         min_typicality: float = Query(0.0, ge=0, le=1),
+        min_mixing: float = Query(0.0, ge=0, le=1),
+        exclude_labels: str = Query(""),
         scores: bool = False,
         vectors: bool = False,
     ):
-        """Map the cells of an uploaded .h5ad file."""
+        """Map the cells of an uploaded .h5ad file (and, optionally, an ortholog table)."""
         data = await file.read()
         options = dict(
             k=k,
             min_confidence=min_confidence,
             min_typicality=min_typicality,
-            scores=scores,
-            vectors=vectors,
+            min_mixing=min_mixing,
+            exclude_labels=exclude_labels,
+            orthologs=await orthologs.read() if orthologs is not None else None,
         )
         # an upload is walked (check_hdf5) and read by anndata: never on the event loop
-        parse = _with(mapping.job_from_h5ad, options)
+        parse = _with(mapping.job_from_h5ad, dict(options=options, scores=scores, vectors=vectors))
         return await respond(request, atlas, parse, data, in_thread=True)
 
     def openapi():

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.encoder import CellEncoder
+from cellvec.cell_index.atlas import Atlas, atlas_summary, load_encoder
+from cellvec.cell_index.calls import LabelCodes, Target
+from cellvec.cell_index.mapping import Reference
 from cellvec.cell_index.recipe import Recipe
 from cellvec.storage import StoreLocation
 
@@ -33,63 +35,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServedAtlas:
-    """What mapping a request needs of an atlas: encoder, search index, label codes."""
+    """An atlas as the service holds it: the `Reference` mapping calls (encoder, label codes,
+    search index over memory-mapped files), the version it was read at, and where from."""
 
     name: str
     version: int
-    meta: dict
-    encoder: CellEncoder
-    index: object  # knn.FlatIndex | knn.IVFIndex | disk_index.DiskIndex
-    classes: np.ndarray
-    codes: np.ndarray
-    calibration: np.ndarray  # typicality calibration per atlas cell (`Atlas.calibration`)
+    reference: Reference
     store: StoreLocation | None = None  # where the atlas is read from
     folder: Path | None = None  # the memory-mapped files, if any
-    # the broad level, for atlases built with --broad-label-key: `classes`, `codes` (per
-    # atlas cell), `parent` (per fine class, -1 if several) and `calibration`
-    broad: dict | None = None
-    _full: object = None
 
     @property
-    def k(self) -> int:
-        """Neighbours in the vote unless a request says: the atlas's (15 unless tuned)."""
-        from cellvec.cell_index.atlas import DEFAULT_K
-
-        return int(self.meta.get("k") or DEFAULT_K)
-
-    def full(self):
-        """The whole atlas with its top-gene weights, opened on the first request that
-        measures fewer genes than the atlas (the reference is re-aggregated over them)."""
-        if self._full is None:
-            from cellvec.cell_index.atlas import Atlas
-
-            atlas = Atlas.open(self.store, self.name)
-            atlas._encoder = self.encoder
-            self._full = atlas
-        return self._full
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.encoder.recipe
+    def meta(self) -> dict:
+        return self.reference.meta
 
     @property
     def n_cells(self) -> int:
-        return len(self.codes)
+        return self.reference.labels.n_cells
 
     def summary(self) -> dict:
-        return {
-            "name": self.name,
-            "n_cells": self.n_cells,
-            "index": self.meta.get("index") or {"kind": "memory"},
-            "label_key": self.meta.get("label_key"),
-            "classes": self.meta.get("classes"),
-            "recipe": self.meta.get("recipe"),
-            "created": self.meta.get("created"),
-            "source": self.meta.get("source"),
-            "refinement": {
-                k: v for k, v in (self.meta.get("refinement") or {}).items() if k != "history"
-            },
-        }
+        """What `cellvec atlas list` says of the atlas (`GET /v1/atlases`)."""
+        return atlas_summary(self.name, self.meta, self.n_cells)
 
 
 def _key(version: int, meta: dict) -> str:
@@ -210,7 +175,6 @@ class AtlasCache:
         return atlas
 
     def _load(self, name: str, tbl) -> ServedAtlas:
-        from cellvec.cell_index.atlas import Atlas, load_encoder
         from cellvec.cell_index.knn import read_index
         from cellvec.gene_store.store import read_meta
 
@@ -225,53 +189,48 @@ class AtlasCache:
             if folder is not None:
                 with open(folder / "atlas.json") as fh:
                     info = json.load(fh)
-                return ServedAtlas(
-                    name=name,
-                    version=info["version"],
-                    meta=info["meta"],
-                    encoder=load_encoder(
-                        self.store, name, Recipe.from_dict(info["meta"]["recipe"]), self.gene_store
-                    ),
-                    index=read_index(folder / "index.faiss"),
-                    classes=np.asarray(info["classes"], dtype=object),
-                    codes=np.load(folder / "codes.npy", mmap_mode="r"),
-                    calibration=np.load(folder / "calibration.npy", mmap_mode="r"),
-                    store=self.store,
-                    folder=folder,
-                    broad=(
-                        {
-                            "classes": np.asarray(info["broad_classes"], dtype=object),
-                            **{
-                                k: np.load(folder / f"broad_{k}.npy", mmap_mode="r")
-                                for k in ("codes", "parent", "calibration")
-                            },
-                        }
-                        if info.get("broad_classes") is not None
-                        else None
-                    ),
+                labels = LabelCodes(
+                    np.asarray(info["classes"], dtype=object),
+                    np.load(folder / "codes.npy", mmap_mode="r"),
+                    **_broad_codes(folder, info),
                 )
+                broad = (
+                    np.load(folder / "broad_calibration.npy", mmap_mode="r")
+                    if labels.has_broad
+                    else None
+                )
+                whole = Target(
+                    read_index(folder / "index.faiss"),
+                    np.load(folder / "calibration.npy", mmap_mode="r"),
+                    broad,
+                )
+                meta = info["meta"]
+                encoder = load_encoder(
+                    self.store, name, Recipe.from_dict(meta["recipe"]), self.gene_store
+                )
+                return self._served(name, info["version"], meta, encoder, labels, whole, folder)
         atlas = Atlas.open(self.store, name)
-        classes, codes = atlas.label_codes()
-        return ServedAtlas(
-            name=name,
-            version=atlas.version,
-            meta=atlas.meta,
-            encoder=atlas.encoder(self.gene_store),
-            index=atlas.index(),
-            classes=classes.astype(object),
-            codes=codes,
-            calibration=atlas.calibration(),
-            store=self.store,
-            broad=_broad_level(atlas),
-            _full=atlas,
-        )
+        reference = Reference.of(atlas.with_encoder(atlas.encoder(self.gene_store)))
+        return ServedAtlas(name, atlas.version, reference, self.store)
+
+    def _served(self, name, version, meta, encoder, labels, whole, folder) -> ServedAtlas:
+        """An atlas served from memory-mapped files; the whole `Atlas` (its reference weights,
+        for panels and the mixing test) is opened on the first request that needs it."""
+        opened = []
+
+        def full():
+            if not opened:
+                opened.append(Atlas.open(self.store, name).with_encoder(encoder))
+            return opened[0]
+
+        reference = Reference(name, meta, encoder, labels, full, whole)
+        return ServedAtlas(name, version, reference, self.store, folder)
 
     def _write(self, name: str) -> Path | None:
         """Write the files of the atlas's current version (once, whichever process comes
         first); None when the cache folder cannot be written."""
         import fcntl
 
-        from cellvec.cell_index.atlas import Atlas
         from cellvec.cell_index.knn import build_index, write_index
 
         base = self.cache_dir / name
@@ -325,7 +284,7 @@ class AtlasCache:
 
 
 def _broad_level(atlas) -> dict | None:
-    """The broad level of an `Atlas` as the service holds it (None without one)."""
+    """The broad level of an `Atlas` as the service writes it (None without one)."""
     if not atlas.has_broad:
         return None
     classes, codes, parent = atlas.broad_codes()
@@ -335,6 +294,18 @@ def _broad_level(atlas) -> dict | None:
         "parent": parent.astype(np.int64),
         "calibration": atlas.broad_calibration().astype(np.float32),
     }
+
+
+def _broad_codes(folder: Path, info: dict) -> dict:
+    """`LabelCodes`'s broad fields from the files `_write` wrote (none without a broad level)."""
+    if info.get("broad_classes") is None:
+        return {}
+    return dict(
+        broad_classes=np.asarray(info["broad_classes"], dtype=object),
+        broad_codes=np.load(folder / "broad_codes.npy", mmap_mode="r"),
+        parent=np.load(folder / "broad_parent.npy", mmap_mode="r"),
+        broad_key=info["meta"].get("broad_label_key"),
+    )
 
 
 def _version(folder_name: str) -> int:

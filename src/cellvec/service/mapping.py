@@ -10,43 +10,52 @@ long cell x gene table, or an h5ad upload; answers: JSON or Arrow IPC.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
 import scipy.sparse as sp
 
+from cellvec.cell_index.calls import Calls, MapOptions, call_cells, search_allowed
+from cellvec.cell_index.refine import apply_head
+from cellvec.cell_index.result import ontology_ids
+from cellvec.cell_index.vectors import aggregate
 from cellvec.errors import CellvecError
 from cellvec.service.schemas import MAX_CELLS_PER_REQUEST
 
 ARROW = "application/vnd.apache.arrow.stream"
+ORTHOLOGS_KEY = b"cellvec.orthologs"
+MAX_ORTHOLOG_BYTES = 64 * 1024 * 1024  # an ortholog table's text, decompressed
 ARROW_SCHEMA_DOC = (
     "Arrow IPC stream (`application/vnd.apache.arrow.stream`) of a long cell x gene table, "
     "one row per non-zero value: `cell_id` (string), `gene` (string, or dictionary<string> "
     "whose dictionary is the full gene list of the query, as a client sends it), `value` "
     "(float or integer; counts or log-normalised). Options go in the query string "
-    "(`k`, `min_confidence`, `min_typicality`, `scores`, `vectors`). At most "
+    "(`k`, `min_confidence`, `min_typicality`, `min_mixing`, `exclude_labels` (comma-separated), "
+    "`scores`, `vectors`); an ortholog table (the query's genes to the atlas's species) goes in "
+    f"the schema metadata key `{ORTHOLOGS_KEY.decode()}`, as its file's text (gzipped or not). "
+    "The mixing test judges the cells of one request as the whole query. At most "
     f"{MAX_CELLS_PER_REQUEST:,} cells a request. With `Accept: {ARROW}` the answer is an Arrow "
     "IPC stream too: `cell_id`, `label`, `confidence`, `typicality`, `nearest_similarity`, "
     "`label_broad`, `confidence_broad` and `typicality_broad` for an atlas with broad labels, "
-    "and with "
+    "`mixing` (the mixing test's p-value) with `min_mixing`, and with "
     "`scores=true` `scores` (fixed-size list of float32, one per class), with `vectors=true` "
     "`vector` (the cell vector); the schema metadata key `cellvec` holds JSON with `atlas`, "
-    "`k`, `classes` (the order of `scores`), `vector_dimension`, `recipe` and, for an atlas "
-    "with broad labels, `broad_label_key` and `broad_classes`."
+    "`k`, the options, `classes` (the order of `scores`), `vector_dimension`, `recipe`, "
+    "`gene_coverage`, `excluded_labels`, `ontology_ids` and, for an atlas with broad labels, "
+    "`broad_label_key` and `broad_classes`."
 )
 
 
 @dataclass
 class MapJob:
-    """One request's cells, ready to map."""
+    """One request's cells, ready to map, with how to call them (`MapOptions`) and what to
+    send back (`scores`, `vectors`)."""
 
     genes: list[str]
     x: sp.csr_matrix  # log-normalised, kept cells only
     ids: list[str]
-    k: int | None = None  # None: the atlas's own (15, or what `atlas build --tune` chose)
-    min_confidence: float = 0.0
-    min_typicality: float = 0.0
+    options: MapOptions = field(default_factory=MapOptions)
     scores: bool = False
     vectors: bool = False
 
@@ -55,26 +64,72 @@ class MapJob:
         return self.x.shape[0]
 
 
-@dataclass
-class JobResult:
-    ids: list[str]
-    labels: np.ndarray
-    confidence: np.ndarray
-    scores: np.ndarray
-    similarity: np.ndarray  # to the nearest atlas cell
-    vectors: np.ndarray
-    typicality: np.ndarray
-    k: int
-    broad: tuple | None = None  # (labels, confidences, typicalities) of the broad level
+def map_options(
+    *,
+    k=None,
+    min_confidence=0.0,
+    min_typicality=0.0,
+    min_mixing=0.0,
+    exclude_labels=(),
+    orthologs: bytes | None = None,
+) -> MapOptions:
+    """A request's options, its ortholog table's text parsed (`request_orthologs`)."""
+    return MapOptions.of(
+        k=k,
+        min_confidence=min_confidence,
+        min_typicality=min_typicality,
+        min_mixing=min_mixing,
+        exclude_labels=exclude_labels,
+        orthologs=request_orthologs(orthologs) if orthologs else None,
+    )
 
 
-def job_from_matrix(x, genes: list[str], ids: list[str], *, where="<request>", **options) -> MapJob:
+_ORTHOLOGS: dict[str, object] = {}  # sha256 of a table's text -> the parsed table (a few)
+
+
+def request_orthologs(data: bytes):
+    """The ortholog table a request sends (its file's text, gzipped or not), parsed once per
+    process however many requests send it; a compressed text is read up to
+    `MAX_ORTHOLOG_BYTES`, so a small upload cannot expand to fill the server's memory."""
+    import gzip
+    import hashlib
+    import io
+    from pathlib import Path
+
+    from cellvec.gene_store.orthologs import parse_orthologs
+
+    key = hashlib.sha256(data).hexdigest()
+    if key not in _ORTHOLOGS:
+        if data[:2] == b"\x1f\x8b":
+            try:
+                with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+                    text = fh.read(MAX_ORTHOLOG_BYTES + 1)
+            except (OSError, EOFError) as e:
+                raise CellvecError(f"The request's ortholog table is not valid gzip ({e}).") from e
+            if len(text) > MAX_ORTHOLOG_BYTES:
+                raise CellvecError(
+                    f"The request's ortholog table expands past {MAX_ORTHOLOG_BYTES:,} bytes; "
+                    "send a table of two or three columns of gene symbols."
+                )
+        else:
+            text = data
+        table = parse_orthologs(text, Path("request-orthologs"))
+        table.source = "the request's ortholog table"
+        if len(_ORTHOLOGS) >= 4:
+            _ORTHOLOGS.pop(next(iter(_ORTHOLOGS)))
+        _ORTHOLOGS[key] = table
+    return _ORTHOLOGS[key]
+
+
+def job_from_matrix(
+    x, genes: list[str], ids: list[str], *, where="<request>", options=None, **outputs
+) -> MapJob:
     from cellvec.cell_index.readers import read_matrix
 
     x, rows, genes = read_matrix(x, genes, where)
     if len(rows) < len(ids):
         ids = [ids[i] for i in rows]
-    return MapJob(genes, x, ids, **options)
+    return MapJob(genes, x, ids, options or MapOptions(), **outputs)
 
 
 def _array(values, kinds: str, what: str, cell_id: str) -> np.ndarray:
@@ -125,7 +180,22 @@ def cells_to_csr(cells, n_genes: int) -> sp.csr_matrix:
     x = sp.csr_matrix(
         (vals.astype(np.float32), idx.astype(np.int64), indptr), shape=(len(cells), n_genes)
     )
-    x.sum_duplicates()
+    return _as_sent(x)
+
+
+def _as_sent(x: sp.csr_matrix) -> sp.csr_matrix:
+    """`x` with its values in the order they were sent within each cell, duplicates summed.
+
+    The order matters: where several genes tie for a cell's N-th place, `top_n_weights`
+    keeps the one stored first, as local mapping does with the file's own order (an
+    h5ad's columns are often stored unsorted). A client sending a file's cells in their
+    stored order (`Client`) therefore gets the vectors `map_cells` gives. Only a cell
+    listing a gene twice is put in column order, its values summed."""
+    y = x.sorted_indices()
+    same_row = np.repeat(np.arange(y.shape[0]), np.diff(y.indptr))
+    if np.any((np.diff(y.indices) == 0) & (np.diff(same_row) == 0)):
+        y.sum_duplicates()
+        return y
     return x
 
 
@@ -135,20 +205,23 @@ def job_from_json(body: bytes) -> MapJob:
 
     req = MapRequest.model_validate_json(body)
     x = cells_to_csr(req.cells, len(req.genes))
-    return job_from_matrix(
-        x,
-        req.genes,
-        [c.id for c in req.cells],
+    options = map_options(
         k=req.k,
         min_confidence=req.min_confidence,
         min_typicality=req.min_typicality,
-        scores=req.scores,
-        vectors=req.vectors,
+        min_mixing=req.min_mixing,
+        exclude_labels=req.exclude_labels,
+        orthologs=req.orthologs.encode() if req.orthologs else None,
+    )
+    ids = [c.id for c in req.cells]
+    return job_from_matrix(
+        x, req.genes, ids, options=options, scores=req.scores, vectors=req.vectors
     )
 
 
-def job_from_arrow(body: bytes, **options) -> MapJob:
-    """An Arrow IPC stream of a long table (cell_id, gene, value) as a job."""
+def job_from_arrow(body: bytes, options: dict | None = None, **outputs) -> MapJob:
+    """An Arrow IPC stream of a long table (cell_id, gene, value) as a job; `options` (the
+    query string's, `map_options`) with the ortholog table of the schema metadata."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -181,9 +254,17 @@ def job_from_arrow(body: bytes, **options) -> MapJob:
     genes = gene.dictionary.to_pylist()
     rows = pc.fill_null(cells.indices, 0).to_numpy()
     cols = gene.indices.to_numpy()
-    x = sp.csr_matrix((values, (rows, cols)), shape=(len(ids), len(genes)), dtype=np.float32)
-    x.sum_duplicates()
-    return job_from_matrix(x, genes, ids, **options)
+    order = np.argsort(rows, kind="stable")  # by cell, each cell's values as sent
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(ids)))])
+    x = sp.csr_matrix(
+        (values[order], cols[order].astype(np.int64), indptr),
+        shape=(len(ids), len(genes)),
+        dtype=np.float32,
+    )
+    x = _as_sent(x)
+    orthologs = (table.schema.metadata or {}).get(ORTHOLOGS_KEY)
+    opts = map_options(**(options or {}), orthologs=orthologs)
+    return job_from_matrix(x, genes, ids, options=opts, **outputs)
 
 
 def _check_arrow_schema(schema) -> None:
@@ -228,7 +309,7 @@ def _check_cells(n: int) -> None:
         )
 
 
-def job_from_h5ad(data: bytes, **options) -> MapJob:
+def job_from_h5ad(data: bytes, options: dict | None = None, **outputs) -> MapJob:
     """An uploaded .h5ad file as a job (read with `read_expression`, like `cellvec map`)."""
     import tempfile
 
@@ -252,189 +333,173 @@ def job_from_h5ad(data: bytes, **options) -> MapJob:
             ) from e
     _check_cells(adata.n_obs)
     src = read_expression(adata)
-    return MapJob(src.var_names, src.to_csr(), src.obs_names, **options)
+    return MapJob(
+        src.var_names, src.to_csr(), src.obs_names, map_options(**(options or {})), **outputs
+    )
 
 
-def map_jobs(atlas, jobs: list[MapJob]) -> list[JobResult | Exception]:
+def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
     """Map a batch of jobs: one encode per gene list, one search per reference (the atlas,
-    or the atlas re-aggregated over a panel's genes), one vote per shared setting."""
-    from cellvec.cell_index.mapping import FULL_COVERAGE
-    from cellvec.cell_index.refine import apply_head
-    from cellvec.cell_index.vectors import aggregate
-
-    enc = atlas.encoder
-    n_atlas_genes = len(enc.refinement.get("gene_rows", ()))
+    or the atlas re-aggregated over a panel's genes) and blocklist, one vote per shared
+    setting; each job gets the `Calls` mapping it alone would give (`cell_index.calls`).
+    A job with the mixing test is voted alone: the test judges its cells as one query."""
+    ref = atlas.reference
     out: list = [None] * len(jobs)
     groups: dict[tuple, list[int]] = {}
-    calibrated = bool(np.isfinite(atlas.calibration).any())
     for i, job in enumerate(jobs):
-        if job.min_typicality > 0 and not calibrated:
-            out[i] = CellvecError(
-                f"Atlas {atlas.name!r} has no held-out calibration cells: rebuild it with "
-                "`cellvec atlas build ... --calibration-split 0.1` to use min_typicality."
-            )
-            continue
-        groups.setdefault(tuple(job.genes), []).append(i)
-    vecs: dict[int, np.ndarray] = {}
-    target_of: dict[int, object] = {}  # job -> None (the atlas) or the panel's gene positions
-    for members in groups.values():
         try:
-            basis = enc.basis(jobs[members[0]].genes, "request")
+            if job.options.min_typicality > 0:
+                ref.require_calibration()
+            ref.allowed(job.options.exclude_labels)
+        except CellvecError as e:
+            out[i] = e
+            continue
+        orthologs = job.options.orthologs
+        key = (tuple(job.genes), orthologs.digest if orthologs is not None else None)
+        groups.setdefault(key, []).append(i)
+    encoded: dict[int, tuple] = {}  # job -> (plan, vectors, vectors before the head)
+    for members in groups.values():
+        first = jobs[members[0]]
+        try:
+            plan = ref.plan(first.genes, "request", first.options.orthologs)
             x = sp.vstack([jobs[i].x for i in members], format="csr")
-            q = apply_head(enc.refinement, aggregate(x, basis, enc.recipe))
-            panel = None
-            partial = basis.positions is not None and len(basis.positions) < n_atlas_genes
-            if partial and atlas.full().coverage(basis.positions) < FULL_COVERAGE:
-                panel = basis.positions
+            unrefined = aggregate(x, plan.basis, ref.recipe)
+            q = apply_head(ref.encoder.refinement, unrefined)
         except CellvecError as e:
             for i in members:
                 out[i] = e
             continue
+        mixing = any(jobs[i].options.min_mixing > 0 for i in members)
         start = 0
         for i in members:
-            vecs[i] = q[start : start + jobs[i].n_cells]
-            target_of[i] = panel
+            rows = slice(start, start + jobs[i].n_cells)
+            encoded[i] = (plan, q[rows], unrefined[rows] if mixing else None)
             start += jobs[i].n_cells
-    targets: dict[object, list[int]] = {}
-    for i in sorted(vecs):
-        key = None if target_of[i] is None else target_of[i].tobytes()
-        targets.setdefault(key, []).append(i)
-    for key, order in targets.items():
-        broad_calibration = None
-        if key is None:
-            index, calibration = atlas.index, atlas.calibration
-            if atlas.broad is not None:
-                broad_calibration = atlas.broad["calibration"]
-        else:
-            _, index, calibration = atlas.full().vectors_over(target_of[order[0]])
-            if atlas.broad is not None:
-                broad_calibration = atlas.full().broad_calibration(target_of[order[0]])
-        _map_group(atlas, jobs, order, vecs, index, calibration, broad_calibration, out)
+    searches: dict[tuple, list[int]] = {}
+    for i in sorted(encoded):
+        panel = encoded[i][0].panel
+        key = (None if panel is None else panel.tobytes(), jobs[i].options.exclude_labels)
+        searches.setdefault(key, []).append(i)
+    for order in searches.values():
+        _map_group(ref, jobs, order, encoded, out)
     return out
 
 
-def _map_group(atlas, jobs, order, vecs, index, calibration, broad_calibration, out) -> None:
-    from cellvec.cell_index.mapping import assign_broad, assign_labels
-
-    q = np.concatenate([vecs[i] for i in order]) if len(order) > 1 else vecs[order[0]]
-    k_of = {i: jobs[i].k or atlas.k for i in order}
-    idx, sim = index.search(q, max(k_of.values()))
+def _map_group(ref, jobs, order, encoded, out) -> None:
+    """Jobs compared with one reference past one blocklist: one search, then one vote per
+    setting (`call_cells`)."""
+    plan = encoded[order[0]][0]
+    target = ref.target(plan.panel)
+    excluded, allowed = ref.allowed(jobs[order[0]].options.exclude_labels)
+    q = np.concatenate([encoded[i][1] for i in order]) if len(order) > 1 else encoded[order[0]][1]
+    k_of = {i: jobs[i].options.k or ref.k for i in order}
+    idx, sim = search_allowed(target.index, q, max(k_of.values()), allowed)
     starts = np.cumsum([0] + [jobs[i].n_cells for i in order])
-    rows_of = {i: slice(starts[j], starts[j + 1]) for j, i in enumerate(order)}
+    rows_of = {i: np.arange(starts[j], starts[j + 1]) for j, i in enumerate(order)}
     votes: dict[tuple, list[int]] = {}  # one vote for the jobs that share their settings
     for i in order:
-        votes.setdefault((k_of[i], jobs[i].min_confidence, jobs[i].min_typicality), []).append(i)
-    for (k, min_confidence, min_typicality), members in votes.items():
-        rows = np.concatenate([np.arange(rows_of[i].start, rows_of[i].stop) for i in members])
-        scores, labels, conf, typical = assign_labels(
-            q[rows],
-            idx[rows, :k],
-            sim[rows, :k],
-            atlas.classes,
-            atlas.codes,
-            min_confidence,
-            calibration=calibration,
-            min_typicality=min_typicality,
+        o = jobs[i].options
+        key = (k_of[i], o.min_confidence, o.min_typicality, i if o.min_mixing > 0 else None)
+        votes.setdefault(key, []).append(i)
+    for (k, *_), members in votes.items():
+        rows = np.concatenate([rows_of[i] for i in members])
+        options = jobs[members[0]].options
+        mixing = None
+        if options.min_mixing > 0:
+            mixing = ref.mixing(plan.panel, encoded[members[0]][2], options.min_mixing)
+        calls = call_cells(
+            ref.labels, target, q[rows], (idx[rows, :k], sim[rows, :k]), options, mixing=mixing
         )
-        broad = None
-        if atlas.broad is not None:
-            b = atlas.broad
-            broad = assign_broad(
-                q[rows],
-                idx[rows, :k],
-                sim[rows, :k],
-                labels,
-                atlas.classes,
-                b["classes"],
-                b["codes"],
-                b["parent"],
-                min_confidence,
-                calibration=broad_calibration,
-                min_typicality=min_typicality,
-            )
+        calls.classes, calls.excluded, calls.recipe = (
+            ref.labels.classes,
+            excluded,
+            ref.recipe.to_dict(),
+        )
+        calls.ontology_ids = ontology_ids(ref.meta)
         start = 0
         for i in members:
-            n, sl = jobs[i].n_cells, rows_of[i]
-            part = slice(start, start + n)
+            n = jobs[i].n_cells
+            out[i] = calls.rows(slice(start, start + n))
+            out[i].coverage = encoded[i][0].coverage
             start += n
-            out[i] = JobResult(
-                jobs[i].ids,
-                labels[part],
-                conf[part],
-                scores[part],
-                sim[sl, 0],
-                q[sl],
-                typical[part],
-                k,
-                None if broad is None else tuple(x[part] for x in broad),
-            )
 
 
-def render_json(atlas, job: MapJob, res: JobResult) -> bytes:
+def _rounded(a: np.ndarray) -> list:
+    return np.round(a.astype(np.float64), 4).tolist()
+
+
+def render_json(atlas, job: MapJob, res: Calls) -> bytes:
     import orjson
 
-    conf = np.round(res.confidence.astype(np.float64), 4).tolist()
     labels = [str(v) for v in res.labels]
-    typical = np.round(res.typicality.astype(np.float64), 4).tolist()
     cells = [
         {"id": i, "label": lab, "confidence": c, "typicality": t}
-        for i, lab, c, t in zip(res.ids, labels, conf, typical)
+        for i, lab, c, t in zip(job.ids, labels, _rounded(res.confidence), _rounded(res.typicality))
     ]
+    if res.mixing is not None:
+        for cell, p in zip(cells, _rounded(res.mixing)):
+            cell["mixing"] = p
     if res.broad is not None:
-        b_labels, b_conf, b_typical = res.broad
+        b = res.broad
         for cell, lab, c, t in zip(
-            cells,
-            [str(v) for v in b_labels],
-            np.round(b_conf.astype(np.float64), 4).tolist(),
-            np.round(b_typical.astype(np.float64), 4).tolist(),
+            cells, [str(v) for v in b.labels], _rounded(b.confidence), _rounded(b.typicality)
         ):
             cell.update(label_broad=lab, confidence_broad=c, typicality_broad=t)
     if job.scores:
-        classes = [str(c) for c in atlas.classes]
+        classes = [str(c) for c in res.classes]
         rounded = np.round(res.scores, 4)
         for cell, row, raw in zip(cells, rounded.tolist(), res.scores):
             cell["scores"] = {classes[j]: row[j] for j in np.flatnonzero(raw > 0)}
     if job.vectors:
         for cell, v in zip(cells, res.vectors.tolist()):
             cell["vector"] = v
-    return orjson.dumps(
-        {"atlas": atlas.name, "n_cells": len(cells), "k": res.k, "cells": cells},
-        option=orjson.OPT_SERIALIZE_NUMPY,
-    )
+    answer = {"atlas": atlas.name, "n_cells": len(cells), "k": res.k, "cells": cells}
+    if res.coverage < 1.0:
+        answer["gene_coverage"] = round(res.coverage, 4)
+    if res.excluded:
+        answer["excluded_labels"] = res.excluded
+    return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def render_arrow(atlas, job: MapJob, res: JobResult) -> bytes:
+def render_arrow(atlas, job: MapJob, res: Calls) -> bytes:
     import pyarrow as pa
 
     cols = {
-        "cell_id": pa.array(res.ids, pa.string()),
+        "cell_id": pa.array(job.ids, pa.string()),
         "label": pa.array([str(v) for v in res.labels], pa.string()),
         "confidence": pa.array(res.confidence.astype(np.float32)),
         "typicality": pa.array(res.typicality.astype(np.float32)),
         "nearest_similarity": pa.array(res.similarity.astype(np.float32)),
     }
+    if res.mixing is not None:
+        cols["mixing"] = pa.array(res.mixing.astype(np.float64))
     if res.broad is not None:
-        cols["label_broad"] = pa.array([str(v) for v in res.broad[0]], pa.string())
-        cols["confidence_broad"] = pa.array(res.broad[1].astype(np.float32))
-        cols["typicality_broad"] = pa.array(res.broad[2].astype(np.float32))
+        cols["label_broad"] = pa.array([str(v) for v in res.broad.labels], pa.string())
+        cols["confidence_broad"] = pa.array(res.broad.confidence.astype(np.float32))
+        cols["typicality_broad"] = pa.array(res.broad.typicality.astype(np.float32))
     if job.scores:
         s = np.ascontiguousarray(res.scores, dtype=np.float32)
         cols["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(s.ravel()), s.shape[1])
     if job.vectors:
         v = np.ascontiguousarray(res.vectors, dtype=np.float32)
         cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
+    o = job.options
     meta = {
         "atlas": atlas.name,
         "k": res.k,
-        "min_confidence": job.min_confidence,
-        "min_typicality": job.min_typicality,
+        "min_confidence": o.min_confidence,
+        "min_typicality": o.min_typicality,
+        "min_mixing": o.min_mixing,
         "vector_dimension": int(res.vectors.shape[1]),
-        "classes": [str(c) for c in atlas.classes],
-        "recipe": atlas.recipe.to_dict(),
+        "classes": [str(c) for c in res.classes],
+        "recipe": res.recipe,
+        "gene_coverage": res.coverage,
+        "excluded_labels": res.excluded,
+        "ontology_ids": res.ontology_ids,
     }
-    if atlas.broad is not None:
-        meta["broad_label_key"] = atlas.meta.get("broad_label_key")
-        meta["broad_classes"] = [str(c) for c in atlas.broad["classes"]]
+    if res.broad is not None:
+        meta["broad_label_key"] = res.broad.key
+        meta["broad_classes"] = [str(c) for c in res.broad.classes]
     table = pa.table(cols).replace_schema_metadata({"cellvec": json.dumps(meta)})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:

@@ -40,6 +40,22 @@ class MapRequest(BaseModel):
         le=1.0,
         description="Below this typicality (calibrated on the reference) a cell is 'unassigned'",
     )
+    min_mixing: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Below this mixing-test p-value a cell is 'unassigned' (the request's cells "
+        "are judged as one query: send the whole query)",
+    )
+    exclude_labels: list[str] = Field(
+        [], max_length=1_000, description="Labels never given (their reference cells are skipped)"
+    )
+    orthologs: str | None = Field(
+        None,
+        max_length=64 * 1024 * 1024,
+        description="An ortholog table's text (CSV/TSV, see `cellvec map --orthologs`): the "
+        "query's genes are matched to the atlas's species through it",
+    )
     scores: bool = Field(False, description="Return per-class scores per cell")
     vectors: bool = Field(False, description="Return each cell's vector")
 
