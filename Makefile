@@ -30,9 +30,13 @@ test: $(STAMP)
 test-long: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m long
 
+# Style, then the import contracts of .importlinter (layers one way, no cycles at any
+# depth) and tests/test_imports.py (no cycle between a package and its own modules).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q tests/test_imports.py
 
 # Ratio benchmarks (not part of the test suite; ~1 hour on 2 cores, see benchmarks/README.md).
 bench: $(STAMP)

@@ -44,7 +44,8 @@ def main():
     )
     ap.add_argument("--steps", type=int, help="steps for both fits (default: the recipe's)")
     args = ap.parse_args()
-    from cellvec.cell_index.refine import encode_weights, fit_refinement
+    from cellvec.cell_index.recipe import Recipe
+    from cellvec.cell_index.refine import RefineOptions, encode_weights, fit_refinement
     from cellvec.cell_index.vectors import top_n_weights
     from cellvec.gene_store.embedders.base import normalise_rows
 
@@ -72,12 +73,14 @@ def main():
     basis = rng.normal(size=(g, d)).astype(np.float32)
     test = rng.random(n) < 0.1
     # A short fit first: the first fit of a process paid for torch's warm-up (~4 s).
-    fit_refinement(w[~test][:2000], basis, y[~test][:2000], steps=20)
+    fit_refinement(w[~test][:2000], basis, y[~test][:2000], options=RefineOptions(steps=20))
     t = time.perf_counter()
-    params, report = fit_refinement(w[~test], basis, y[~test], steps=args.steps)
+    options = RefineOptions(steps=args.steps)
+    params, report = fit_refinement(w[~test], basis, y[~test], options=options)
     secs = time.perf_counter() - t
     t = time.perf_counter()
-    fit_refinement(w[~test], basis, y[~test], adapt_genes=False, center=False, steps=args.steps)
+    head_only = Recipe(adapt_genes=False, center=False)
+    fit_refinement(w[~test], basis, y[~test], recipe=head_only, options=options)
     head_secs = time.perf_counter() - t
     clean = normalise_rows(np.asarray(w @ basis, dtype=np.float32))
     ref = np.flatnonzero(~test)[:20_000]

@@ -151,7 +151,7 @@ def _load(folder: Path, name: str):
 def _fit(job):
     folder, settings, name, ds, fold, seed = job
     _light_imports()
-    from cellvec.cell_index.refine import encode_weights, fit_refinement
+    from cellvec.cell_index.refine import RefineOptions, encode_weights, fit_refinement
 
     w, vecs, codes, tests = _load(folder, ds)
     te = tests[fold]
@@ -160,7 +160,7 @@ def _fit(job):
     if "dropout" in kw:
         kw["dropout"] = tuple(kw["dropout"])
     t = time.perf_counter()
-    params, _ = fit_refinement(w[tr], vecs, codes[tr], seed=seed, **kw)
+    params, _ = fit_refinement(w[tr], vecs, codes[tr], options=RefineOptions(**kw), seed=seed)
     ref, query = encode_weights(w[tr], vecs, params), encode_weights(w[te], vecs, params)
     return (name, ds, fold, seed), ref, query, time.perf_counter() - t
 

@@ -4,7 +4,8 @@ import scipy.sparse as sp
 
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
-from cellvec.cell_index.refine import encode_weights, fit_refinement
+from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.refine import RefineOptions, encode_weights, fit_refinement
 from cellvec.evaluation.evaluate import evaluate
 from conftest import METRIC_KEYS, tiny_adata
 
@@ -31,9 +32,9 @@ def _toy(n=120, seed=0):
 
 def test_refinement_is_deterministic_under_a_seed():
     w, basis, y = _toy()
-    h1, r1 = fit_refinement(w, basis, y, seed=7, **FAST)
-    h2, r2 = fit_refinement(w, basis, y, seed=7, **FAST)
-    h3, _ = fit_refinement(w, basis, y, seed=8, **FAST)
+    h1, r1 = fit_refinement(w, basis, y, seed=7, options=RefineOptions(**FAST))
+    h2, r2 = fit_refinement(w, basis, y, seed=7, options=RefineOptions(**FAST))
+    h3, _ = fit_refinement(w, basis, y, seed=8, options=RefineOptions(**FAST))
     assert set(h1) == {"w1", "b1", "w2", "b2", "skip", "cell_mean", "gene_gate", "gene_delta"}
     for k in h1:
         np.testing.assert_array_equal(h1[k], h2[k])
@@ -43,7 +44,7 @@ def test_refinement_is_deterministic_under_a_seed():
 
 def test_refined_vectors_are_unit_length_and_numpy_only():
     w, basis, y = _toy()
-    params, report = fit_refinement(w, basis, y, seed=0, out_dim=8, **FAST)
+    params, report = fit_refinement(w, basis, y, seed=0, options=RefineOptions(out_dim=8, **FAST))
     out = encode_weights(w, basis, params)
     assert out.shape == (120, 8)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
@@ -63,14 +64,14 @@ def test_gene_gates_turn_down_a_gene_every_cell_expresses():
     x[:, 21:] = rng.uniform(0, 1, size=(n, 9))
     w = sp.csr_matrix(x / x.sum(1, keepdims=True))
     basis = rng.normal(size=(g, 16)).astype(np.float32)
-    params, _ = fit_refinement(w, basis, y, steps=150, batch_size=64, seed=0)
+    params, _ = fit_refinement(w, basis, y, options=RefineOptions(steps=150, batch_size=64), seed=0)
     gate = params["gene_gate"]
     assert gate[0] < np.median(gate[1:21])
 
 
 def test_unrefined_recipe_fits_only_the_reference_mean():
     w, basis, y = _toy()
-    params, report = fit_refinement(w, basis, y, mode="none")
+    params, report = fit_refinement(w, basis, y, recipe=Recipe(refine="none"))
     assert set(params) == {"cell_mean"} and report["mode"] == "none"
     np.testing.assert_allclose(
         params["cell_mean"], np.asarray(w.mean(0) @ basis).ravel(), rtol=1e-5
@@ -82,12 +83,16 @@ def test_supcon_without_labels_names_the_fix():
 
     w, basis, _ = _toy()
     with pytest.raises(CellvecError, match="--label-key.*--refine simclr"):
-        fit_refinement(w, basis, None, mode="supcon", **FAST)
+        fit_refinement(
+            w, basis, None, recipe=Recipe(refine="supcon"), options=RefineOptions(**FAST)
+        )
 
 
 def test_simclr_without_labels():
     w, basis, _ = _toy()
-    head, report = fit_refinement(w, basis, None, mode="simclr", seed=0, **FAST)
+    head, report = fit_refinement(
+        w, basis, None, recipe=Recipe(refine="simclr"), options=RefineOptions(**FAST), seed=0
+    )
     assert report["mode"] == "simclr" and head["w1"].shape[0] == 16
 
 
@@ -427,7 +432,7 @@ def test_an_unknown_schedule_names_the_choices():
 
     w, basis, y = _toy()
     with pytest.raises(CellvecError, match="choose constant or cosine"):
-        fit_refinement(w, basis, y, schedule="linear", **FAST)
+        fit_refinement(w, basis, y, options=RefineOptions(schedule="linear", **FAST))
 
 
 def test_panel_caches_keep_the_whole_atlas_and_the_last_four_panels():

@@ -38,7 +38,13 @@ from cellvec.cell_index.background import apply_background, fit_background
 from cellvec.cell_index.encoder import CellEncoder
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import RECIPE_VERSION, Recipe
-from cellvec.cell_index.refine import adapted_basis, apply_head, encode_weights, fit_refinement
+from cellvec.cell_index.refine import (
+    RefineOptions,
+    adapted_basis,
+    apply_head,
+    encode_weights,
+    fit_refinement,
+)
 from cellvec.cell_index.vectors import (
     GeneBasis,
     fold_duplicates,
@@ -258,11 +264,9 @@ def fit_encoder(
         w[train],
         vecs,
         None if recipe.refine != "supcon" else np.asarray(labels)[train],
-        mode=recipe.refine,
-        adapt_genes=recipe.adapt_genes,
-        center=recipe.center,
+        recipe=recipe,
+        options=RefineOptions(**(refine_options or {})),
         seed=seed,
-        **(refine_options or {}),
     )
     refinement = {"gene_rows": rows.astype(np.int64), **params}
     recipe = Recipe.from_dict(

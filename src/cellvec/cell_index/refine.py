@@ -29,11 +29,13 @@ import contextlib
 import functools
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
 from cellvec._progress import progress
+from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.vectors import weighted_mean
 from cellvec.errors import CellvecError
 from cellvec.gene_store.embedders.base import normalise_rows
@@ -239,32 +241,10 @@ def _contrastive_loss(z, labels, temperature: float):
     return per_cell[has_pos].mean() if bool(has_pos.any()) else per_cell.sum() * 0
 
 
-def fit_refinement(
-    w: sp.csr_matrix,
-    basis: np.ndarray,
-    labels: np.ndarray | None,
-    *,
-    mode: str = "supcon",
-    adapt_genes: bool = True,
-    center: bool = True,
-    steps: int | None = None,
-    batch_size: int = 256,
-    out_dim: int = 128,
-    hidden: int = 512,
-    temperature: float = 0.2,
-    lr: float = 1e-3,
-    delta_penalty: float = 1.0,
-    gate_penalty: float = 0.01,
-    dropout: tuple[float, float] = (0.1, 0.6),
-    noise: float = 0.25,
-    balance: float = 0.5,
-    schedule: str = "cosine",
-    seed: int = 0,
-) -> tuple[dict[str, np.ndarray], dict]:
-    """Fit refinement on top-gene weights `w` (cells x genes) over gene vectors `basis`.
-
-    Returns (arrays for `encode_weights`, report). `mode="none"` fits only the
-    reference mean (when `center`); `adapt_genes=False` trains the head alone.
+@dataclass(frozen=True)
+class RefineOptions:
+    """How refinement trains; the recipe says whether, and what (`refine`, `adapt_genes`,
+    `center`). `steps` None: `default_steps` of the reference's size.
 
     Defaults measured over 4 labelled sets x 3 seeds (`benchmarks/refine_variants.py`,
     results/refine_variants.md): a cosine-decayed learning rate, classes drawn as
@@ -272,10 +252,43 @@ def fit_refinement(
     their few cells are not replayed into over-fitting) and temperature 0.2 gave
     mean macro-F1 0.865 against 0.850 for constant rate, full balance and 0.1.
     """
-    if mode not in ("none", "supcon", "simclr"):
-        raise CellvecError(f"Unknown refinement {mode!r}; choose none, supcon or simclr.")
-    if schedule not in ("constant", "cosine"):
-        raise CellvecError(f"Unknown schedule {schedule!r}; choose constant or cosine.")
+
+    steps: int | None = None
+    batch_size: int = 256
+    out_dim: int = 128
+    hidden: int = 512
+    temperature: float = 0.2
+    lr: float = 1e-3
+    delta_penalty: float = 1.0
+    gate_penalty: float = 0.01
+    dropout: tuple[float, float] = (0.1, 0.6)
+    noise: float = 0.25
+    balance: float = 0.5
+    schedule: str = "cosine"
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise CellvecError(f"Unknown schedule {self.schedule!r}; choose constant or cosine.")
+
+
+def fit_refinement(
+    w: sp.csr_matrix,
+    basis: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    recipe: Recipe | None = None,
+    options: RefineOptions | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Fit refinement on top-gene weights `w` (cells x genes) over gene vectors `basis`.
+
+    Returns (arrays for `encode_weights`, report). The recipe (default `Recipe()`) says
+    what is fitted: `refine` none fits only the reference mean (when `center`),
+    `adapt_genes=False` trains the head alone; `options` how (`RefineOptions`).
+    """
+    recipe = recipe or Recipe()
+    options = options or RefineOptions()
+    mode, center = recipe.refine, recipe.center
     mean0 = reference_mean(w, basis) if center else None
     if mode == "none":
         return ({"cell_mean": mean0} if center else {}), {"mode": "none"}
@@ -288,124 +301,27 @@ def fit_refinement(
     import torch
 
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    n, d = w.shape[0], basis.shape[1]
-    y = np.zeros(n, dtype=np.int64)
-    if labels is not None:
-        _, y = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-    steps = steps or default_steps(n, batch_size)
-    # Train only on genes some reference cell uses: the others get no gradient anyway.
-    used = np.flatnonzero(np.bincount(w.indices, minlength=w.shape[1]) > 0)
-    w_used = sp.csr_matrix(w[:, used], dtype=np.float32)
-    p = balanced_sampling_weights(y, balance) if supervised else None
-
+    ref = _Reference.of(w, labels, supervised=supervised, balance=options.balance)
+    steps = options.steps or default_steps(ref.n_cells, options.batch_size)
     with _torch_threads(TRAIN_THREADS):
         torch.manual_seed(seed)
-        e = torch.from_numpy(np.ascontiguousarray(basis[used], dtype=np.float32))
-        adapter = (
-            _GeneAdapter(e, delta_penalty=delta_penalty, gate_penalty=gate_penalty)
-            if adapt_genes
-            else None
-        )
-        cell_mean = torch.tensor(mean0 if center else np.zeros(d, np.float32), requires_grad=center)
-        mlp = torch.nn.Sequential(
-            torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out_dim)
-        )
-        skip = torch.nn.Linear(d, out_dim, bias=False)
-        params = list(mlp.parameters()) + list(skip.parameters())
-        params += [adapter.log_gate] if adapter else []
-        params += [cell_mean] if center else []
-        groups = [{"params": params}]
-        groups += [{"params": [adapter.vectors], "weight_decay": 0.0}] if adapter else []
-        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4, fused=True)
-        sched = (
-            torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, steps) / steps))
-            )
-            if schedule == "cosine"
-            else None
-        )
-
-        product = _sparse_product()
-        position = np.zeros(len(used), dtype=np.int32)  # a gene's column in the batch
-        rows = None
-
-        def forward(wb: sp.csr_matrix):
-            # Only the genes this batch's cells use take part: their adapted vectors
-            # are gathered, and the weights act on them as a sparse product.
-            nonlocal rows
-            genes = np.unique(wb.indices)
-            position[genes] = np.arange(len(genes), dtype=np.int32)
-            columns = position[wb.indices]
-            data = wb.data * adapter.gates(genes)[columns] if adapter else wb.data
-            local = sp.csr_matrix((data, columns, wb.indptr), shape=(wb.shape[0], len(genes)))
-            g = torch.from_numpy(genes)
-            rows = adapter.rows(g) if adapter else torch.index_select(e, 0, g)
-            v = product.apply(local, rows) - cell_mean
-            v = torch.nn.functional.normalize(v, dim=1)
-            return torch.nn.functional.normalize(mlp(v) + skip(v), dim=1)
-
-        history = []
-        with progress(total=steps, desc=f"refine ({mode})", unit="step") as bar:
-            for step in range(steps):
-                b = rng.choice(n, size=min(batch_size, n), replace=True, p=p)
-                if supervised:
-                    z = forward(augment_weights(w_used[b], rng, dropout=dropout, noise=noise))
-                    lab = torch.from_numpy(y[b])
-                else:
-                    wb = w_used[b]
-                    z = forward(
-                        sp.vstack(
-                            [
-                                augment_weights(wb, rng, dropout=dropout, noise=noise),
-                                augment_weights(wb, rng, dropout=dropout, noise=noise),
-                            ],
-                            format="csr",
-                        )
-                    )
-                    lab = torch.from_numpy(np.concatenate([np.arange(len(b))] * 2))
-                loss = _contrastive_loss(z, lab, temperature)
-                opt.zero_grad()
-                loss.backward()
-                if adapter:
-                    adapter.backward(rows)
-                # logged before opt.step(): the loss the gradients were taken at
-                if step % 50 == 0 or step == steps - 1:
-                    value = loss.item() + (adapter.penalty() if adapter else 0.0)
-                    history.append({"step": step + 1, "loss": round(value, 4)})
-                    bar.set_postfix(loss=f"{value:.3f}")
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                bar.update(1)
-
-        out = {
-            "w1": mlp[0].weight.detach().numpy().T.copy(),
-            "b1": mlp[0].bias.detach().numpy().copy(),
-            "w2": mlp[2].weight.detach().numpy().T.copy(),
-            "b2": mlp[2].bias.detach().numpy().copy(),
-            "skip": skip.weight.detach().numpy().T.copy(),
-        }
-        if center:
-            out["cell_mean"] = cell_mean.detach().numpy().copy()
-        if adapt_genes:
-            gate = np.ones(w.shape[1], dtype=np.float32)
-            full_delta = np.zeros((w.shape[1], d), dtype=np.float32)
-            gate[used], full_delta[used] = adapter.arrays()
-            out["gene_gate"], out["gene_delta"] = gate, full_delta
+        e = torch.from_numpy(np.ascontiguousarray(basis[ref.used], dtype=np.float32))
+        model = _Model(e, mean0, adapt_genes=recipe.adapt_genes, options=options, steps=steps)
+        history = _train(model, ref, options, mode=mode, steps=steps, seed=seed)
+        out = model.arrays(ref.used, n_genes=w.shape[1])
     secs = time.perf_counter() - t0
     report = {
         "mode": mode,
         "steps": steps,
-        "batch_size": batch_size,
-        "adapt_genes": adapt_genes,
-        "genes_trained": int(len(used)),
-        "n_cells": int(n),
-        "temperature": temperature,
-        "lr": lr,
-        "schedule": schedule,
-        "balance": balance,
-        "dropout": list(dropout),
+        "batch_size": options.batch_size,
+        "adapt_genes": recipe.adapt_genes,
+        "genes_trained": int(len(ref.used)),
+        "n_cells": int(ref.n_cells),
+        "temperature": options.temperature,
+        "lr": options.lr,
+        "schedule": options.schedule,
+        "balance": options.balance,
+        "dropout": list(options.dropout),
         "seed": seed,
         "seconds": round(secs, 1),
         "history": history,
@@ -413,11 +329,164 @@ def fit_refinement(
     log.info(
         "Refinement (%s%s): %d steps on %s cells and %s genes in %.1f s, final loss %.3f",
         mode,
-        ", gene adapter" if adapt_genes else "",
+        ", gene adapter" if recipe.adapt_genes else "",
         steps,
-        f"{n:,}",
-        f"{len(used):,}",
+        f"{ref.n_cells:,}",
+        f"{len(ref.used):,}",
         secs,
         history[-1]["loss"],
     )
     return out, report
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The reference as trained on: weights over the genes some cell uses (the others get
+    no gradient anyway), class codes, and each cell's sampling probability (None:
+    uniform, for SimCLR)."""
+
+    w: sp.csr_matrix
+    used: np.ndarray
+    y: np.ndarray
+    p: np.ndarray | None
+
+    @property
+    def n_cells(self) -> int:
+        return self.w.shape[0]
+
+    @classmethod
+    def of(cls, w, labels, *, supervised: bool, balance: float) -> _Reference:
+        y = np.zeros(w.shape[0], dtype=np.int64)
+        if labels is not None:
+            _, y = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+        used = np.flatnonzero(np.bincount(w.indices, minlength=w.shape[1]) > 0)
+        w_used = sp.csr_matrix(w[:, used], dtype=np.float32)
+        p = balanced_sampling_weights(y, balance) if supervised else None
+        return cls(w_used, used, y, p)
+
+
+class _Model:
+    """What refinement trains, over the reference's used genes `e` (torch, rows of the
+    basis): the gene adapter (or `e` as it is), the reference mean (trained when
+    given), and the head (MLP plus a linear skip); with their optimiser and schedule."""
+
+    def __init__(self, e, mean0, *, adapt_genes: bool, options: RefineOptions, steps: int):
+        import torch
+
+        d = e.shape[1]
+        center = mean0 is not None
+        self.e, self.center = e, center
+        self.adapter = (
+            _GeneAdapter(e, delta_penalty=options.delta_penalty, gate_penalty=options.gate_penalty)
+            if adapt_genes
+            else None
+        )
+        self.cell_mean = torch.tensor(
+            mean0 if center else np.zeros(d, np.float32), requires_grad=center
+        )
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(d, options.hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(options.hidden, options.out_dim),
+        )
+        self.skip = torch.nn.Linear(d, options.out_dim, bias=False)
+        self.opt, self.sched = self._optimiser(options, steps)
+        self.product = _sparse_product()
+        self.position = np.zeros(len(e), dtype=np.int32)  # a gene's column in the batch
+        self.rows = None
+
+    def _optimiser(self, options: RefineOptions, steps: int):
+        import torch
+
+        adapter = self.adapter
+        params = list(self.mlp.parameters()) + list(self.skip.parameters())
+        params += [adapter.log_gate] if adapter else []
+        params += [self.cell_mean] if self.center else []
+        groups = [{"params": params}]
+        groups += [{"params": [adapter.vectors], "weight_decay": 0.0}] if adapter else []
+        opt = torch.optim.AdamW(groups, lr=options.lr, weight_decay=1e-4, fused=True)
+        sched = (
+            torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, steps) / steps))
+            )
+            if options.schedule == "cosine"
+            else None
+        )
+        return opt, sched
+
+    def forward(self, wb: sp.csr_matrix):
+        """Refined unit vectors of a batch's weights. Only the genes this batch's cells
+        use take part: their adapted vectors are gathered, and the weights act on them
+        as a sparse product."""
+        import torch
+
+        adapter, position = self.adapter, self.position
+        genes = np.unique(wb.indices)
+        position[genes] = np.arange(len(genes), dtype=np.int32)
+        columns = position[wb.indices]
+        data = wb.data * adapter.gates(genes)[columns] if adapter else wb.data
+        local = sp.csr_matrix((data, columns, wb.indptr), shape=(wb.shape[0], len(genes)))
+        g = torch.from_numpy(genes)
+        self.rows = adapter.rows(g) if adapter else torch.index_select(self.e, 0, g)
+        v = self.product.apply(local, self.rows) - self.cell_mean
+        v = torch.nn.functional.normalize(v, dim=1)
+        return torch.nn.functional.normalize(self.mlp(v) + self.skip(v), dim=1)
+
+    def arrays(self, used: np.ndarray, *, n_genes: int) -> dict[str, np.ndarray]:
+        """The trained arrays, gene gates and corrections over all `n_genes` genes."""
+        mlp = self.mlp
+        out = {
+            "w1": mlp[0].weight.detach().numpy().T.copy(),
+            "b1": mlp[0].bias.detach().numpy().copy(),
+            "w2": mlp[2].weight.detach().numpy().T.copy(),
+            "b2": mlp[2].bias.detach().numpy().copy(),
+            "skip": self.skip.weight.detach().numpy().T.copy(),
+        }
+        if self.center:
+            out["cell_mean"] = self.cell_mean.detach().numpy().copy()
+        if self.adapter:
+            gate = np.ones(n_genes, dtype=np.float32)
+            full_delta = np.zeros((n_genes, self.e.shape[1]), dtype=np.float32)
+            gate[used], full_delta[used] = self.adapter.arrays()
+            out["gene_gate"], out["gene_delta"] = gate, full_delta
+        return out
+
+
+def _train(
+    model: _Model, ref: _Reference, options: RefineOptions, *, mode: str, steps: int, seed: int
+) -> list[dict]:
+    """`steps` optimiser steps on batches of augmented views; the loss history (every
+    50 steps and the last)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    n, supervised = ref.n_cells, mode == "supcon"
+    views = functools.partial(
+        augment_weights, rng=rng, dropout=options.dropout, noise=options.noise
+    )
+    history = []
+    with progress(total=steps, desc=f"refine ({mode})", unit="step") as bar:
+        for step in range(steps):
+            b = rng.choice(n, size=min(options.batch_size, n), replace=True, p=ref.p)
+            if supervised:
+                z = model.forward(views(ref.w[b]))
+                lab = torch.from_numpy(ref.y[b])
+            else:
+                wb = ref.w[b]
+                z = model.forward(sp.vstack([views(wb), views(wb)], format="csr"))
+                lab = torch.from_numpy(np.concatenate([np.arange(len(b))] * 2))
+            loss = _contrastive_loss(z, lab, options.temperature)
+            model.opt.zero_grad()
+            loss.backward()
+            if model.adapter:
+                model.adapter.backward(model.rows)
+            # logged before opt.step(): the loss the gradients were taken at
+            if step % 50 == 0 or step == steps - 1:
+                value = loss.item() + (model.adapter.penalty() if model.adapter else 0.0)
+                history.append({"step": step + 1, "loss": round(value, 4)})
+                bar.set_postfix(loss=f"{value:.3f}")
+            model.opt.step()
+            if model.sched is not None:
+                model.sched.step()
+            bar.update(1)
+    return history

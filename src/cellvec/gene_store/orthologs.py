@@ -38,7 +38,8 @@ import numpy as np
 import polars as pl
 
 from cellvec.errors import InputFormatError
-from cellvec.gene_store.sources import SPECIES, TAX_NAMES, _read_bytes
+from cellvec.gene_store.resolve import match_genes
+from cellvec.gene_store.sources import SPECIES, TAX_NAMES, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,6 @@ class OrthologTable:
         and for each how: "ortholog" (its one ortholog in the store), "ortholog (best of
         several)" (one of its orthologs in the store, by the rule in the module docstring),
         "ortholog (ambiguous)" or None."""
-        from cellvec.gene_store.resolve import match_genes
-
         names = [str(n) for n in names]
         species = None
         if "tax_id" in genes.columns and genes.height:
@@ -197,7 +196,7 @@ def _support(col: str | None) -> pl.Expr:
 def read_orthologs(path: str | Path) -> OrthologTable:
     """Read an ortholog table (see module docstring for the layouts)."""
     path = Path(path)
-    return parse_orthologs(_read_bytes(path), path)
+    return parse_orthologs(read_bytes(path), path)
 
 
 def parse_orthologs(data: bytes, path: Path) -> OrthologTable:

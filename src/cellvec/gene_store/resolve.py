@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import polars as pl
-
-if TYPE_CHECKING:
-    from cellvec.gene_store.orthologs import OrthologTable
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +108,14 @@ def _cached_lookup(genes: pl.DataFrame) -> pl.DataFrame:
     return hit[1]
 
 
-def match_genes(names, genes: pl.DataFrame, *, orthologs: OrthologTable | None = None) -> GeneMatch:
+class Orthologs(Protocol):
+    """What matching needs of an ortholog table (`gene_store.orthologs.OrthologTable`,
+    which builds on this module's matching, so it is named here only by what it does)."""
+
+    def store_rows(self, names, genes: pl.DataFrame) -> tuple[np.ndarray, list[str | None]]: ...
+
+
+def match_genes(names, genes: pl.DataFrame, *, orthologs: Orthologs | None = None) -> GeneMatch:
     """Resolve query gene `names` against a store's gene frame (see module docstring);
     names that match nothing directly go through `orthologs` when given."""
     names = [str(n) for n in names]

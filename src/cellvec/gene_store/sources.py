@@ -65,7 +65,8 @@ def tax_id_for(species: str) -> int:
         ) from None
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The bytes of a file, gunzipped when it is gzipped (whatever its name says)."""
     if not path.exists():
         raise InputFormatError(f"{path}: no such file.")
     with open(path, "rb") as fh:
@@ -79,7 +80,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _read_ncbi_table(path: Path, required: list[str], what: str, fix: str) -> pl.DataFrame:
-    data = _read_bytes(path)
+    data = read_bytes(path)
     header = data.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r").split("\t")
     missing = [c for c in required if c not in header]
     if missing:
@@ -209,7 +210,7 @@ def read_summaries(
     suffixes = "".join(path.suffixes).lower()
     if ".json" in suffixes:
         try:
-            obj = json.loads(_read_bytes(path))
+            obj = json.loads(read_bytes(path))
         except json.JSONDecodeError as e:
             raise InputFormatError(f"{path}: not valid JSON ({e}).") from e
         if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
@@ -224,7 +225,7 @@ def read_summaries(
             df = pl.read_parquet(path)
         elif ".tsv" in suffixes or ".txt" in suffixes or ".csv" in suffixes:
             sep = "," if ".csv" in suffixes else "\t"
-            df = pl.read_csv(io.BytesIO(_read_bytes(path)), separator=sep, infer_schema=False)
+            df = pl.read_csv(io.BytesIO(read_bytes(path)), separator=sep, infer_schema=False)
         else:
             raise InputFormatError(
                 f"{path}: unknown summaries format {suffixes!r}; use .json, .tsv, .csv or .parquet."

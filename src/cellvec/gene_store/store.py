@@ -14,10 +14,8 @@ only genes whose text changed, and a killed build picks up where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +27,7 @@ import pyarrow as pa
 
 from cellvec._progress import progress
 from cellvec.errors import EmbedderError, StoreError
-from cellvec.gene_store.embedders import Embedder, get_embedder, model_slug
+from cellvec.gene_store.embedders import Embedder, get_embedder
 from cellvec.gene_store.sources import (
     TAX_NAMES,
     read_gene2go,
@@ -38,123 +36,26 @@ from cellvec.gene_store.sources import (
     read_vectors,
     tax_id_for,
 )
+
+# The table layout lives in `tables`; these two are also read from here (cell_index).
+from cellvec.gene_store.tables import GENE_COLUMNS as GENE_COLUMNS
+from cellvec.gene_store.tables import META_KEY as META_KEY
+from cellvec.gene_store.tables import (
+    content_hash,
+    gene_arrow,
+    list_table_names,
+    read_meta,
+    replace_table,
+    restricted_vectors,
+    table_name,
+)
 from cellvec.gene_store.text import TEMPLATE_VERSION, compose_texts
 from cellvec.storage import StoreLocation, store_location, translate_errors
 
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
-META_KEY = b"cellvec"
-GENE_COLUMNS = [
-    "gene_id",
-    "symbol",
-    "synonyms",
-    "ensembl_id",
-    "tax_id",
-    "full_name",
-    "type_of_gene",
-]
 STAGING_PREFIX = "_building_"
-
-
-def table_name(model: str) -> str:
-    return f"genes_{model_slug(model)}"
-
-
-def _schema(dim: int, meta: dict | None = None) -> pa.Schema:
-    fields = [
-        pa.field("gene_id", pa.int64()),
-        pa.field("symbol", pa.string()),
-        pa.field("synonyms", pa.list_(pa.string())),
-        pa.field("ensembl_id", pa.string()),
-        pa.field("tax_id", pa.int64()),
-        pa.field("full_name", pa.string()),
-        pa.field("type_of_gene", pa.string()),
-        pa.field("go_terms", pa.list_(pa.string())),
-        pa.field("text", pa.string()),
-        pa.field("text_hash", pa.string()),
-        pa.field("vector", pa.list_(pa.float32(), dim)),
-    ]
-    return pa.schema(fields, metadata={META_KEY: json.dumps(meta).encode()} if meta else None)
-
-
-def _to_arrow(df: pl.DataFrame, vectors: np.ndarray, meta: dict | None) -> pa.Table:
-    dim = vectors.shape[1]
-    if "go_terms" not in df.columns:
-        go_cols = [c for c in ("go_function", "go_process", "go_component") if c in df.columns]
-        go = (
-            pl.concat_list(
-                [pl.col(c).fill_null(pl.lit([], dtype=pl.List(pl.String))) for c in go_cols]
-            )
-            if go_cols
-            else pl.lit([], dtype=pl.List(pl.String))
-        )
-        df = df.with_columns(go.alias("go_terms"))
-    cols = df.select(GENE_COLUMNS + ["go_terms", "text", "text_hash"]).to_arrow()
-    vec = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel()), dim
-    )
-    schema = _schema(dim, meta)
-    arrays = [cols.column(f.name).cast(f.type) for f in schema if f.name != "vector"] + [vec]
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def content_hash(symbols: list[str], vectors: np.ndarray) -> str:
-    """What a gene table holds, as a digest: recipes name it, so a changed store is noticed."""
-    import hashlib
-
-    h = hashlib.sha256("\x1f".join(symbols).encode())
-    h.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-    return h.hexdigest()[:24]
-
-
-def list_table_names(db) -> list[str]:
-    """Every table of a LanceDB connection, following pages."""
-    names, token = [], None
-    while True:
-        resp = db.list_tables(page_token=token)
-        names.extend(resp.tables)
-        token = resp.page_token
-        if not token:
-            return sorted(names)
-
-
-def replace_table(db, name: str, data):
-    """Write `data` as table `name` in one commit: created, or overwritten when it exists.
-
-    Two writers replacing one table at once: Lance commits one and refuses the other
-    (on S3 through a conditional PUT), which is reported as a `StoreError`; the table is
-    never a mix of the two. (Two creating a new table at once may instead both be
-    committed, one after the other: the last one wins.)"""
-    try:
-        return db.create_table(
-            name, data, mode="overwrite" if name in list_table_names(db) else "create"
-        )
-    except (ValueError, RuntimeError, OSError) as e:
-        if not re.search(r"already exists|commit conflict|preempted by concurrent", str(e), re.I):
-            raise
-        raise StoreError(
-            f"Table {name} in {db.uri} was written by another writer at the same moment, so "
-            "this write was not committed (the other one was). Run the command again if "
-            "this version should replace it."
-        ) from e
-
-
-def restricted_vectors(vec: pa.Array, dim: int) -> np.ndarray:
-    """Genes x `dim` from a list column where only some genes carry a vector (an atlas
-    bundle's gene table keeps every gene's names but only the atlas's genes' vectors); the
-    others are zero rows, which no atlas of that bundle ever uses."""
-    lengths = vec.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-    if not np.isin(lengths, (0, dim)).all():
-        raise StoreError(f"A gene table's vectors are neither {dim} long nor empty.")
-    mat = np.zeros((len(vec), dim), dtype=np.float32)
-    mat[lengths == dim] = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return mat
-
-
-def read_meta(tbl) -> dict:
-    md = tbl.schema.metadata or {}
-    return json.loads(md[META_KEY]) if META_KEY in md else {}
 
 
 @dataclass
@@ -506,7 +407,7 @@ def _write_store(
             for chunk, (vecs, config) in zip(chunks, embedded):
                 worker_config = config or worker_config
                 rows = [pending[i] for i in chunk]
-                arrow = _to_arrow(
+                arrow = gene_arrow(
                     df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False}
                 )
                 if staging_tbl is None:
@@ -531,7 +432,7 @@ def _write_store(
         "complete": True,
     }
     # One commit makes the new table visible; readers see the old or the new, never a mix.
-    replace_table(gs.db, name, _to_arrow(df, vectors, meta))
+    replace_table(gs.db, name, gene_arrow(df, vectors, meta))
     if staging_tbl is not None:
         gs.db.drop_table(staging_name)
     secs = time.perf_counter() - t0
@@ -614,7 +515,7 @@ def import_vectors(
     }
     gs = GeneStore(store, create=True)
     name = table_name(spec)
-    replace_table(gs.db, name, _to_arrow(df, vectors, meta))
+    replace_table(gs.db, name, gene_arrow(df, vectors, meta))
     log.info(
         "Imported %s vectors (dim %d) from %s into %s",
         f"{df.height:,}",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cellvec.report.plots as plots
 from cellvec.cell_index.bundle import card_rows
-from cellvec.report import plots
 
 log = logging.getLogger(__name__)
 

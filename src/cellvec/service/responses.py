@@ -1,0 +1,46 @@
+"""Answers of the HTTP service: JSON bytes (orjson), the `{"error": ...}` body every error
+has, and the two ways of sending them (raw ASGI messages on the fast path, Starlette
+responses on the ordinary one)."""
+
+from fastapi.responses import Response
+
+
+def json_bytes(content) -> bytes:
+    import orjson
+
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_body(message: str) -> bytes:
+    return json_bytes({"error": message})
+
+
+async def send_error(send, status: int, message: str):
+    await send_bytes(send, status, error_body(message), b"application/json")
+
+
+async def send_bytes(send, status: int, body: bytes, media_type: bytes):
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", media_type),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def json_response(content, status: int = 200) -> Response:
+    return Response(json_bytes(content), status_code=status, media_type="application/json")
+
+
+def error_response(status: int, message: str) -> Response:
+    return Response(error_body(message), status_code=status, media_type="application/json")
+
+
+def validation_message(errors, prefix=()) -> str:
+    msgs = "; ".join(f"{'.'.join(map(str, (*prefix, *e['loc'])))}: {e['msg']}" for e in errors[:5])
+    return f"Invalid request: {msgs}"
