@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cli import cli
 from cellvec.gene_store.store import GeneStore
-from conftest import build_tiny, tiny_adata, tiny_genes, write_gene2go, write_gene_info
+from helpers import build_tiny, tiny_adata, tiny_genes, write_gene2go, write_gene_info
 
 GENES = [g["symbol"] for g in tiny_genes()]
 

@@ -26,7 +26,7 @@ from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.store import GeneStore
-from conftest import (
+from helpers import (
     FakeEmbedder,
     build_tiny,
     build_tiny_atlas,
@@ -222,7 +222,7 @@ def test_only_a_url_that_does_not_answer_falls_back_to_the_cache(bundle, tmp_pat
 
 
 def test_map_from_a_bucket(bundle, atlas_store, cache, monkeypatch):
-    from s3_server import s3_server
+    from servers import s3_server
 
     want = map_cells(_query(), "tiny", store=atlas_store).labels
     with s3_server(lifetime_s=300) as s3:
@@ -344,7 +344,7 @@ def test_serve_a_bundle(bundle, atlas_store, cache):
     import httpx
 
     from cellvec.service import create_app
-    from conftest import request_cells
+    from helpers import request_cells
     from servers import Server, serve_process
 
     body, _ = request_cells(8)

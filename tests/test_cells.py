@@ -10,7 +10,7 @@ from cellvec.cell_index.vectors import top_n_weights
 from cellvec.errors import CellvecError, GeneMatchError, InputFormatError, RecipeMismatchError
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.resolve import match_genes
-from conftest import tiny_adata
+from helpers import tiny_adata
 
 
 def _reference_top_n(x: np.ndarray, n: int, weighting: str) -> np.ndarray:
@@ -105,7 +105,7 @@ def test_recipe_mismatch_is_refused(fake_store):
 def test_changed_gene_store_is_refused(fake_store, gene_files):
     from cellvec.errors import StoreError
     from cellvec.gene_store import build_gene_store
-    from conftest import FakeEmbedder
+    from helpers import FakeEmbedder
 
     build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
     build_gene_store(

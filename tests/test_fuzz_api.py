@@ -7,7 +7,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from conftest import FakeEmbedder, tiny_adata  # noqa: E402
+from helpers import FakeEmbedder, tiny_adata  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ def _schema(tmp):
     from cellvec.cell_index.atlas import build_atlas
     from cellvec.gene_store import build_gene_store
     from cellvec.service import create_app
-    from conftest import tiny_genes, write_gene2go, write_gene_info
+    from helpers import tiny_genes, write_gene2go, write_gene_info
 
     genes = tiny_genes()
     build_gene_store(

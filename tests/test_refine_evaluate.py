@@ -6,7 +6,7 @@ from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.refine import encode_weights, fit_refinement
 from cellvec.evaluation.evaluate import evaluate
-from conftest import METRIC_KEYS, tiny_adata
+from helpers import METRIC_KEYS, tiny_adata
 
 FAST = {"steps": 30, "batch_size": 32}
 
@@ -269,7 +269,7 @@ def test_too_many_folds():
 
 def test_same_seed_gives_the_same_atlas(tmp_path, gene_files):
     """Reproducible builds: two stores, one seed -> identical vectors, arrays and labels."""
-    from conftest import build_tiny
+    from helpers import build_tiny
 
     atlases = []
     for i in range(2):
