@@ -7,13 +7,14 @@ Real data lives in ../shared/data; tests that need it skip with a reason when it
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cellvec.gene_store.embedders import register_embedder  # noqa: E402
-from helpers import FakeEmbedder, build_tiny, build_tiny_atlas, write_gene_files  # noqa: E402
+from helpers import FakeEmbedder, build_tiny_atlas, tiny_store, write_gene_files  # noqa: E402
 
 register_embedder("fake", lambda name="", **kw: FakeEmbedder(name, **kw))
 
@@ -23,11 +24,28 @@ def gene_files(tmp_path):
     return write_gene_files(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def built_tiny_store(tmp_path_factory):
+    """The tiny fake gene store (`helpers.tiny_store`), built once per session: read it
+    only through a copy (`fake_store`, `copy_of_tiny_store`)."""
+    return tiny_store(tmp_path_factory.mktemp("tiny-store"))
+
+
+@pytest.fixture(scope="session")
+def copy_of_tiny_store(built_tiny_store):
+    """`copy_of_tiny_store(folder)`: a copy of the tiny gene store at `folder / "store"`,
+    for a fixture of wider scope than `fake_store`'s."""
+
+    def copy(folder):
+        return shutil.copytree(built_tiny_store, folder / "store")
+
+    return copy
+
+
 @pytest.fixture
-def fake_store(tmp_path, gene_files):
-    store = tmp_path / "store"
-    build_tiny(gene_files, store)
-    return store
+def fake_store(tmp_path, copy_of_tiny_store):
+    """The tiny fake gene store, this test's own copy to write into."""
+    return copy_of_tiny_store(tmp_path)
 
 
 @pytest.fixture

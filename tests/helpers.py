@@ -110,9 +110,11 @@ def write_gene2go(path: Path, genes: list[dict], tax: int = 9606) -> Path:
     return path
 
 
-def write_gene_files(folder: Path) -> dict:
-    """The tiny human gene set's files in `folder`: {"genes", "gene_info", "gene2go"}."""
-    genes = tiny_genes()
+def write_gene_files(folder: Path, genes: list[dict] | None = None) -> dict:
+    """`genes` (default the tiny human set, `tiny_genes()`) as NCBI files in `folder`:
+    {"genes", "gene_info", "gene2go"}, the dict `build_tiny` takes."""
+    genes = tiny_genes() if genes is None else genes
+    folder.mkdir(parents=True, exist_ok=True)
     return {
         "genes": genes,
         "gene_info": write_gene_info(folder / "tiny.gene_info.gz", genes),
@@ -121,7 +123,8 @@ def write_gene_files(folder: Path) -> dict:
 
 
 def build_tiny(gene_files: dict, store, embedder=None, **options):
-    """Build the tiny human gene set (the `gene_files` fixture) into `store`."""
+    """Build the gene files `gene_files` (`write_gene_files`) into `store` with the fake
+    embedder (or `embedder`); `options` go to `build_gene_store`."""
     from cellvec.gene_store import build_gene_store
 
     return build_gene_store(
@@ -132,6 +135,13 @@ def build_tiny(gene_files: dict, store, embedder=None, **options):
         embedder=embedder or FakeEmbedder(),
         **options,
     )
+
+
+def tiny_store(folder: Path, genes: list[dict] | None = None, *, embedder=None) -> Path:
+    """The tests' gene store: `genes` (default the tiny human set) written as NCBI files in
+    `folder` and built with the fake embedder (or `embedder`) into `folder / "store"`."""
+    build_tiny(write_gene_files(folder, genes), folder / "store", embedder)
+    return folder / "store"
 
 
 def tiny_adata(n_cells: int = 60, seed: int = 0, counts: bool = True, prefix: str = "c"):

@@ -89,18 +89,14 @@ def test_local_cluster_listens_on_loopback_only(ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_cluster):
-    """A store, a 300-cell reference h5ad (with 10 empty cells) and a 90-cell query h5ad."""
-    from helpers import tiny_genes, write_gene2go, write_gene_info
+def data(tmp_path_factory, ray_cluster, copy_of_tiny_store):
+    """The tiny gene files and a store of them, a 300-cell reference h5ad (with 10 empty
+    cells) and a 90-cell query h5ad."""
+    from helpers import write_gene_files
 
     tmp = tmp_path_factory.mktemp("ray")
-    genes = tiny_genes()
-    files = {
-        "genes": genes,
-        "gene_info": write_gene_info(tmp / "g.gene_info.gz", genes),
-        "gene2go": write_gene2go(tmp / "g.gene2go.gz", genes),
-    }
-    build_tiny(files, tmp / "store")
+    files = write_gene_files(tmp)
+    copy_of_tiny_store(tmp)
     ref = tiny_adata(300, seed=1)
     x = ref.X.toarray()
     x[5:15] = 0  # empty cells are dropped: workers must read the same rows
