@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import log_progress  # noqa: E402
 
-from s3_server import s3_server  # noqa: E402
+from servers import s3_server  # noqa: E402
 
 
 def synthetic(n_cells: int, genes: list[str], n_classes: int, seed: int, prefix: str):

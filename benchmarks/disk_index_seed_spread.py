@@ -1,7 +1,7 @@
 """The seed-to-seed spread of the disk index's recall, which tests/test_disk_index.py's
 recall floors are set from.
 
-The tests' 1,200-cell atlas (`tiny_atlas`, on the tiny gene set and the fake embedder),
+The tests' 1,200-cell atlas (`indexed_atlas` of tests/helpers.py, on the tiny gene set and the fake embedder),
 its Lance IVF_PQ index rebuilt with each training seed, and the tie-aware recall@15 of
 every 5th and every 7th atlas cell against exact search in the same run. One seed gives
 one figure on every run, so a floor is set from the spread over seeds: the lowest less
@@ -21,8 +21,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import FakeEmbedder, build_tiny, write_gene_files  # noqa: E402
-from test_disk_index import seed_spread, tiny_atlas  # noqa: E402
+from helpers import (  # noqa: E402
+    FakeEmbedder,
+    build_tiny,
+    indexed_atlas,
+    seed_spread,
+    write_gene_files,
+)
 
 
 def main():
@@ -37,7 +42,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         store = Path(d) / "store"
         build_tiny(write_gene_files(Path(d)), store)
-        tiny_atlas(store, "tiny", "memory")
+        indexed_atlas(store, "tiny", "memory")
         for step in (5, 7):
             r = seed_spread(store, "tiny", step, args.seeds)
             low, spread = r.min(), np.ptp(r)

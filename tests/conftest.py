@@ -1,127 +1,22 @@
-"""Shared fixtures: tiny real-format gene files, a deterministic fake embedder, small AnnData.
+"""Shared fixtures: tiny real-format gene files and gene stores, the fake embedder in place
+of every model, a served atlas. The functions they are built from are in helpers.py.
 
 Real data lives in ../shared/data; tests that need it skip with a reason when it is absent.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
-import re
-from pathlib import Path
+import shutil
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-# The metrics every `--json` result carries (DESIGN.md's CLI contract).
-METRIC_KEYS = {
-    "accuracy",
-    "macro_f1",
-    "balanced_accuracy",
-    "per_class",
-    "n_cells",
-    "unassigned_fraction",
-}
-
-requires_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"real data not found at {SHARED}")
-
 from cellvec.gene_store.embedders import register_embedder  # noqa: E402
-from cellvec.gene_store.embedders.base import Embedder  # noqa: E402
-
-
-class FakeEmbedder(Embedder):
-    """Bag of hashed words: texts sharing words get similar vectors. Stable across processes."""
-
-    batch_size = 16
-
-    def __init__(self, name: str = "", dim: int = 64, **_):
-        self.spec = f"fake:{name}" if name else "fake"
-        self.dim = dim
-        self.calls = 0
-        self.n_embedded = 0
-
-    def embed_batch(self, texts):
-        self.calls += 1
-        self.n_embedded += len(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z0-9]+", t.lower()):
-                h = int(hashlib.md5(w.encode()).hexdigest()[:8], 16)
-                out[i, h % self.dim] += 1.0 if (h >> 8) & 1 else -1.0
-        return out
-
+from helpers import FakeEmbedder, build_tiny_atlas, tiny_store, write_gene_files  # noqa: E402
 
 register_embedder("fake", lambda name="", **kw: FakeEmbedder(name, **kw))
-
-# Three groups of genes with distinct GO vocabularies, so cell types built from them separate.
-GROUPS = {
-    "T": ("T cell receptor signaling pathway", "immune synapse", "lymphocyte activation"),
-    "B": ("B cell receptor signaling pathway", "immunoglobulin production", "antigen binding"),
-    "M": ("phagocytosis", "lysozyme activity", "inflammatory response monocyte"),
-}
-HEADER = (
-    "#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
-    "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
-    "Nomenclature_status\tOther_designations\tModification_date\tFeature_type\n"
-)
-
-
-def tiny_genes(n_per_group: int = 10) -> list[dict]:
-    genes = []
-    gid = 1000
-    for g, (proc, comp, func) in GROUPS.items():
-        for i in range(n_per_group):
-            gid += 1
-            genes.append(
-                {
-                    "id": gid,
-                    "symbol": f"{g}GENE{i}",
-                    "syn": f"{g}ALIAS{i}|{g}OLD{i}",
-                    "ens": f"ENSG{gid:011d}",
-                    "name": f"{g} lineage gene {i}",
-                    "proc": proc,
-                    "comp": comp,
-                    "func": func,
-                }
-            )
-    return genes
-
-
-def write_gene_info(path: Path, genes: list[dict], tax: int = 9606, gz: bool = True) -> Path:
-    lines = [HEADER]
-    for g in genes:
-        lines.append(
-            f"{tax}\t{g['id']}\t{g['symbol']}\t-\t{g['syn']}\tHGNC:HGNC:{g['id']}|Ensembl:{g['ens']}\t1\t1p1\t"
-            f"{g['name']}\tprotein-coding\t{g['symbol']}\t{g['name']}\tO\t{g['name']} protein\t20200101\t-\n"
-        )
-    data = "".join(lines).encode()
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def write_gene2go(path: Path, genes: list[dict], tax: int = 9606) -> Path:
-    lines = ["#tax_id\tGeneID\tGO_ID\tEvidence\tQualifier\tGO_term\tPubMed\tCategory\n"]
-    for g in genes:
-        lines.append(f"{tax}\t{g['id']}\tGO:0000001\tIEA\tinvolved_in\t{g['proc']}\t-\tProcess\n")
-        lines.append(f"{tax}\t{g['id']}\tGO:0000002\tIEA\tlocated_in\t{g['comp']}\t-\tComponent\n")
-        lines.append(f"{tax}\t{g['id']}\tGO:0000003\tIEA\tenables\t{g['func']}\t-\tFunction\n")
-        lines.append(f"{tax}\t{g['id']}\tGO:0000004\tIEA\tNOT enables\tnever shown\t-\tFunction\n")
-    path.write_bytes(gzip.compress("".join(lines).encode()))
-    return path
-
-
-def write_gene_files(folder: Path) -> dict:
-    """The tiny human gene set's files in `folder`: {"genes", "gene_info", "gene2go"}."""
-    genes = tiny_genes()
-    return {
-        "genes": genes,
-        "gene_info": write_gene_info(folder / "tiny.gene_info.gz", genes),
-        "gene2go": write_gene2go(folder / "tiny.gene2go.gz", genes),
-    }
 
 
 @pytest.fixture
@@ -129,88 +24,43 @@ def gene_files(tmp_path):
     return write_gene_files(tmp_path)
 
 
-def build_tiny(gene_files: dict, store, embedder=None, **options):
-    """Build the tiny human gene set (the `gene_files` fixture) into `store`."""
-    from cellvec.gene_store import build_gene_store
-
-    return build_gene_store(
-        gene_files["gene_info"],
-        gene2go=gene_files["gene2go"],
-        store=store,
-        species="human",
-        embedder=embedder or FakeEmbedder(),
-        **options,
-    )
+@pytest.fixture(scope="session")
+def built_tiny_store(tmp_path_factory):
+    """The tiny fake gene store (`helpers.tiny_store`), built once per session: read it
+    only through a copy (`fake_store`, `copy_of_tiny_store`)."""
+    return tiny_store(tmp_path_factory.mktemp("tiny-store"))
 
 
-@pytest.fixture
-def fake_store(tmp_path, gene_files):
-    store = tmp_path / "store"
-    build_tiny(gene_files, store)
-    return store
+@pytest.fixture(scope="session")
+def copy_of_tiny_store(built_tiny_store):
+    """`copy_of_tiny_store(folder)`: a copy of the tiny gene store at `folder / "store"`,
+    for a fixture of wider scope than `fake_store`'s."""
 
+    def copy(folder):
+        return shutil.copytree(built_tiny_store, folder / "store")
 
-def tiny_adata(n_cells: int = 60, seed: int = 0, counts: bool = True, prefix: str = "c"):
-    """Cells of types T, B, M, each expressing mostly its own genes (raw counts)."""
-    import anndata as ad
-    import pandas as pd
-    import scipy.sparse as sp
-
-    rng = np.random.default_rng(seed)
-    genes = tiny_genes()
-    names = [g["symbol"] for g in genes]
-    types = np.array(list(GROUPS))[np.arange(n_cells) % 3]
-    x = rng.poisson(0.3, size=(n_cells, len(names))).astype(np.float32)
-    for i, t in enumerate(types):
-        own = [j for j, n in enumerate(names) if n.startswith(t)]
-        x[i, own] += rng.poisson(8, size=len(own))
-    obs = pd.DataFrame(
-        {
-            "cell_type": pd.Categorical(types),
-            "batch": np.where(np.arange(n_cells) < n_cells // 2, "a", "b"),
-        },
-        index=[f"{prefix}{i}" for i in range(n_cells)],
-    )
-    a = ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=names))
-    if not counts:
-        a.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
-    return a
+    return copy
 
 
 @pytest.fixture
-def served(fake_store, monkeypatch):
-    """The fake store with atlas `tiny` (90 cells, typicality calibrated), and the fake
-    embedder wherever a server would load a model."""
+def fake_store(tmp_path, copy_of_tiny_store):
+    """The tiny fake gene store, this test's own copy to write into."""
+    return copy_of_tiny_store(tmp_path)
+
+
+@pytest.fixture
+def fake_models(monkeypatch):
+    """The fake embedder wherever a model would be loaded by name (a server, a mapping)."""
     import cellvec.gene_store.embedders as registry
     import cellvec.gene_store.store as store_mod
 
     monkeypatch.setattr(registry, "get_embedder", lambda spec, **kw: FakeEmbedder())
     monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
+
+
+@pytest.fixture
+def served(fake_store, fake_models):
+    """The fake store with atlas `tiny` (90 cells, typicality calibrated), and the fake
+    embedder wherever a server would load a model."""
     build_tiny_atlas(fake_store)
     return fake_store
-
-
-def build_tiny_atlas(store):
-    """Atlas `tiny` in `store`: 90 tiny cells of types T, B, M, top 10 genes, typicality
-    calibrated on held-out cells."""
-    from cellvec.cell_index.atlas import build_atlas
-
-    return build_atlas(
-        tiny_adata(n_cells=90, seed=1),
-        store=store,
-        name="tiny",
-        label_key="cell_type",
-        top_genes=10,
-        calibration_split=0.2,  # held-out cells calibrate typicality
-    )
-
-
-def request_cells(n=5, seed=3):
-    """A JSON map request of `n` tiny cells, and their true labels."""
-    a = tiny_adata(n_cells=n, seed=seed, prefix="q")
-    x = a.X.tocsr()
-    cells = [
-        {"id": a.obs_names[i], "indices": x[i].indices.tolist(), "values": x[i].data.tolist()}
-        for i in range(n)
-    ]
-    return {"genes": list(a.var_names), "cells": cells}, a.obs["cell_type"].astype(str).tolist()

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from conftest import request_cells, tiny_adata
+from helpers import request_cells, tiny_adata
 from servers import Server
 
 ARROW = "application/vnd.apache.arrow.stream"

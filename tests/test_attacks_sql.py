@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cellvec.cli import cli
 from cellvec.sql import SERVICE_LIMITS, SQLError, SQLLimits, SQLTimeoutError, StoreSQL
-from conftest import FakeEmbedder
+from helpers import FakeEmbedder
 
 
 class SlowEmbedder(FakeEmbedder):

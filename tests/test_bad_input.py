@@ -16,24 +16,18 @@ from click.testing import CliRunner
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cli import cli
 from cellvec.gene_store.store import GeneStore
-from conftest import build_tiny, tiny_adata, tiny_genes, write_gene2go, write_gene_info
+from helpers import tiny_adata, tiny_genes
 
 GENES = [g["symbol"] for g in tiny_genes()]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, copy_of_tiny_store):
     """The tiny fake gene store with atlas `tiny`, shared by the module (each test only
     reads it, or fails before writing)."""
-    d = tmp_path_factory.mktemp("bad-input")
-    genes = tiny_genes()
-    files = {
-        "gene_info": write_gene_info(d / "tiny.gene_info.gz", genes),
-        "gene2go": write_gene2go(d / "tiny.gene2go.gz", genes),
-    }
-    build_tiny(files, d / "store")
-    build_atlas(tiny_adata(seed=1), store=d / "store", name="tiny", label_key="cell_type")
-    return d / "store"
+    store = copy_of_tiny_store(tmp_path_factory.mktemp("bad-input"))
+    build_atlas(tiny_adata(seed=1), store=store, name="tiny", label_key="cell_type")
+    return store
 
 
 def refused(store, args: list[str], *fragments: str) -> None:

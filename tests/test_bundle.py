@@ -26,14 +26,12 @@ from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.store import GeneStore
-from conftest import (
+from helpers import (
     FakeEmbedder,
-    build_tiny,
     build_tiny_atlas,
     tiny_adata,
     tiny_genes,
-    write_gene2go,
-    write_gene_info,
+    tiny_store,
 )
 from servers import static_server
 
@@ -55,15 +53,6 @@ def _extra_genes(n: int = 5) -> list[dict]:
     ]
 
 
-def _store(tmp_path, name: str, genes: list[dict], embedder=None):
-    files = {
-        "gene_info": write_gene_info(tmp_path / f"{name}.gene_info.gz", genes),
-        "gene2go": write_gene2go(tmp_path / f"{name}.gene2go.gz", genes),
-    }
-    build_tiny(files, tmp_path / name, embedder=embedder)
-    return tmp_path / name
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
@@ -74,7 +63,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def atlas_store(tmp_path):
     """A store of the 30 tiny genes plus 5 no reference cell measures, with atlas `tiny`."""
-    store = _store(tmp_path, "store", tiny_genes() + _extra_genes())
+    store = tiny_store(tmp_path / "store", tiny_genes() + _extra_genes())
     build_tiny_atlas(store)
     return store
 
@@ -222,7 +211,7 @@ def test_only_a_url_that_does_not_answer_falls_back_to_the_cache(bundle, tmp_pat
 
 
 def test_map_from_a_bucket(bundle, atlas_store, cache, monkeypatch):
-    from s3_server import s3_server
+    from servers import s3_server
 
     want = map_cells(_query(), "tiny", store=atlas_store).labels
     with s3_server(lifetime_s=300) as s3:
@@ -242,11 +231,11 @@ def test_import_into_stores(bundle, atlas_store, tmp_path, cache):
     _run("atlas", "import", bundle, "--store", tmp_path / "empty")
     np.testing.assert_array_equal(map_cells(_query(), "tiny", store=tmp_path / "empty").labels, want)  # fmt: skip
     # the same gene table: used as it is
-    same = _store(tmp_path, "same", tiny_genes() + _extra_genes())
+    same = tiny_store(tmp_path / "same", tiny_genes() + _extra_genes())
     import_bundle(bundle, same)
     np.testing.assert_array_equal(map_cells(_query(), "tiny", store=same).labels, want)
     # a table that differs only in genes the atlas does not use: rows re-pointed
-    other = _store(tmp_path, "other", _extra_genes(2)[::-1] + tiny_genes()[::-1])
+    other = tiny_store(tmp_path / "other", _extra_genes(2)[::-1] + tiny_genes()[::-1])
     res = import_bundle(bundle, other)
     assert "re-pointed" in res["gene_table"]
     np.testing.assert_array_equal(map_cells(_query(), "tiny", store=other).labels, want)
@@ -254,7 +243,7 @@ def test_import_into_stores(bundle, atlas_store, tmp_path, cache):
         import_bundle(bundle, other)
     # a table with other vectors for the atlas's genes: refused, naming the fix
     retold = [dict(g, name=f"{g['name']} retold") for g in tiny_genes()]  # other texts
-    changed = _store(tmp_path, "changed", retold)
+    changed = tiny_store(tmp_path / "changed", retold)
     with pytest.raises(StoreError, match=r"differs from the bundle's in 30 of the atlas's 30 genes.*--store NEW_DIR.*cellvec map QUERY --atlas"):  # fmt: skip
         import_bundle(bundle, changed)
     assert "atlas_tiny" not in GeneStore(changed).table_names()
@@ -344,7 +333,7 @@ def test_serve_a_bundle(bundle, atlas_store, cache):
     import httpx
 
     from cellvec.service import create_app
-    from conftest import request_cells
+    from helpers import request_cells
     from servers import Server, serve_process
 
     body, _ = request_cells(8)

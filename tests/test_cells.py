@@ -10,7 +10,7 @@ from cellvec.cell_index.vectors import top_n_weights
 from cellvec.errors import CellvecError, GeneMatchError, InputFormatError, RecipeMismatchError
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.resolve import match_genes
-from conftest import tiny_adata
+from helpers import tiny_adata
 
 
 def _reference_top_n(x: np.ndarray, n: int, weighting: str) -> np.ndarray:
@@ -105,7 +105,7 @@ def test_recipe_mismatch_is_refused(fake_store):
 def test_changed_gene_store_is_refused(fake_store, gene_files):
     from cellvec.errors import StoreError
     from cellvec.gene_store import build_gene_store
-    from conftest import FakeEmbedder
+    from helpers import FakeEmbedder
 
     build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
     build_gene_store(
@@ -156,14 +156,47 @@ def test_genes_matched_by_synonym_and_ensembl(fake_store):
     assert m.how[:3] == ["synonym", "ensembl", "symbol (case)"]
 
 
-def test_rebuild_overwrites_atomically(fake_store):
+def test_rebuild_overwrites_atomically(fake_store, monkeypatch):
+    """A rebuild replaces the atlas in one commit: one that dies while its table is being
+    written leaves the old atlas as it was, and an atlas opened before a rebuild goes on
+    reading the version it opened; a rebuild that completes is read whole."""
+    import pyarrow as pa
+
+    import cellvec.cell_index.atlas as atlas_mod
+
     build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
-    v1 = Atlas.open(fake_store, "tiny").version
+    old = Atlas.open(fake_store, "tiny")
+    v1, vectors, ids = old.version, old.vectors.copy(), old.cell_ids.copy()
+    query = tiny_adata(n_cells=9, seed=2, prefix="q")
+    labels = map_cells(query, "tiny", store=fake_store).labels
+    write = atlas_mod.replace_table
+
+    def dies_midway(db, name, table):  # the first rows reach the disk, then the writer dies
+        def batches():
+            yield table.slice(0, 30).to_batches()[0]
+            raise OSError("disk full")
+
+        return write(db, name, pa.RecordBatchReader.from_batches(table.schema, batches()))
+
+    monkeypatch.setattr(atlas_mod, "replace_table", dies_midway)
+    with pytest.raises((OSError, RuntimeError), match="disk full"):
+        build_atlas(
+            tiny_adata(n_cells=90, seed=5), store=fake_store, name="tiny", label_key="cell_type"
+        )
+    monkeypatch.undo()
+    after = Atlas.open(fake_store, "tiny")
+    assert after.version == v1 and after.n_cells == 60
+    np.testing.assert_array_equal(after.vectors, vectors)
+    np.testing.assert_array_equal(after.cell_ids, ids)
+    np.testing.assert_array_equal(map_cells(query, "tiny", store=fake_store).labels, labels)
+
     build_atlas(
         tiny_adata(n_cells=90, seed=5), store=fake_store, name="tiny", label_key="cell_type"
     )
-    a = Atlas.open(fake_store, "tiny")
-    assert a.version > v1 and len(a.vectors) == 90
+    new = Atlas.open(fake_store, "tiny")
+    assert new.version > v1 and len(new.vectors) == len(new.cell_ids) == new.n_cells == 90
+    # opened before the rebuild, read after it: the old version's rows, all of them
+    assert old._dataset().version == v1 and old.weights().shape[0] == 60
 
 
 def test_ivf_neighbours_match_exact_search():

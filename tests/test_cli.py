@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cellvec.cli import cli
-from conftest import METRIC_KEYS, tiny_adata
+from helpers import METRIC_KEYS, tiny_adata
 
 
 def _commands(group, prefix=()):

@@ -5,63 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeEmbedder, tiny_adata
-
-
-@pytest.fixture
-def fake_models(monkeypatch):
-    import cellvec.gene_store.embedders as reg
-    import cellvec.gene_store.store as store_mod
-
-    monkeypatch.setattr(reg, "get_embedder", lambda spec, **kw: FakeEmbedder())
-    monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
-
-
-def tiny_atlas(store, name, index, n_cells=1200, adata=None, **kw):
-    """The tests' atlas: `adata` (default `n_cells` tiny cells) built unrefined with a
-    calibration split and the index `index`; `kw` adds to or overrides the options."""
-    from cellvec.cell_index.atlas import build_atlas
-
-    options = dict(
-        label_key="cell_type", top_genes=10, refine="none", calibration_split=0.1, index=index
-    )
-    return build_atlas(
-        tiny_adata(n_cells=n_cells, seed=1) if adata is None else adata,
-        store=store,
-        name=name,
-        **{**options, **kw},
-    )
-
-
-def _tie_aware_recall(sim_ann, sim_exact) -> float:
-    """Share of ANN neighbours at least as similar as the exact k-th neighbour (faiss
-    contrib's tie-aware measure: identical cells make neighbour identities arbitrary)."""
-    kth = sim_exact[:, -1:]
-    return float((sim_ann >= kth - 1e-5).mean())
-
-
-def _recall(index, vecs, step: int, k: int = 15) -> float:
-    """Tie-aware recall@k of every `step`-th atlas cell searched through `index`."""
-    from cellvec.cell_index.knn import FlatIndex
-
-    q = vecs[::step]
-    return _tie_aware_recall(index.search(q, k)[1], FlatIndex(vecs).search(q, k)[1])
-
-
-def seed_spread(store, name: str, step: int, seeds: int) -> np.ndarray:
-    """Recall (`_recall`) of atlas `name`'s disk index trained with each of `seeds` seeds:
-    what a floor is set from, since one seed makes one figure on every run."""
-    from cellvec.cell_index.atlas import Atlas
-    from cellvec.cell_index.disk_index import DiskIndex, build_disk_index, choose_params
-
-    atlas = Atlas.open(store, name)
-    vecs = atlas.vectors
-    params = choose_params(*vecs.shape)
-    out = []
-    for seed in range(seeds):
-        ds = build_disk_index(atlas._dataset(), params, seed=seed)
-        out.append(_recall(DiskIndex(ds, params), vecs, step))
-    return np.array(out)
+from helpers import index_recall, indexed_atlas, tiny_adata, two_levels
 
 
 def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
@@ -70,8 +14,8 @@ def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
     from cellvec.cell_index.knn import FlatIndex, vote
     from cellvec.cell_index.mapping import map_cells
 
-    tiny_atlas(fake_store, "mem", "memory")
-    built = tiny_atlas(fake_store, "disk", "disk")
+    indexed_atlas(fake_store, "mem", "memory")
+    built = indexed_atlas(fake_store, "disk", "disk")
     assert built.on_disk and built.meta["index"]["index_type"] == "IVF_PQ"
     mem, disk = Atlas.open(fake_store, "mem"), Atlas.open(fake_store, "disk")
     assert disk.on_disk and not mem.on_disk and disk.n_cells == 1200
@@ -81,7 +25,7 @@ def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
     # training seeds 0-39 it ranged 0.9984-1.0000 (range 0.0016): the floor is the lowest
     # less the range, rounded down to 3 decimals (0.9984 - 0.0016 -> 0.996; `python
     # benchmarks/disk_index_seed_spread.py --seeds 40`, the "every 7th" line)
-    assert _recall(index, mem.vectors, 7) >= 0.996
+    assert index_recall(index, mem.vectors, 7) >= 0.996
     q = mem.vectors[::7]
     ai, asim = index.search(q, 15)
     ei, esim = FlatIndex(mem.vectors).search(q, 15)
@@ -104,7 +48,7 @@ def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_model
     from cellvec.cell_index.disk_index import INDEX_NAME, DiskIndex
     from cellvec.cell_index.knn import FlatIndex
 
-    atlas = tiny_atlas(fake_store, "disk", "disk", n_cells=400)
+    atlas = indexed_atlas(fake_store, "disk", "disk", n_cells=400)
     ds = atlas._dataset()
     ds.drop_index(INDEX_NAME)
     index = DiskIndex(ds, atlas.index().params)
@@ -123,9 +67,9 @@ def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_model
 def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_store, fake_models):
     from cellvec.cell_index.atlas import Atlas
 
-    tiny_atlas(fake_store, "disk", "disk", n_cells=400)
+    indexed_atlas(fake_store, "disk", "disk", n_cells=400)
     old = Atlas.open(fake_store, "disk")
-    tiny_atlas(fake_store, "disk", "disk", n_cells=600)
+    indexed_atlas(fake_store, "disk", "disk", n_cells=600)
     assert Atlas.open(fake_store, "disk").n_cells == 600
     # read lazily after the rebuild: still the 400 rows its label codes belong to
     assert len(old.vectors) == len(old.cell_ids) == old.weights().shape[0] == 400
@@ -135,11 +79,10 @@ def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_sto
 def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake_models):
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.mapping import map_cells
-    from test_labels import _two_levels
 
     for index in ("memory", "disk"):
-        tiny_atlas(
-            fake_store, index, index, adata=_two_levels(n=600), broad_label_key="cell_type_broad"
+        indexed_atlas(
+            fake_store, index, index, adata=two_levels(n=600), broad_label_key="cell_type_broad"
         )
     mem, disk = Atlas.open(fake_store, "memory"), Atlas.open(fake_store, "disk")
     assert disk.on_disk
@@ -148,7 +91,7 @@ def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake
     assert mem.broad_codes()[2].tolist() == [0, 1, 2, 2]  # B, M, T_a and T_b under T
     for atlas in (mem, disk):  # what `atlas list` shows, from the metadata alone
         assert Atlas.describe(fake_store, atlas.name) == atlas.summary()
-    q = _two_levels(seed=7, n=60, prefix="q")
+    q = two_levels(seed=7, n=60, prefix="q")
     a, b = map_cells(q, disk), map_cells(q, mem)
     assert (a.broad.labels == b.broad.labels).mean() >= 0.99
     # a blocklist naming a broad label (T covers T_a and T_b) works from the codes alone
@@ -184,8 +127,8 @@ def test_a_panel_query_is_reaggregated_or_refused_never_answered_from_the_full_i
     from cellvec.cell_index.mapping import map_cells
     from cellvec.errors import CellvecError
 
-    tiny_atlas(fake_store, "mem", "memory")
-    tiny_atlas(fake_store, "disk", "disk")
+    indexed_atlas(fake_store, "mem", "memory")
+    indexed_atlas(fake_store, "disk", "disk")
     query = tiny_adata(n_cells=30, seed=6, prefix="q")
     panel = query[:, [g for g in query.var_names if not g.endswith(("1", "2", "3"))]].copy()
     disk = Atlas.open(fake_store, "disk")
@@ -205,10 +148,10 @@ def test_service_follows_a_disk_atlas(fake_store, fake_models):
 
     from cellvec.cell_index.mapping import map_cells
     from cellvec.service import create_app
-    from conftest import request_cells as _cells
+    from helpers import request_cells as _cells
     from servers import Server
 
-    tiny_atlas(fake_store, "disk", "disk")
+    indexed_atlas(fake_store, "disk", "disk")
     body, truth = _cells(12, seed=7)
     with Server(create_app(fake_store)) as url, httpx.Client(base_url=url, timeout=60) as c:
         for _ in range(300):
@@ -232,7 +175,7 @@ def test_atlas_index_command_moves_an_atlas_to_disk_and_back(fake_store, fake_mo
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cli import cli
 
-    tiny_atlas(fake_store, "tiny", "memory", n_cells=600)
+    indexed_atlas(fake_store, "tiny", "memory", n_cells=600)
     r = CliRunner().invoke(
         cli, ["atlas", "index", "tiny", "--store", str(fake_store), "--nprobes", "4", "--json"]
     )
@@ -258,7 +201,7 @@ def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_stor
     from cellvec._ray import start_local_cluster
     from cellvec.cell_index.atlas import Atlas, index_atlas
 
-    tiny_atlas(fake_store, "tiny", "memory", n_cells=1200)
+    indexed_atlas(fake_store, "tiny", "memory", n_cells=1200)
     src = str(Path(__file__).resolve().parents[1] / "src")
     ray = start_local_cluster(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": src}})
     try:
@@ -275,7 +218,7 @@ def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_stor
     # (range 0.0022): the floor is the lowest less the range, rounded down to 3 decimals
     # (0.9978 - 0.0022 -> 0.995; `python benchmarks/disk_index_seed_spread.py --seeds 40`, the
     # "every 5th" line)
-    assert _recall(atlas.index(), vecs, 5) >= 0.995
+    assert index_recall(atlas.index(), vecs, 5) >= 0.995
     index_atlas(fake_store, "tiny", index="disk")  # rebuilt in this process: the same index
     np.testing.assert_array_equal(
         Atlas.open(fake_store, "tiny").index().search(vecs[::5], 15)[0], ai

@@ -7,45 +7,30 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from conftest import FakeEmbedder, tiny_adata  # noqa: E402
+from helpers import tiny_adata  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def _schema(tmp):
+def _schema(store):
     from cellvec.cell_index.atlas import build_atlas
-    from cellvec.gene_store import build_gene_store
     from cellvec.service import create_app
-    from conftest import tiny_genes, write_gene2go, write_gene_info
 
-    genes = tiny_genes()
-    build_gene_store(
-        write_gene_info(tmp / "g.gz", genes),
-        gene2go=write_gene2go(tmp / "go.gz", genes),
-        store=tmp / "store",
-        species="human",
-        embedder=FakeEmbedder(),
-    )
     build_atlas(
         tiny_adata(n_cells=60),
-        store=tmp / "store",
+        store=store,
         name="tiny",
         label_key="cell_type",
         top_genes=10,
     )
-    return schemathesis.openapi.from_asgi(
-        "/openapi.json", create_app(tmp / "store", enable_sql=True)
-    )
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(store, enable_sql=True))
 
 
-def test_no_server_errors(tmp_path, monkeypatch):
+def test_no_server_errors(fake_store, fake_models):
     """Every operation, 40 generated requests each (the pytest plugin does not run on pytest 9)."""
     from hypothesis import given
 
-    import cellvec.gene_store.store as store_mod
-
-    monkeypatch.setattr(store_mod, "get_embedder", lambda spec, **kw: FakeEmbedder())
-    schema = _schema(tmp_path)
+    schema = _schema(fake_store)
     operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) >= 8
     failures = []

@@ -8,7 +8,7 @@ import pytest
 from cellvec.errors import InputFormatError
 from cellvec.gene_store.sources import read_gene2go, read_gene_info, read_summaries, read_vectors
 from cellvec.gene_store.text import TEMPLATE_VERSION, compose_texts, text_hash
-from conftest import SHARED, requires_shared, tiny_genes, write_gene_info
+from helpers import SHARED, requires_shared, tiny_genes, write_gene_info
 
 
 @pytest.mark.parametrize("gz", [True, False])

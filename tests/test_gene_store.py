@@ -12,7 +12,7 @@ import pytest
 from cellvec.errors import StoreError
 from cellvec.gene_store import GeneStore, build_gene_store, import_vectors
 from cellvec.gene_store.store import read_meta
-from conftest import FakeEmbedder, build_tiny, tiny_genes, write_gene2go, write_gene_info
+from helpers import FakeEmbedder, build_tiny, tiny_genes, write_gene2go, write_gene_info
 
 
 def test_build_writes_table_with_metadata(fake_store, gene_files):
@@ -89,7 +89,7 @@ KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from conftest import FakeEmbedder
+from helpers import FakeEmbedder
 from cellvec.gene_store import build_gene_store
 
 class Slow(FakeEmbedder):

@@ -10,7 +10,7 @@ from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.calls import search_allowed
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cli import cli
-from conftest import tiny_adata
+from helpers import tiny_adata, two_levels
 
 
 def _unit(x):
@@ -122,22 +122,10 @@ def test_exclude_labels_through_the_cli(fake_store, tmp_path):
     assert out["excluded_labels"] == ["Doublet"] and "Doublet" not in out["label_counts"]
 
 
-def _two_levels(seed=1, n=90, prefix="c"):
-    """Tiny cells with fine labels T_a / T_b (random halves of the T cells, alike in
-    expression, so the fine vote splits) under broad T; B and M are their own broad class."""
-    a = tiny_adata(n_cells=n, seed=seed, prefix=prefix)
-    broad = a.obs["cell_type"].astype(str).to_numpy()
-    fine = broad.copy()
-    t = np.flatnonzero(broad == "T")
-    fine[t] = np.where(np.random.default_rng(seed).random(len(t)) < 0.5, "T_a", "T_b")
-    a.obs["cell_type"], a.obs["cell_type_broad"] = fine, broad
-    return a
-
-
 def _two_level_atlas(store, **kw):
-    """Atlas "two" of `_two_levels()` cells: cell_type under cell_type_broad."""
+    """Atlas "two" of `two_levels()` cells: cell_type under cell_type_broad."""
     return build_atlas(
-        _two_levels(),
+        two_levels(),
         store=store,
         name="two",
         label_key="cell_type",
@@ -154,7 +142,7 @@ def test_broad_label_given_where_the_fine_one_is_unassigned(fake_store, tmp_path
 
     atlas = _two_level_atlas(fake_store, calibration_split=0.2)
     assert atlas.meta["broad_classes"] == {"B": 30, "M": 30, "T": 30}
-    q = _two_levels(seed=7, n=60, prefix="q")
+    q = two_levels(seed=7, n=60, prefix="q")
     res = map_cells(
         q,
         "two",
@@ -206,13 +194,13 @@ def test_broad_level_is_refused_on_a_one_level_atlas_and_absent_from_its_results
 def test_broad_truth_alone_scores_the_broad_level(fake_store):
     _two_level_atlas(fake_store)
     res = map_cells(
-        _two_levels(seed=7, n=30, prefix="q"),
+        two_levels(seed=7, n=30, prefix="q"),
         "two",
         store=fake_store,
         broad_truth_key="cell_type_broad",
     )
     assert res.metrics is None and res.broad.metrics["accuracy"] == 1.0
-    assert res.broad.truth.tolist() == _two_levels(seed=7, n=30).obs["cell_type_broad"].tolist()
+    assert res.broad.truth.tolist() == two_levels(seed=7, n=30).obs["cell_type_broad"].tolist()
 
 
 def test_excluding_a_broad_label_drops_its_fine_classes_too(fake_store):
@@ -230,7 +218,7 @@ def test_the_service_answers_both_levels_like_local_mapping(fake_store):
     from servers import Server
 
     _two_level_atlas(fake_store, calibration_split=0.2)
-    q = _two_levels(seed=7, n=30, prefix="q")
+    q = two_levels(seed=7, n=30, prefix="q")
     options = dict(min_confidence=0.75, min_typicality=0.05)
     local = map_cells(q, "two", store=fake_store, **options)
     panel = q[:, [i for i in range(q.n_vars) if i % 3 == 0]].copy()
@@ -257,7 +245,7 @@ def test_evaluate_scores_both_levels(fake_store):
     from cellvec.evaluation.evaluate import evaluate
 
     res = evaluate(
-        _two_levels(n=90, seed=4),
+        two_levels(n=90, seed=4),
         label_key="cell_type",
         broad_label_key="cell_type_broad",
         store=fake_store,
@@ -288,7 +276,7 @@ def test_confidence_per_cluster(fake_store, tmp_path):
     from cellvec.sql import connect_sql
 
     _two_level_atlas(fake_store)
-    q = _two_levels(seed=7, n=60, prefix="q")
+    q = two_levels(seed=7, n=60, prefix="q")
     q.obs["leiden"] = np.where(q.obs["cell_type_broad"] == "T", "10", "2")  # T vs the rest
     q.obs.loc[q.obs["cell_type"] == "M", "leiden"] = "9"
     res = map_cells(q, "two", store=fake_store, k=15, min_confidence=0.6, cluster_key="leiden")

@@ -8,7 +8,7 @@ import pytest
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
-from conftest import tiny_adata
+from helpers import tiny_adata
 from servers import Server
 
 FAST = {"steps": 30, "batch_size": 32}

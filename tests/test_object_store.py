@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from cellvec.cli import cli
 from cellvec.errors import StoreError
 from cellvec.storage import OPTIONS_ENV, StoreLocation, store_location
-from conftest import tiny_adata
-from s3_server import s3_server
+from helpers import tiny_adata
+from servers import s3_server
 
 BUCKET = "cellvec-tests"
 
@@ -79,11 +79,10 @@ def test_store_locations_and_options(monkeypatch):
 
 def _pipeline(tmp_path, store: str, extra: list[str], tag: str) -> dict:
     """genes build + import + search, atlas build, map --save-as and sql through the CLI."""
-    from conftest import tiny_genes, write_gene2go, write_gene_info
+    from helpers import write_gene_files
 
-    genes = tiny_genes()
-    info = write_gene_info(tmp_path / "tiny.gene_info.gz", genes)
-    go = write_gene2go(tmp_path / "tiny.gene2go.gz", genes)
+    files = write_gene_files(tmp_path)
+    genes, info, go = files["genes"], files["gene_info"], files["gene2go"]
     ref, q = tmp_path / "ref.h5ad", tmp_path / "q.h5ad"
     if not ref.exists():
         tiny_adata(n_cells=90, seed=1).write_h5ad(ref)
@@ -182,12 +181,12 @@ def test_python_api_reads_credentials_from_the_environment(tmp_path, s3, s3_uri,
     """No options given: Lance takes AWS_* from the environment, as with a real bucket."""
     from cellvec.cell_index.atlas import Atlas, build_atlas
     from cellvec.cell_index.mapping import map_cells
-    from conftest import build_tiny
+    from helpers import build_tiny, write_gene_files
 
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv(OPTIONS_ENV, raising=False)
-    build_tiny({"gene_info": _files(tmp_path)[0], "gene2go": _files(tmp_path)[1]}, s3_uri)
+    build_tiny(write_gene_files(tmp_path), s3_uri)
     build_atlas(tiny_adata(90, seed=1), store=s3_uri, name="t", label_key="cell_type",
                 top_genes=10, refine="none")  # fmt: skip
     atlas = Atlas.open(s3_uri, "t")
@@ -196,28 +195,18 @@ def test_python_api_reads_credentials_from_the_environment(tmp_path, s3, s3_uri,
     assert res.metrics["accuracy"] > 0.9
 
 
-def _files(tmp_path):
-    from conftest import tiny_genes, write_gene2go, write_gene_info
-
-    genes = tiny_genes()
-    return (
-        write_gene_info(tmp_path / "g.gene_info.gz", genes),
-        write_gene2go(tmp_path / "g.gene2go.gz", genes),
-    )
-
-
 @pytest.fixture
 def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
     """A tiny gene store and atlas in the bucket (and the same on local disk), options in
     $CELLVEC_STORAGE_OPTIONS as `cellvec serve --workers N` passes them on."""
     from cellvec.cell_index.atlas import build_atlas
-    from conftest import build_tiny
+    from helpers import build_tiny, write_gene_files
 
     monkeypatch.setenv(OPTIONS_ENV, json.dumps(s3.storage_options()))
-    info, go = _files(tmp_path)
+    files = write_gene_files(tmp_path)
     stores = {"s3": s3_uri, "local": str(tmp_path / "store")}
     for store in stores.values():
-        build_tiny({"gene_info": info, "gene2go": go}, store)
+        build_tiny(files, store)
         build_atlas(tiny_adata(90, seed=1), store=store, name="tiny", label_key="cell_type",
                     top_genes=10, refine="none", calibration_split=0.2)  # fmt: skip
     return stores
@@ -225,7 +214,7 @@ def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
 
 def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
     from cellvec.service import create_app
-    from conftest import request_cells as _cells
+    from helpers import request_cells as _cells
     from servers import Server
 
     answers = {}
@@ -265,7 +254,7 @@ def test_service_serves_a_bucket_without_copying_it(s3_atlas, tmp_path):
 def test_serve_workers_get_the_storage_options(s3_atlas):
     """`cellvec serve --store s3://... --storage-option ...  --workers 2`: the workers
     (new processes) open the bucket with the same options."""
-    from conftest import request_cells as _cells
+    from helpers import request_cells as _cells
     from servers import serve_process
 
     env = {k: v for k, v in os.environ.items() if k != OPTIONS_ENV and not k.startswith("AWS_")}

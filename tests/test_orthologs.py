@@ -17,7 +17,7 @@ from cellvec.gene_store import GeneStore
 from cellvec.gene_store.orthologs import read_orthologs
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.sources import read_gene_info
-from conftest import SHARED, requires_shared, tiny_adata, tiny_genes, write_gene_info
+from helpers import SHARED, requires_shared, tiny_adata, tiny_genes, write_gene_info
 
 HCOP_HEADER = "Gene stable ID,Gene name,Human gene stable ID,Human gene name,supporting_source\n"
 

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from cellvec.errors import CellvecError
 from cellvec.evaluation import _celltypist_runner as runner
 from cellvec.evaluation import peers
-from conftest import tiny_adata
+from helpers import tiny_adata
 
 # A stand-in for celltypist with the two calls the runner makes: nearest centroid on the
 # genes the query shares with the model, so the protocol can be tested without the venv.

@@ -9,7 +9,7 @@ import pytest
 
 from cellvec import _progress
 from cellvec._progress import progress
-from conftest import FakeEmbedder, build_tiny
+from helpers import FakeEmbedder, build_tiny
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from conftest import build_tiny, tiny_adata
+from helpers import build_tiny, tiny_adata
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -89,18 +89,14 @@ def test_local_cluster_listens_on_loopback_only(ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_cluster):
-    """A store, a 300-cell reference h5ad (with 10 empty cells) and a 90-cell query h5ad."""
-    from conftest import tiny_genes, write_gene2go, write_gene_info
+def data(tmp_path_factory, ray_cluster, copy_of_tiny_store):
+    """The tiny gene files and a store of them, a 300-cell reference h5ad (with 10 empty
+    cells) and a 90-cell query h5ad."""
+    from helpers import write_gene_files
 
     tmp = tmp_path_factory.mktemp("ray")
-    genes = tiny_genes()
-    files = {
-        "genes": genes,
-        "gene_info": write_gene_info(tmp / "g.gene_info.gz", genes),
-        "gene2go": write_gene2go(tmp / "g.gene2go.gz", genes),
-    }
-    build_tiny(files, tmp / "store")
+    files = write_gene_files(tmp)
+    copy_of_tiny_store(tmp)
     ref = tiny_adata(300, seed=1)
     x = ref.X.toarray()
     x[5:15] = 0  # empty cells are dropped: workers must read the same rows
@@ -201,7 +197,7 @@ def test_atlas_on_ray_in_a_bucket(data, small_chunks, ray_cluster):
     """Workers write the fragments into a store on the local S3 server, with its options."""
     from cellvec import build_atlas
     from cellvec.storage import store_location
-    from s3_server import s3_server
+    from servers import s3_server
 
     options = dict(label_key="cell_type", top_genes=12, refine="none")
     build_atlas(data["tmp"] / "ref.h5ad", store=data["store"], name="local", **options)
@@ -303,7 +299,7 @@ def test_map_on_ray_equals_single_process(data, small_chunks, ray_cluster):
 @pytest.mark.slow
 def test_gene_store_on_ray_equals_single_process(data, tmp_path, ray_cluster):
     from cellvec.gene_store.store import GeneStore
-    from conftest import FakeEmbedder
+    from helpers import FakeEmbedder
 
     single = build_tiny(data, tmp_path / "single", batch_size=7)
     dist = build_tiny(data, tmp_path / "dist", embedder=FakeEmbedder(), batch_size=7, ray=True)

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from cellvec.cell_index.readers import COUNTS, LOGNORM, read_expression
 from cellvec.errors import InputFormatError
-from conftest import tiny_adata
+from helpers import tiny_adata
 
 
 def _lognorm(x):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED, requires_shared
+from helpers import SHARED, requires_shared
 
 # the set-ups benchmarks/seed_spread.py measures the seed-to-seed spread of
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

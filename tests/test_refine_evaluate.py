@@ -7,7 +7,7 @@ from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import RefineOptions, encode_weights, fit_refinement
 from cellvec.evaluation.evaluate import evaluate
-from conftest import METRIC_KEYS, tiny_adata
+from helpers import METRIC_KEYS, tiny_adata
 
 FAST = {"steps": 30, "batch_size": 32}
 
@@ -200,14 +200,18 @@ def test_refined_atlas_maps_queries_without_retraining(fake_store):
 
 
 def test_query_cells_do_not_change_the_head(fake_store, monkeypatch):
-    """The head is trained on reference cells only: query content cannot influence it."""
+    """The head is trained on reference cells only: query content cannot influence it.
+    Mapping a query fits nothing, and leaves the head's arrays, in memory and in the store,
+    as the build made them."""
     import cellvec.cell_index.atlas as atlas_mod
+    from cellvec.cell_index.artifacts import load_artifact
+    from cellvec.cell_index.atlas import Atlas
 
-    seen = {}
+    seen = []
     real = atlas_mod.fit_refinement
 
     def spy(w, basis, labels, **kw):
-        seen["n"] = w.shape[0]
+        seen.append(w.shape[0])
         return real(w, basis, labels, **kw)
 
     monkeypatch.setattr(atlas_mod, "fit_refinement", spy)
@@ -220,7 +224,22 @@ def test_query_cells_do_not_change_the_head(fake_store, monkeypatch):
         refine="supcon",
         refine_options=FAST,
     )
-    assert seen["n"] == 60
+    assert seen == [60]
+    atlas = Atlas.open(fake_store, "ref")
+    head_hash = atlas.recipe.head_hash
+    head = {k: v.copy() for k, v in atlas.encoder().refinement.items()}
+    assert "w2" in head  # a trained head, not only the gene rows
+    q = tiny_adata(n_cells=30, seed=9, prefix="q")
+    scrambled = q.copy()
+    scrambled.X = q.X[:, ::-1]  # each cell's values on other genes: unlike any reference cell
+    for query in (q, scrambled):
+        assert len(map_cells(query, atlas).labels) == 30
+    assert seen == [60]  # mapping fitted nothing
+    for arrays in (atlas.encoder().refinement, load_artifact(fake_store, head_hash)):
+        assert arrays.keys() == head.keys()
+        for k in head:
+            np.testing.assert_array_equal(arrays[k], head[k], err_msg=k)
+    assert Atlas.open(fake_store, "ref").recipe.head_hash == head_hash
 
 
 def test_evaluate_reports_every_representation(fake_store):
@@ -274,7 +293,7 @@ def test_too_many_folds():
 
 def test_same_seed_gives_the_same_atlas(tmp_path, gene_files):
     """Reproducible builds: two stores, one seed -> identical vectors, arrays and labels."""
-    from conftest import build_tiny
+    from helpers import build_tiny
 
     atlases = []
     for i in range(2):

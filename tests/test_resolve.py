@@ -7,7 +7,7 @@ import pytest
 
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.sources import read_gene_info
-from conftest import SHARED, requires_shared, tiny_genes, write_gene_info
+from helpers import SHARED, requires_shared, tiny_genes, write_gene_info
 
 
 def _gene(gid: int, symbol: str, syn: str = "-") -> dict:

@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from cellvec.cell_index.atlas import build_atlas
-from conftest import request_cells as _cells
-from conftest import tiny_adata
+from helpers import request_cells as _cells
+from helpers import tiny_adata
 from servers import Server, serve_process
 
 

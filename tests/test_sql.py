@@ -5,7 +5,7 @@ import pytest
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
 from cellvec.sql import SQLError, connect_sql, write_result
-from conftest import FakeEmbedder, tiny_adata
+from helpers import FakeEmbedder, tiny_adata
 
 
 @pytest.fixture
