@@ -74,6 +74,8 @@ def map_options(
     orthologs: bytes | None = None,
 ) -> MapOptions:
     """A request's options, its ortholog table's text parsed (`request_orthologs`)."""
+    if not (k or min_confidence or min_typicality or min_mixing or exclude_labels or orthologs):
+        return DEFAULT_OPTIONS  # most requests: nothing to check
     return MapOptions.of(
         k=k,
         min_confidence=min_confidence,
@@ -84,6 +86,7 @@ def map_options(
     )
 
 
+DEFAULT_OPTIONS = MapOptions()
 _ORTHOLOGS: dict[str, object] = {}  # sha256 of a table's text -> the parsed table (a few)
 
 
@@ -191,6 +194,8 @@ def _as_sent(x: sp.csr_matrix) -> sp.csr_matrix:
     h5ad's columns are often stored unsorted). A client sending a file's cells in their
     stored order (`Client`) therefore gets the vectors `map_cells` gives. Only a cell
     listing a gene twice is put in column order, its values summed."""
+    if x.has_canonical_format:  # sorted, no duplicates: the usual case, checked in O(nnz)
+        return x
     y = x.sorted_indices()
     same_row = np.repeat(np.arange(y.shape[0]), np.diff(y.indptr))
     if np.any((np.diff(y.indices) == 0) & (np.diff(same_row) == 0)):
@@ -254,10 +259,12 @@ def job_from_arrow(body: bytes, options: dict | None = None, **outputs) -> MapJo
     genes = gene.dictionary.to_pylist()
     rows = pc.fill_null(cells.indices, 0).to_numpy()
     cols = gene.indices.to_numpy()
-    order = np.argsort(rows, kind="stable")  # by cell, each cell's values as sent
+    if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):  # not grouped by cell (a client groups)
+        order = np.argsort(rows, kind="stable")  # by cell, each cell's values as sent
+        values, cols = values[order], cols[order]
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(ids)))])
     x = sp.csr_matrix(
-        (values[order], cols[order].astype(np.int64), indptr),
+        (values, cols.astype(np.int64), indptr),
         shape=(len(ids), len(genes)),
         dtype=np.float32,
     )
