@@ -4,8 +4,10 @@ import scipy.sparse as sp
 
 from cellvec.cell_index.atlas import build_atlas
 from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import encode_weights, fit_refinement
 from cellvec.evaluation.evaluate import evaluate
+from cellvec.evaluation.plan import EvaluationPlan, Scenarios, Transfer
 from conftest import METRIC_KEYS, tiny_adata
 
 FAST = {"steps": 30, "batch_size": 32}
@@ -224,12 +226,9 @@ def test_evaluate_reports_every_representation(fake_store):
         data,
         label_key="cell_type",
         store=fake_store,
-        refine="supcon",
-        folds=3,
-        baselines=True,
-        top_genes=10,
-        data_limited=[5, 10],
-        refine_options=FAST,
+        recipe=Recipe(refine="supcon", top_genes=10),
+        plan=EvaluationPlan(folds=3, baselines=True, refine_options=FAST),
+        scenarios=Scenarios(data_limited=(5, 10)),
     )
     d = res.to_dict()
     assert {"pca_knn", "logreg_expr", "naive_mean", "graph_baseline", "cellvec"} <= set(
@@ -251,10 +250,9 @@ def test_evaluate_transfer(fake_store):
         tiny_adata(n_cells=60, seed=1),
         label_key="cell_type",
         store=fake_store,
-        refine="none",
-        folds=3,
-        baselines=True,
-        query=tiny_adata(n_cells=30, seed=2, prefix="q"),
+        recipe=Recipe(refine="none"),
+        plan=EvaluationPlan(folds=3, baselines=True),
+        scenarios=Scenarios(transfer=Transfer(tiny_adata(n_cells=30, seed=2, prefix="q"))),
     )
     assert res.transfer["cellvec"]["accuracy"] >= 0.9 and "pca_knn" in res.transfer
 
@@ -350,11 +348,9 @@ def test_evaluate_panels_and_left_out_subtypes(fake_store):
         tiny_adata(n_cells=90, seed=4),
         label_key="cell_type",
         store=fake_store,
-        folds=3,
-        top_genes=10,
-        panels=[0.5],
-        leave_out=["M"],
-        refine_options=FAST,
+        recipe=Recipe(top_genes=10),
+        plan=EvaluationPlan(folds=3, refine_options=FAST),
+        scenarios=Scenarios(panels=(0.5,), leave_out=("M",)),
     )
     d = res.to_dict()
     assert {"cellvec", "logreg_expr", "logreg_panel"} <= set(d["panels"]["0.5"])
