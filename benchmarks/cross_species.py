@@ -84,7 +84,7 @@ def species_of(a) -> str:
 
 def score(truth, predicted, known) -> dict:
     """Metrics over the query cells of the classes the reference has (`known`)."""
-    from cellvec.evaluation.metrics import classification_metrics
+    from cellvec.metrics import classification_metrics
 
     truth, predicted = np.asarray(truth).astype(str), np.asarray(predicted).astype(str)
     keep = np.isin(truth, list(known))
@@ -98,7 +98,7 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
     reference's genes that have a one-to-one ortholog in the query, the query translated."""
     from cellvec.cell_index.readers import read_expression
     from cellvec.evaluation.baselines import align, expression_baseline
-    from cellvec.evaluation.evaluate import translate
+    from cellvec.evaluation.transfer import translate
 
     # each file normalised over all its genes (CP10k, log1p) before the query is cut to
     # its translated genes, so that both sides' values are on the same scale
@@ -255,6 +255,7 @@ def main():
     import anndata as ad
 
     from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.plan import EvaluationPlan, Scenarios, Transfer
     from cellvec.gene_store.orthologs import read_orthologs
 
     hcop = read_orthologs(HCOP)
@@ -301,12 +302,12 @@ def main():
             ref.copy(),
             label_key="cell_type",
             store=ensure_store(args.stores / species, species),
-            query=query.copy(),
-            skip_folds=True,
-            species_swap=other,
-            orthologs=hcop,
-            peers=peers,
-            representations=["logreg_expr", *peers, "cellvec"],
+            plan=EvaluationPlan(
+                skip_folds=True, peers=peers, representations=("logreg_expr", *peers, "cellvec")
+            ),
+            scenarios=Scenarios(
+                species_swap=other, orthologs=hcop, transfer=Transfer(query.copy())
+            ),
         )
         res.dataset = name
         tables.append(res.to_markdown())

@@ -93,6 +93,7 @@ def main():
         sys.exit(f"{SHARED} not found: this benchmark needs the shared real data")
     log_progress()
     from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.plan import EvaluationPlan, Scenarios
 
     sizes = [int(s) for s in args.sizes.split(",")]
     names = args.only.split(",") if args.only else list(SETS)
@@ -105,10 +106,8 @@ def main():
             CELLS / f,
             label_key=label_key,
             store=ensure_store(args.stores / species, species),
-            representations=[],
-            peers=peers,
-            data_limited=sizes,
-            seed=args.seed,
+            plan=EvaluationPlan(seed=args.seed, representations=(), peers=peers),
+            scenarios=Scenarios(data_limited=tuple(sizes)),
         )
         curves[name], recipe = res.data_limited, res.recipe
         seconds[name] = round(time.perf_counter() - t)

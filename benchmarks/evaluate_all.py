@@ -182,6 +182,7 @@ def main():
     import anndata as ad
 
     from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.plan import EvaluationPlan, Scenarios, Transfer
 
     chem = ad.read_h5ad(CELLS / "pbmc_3chem.h5ad")
     donor = chem.obs["donor"].astype(str)
@@ -208,17 +209,28 @@ def main():
         for key in ("data_limited", "panels", "leave_out", "ablations"):
             if keep is not None and key not in keep:
                 kw.pop(key, None)
-        t = time.perf_counter()
-        res = evaluate(
-            store=store,
-            baselines=True,
-            peers=peers,
-            representations=only_reps,
+        plan = EvaluationPlan(
             folds=folds or 5,
             seed=args.seed,
+            representations=only_reps,
+            baselines=True,
+            peers=peers,
+            ablations=kw.pop("ablations", False),
             skip_folds=folds == 0,
             refine_options={"steps": args.refine_steps} if args.refine_steps else None,
-            **kw,
+        )
+        query = kw.pop("query", None)
+        transfer = None
+        if query is not None:
+            transfer = Transfer(query, kw.pop("query_label_key", None), kw.pop("label_map", None))
+        data, label_key = kw.pop("data"), kw.pop("label_key")
+        t = time.perf_counter()
+        res = evaluate(
+            data,
+            label_key=label_key,
+            store=store,
+            plan=plan,
+            scenarios=Scenarios(transfer=transfer, **kw),  # data_limited, panels, leave_out
         )
         res.dataset = name
         d = res.to_dict(confusion=True)

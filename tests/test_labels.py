@@ -242,20 +242,18 @@ def test_the_service_answers_both_levels_like_local_mapping(fake_store):
 
 
 def test_evaluate_scores_both_levels(fake_store):
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.plan import EvaluationPlan, Scenarios, UnassignedCall
 
     res = evaluate(
         two_levels(n=90, seed=4),
         label_key="cell_type",
         broad_label_key="cell_type_broad",
         store=fake_store,
-        folds=3,
-        top_genes=10,
-        refine="none",
-        baselines=True,
-        representations=["logreg_expr", "cellvec"],
-        min_confidence=0.75,
-        leave_out=["T_b"],
+        recipe=Recipe(top_genes=10, refine="none"),
+        plan=EvaluationPlan(folds=3, baselines=True, representations=("logreg_expr", "cellvec")),
+        scenarios=Scenarios(call=UnassignedCall(min_confidence=0.75), leave_out=("T_b",)),
     )
     d = res.to_dict()
     assert d["broad"]["cellvec"]["accuracy"] == 1.0 and d["broad"]["logreg_expr"]["n_cells"] == 90

@@ -231,8 +231,10 @@ def test_evaluate_species_swap_maps_each_folds_query_back_through_the_table(fake
     """The query renamed to 'mouse' symbols; genes without a one-to-one ortholog are lost."""
     from click.testing import CliRunner
 
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.cli import cli
     from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.plan import EvaluationPlan, Scenarios, Transfer
 
     names = [g["symbol"] for g in tiny_genes()]
     pairs = [(_other_species(n), n) for n in names[:-3]]  # 3 genes have no ortholog
@@ -244,12 +246,13 @@ def test_evaluate_species_swap_maps_each_folds_query_back_through_the_table(fake
         data,
         label_key="cell_type",
         store=fake_store,
-        folds=3,
-        top_genes=10,
-        refine="none",
-        species_swap="mouse",
-        orthologs=table,
-        query=tiny_adata(n_cells=30, seed=5, prefix="q"),
+        recipe=Recipe(top_genes=10, refine="none"),
+        plan=EvaluationPlan(folds=3),
+        scenarios=Scenarios(
+            species_swap="mouse",
+            orthologs=table,
+            transfer=Transfer(tiny_adata(n_cells=30, seed=5, prefix="q")),
+        ),
     )
     sw = res.to_dict()["species_swap"]
     assert sw["to"] == "mouse" and sw["orthologs"] == "orth.csv"

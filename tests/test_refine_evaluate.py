@@ -7,6 +7,7 @@ from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import RefineOptions, encode_weights, fit_refinement
 from cellvec.evaluation.evaluate import evaluate
+from cellvec.evaluation.plan import EvaluationPlan, Scenarios, Transfer
 from helpers import METRIC_KEYS, tiny_adata
 
 FAST = {"steps": 30, "batch_size": 32}
@@ -248,12 +249,9 @@ def test_evaluate_reports_every_representation(fake_store):
         data,
         label_key="cell_type",
         store=fake_store,
-        refine="supcon",
-        folds=3,
-        baselines=True,
-        top_genes=10,
-        data_limited=[5, 10],
-        refine_options=FAST,
+        recipe=Recipe(refine="supcon", top_genes=10),
+        plan=EvaluationPlan(folds=3, baselines=True, refine_options=FAST),
+        scenarios=Scenarios(data_limited=(5, 10)),
     )
     d = res.to_dict()
     assert {"pca_knn", "logreg_expr", "naive_mean", "graph_baseline", "cellvec"} <= set(
@@ -275,20 +273,19 @@ def test_evaluate_transfer(fake_store):
         tiny_adata(n_cells=60, seed=1),
         label_key="cell_type",
         store=fake_store,
-        refine="none",
-        folds=3,
-        baselines=True,
-        query=tiny_adata(n_cells=30, seed=2, prefix="q"),
+        recipe=Recipe(refine="none"),
+        plan=EvaluationPlan(folds=3, baselines=True),
+        scenarios=Scenarios(transfer=Transfer(tiny_adata(n_cells=30, seed=2, prefix="q"))),
     )
     assert res.transfer["cellvec"]["accuracy"] >= 0.9 and "pca_knn" in res.transfer
 
 
 def test_too_many_folds():
     from cellvec.errors import CellvecError
-    from cellvec.evaluation.evaluate import _folds
+    from cellvec.metrics import folds
 
     with pytest.raises(CellvecError, match="fewer --folds"):
-        _folds(np.array(["a", "b", "a", "b"]), 5, 0)
+        folds(np.array(["a", "b", "a", "b"]), 5, 0)
 
 
 def test_same_seed_gives_the_same_atlas(tmp_path, gene_files):
@@ -374,11 +371,9 @@ def test_evaluate_panels_and_left_out_subtypes(fake_store):
         tiny_adata(n_cells=90, seed=4),
         label_key="cell_type",
         store=fake_store,
-        folds=3,
-        top_genes=10,
-        panels=[0.5],
-        leave_out=["M"],
-        refine_options=FAST,
+        recipe=Recipe(top_genes=10),
+        plan=EvaluationPlan(folds=3, refine_options=FAST),
+        scenarios=Scenarios(panels=(0.5,), leave_out=("M",)),
     )
     d = res.to_dict()
     assert {"cellvec", "logreg_expr", "logreg_panel"} <= set(d["panels"]["0.5"])

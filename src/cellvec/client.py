@@ -32,7 +32,7 @@ from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.result import BroadCall, MappingResult
 from cellvec.errors import CellvecError
-from cellvec.evaluation.metrics import UNASSIGNED
+from cellvec.metrics import UNASSIGNED
 
 log = logging.getLogger(__name__)
 

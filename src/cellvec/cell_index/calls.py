@@ -21,8 +21,8 @@ from cellvec.cell_index.knn import vote
 from cellvec.cell_index.mixing import mixing_pvalues, unmixed
 from cellvec.cell_index.result import BroadCall
 from cellvec.errors import CellvecError
-from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
 from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
+from cellvec.metrics import UNASSIGNED, classification_metrics
 
 log = logging.getLogger(__name__)
 

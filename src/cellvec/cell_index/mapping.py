@@ -38,8 +38,8 @@ from cellvec.cell_index.refine import apply_head
 from cellvec.cell_index.result import MappingResult, ontology_ids
 from cellvec.cell_index.vectors import GeneBasis
 from cellvec.errors import CellvecError, InputFormatError
-from cellvec.evaluation.metrics import UNASSIGNED
 from cellvec.gene_store.orthologs import OrthologTable
+from cellvec.metrics import UNASSIGNED
 
 log = logging.getLogger(__name__)
 

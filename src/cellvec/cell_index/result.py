@@ -12,7 +12,7 @@ from cellvec.cell_index.atlas import MAX_TABLE_NAME, is_table_name
 from cellvec.cell_index.mixing import mixes
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.errors import CellvecError
-from cellvec.evaluation.metrics import UNASSIGNED
+from cellvec.metrics import UNASSIGNED
 
 
 @dataclass

@@ -145,51 +145,80 @@ def evaluate_cmd(
       cellvec evaluate pbmc_3chem.h5ad --label-key cell_type --store store/ \\
           --species-swap mouse --orthologs hcop_mouse_to_human.csv.gz --peers celltypist
     """
-    from cellvec.cell_index.mapping import read_label_map
+    from cellvec.cell_index.readers import read_expression
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.evaluation.evaluate import evaluate
-    from cellvec.evaluation.metrics import metrics_table
+    from cellvec.evaluation.plan import EvaluationPlan, Scenarios, UnassignedCall
+
+    def read(path):
+        return read_expression(
+            path, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
+        )
 
     res = evaluate(
-        data,
+        read(data),
         label_key=label_key,
-        store=store,
-        models=list(model) or None,
-        top_genes=top_genes,
-        weighting=weighting,
-        background=background,
-        center=center,
-        refine=refine,
-        adapt_genes=adapt_genes,
-        folds=folds,
-        k=k,
-        baselines=baselines,
-        peers=tuple(p.strip() for p in peers.split(",")) if peers else (),
-        ablations=ablations,
-        representations=(
-            None
-            if representations is None
-            else []
-            if representations == "none"
-            else representations.split(",")
-        ),
-        data_limited=[int(x) for x in data_limited.split(",")] if data_limited else None,
-        panels=[float(x) for x in panel.split(",")] if panel else None,
-        leave_out=list(leave_out) or None,
-        min_typicality=min_typicality,
-        min_mixing=min_mixing,
-        min_confidence=min_confidence,
         broad_label_key=broad_label_key,
-        species_swap=species_swap,
-        orthologs=orthologs,
-        query=query,
-        query_label_key=query_label_key,
-        label_map=read_label_map(label_map) if label_map else None,
-        layer=layer,
-        use_raw=use_raw,
-        gene_column=gene_column,
-        transpose=transpose,
-        seed=seed,
+        store=store,
+        models=list(model),
+        recipe=Recipe(
+            top_genes=top_genes,
+            weighting=weighting,
+            background=background,
+            center=center,
+            refine=refine,
+            adapt_genes=adapt_genes,
+        ),
+        plan=EvaluationPlan(
+            folds=folds,
+            k=k,
+            seed=seed,
+            representations=_representations(representations),
+            baselines=baselines,
+            peers=_listed(peers),
+            ablations=ablations,
+        ),
+        scenarios=Scenarios(
+            data_limited=_listed(data_limited, int),
+            panels=_listed(panel, float),
+            leave_out=tuple(leave_out),
+            call=UnassignedCall(
+                min_typicality=min_typicality, min_mixing=min_mixing, min_confidence=min_confidence
+            ),
+            species_swap=species_swap,
+            orthologs=orthologs,
+            transfer=_transfer(read(query) if query else None, query_label_key, label_map),
+        ),
     )
+    _show(res, markdown, as_json)
+
+
+def _listed(text: str | None, kind=str) -> tuple:
+    """`--peers celltypist`, `--panel 0.3,0.1`: comma-separated values."""
+    return tuple(kind(x.strip()) for x in text.split(",")) if text else ()
+
+
+def _representations(text: str | None) -> tuple[str, ...] | None:
+    """`--representations`: None when not given (the default set), () for 'none'."""
+    if text is None:
+        return None
+    return () if text == "none" else tuple(text.split(","))
+
+
+def _transfer(query, query_label_key: str | None, label_map: str | None):
+    """The `--query` transfer scenario, None without a query."""
+    from cellvec.cell_index.mapping import read_label_map
+    from cellvec.evaluation.plan import Transfer
+
+    if query is None:
+        return None
+    return Transfer(query, query_label_key, read_label_map(label_map) if label_map else None)
+
+
+def _show(res, markdown: str | None, as_json: bool) -> None:
+    """Write `--markdown`, then print the JSON or the per-class tables and markdown."""
+    from cellvec.metrics import metrics_table
+
     if markdown:
         Path(markdown).write_text(res.to_markdown() + "\n")
     if as_json:

@@ -1,7 +1,8 @@
-"""Evaluation: metrics, cross-validation against baselines and real peers, curves and scenarios.
+"""Evaluation: cross-validation against baselines and real peers, curves and scenarios.
 
-Kept apart from `cell_index` so that the mapping path stays small: mapping needs
-only `metrics` (to score a query with known labels). Nothing is imported here, so
-importing `cellvec.evaluation.metrics` does not pull in the evaluation machinery;
-the public entry point is `cellvec.evaluate`.
+Evaluation sits above `cell_index`: it fits encoders and maps cells exactly as
+`atlas build` and `map` do, and `cell_index` never imports it back. The metrics
+and the folds they are scored in live below both, in `cellvec.metrics`, so mapping
+and the client score labels without importing evaluation. Nothing is imported
+here; the public entry point is `cellvec.evaluate`.
 """

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cellvec.errors import CellvecError
+from cellvec.evaluation import _celltypist_runner as runner
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,44 @@ def celltypist_predict(
     Deterministic for a fixed `seed`. `python`: the peer environment's python (default:
     `peer_env()`, which creates it on first use).
     """
-    from cellvec.evaluation import _celltypist_runner as runner
-
     var_names = [str(g) for g in var_names]
     test_var_names = var_names if test_var_names is None else [str(g) for g in test_var_names]
     y_train = np.asarray(y_train)
+    _check_inputs(x_train, y_train, x_test, var_names, test_var_names)
+    python = _peer_python(python)
+    t0 = time.perf_counter()
+    result = _run_celltypist(
+        python,
+        x_train,
+        y_train,
+        x_test,
+        var_names,
+        test_var_names,
+        seed=seed,
+        train_options={"feature_selection": bool(feature_selection)},
+    )
+    log.info(
+        "CellTypist %s: %d reference cells, %d query cells, %d features used; "
+        "train %.1f s, predict %.1f s, %.1f s in all",
+        result["celltypist_version"],
+        x_train.shape[0],
+        x_test.shape[0],
+        result["n_features_used"],
+        result["train_seconds"],
+        result["predict_seconds"],
+        time.perf_counter() - t0,
+    )
+    labels = np.asarray(result["labels"], dtype=object)
+    if len(labels) != x_test.shape[0]:
+        raise CellvecError(
+            f"CellTypist returned {len(labels):,} labels for {x_test.shape[0]:,} query cells."
+        )
+    return labels
+
+
+def _check_inputs(x_train, y_train, x_test, var_names: list[str], test_var_names: list[str]):
+    """Refuse labels or gene names that do not fit the matrices, and a query sharing no
+    gene with the reference."""
     if x_train.shape[0] != len(y_train):
         raise CellvecError(
             f"celltypist_predict: {x_train.shape[0]:,} training cells but {len(y_train):,} labels."
@@ -204,6 +238,10 @@ def celltypist_predict(
             "celltypist_predict: the query shares no gene with the reference; "
             "use the same gene naming (symbols) in both."
         )
+
+
+def _peer_python(python: str | Path | None) -> Path:
+    """The peer environment's python: `python`, or `peer_env()`'s (made on first use)."""
     python = Path(python) if python is not None else peer_env()
     if not python.exists():
         raise CellvecError(
@@ -211,18 +249,15 @@ def celltypist_predict(
             "cellvec.evaluation.peers.peer_env() to create the environment, or pass the python "
             f"of one holding {' and '.join(REQUIREMENTS)}."
         )
+    return python
+
+
+def _run_celltypist(python: Path, x_train, y_train, x_test, var_names, test_var_names, **task):
+    """The runner's result.json (labels, features used, timings) for one task written to
+    a temporary directory and run by the peer environment's `python`; `task`: `seed`
+    and `train_options` (see `_celltypist_runner`)."""
     with tempfile.TemporaryDirectory(prefix="cellvec-celltypist-") as tmp:
-        runner.write_task(
-            Path(tmp),
-            x_train,
-            y_train,
-            x_test,
-            var_names,
-            test_var_names,
-            seed=seed,
-            train_options={"feature_selection": bool(feature_selection)},
-        )
-        t0 = time.perf_counter()
+        runner.write_task(Path(tmp), x_train, y_train, x_test, var_names, test_var_names, **task)
         out = subprocess.run(
             [str(python), str(RUNNER), tmp],
             capture_output=True,
@@ -242,21 +277,4 @@ def celltypist_predict(
                 f"CellTypist failed (exit {out.returncode}) on {x_train.shape[0]:,} reference "
                 f"and {x_test.shape[0]:,} query cells:\n{tail}\n{hint}".rstrip()
             )
-        result = json.loads(result_file.read_text())
-    log.info(
-        "CellTypist %s: %d reference cells, %d query cells, %d features used; "
-        "train %.1f s, predict %.1f s, %.1f s in all",
-        result["celltypist_version"],
-        x_train.shape[0],
-        x_test.shape[0],
-        result["n_features_used"],
-        result["train_seconds"],
-        result["predict_seconds"],
-        time.perf_counter() - t0,
-    )
-    labels = np.asarray(result["labels"], dtype=object)
-    if len(labels) != x_test.shape[0]:
-        raise CellvecError(
-            f"CellTypist returned {len(labels):,} labels for {x_test.shape[0]:,} query cells."
-        )
-    return labels
+        return json.loads(result_file.read_text())

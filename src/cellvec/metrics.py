@@ -1,10 +1,53 @@
-"""Classification metrics in the shape the CLI's `--json` promises."""
+"""Classification metrics in the shape the CLI's `--json` promises, and the folds they
+are scored in.
+
+At the bottom of the layers beside `errors` and `storage` (numpy and scikit-learn
+only), so that mapping, the client and evaluation can all score labels without
+importing one another.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 
+from cellvec.errors import CellvecError
+
+log = logging.getLogger(__name__)
+
 UNASSIGNED = "unassigned"
+
+
+def folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`n_folds` stratified (train indices, test indices) splits of the labels `y`, shuffled
+    with `seed`: the splits `cellvec evaluate` and `atlas build --tune` score. A class with
+    fewer cells than folds is still scored (missing from some folds); labels where every
+    class has fewer cells than folds are refused."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.unique(y, return_counts=True)[1]
+    if counts.max() < n_folds:
+        raise CellvecError(f"Every class has fewer than {n_folds} cells: use fewer --folds.")
+    if counts.min() < n_folds:
+        log.info(
+            "Classes with fewer than %d cells cannot appear in every fold; they are still scored",
+            n_folds,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return list(
+            StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+        )
+
+
+def mask(n: int, idx: np.ndarray) -> np.ndarray:
+    """A boolean mask of `n` cells, True at the indices `idx` (a fold's cells, for
+    `ExpressionSource.subset`)."""
+    m = np.zeros(n, dtype=bool)
+    m[idx] = True
+    return m
 
 
 def classification_metrics(truth, predicted) -> dict:
