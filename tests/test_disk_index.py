@@ -31,6 +31,11 @@ def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
     ei, esim = FlatIndex(mem.vectors).search(q, 15)
     # refine re-ranks on the stored vectors: similarities are exact, not PQ estimates
     np.testing.assert_allclose(asim, np.einsum("qd,qkd->qk", q, mem.vectors[ai]), atol=1e-5)
+    # ... so against exact search, rank by rank: never more similar than the exact neighbour
+    # at that rank (within float error), and each query, an atlas cell, found first (itself,
+    # or a cell identical to it)
+    assert (asim <= esim + 1e-5).all(), (asim - esim).max()
+    np.testing.assert_allclose(asim[:, 0], esim[:, 0], atol=1e-5)
     classes, codes = mem.label_codes()
     n = len(classes)
     agree = vote(ai, asim, codes, n).argmax(1) == vote(ei, esim, codes, n).argmax(1)
@@ -41,6 +46,9 @@ def test_disk_atlas_searches_like_exact_knn(fake_store, fake_models):
     assert (a.labels == b.labels).mean() >= 0.99 and a.metrics["accuracy"] == 1.0
     np.testing.assert_allclose(a.typicality, b.typicality, atol=1e-5)
     assert disk._vectors is None  # mapping never read the atlas whole
+    # the exact search above ran on the memory atlas's vectors: the disk one stores the same
+    # (one recipe, one seed: only where they are searched differs)
+    np.testing.assert_allclose(disk.vectors, mem.vectors, atol=1e-6)
 
 
 def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_models):
