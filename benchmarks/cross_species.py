@@ -84,7 +84,7 @@ def species_of(a) -> str:
 
 def score(truth, predicted, known) -> dict:
     """Metrics over the query cells of the classes the reference has (`known`)."""
-    from cellvec.evaluation.metrics import classification_metrics
+    from cellvec.metrics import classification_metrics
 
     truth, predicted = np.asarray(truth).astype(str), np.asarray(predicted).astype(str)
     keep = np.isin(truth, list(known))

@@ -82,8 +82,8 @@ def export(folder: Path) -> None:
     from cellvec.cell_index.readers import read_expression
     from cellvec.cell_index.recipe import Recipe
     from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weights_matrix
-    from cellvec.evaluation.evaluate import _folds
     from cellvec.gene_store.store import GeneStore
+    from cellvec.metrics import stratified_folds
 
     cells = SHARED / "cells"
     plan = {
@@ -104,7 +104,7 @@ def export(folder: Path) -> None:
         basis = GeneBasis(cols, rows, vecs, len(src.var_names))
         w = sp.csr_matrix(weights_matrix(src, basis, recipe)[:, cols])
         classes, codes = np.unique(y, return_inverse=True)
-        tests = {f"test{i}": te for i, (_, te) in enumerate(_folds(y, 5, 0))}
+        tests = {f"test{i}": te for i, (_, te) in enumerate(stratified_folds(y, 5, 0))}
         np.savez_compressed(
             folder / f"{name}.npz",
             **dict(data=w.data, indices=w.indices, indptr=w.indptr, shape=np.array(w.shape)),

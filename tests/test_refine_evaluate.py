@@ -261,10 +261,10 @@ def test_evaluate_transfer(fake_store):
 
 def test_too_many_folds():
     from cellvec.errors import CellvecError
-    from cellvec.evaluation.evaluate import _folds
+    from cellvec.metrics import stratified_folds
 
     with pytest.raises(CellvecError, match="fewer --folds"):
-        _folds(np.array(["a", "b", "a", "b"]), 5, 0)
+        stratified_folds(np.array(["a", "b", "a", "b"]), 5, 0)
 
 
 def test_same_seed_gives_the_same_atlas(tmp_path, gene_files):

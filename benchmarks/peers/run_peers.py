@@ -1,7 +1,7 @@
 """CellTypist 1.7.1 against the expression baselines, on the folds cellvec's evaluation uses.
 
-For each labelled set in ../shared/data/cells: 5-fold CV with `_folds(y, 5, seed=0)` from
-`cellvec.evaluation.evaluate` (the same splits `cellvec evaluate` scores), and the two
+For each labelled set in ../shared/data/cells: 5-fold CV with `stratified_folds(y, 5, seed=0)` from
+`cellvec.metrics` (the same splits `cellvec evaluate` scores), and the two
 cross-dataset pairs: pbmc_3chem 3pv1 mapped from 3pv2 + 5p, and pbmc68k_reduced mapped onto
 pbmc3k through data/labelmaps/pbmc68k_to_pbmc3k.json. Peers: `celltypist` (its default
 training, best-match labels, in its own venv; see README.md), `logreg_expr` and `pca_knn`
@@ -32,8 +32,7 @@ from cellvec.cell_index.mapping import read_label_map  # noqa: E402
 from cellvec.cell_index.readers import read_expression  # noqa: E402
 from cellvec.evaluation import peers  # noqa: E402
 from cellvec.evaluation.baselines import expression_baseline  # noqa: E402
-from cellvec.evaluation.evaluate import _folds  # noqa: E402
-from cellvec.evaluation.metrics import classification_metrics  # noqa: E402
+from cellvec.metrics import classification_metrics, stratified_folds  # noqa: E402
 
 log = logging.getLogger("run_peers")
 
@@ -88,7 +87,7 @@ def scored(truth, pred, seconds: list[float]) -> dict:
 
 def cross_validate(stem: str, names, *, folds: int, k: int, seed: int, python) -> dict:
     x, genes, y, _ = load(stem)
-    splits = _folds(y, folds, seed)
+    splits = stratified_folds(y, folds, seed)
     out = {
         "n_cells": int(x.shape[0]),
         "n_genes": len(genes),

@@ -100,7 +100,7 @@ class Client:
             truth_metrics,
         )
         from cellvec.cell_index.readers import read_expression
-        from cellvec.evaluation.metrics import UNASSIGNED
+        from cellvec.metrics import UNASSIGNED
 
         if parse_labels(exclude_labels):
             raise CellvecError(

@@ -22,8 +22,8 @@ from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head
 from cellvec.errors import CellvecError, InputFormatError
-from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
 from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
+from cellvec.metrics import UNASSIGNED, classification_metrics
 
 log = logging.getLogger(__name__)
 

@@ -147,7 +147,7 @@ def evaluate_cmd(
     """
     from cellvec.cell_index.mapping import read_label_map
     from cellvec.evaluation.evaluate import evaluate
-    from cellvec.evaluation.metrics import metrics_table
+    from cellvec.metrics import metrics_table
 
     res = evaluate(
         data,

@@ -219,7 +219,7 @@ def map_cmd(
 
 def level_table(metrics: dict | None, label_counts: dict[str, int]) -> str:
     """One level's metrics against known labels, or without them its cells per label."""
-    from cellvec.evaluation.metrics import metrics_table
+    from cellvec.metrics import metrics_table
 
     if metrics:
         return metrics_table(metrics)

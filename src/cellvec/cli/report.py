@@ -40,8 +40,8 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.bundle import atlas_card
     from cellvec.errors import CellvecError
-    from cellvec.evaluation.metrics import classification_metrics
     from cellvec.fetch import resolve_atlas
+    from cellvec.metrics import classification_metrics
     from cellvec.report import write_report
 
     a = ad.read_h5ad(mapped)

@@ -45,8 +45,8 @@ from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError
 from cellvec.evaluation.baselines import EXPRESSION_BASELINES, align, expression_baseline
-from cellvec.evaluation.metrics import UNASSIGNED, classification_metrics
 from cellvec.gene_store.store import GeneStore
+from cellvec.metrics import UNASSIGNED, classification_metrics, mask, stratified_folds
 
 log = logging.getLogger(__name__)
 
@@ -285,32 +285,6 @@ def _grid(title: str, columns, rows: dict[str, list[str]]) -> list[str]:
     return out + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
 
 
-def _folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import StratifiedKFold
-
-    counts = np.unique(y, return_counts=True)[1]
-    if counts.max() < n_folds:
-        raise CellvecError(f"Every class has fewer than {n_folds} cells: use fewer --folds.")
-    if counts.min() < n_folds:
-        log.info(
-            "Classes with fewer than %d cells cannot appear in every fold; they are still scored",
-            n_folds,
-        )
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return list(
-            StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
-        )
-
-
-def _mask(n: int, idx: np.ndarray) -> np.ndarray:
-    m = np.zeros(n, dtype=bool)
-    m[idx] = True
-    return m
-
-
 class _Predictors:
     """Labels a query from a reference, one way per representation name."""
 
@@ -523,15 +497,15 @@ def evaluate(
         names = [x for x in names if x not in ("cellvec_unrefined", "head_only")]
     if skip_folds and query is None:
         raise CellvecError("skip_folds leaves nothing to score without a query.")
-    splits = [] if skip_folds else _folds(y, folds, seed)
+    splits = [] if skip_folds else stratified_folds(y, folds, seed)
 
     def cross_validate(name, ref_cells=None, query_of=None, **kw) -> np.ndarray:
         out = np.empty(n, dtype=object)
         for i, (tr, te) in enumerate(splits):
             tr = ref_cells(i, tr) if ref_cells else tr
-            q = source.subset(_mask(n, te))
+            q = source.subset(mask(n, te))
             q = query_of(i, q) if query_of else q
-            out[te] = pred.predict(name, source.subset(_mask(n, tr)), y[tr], q, **kw)
+            out[te] = pred.predict(name, source.subset(mask(n, tr)), y[tr], q, **kw)
         return out
 
     results: dict[str, dict] = {}
@@ -746,7 +720,7 @@ def _two_level_scores(pred, source, y, y_broad, splits, min_confidence, min_typi
     n = len(y)
     out = {k: np.empty(n, dtype=object) for k in ("fine", "broad", "fine_free", "broad_free")}
     for tr, te in splits:
-        ref, q = source.subset(_mask(n, tr)), source.subset(_mask(n, te))
+        ref, q = source.subset(mask(n, tr)), source.subset(mask(n, te))
         atlas = pred.fit(
             "cellvec", ref, y[tr], calibration_split=CALIBRATION_SPLIT, broad=y_broad[tr]
         )
@@ -796,8 +770,8 @@ def _left_out_scores(pred, name, source, y, splits, sub, call: dict, y_broad=Non
     by_typicality, by_mixing = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for tr, te in splits:
         tr = tr[y[tr] != sub]
-        ref = source.subset(_mask(n, tr))
-        q = source.subset(_mask(n, te))
+        ref = source.subset(mask(n, tr))
+        q = source.subset(mask(n, te))
         if name in EXPRESSION_BASELINES:
             without[te] = with_call[te] = pred.predict(name, ref, y[tr], q)
             if y_broad is not None:

@@ -39,19 +39,18 @@ def tune_recipe(
     Ties go to the larger top-N and k (the defaults)."""
     from cellvec.cell_index.atlas import Atlas, fit_encoder
     from cellvec.cell_index.mapping import map_cells
-    from cellvec.evaluation.evaluate import _folds, _mask
-    from cellvec.evaluation.metrics import classification_metrics
+    from cellvec.metrics import classification_metrics, mask, stratified_folds
 
     labels = np.asarray(labels, dtype=object)
     n = len(labels)
-    splits = _folds(labels, folds, seed)
+    splits = stratified_folds(labels, folds, seed)
     scores: dict[str, float] = {}
     for top in top_genes:
         preds = {k: np.empty(n, dtype=object) for k in ks}
         rec = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})
         for tr, te in splits:
             fit = fit_encoder(
-                source.subset(_mask(n, tr)),
+                source.subset(mask(n, tr)),
                 labels[tr],
                 genes,
                 rec,
@@ -59,7 +58,7 @@ def tune_recipe(
                 refine_options=refine_options,
             )
             atlas = Atlas.from_fit("tune", fit, labels[tr])
-            query = source.subset(_mask(n, te))
+            query = source.subset(mask(n, te))
             for k in ks:
                 preds[k][te] = map_cells(query, atlas, k=k).labels
         for k in ks:

@@ -1,8 +1,20 @@
-"""Classification metrics in the shape the CLI's `--json` promises."""
+"""Classification metrics in the shape the CLI's `--json` promises, and the stratified
+folds that cross-validation (`evaluate`, `atlas build --tune`) scores them on.
+
+Depends on numpy and scikit-learn only (and `cellvec.errors`, which depends on nothing),
+so that mapping, tuning and evaluation can all use it without importing one another.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
+
+from cellvec.errors import CellvecError
+
+log = logging.getLogger(__name__)
 
 UNASSIGNED = "unassigned"
 
@@ -51,3 +63,29 @@ def metrics_table(metrics: dict) -> str:
         f"unassigned {metrics['unassigned_fraction']:.1%}"
     )
     return "\n".join(lines)
+
+
+def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified `n_folds`-fold splits of the cells labelled `y`: [(train, test) positions]."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.unique(y, return_counts=True)[1]
+    if counts.max() < n_folds:
+        raise CellvecError(f"Every class has fewer than {n_folds} cells: use fewer --folds.")
+    if counts.min() < n_folds:
+        log.info(
+            "Classes with fewer than %d cells cannot appear in every fold; they are still scored",
+            n_folds,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return list(
+            StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+        )
+
+
+def mask(n: int, idx: np.ndarray) -> np.ndarray:
+    """A boolean mask over `n` cells, True at positions `idx` (a fold's train or test cells)."""
+    m = np.zeros(n, dtype=bool)
+    m[idx] = True
+    return m
