@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cellvec.cell_index.recipe import BACKGROUNDS, REFINES, WEIGHTINGS
+from cellvec.cell_index.recipe import BACKGROUNDS, REFINES, WEIGHTINGS, Recipe
 
 STORE_HELP = (
     "The store (LanceDB): a directory, or an object-store URI (s3://BUCKET/PREFIX, "
@@ -95,41 +95,45 @@ def input_options(f):
 
 
 def recipe_options(f):
+    """The `Recipe`'s options (its defaults are the recipe's own)."""
     f = click.option(
         "--adapt-genes/--no-adapt-genes",
-        default=True,
+        default=Recipe.adapt_genes,
         show_default=True,
         help="Refinement also learns per-gene gates and corrections of the gene vectors.",
     )(f)
     f = click.option(
         "--center/--no-center",
-        default=True,
+        default=Recipe.center,
         show_default=True,
         help="Subtract the reference's mean cell vector (the background all cells share).",
     )(f)
     f = click.option(
         "--refine",
         type=click.Choice(REFINES),
-        default="supcon",
+        default=Recipe.refine,
         show_default=True,
         help="Contrastive refinement on the reference (supcon needs labels; simclr does not).",
     )(f)
     f = click.option(
         "--background",
         type=click.Choice(BACKGROUNDS),
-        default="whiten",
+        default=Recipe.background,
         show_default=True,
         help="Remove what all gene vectors share (fitted on the reference's genes).",
     )(f)
     f = click.option(
         "--weighting",
         type=click.Choice(WEIGHTINGS),
-        default="value",
+        default=Recipe.weighting,
         show_default=True,
         help="Weights of a cell's top genes.",
     )(f)
     f = click.option(
-        "--top-genes", default=1000, show_default=True, help="Most-expressed genes per cell."
+        "--top-genes",
+        default=Recipe.top_genes,
+        show_default=True,
+        help="Most-expressed genes per cell.",
     )(f)
     return f
 
