@@ -193,15 +193,16 @@ def served(fake_store, monkeypatch):
 def build_tiny_atlas(store):
     """Atlas `tiny` in `store`: 90 tiny cells of types T, B, M, top 10 genes, typicality
     calibrated on held-out cells."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
 
     return build_atlas(
         tiny_adata(n_cells=90, seed=1),
         store=store,
         name="tiny",
         label_key="cell_type",
-        top_genes=10,
-        calibration_split=0.2,  # held-out cells calibrate typicality
+        recipe=Recipe(top_genes=10),
+        options=BuildOptions(calibration_split=0.2),  # held-out cells calibrate typicality
     )
 
 

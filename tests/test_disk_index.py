@@ -20,16 +20,17 @@ def fake_models(monkeypatch):
 def tiny_atlas(store, name, index, n_cells=1200, adata=None, **kw):
     """The tests' atlas: `adata` (default `n_cells` tiny cells) built unrefined with a
     calibration split and the index `index`; `kw` adds to or overrides the options."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
 
-    options = dict(
-        label_key="cell_type", top_genes=10, refine="none", calibration_split=0.1, index=index
-    )
     return build_atlas(
         tiny_adata(n_cells=n_cells, seed=1) if adata is None else adata,
         store=store,
         name=name,
-        **{**options, **kw},
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10, refine="none"),
+        options=BuildOptions(calibration_split=0.1, index=index),
+        **kw,
     )
 
 
@@ -59,7 +60,7 @@ def seed_spread(store, name: str, step: int, seeds: int) -> np.ndarray:
     params = choose_params(*vecs.shape)
     out = []
     for seed in range(seeds):
-        ds = build_disk_index(atlas._dataset(), params, seed=seed)
+        ds = build_disk_index(atlas.dataset(), params, seed=seed)
         out.append(_recall(DiskIndex(ds, params), vecs, step))
     return np.array(out)
 
@@ -105,7 +106,7 @@ def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_model
     from cellvec.cell_index.knn import FlatIndex
 
     atlas = tiny_atlas(fake_store, "disk", "disk", n_cells=400)
-    ds = atlas._dataset()
+    ds = atlas.dataset()
     ds.drop_index(INDEX_NAME)
     index = DiskIndex(ds, atlas.index().params)
     assert not index.indexed
@@ -256,7 +257,8 @@ def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_stor
 
     pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
     from cellvec._ray import start_local_cluster
-    from cellvec.cell_index.atlas import Atlas, index_atlas
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.build import index_atlas
 
     tiny_atlas(fake_store, "tiny", "memory", n_cells=1200)
     src = str(Path(__file__).resolve().parents[1] / "src")

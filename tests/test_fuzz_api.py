@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def _schema(tmp):
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.gene_store import build_gene_store
     from cellvec.service import create_app
     from conftest import tiny_genes, write_gene2go, write_gene_info
@@ -31,7 +32,7 @@ def _schema(tmp):
         store=tmp / "store",
         name="tiny",
         label_key="cell_type",
-        top_genes=10,
+        recipe=Recipe(top_genes=10),
     )
     return schemathesis.openapi.from_asgi(
         "/openapi.json", create_app(tmp / "store", enable_sql=True)

@@ -180,16 +180,17 @@ def test_every_command_on_s3_gives_the_local_result(tmp_path, s3, s3_uri, monkey
 
 def test_python_api_reads_credentials_from_the_environment(tmp_path, s3, s3_uri, monkeypatch):
     """No options given: Lance takes AWS_* from the environment, as with a real bucket."""
-    from cellvec.cell_index.atlas import Atlas, build_atlas
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.build import build_atlas
     from cellvec.cell_index.mapping import map_cells
+    from cellvec.cell_index.recipe import Recipe
     from conftest import build_tiny
 
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv(OPTIONS_ENV, raising=False)
     build_tiny({"gene_info": _files(tmp_path)[0], "gene2go": _files(tmp_path)[1]}, s3_uri)
-    build_atlas(tiny_adata(90, seed=1), store=s3_uri, name="t", label_key="cell_type",
-                top_genes=10, refine="none")  # fmt: skip
+    build_atlas(tiny_adata(90, seed=1), store=s3_uri, name="t", label_key="cell_type", recipe=Recipe(top_genes=10, refine="none"))  # fmt: skip
     atlas = Atlas.open(s3_uri, "t")
     assert isinstance(atlas.store, StoreLocation) and atlas.store.uri == s3_uri
     res = map_cells(tiny_adata(30, seed=2, prefix="q"), atlas, truth_key="cell_type")
@@ -210,7 +211,8 @@ def _files(tmp_path):
 def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
     """A tiny gene store and atlas in the bucket (and the same on local disk), options in
     $CELLVEC_STORAGE_OPTIONS as `cellvec serve --workers N` passes them on."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from conftest import build_tiny
 
     monkeypatch.setenv(OPTIONS_ENV, json.dumps(s3.storage_options()))
@@ -218,8 +220,7 @@ def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
     stores = {"s3": s3_uri, "local": str(tmp_path / "store")}
     for store in stores.values():
         build_tiny({"gene_info": info, "gene2go": go}, store)
-        build_atlas(tiny_adata(90, seed=1), store=store, name="tiny", label_key="cell_type",
-                    top_genes=10, refine="none", calibration_split=0.2)  # fmt: skip
+        build_atlas(tiny_adata(90, seed=1), store=store, name="tiny", label_key="cell_type", recipe=Recipe(top_genes=10, refine="none"), options=BuildOptions(calibration_split=0.2))  # fmt: skip
     return stores
 
 

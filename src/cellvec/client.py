@@ -92,7 +92,7 @@ class Client:
         import pyarrow as pa
 
         from cellvec._progress import progress
-        from cellvec.cell_index.atlas import labels_of, parse_labels
+        from cellvec.cell_index.labels import labels_of, parse_labels
         from cellvec.cell_index.mapping import (
             BroadCall,
             MappingResult,

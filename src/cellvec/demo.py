@@ -39,9 +39,10 @@ def run_demo(
 ) -> dict:
     from sklearn.model_selection import train_test_split
 
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
     from cellvec.cell_index.readers import read_expression
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.gene_store.store import build_gene_store
     from cellvec.report import write_report
 
@@ -82,9 +83,8 @@ def run_demo(
         store=store,
         name="pbmc68k",
         label_key="bulk_labels",
-        refine=refine,
-        seed=seed,
-        calibration_split=0.1,  # held-out cells calibrate the typicality the report shows
+        recipe=Recipe(refine=refine),
+        options=BuildOptions(calibration_split=0.1, seed=seed),  # held-out cells: typicality
     )
     steps["atlas_s"] = round(time.perf_counter() - t, 1)
 

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import (
-    MAX_TABLE_NAME,
-    Atlas,
-    is_table_name,
-    labels_of,
-    parse_labels,
-)
+from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.knn import vote
+from cellvec.cell_index.labels import labels_of, parse_labels
 from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head
+from cellvec.cell_index.table import MAX_TABLE_NAME, is_table_name
 from cellvec.errors import CellvecError, InputFormatError
 from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
 from cellvec.metrics import UNASSIGNED, classification_metrics

@@ -33,13 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import (
-    Atlas,
-    fit_encoder,
-    labels_of,
-    pair_counts,
-    reference_labels,
-)
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.fitting import fit_encoder
+from cellvec.cell_index.labels import broad_labels_of, labels_of, pair_counts, reference_labels
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
@@ -474,9 +470,7 @@ def evaluate(
     n = len(y)
     y_broad = None
     if broad_label_key:
-        from cellvec.cell_index.atlas import _broad_labels
-
-        y_broad = _broad_labels(source, y, broad_label_key)
+        y_broad = broad_labels_of(source, y, broad_label_key)
     pred = _Predictors(genes_by_model, recipe, k, seed, refine_options or {})
     names = (
         (list(BASELINES) if baselines else [])

@@ -318,7 +318,7 @@ def create_app(
         try:
             return atlases_cache.get(name)
         except KeyError:
-            from cellvec.cell_index.atlas import list_atlases
+            from cellvec.cell_index.table import list_atlases
 
             raise HTTPException(
                 404, f"No atlas {name!r}; atlases: {', '.join(list_atlases(store)) or 'none'}."
@@ -333,7 +333,7 @@ def create_app(
     @app.get("/v1/atlases")
     def atlases():
         """Atlases of the store with their recipes and classes."""
-        from cellvec.cell_index.atlas import list_atlases
+        from cellvec.cell_index.table import list_atlases
 
         return json_response({"atlases": [get_atlas(n).summary() for n in list_atlases(store)]})
 

@@ -63,9 +63,7 @@ class ServedAtlas:
         if self._full is None:
             from cellvec.cell_index.atlas import Atlas
 
-            atlas = Atlas.open(self.store, self.name)
-            atlas._encoder = self.encoder
-            self._full = atlas
+            self._full = Atlas.open(self.store, self.name, encoder=self.encoder)
         return self._full
 
     @property
@@ -153,7 +151,7 @@ class AtlasCache:
 
     def preload(self) -> None:
         """Load every atlas of the store (at startup, so no request waits for it)."""
-        from cellvec.cell_index.atlas import list_atlases
+        from cellvec.cell_index.table import list_atlases
 
         for name in list_atlases(self.store):
             try:
@@ -178,7 +176,7 @@ class AtlasCache:
 
     def get(self, name: str) -> ServedAtlas:
         """The atlas `name`, loaded or reloaded as needed; KeyError if there is none."""
-        from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name
+        from cellvec.cell_index.table import ATLAS_PREFIX, is_atlas_name
 
         if not is_atlas_name(name):  # no store look-up for a name no atlas can have
             raise KeyError(name)
@@ -210,7 +208,8 @@ class AtlasCache:
         return atlas
 
     def _load(self, name: str, tbl) -> ServedAtlas:
-        from cellvec.cell_index.atlas import Atlas, load_encoder
+        from cellvec.cell_index.atlas import Atlas
+        from cellvec.cell_index.encoder import load_encoder
         from cellvec.cell_index.knn import read_index
         from cellvec.gene_store.store import read_meta
 
