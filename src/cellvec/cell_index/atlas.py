@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from cellvec._arrow import fixed_size_rows, string_values
@@ -264,8 +265,6 @@ class Atlas:
     def _open_disk(cls, store, name: str, meta: dict, ds, encoder: CellEncoder | None) -> Atlas:
         """A disk atlas: label codes (int32) and calibration (float32) read in batches, so
         opening 20M cells holds ~160 MB, never the vectors or the cell ids."""
-        import pyarrow.compute as pc
-
         n = ds.count_rows()
         classes = np.asarray(sorted(meta.get("classes") or {}), dtype=object)
         value_set = pa.array(classes.tolist(), pa.string())
