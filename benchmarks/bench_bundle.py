@@ -96,7 +96,7 @@ def measure(tmp: Path, store: Path, name: str, query) -> dict:
 def demo_case(tmp: Path) -> dict:
     from sklearn.model_selection import train_test_split
 
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.readers import read_expression
     from cellvec.gene_store.store import build_gene_store
 
@@ -116,10 +116,7 @@ def demo_case(tmp: Path) -> dict:
     ref_idx, _ = train_test_split(idx, test_size=0.3, stratify=labels, random_state=0)
     mask = np.isin(idx, ref_idx)
     t = time.perf_counter()
-    build_atlas(
-        src.subset(mask), store=store, name="pbmc68k", label_key="bulk_labels",
-        calibration_split=0.1,
-    )  # fmt: skip
+    build_atlas(src.subset(mask), store=store, name="pbmc68k", label_key="bulk_labels", options=BuildOptions(calibration_split=0.1))  # fmt: skip
     atlas_s = time.perf_counter() - t
     out = measure(tmp, store, "pbmc68k", src.subset(~mask))
     return {
@@ -132,7 +129,8 @@ def demo_case(tmp: Path) -> dict:
 
 
 def synthetic_case(tmp: Path, args) -> dict:
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.gene_store import import_vectors
 
     genes = [f"G{i}" for i in range(args.store_genes)]
@@ -147,10 +145,7 @@ def synthetic_case(tmp: Path, args) -> dict:
     store = tmp / "synthetic_store"
     import_vectors(tmp / "vectors.npz", store=store, model="bench")
     t = time.perf_counter()
-    build_atlas(
-        ref, store=store, name="bench", label_key="subtype", model="bench", top_genes=200,
-        refine=args.refine, calibration_split=0.1,
-    )  # fmt: skip
+    build_atlas(ref, store=store, name="bench", label_key="subtype", model="bench", recipe=Recipe(top_genes=200, refine=args.refine), options=BuildOptions(calibration_split=0.1))  # fmt: skip
     atlas_s = time.perf_counter() - t
     out = measure(tmp, store, "bench", query)
     return {

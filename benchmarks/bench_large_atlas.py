@@ -55,7 +55,9 @@ def real_atlas(work: Path, reference: str):
     """The real atlas the synthetic cells are drawn around (built once in `work`)."""
     from _stores import ensure_store
 
-    from cellvec.cell_index.atlas import Atlas, build_atlas, list_atlases
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.table import list_atlases
 
     species, fname, key = REFERENCES[reference]
     store = ensure_store(work / f"store_{species}", species)
@@ -65,8 +67,7 @@ def real_atlas(work: Path, reference: str):
             store=store,
             name=reference,
             label_key=key,
-            calibration_split=0.1,
-            index="memory",
+            options=BuildOptions(calibration_split=0.1, index="memory"),
         )
     return store, Atlas.open(store, reference)
 
@@ -111,7 +112,7 @@ def write_phase(args) -> dict:
     import lance
     import pyarrow as pa
 
-    from cellvec.cell_index.atlas import atlas_schema
+    from cellvec.cell_index.table import atlas_schema
     from cellvec.gene_store.store import META_KEY
 
     store, atlas = real_atlas(args.work, args.reference)
@@ -166,7 +167,7 @@ def write_phase(args) -> dict:
 
 
 def index_phase(args) -> dict:
-    from cellvec.cell_index.atlas import index_atlas
+    from cellvec.cell_index.build import index_atlas
 
     store = args.work / f"store_{REFERENCES[args.reference][0]}"
     params = {k: v for k, v in (("nprobes", args.nprobes), ("refine_factor", args.refine)) if v}
@@ -205,7 +206,7 @@ def search_phase(args, kind: str) -> dict:
             meta=atlas.meta,
             _codes=atlas.label_codes(),
             version=atlas.version,
-            _ds=atlas._dataset(),
+            _ds=atlas.dataset(),
             _vectors=np.ascontiguousarray(atlas.vectors),
         )
     index = atlas.index()

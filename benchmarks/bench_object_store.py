@@ -64,7 +64,8 @@ def synthetic(n_cells: int, genes: list[str], n_classes: int, seed: int, prefix:
 
 
 def build(store, vectors: Path, ref: Path, top_genes: int) -> float:
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.gene_store import import_vectors
 
     t = time.perf_counter()
@@ -75,9 +76,8 @@ def build(store, vectors: Path, ref: Path, top_genes: int) -> float:
         name="bench",
         label_key="subtype",
         model="bench",
-        top_genes=top_genes,
-        refine="none",
-        calibration_split=0.1,
+        recipe=Recipe(top_genes=top_genes, refine="none"),
+        options=BuildOptions(calibration_split=0.1),
     )
     return time.perf_counter() - t
 

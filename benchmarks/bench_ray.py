@@ -72,14 +72,12 @@ def main():
     log_progress()
 
     from cellvec._ray import start_local_cluster
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.gene_store.store import import_vectors
 
-    refine = (
-        {"refine": "supcon", "refine_options": {"steps": args.refine_steps}}
-        if args.refine_steps
-        else {"refine": "none"}
-    )
+    recipe = Recipe(top_genes=args.top_genes, refine="supcon" if args.refine_steps else "none")
+    refine_options = {"steps": args.refine_steps} if args.refine_steps else None
     out = {
         "cells": args.cells,
         "genes": args.genes,
@@ -101,12 +99,15 @@ def main():
         names = np.array([f"G{i}" for i in range(args.genes)])
         np.savez(tmp / "vectors.npz", genes=names, vectors=e)
         import_vectors(tmp / "vectors.npz", store=tmp / "store", model="bench", species="human")
-        options = dict(
-            store=tmp / "store", label_key="cell_type", model="bench", top_genes=args.top_genes
-        )
+        options = dict(store=tmp / "store", label_key="cell_type", model="bench", recipe=recipe)
 
         t = time.perf_counter()
-        single = build_atlas(tmp / "ref.h5ad", name="single", **options, **refine)
+        single = build_atlas(
+            tmp / "ref.h5ad",
+            name="single",
+            options=BuildOptions(refine_options=refine_options),
+            **options,
+        )
         single_s = time.perf_counter() - t
         single_rss = peak_rss_mib()
         ref_ids, ref_vecs = single.cell_ids, single.vectors
@@ -116,7 +117,12 @@ def main():
         ray = start_local_cluster(num_cpus=args.ray_cpus)
         start_s = time.perf_counter() - t
         t = time.perf_counter()
-        dist = build_atlas(tmp / "ref.h5ad", name="on_ray", ray=True, **options, **refine)
+        dist = build_atlas(
+            tmp / "ref.h5ad",
+            name="on_ray",
+            options=BuildOptions(refine_options=refine_options, ray=True),
+            **options,
+        )
         ray_s = time.perf_counter() - t
         ray.shutdown()
 

@@ -136,13 +136,19 @@ def baron_cellvec(
     ref, query, store, name: str, hcop, *, min_typicality: float = 0.01, **build
 ) -> dict:
     """cellvec's labels for the query (and with `min_typicality`) from an atlas of `ref`
-    built with `build` (build_atlas options) and `calibration_split=0.1`."""
-    from cellvec.cell_index.atlas import build_atlas
+    built with `build` (`Recipe` fields) and `calibration_split=0.1`."""
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
+    from cellvec.cell_index.recipe import Recipe
 
     ref, query = carried(ref), carried(query)
     atlas = build_atlas(
-        ref, store=store, name=name, label_key="label", calibration_split=0.1, **build
+        ref,
+        store=store,
+        name=name,
+        label_key="label",
+        recipe=Recipe(**build),
+        options=BuildOptions(calibration_split=0.1),
     )
     res = map_cells(query, atlas, orthologs=hcop)
     strict = map_cells(query, atlas, orthologs=hcop, min_typicality=min_typicality)

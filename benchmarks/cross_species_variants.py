@@ -31,12 +31,15 @@ import cross_species as xs
 from _common import log_progress
 from _stores import ensure_named_store
 
-import cellvec.cell_index.atlas as atlas_mod
 import cellvec.cell_index.encoder as enc_mod
+import cellvec.cell_index.fitting as fitting_mod
 import cellvec.cell_index.mapping as map_mod
-from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.background import apply_background
+from cellvec.cell_index.build import BuildOptions, build_atlas
 from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.panels import reaggregate
+from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import adapted_basis
 from cellvec.cell_index.vectors import GeneBasis
 from cellvec.gene_store import GeneStore
@@ -76,7 +79,7 @@ def old_main():
 
     with (
         mock.patch.object(enc_mod, "fold_duplicates", passthrough),
-        mock.patch.object(atlas_mod, "fold_duplicates", passthrough),
+        mock.patch.object(fitting_mod, "fold_duplicates", passthrough),
         mock.patch.object(Atlas, "coverage", coverage),
         mock.patch.object(GeneBasis, "__post_init__", lambda self: None),
     ):
@@ -218,7 +221,7 @@ def coral(atlas, shrink=0.1, centre_only=False):
     def unrefined(self, source, basis=None, *, orthologs=None):
         basis = basis or self.basis(source.var_names, source.path, orthologs=orthologs)
         q = orig(self, source, basis).astype(np.float64)
-        r = atlas._reaggregate(atlas.weights(), basis.positions).astype(np.float64)
+        r = reaggregate(atlas.encoder(), atlas.weights(), basis.positions).astype(np.float64)
         mq, mr = q.mean(0), r.mean(0)
         if centre_only:
             return normalise_rows((q - mq + mr).astype(np.float32))
@@ -272,7 +275,12 @@ def run(species, variant, hcop, stores: Path, built: set) -> dict:
     with old_main() if variant == "main_before_fix" else nullcontext():
         if name not in built:
             build_atlas(
-                ref, store=store, name=name, label_key="label", calibration_split=0.1, **build
+                ref,
+                store=store,
+                name=name,
+                label_key="label",
+                recipe=Recipe(**build),
+                options=BuildOptions(calibration_split=0.1),
             )
             built.add(name)
         atlas = Atlas.open(store, name)

@@ -70,7 +70,8 @@ def make_store(
     import pandas as pd
     import scipy.sparse as sp
 
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.gene_store.store import import_vectors
 
     rng = np.random.default_rng(seed)
@@ -100,7 +101,12 @@ def make_store(
         var=pd.DataFrame(index=genes),
     )
     build_atlas(
-        a, store=tmp / "store", name="bench", label_key="type", model="bench", top_genes=100
+        a,
+        store=tmp / "store",
+        name="bench",
+        label_key="type",
+        model="bench",
+        recipe=Recipe(top_genes=100),
     )
     return genes
 

@@ -33,7 +33,7 @@ def main():
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this needs the shared real data")
     log_progress()
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cell_index.readers import read_expression
 
@@ -45,16 +45,14 @@ def main():
         store=store,
         name="mix_chem",
         label_key="cell_type",
-        seed=0,
-        calibration_split=0.1,
+        options=BuildOptions(calibration_split=0.1, seed=0),
     )
     build_atlas(
         CELLS / "pbmc3k.h5ad",
         store=store,
         name="mix_3k",
         label_key="classified",
-        seed=0,
-        calibration_split=0.1,
+        options=BuildOptions(calibration_split=0.1, seed=0),
     )
     labelmap = read_label_map(ROOT / "data" / "labelmaps" / "pbmc68k_to_pbmc3k.json")
     pairs = {

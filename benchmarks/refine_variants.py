@@ -77,8 +77,8 @@ def export(folder: Path) -> None:
     from _common import SHARED
     from _stores import ensure_store
 
-    from cellvec.cell_index.atlas import labels_of
     from cellvec.cell_index.background import apply_background, fit_background
+    from cellvec.cell_index.labels import labels_of
     from cellvec.cell_index.readers import read_expression
     from cellvec.cell_index.recipe import Recipe
     from cellvec.cell_index.vectors import GeneBasis, match_dataset_genes, weights_matrix

@@ -32,7 +32,7 @@ def left_out(store, source, test, label_key: str, sub: str, seed: int, key: str)
     the `test` cells mapped onto it with typicality and the mixing test at 0.01: (the
     share of `sub`'s cells unassigned and of the known cells, as `<key>.unassigned` and
     `<key>.known_unassigned`; the mapping). tests/test_real_data.py runs it for seed 0."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
 
     labels = source.obs[label_key].astype(str).to_numpy()
@@ -42,8 +42,7 @@ def left_out(store, source, test, label_key: str, sub: str, seed: int, key: str)
         store=store,
         name=name,
         label_key=label_key,
-        seed=seed,
-        calibration_split=0.1,
+        options=BuildOptions(calibration_split=0.1, seed=seed),
     )
     res = map_cells(source.subset(test), name, store=store, min_typicality=0.01, min_mixing=0.01)
     novel = labels[test] == sub
@@ -59,7 +58,7 @@ def scenarios(human: Path, mouse: Path, seed: int, work: Path) -> dict[str, floa
     """Every figure the real-data tests assert, for one seed (the tests' own set-ups)."""
     import shutil
 
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cell_index.readers import read_expression
 
@@ -70,11 +69,17 @@ def scenarios(human: Path, mouse: Path, seed: int, work: Path) -> dict[str, floa
     src = read_expression(CELLS / "pbmc_3chem.h5ad")
     donor = src.obs["donor"].astype(str).to_numpy()
     ref, query = src.subset(donor != "3pv1"), src.subset(donor == "3pv1")
-    build_atlas(ref, store=h, name="chem", label_key="cell_type", seed=seed)
+    build_atlas(ref, store=h, name="chem", label_key="cell_type", options=BuildOptions(seed=seed))
     res = map_cells(query, "chem", store=h, truth_key="cell_type")
     out["cross_chemistry.accuracy"] = res.metrics["accuracy"]
     out["cross_chemistry.macro_f1"] = res.metrics["macro_f1"]
-    build_atlas(CELLS / "pbmc3k.h5ad", store=h, name="pbmc3k", label_key="classified", seed=seed)
+    build_atlas(
+        CELLS / "pbmc3k.h5ad",
+        store=h,
+        name="pbmc3k",
+        label_key="classified",
+        options=BuildOptions(seed=seed),
+    )
     res = map_cells(
         CELLS / "pbmc68k_reduced.h5ad",
         "pbmc3k",
@@ -90,7 +95,13 @@ def scenarios(human: Path, mouse: Path, seed: int, work: Path) -> dict[str, floa
     ama = read_expression(CELLS / "macosko2015_amacrine.h5ad")
     rng = np.random.default_rng(0)  # the split is fixed; only the refinement seed varies
     test = rng.random(ama.n_obs) < 0.3
-    build_atlas(ama.subset(~test), store=m, name="ama", label_key="cell_type", seed=seed)
+    build_atlas(
+        ama.subset(~test),
+        store=m,
+        name="ama",
+        label_key="cell_type",
+        options=BuildOptions(seed=seed),
+    )
     q = ama.subset(test)
     res = map_cells(q, "ama", store=m, truth_key="cell_type")
     out["amacrine.macro_f1"] = res.metrics["macro_f1"]

@@ -24,7 +24,8 @@ K = 15
 
 
 def sweep(store: str, name: str) -> None:
-    from cellvec.cell_index.atlas import Atlas, index_atlas
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.build import index_atlas
     from cellvec.cell_index.knn import FlatIndex, vote, without_self
 
     mem = Atlas.open(store, name)

@@ -174,15 +174,16 @@ def tiny_adata(n_cells: int = 60, seed: int = 0, counts: bool = True, prefix: st
 def build_tiny_atlas(store):
     """Atlas `tiny` in `store`: 90 tiny cells of types T, B, M, top 10 genes, typicality
     calibrated on held-out cells."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
 
     return build_atlas(
         tiny_adata(n_cells=90, seed=1),
         store=store,
         name="tiny",
         label_key="cell_type",
-        top_genes=10,
-        calibration_split=0.2,  # held-out cells calibrate typicality
+        recipe=Recipe(top_genes=10),
+        options=BuildOptions(calibration_split=0.2),  # held-out cells calibrate typicality
     )
 
 
@@ -215,16 +216,17 @@ def two_levels(seed=1, n=90, prefix="c"):
 def indexed_atlas(store, name, index, n_cells=1200, adata=None, **kw):
     """The disk index tests' atlas: `adata` (default `n_cells` tiny cells) built unrefined
     with a calibration split and the index `index`; `kw` adds to or overrides the options."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
 
-    options = dict(
-        label_key="cell_type", top_genes=10, refine="none", calibration_split=0.1, index=index
-    )
     return build_atlas(
         tiny_adata(n_cells=n_cells, seed=1) if adata is None else adata,
         store=store,
         name=name,
-        **{**options, **kw},
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10, refine="none"),
+        options=BuildOptions(calibration_split=0.1, index=index),
+        **kw,
     )
 
 
@@ -254,6 +256,6 @@ def seed_spread(store, name: str, step: int, seeds: int) -> np.ndarray:
     params = choose_params(*vecs.shape)
     out = []
     for seed in range(seeds):
-        ds = build_disk_index(atlas._dataset(), params, seed=seed)
+        ds = build_disk_index(atlas.dataset(), params, seed=seed)
         out.append(index_recall(DiskIndex(ds, params), vecs, step))
     return np.array(out)

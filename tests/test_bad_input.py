@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from cellvec.cell_index.atlas import build_atlas
+from cellvec.cell_index.build import build_atlas
 from cellvec.cli import cli
 from cellvec.gene_store.store import GeneStore
 from helpers import tiny_adata, tiny_genes

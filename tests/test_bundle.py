@@ -18,9 +18,11 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.build import BuildOptions, build_atlas
 from cellvec.cell_index.bundle import atlas_card, card_text, export_bundle, import_bundle
 from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.recipe import Recipe
 from cellvec.cli import cli
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import MANIFEST, fetch_bundle, write_manifest
@@ -123,13 +125,13 @@ def test_a_bundle_exports_again(bundle, atlas_store, tmp_path, cache):
 
 
 def test_a_disk_indexed_atlas_travels_with_its_index(atlas_store, tmp_path, cache):
-    build_atlas(tiny_adata(n_cells=300, seed=3), store=atlas_store, name="disk", label_key="cell_type", top_genes=10, index="disk")  # fmt: skip
+    build_atlas(tiny_adata(n_cells=300, seed=3), store=atlas_store, name="disk", label_key="cell_type", recipe=Recipe(top_genes=10), options=BuildOptions(index="disk"))  # fmt: skip
     want = Atlas.open(atlas_store, "disk").meta["index"]
     export_bundle(atlas_store, "disk", tmp_path / "disk.cellvec")
     import_bundle(tmp_path / "disk.cellvec", tmp_path / "s2")
     for atlas in (Atlas.open(str(tmp_path / "disk.cellvec")), Atlas.open(tmp_path / "s2", "disk")):
         assert atlas.on_disk and atlas.meta["index"] == want
-        assert atlas._dataset().describe_indices()  # the index itself, not only its name
+        assert atlas.dataset().describe_indices()  # the index itself, not only its name
         labels = map_cells(_query(), atlas).labels
         np.testing.assert_array_equal(labels, map_cells(_query(), "disk", store=atlas_store).labels)
 
@@ -255,13 +257,15 @@ def test_a_bundles_gene_table_is_for_mapping_only(bundle, atlas_store, tmp_path,
     and the refused import writes nothing."""
     ref = tiny_adata(n_cells=60, seed=2)
     ref = ref[ref.obs["cell_type"] != "M", :20].copy()  # T and B genes only
-    build_atlas(ref, store=atlas_store, name="tb", label_key="cell_type", top_genes=10)
+    build_atlas(
+        ref, store=atlas_store, name="tb", label_key="cell_type", recipe=Recipe(top_genes=10)
+    )
     export_bundle(atlas_store, "tb", tmp_path / "tb.cellvec")
     part = tmp_path / "part"
     import_bundle(tmp_path / "tb.cellvec", part)
     assert set(map_cells(_query(), "tb", store=part).labels) <= {"T", "B"}
     with pytest.raises(StoreError, match=r"came with an atlas bundle: it has vectors for 20 of its 35 genes.*cellvec genes build --model fake"):  # fmt: skip
-        build_atlas(tiny_adata(n_cells=30), store=part, name="new", label_key="cell_type", top_genes=10)  # fmt: skip
+        build_atlas(tiny_adata(n_cells=30), store=part, name="new", label_key="cell_type", recipe=Recipe(top_genes=10))  # fmt: skip
     before = {p.relative_to(part) for p in part.rglob("*")}
     with pytest.raises(StoreError, match=r"no vectors for 10 of this atlas's 30 genes \(e.g. MGENE0.*cellvec genes build"):  # fmt: skip
         import_bundle(bundle, part)
@@ -306,7 +310,9 @@ def test_card(bundle, atlas_store, tmp_path, cache):
 def test_export_with_cross_validated_scores(atlas_store, tmp_path, cache):
     ref = tmp_path / "ref.h5ad"
     tiny_adata(n_cells=90, seed=1).write_h5ad(ref)
-    build_atlas(ref, store=atlas_store, name="scored", label_key="cell_type", top_genes=10)
+    build_atlas(
+        ref, store=atlas_store, name="scored", label_key="cell_type", recipe=Recipe(top_genes=10)
+    )
     out = json.loads(
         _run(
             "atlas",

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.build import build_atlas
 from cellvec.cell_index.knn import IVFIndex, exact_knn
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.recipe import Recipe
@@ -46,7 +47,12 @@ def test_atlas_map_roundtrip(fake_store, tmp_path):
     ref = tiny_adata(n_cells=90, seed=1)
     query = tiny_adata(n_cells=30, seed=2, prefix="q")
     atlas = build_atlas(
-        ref, store=fake_store, name="tiny", label_key="cell_type", batch_key="batch", top_genes=10
+        ref,
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        batch_key="batch",
+        recipe=Recipe(top_genes=10),
     )
     assert (
         atlas.recipe.model == "fake"
@@ -74,7 +80,11 @@ def test_atlas_map_roundtrip(fake_store, tmp_path):
 def test_unassigned_below_min_confidence(fake_store):
     ref = tiny_adata(n_cells=90, seed=1)
     build_atlas(
-        ref, store=fake_store, name="tiny", label_key="cell_type", top_genes=10, refine="none"
+        ref,
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10, refine="none"),
     )
     q = tiny_adata(n_cells=30, seed=3, prefix="q")
     x = q.X.toarray()
@@ -92,7 +102,11 @@ def test_unassigned_below_min_confidence(fake_store):
 
 def test_recipe_mismatch_is_refused(fake_store):
     build_atlas(
-        tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type", top_genes=10
+        tiny_adata(n_cells=60),
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10),
     )
     with pytest.raises(
         RecipeMismatchError, match=r"top_genes: atlas 10 vs query 50.*rebuild the atlas"
@@ -124,7 +138,11 @@ def test_bad_inputs(fake_store):
         build_atlas(tiny_adata(), store=fake_store, name="my atlas", label_key="cell_type")
     with pytest.raises(CellvecError, match="Unknown weighting 'tfidf'"):
         build_atlas(
-            tiny_adata(), store=fake_store, name="x", label_key="cell_type", weighting="tfidf"
+            tiny_adata(),
+            store=fake_store,
+            name="x",
+            label_key="cell_type",
+            recipe=Recipe(weighting="tfidf"),
         )
     from cellvec.errors import StoreError
 
@@ -196,7 +214,7 @@ def test_rebuild_overwrites_atomically(fake_store, monkeypatch):
     new = Atlas.open(fake_store, "tiny")
     assert new.version > v1 and len(new.vectors) == len(new.cell_ids) == new.n_cells == 90
     # opened before the rebuild, read after it: the old version's rows, all of them
-    assert old._dataset().version == v1 and old.weights().shape[0] == 60
+    assert old.dataset().version == v1 and old.weights().shape[0] == 60
 
 
 def test_ivf_neighbours_match_exact_search():
@@ -222,7 +240,9 @@ def test_cells_without_labels_are_excluded_and_label_maps_rename_truth(fake_stor
     a.obs["cell_type"] = a.obs["cell_type"].cat.add_categories([""])
     a.obs.iloc[0, a.obs.columns.get_loc("cell_type")] = None
     a.obs.iloc[1, a.obs.columns.get_loc("cell_type")] = ""
-    atlas = build_atlas(a, store=fake_store, name="tiny", label_key="cell_type", top_genes=10)
+    atlas = build_atlas(
+        a, store=fake_store, name="tiny", label_key="cell_type", recipe=Recipe(top_genes=10)
+    )
     assert atlas.meta["n_cells"] == 58 and set(atlas.classes) == {"B", "M", "T"}
     q = tiny_adata(n_cells=30, seed=2, prefix="q")
     q.obs["cell_type"] = q.obs["cell_type"].cat.rename_categories({"T": "T cell"})

@@ -183,7 +183,7 @@ def test_pipeline_through_the_cli(tmp_path, gene_files):
 
 def test_loading_faiss_logs_no_info_lines(tmp_path, fake_store):
     """faiss.loader says 'Could not load library with AVX2 support' at INFO: not for users."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import build_atlas
 
     build_atlas(tiny_adata(seed=1), store=fake_store, name="tiny", label_key="cell_type")
     q = tmp_path / "q.h5ad"

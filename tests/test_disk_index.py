@@ -57,7 +57,7 @@ def test_disk_atlas_without_its_index_is_searched_exactly(fake_store, fake_model
     from cellvec.cell_index.knn import FlatIndex
 
     atlas = indexed_atlas(fake_store, "disk", "disk", n_cells=400)
-    ds = atlas._dataset()
+    ds = atlas.dataset()
     ds.drop_index(INDEX_NAME)
     index = DiskIndex(ds, atlas.index().params)
     assert not index.indexed
@@ -207,7 +207,8 @@ def test_an_index_built_on_a_local_ray_cluster_searches_like_exact_knn(fake_stor
 
     pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
     from cellvec._ray import start_local_cluster
-    from cellvec.cell_index.atlas import Atlas, index_atlas
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.build import index_atlas
 
     indexed_atlas(fake_store, "tiny", "memory", n_cells=1200)
     src = str(Path(__file__).resolve().parents[1] / "src")

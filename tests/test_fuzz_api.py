@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def _schema(store):
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.service import create_app
 
     build_atlas(
@@ -21,7 +22,7 @@ def _schema(store):
         store=store,
         name="tiny",
         label_key="cell_type",
-        top_genes=10,
+        recipe=Recipe(top_genes=10),
     )
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(store, enable_sql=True))
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cellvec.cell_index.atlas import build_atlas
+from cellvec.cell_index.build import BuildOptions, build_atlas
 from cellvec.cell_index.calls import search_allowed
 from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.recipe import Recipe
 from cellvec.cli import cli
 from helpers import tiny_adata, two_levels
 
@@ -20,7 +21,11 @@ def _unit(x):
 def _one_level_atlas(store, name: str):
     """An atlas of 60 tiny cells labelled T, B and M."""
     return build_atlas(
-        tiny_adata(n_cells=60), store=store, name=name, label_key="cell_type", refine="none"
+        tiny_adata(n_cells=60),
+        store=store,
+        name=name,
+        label_key="cell_type",
+        recipe=Recipe(refine="none"),
     )
 
 
@@ -62,7 +67,11 @@ def _with_doublets(seed=1, n=90):
 
 def test_excluded_labels_are_never_given_and_their_cells_never_vote(fake_store):
     build_atlas(
-        _with_doublets(), store=fake_store, name="dbl", label_key="cell_type", refine="none"
+        _with_doublets(),
+        store=fake_store,
+        name="dbl",
+        label_key="cell_type",
+        recipe=Recipe(refine="none"),
     )
     q = tiny_adata(n_cells=30, seed=5, prefix="q")
     free = map_cells(q, "dbl", store=fake_store, k=10)
@@ -93,8 +102,8 @@ def test_atlas_build_drops_excluded_cells_and_records_them(fake_store):
         store=fake_store,
         name="clean",
         label_key="cell_type",
-        refine="none",
         exclude_labels="Doublet,Unknown",
+        recipe=Recipe(refine="none"),
     )
     assert "Doublet" not in set(atlas.labels) and len(atlas.vectors) == 80
     assert atlas.meta["excluded_labels"] == {"Doublet": 10, "Unknown": 0}
@@ -123,15 +132,16 @@ def test_exclude_labels_through_the_cli(fake_store, tmp_path):
 
 
 def _two_level_atlas(store, **kw):
-    """Atlas "two" of `two_levels()` cells: cell_type under cell_type_broad."""
+    """Atlas "two" of `_two_levels()` cells: cell_type under cell_type_broad; `kw` are
+    `BuildOptions`."""
     return build_atlas(
         two_levels(),
         store=store,
         name="two",
         label_key="cell_type",
         broad_label_key="cell_type_broad",
-        refine="none",
-        **kw,
+        recipe=Recipe(refine="none"),
+        options=BuildOptions(**kw),
     )
 
 

@@ -5,9 +5,10 @@ import logging
 import numpy as np
 import pytest
 
-from cellvec.cell_index.atlas import build_atlas
+from cellvec.cell_index.build import BuildOptions, build_atlas
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.mixing import mixes, mixing_pvalues, unmixed
+from cellvec.cell_index.recipe import Recipe
 from helpers import tiny_adata
 from servers import Server
 
@@ -70,7 +71,13 @@ def test_a_query_that_does_not_mix_leaves_the_test_off_with_a_warning(caplog):
 def test_map_cells_leaves_a_missing_type_unassigned_by_mixing(fake_store):
     ref = tiny_adata(n_cells=120, seed=1)
     ref = ref[ref.obs["cell_type"] != "M"].copy()
-    build_atlas(ref, store=fake_store, name="ref", label_key="cell_type", refine_options=FAST)
+    build_atlas(
+        ref,
+        store=fake_store,
+        name="ref",
+        label_key="cell_type",
+        options=BuildOptions(refine_options=FAST),
+    )
     q = tiny_adata(n_cells=90, seed=9, prefix="q")
     res = map_cells(q, "ref", store=fake_store, min_mixing=0.01)
     novel = (q.obs["cell_type"] == "M").to_numpy()
@@ -96,7 +103,13 @@ def test_cli_map_min_mixing_reports_the_test_locally_and_through_a_server(fake_s
 
     ref = tiny_adata(n_cells=120, seed=1)
     ref = ref[ref.obs["cell_type"] != "M"].copy()
-    build_atlas(ref, store=fake_store, name="ref", label_key="cell_type", refine_options=FAST)
+    build_atlas(
+        ref,
+        store=fake_store,
+        name="ref",
+        label_key="cell_type",
+        options=BuildOptions(refine_options=FAST),
+    )
     q = tmp_path / "q.h5ad"
     tiny_adata(n_cells=90, seed=9, prefix="q").write_h5ad(q)
     base = ["map", str(q), "--store", str(fake_store), "--atlas", "ref", "--min-mixing", "0.01"]
@@ -131,9 +144,8 @@ def test_a_disk_atlas_samples_the_same_reference_cells_as_in_memory(fake_store):
             store=fake_store,
             name=index,
             label_key="cell_type",
-            top_genes=10,
-            refine="none",
-            index=index,
+            recipe=Recipe(top_genes=10, refine="none"),
+            options=BuildOptions(index=index),
         )
     mem, disk = Atlas.open(fake_store, "memory"), Atlas.open(fake_store, "disk")
     assert disk.on_disk and not mem.on_disk

@@ -179,8 +179,10 @@ def test_every_command_on_s3_gives_the_local_result(tmp_path, s3, s3_uri, monkey
 
 def test_python_api_reads_credentials_from_the_environment(tmp_path, s3, s3_uri, monkeypatch):
     """No options given: Lance takes AWS_* from the environment, as with a real bucket."""
-    from cellvec.cell_index.atlas import Atlas, build_atlas
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.build import build_atlas
     from cellvec.cell_index.mapping import map_cells
+    from cellvec.cell_index.recipe import Recipe
     from helpers import build_tiny, write_gene_files
 
     for k, v in s3.env().items():
@@ -188,7 +190,7 @@ def test_python_api_reads_credentials_from_the_environment(tmp_path, s3, s3_uri,
     monkeypatch.delenv(OPTIONS_ENV, raising=False)
     build_tiny(write_gene_files(tmp_path), s3_uri)
     build_atlas(tiny_adata(90, seed=1), store=s3_uri, name="t", label_key="cell_type",
-                top_genes=10, refine="none")  # fmt: skip
+                recipe=Recipe(top_genes=10, refine="none"))  # fmt: skip
     atlas = Atlas.open(s3_uri, "t")
     assert isinstance(atlas.store, StoreLocation) and atlas.store.uri == s3_uri
     res = map_cells(tiny_adata(30, seed=2, prefix="q"), atlas, truth_key="cell_type")
@@ -199,7 +201,8 @@ def test_python_api_reads_credentials_from_the_environment(tmp_path, s3, s3_uri,
 def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
     """A tiny gene store and atlas in the bucket (and the same on local disk), options in
     $CELLVEC_STORAGE_OPTIONS as `cellvec serve --workers N` passes them on."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from helpers import build_tiny, write_gene_files
 
     monkeypatch.setenv(OPTIONS_ENV, json.dumps(s3.storage_options()))
@@ -208,7 +211,8 @@ def s3_atlas(tmp_path, s3, s3_uri, monkeypatch):
     for store in stores.values():
         build_tiny(files, store)
         build_atlas(tiny_adata(90, seed=1), store=store, name="tiny", label_key="cell_type",
-                    top_genes=10, refine="none", calibration_split=0.2)  # fmt: skip
+                    recipe=Recipe(top_genes=10, refine="none"),
+                    options=BuildOptions(calibration_split=0.2))  # fmt: skip
     return stores
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellvec.cell_index.atlas import Atlas, build_atlas
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.build import build_atlas
 from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError, GeneMatchError, InputFormatError
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.orthologs import read_orthologs
@@ -378,7 +380,9 @@ def test_an_atlas_of_a_reference_measuring_a_gene_twice_counts_it_once(fake_stor
     of the reference with the gene whole."""
     split, whole = _split_reference()
     # every gene kept (top_genes above 30): no tie at the N-th place to break differently
-    options = dict(store=fake_store, label_key="cell_type", refine="none", top_genes=40)
+    options = dict(
+        store=fake_store, label_key="cell_type", recipe=Recipe(refine="none", top_genes=40)
+    )
     with caplog.at_level("INFO"):
         a = build_atlas(split, name="split", **options)
     assert "3 store genes are reached by 2 or more of its genes (6 genes in all)" in caplog.text
@@ -396,10 +400,10 @@ def test_ray_workers_fold_a_reference_gene_measured_twice_as_one_process_does(fa
     pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cellvec[ray]'")
     import pyarrow as pa
 
-    from cellvec.cell_index.atlas import weight_matrix
     from cellvec.cell_index.parallel import CHUNK, _weights_batch
     from cellvec.cell_index.readers import read_expression
     from cellvec.cell_index.recipe import Recipe
+    from cellvec.cell_index.table import weight_matrix
     from cellvec.cell_index.vectors import (
         GeneBasis,
         fold_duplicates,

@@ -148,7 +148,7 @@ def _assert_same_atlas(store, a, b):
 
 @pytest.mark.slow
 def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluster):
-    from cellvec import build_atlas
+    from cellvec import BuildOptions, Recipe, build_atlas
     from cellvec.gene_store.store import read_meta
 
     options = dict(
@@ -156,12 +156,15 @@ def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluste
         label_key="cell_type",
         batch_key="batch",
         broad_label_key="batch",  # a second label column, whatever it means
-        top_genes=12,
-        calibration_split=0.2,
-        refine_options={"steps": 30},
+        recipe=Recipe(top_genes=12),
     )
-    single = build_atlas(data["tmp"] / "ref.h5ad", name="single", **options)
-    dist = build_atlas(data["tmp"] / "ref.h5ad", name="dist", ray=True, **options)
+    fit = dict(calibration_split=0.2, refine_options={"steps": 30})
+    single = build_atlas(
+        data["tmp"] / "ref.h5ad", name="single", options=BuildOptions(**fit), **options
+    )
+    dist = build_atlas(
+        data["tmp"] / "ref.h5ad", name="dist", options=BuildOptions(ray=True, **fit), **options
+    )
     assert len(dist.vectors) == 290  # the 10 empty cells are left out on both paths
     assert (dist.broad_labels == single.broad_labels).all()
     _assert_same_atlas(data["store"], "single", "dist")
@@ -180,13 +183,16 @@ def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluste
 @pytest.mark.slow
 def test_atlas_rebuilt_on_ray_replaces_the_old_one(data, ray_cluster):
     """An in-memory AnnData (no file for workers to open) and no refinement; built twice."""
-    from cellvec import build_atlas
+    from cellvec import BuildOptions, Recipe, build_atlas
 
     ref = tiny_adata(120, seed=3)
-    options = dict(store=data["store"], label_key="cell_type", refine="none", top_genes=8)
+    options = dict(
+        store=data["store"], label_key="cell_type", recipe=Recipe(refine="none", top_genes=8)
+    )
+    on_ray = BuildOptions(ray=True)
     build_atlas(ref, name="mem_single", **options)
-    build_atlas(ref[:60].copy(), name="mem_dist", ray=True, **options)
-    dist = build_atlas(ref, name="mem_dist", ray=True, **options)
+    build_atlas(ref[:60].copy(), name="mem_dist", options=on_ray, **options)
+    dist = build_atlas(ref, name="mem_dist", options=on_ray, **options)
     assert len(dist.vectors) == 120
     _assert_same_atlas(data["store"], "mem_single", "mem_dist")
     assert _table(data["store"], "atlas_mem_dist").version == 2
@@ -195,18 +201,22 @@ def test_atlas_rebuilt_on_ray_replaces_the_old_one(data, ray_cluster):
 @pytest.mark.slow
 def test_atlas_on_ray_in_a_bucket(data, small_chunks, ray_cluster):
     """Workers write the fragments into a store on the local S3 server, with its options."""
-    from cellvec import build_atlas
+    from cellvec import BuildOptions, Recipe, build_atlas
     from cellvec.storage import store_location
     from servers import s3_server
 
-    options = dict(label_key="cell_type", top_genes=12, refine="none")
+    options = dict(label_key="cell_type", recipe=Recipe(top_genes=12, refine="none"))
     build_atlas(data["tmp"] / "ref.h5ad", store=data["store"], name="local", **options)
     with s3_server() as s3:
         s3.create_bucket("ray")
         store = store_location("s3://ray/store", s3.storage_options())
         build_tiny(data, store)
         dist = build_atlas(
-            data["tmp"] / "ref.h5ad", store=store, name="bucket", ray=True, **options
+            data["tmp"] / "ref.h5ad",
+            store=store,
+            name="bucket",
+            options=BuildOptions(ray=True),
+            **options,
         )
         bucket = _table(store, "atlas_bucket")
         assert len(bucket.get_fragments()) > 1
@@ -225,8 +235,8 @@ def test_atlas_on_ray_in_a_bucket(data, small_chunks, ray_cluster):
 def test_bad_rows_met_by_a_worker_fail_cleanly(data, small_chunks, ray_cluster):
     """A backed file is checked as it streams: a worker meets the NaN values; the build
     stops with cellvec's message and leaves no table behind."""
-    from cellvec import build_atlas, read_expression
-    from cellvec.cell_index.atlas import list_atlases
+    from cellvec import BuildOptions, build_atlas, read_expression
+    from cellvec.cell_index.table import list_atlases
     from cellvec.errors import InputFormatError
 
     bad = tiny_adata(2100, seed=4)  # the reader checks the first 2,000 cells itself
@@ -236,7 +246,13 @@ def test_bad_rows_met_by_a_worker_fail_cleanly(data, small_chunks, ray_cluster):
     bad.write_h5ad(data["tmp"] / "bad.h5ad")
     src = read_expression(data["tmp"] / "bad.h5ad", backed=True)
     with pytest.raises(InputFormatError, match="NaN/inf values in cells 2040-2080") as err:
-        build_atlas(src, store=data["store"], name="bad", label_key="cell_type", ray=True)
+        build_atlas(
+            src,
+            store=data["store"],
+            name="bad",
+            label_key="cell_type",
+            options=BuildOptions(ray=True),
+        )
     assert type(err.value) is InputFormatError  # not Ray's wrapper, with its traceback
     assert "bad" not in list_atlases(data["store"])
 
@@ -249,8 +265,8 @@ def test_a_failed_commit_on_ray_leaves_no_table_directory(
     table's directory, fragments and all, is removed."""
     import lance
 
-    from cellvec import build_atlas
-    from cellvec.cell_index.atlas import list_atlases
+    from cellvec import BuildOptions, Recipe, build_atlas
+    from cellvec.cell_index.table import list_atlases
 
     seen = []
 
@@ -265,9 +281,8 @@ def test_a_failed_commit_on_ray_leaves_no_table_directory(
             store=data["store"],
             name="uncommitted",
             label_key="cell_type",
-            refine="none",
-            top_genes=12,
-            ray=True,
+            recipe=Recipe(top_genes=12, refine="none"),
+            options=BuildOptions(ray=True),
         )
     assert seen == [True]  # fragments were on disk when the commit was tried
     assert not (data["store"] / "atlas_uncommitted.lance").exists()
@@ -276,15 +291,15 @@ def test_a_failed_commit_on_ray_leaves_no_table_directory(
 
 @pytest.mark.slow
 def test_map_on_ray_equals_single_process(data, small_chunks, ray_cluster):
-    from cellvec import build_atlas, map_cells
+    from cellvec import BuildOptions, Recipe, build_atlas, map_cells
 
     build_atlas(
         data["tmp"] / "ref.h5ad",
         store=data["store"],
         name="for_map",
         label_key="cell_type",
-        top_genes=12,
-        refine_options={"steps": 30},
+        recipe=Recipe(top_genes=12),
+        options=BuildOptions(refine_options={"steps": 30}),
     )
     query = data["tmp"] / "query.h5ad"
     single = map_cells(query, "for_map", store=data["store"], truth_key="cell_type")

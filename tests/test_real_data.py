@@ -95,14 +95,16 @@ def retina_store(tmp_path_factory):
 @pytest.mark.long
 def test_cross_chemistry_mapping(pbmc_store):
     """3pv1 cells mapped onto an atlas of 3pv2 + 5p cells, the default recipe, no retraining."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
     from cellvec.cell_index.readers import read_expression
 
     src = read_expression(CELLS / "pbmc_3chem.h5ad")
     donor = src.obs["donor"].astype(str).to_numpy()
     ref, query = src.subset(donor != "3pv1"), src.subset(donor == "3pv1")
-    build_atlas(ref, store=pbmc_store, name="chem", label_key="cell_type", seed=0)
+    build_atlas(
+        ref, store=pbmc_store, name="chem", label_key="cell_type", options=BuildOptions(seed=0)
+    )
     res = map_cells(query, "chem", store=pbmc_store, truth_key="cell_type")
     assert res.metrics["n_cells"] == 290
     assert res.metrics["accuracy"] >= FLOORS["cross_chemistry.accuracy"]
@@ -116,14 +118,18 @@ def test_cross_chemistry_mapping(pbmc_store):
 
 @pytest.mark.long
 def test_pbmc68k_scaled_x_uses_raw_and_transfers_to_pbmc3k(pbmc_store):
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells, read_label_map
     from cellvec.cell_index.readers import read_expression
 
     q = read_expression(CELLS / "pbmc68k_reduced.h5ad")
     assert q.kind == "log-normalised" and q.n_obs == 700  # .raw, since X is scaled
     build_atlas(
-        CELLS / "pbmc3k.h5ad", store=pbmc_store, name="pbmc3k", label_key="classified", seed=0
+        CELLS / "pbmc3k.h5ad",
+        store=pbmc_store,
+        name="pbmc3k",
+        label_key="classified",
+        options=BuildOptions(seed=0),
     )
     res = map_cells(
         CELLS / "pbmc68k_reduced.h5ad",
@@ -155,12 +161,18 @@ def test_a_left_out_nk_is_found_by_the_mixing_test(pbmc_store):
 @pytest.fixture(scope="module")
 def amacrine(retina_store):
     """A fixed 70/30 split of the amacrine subtypes; the atlas of the 70% (seed 0)."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.readers import read_expression
 
     ama = read_expression(CELLS / "macosko2015_amacrine.h5ad")
     test = np.random.default_rng(0).random(ama.n_obs) < 0.3
-    build_atlas(ama.subset(~test), store=retina_store, name="ama", label_key="cell_type", seed=0)
+    build_atlas(
+        ama.subset(~test),
+        store=retina_store,
+        name="ama",
+        label_key="cell_type",
+        options=BuildOptions(seed=0),
+    )
     return ama, test
 
 
@@ -207,13 +219,17 @@ def test_disk_atlases_label_like_exact_knn(request, species, file, label_key):
     """Every real atlas built with --index disk (Lance IVF_PQ, the parameters chosen for
     its size): each reference cell's 15 nearest others, and a query's, vote as exact KNN
     over the same vectors does on >= 99% of cells (measured 0.998-1.000)."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.knn import FlatIndex, vote, without_self
     from cellvec.cell_index.mapping import map_cells
 
     store = request.getfixturevalue("pbmc_store" if species == "human" else "retina_store")
     atlas = build_atlas(
-        CELLS / f"{file}.h5ad", store=store, name="disk", label_key=label_key, index="disk"
+        CELLS / f"{file}.h5ad",
+        store=store,
+        name="disk",
+        label_key=label_key,
+        options=BuildOptions(index="disk"),
     )
     assert atlas.on_disk and atlas._vectors is None
     vecs = atlas.vectors

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellvec.cell_index.atlas import build_atlas
+from cellvec.cell_index.build import BuildOptions, build_atlas
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import RefineOptions, encode_weights, fit_refinement
@@ -183,9 +183,8 @@ def test_refined_atlas_maps_queries_without_retraining(fake_store):
         store=fake_store,
         name="ref",
         label_key="cell_type",
-        refine="supcon",
-        refine_options=FAST,
-        top_genes=10,
+        recipe=Recipe(top_genes=10, refine="supcon"),
+        options=BuildOptions(refine_options=FAST),
     )
     assert atlas.recipe.refine == "supcon" and atlas.recipe.head_hash
     assert atlas.vectors.shape[1] == 128 and atlas.meta["refinement"]["mode"] == "supcon"
@@ -204,26 +203,26 @@ def test_query_cells_do_not_change_the_head(fake_store, monkeypatch):
     """The head is trained on reference cells only: query content cannot influence it.
     Mapping a query fits nothing, and leaves the head's arrays, in memory and in the store,
     as the build made them."""
-    import cellvec.cell_index.atlas as atlas_mod
+    import cellvec.cell_index.fitting as fitting_mod
     from cellvec.cell_index.artifacts import load_artifact
     from cellvec.cell_index.atlas import Atlas
 
     seen = []
-    real = atlas_mod.fit_refinement
+    real = fitting_mod.fit_refinement
 
     def spy(w, basis, labels, **kw):
         seen.append(w.shape[0])
         return real(w, basis, labels, **kw)
 
-    monkeypatch.setattr(atlas_mod, "fit_refinement", spy)
+    monkeypatch.setattr(fitting_mod, "fit_refinement", spy)
     ref = tiny_adata(n_cells=60, seed=1)
     build_atlas(
         ref,
         store=fake_store,
         name="ref",
         label_key="cell_type",
-        refine="supcon",
-        refine_options=FAST,
+        recipe=Recipe(refine="supcon"),
+        options=BuildOptions(refine_options=FAST),
     )
     assert seen == [60]
     atlas = Atlas.open(fake_store, "ref")
@@ -302,8 +301,7 @@ def test_same_seed_gives_the_same_atlas(tmp_path, gene_files):
                 store=store,
                 name="ref",
                 label_key="cell_type",
-                refine_options=FAST,
-                seed=3,
+                options=BuildOptions(seed=3, refine_options=FAST),
             )
         )
     a, b = atlases
@@ -317,7 +315,11 @@ def test_a_query_with_fewer_genes_is_compared_over_the_shared_genes(fake_store):
     """Panel-aware mapping: the reference is re-aggregated over the query's genes."""
     ref = tiny_adata(n_cells=90, seed=1)
     atlas = build_atlas(
-        ref, store=fake_store, name="ref", label_key="cell_type", refine_options=FAST
+        ref,
+        store=fake_store,
+        name="ref",
+        label_key="cell_type",
+        options=BuildOptions(refine_options=FAST),
     )
     q = tiny_adata(n_cells=30, seed=9, prefix="q")
     panel = q[:, [i for i in range(q.n_vars) if i % 3 == 0]].copy()  # a third of the genes
@@ -338,8 +340,7 @@ def test_typicality_calls_a_subtype_the_atlas_lacks_unassigned(fake_store):
         store=fake_store,
         name="ref",
         label_key="cell_type",
-        refine_options=FAST,
-        calibration_split=0.2,
+        options=BuildOptions(calibration_split=0.2, refine_options=FAST),
     )
     q = tiny_adata(n_cells=60, seed=9, prefix="q")
     res = map_cells(q, "ref", store=fake_store, min_typicality=0.05)
@@ -356,7 +357,13 @@ def test_an_atlas_of_an_older_recipe_is_refused_with_the_fix(fake_store):
     from cellvec.errors import StoreError
     from cellvec.gene_store.store import META_KEY, GeneStore, replace_table
 
-    build_atlas(tiny_adata(60), store=fake_store, name="old", label_key="cell_type", refine="none")
+    build_atlas(
+        tiny_adata(60),
+        store=fake_store,
+        name="old",
+        label_key="cell_type",
+        recipe=Recipe(refine="none"),
+    )
     gs = GeneStore(fake_store)
     tbl = gs.open_table("atlas_old").to_arrow()
     meta = json.loads(tbl.schema.metadata[META_KEY])
@@ -392,8 +399,7 @@ def test_tune_chooses_top_genes_and_k_on_the_reference_and_map_uses_them(fake_st
         store=fake_store,
         name="tuned",
         label_key="cell_type",
-        refine_options=FAST,
-        tune=True,
+        options=BuildOptions(tune=True, refine_options=FAST),
     )
     grid = atlas.meta["tuning"]
     assert len(grid) == 6 and all(0 <= v <= 1 for v in grid.values())
@@ -432,7 +438,7 @@ def test_typicality_needs_held_out_calibration_cells(fake_store):
         store=fake_store,
         name="ref",
         label_key="cell_type",
-        refine_options=FAST,
+        options=BuildOptions(refine_options=FAST),
     )
     q = tiny_adata(n_cells=30, seed=9, prefix="q")
     with pytest.raises(CellvecError, match="--calibration-split"):
@@ -450,7 +456,7 @@ def test_an_unknown_schedule_names_the_choices():
 
 
 def test_panel_caches_keep_the_whole_atlas_and_the_last_four_panels():
-    from cellvec.cell_index.atlas import _remember
+    from cellvec.cell_index.panels import remember
 
     cache, made = {}, []
 
@@ -459,7 +465,7 @@ def test_panel_caches_keep_the_whole_atlas_and_the_last_four_panels():
         return f"value {key}"
 
     for key in [None, 1, 2, 3, 4, 1, 5]:
-        assert _remember(cache, key, lambda key=key: make(key)) == f"value {key}"
+        assert remember(cache, key, lambda key=key: make(key)) == f"value {key}"
     assert made == [None, 1, 2, 3, 4, 5]  # 1 was still cached the second time
     assert list(cache) == [None, 2, 3, 4, 5]  # the oldest panel went, the whole atlas stays
 
@@ -476,9 +482,8 @@ def test_atlas_card_scores_only_the_cells_the_atlas_was_built_from(fake_store, t
         store=fake_store,
         name="no_m",
         label_key="cell_type",
-        refine="none",
-        top_genes=10,
         exclude_labels=["M"],
+        recipe=Recipe(top_genes=10, refine="none"),
     )
     ev = evaluate_atlas(fake_store, "no_m", folds=2)
     assert set(ev["per_class_f1"]) == {"B", "T"} and ev["accuracy"] >= 0.9

@@ -5,7 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from cellvec.cell_index.atlas import build_atlas
+from cellvec.cell_index.build import build_atlas
+from cellvec.cell_index.recipe import Recipe
 from helpers import request_cells as _cells
 from helpers import tiny_adata
 from servers import Server, serve_process
@@ -124,7 +125,7 @@ def test_concurrent_requests_while_atlas_is_rebuilt(served):
                 store=served,
                 name="tiny",
                 label_key="cell_type",
-                top_genes=10,
+                recipe=Recipe(top_genes=10),
             )
             seed += 1
 

@@ -2,8 +2,9 @@ import io
 
 import pytest
 
-from cellvec.cell_index.atlas import build_atlas
+from cellvec.cell_index.build import build_atlas
 from cellvec.cell_index.mapping import map_cells
+from cellvec.cell_index.recipe import Recipe
 from cellvec.sql import SQLError, connect_sql, write_result
 from helpers import FakeEmbedder, tiny_adata
 
@@ -15,7 +16,7 @@ def full_store(fake_store):
         store=fake_store,
         name="tiny",
         label_key="cell_type",
-        top_genes=10,
+        recipe=Recipe(top_genes=10),
     )
     map_cells(
         tiny_adata(n_cells=30, seed=2, prefix="q"), "tiny", store=fake_store, truth_key="cell_type"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import SHARED  # noqa: E402
 
 from cellvec import metrics  # noqa: E402
-from cellvec.cell_index.atlas import known_labels, labels_of  # noqa: E402
+from cellvec.cell_index.labels import known_labels, labels_of  # noqa: E402
 from cellvec.cell_index.mapping import read_label_map  # noqa: E402
 from cellvec.cell_index.readers import read_expression  # noqa: E402
 from cellvec.evaluation import peers  # noqa: E402

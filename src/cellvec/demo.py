@@ -40,8 +40,9 @@ def run_demo(
 ) -> dict:
     """Gene store, reference atlas (70% of the cells), mapping (the other 30%) and report
     into `out`; returns the summary also written to `out/summary.json`."""
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.gene_store.store import build_gene_store
 
     t0 = time.perf_counter()
@@ -70,9 +71,9 @@ def run_demo(
             store=store,
             name="pbmc68k",
             label_key="bulk_labels",
-            refine=refine,
-            seed=seed,
-            calibration_split=0.1,  # held-out cells calibrate the typicality the report shows
+            recipe=Recipe(refine=refine),
+            # held-out cells calibrate the typicality the report shows
+            options=BuildOptions(calibration_split=0.1, seed=seed),
         )
 
     log.info("[3/5] mapping %d query cells", query.n_obs)

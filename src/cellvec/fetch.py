@@ -64,7 +64,7 @@ MAX_BUNDLE_ENV = "CELLVEC_MAX_BUNDLE_BYTES"
 CACHE_ENV = "CELLVEC_CACHE"
 _VERIFIED = ".verified"  # written last in a cached copy: its checks all passed
 _CHUNK = 1 << 20
-_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")  # an atlas name (cell_index.atlas.is_atlas_name)
+_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")  # an atlas name (cell_index.table.is_atlas_name)
 _REMOTE = ("http", "https", "s3")
 
 

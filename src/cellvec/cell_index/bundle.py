@@ -41,8 +41,9 @@ import pyarrow as pa
 
 from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
-from cellvec.cell_index.atlas import ATLAS_PREFIX, index_atlas, is_atlas_name, stored_atlas
+from cellvec.cell_index.build import index_atlas
 from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.table import ATLAS_PREFIX, is_atlas_name, stored_atlas
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import CARD, MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.store import (

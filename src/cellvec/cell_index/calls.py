@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from cellvec.cell_index.atlas import parse_labels
 from cellvec.cell_index.knn import vote
+from cellvec.cell_index.labels import parse_labels
 from cellvec.cell_index.mixing import mixing_pvalues, unmixed
 from cellvec.cell_index.result import BroadCall
 from cellvec.errors import CellvecError

@@ -1,12 +1,15 @@
-"""The encoder: a recipe plus its fitted parts, applied to any expression source."""
+"""The encoder: a recipe plus its fitted parts, applied to any expression source, and
+`load_encoder`, which reads a stored atlas's fitted parts back from the store."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from cellvec.cell_index.artifacts import load_artifact
 from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
@@ -17,8 +20,10 @@ from cellvec.cell_index.vectors import (
     fold_duplicates,
     match_dataset_genes,
 )
+from cellvec.errors import StoreError
 from cellvec.gene_store.orthologs import OrthologTable
-from cellvec.gene_store.store import GeneTable
+from cellvec.gene_store.store import GeneStore, GeneTable
+from cellvec.storage import StoreLocation
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +134,24 @@ class CellEncoder:
         """Cell vectors of `source`; `orthologs` only changes which store genes its columns
         map to, never the recipe."""
         return apply_head(self.refinement, self.unrefined(source, basis, orthologs=orthologs))
+
+
+def load_encoder(
+    store: str | Path | StoreLocation,
+    name: str,
+    recipe: Recipe,
+    gene_store: GeneStore | None = None,
+) -> CellEncoder:
+    """The encoder of atlas `name`: its gene table, background transform and head, checked
+    against the hashes its recipe records."""
+    gene_store = gene_store or GeneStore(store)
+    genes = gene_store.load(recipe.model)
+    if recipe.gene_table_hash and genes.meta.get("content_hash") != recipe.gene_table_hash:
+        raise StoreError(
+            f"Atlas {name!r} was built on another version of the {recipe.model} gene table "
+            f"(hash {recipe.gene_table_hash}, store now {genes.meta.get('content_hash')}). "
+            "Rebuild the atlas with `cellvec atlas build`."
+        )
+    bg = load_artifact(gene_store, recipe.background_hash) if recipe.background_hash else {}
+    head = load_artifact(gene_store, recipe.head_hash) if recipe.head_hash else {}
+    return CellEncoder(recipe, genes, bg, head)

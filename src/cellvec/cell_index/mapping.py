@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cellvec.cell_index.atlas import DEFAULT_K, Atlas, labels_of
+from cellvec.cell_index.atlas import DEFAULT_K, Atlas
 from cellvec.cell_index.calls import (
     Calls,
     LabelCodes,
@@ -32,6 +32,7 @@ from cellvec.cell_index.calls import (
     truth_metrics,
 )
 from cellvec.cell_index.encoder import CellEncoder
+from cellvec.cell_index.labels import labels_of
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head

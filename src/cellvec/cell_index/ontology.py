@@ -332,7 +332,8 @@ def annotate_atlas(
 ) -> dict:
     """Propose (or override) a Cell Ontology id for each class of stored atlas `name` and
     record them in its metadata (`ontology`), where mapping finds them. Returns that entry."""
-    from cellvec.cell_index.atlas import Atlas, stored_atlas
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.table import stored_atlas
     from cellvec.gene_store.embedders import get_embedder
     from cellvec.gene_store.store import META_KEY
 

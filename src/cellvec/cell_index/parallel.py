@@ -35,6 +35,9 @@ from cellvec._arrow import fixed_size_rows
 from cellvec._progress import progress
 from cellvec._ray import cluster_cpus, init_ray, ordered_data
 from cellvec.cell_index.readers import ExpressionSource
+from cellvec.cell_index.refine import apply_head, encode_weights
+from cellvec.cell_index.table import atlas_table, weight_lists, weight_matrix
+from cellvec.cell_index.vectors import aggregate
 from cellvec.errors import CellvecError
 
 log = logging.getLogger(__name__)
@@ -157,8 +160,6 @@ def _weights_batch(batch: pa.Table, shared) -> pa.Table:
         for first, block in _chunks(s["reader"], start, stop):
             parts.append(sp.csr_matrix(basis.top_weights(block, s["recipe"])[:, basis.columns]))
             positions.append(np.arange(first, first + block.shape[0], dtype=np.int64))
-    from cellvec.cell_index.atlas import weight_lists
-
     genes, weights = weight_lists(sp.vstack(parts, format="csr"))
     return pa.table({"row": np.concatenate(positions), "top_genes": genes, "top_weights": weights})
 
@@ -193,8 +194,6 @@ def top_gene_weights(
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             tables.append(table)
             bar.update(len(table))
-    from cellvec.cell_index.atlas import weight_matrix
-
     tables = [t for t in tables if len(t)]
     rows = np.concatenate([t.column("row").to_numpy() for t in tables])
     if len(rows) != source.n_obs or (np.diff(rows) != 1).any():
@@ -215,9 +214,6 @@ class _AtlasRows:
         self.shared, self.schema = shared, schema
 
     def vectors(self, table: pa.Table) -> np.ndarray:
-        from cellvec.cell_index.atlas import weight_matrix
-        from cellvec.cell_index.refine import encode_weights
-
         s = _shared(self.shared)
         if "vector" in table.column_names:
             return fixed_size_rows(table.column("vector"))
@@ -230,8 +226,6 @@ class _AtlasRows:
         )
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from cellvec.cell_index.atlas import atlas_table
-
         s = _shared(self.shared)
         rows = pa.array(table.column("row").to_numpy())
         genes = table.column("top_genes").combine_chunks()
@@ -361,9 +355,6 @@ def _write_fragments(uri, schema, blocks, ray, shared, calibrate, storage_option
 
 # -- query vectors ------------------------------------------------------------
 def _vectors_batch(batch: pa.Table, shared) -> pa.Table:
-    from cellvec.cell_index.refine import apply_head
-    from cellvec.cell_index.vectors import aggregate
-
     s = _shared(shared)
     positions, parts = [], []
     for start, stop in zip(batch.column("start").to_pylist(), batch.column("stop").to_pylist()):

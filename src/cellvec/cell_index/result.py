@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import MAX_TABLE_NAME, is_table_name
 from cellvec.cell_index.mixing import mixes
 from cellvec.cell_index.readers import ExpressionSource
+from cellvec.cell_index.table import MAX_TABLE_NAME, is_table_name
 from cellvec.errors import CellvecError
 from cellvec.metrics import UNASSIGNED
 

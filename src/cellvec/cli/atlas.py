@@ -127,7 +127,8 @@ def build(
           --broad-label-key cell_type_broad --exclude-labels Doublet --calibration-split 0.1
       cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
     """
-    from cellvec.cell_index.atlas import build_atlas
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
     from cellvec.cli.common import subset_source
 
     ref = subset_source(
@@ -143,22 +144,26 @@ def build(
         store=store,
         name=name,
         label_key=label_key,
-        model=model,
-        top_genes=top_genes,
-        weighting=weighting,
-        background=background,
-        center=center,
-        refine=refine,
-        adapt_genes=adapt_genes,
-        batch_key=batch_key,
-        seed=seed,
-        k=k,
-        tune=tune,
-        calibration_split=calibration_split,
-        index=index_kind,
-        exclude_labels=exclude_labels,
         broad_label_key=broad_label_key,
-        ray=ray or None,
+        batch_key=batch_key,
+        exclude_labels=exclude_labels,
+        model=model,
+        recipe=Recipe(
+            top_genes=top_genes,
+            weighting=weighting,
+            background=background,
+            center=center,
+            refine=refine,
+            adapt_genes=adapt_genes,
+        ),
+        options=BuildOptions(
+            k=k,
+            tune=tune,
+            calibration_split=calibration_split,
+            seed=seed,
+            index=index_kind,
+            ray=ray or None,
+        ),
     )
     if ontology_ids:
         from cellvec.cell_index.ontology import annotate_atlas
@@ -193,7 +198,7 @@ def index_cmd(name, store, index_kind, nprobes, refine_factor, ray, as_json):
     Example:
       cellvec atlas index census --store store/ --index disk --ray auto
     """
-    from cellvec.cell_index.atlas import index_atlas
+    from cellvec.cell_index.build import index_atlas
 
     params = {"nprobes": nprobes, "refine_factor": refine_factor}
     entry = index_atlas(
@@ -223,7 +228,8 @@ def list_cmd(store, as_json):
     Example:
       cellvec atlas list --store store/
     """
-    from cellvec.cell_index.atlas import Atlas, list_atlases
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.table import list_atlases
 
     out = [Atlas.describe(store, n) for n in list_atlases(store)]
     if as_json:

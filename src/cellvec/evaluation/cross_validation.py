@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellvec.cell_index.atlas import pair_counts
+from cellvec.cell_index.labels import pair_counts
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.evaluation.representations import Predictors
 from cellvec.metrics import classification_metrics, mask

@@ -30,7 +30,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from cellvec import metrics
-from cellvec.cell_index.atlas import Atlas, _broad_labels, labels_of, reference_labels
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.labels import broad_labels_of, labels_of, reference_labels
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError
@@ -95,7 +96,7 @@ def evaluate(
     )
     source = read_expression(data)
     y = labels_of(source, label_key)
-    y_broad = _broad_labels(source, y, broad_label_key) if broad_label_key else None
+    y_broad = broad_labels_of(source, y, broad_label_key) if broad_label_key else None
     pred = Predictors(genes_by_model, recipe, plan.k, plan.seed, dict(plan.refine_options or {}))
     names = plan.names(models, recipe.refine)
     if plan.skip_folds and scenarios.transfer is None:

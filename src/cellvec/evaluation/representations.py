@@ -15,7 +15,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from cellvec.cell_index.atlas import Atlas, fit_encoder
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.fitting import fit_encoder
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe

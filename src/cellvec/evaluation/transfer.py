@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cellvec.cell_index.atlas import labels_of
+from cellvec.cell_index.labels import labels_of
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.errors import CellvecError
 from cellvec.evaluation.baselines import EXPRESSION_BASELINES

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import Atlas, atlas_summary, load_encoder
+from cellvec.cell_index.atlas import Atlas, atlas_summary
 from cellvec.cell_index.calls import LabelCodes, Target
+from cellvec.cell_index.encoder import load_encoder
 from cellvec.cell_index.mapping import Reference
 from cellvec.cell_index.recipe import Recipe
 from cellvec.storage import StoreLocation
@@ -118,7 +119,7 @@ class AtlasCache:
 
     def preload(self) -> None:
         """Load every atlas of the store (at startup, so no request waits for it)."""
-        from cellvec.cell_index.atlas import list_atlases
+        from cellvec.cell_index.table import list_atlases
 
         for name in list_atlases(self.store):
             try:
@@ -143,7 +144,7 @@ class AtlasCache:
 
     def get(self, name: str) -> ServedAtlas:
         """The atlas `name`, loaded or reloaded as needed; KeyError if there is none."""
-        from cellvec.cell_index.atlas import ATLAS_PREFIX, is_atlas_name
+        from cellvec.cell_index.table import ATLAS_PREFIX, is_atlas_name
 
         if not is_atlas_name(name):  # no store look-up for a name no atlas can have
             raise KeyError(name)

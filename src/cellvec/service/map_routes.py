@@ -47,7 +47,7 @@ def add_atlas_routes(app, ctx: Served):
         try:
             return atlases_cache.get(name)
         except KeyError:
-            from cellvec.cell_index.atlas import list_atlases
+            from cellvec.cell_index.table import list_atlases
 
             raise HTTPException(
                 404, f"No atlas {name!r}; atlases: {', '.join(list_atlases(store)) or 'none'}."
@@ -62,7 +62,7 @@ def add_atlas_routes(app, ctx: Served):
     @app.get("/v1/atlases")
     def atlases():
         """Atlases of the store with their recipes and classes."""
-        from cellvec.cell_index.atlas import list_atlases
+        from cellvec.cell_index.table import list_atlases
 
         return json_response({"atlases": [get_atlas(n).summary() for n in list_atlases(store)]})
 

@@ -14,8 +14,13 @@ import logging
 
 import numpy as np
 
+from cellvec import metrics
+from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.fitting import fit_encoder
+from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
+from cellvec.metrics import classification_metrics, mask
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +42,6 @@ def tune_recipe(
 ) -> tuple[int, int, dict]:
     """(best top-N, best k, {"top_genes=N k=K": macro-F1}) from `folds`-fold CV on the reference.
     Ties go to the larger top-N and k (the defaults)."""
-    from cellvec import metrics
-    from cellvec.cell_index.atlas import Atlas, fit_encoder
-    from cellvec.cell_index.mapping import map_cells
-    from cellvec.metrics import classification_metrics, mask
-
     labels = np.asarray(labels, dtype=object)
     n = len(labels)
     splits = metrics.folds(labels, folds, seed)

@@ -1,0 +1,365 @@
+"""`atlas build`: embed a labelled reference and write it as an atlas table in the store.
+
+The steps: read the reference and its labels (`labels.reference_labels`), choose the
+recipe (`tune.tune_recipe` with `--tune`), fit it (`fitting.fit_encoder`), write the
+table in one commit (here, or by Ray workers: `parallel.write_atlas`), then its disk
+index when it has one (`disk_index.build_disk_index`). `index_atlas` (re)indexes an
+atlas already in the store.
+
+What to read comes as an `ExpressionSource` (built once by the caller, with its layer,
+raw matrix and gene column), how to embed as a `Recipe`, and how to fit and write as
+`BuildOptions`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from cellvec.cell_index.atlas import DEFAULT_K, Atlas
+from cellvec.cell_index.disk_index import (
+    INDEX_KINDS,
+    DiskIndexParams,
+    build_disk_index,
+    choose_kind,
+    choose_params,
+)
+from cellvec.cell_index.fitting import FittedReference, fit_encoder
+from cellvec.cell_index.labels import label_column, reference_labels
+from cellvec.cell_index.parallel import write_atlas
+from cellvec.cell_index.readers import ExpressionSource, read_expression
+from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.table import (
+    ATLAS_PREFIX,
+    MAX_TABLE_NAME,
+    atlas_schema,
+    atlas_table,
+    is_table_name,
+    stored_atlas,
+    weight_lists,
+)
+from cellvec.cell_index.tune import tune_recipe
+from cellvec.errors import CellvecError
+from cellvec.gene_store.store import META_KEY, GeneStore, replace_table
+from cellvec.storage import StoreLocation, store_location
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How `build_atlas` fits and writes an atlas, beyond its recipe.
+
+    `k`: the atlas's default number of neighbours for mapping (else 15). `tune`: choose
+    the recipe's `top_genes` and `k` by 3-fold cross-validation on the reference
+    (`cell_index.tune`), recorded in the recipe and the atlas metadata.
+    `calibration_split`: keep that share of each class out of refinement to calibrate
+    typicality (`map_cells(min_typicality=...)` needs it). `seed` and `refine_options`:
+    of the refinement (`refine.fit_refinement`).
+
+    `index`: "memory" (searched with faiss in memory), "disk" (a Lance IVF_PQ index on
+    the table, see `disk_index.py`; built on the Ray cluster too when `ray` is given)
+    or "auto" (disk above the memory budget).
+
+    `ray` (True for a local cluster, or an address: see `cellvec._ray`): Ray workers
+    read the reference's rows, compute its cells' top genes and final vectors and write
+    the table's fragments, committed once; refinement is trained here, in one process.
+    The atlas equals the one built without Ray (same rows, vectors within 1e-6)."""
+
+    k: int | None = None
+    tune: bool = False
+    calibration_split: float = 0.0
+    seed: int = 0
+    refine_options: dict | None = None
+    index: str = "auto"
+    ray: str | bool | None = None
+
+
+@dataclass
+class _Reference:
+    """The labelled reference an atlas is built from: its kept cells, their labels, broad
+    labels (or None), batches, and the labels excluded ({label: cells})."""
+
+    source: ExpressionSource
+    labels: np.ndarray
+    broad: np.ndarray | None
+    batches: np.ndarray
+    excluded: dict
+
+    @property
+    def dataset(self) -> str:
+        return Path(str(self.source.path)).stem
+
+
+def build_atlas(
+    reference,
+    *,
+    store: str | Path | StoreLocation,
+    name: str,
+    label_key: str,
+    broad_label_key: str | None = None,
+    batch_key: str | None = None,
+    exclude_labels=(),
+    model: str | None = None,
+    recipe: Recipe | None = None,
+    options: BuildOptions | None = None,
+) -> Atlas:
+    """Embed a labelled `reference` (an `ExpressionSource`, an AnnData or a path, read by
+    `read_expression`) and write it as atlas `name` in the store.
+
+    `recipe` says how cells become vectors (default `Recipe()`); its model, dimension and
+    hashes come from the store's gene table of `model` and from the fit. `options`: see
+    `BuildOptions`.
+
+    `exclude_labels` (e.g. ["Doublet", "Unknown"]) drops the reference cells that carry
+    one before anything is fitted; the atlas records what was dropped
+    (`meta["excluded_labels"]`). `broad_label_key` names a second, coarser label (e.g.
+    `cell_type_broad` over `cell_type`), stored in column `label_broad`: mapping then
+    gives a broad label too, even where the fine one is unassigned. A cell without a
+    broad label is its own broad class (its fine label). `batch_key`: the obs column
+    recorded as each cell's batch."""
+    options = options or BuildOptions()
+    _check_name(name, options.index)
+    t0 = time.perf_counter()
+    gs = GeneStore(store)
+    genes = gs.load(model, every_gene=True)  # not a bundle's partial table
+    ref = _read_reference(
+        reference,
+        label_key=label_key,
+        broad_label_key=broad_label_key,
+        batch_key=batch_key,
+        exclude_labels=exclude_labels,
+    )
+    recipe, k, tuning = _choose_recipe(ref, genes, recipe or Recipe(), options)
+    fit = fit_encoder(
+        ref.source,
+        ref.labels,
+        genes,
+        recipe,
+        store=store,
+        seed=options.seed,
+        refine_options=options.refine_options,
+        calibration_split=options.calibration_split,
+        ray=options.ray,
+    )
+    meta = _atlas_meta(
+        ref,
+        fit,
+        label_key=label_key,
+        batch_key=batch_key,
+        broad_label_key=broad_label_key,
+        k=k,
+        tuning=tuning,
+        index=options.index,
+    )
+    memory = _write_table(gs, name, ref, fit, meta, options.ray)
+    if meta["index"]["kind"] == "disk":
+        # Written after the table: a reader in between searches the table exactly (slower,
+        # not wrong) until the index is committed.
+        build_disk_index(
+            gs.open_table(ATLAS_PREFIX + name).to_lance(),
+            DiskIndexParams.from_dict(meta["index"]),
+            ray_address=options.ray,
+            storage_options=gs.location.options() or None,
+        )
+    log.info(
+        "Atlas %s: %s cells, %d classes, dim %d, %s index, in %.1f s",
+        name,
+        f"{ref.source.n_obs:,}",
+        len(meta["classes"]),
+        fit.dimension,
+        meta["index"]["kind"],
+        time.perf_counter() - t0,
+    )
+    # the in-memory atlas that calibrated typicality has already built the search index
+    index = memory.index() if memory is not None else None
+    return Atlas.open(store, name, encoder=fit.encoder, index=index)
+
+
+def _check_name(name: str, index: str) -> None:
+    """Refuse an unknown index kind or a name that cannot be a table, before any work."""
+    if index not in INDEX_KINDS:
+        raise CellvecError(f"Index {index!r}: choose one of {', '.join(INDEX_KINDS)}.")
+    if not is_table_name(name):
+        raise CellvecError(
+            f"Atlas name {name!r}: use up to {MAX_TABLE_NAME} letters, digits and underscores "
+            "(it becomes a SQL view name and a folder name)."
+        )
+
+
+def _read_reference(
+    reference, *, label_key: str, broad_label_key, batch_key, exclude_labels
+) -> _Reference:
+    """The reference's cells and labels, every input check done: they all come before
+    fitting, which writes artifact tables into the store."""
+    source = read_expression(reference)
+    if batch_key:
+        label_column(source, batch_key, "--batch-key")
+    source, labels, broad, excluded = reference_labels(
+        source, label_key, broad_label_key=broad_label_key, exclude_labels=exclude_labels
+    )
+    batches = (
+        source.obs[batch_key].astype(str).to_numpy()
+        if batch_key
+        else np.full(source.n_obs, "", dtype=object)
+    )
+    return _Reference(source, labels, broad, batches, excluded)
+
+
+def _choose_recipe(
+    ref: _Reference, genes, recipe: Recipe, options: BuildOptions
+) -> tuple[Recipe, int | None, dict | None]:
+    """(the recipe on the store's gene table, the atlas's k, the tuning scores or None):
+    `options.tune` chooses top-N and k on the reference itself."""
+    # Top genes are always read from log-normalised values (counts are normalised on reading).
+    recipe = replace(
+        recipe,
+        model=genes.model,
+        dimension=genes.dimension,
+        adapt_genes=recipe.adapt_genes and recipe.refine != "none",
+    )
+    if not options.tune:
+        return recipe, options.k, None
+    top, k, tuning = tune_recipe(
+        ref.source,
+        ref.labels,
+        genes,
+        recipe,
+        seed=options.seed,
+        refine_options=options.refine_options,
+    )
+    return Recipe.from_dict({**recipe.to_dict(), "top_genes": top}), k, tuning
+
+
+def _atlas_meta(
+    ref: _Reference,
+    fit: FittedReference,
+    *,
+    label_key: str,
+    batch_key: str | None,
+    broad_label_key: str | None,
+    k: int | None,
+    tuning: dict | None,
+    index: str,
+) -> dict:
+    """The atlas table's metadata: recipe, labels and class counts, provenance, refinement
+    report, k and tuning, what was excluded, the broad level and the index chosen."""
+    classes, counts = np.unique(ref.labels, return_counts=True)
+    meta = {
+        "recipe": fit.encoder.recipe.to_dict(),
+        "label_key": label_key,
+        "batch_key": batch_key,
+        "n_cells": int(ref.source.n_obs),
+        "classes": {str(c): int(n) for c, n in zip(classes, counts)},
+        "source": ref.source.path,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": True,
+        "refinement": fit.report or None,
+        "k": int(k or DEFAULT_K),
+        "tuning": tuning,
+    }
+    if ref.excluded:
+        meta["excluded_labels"] = ref.excluded
+    if ref.broad is not None:
+        meta["broad_label_key"] = broad_label_key
+        names, counts = np.unique(ref.broad.astype(str), return_counts=True)
+        meta["broad_classes"] = {str(c): int(n) for c, n in zip(names, counts)}
+    meta["index"] = index_meta(index, ref.source.n_obs, fit.dimension)
+    return meta
+
+
+def _write_table(gs: GeneStore, name: str, ref: _Reference, fit, meta: dict, ray) -> Atlas | None:
+    """Write the atlas table in one commit; returns the in-memory atlas that calibrated
+    typicality (None when Ray workers wrote it without one)."""
+    schema = atlas_schema(fit.dimension, meta, broad=ref.broad is not None)
+    if ray:
+        return _write_on_ray(gs, name, ref, fit, schema, ray)
+    memory = Atlas.from_fit(name, fit, ref.labels, broad_labels=ref.broad)
+    top_genes, top_weights = weight_lists(fit.weights)
+    table = atlas_table(
+        schema,
+        cell_ids=ref.source.obs_names,
+        labels=ref.labels,
+        batches=ref.batches,
+        dataset=ref.dataset,
+        vectors=fit.vectors,
+        top_genes=top_genes,
+        top_weights=top_weights,
+        calibration=memory.calibration(),
+        broad_labels=ref.broad,
+    )
+    replace_table(gs.db, ATLAS_PREFIX + name, table)
+    return memory
+
+
+def _write_on_ray(gs: GeneStore, name: str, ref: _Reference, fit, schema, ray) -> Atlas | None:
+    """The atlas table written by Ray workers (`parallel.write_atlas`); the in-memory atlas
+    that calibrated typicality when held-out cells needed every vector, else None."""
+    memory = None
+
+    def calibrate(vectors):
+        nonlocal memory
+        fit.vectors = vectors
+        memory = Atlas.from_fit(name, fit, ref.labels, broad_labels=ref.broad)
+        return memory.calibration()
+
+    held = fit.held_out is not None and bool(fit.held_out.any())
+    write_atlas(
+        gs.location.table_uri(ATLAS_PREFIX + name),
+        schema,
+        fit.blocks,
+        basis=fit.basis(),
+        params=fit.encoder.refinement,
+        cell_ids=ref.source.obs_names,
+        labels=ref.labels,
+        broad_labels=ref.broad,
+        batches=ref.batches,
+        dataset=ref.dataset,
+        calibrate=calibrate if held else None,
+        storage_options=gs.location.options() or None,
+        ray=ray,
+    )
+    return memory
+
+
+def index_meta(kind: str, n_cells: int, dim: int) -> dict:
+    """The `index` entry of an atlas's metadata: {"kind": "memory"}, or {"kind": "disk"}
+    with the Lance index parameters chosen for its size (`disk_index.choose_params`)."""
+    kind = choose_kind(kind, n_cells, dim)
+    if kind == "memory":
+        return {"kind": "memory"}
+    return {"kind": "disk", **choose_params(n_cells, dim).to_dict()}
+
+
+def index_atlas(
+    store: str | Path | StoreLocation,
+    name: str,
+    *,
+    index: str = "disk",
+    params: dict | None = None,
+    ray: str | bool | None = None,
+) -> dict:
+    """(Re)index an atlas already in the store, e.g. one written in chunks by a cluster:
+    builds its Lance index when `index` comes out "disk" (`params` overrides the chosen
+    parameters), then records the choice in its metadata. Returns the `index` entry.
+
+    The index is committed before the metadata names it, so a reader sees the atlas
+    searched in memory, or exactly through its table, until the index is there."""
+    ds, meta = stored_atlas(store, name)
+    entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
+    if entry["kind"] == "disk":
+        entry.update(params or {})
+        ds = build_disk_index(
+            ds,
+            DiskIndexParams.from_dict(entry),
+            ray_address=ray,
+            storage_options=store_location(store).options() or None,
+        )
+    ds.update_schema_metadata({META_KEY.decode(): json.dumps({**meta, "index": entry})})
+    return entry

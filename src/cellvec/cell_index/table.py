@@ -1,0 +1,145 @@
+"""The atlas table: its name, columns and metadata, and reading it back from the store.
+
+Table `atlas_<name>` in the gene store: cell_id, label, batch, dataset, vector,
+and each cell's top genes and weights (`top_genes`, places in the atlas's gene
+list, and `top_weights`), so that the reference can be re-aggregated over the
+genes a query measures. Its metadata holds the recipe (model, gene-table hash,
+top-N, weighting, background and refinement hashes, ...), the label key and
+class counts. The table is written in one commit (a reader sees the old atlas or
+the new one, never half): by `build.build_atlas` in one process, or by Ray workers
+(`parallel.write_atlas`) from the same rows (`atlas_table`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from cellvec.errors import StoreError
+from cellvec.gene_store.store import META_KEY, GeneStore, read_meta
+from cellvec.storage import StoreLocation
+
+ATLAS_PREFIX = "atlas_"
+
+MAX_TABLE_NAME = 200  # "atlas_<name>.lance", "mapping_<name>_clusters.lance": 255 bytes
+
+
+def is_table_name(name: str) -> bool:
+    """Letters, digits and underscores, at most `MAX_TABLE_NAME` of them: what an atlas or a
+    saved mapping may be called (the name becomes a table's folder and a SQL view)."""
+    return len(name) <= MAX_TABLE_NAME and re.fullmatch(r"[A-Za-z0-9_]+", name) is not None
+
+
+def is_atlas_name(name: str) -> bool:
+    """`is_table_name`: what `build_atlas` accepts, so anything else is answered 'no such
+    atlas' without touching the store."""
+    return is_table_name(name)
+
+
+def list_atlases(store: str | Path | StoreLocation) -> list[str]:
+    gs = GeneStore(store)
+    return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
+
+
+def stored_atlas(store, name: str):
+    """(the table of atlas `name` as a `lance.LanceDataset`, its metadata, read from that
+    same version): what opening, exporting or describing an atlas reads first, without
+    loading it; refused when there is none, or only a half-written one."""
+    tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
+    ds = tbl.to_lance() if tbl is not None else None
+    meta = read_meta(ds) if ds is not None else {}
+    if ds is None or not meta.get("complete"):
+        have = ", ".join(list_atlases(store)) or "none"
+        raise StoreError(
+            f"No atlas {name!r} in {store} (atlases: {have}). Build it with `cellvec atlas build`."
+        )
+    return ds, meta
+
+
+def atlas_schema(dim: int, meta: dict, *, broad: bool = False) -> pa.Schema:
+    """The atlas table's columns, with the atlas's metadata (recipe, classes, ...);
+    `broad`: with the column of broad labels (`--broad-label-key`)."""
+    return pa.schema(
+        [
+            pa.field("cell_id", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("batch", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            # each cell's top genes (places in the atlas's gene list) and their weights
+            pa.field("top_genes", pa.large_list(pa.int32())),
+            pa.field("top_weights", pa.large_list(pa.float32())),
+            # typicality calibration: similarity to the nearest same-class cell (a sample)
+            pa.field("self_similarity", pa.float32()),
+        ]
+        + ([pa.field("label_broad", pa.string())] if broad else []),
+        metadata={META_KEY: json.dumps(meta).encode()},
+    )
+
+
+def weight_lists(w: sp.csr_matrix) -> tuple[pa.Array, pa.Array]:
+    """Top-gene weights as the atlas's `top_genes` and `top_weights` list columns."""
+    offsets = pa.array(w.indptr.astype(np.int64))
+    return (
+        pa.LargeListArray.from_arrays(offsets, pa.array(w.indices.astype(np.int32))),
+        pa.LargeListArray.from_arrays(offsets, pa.array(w.data.astype(np.float32))),
+    )
+
+
+def weight_matrix(table: pa.Table, n_genes: int) -> sp.csr_matrix:
+    """The `top_genes` / `top_weights` columns of (some of) the atlas's rows as a CSR
+    matrix (rows x the atlas's genes): the inverse of `weight_lists`."""
+    genes = table.column("top_genes").combine_chunks()
+    weights = table.column("top_weights").combine_chunks()
+    offsets = genes.offsets.to_numpy().astype(np.int64)  # a slice's own, from offsets[0]
+    return sp.csr_matrix(
+        (
+            # copies: scipy sorts indices in place, and Arrow's zero-copy arrays are read-only
+            weights.flatten().to_numpy().astype(np.float32),
+            genes.flatten().to_numpy().astype(np.int32),
+            offsets - offsets[0],
+        ),
+        shape=(len(table), n_genes),
+    )
+
+
+def atlas_table(
+    schema: pa.Schema,
+    *,
+    cell_ids,
+    labels,
+    batches,
+    dataset: str,
+    vectors: np.ndarray,
+    top_genes: pa.Array,
+    top_weights: pa.Array,
+    calibration,
+    broad_labels=None,
+) -> pa.Table:
+    """Rows of the atlas table (all of them, or a Ray worker's share)."""
+
+    def strings(x):
+        return x if isinstance(x, pa.Array) else pa.array([str(v) for v in x], pa.string())
+
+    n, dim = vectors.shape
+    return pa.Table.from_arrays(
+        [
+            strings(cell_ids),
+            strings(labels),
+            strings(batches),
+            pa.array([dataset] * n, pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+            top_genes,
+            top_weights,
+            calibration
+            if isinstance(calibration, pa.Array)
+            else pa.array(calibration, pa.float32()),
+        ]
+        + ([strings(broad_labels)] if broad_labels is not None else []),
+        schema=schema,
+    )
