@@ -209,7 +209,7 @@ def main():
         for key in ("data_limited", "panels", "leave_out", "ablations"):
             if keep is not None and key not in keep:
                 kw.pop(key, None)
-        plan = EvaluationPlan(
+        evaluation_plan = EvaluationPlan(
             folds=folds or 5,
             seed=args.seed,
             representations=only_reps,
@@ -229,7 +229,7 @@ def main():
             data,
             label_key=label_key,
             store=store,
-            plan=plan,
+            plan=evaluation_plan,
             scenarios=Scenarios(transfer=transfer, **kw),  # data_limited, panels, leave_out
         )
         res.dataset = name
