@@ -180,14 +180,14 @@ def test_rebuild_overwrites_atomically(fake_store, monkeypatch):
     reading the version it opened; a rebuild that completes is read whole."""
     import pyarrow as pa
 
-    import cellvec.cell_index.atlas as atlas_mod
+    import cellvec.cell_index.build as build_mod
 
     build_atlas(tiny_adata(n_cells=60), store=fake_store, name="tiny", label_key="cell_type")
     old = Atlas.open(fake_store, "tiny")
     v1, vectors, ids = old.version, old.vectors.copy(), old.cell_ids.copy()
     query = tiny_adata(n_cells=9, seed=2, prefix="q")
     labels = map_cells(query, "tiny", store=fake_store).labels
-    write = atlas_mod.replace_table
+    write = build_mod.replace_table
 
     def dies_midway(db, name, table):  # the first rows reach the disk, then the writer dies
         def batches():
@@ -196,7 +196,7 @@ def test_rebuild_overwrites_atomically(fake_store, monkeypatch):
 
         return write(db, name, pa.RecordBatchReader.from_batches(table.schema, batches()))
 
-    monkeypatch.setattr(atlas_mod, "replace_table", dies_midway)
+    monkeypatch.setattr(build_mod, "replace_table", dies_midway)
     with pytest.raises((OSError, RuntimeError), match="disk full"):
         build_atlas(
             tiny_adata(n_cells=90, seed=5), store=fake_store, name="tiny", label_key="cell_type"

@@ -315,10 +315,11 @@ def map_cells(
         labels_of(source, broad_truth_key, option="--broad-truth-key") if broad_truth_key else None
     )
     calls = mapper.call(source, options, ray=ray)
-    broad = calls.broad
-    if broad is not None:
-        broad.truth = b_truth
-        broad.metrics = truth_metrics(b_truth, broad.labels, broad.classes, mapper.name)
+    if calls.broad is not None:
+        calls.broad.truth = b_truth
+        calls.broad.metrics = truth_metrics(
+            b_truth, calls.broad.labels, calls.broad.classes, mapper.name
+        )
     secs = time.perf_counter() - t0
     log.info(
         "Mapped %s cells onto %s in %.1f s (%.1f%% unassigned)",
@@ -327,8 +328,14 @@ def map_cells(
         secs,
         100 * float((calls.labels == UNASSIGNED).mean()) if len(calls.labels) else 0.0,
     )
+    result = _result(mapper.name, source, calls, options, truth, secs)
+    result.cluster_key, result.clusters = cluster_key, clusters
+    return result
+
+
+def _result(atlas: str, source, calls: Calls, options: MapOptions, truth, secs) -> MappingResult:
     return MappingResult(
-        atlas=mapper.name,
+        atlas=atlas,
         cell_ids=source.obs_names,
         labels=calls.labels,
         confidence=calls.confidence,
@@ -345,13 +352,11 @@ def map_cells(
         min_mixing=options.min_mixing,
         gene_coverage=calls.coverage,
         truth=truth,
-        metrics=truth_metrics(truth, calls.labels, calls.classes, mapper.name),
+        metrics=truth_metrics(truth, calls.labels, calls.classes, atlas),
         seconds=secs,
         orthologs=options.orthologs.source if options.orthologs is not None else None,
         excluded_labels=calls.excluded,
-        broad=broad,
-        cluster_key=cluster_key,
-        clusters=clusters,
+        broad=calls.broad,
         source=source,
         ontology_ids=calls.ontology_ids,
     )

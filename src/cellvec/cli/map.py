@@ -184,6 +184,11 @@ def map_cmd(
     if as_json:
         emit_json(res.summary())
         return
+    _show(res, atlas_name, out, cluster_key)
+
+
+def _show(res, atlas_name: str, out, cluster_key) -> None:
+    """The mapping in plain text: time, mixing test, each level's table, clusters."""
     click.echo(
         f"{len(res.cell_ids):,} cells mapped onto {atlas_name} in {res.seconds:.1f} s"
         + (f" -> {out}" if out else "")
