@@ -113,7 +113,7 @@ def write_phase(args) -> dict:
     import pyarrow as pa
 
     from cellvec.cell_index.table import atlas_schema
-    from cellvec.gene_store.store import META_KEY
+    from cellvec.storage import META_KEY
 
     store, atlas = real_atlas(args.work, args.reference)
     sampler = Sampler(atlas)

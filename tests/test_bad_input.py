@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cellvec.cell_index.build import build_atlas
 from cellvec.cli import cli
-from cellvec.gene_store.store import GeneStore
+from cellvec.storage import Store
 from helpers import tiny_adata, tiny_genes
 
 GENES = [g["symbol"] for g in tiny_genes()]
@@ -33,7 +33,7 @@ def store(tmp_path_factory, copy_of_tiny_store):
 def refused(store, args: list[str], *fragments: str) -> None:
     """Run `cellvec ARGS`: it must exit 1 with a one-paragraph error holding each fragment,
     no traceback, and no table added to the store."""
-    before = set(GeneStore(store).table_names())
+    before = set(Store(store).table_names())
     res = CliRunner().invoke(cli, args)
     assert isinstance(res.exception, SystemExit), res.exception  # an error, not a crash
     assert res.exit_code == 1, res.output
@@ -42,7 +42,7 @@ def refused(store, args: list[str], *fragments: str) -> None:
     assert error.count("\n") == 1, error
     for f in fragments:
         assert f in error, error
-    assert set(GeneStore(store).table_names()) == before
+    assert set(Store(store).table_names()) == before
 
 
 def build_args(store, path, *extra: str, name: str = "bad") -> list[str]:

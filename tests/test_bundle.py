@@ -28,6 +28,7 @@ from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.store import GeneStore
+from cellvec.storage import Store
 from helpers import (
     FakeEmbedder,
     build_tiny_atlas,
@@ -248,7 +249,7 @@ def test_import_into_stores(bundle, atlas_store, tmp_path, cache):
     changed = tiny_store(tmp_path / "changed", retold)
     with pytest.raises(StoreError, match=r"differs from the bundle's in 30 of the atlas's 30 genes.*--store NEW_DIR.*cellvec map QUERY --atlas"):  # fmt: skip
         import_bundle(bundle, changed)
-    assert "atlas_tiny" not in GeneStore(changed).table_names()
+    assert "atlas_tiny" not in Store(changed).table_names()
 
 
 def test_a_bundles_gene_table_is_for_mapping_only(bundle, atlas_store, tmp_path, cache):

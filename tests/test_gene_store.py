@@ -11,7 +11,7 @@ import pytest
 
 from cellvec.errors import StoreError
 from cellvec.gene_store import GeneStore, build_gene_store, import_vectors
-from cellvec.gene_store.store import read_meta
+from cellvec.storage import Store, read_meta
 from helpers import FakeEmbedder, build_tiny, tiny_genes, write_gene2go, write_gene_info
 
 
@@ -82,7 +82,7 @@ def test_failed_build_never_looks_complete_then_resumes(tmp_path, gene_files):
     emb = FakeEmbedder()
     res = build_tiny(gene_files, store, emb, batch_size=5)
     assert res.n_embedded == 20 and emb.n_embedded == 20  # the two committed batches were kept
-    assert "_building_fake" not in GeneStore(store).table_names()
+    assert "_building_fake" not in Store(store).table_names()
 
 
 KILL_SCRIPT = """
@@ -122,7 +122,7 @@ def test_kill_minus_nine_then_resume(tmp_path, gene_files):
     proc.wait()
     gs = GeneStore(store)
     assert gs.models() == []  # nothing looks complete
-    staged = gs.open_table("_building_fake").count_rows()
+    staged = gs.store.open_table("_building_fake").count_rows()
     assert 6 <= staged < 30
     emb = FakeEmbedder()
     res = build_tiny(gene_files, store, emb, batch_size=3)
@@ -153,6 +153,31 @@ def test_store_built_with_another_model(fake_store):
 def test_missing_store(tmp_path):
     with pytest.raises(StoreError, match="cellvec genes build"):
         GeneStore(tmp_path / "nope")
+
+
+def test_one_store_holds_every_table_and_gene_store_reads_the_gene_tables(fake_store):
+    """`Store` is the whole store, through one connection: gene tables, atlases, mappings
+    and artifacts are its tables; `GeneStore` reads only the gene tables, over the `Store`
+    it is given (not a second connection)."""
+    from cellvec.cell_index.build import build_atlas
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.cell_index.recipe import Recipe
+    from cellvec.cell_index.table import list_atlases
+    from helpers import tiny_adata
+
+    store = Store(fake_store)
+    genes = GeneStore(store)
+    assert genes.store is store and Store.of(store) is store and str(store) == str(fake_store)
+    assert genes.models() == ["fake"]
+    assert not any(hasattr(genes, a) for a in ("db", "open_table", "table_names"))
+    atlas = build_atlas(
+        tiny_adata(60), store=store, name="one", label_key="cell_type", recipe=Recipe(refine="none")
+    )
+    map_cells(tiny_adata(30, seed=1), atlas).save(store, "q")
+    names = store.table_names()
+    assert {"genes_fake", "atlas_one", "mapping_q"} <= set(names)
+    assert any(n.startswith("_artifact_") for n in names)
+    assert list_atlases(store) == ["one"] and store.db is genes.store.db
 
 
 def test_search_by_gene_and_text(fake_store):
@@ -187,7 +212,7 @@ def test_import_precomputed_vectors(tmp_path, gene_files):
     gt = gs.load("genept")
     assert (
         gt.dimension == 8
-        and read_meta(gs.open_table("genes_precomputed_genept"))["provider"] == "precomputed"
+        and read_meta(gs.store.open_table("genes_precomputed_genept"))["provider"] == "precomputed"
     )
     assert gt.genes.filter(pl.col("symbol") == "TGENE1")["synonyms"].to_list() == [
         ["TALIAS1", "TOLD1"]

@@ -296,18 +296,18 @@ def test_two_writers_racing_lose_nothing(s3, s3_uri):
     conditional PUT got 412); two replacements at once leave one whole table, and the
     writer whose replacement was not committed is told so."""
     from cellvec.cell_index.artifacts import load_artifact, save_artifact
-    from cellvec.gene_store.store import GeneStore, replace_table
+    from cellvec.storage import Store, replace_table
 
     loc = store_location(s3_uri, s3.storage_options())
-    GeneStore(loc, create=True).db.create_table("log", pa.table({"writer": [0], "i": [0]}))
+    Store(loc, create=True).db.create_table("log", pa.table({"writer": [0], "i": [0]}))
 
     def append(w):
-        tbl = GeneStore(loc).db.open_table("log")
+        tbl = Store(loc).db.open_table("log")
         for i in range(10):
             tbl.add(pa.table({"writer": [w], "i": [i]}))
 
     assert _together(append, (1, 2)) == {1: None, 2: None}
-    rows = GeneStore(loc).db.open_table("log").to_arrow()
+    rows = Store(loc).db.open_table("log").to_arrow()
     assert sorted(zip(rows["writer"].to_pylist(), rows["i"].to_pylist())) == sorted(
         [(0, 0)] + [(w, i) for w in (1, 2) for i in range(10)]
     )
@@ -321,13 +321,13 @@ def test_two_writers_racing_lose_nothing(s3, s3_uri):
 
     # replacements at once: each round ends with exactly one writer's table, never a mix
     def replace(w):
-        replace_table(GeneStore(loc).db, "atlas_race", pa.table({"writer": [w] * 50}))
+        replace_table(Store(loc).db, "atlas_race", pa.table({"writer": [w] * 50}))
         return "ok"
 
     refused = 0
     for _ in range(5):
         results = _together(replace, (1, 2))
-        tbl = GeneStore(loc).db.open_table("atlas_race")
+        tbl = Store(loc).db.open_table("atlas_race")
         committed = set(tbl.to_arrow()["writer"].to_pylist())
         assert len(committed) == 1 and results[committed.pop()] == "ok"
         for r in results.values():

@@ -116,15 +116,15 @@ def small_chunks(monkeypatch):
 
 def _atlas_table(data, atlas):
     """The LanceDB table of an atlas (its metadata is the atlas's)."""
-    from cellvec.gene_store.store import GeneStore
+    from cellvec.storage import Store
 
-    return GeneStore(data["store"]).open_table(f"atlas_{atlas}")
+    return Store(data["store"]).open_table(f"atlas_{atlas}")
 
 
 def _table(store, name):
-    from cellvec.gene_store.store import GeneStore
+    from cellvec.storage import Store
 
-    return GeneStore(store).open_table(name).to_lance()
+    return Store(store).open_table(name).to_lance()
 
 
 def _assert_same_atlas(store, a, b):
@@ -149,7 +149,7 @@ def _assert_same_atlas(store, a, b):
 @pytest.mark.slow
 def test_atlas_build_on_ray_equals_single_process(data, small_chunks, ray_cluster):
     from cellvec import BuildOptions, Recipe, build_atlas
-    from cellvec.gene_store.store import read_meta
+    from cellvec.storage import read_meta
 
     options = dict(
         store=data["store"],

@@ -355,7 +355,7 @@ def test_an_atlas_of_an_older_recipe_is_refused_with_the_fix(fake_store):
 
     from cellvec.cell_index.atlas import Atlas
     from cellvec.errors import StoreError
-    from cellvec.gene_store.store import META_KEY, GeneStore, replace_table
+    from cellvec.storage import META_KEY, Store, replace_table
 
     build_atlas(
         tiny_adata(60),
@@ -364,11 +364,11 @@ def test_an_atlas_of_an_older_recipe_is_refused_with_the_fix(fake_store):
         label_key="cell_type",
         recipe=Recipe(refine="none"),
     )
-    gs = GeneStore(fake_store)
-    tbl = gs.open_table("atlas_old").to_arrow()
+    store = Store(fake_store)
+    tbl = store.open_table("atlas_old").to_arrow()
     meta = json.loads(tbl.schema.metadata[META_KEY])
     meta["recipe"]["version"] = 1
-    replace_table(gs.db, "atlas_old", tbl.replace_schema_metadata({META_KEY: json.dumps(meta)}))
+    replace_table(store.db, "atlas_old", tbl.replace_schema_metadata({META_KEY: json.dumps(meta)}))
     with pytest.raises(StoreError, match="older cellvec.*cellvec atlas build"):
         Atlas.open(fake_store, "old")
 

@@ -34,6 +34,7 @@ _API = {
     "connect_sql": "cellvec.sql",
     "write_report": "cellvec.report",
     "CellvecError": "cellvec.errors",
+    "Store": "cellvec.storage",
     "store_location": "cellvec.storage",
     "StoreLocation": "cellvec.storage",
     "Client": "cellvec.client",

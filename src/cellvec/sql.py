@@ -31,6 +31,8 @@ from pathlib import Path
 
 from cellvec.errors import CellvecError
 from cellvec.gene_store.store import GeneStore
+from cellvec.gene_store.tables import table_name
+from cellvec.storage import Store, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class StoreSQL:
 
     def __init__(
         self,
-        store: str | Path | GeneStore,
+        store: str | Path | Store | GeneStore,
         *,
         text_embedder=None,
         limits: SQLLimits = LOCAL_LIMITS,
@@ -114,7 +116,8 @@ class StoreSQL:
         import numpy as np
 
         # A GeneStore passed in (the service's) keeps its loaded tables cached across queries.
-        self.store = store if isinstance(store, GeneStore) else GeneStore(store)
+        self.genes = store if isinstance(store, GeneStore) else GeneStore(store)
+        self.store = self.genes.store
         self.limits = limits
         self.con = duckdb.connect(":memory:")
         self.views: dict[str, str] = {}
@@ -128,18 +131,14 @@ class StoreSQL:
             if name.startswith("_"):
                 continue
             tbl = self.store.db.open_table(name)
-            if name.startswith("genes_"):
-                from cellvec.gene_store.store import read_meta
-
-                if not read_meta(tbl).get("complete"):
-                    continue
+            if name.startswith("genes_") and not read_meta(tbl).get("complete"):
+                continue
             self.con.register(name, tbl.to_lance())
             self.views[name] = "gene table" if name.startswith("genes_") else name.split("_", 1)[0]
-        models = self.store.models()
+        models = self.genes.models()
         if models:
-            default = self.store.default_model()
-            gt = self.store.load(default)
-            from cellvec.gene_store.store import table_name
+            default = self.genes.default_model()
+            gt = self.genes.load(default)
 
             self.con.execute(f"CREATE VIEW genes AS SELECT * FROM {table_name(default)}")
             self.views["genes"] = f"default gene table ({default})"

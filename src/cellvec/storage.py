@@ -10,9 +10,12 @@ the options given here (`--storage-option KEY=VALUE`). The keys are Lance's
 `aws_region`, `allow_http`, `aws_access_key_id`, `google_service_account`,
 `azure_storage_account_name`, ...
 
-Everything in a store is a Lance table opened through `connect()`, so one set of
-options reaches every read and write, and Lance's commits (conditional PUTs on S3)
-keep concurrent writers from losing each other's data. `translate_errors` turns
+Everything in a store is a Lance table (gene tables, atlases, mappings, artifacts)
+reached through one `Store`, whose connection comes from `StoreLocation.connect()`, so
+one set of options reaches every read and write, and Lance's commits (conditional PUTs
+on S3) keep concurrent writers from losing each other's data. Each kind of table has
+its own module above this one: `gene_store.GeneStore` reads the gene tables,
+`cell_index` the atlases, mappings and artifacts. `translate_errors` turns
 what the object store answers into a `StoreError` naming the store, the problem
 and the fix.
 """
@@ -30,6 +33,8 @@ from pathlib import Path
 from cellvec.errors import StoreError
 
 OPTIONS_ENV = "CELLVEC_STORAGE_OPTIONS"
+# Every table's schema metadata keeps what cellvec records of it (JSON) under this key.
+META_KEY = b"cellvec"
 # Schemes Lance can open, with what the bucket part of the URI names.
 SCHEMES = {
     "s3": "bucket",
@@ -155,10 +160,13 @@ def env_bytes(name: str, default: int) -> int:
 
 
 def store_location(
-    store: str | os.PathLike | StoreLocation, storage_options: Mapping[str, str] | None = None
+    store: str | os.PathLike | StoreLocation | Store,
+    storage_options: Mapping[str, str] | None = None,
 ) -> StoreLocation:
     """The location of `store` (a path, a URI or a location) with its storage options:
     `$CELLVEC_STORAGE_OPTIONS`, then those `store` already carries, then `storage_options`."""
+    if isinstance(store, Store):
+        store = store.location
     if isinstance(store, StoreLocation):
         base, uri = store.options(), store.uri
     else:
@@ -274,3 +282,106 @@ def translate_errors(loc: StoreLocation):
         if mapped is None:
             raise
         raise mapped from e
+
+
+class Store:
+    """A cellvec store: every Lance table under one location, through one LanceDB
+    connection (opened on first use). What the tables hold is read by the modules that
+    own them: `GeneStore(store)` the gene tables, `cell_index` the atlases, mappings and
+    artifacts.
+
+    `Store(path)` refuses a location with nothing there, naming the command that makes
+    one; `create=True` (writers) accepts it."""
+
+    def __init__(self, where: str | os.PathLike | StoreLocation, *, create: bool = False):
+        self.location = store_location(where)
+        self.path = self.location.uri  # what messages name: the directory or the URI
+        self._db = None
+        if not create and not self.exists():
+            raise StoreError(
+                f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`"
+                + ("." if self.location.is_local else ", or check the URI (nothing is there).")
+            )
+
+    @classmethod
+    def of(cls, store: Store | str | os.PathLike | StoreLocation, *, create: bool = False) -> Store:
+        """`store` itself when it is an open `Store` (its connection is reused), else one
+        opened on it."""
+        return store if isinstance(store, Store) else cls(store, create=create)
+
+    def __repr__(self) -> str:
+        return f"Store({self.path!r})"
+
+    def __str__(self) -> str:
+        return self.path
+
+    def exists(self) -> bool:
+        """A local directory that exists, or a URI with at least one table under it."""
+        if self.location.is_local:
+            return self.location.path.exists()
+        return bool(self.table_names())
+
+    @property
+    def db(self):
+        """The LanceDB connection."""
+        if self._db is None:
+            self._db = self.location.connect(create=True)
+        return self._db
+
+    def table_names(self) -> list[str]:
+        with translate_errors(self.location):
+            return list_table_names(self.db)
+
+    def open_table(self, name: str):
+        """Table `name`, or None when the store has none. Opened first, listed only when
+        that fails: on a bucket a listing is one more request per open (the service checks
+        each atlas's version once a second). A name LanceDB refuses (`a b`) is not listed."""
+        with translate_errors(self.location):
+            try:
+                return self.db.open_table(name)
+            except (ValueError, RuntimeError, OSError):
+                if name in self.table_names():
+                    raise
+        return None
+
+    def replace_table(self, name: str, data):
+        """`replace_table` on this store's connection."""
+        return replace_table(self.db, name, data)
+
+
+def list_table_names(db) -> list[str]:
+    """Every table of a LanceDB connection, following pages."""
+    names, token = [], None
+    while True:
+        resp = db.list_tables(page_token=token)
+        names.extend(resp.tables)
+        token = resp.page_token
+        if not token:
+            return sorted(names)
+
+
+def replace_table(db, name: str, data):
+    """Write `data` as table `name` in one commit: created, or overwritten when it exists.
+
+    Two writers replacing one table at once: Lance commits one and refuses the other
+    (on S3 through a conditional PUT), which is reported as a `StoreError`; the table is
+    never a mix of the two. (Two creating a new table at once may instead both be
+    committed, one after the other: the last one wins.)"""
+    try:
+        return db.create_table(
+            name, data, mode="overwrite" if name in list_table_names(db) else "create"
+        )
+    except (ValueError, RuntimeError, OSError) as e:
+        if not re.search(r"already exists|commit conflict|preempted by concurrent", str(e), re.I):
+            raise
+        raise StoreError(
+            f"Table {name} in {db.uri} was written by another writer at the same moment, so "
+            "this write was not committed (the other one was). Run the command again if "
+            "this version should replace it."
+        ) from e
+
+
+def read_meta(tbl) -> dict:
+    """What a table remembers of how it was made (its schema metadata under `META_KEY`)."""
+    md = tbl.schema.metadata or {}
+    return json.loads(md[META_KEY]) if META_KEY in md else {}

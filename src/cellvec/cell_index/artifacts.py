@@ -22,8 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from cellvec.errors import StoreError
-from cellvec.gene_store.store import GeneStore
-from cellvec.storage import StoreLocation
+from cellvec.storage import Store, StoreLocation
 
 PREFIX = "_artifact_"
 # What an artifact's arrays may take decoded, per byte stored: `np.savez` stores them
@@ -43,26 +42,26 @@ def array_hash(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:24]
 
 
-def _read(gs, digest: str) -> bytes | None:
-    tbl = gs.open_table(PREFIX + digest)
+def _read(store: Store, digest: str) -> bytes | None:
+    tbl = store.open_table(PREFIX + digest)
     if tbl is None:
         return None
     rows = tbl.to_lance().to_table(columns=["data"])
     return rows.column("data")[0].as_py() if rows.num_rows else None
 
 
-def save_artifact(store: str | Path | StoreLocation, arrays: dict[str, np.ndarray]) -> str:
+def save_artifact(store: Store | str | Path | StoreLocation, arrays: dict[str, np.ndarray]) -> str:
     digest = array_hash(arrays)
-    gs = GeneStore(store, create=True)
-    if PREFIX + digest in gs.table_names():
+    store = Store.of(store, create=True)
+    if PREFIX + digest in store.table_names():
         return digest
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     row = pa.table({"digest": [digest], "data": [buf.getvalue()]}, schema=_SCHEMA)
     try:
-        gs.db.create_table(PREFIX + digest, row)
+        store.db.create_table(PREFIX + digest, row)
     except (ValueError, RuntimeError, OSError):
-        if _read(gs, digest) is None:
+        if _read(store, digest) is None:
             raise
         # saved by another writer at the same moment: the same bytes
     return digest
@@ -103,14 +102,12 @@ def decode_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
         raise StoreError(f"Artifact {where} is not plain arrays ({e}); it was not decoded.") from e
 
 
-def load_artifact(
-    store: str | Path | StoreLocation | GeneStore, digest: str
-) -> dict[str, np.ndarray]:
-    """The arrays saved as `digest`. `store` may be an open `GeneStore`: its connection is
-    used, not a new one (on a bucket a new connection and its check cost requests)."""
-    gs = store if isinstance(store, GeneStore) else GeneStore(store)
-    loc = gs.location
-    data = _read(gs, digest)
+def load_artifact(store: Store | str | Path | StoreLocation, digest: str) -> dict[str, np.ndarray]:
+    """The arrays saved as `digest`. An open `Store`'s connection is used, not a new one
+    (on a bucket a new connection and its check cost requests)."""
+    store = Store.of(store)
+    loc = store.location
+    data = _read(store, digest)
     where = f"table {PREFIX}{digest} of {loc.uri}"
     if data is None and loc.is_local:
         legacy = loc.path / "_artifacts" / f"{digest}.npz"

@@ -46,8 +46,8 @@ from cellvec.cell_index.table import (
 )
 from cellvec.cell_index.tune import tune_recipe
 from cellvec.errors import CellvecError
-from cellvec.gene_store.store import META_KEY, GeneStore, replace_table
-from cellvec.storage import StoreLocation, store_location
+from cellvec.gene_store.store import GeneStore
+from cellvec.storage import META_KEY, Store, StoreLocation, replace_table, store_location
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class _Reference:
 def build_atlas(
     reference,
     *,
-    store: str | Path | StoreLocation,
+    store: Store | str | Path | StoreLocation,
     name: str,
     label_key: str,
     broad_label_key: str | None = None,
@@ -127,8 +127,8 @@ def build_atlas(
     options = options or BuildOptions()
     _check_name(name, options.index)
     t0 = time.perf_counter()
-    gs = GeneStore(store)
-    genes = gs.load(model, every_gene=True)  # not a bundle's partial table
+    store = Store.of(store)
+    genes = GeneStore(store).load(model, every_gene=True)  # not a bundle's partial table
     ref = _read_reference(
         reference,
         label_key=label_key,
@@ -158,15 +158,15 @@ def build_atlas(
         tuning=tuning,
         index=options.index,
     )
-    memory = _write_table(gs, name, ref, fit, meta, options.ray)
+    memory = _write_table(store, name, ref, fit, meta, options.ray)
     if meta["index"]["kind"] == "disk":
         # Written after the table: a reader in between searches the table exactly (slower,
         # not wrong) until the index is committed.
         build_disk_index(
-            gs.open_table(ATLAS_PREFIX + name).to_lance(),
+            store.open_table(ATLAS_PREFIX + name).to_lance(),
             DiskIndexParams.from_dict(meta["index"]),
             ray_address=options.ray,
-            storage_options=gs.location.options() or None,
+            storage_options=store.location.options() or None,
         )
     log.info(
         "Atlas %s: %s cells, %d classes, dim %d, %s index, in %.1f s",
@@ -274,12 +274,12 @@ def _atlas_meta(
     return meta
 
 
-def _write_table(gs: GeneStore, name: str, ref: _Reference, fit, meta: dict, ray) -> Atlas | None:
+def _write_table(store: Store, name: str, ref: _Reference, fit, meta: dict, ray) -> Atlas | None:
     """Write the atlas table in one commit; returns the in-memory atlas that calibrated
     typicality (None when Ray workers wrote it without one)."""
     schema = atlas_schema(fit.dimension, meta, broad=ref.broad is not None)
     if ray:
-        return _write_on_ray(gs, name, ref, fit, schema, ray)
+        return _write_on_ray(store, name, ref, fit, schema, ray)
     memory = Atlas.from_fit(name, fit, ref.labels, broad_labels=ref.broad)
     top_genes, top_weights = weight_lists(fit.weights)
     table = atlas_table(
@@ -294,11 +294,11 @@ def _write_table(gs: GeneStore, name: str, ref: _Reference, fit, meta: dict, ray
         calibration=memory.calibration(),
         broad_labels=ref.broad,
     )
-    replace_table(gs.db, ATLAS_PREFIX + name, table)
+    replace_table(store.db, ATLAS_PREFIX + name, table)
     return memory
 
 
-def _write_on_ray(gs: GeneStore, name: str, ref: _Reference, fit, schema, ray) -> Atlas | None:
+def _write_on_ray(store: Store, name: str, ref: _Reference, fit, schema, ray) -> Atlas | None:
     """The atlas table written by Ray workers (`parallel.write_atlas`); the in-memory atlas
     that calibrated typicality when held-out cells needed every vector, else None."""
     memory = None
@@ -311,7 +311,7 @@ def _write_on_ray(gs: GeneStore, name: str, ref: _Reference, fit, schema, ray) -
 
     held = fit.held_out is not None and bool(fit.held_out.any())
     write_atlas(
-        gs.location.table_uri(ATLAS_PREFIX + name),
+        store.location.table_uri(ATLAS_PREFIX + name),
         schema,
         fit.blocks,
         basis=fit.basis(),
@@ -322,7 +322,7 @@ def _write_on_ray(gs: GeneStore, name: str, ref: _Reference, fit, schema, ray) -
         batches=ref.batches,
         dataset=ref.dataset,
         calibrate=calibrate if held else None,
-        storage_options=gs.location.options() or None,
+        storage_options=store.location.options() or None,
         ray=ray,
     )
     return memory

@@ -46,15 +46,9 @@ from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.table import ATLAS_PREFIX, is_atlas_name, stored_atlas
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import CARD, MANIFEST, fetch_bundle, write_manifest
-from cellvec.gene_store.store import (
-    GENE_COLUMNS,
-    META_KEY,
-    GeneStore,
-    read_meta,
-    replace_table,
-    table_name,
-)
-from cellvec.storage import StoreLocation, store_location
+from cellvec.gene_store.store import GeneStore
+from cellvec.gene_store.tables import GENE_COLUMNS, table_name
+from cellvec.storage import META_KEY, Store, StoreLocation, read_meta, replace_table
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +75,18 @@ def atlas_card(store, name: str, *, extra: dict | None = None) -> dict:
     """What an atlas is: species, tissue, source, citation and licence (from `extra` or
     what export recorded), cells, genes, classes with counts, recipe and model, the
     cellvec version, and its cross-validated scores when they were computed."""
+    store = Store.of(store)
     ds, meta = stored_atlas(store, name)
     recipe = Recipe.from_dict(meta["recipe"])
-    gs = GeneStore(store)
-    head = load_artifact(gs, recipe.head_hash) if recipe.head_hash else {}
-    return _card(gs, name, ds, meta, head, extra=extra)
+    head = load_artifact(store, recipe.head_hash) if recipe.head_hash else {}
+    return _card(store, name, ds, meta, head, extra=extra)
 
 
-def _card(gs: GeneStore, name: str, ds, meta: dict, head: dict, *, extra: dict | None) -> dict:
+def _card(store: Store, name: str, ds, meta: dict, head: dict, *, extra: dict | None) -> dict:
     """`atlas_card` from what the caller has read already: the atlas table and metadata,
     and its refinement artifact (`head`)."""
     recipe = Recipe.from_dict(meta["recipe"])
-    gene_meta = read_meta(gs.open_table(table_name(recipe.model)) or pa.table({}))
+    gene_meta = read_meta(store.open_table(table_name(recipe.model)) or pa.table({}))
     given = {k: v for k, v in (meta.get("card") or {}).items() if v is not None}
     given.update({k: v for k, v in (extra or {}).items() if v is not None})
     classes = meta.get("classes") or {}
@@ -174,7 +168,7 @@ def _restricted_genes(gs: GeneStore, model: str, rows: np.ndarray) -> pa.Table:
     """The gene table of `model` with every row's names but only `rows`' vectors (the
     store's table may itself be a bundle's restricted one: `GeneStore.load` reads both)."""
     genes = gs.load(model)
-    types = gs.open_table(table_name(model)).schema
+    types = gs.store.open_table(table_name(model)).schema
     n, dim = genes.vectors.shape
     keep = np.zeros(n, dtype=bool)
     keep[rows] = True
@@ -244,13 +238,12 @@ def export_bundle(
     `card` adds species, tissue, source, citation, licence and `evaluation` to the card.
     The folder appears whole or not at all."""
     t0 = time.perf_counter()
-    store = store_location(store)
+    store = Store.of(store)
     out = Path(out)
     _check_out(out, overwrite)
     ds, meta = stored_atlas(store, name)
     recipe = Recipe.from_dict(meta["recipe"])
-    gs = GeneStore(store)
-    arrays = {h: load_artifact(gs, h) for h in (recipe.background_hash, recipe.head_hash) if h}
+    arrays = {h: load_artifact(store, h) for h in (recipe.background_hash, recipe.head_hash) if h}
     head = arrays.get(recipe.head_hash) or {}
     if "gene_rows" not in head:
         raise CellvecError(
@@ -258,16 +251,17 @@ def export_bundle(
             "`cellvec atlas build` before exporting."
         )
     rows = head["gene_rows"]
-    card = _card(gs, name, ds, meta, head, extra=card)
+    card = _card(store, name, ds, meta, head, extra=card)
     folder = out.resolve()
     tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
     try:
-        target = GeneStore(tmp, create=True)
+        target = Store(tmp, create=True)
         for digest, a in arrays.items():
-            if save_artifact(tmp, a) != digest:
+            if save_artifact(target, a) != digest:
                 raise StoreError(f"Artifact {digest} of atlas {name!r} changed on copying.")
-        _write_genes(target.location, recipe.model, _restricted_genes(gs, recipe.model, rows))
+        genes = _restricted_genes(GeneStore(store), recipe.model, rows)
+        _write_genes(target.location, recipe.model, genes)
         _copy_atlas(target.db, name, ds, {**meta, "card": _card_given(card)})
         _reindex(target.location, name, meta)
         _prune(tmp)
@@ -352,10 +346,10 @@ def import_bundle(
     name = name or bundle.atlas
     if not is_atlas_name(name):
         raise CellvecError(f"Atlas name {name!r}: use letters, digits and underscores.")
-    src = GeneStore(bundle.path)
-    ds, meta = stored_atlas(bundle.path, bundle.atlas)
+    src = Store(bundle.path)
+    ds, meta = stored_atlas(src, bundle.atlas)
     recipe = Recipe.from_dict(meta["recipe"])
-    target = GeneStore(store, create=True)
+    target = Store.of(store, create=True)
     if ATLAS_PREFIX + name in target.table_names() and not replace:
         raise CellvecError(
             f"Store {target.path} already has an atlas {name!r}: import as another --name, or "
@@ -368,12 +362,12 @@ def import_bundle(
     if gene_table is None:
         how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
     else:
-        ours = target.load(recipe.model)
+        ours = GeneStore(target).load(recipe.model)
         if ours.meta.get("content_hash") == recipe.gene_table_hash:
             _require_vectors(ours, head["gene_rows"], bundle.source, target.path)
             how = "the same gene table"
         else:
-            theirs = src.load(recipe.model)
+            theirs = GeneStore(src).load(recipe.model)
             rows = _repoint(theirs, ours, head["gene_rows"], bundle.source, target.path)
             head = {**head, "gene_rows": rows}
             recipe = Recipe.from_dict(
@@ -391,7 +385,7 @@ def import_bundle(
         )
     for arrays in (head, bg):
         if arrays is not None:
-            save_artifact(target.location, arrays)
+            save_artifact(target, arrays)
     _copy_atlas(target.db, name, ds, meta)
     _reindex(target.location, name, meta)
     log.info("Imported atlas %s from %s into %s, on %s", name, bundle.source, target.path, how)

@@ -146,12 +146,13 @@ def load_encoder(
     against the hashes its recipe records."""
     gene_store = gene_store or GeneStore(store)
     genes = gene_store.load(recipe.model)
+    store = gene_store.store
     if recipe.gene_table_hash and genes.meta.get("content_hash") != recipe.gene_table_hash:
         raise StoreError(
             f"Atlas {name!r} was built on another version of the {recipe.model} gene table "
             f"(hash {recipe.gene_table_hash}, store now {genes.meta.get('content_hash')}). "
             "Rebuild the atlas with `cellvec atlas build`."
         )
-    bg = load_artifact(gene_store, recipe.background_hash) if recipe.background_hash else {}
-    head = load_artifact(gene_store, recipe.head_hash) if recipe.head_hash else {}
+    bg = load_artifact(store, recipe.background_hash) if recipe.background_hash else {}
+    head = load_artifact(store, recipe.head_hash) if recipe.head_hash else {}
     return CellEncoder(recipe, genes, bg, head)

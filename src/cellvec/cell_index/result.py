@@ -13,6 +13,7 @@ from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.table import MAX_TABLE_NAME, is_table_name
 from cellvec.errors import CellvecError
 from cellvec.metrics import UNASSIGNED
+from cellvec.storage import Store, replace_table
 
 
 @dataclass
@@ -224,13 +225,11 @@ class MappingResult:
         tmp.replace(path)  # never a half-written output
         return path
 
-    def save(self, store: str | Path, name: str) -> str:
+    def save(self, store: Store | str | Path, name: str) -> str:
         """Save as table `mapping_<name>` in the store (the SQL view of the same name)."""
         check_mapping_name(name)
         import polars as pl
         import pyarrow as pa
-
-        from cellvec.gene_store.store import GeneStore, replace_table
 
         tbl = (
             self.to_polars(scores=False).with_columns(pl.lit(self.atlas).alias("atlas")).to_arrow()
@@ -239,7 +238,7 @@ class MappingResult:
         tbl = tbl.append_column(
             "vector", pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel()), dim)
         )
-        db = GeneStore(store).db
+        db = Store.of(store).db
         replace_table(db, f"mapping_{name}", tbl)
         if self.clusters is not None:
             clusters = self.cluster_summary().with_columns(

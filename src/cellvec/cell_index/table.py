@@ -21,8 +21,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from cellvec.errors import StoreError
-from cellvec.gene_store.store import META_KEY, GeneStore, read_meta
-from cellvec.storage import StoreLocation
+from cellvec.storage import META_KEY, Store, StoreLocation, read_meta
 
 ATLAS_PREFIX = "atlas_"
 
@@ -41,16 +40,17 @@ def is_atlas_name(name: str) -> bool:
     return is_table_name(name)
 
 
-def list_atlases(store: str | Path | StoreLocation) -> list[str]:
-    gs = GeneStore(store)
-    return [n[len(ATLAS_PREFIX) :] for n in gs.table_names() if n.startswith(ATLAS_PREFIX)]
+def list_atlases(store: Store | str | Path | StoreLocation) -> list[str]:
+    names = Store.of(store).table_names()
+    return [n[len(ATLAS_PREFIX) :] for n in names if n.startswith(ATLAS_PREFIX)]
 
 
 def stored_atlas(store, name: str):
     """(the table of atlas `name` as a `lance.LanceDataset`, its metadata, read from that
     same version): what opening, exporting or describing an atlas reads first, without
     loading it; refused when there is none, or only a half-written one."""
-    tbl = GeneStore(store).open_table(ATLAS_PREFIX + name)
+    store = Store.of(store)
+    tbl = store.open_table(ATLAS_PREFIX + name)
     ds = tbl.to_lance() if tbl is not None else None
     meta = read_meta(ds) if ds is not None else {}
     if ds is None or not meta.get("complete"):

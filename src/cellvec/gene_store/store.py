@@ -1,4 +1,4 @@
-"""The gene embedding store: a LanceDB directory with one table per model.
+"""The gene tables of a store (`storage.Store`): one LanceDB table per model.
 
 Table `genes_<model>` holds one row per gene (gene_id, symbol, synonyms,
 ensembl_id, tax_id, full_name, type_of_gene, text, text_hash, vector); its schema
@@ -36,21 +36,14 @@ from cellvec.gene_store.sources import (
     read_vectors,
     tax_id_for,
 )
-
-# The table layout lives in `tables`; these two are also read from here (cell_index).
-from cellvec.gene_store.tables import GENE_COLUMNS as GENE_COLUMNS
-from cellvec.gene_store.tables import META_KEY as META_KEY
 from cellvec.gene_store.tables import (
     content_hash,
     gene_arrow,
-    list_table_names,
-    read_meta,
-    replace_table,
     restricted_vectors,
     table_name,
 )
 from cellvec.gene_store.text import TEMPLATE_VERSION, compose_texts
-from cellvec.storage import StoreLocation, store_location, translate_errors
+from cellvec.storage import Store, StoreLocation, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -93,54 +86,22 @@ class BuildResult:
 
 
 class GeneStore:
-    """A gene store: a local directory or an object-store URI (`cellvec.storage`). Tables
-    load lazily and are cached per version."""
+    """The gene tables of a store (`genes_<model>`): which models it has, a model's table
+    loaded (cached per table version), the genes nearest a text or a gene. `store` is the
+    whole store (`cellvec.storage.Store`), through which atlases, mappings and artifacts
+    are reached; a path or URI opens one."""
 
-    def __init__(self, path: str | Path | StoreLocation, *, create: bool = False):
-        self.location = store_location(path)
-        self.path = self.location.uri  # what messages name: the directory or the URI
-        self._db = None
+    def __init__(self, store: Store | str | Path | StoreLocation, *, create: bool = False):
+        self.store = Store.of(store, create=create)
+        self.path = self.store.path  # what messages name: the directory or the URI
         self._cache: dict[str, tuple[int, GeneTable]] = {}
-        if not create and not self.exists():
-            raise StoreError(
-                f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`"
-                + ("." if self.location.is_local else ", or check the URI (nothing is there).")
-            )
-
-    def exists(self) -> bool:
-        """A local directory that exists, or a URI with at least one table under it."""
-        if self.location.is_local:
-            return self.location.path.exists()
-        return bool(self.table_names())
-
-    @property
-    def db(self):
-        if self._db is None:
-            self._db = self.location.connect(create=True)
-        return self._db
-
-    def table_names(self) -> list[str]:
-        with translate_errors(self.location):
-            return list_table_names(self.db)
-
-    def open_table(self, name: str):
-        """Table `name`, or None when the store has none. Opened first, listed only when
-        that fails: on a bucket a listing is one more request per open (the service checks
-        each atlas's version once a second). A name LanceDB refuses (`a b`) is not listed."""
-        with translate_errors(self.location):
-            try:
-                return self.db.open_table(name)
-            except (ValueError, RuntimeError, OSError):
-                if name in self.table_names():
-                    raise
-        return None
 
     def models(self) -> list[str]:
         """Models with a complete gene table in this store."""
         out = []
-        for name in self.table_names():
+        for name in self.store.table_names():
             if name.startswith("genes_"):
-                meta = read_meta(self.db.open_table(name))
+                meta = read_meta(self.store.db.open_table(name))
                 if meta.get("complete"):
                     out.append(meta["model"])
         return out
@@ -149,7 +110,7 @@ class GeneStore:
         """The store's spec for a model name (`genept` finds an imported `precomputed:genept`)."""
         if model is None:
             return self.default_model()
-        names = self.table_names()
+        names = self.store.table_names()
         if table_name(model) not in names and table_name(f"precomputed:{model}") in names:
             return f"precomputed:{model}"
         return model
@@ -157,7 +118,8 @@ class GeneStore:
     def default_model(self) -> str:
         """`minilm` when its table is complete, else the first complete model."""
         minilm = table_name("minilm")
-        if minilm in self.table_names() and read_meta(self.db.open_table(minilm)).get("complete"):
+        names = self.store.table_names()
+        if minilm in names and read_meta(self.store.db.open_table(minilm)).get("complete"):
             return "minilm"
         models = self.models()
         if not models:
@@ -174,7 +136,7 @@ class GeneStore:
         `every_gene` (building) refuses it, naming the command that builds the full one."""
         model = self.resolve_model(model)
         name = table_name(model)
-        tbl = self.open_table(name)
+        tbl = self.store.open_table(name)
         meta = read_meta(tbl) if tbl is not None else {}
         if tbl is None or not meta.get("complete"):
             have = ", ".join(self.models()) or "none"
@@ -371,11 +333,11 @@ def _write_store(
 ) -> BuildResult:
     name = table_name(embedder.spec)
     staging_name = STAGING_PREFIX + name[len("genes_") :]
-    have = _existing_vectors(gs.open_table(name), meta, "final")
-    staging_tbl = gs.open_table(staging_name)
+    have = _existing_vectors(gs.store.open_table(name), meta, "final")
+    staging_tbl = gs.store.open_table(staging_name)
     staged = _existing_vectors(staging_tbl, meta, "staging")
     if staging_tbl is not None and not staged:
-        gs.db.drop_table(staging_name)
+        gs.store.db.drop_table(staging_name)
         staging_tbl = None
     if staged:
         log.info("Resuming an interrupted build: %s genes already embedded", f"{len(staged):,}")
@@ -411,7 +373,7 @@ def _write_store(
                     df[rows], vecs, {**meta, "dimension": vecs.shape[1], "complete": False}
                 )
                 if staging_tbl is None:
-                    staging_tbl = gs.db.create_table(staging_name, arrow)
+                    staging_tbl = gs.store.db.create_table(staging_name, arrow)
                 else:
                     staging_tbl.add(arrow)
                 for r, v in zip(rows, vecs):
@@ -432,9 +394,9 @@ def _write_store(
         "complete": True,
     }
     # One commit makes the new table visible; readers see the old or the new, never a mix.
-    replace_table(gs.db, name, gene_arrow(df, vectors, meta))
+    gs.store.replace_table(name, gene_arrow(df, vectors, meta))
     if staging_tbl is not None:
-        gs.db.drop_table(staging_name)
+        gs.store.db.drop_table(staging_name)
     secs = time.perf_counter() - t0
     log.info(
         "Table %s: %s genes (%s embedded) in %.1f s",
@@ -515,7 +477,7 @@ def import_vectors(
     }
     gs = GeneStore(store, create=True)
     name = table_name(spec)
-    replace_table(gs.db, name, gene_arrow(df, vectors, meta))
+    gs.store.replace_table(name, gene_arrow(df, vectors, meta))
     log.info(
         "Imported %s vectors (dim %d) from %s into %s",
         f"{df.height:,}",

@@ -1,11 +1,10 @@
-"""A gene table's layout (columns, Arrow schema, metadata key) and the Lance plumbing
-every table of a store shares: list the tables, replace one in one commit, read its
-metadata, read vectors that only some rows carry."""
+"""A gene table's layout: its columns, Arrow schema and name, its content hash, and
+vectors that only some rows carry (an atlas bundle's gene table). The Lance plumbing
+every table of a store shares (list, replace in one commit, metadata) is `storage`'s."""
 
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import polars as pl
@@ -13,8 +12,8 @@ import pyarrow as pa
 
 from cellvec.errors import StoreError
 from cellvec.gene_store.embedders import model_slug
+from cellvec.storage import META_KEY
 
-META_KEY = b"cellvec"
 GENE_COLUMNS = [
     "gene_id",
     "symbol",
@@ -81,38 +80,6 @@ def content_hash(symbols: list[str], vectors: np.ndarray) -> str:
     return h.hexdigest()[:24]
 
 
-def list_table_names(db) -> list[str]:
-    """Every table of a LanceDB connection, following pages."""
-    names, token = [], None
-    while True:
-        resp = db.list_tables(page_token=token)
-        names.extend(resp.tables)
-        token = resp.page_token
-        if not token:
-            return sorted(names)
-
-
-def replace_table(db, name: str, data):
-    """Write `data` as table `name` in one commit: created, or overwritten when it exists.
-
-    Two writers replacing one table at once: Lance commits one and refuses the other
-    (on S3 through a conditional PUT), which is reported as a `StoreError`; the table is
-    never a mix of the two. (Two creating a new table at once may instead both be
-    committed, one after the other: the last one wins.)"""
-    try:
-        return db.create_table(
-            name, data, mode="overwrite" if name in list_table_names(db) else "create"
-        )
-    except (ValueError, RuntimeError, OSError) as e:
-        if not re.search(r"already exists|commit conflict|preempted by concurrent", str(e), re.I):
-            raise
-        raise StoreError(
-            f"Table {name} in {db.uri} was written by another writer at the same moment, so "
-            "this write was not committed (the other one was). Run the command again if "
-            "this version should replace it."
-        ) from e
-
-
 def restricted_vectors(vec: pa.Array, dim: int) -> np.ndarray:
     """Genes x `dim` from a list column where only some genes carry a vector (an atlas
     bundle's gene table keeps every gene's names but only the atlas's genes' vectors); the
@@ -123,9 +90,3 @@ def restricted_vectors(vec: pa.Array, dim: int) -> np.ndarray:
     mat = np.zeros((len(vec), dim), dtype=np.float32)
     mat[lengths == dim] = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     return mat
-
-
-def read_meta(tbl) -> dict:
-    """What a table remembers of how it was made (its schema metadata under `META_KEY`)."""
-    md = tbl.schema.metadata or {}
-    return json.loads(md[META_KEY]) if META_KEY in md else {}

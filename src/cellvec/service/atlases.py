@@ -29,7 +29,7 @@ from cellvec.cell_index.calls import LabelCodes, Target
 from cellvec.cell_index.encoder import load_encoder
 from cellvec.cell_index.mapping import Reference
 from cellvec.cell_index.recipe import Recipe
-from cellvec.storage import StoreLocation
+from cellvec.storage import StoreLocation, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class AtlasCache:
         if hit is not None:
             return hit
         now = time.monotonic()
-        tbl = self.gene_store.open_table(ATLAS_PREFIX + name)
+        tbl = self.gene_store.store.open_table(ATLAS_PREFIX + name)
         if tbl is None:
             raise KeyError(name)
         with self.lock:
@@ -177,7 +177,6 @@ class AtlasCache:
 
     def _load(self, name: str, tbl) -> ServedAtlas:
         from cellvec.cell_index.knn import read_index
-        from cellvec.gene_store.store import read_meta
 
         meta = read_meta(tbl)
         # A disk atlas is searched through its table's Lance index, whose files the OS page
