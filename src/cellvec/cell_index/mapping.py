@@ -11,6 +11,7 @@ with the functions of `cell_index.calls`, which the service's batches use too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -117,6 +118,12 @@ class Reference:
     def recipe(self) -> Recipe:
         return self.encoder.recipe
 
+    @functools.cached_property
+    def recipe_dict(self) -> dict:
+        """`recipe.to_dict()`, made once for the service, which stamps it on every request's
+        calls and only reads it (making it costs more than voting for one cell)."""
+        return self.recipe.to_dict()
+
     @property
     def has_broad(self) -> bool:
         return self.labels.has_broad
@@ -153,8 +160,9 @@ class Reference:
         is compared with: the atlas as built when the query measures the genes that carry
         the reference's weight, else the reference re-aggregated over the shared genes."""
         key = (tuple(var_names), orthologs.digest if orthologs is not None else None)
-        if key in self._plans:
-            return self._plans[key]
+        plan = self._plans.get(key)  # one look-up: a request's gene list is long to compare
+        if plan is not None:
+            return plan
         basis = self.encoder.basis(var_names, where, orthologs=orthologs)
         plan = Plan(basis)
         if basis.positions is not None and len(basis.positions) < self.n_genes:

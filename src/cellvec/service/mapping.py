@@ -52,12 +52,15 @@ class MapJob:
     """One request's cells, ready to map, with how to call them (`MapOptions`) and what to
     send back (`scores`, `vectors`)."""
 
-    genes: list[str]
+    genes: tuple[str, ...]  # a tuple, made once: batches and plans are keyed by it
     x: sp.csr_matrix  # log-normalised, kept cells only
     ids: list[str]
     options: MapOptions = field(default_factory=MapOptions)
     scores: bool = False
     vectors: bool = False
+
+    def __post_init__(self):
+        self.genes = tuple(self.genes)
 
     @property
     def n_cells(self) -> int:
@@ -420,7 +423,7 @@ def _map_group(ref, jobs, order, encoded, out) -> None:
         calls.classes, calls.excluded, calls.recipe = (
             ref.labels.classes,
             excluded,
-            ref.recipe.to_dict(),
+            ref.recipe_dict,
         )
         calls.ontology_ids = ontology_ids(ref.meta)
         start = 0
