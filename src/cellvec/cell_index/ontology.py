@@ -38,6 +38,7 @@ import numpy as np
 
 from cellvec.cell_index.mapping import read_label_map
 from cellvec.errors import CellvecError
+from cellvec.storage import META_KEY
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,6 @@ def annotate_atlas(
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.table import stored_atlas
     from cellvec.gene_store.embedders import get_embedder
-    from cellvec.gene_store.store import META_KEY
 
     _, meta = stored_atlas(store, name)  # classes and model: the atlas is opened for markers only
     onto = load_cell_ontology()
