@@ -252,3 +252,89 @@ def test_cells_without_labels_are_excluded_and_label_maps_rename_truth(fake_stor
         q, "tiny", store=fake_store, truth_key="cell_type", label_map={"T cell": "T"}
     )
     assert mapped.metrics["accuracy"] == 1.0 and "T cell" not in mapped.metrics["per_class"]
+
+
+def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_store):
+    """An atlas read by centroids gives each cell the class whose mean reference vector
+    (made unit length) is most similar, with scores from the similarity to each centroid
+    (not the neighbours' vote), and never an excluded label."""
+    from cellvec.cell_index.build import BuildOptions
+
+    atlas = build_atlas(
+        tiny_adata(n_cells=30, seed=1),
+        store=fake_store,
+        name="few",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10, refine="none"),
+        options=BuildOptions(readout="centroid"),
+    )
+    assert atlas.meta["readout"] == "centroid" and "readout_scores" not in atlas.meta
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    res = map_cells(query, "few", store=fake_store)
+    classes = np.unique(atlas.labels)
+    cent = np.stack([atlas.vectors[atlas.labels == c].mean(0) for c in classes])
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    expected = classes[(res.vectors @ cent.T).argmax(1)]
+    assert list(res.labels) == list(expected)
+    assert (expected == query.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
+    # the scores are the centroids' similarities, weighted as the neighbours' vote is
+    w = 1 / (1 - np.clip(res.vectors @ cent.T, -1, 1) + 0.01)
+    np.testing.assert_allclose(res.scores, w / w.sum(1, keepdims=True), atol=1e-5)
+    blocked = map_cells(query, "few", store=fake_store, exclude_labels=["B"])
+    assert "B" not in set(blocked.labels)
+    kept = expected != "B"
+    assert list(blocked.labels[kept]) == list(expected[kept])
+
+
+def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, caplog):
+    """With a median class under 20 cells, `atlas build` scores the refined kNN and the
+    unrefined centroids by 3-fold CV on the reference, keeps the better (ties to the
+    refined kNN), and records the scores and the choice; a larger reference, or an
+    explicit read-out, is built as asked with no CV."""
+    import logging
+
+    from cellvec.cell_index.build import BuildOptions
+    from cellvec.cell_index.tune import READOUTS
+
+    with caplog.at_level(logging.INFO, logger="cellvec.cell_index.tune"):
+        atlas = build_atlas(
+            tiny_adata(n_cells=24, seed=1),  # 8 cells a class
+            store=fake_store,
+            name="few",
+            label_key="cell_type",
+            recipe=Recipe(top_genes=10),
+        )
+    scores = atlas.meta["readout_scores"]
+    assert set(scores) == set(READOUTS) and all(0 <= v <= 1 for v in scores.values())
+    best = max(scores, key=lambda c: (scores[c], c == "refined kNN"))
+    changes, readout = READOUTS[best]
+    assert atlas.meta["readout"] == readout
+    assert atlas.recipe.refine == changes.get("refine", "supcon")
+    assert "chose the " + best in caplog.text
+    assert Atlas.describe(fake_store, "few")["readout"] == readout
+    explicit = build_atlas(
+        tiny_adata(n_cells=24, seed=1),
+        store=fake_store,
+        name="few_knn",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10),
+        options=BuildOptions(readout="knn"),
+    )
+    assert explicit.meta["readout"] == "knn" and explicit.recipe.refine == "supcon"
+    assert "readout_scores" not in explicit.meta
+    large = build_atlas(
+        tiny_adata(n_cells=60, seed=1),  # 20 cells a class: not small
+        store=fake_store,
+        name="large",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10),
+    )
+    assert large.meta["readout"] == "knn" and "readout_scores" not in large.meta
+    with pytest.raises(CellvecError, match="Read-out 'vote'"):
+        build_atlas(
+            tiny_adata(n_cells=24, seed=1),
+            store=fake_store,
+            name="bad",
+            label_key="cell_type",
+            options=BuildOptions(readout="vote"),
+        )

@@ -453,3 +453,43 @@ def test_map_server_gives_map_store_labels_with_every_option(served, tmp_path):
     assert left.obs["cellvec_label"].tolist() == right.obs["cellvec_label"].tolist()
     for column in ("cellvec_confidence", "cellvec_typicality", "cellvec_mixing"):
         np.testing.assert_allclose(left.obs[column], right.obs[column], atol=1e-5)
+
+
+def test_service_reads_a_centroid_atlas_as_map_cells_does(served):
+    """An atlas read by class centroids answers the same labels and scores through the
+    service (the client's path and a JSON request's) as `map_cells` in this process, the
+    blocklist included."""
+    import numpy as np
+
+    from cellvec.cell_index.atlas import Atlas
+    from cellvec.cell_index.build import BuildOptions
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.client import Client
+    from cellvec.service import create_app
+
+    build_atlas(
+        tiny_adata(n_cells=30, seed=1),
+        store=served,
+        name="few",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10, refine="none"),
+        options=BuildOptions(readout="centroid"),
+    )
+    query = tiny_adata(n_cells=20, seed=4, prefix="q")
+    local = map_cells(query, "few", store=served, exclude_labels=["M"])
+    body, _ = _cells(6)
+    with Server(create_app(served)) as url:
+        remote = Client(url).map(query, atlas="few", exclude_labels=["M"])
+        r = httpx.post(f"{url}/v1/atlases/few/map", json=body, params={"scores": "true"})
+    assert list(remote.labels) == list(local.labels) and "M" not in set(local.labels)
+    np.testing.assert_allclose(remote.scores, local.scores, atol=1e-6)
+    atlas = Atlas.open(served, "few")  # the scores are the centroids', not a vote's
+    cent = np.stack([atlas.vectors[atlas.labels == c].mean(0) for c in ("B", "M", "T")])
+    w = 1 / (
+        1 - np.clip(remote.vectors @ (cent / np.linalg.norm(cent, axis=1)[:, None]).T, -1, 1) + 0.01
+    )
+    w[:, 1] = 0  # M is excluded
+    np.testing.assert_allclose(remote.scores, w / w.sum(1, keepdims=True), atol=1e-5)
+    assert r.status_code == 200, r.text
+    six = map_cells(tiny_adata(n_cells=6, seed=3, prefix="q"), "few", store=served)
+    assert [c["label"] for c in r.json()["cells"]] == list(six.labels)

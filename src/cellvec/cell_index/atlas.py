@@ -53,6 +53,7 @@ from cellvec.storage import StoreLocation, store_location
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 15
+READOUTS = ("knn", "centroid")  # how mapping reads the calls off (`readout_of`)
 
 
 class _StoredVectors:
@@ -315,7 +316,13 @@ class Atlas:
 
     @classmethod
     def from_fit(
-        cls, name: str, fit: FittedReference, labels, cell_ids=None, broad_labels=None
+        cls,
+        name: str,
+        fit: FittedReference,
+        labels,
+        cell_ids=None,
+        broad_labels=None,
+        readout: str = "knn",
     ) -> Atlas:
         """An atlas held in memory only (evaluation folds): the same search and mapping as a
         stored one, without writing it."""
@@ -324,7 +331,7 @@ class Atlas:
         return cls(
             name=name,
             store="",
-            meta={"recipe": fit.encoder.recipe.to_dict()},
+            meta={"recipe": fit.encoder.recipe.to_dict(), "readout": readout},
             _cell_ids=np.asarray(ids, dtype=object),
             _labels=np.asarray(labels, dtype=object),
             _batches=np.full(n, "", dtype=object),
@@ -475,6 +482,12 @@ class Atlas:
         return atlas_summary(self.name, self.meta, self.n_cells)
 
 
+def readout_of(meta: dict) -> str:
+    """How the atlas's calls are read off: `knn` (the neighbours' vote, the default) or
+    `centroid` (the class centroids), chosen at build (`tune.choose_readout`)."""
+    return str(meta.get("readout") or "knn")
+
+
 def _k_of(meta: dict) -> int:
     """The atlas's neighbours in the vote: chosen by `atlas build --tune`, else 15."""
     return int(meta.get("k") or DEFAULT_K)
@@ -494,6 +507,8 @@ def atlas_summary(name: str, meta: dict, n_cells: int) -> dict:
         "created": meta.get("created"),
         "source": meta.get("source"),
         "k": _k_of(meta),
+        "readout": readout_of(meta),
+        "readout_scores": meta.get("readout_scores"),
         "tuning": meta.get("tuning"),
         "excluded_labels": meta.get("excluded_labels"),
         "refinement": {k: v for k, v in (meta.get("refinement") or {}).items() if k != "history"},

@@ -1,7 +1,7 @@
 """`atlas build`: embed a labelled reference and write it as an atlas table in the store.
 
 The steps: read the reference and its labels (`labels.reference_labels`), choose the
-recipe (`tune.tune_recipe` with `--tune`), fit it (`fitting.fit_encoder`), write the
+recipe (`tune.tune_recipe` with `--tune`; `tune.choose_readout` for a small reference), fit it (`fitting.fit_encoder`), write the
 table in one commit (here, or by Ray workers: `parallel.write_atlas`), then its disk
 index when it has one (`disk_index.build_disk_index`). `index_atlas` (re)indexes an
 atlas already in the store.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import DEFAULT_K, Atlas
+from cellvec.cell_index.atlas import DEFAULT_K, READOUTS, Atlas
 from cellvec.cell_index.disk_index import (
     INDEX_KINDS,
     DiskIndexParams,
@@ -44,7 +44,7 @@ from cellvec.cell_index.table import (
     stored_atlas,
     weight_lists,
 )
-from cellvec.cell_index.tune import tune_recipe
+from cellvec.cell_index.tune import choose_readout, tune_recipe
 from cellvec.errors import CellvecError
 from cellvec.gene_store.store import GeneStore
 from cellvec.storage import META_KEY, Store, StoreLocation, replace_table, store_location
@@ -61,7 +61,11 @@ class BuildOptions:
     (`cell_index.tune`), recorded in the recipe and the atlas metadata.
     `calibration_split`: keep that share of each class out of refinement to calibrate
     typicality (`map_cells(min_typicality=...)` needs it). `seed` and `refine_options`:
-    of the refinement (`refine.fit_refinement`).
+    of the refinement (`refine.fit_refinement`). `readout`: how mapping reads the calls
+    off, "knn" (the neighbours' vote), "centroid" (the class centroids) or "auto": kNN,
+    except that a reference whose median class has fewer than 20 cells chooses between
+    the refined kNN and the unrefined centroids by cross-validation on itself
+    (`tune.choose_readout`), recorded in the recipe and the atlas metadata.
 
     `index`: "memory" (searched with faiss in memory), "disk" (a Lance IVF_PQ index on
     the table, see `disk_index.py`; built on the Ray cluster too when `ray` is given)
@@ -74,6 +78,7 @@ class BuildOptions:
 
     k: int | None = None
     tune: bool = False
+    readout: str = "auto"
     calibration_split: float = 0.0
     seed: int = 0
     refine_options: dict | None = None
@@ -125,7 +130,7 @@ def build_atlas(
     broad label is its own broad class (its fine label). `batch_key`: the obs column
     recorded as each cell's batch."""
     options = options or BuildOptions()
-    _check_name(name, options.index)
+    _check_name(name, options)
     t0 = time.perf_counter()
     store = Store.of(store)
     genes = GeneStore(store).load(model, every_gene=True)  # not a bundle's partial table
@@ -136,12 +141,12 @@ def build_atlas(
         batch_key=batch_key,
         exclude_labels=exclude_labels,
     )
-    recipe, k, tuning = _choose_recipe(ref, genes, recipe or Recipe(), options)
+    choice = _choose_recipe(ref, genes, recipe or Recipe(), options)
     fit = fit_encoder(
         ref.source,
         ref.labels,
         genes,
-        recipe,
+        choice.recipe,
         store=store,
         seed=options.seed,
         refine_options=options.refine_options,
@@ -154,8 +159,7 @@ def build_atlas(
         label_key=label_key,
         batch_key=batch_key,
         broad_label_key=broad_label_key,
-        k=k,
-        tuning=tuning,
+        choice=choice,
         index=options.index,
     )
     memory = _write_table(store, name, ref, fit, meta, options.ray)
@@ -182,10 +186,15 @@ def build_atlas(
     return Atlas.open(store, name, encoder=fit.encoder, index=index)
 
 
-def _check_name(name: str, index: str) -> None:
-    """Refuse an unknown index kind or a name that cannot be a table, before any work."""
-    if index not in INDEX_KINDS:
-        raise CellvecError(f"Index {index!r}: choose one of {', '.join(INDEX_KINDS)}.")
+def _check_name(name: str, options: BuildOptions) -> None:
+    """Refuse an unknown index kind or read-out, or a name that cannot be a table, before
+    any work."""
+    if options.index not in INDEX_KINDS:
+        raise CellvecError(f"Index {options.index!r}: choose one of {', '.join(INDEX_KINDS)}.")
+    if options.readout not in ("auto", *READOUTS):
+        raise CellvecError(
+            f"Read-out {options.readout!r}: choose one of auto, {', '.join(READOUTS)}."
+        )
     if not is_table_name(name):
         raise CellvecError(
             f"Atlas name {name!r}: use up to {MAX_TABLE_NAME} letters, digits and underscores "
@@ -212,11 +221,22 @@ def _read_reference(
     return _Reference(source, labels, broad, batches, excluded)
 
 
-def _choose_recipe(
-    ref: _Reference, genes, recipe: Recipe, options: BuildOptions
-) -> tuple[Recipe, int | None, dict | None]:
-    """(the recipe on the store's gene table, the atlas's k, the tuning scores or None):
-    `options.tune` chooses top-N and k on the reference itself."""
+@dataclass(frozen=True)
+class _Choice:
+    """What `_choose_recipe` settled: the recipe, k (None: the default), the tuning scores,
+    the read-out and the scores it was chosen by (None where nothing was tuned)."""
+
+    recipe: Recipe
+    k: int | None = None
+    tuning: dict | None = None
+    readout: str = "knn"
+    readout_scores: dict | None = None
+
+
+def _choose_recipe(ref: _Reference, genes, recipe: Recipe, options: BuildOptions) -> _Choice:
+    """The recipe on the store's gene table, the atlas's k and its read-out: `options.tune`
+    chooses top-N and k on the reference itself, `options.readout` "auto" the read-out of a
+    small reference."""
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = replace(
         recipe,
@@ -224,9 +244,20 @@ def _choose_recipe(
         dimension=genes.dimension,
         adapt_genes=recipe.adapt_genes and recipe.refine != "none",
     )
-    if not options.tune:
-        return recipe, options.k, None
-    top, k, tuning = tune_recipe(
+    k, tuning = options.k, None
+    if options.tune:
+        top, k, tuning = tune_recipe(
+            ref.source,
+            ref.labels,
+            genes,
+            recipe,
+            seed=options.seed,
+            refine_options=options.refine_options,
+        )
+        recipe = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})
+    if options.readout != "auto":
+        return _Choice(recipe, k, tuning, options.readout)
+    recipe, readout, scores = choose_readout(
         ref.source,
         ref.labels,
         genes,
@@ -234,7 +265,7 @@ def _choose_recipe(
         seed=options.seed,
         refine_options=options.refine_options,
     )
-    return Recipe.from_dict({**recipe.to_dict(), "top_genes": top}), k, tuning
+    return _Choice(recipe, k, tuning, readout, scores)
 
 
 def _atlas_meta(
@@ -244,12 +275,11 @@ def _atlas_meta(
     label_key: str,
     batch_key: str | None,
     broad_label_key: str | None,
-    k: int | None,
-    tuning: dict | None,
+    choice: _Choice,
     index: str,
 ) -> dict:
     """The atlas table's metadata: recipe, labels and class counts, provenance, refinement
-    report, k and tuning, what was excluded, the broad level and the index chosen."""
+    report, k, read-out and tuning, what was excluded, the broad level and the index."""
     classes, counts = np.unique(ref.labels, return_counts=True)
     meta = {
         "recipe": fit.encoder.recipe.to_dict(),
@@ -261,9 +291,12 @@ def _atlas_meta(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
         "refinement": fit.report or None,
-        "k": int(k or DEFAULT_K),
-        "tuning": tuning,
+        "k": int(choice.k or DEFAULT_K),
+        "tuning": choice.tuning,
+        "readout": choice.readout,
     }
+    if choice.readout_scores:
+        meta["readout_scores"] = choice.readout_scores
     if ref.excluded:
         meta["excluded_labels"] = ref.excluded
     if ref.broad is not None:

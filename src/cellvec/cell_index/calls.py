@@ -98,12 +98,14 @@ class Target:
     """The reference cells a query is compared with: the atlas over its own genes
     (`panel` None), or re-aggregated over the atlas genes a query measures. `calibration`
     (per reference cell, NaN outside the calibration cells) scores typicality;
-    `broad_calibration` the broad level's."""
+    `broad_calibration` the broad level's. `centroids` (a unit vector per class, for an
+    atlas whose read-out is `centroid`) replace the neighbours' vote."""
 
     index: object
     calibration: np.ndarray
     broad_calibration: np.ndarray | None = None
     panel: np.ndarray | None = None
+    centroids: np.ndarray | None = None  # class centroids: the atlas votes by them (read-out)
 
 
 @dataclass
@@ -287,11 +289,14 @@ def assign_labels(
     calibration: np.ndarray | None = None,
     min_typicality: float = 0.0,
     inherited: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(per-class scores, labels, confidences, typicalities) of query vectors `q` from their
     neighbours; typicality is 1 where no `calibration` is given. `inherited` (a class index
-    per cell, -1 for none) is taken instead of the vote's winner and never made unassigned."""
-    scores = vote(idx, sim, codes, len(classes))
+    per cell, -1 for none) is taken instead of the vote's winner and never made unassigned.
+    `scores` (per cell and class, rows summing to 1) replace the neighbours' vote."""
+    if scores is None:
+        scores = vote(idx, sim, codes, len(classes))
     best = scores.argmax(1)
     inherit = np.zeros(len(best), dtype=bool)
     if inherited is not None:
@@ -311,6 +316,24 @@ def assign_labels(
     refused = (conf < min_confidence) | (typical < min_typicality) | empty
     labels[refused & ~inherit] = UNASSIGNED
     return scores, labels, conf, typical
+
+
+def class_centroids(vectors: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each class's mean vector, made unit length: the prototypes of the `centroid` read-out."""
+    sums = np.zeros((n_classes, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, np.asarray(codes), np.asarray(vectors, dtype=np.float64))
+    norm = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.where(norm > 0, norm, 1)).astype(np.float32)
+
+
+def centroid_vote(q: np.ndarray, centroids: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Class scores from the query's similarity to each class centroid (rows sum to 1),
+    weighted as the neighbours' vote is (1 / (cosine distance + 0.01)); classes not in
+    `keep` (excluded labels) score 0."""
+    sim = np.clip(np.asarray(q, dtype=np.float64) @ centroids.T.astype(np.float64), -1, 1)
+    w = np.where(keep[None, :], 1.0 / (1.0 - sim + 0.01), 0.0)
+    total = w.sum(1, keepdims=True)
+    return w / np.where(total > 0, total, 1)
 
 
 def assign_broad(
@@ -367,6 +390,10 @@ def call_cells(
     function giving the query's p-values from its scores, see `Reference.mixing`), and
     the broad level."""
     idx, sim = neighbours
+    scores = None
+    if target.centroids is not None:
+        keep = ~np.isin(labels.classes.astype(str), options.exclude_labels)
+        scores = centroid_vote(q, target.centroids, keep)
     scores, fine, conf, typical = assign_labels(
         q,
         idx,
@@ -376,6 +403,7 @@ def call_cells(
         options.min_confidence,
         calibration=target.calibration,
         min_typicality=options.min_typicality,
+        scores=scores,
     )
     p = None
     if options.min_mixing > 0:

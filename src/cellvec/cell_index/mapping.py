@@ -14,19 +14,20 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from cellvec.cell_index.atlas import DEFAULT_K, Atlas
+from cellvec.cell_index.atlas import DEFAULT_K, Atlas, readout_of
 from cellvec.cell_index.calls import (
     Calls,
     LabelCodes,
     MapOptions,
     Target,
     call_cells,
+    class_centroids,
     excluded_cells,
     mixing_test,
     search_allowed,
@@ -135,6 +136,12 @@ class Reference:
         return int(self.meta.get("k") or DEFAULT_K)
 
     @property
+    def readout(self) -> str:
+        """How the calls are read off the search: `knn` (the neighbours' vote) or
+        `centroid` (the class centroids; chosen at build for small references)."""
+        return readout_of(self.meta)
+
+    @property
     def n_genes(self) -> int:
         return len(self.encoder.refinement.get("gene_rows", ()))
 
@@ -189,11 +196,17 @@ class Reference:
                 atlas = self.atlas()
                 broad = atlas.broad_calibration() if atlas.has_broad else None
                 self._whole = Target(atlas.index(), atlas.calibration(), broad)
+            if self.readout == "centroid" and self._whole.centroids is None:
+                self._whole = replace(self._whole, centroids=self._centroids(self.atlas().vectors))
             return self._whole
         atlas = self.atlas()  # the atlas caches its last few panels
-        _, index, calibration = atlas.vectors_over(panel)
+        vectors, index, calibration = atlas.vectors_over(panel)
         broad = atlas.broad_calibration(panel) if atlas.has_broad else None
-        return Target(index, calibration, broad, panel)
+        centroids = self._centroids(vectors) if self.readout == "centroid" else None
+        return Target(index, calibration, broad, panel, centroids)
+
+    def _centroids(self, vectors) -> np.ndarray:
+        return class_centroids(np.asarray(vectors), self.labels.codes, len(self.labels.classes))
 
     def allowed(self, exclude_labels: tuple[str, ...]) -> tuple[list[str], np.ndarray | None]:
         """(the excluded labels the atlas has, the reference cells that may answer)."""

@@ -74,6 +74,16 @@ def atlas():
     help="Choose --top-genes (200, 1000) and -k (5, 10, 15) by 3-fold cross-validation on "
     "the reference; recorded in the atlas. Costs about six refinements.",
 )
+@click.option(
+    "--readout",
+    type=click.Choice(["auto", "knn", "centroid"]),
+    default="auto",
+    show_default=True,
+    help="How map reads the labels off: the k nearest cells' vote, the class centroids, or "
+    "auto: the vote, except that a reference whose median class has fewer than 20 cells "
+    "chooses between the refined vote and the unrefined class centroids by 3-fold "
+    "cross-validation on itself (recorded in the atlas; costs three refinements).",
+)
 @index_option(default="auto")
 @click.option(
     "--ontology-ids",
@@ -108,6 +118,7 @@ def build(
     calibration_split,
     exclude_labels,
     tune,
+    readout,
     index_kind,
     ontology_ids,
     tissue,
@@ -159,6 +170,7 @@ def build(
         options=BuildOptions(
             k=k,
             tune=tune,
+            readout=readout,
             calibration_split=calibration_split,
             seed=seed,
             index=index_kind,
@@ -239,7 +251,8 @@ def list_cmd(store, as_json):
             r = a["recipe"]
             click.echo(
                 f"{a['name']:<20} {a['n_cells']:>9,} cells  {len(a['classes']):>3} classes  "
-                f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} refine={r['refine']}"
+                f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} "
+                f"refine={r['refine']} readout={a['readout']}"
             )
 
 

@@ -20,6 +20,7 @@ from cellvec.cell_index.fitting import fit_encoder
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.tune import choose_readout
 from cellvec.errors import CellvecError
 from cellvec.evaluation.baselines import EXPRESSION_BASELINES, align, expression_baseline
 from cellvec.evaluation.graph import go_graph_embedding
@@ -71,23 +72,28 @@ class Predictors:
         broad: np.ndarray | None = None,
     ) -> Atlas:
         """An in-memory atlas of vector representation `name` (`cellvec:MODEL`: cellvec
-        with another model) fitted on `ref`."""
+        with another model) fitted on `ref`, with the read-out `atlas build` would choose
+        (`tune.choose_readout`: a small reference chooses it by cross-validation)."""
         base, model = name, None
         if name.startswith("cellvec:"):
             base, model = "cellvec", name.split(":", 1)[1]
         changes, kind = VECTOR_REPRESENTATIONS[base]
         model = model or self.recipe.model
         recipe = Recipe.from_dict({**self.recipe.to_dict(), **changes, "model": model})
+        genes = self.gene_table(model, kind)
+        recipe, readout, _ = choose_readout(
+            ref, y_ref, genes, recipe, seed=self.seed, refine_options=self.refine_options
+        )
         fit = fit_encoder(
             ref,
             y_ref,
-            self.gene_table(model, kind),
+            genes,
             recipe,
             seed=self.seed,
             refine_options=self.refine_options,
             calibration_split=calibration_split,
         )
-        return Atlas.from_fit(name, fit, y_ref, broad_labels=broad)
+        return Atlas.from_fit(name, fit, y_ref, broad_labels=broad, readout=readout)
 
     def predict(
         self, name: str, ref: ExpressionSource, y_ref: np.ndarray, query: ExpressionSource, **kw
