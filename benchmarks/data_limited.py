@@ -2,9 +2,11 @@
 
 Each fold's reference is cut to N cells per class (the same draw for every method:
 evaluate()'s data-limited scenario, seed 0, 5 stratified folds, the held-out fold as
-the query), then cellvec's default recipe, the same recipe unrefined (the text's prior
-alone), the random-vector control (the recipe on Gaussian gene vectors), logistic regression and PCA + kNN on log expression and
-CellTypist (in its own venv) label the query. Writes results/data_limited.{md,json}:
+the query), then cellvec's default (below a median class of 20 cells the reference
+chooses its read-out by CV on itself, as `atlas build` does: `tune.choose_readout`),
+the recipe unrefined (the text's prior alone, kNN), the random-vector control (the
+default on Gaussian gene vectors), logistic regression and PCA + kNN on log expression
+and CellTypist (in its own venv) label the query. Writes results/data_limited.{md,json}:
 
     python benchmarks/data_limited.py --out results/
     python benchmarks/data_limited.py --only amacrine --sizes 5,10 --no-celltypist   # quick
