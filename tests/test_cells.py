@@ -294,7 +294,7 @@ def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, cap
     import logging
 
     from cellvec.cell_index.build import BuildOptions
-    from cellvec.cell_index.tune import READOUTS
+    from cellvec.cell_index.tune import READOUT_CANDIDATES
 
     with caplog.at_level(logging.INFO, logger="cellvec.cell_index.tune"):
         atlas = build_atlas(
@@ -305,9 +305,9 @@ def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, cap
             recipe=Recipe(top_genes=10),
         )
     scores = atlas.meta["readout_scores"]
-    assert set(scores) == set(READOUTS) and all(0 <= v <= 1 for v in scores.values())
+    assert set(scores) == set(READOUT_CANDIDATES) and all(0 <= v <= 1 for v in scores.values())
     best = max(scores, key=lambda c: (scores[c], c == "refined kNN"))
-    changes, readout = READOUTS[best]
+    changes, readout = READOUT_CANDIDATES[best]
     assert atlas.meta["readout"] == readout
     assert atlas.recipe.refine == changes.get("refine", "supcon")
     assert "chose the " + best in caplog.text

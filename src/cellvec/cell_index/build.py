@@ -1,10 +1,10 @@
 """`atlas build`: embed a labelled reference and write it as an atlas table in the store.
 
 The steps: read the reference and its labels (`labels.reference_labels`), choose the
-recipe (`tune.tune_recipe` with `--tune`; `tune.choose_readout` for a small reference), fit it (`fitting.fit_encoder`), write the
-table in one commit (here, or by Ray workers: `parallel.write_atlas`), then its disk
-index when it has one (`disk_index.build_disk_index`). `index_atlas` (re)indexes an
-atlas already in the store.
+recipe (`tune.tune_recipe` with `--tune`) and, for a small reference, the read-out
+(`tune.choose_readout`), fit it (`fitting.fit_encoder`), write the table in one commit
+(here, or by Ray workers: `parallel.write_atlas`), then its disk index when it has one
+(`disk_index.build_disk_index`). `index_atlas` (re)indexes an atlas already in the store.
 
 What to read comes as an `ExpressionSource` (built once by the caller, with its layer,
 raw matrix and gene column), how to embed as a `Recipe`, and how to fit and write as
@@ -130,7 +130,7 @@ def build_atlas(
     broad label is its own broad class (its fine label). `batch_key`: the obs column
     recorded as each cell's batch."""
     options = options or BuildOptions()
-    _check_name(name, options)
+    _check_inputs(name, options)
     t0 = time.perf_counter()
     store = Store.of(store)
     genes = GeneStore(store).load(model, every_gene=True)  # not a bundle's partial table
@@ -186,7 +186,7 @@ def build_atlas(
     return Atlas.open(store, name, encoder=fit.encoder, index=index)
 
 
-def _check_name(name: str, options: BuildOptions) -> None:
+def _check_inputs(name: str, options: BuildOptions) -> None:
     """Refuse an unknown index kind or read-out, or a name that cannot be a table, before
     any work."""
     if options.index not in INDEX_KINDS:

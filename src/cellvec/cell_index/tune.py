@@ -9,10 +9,11 @@ grid costs one refinement per top-N and fold. Nothing outside the reference is
 looked at.
 
 A reference whose median class has fewer than `FEW_CELLS` cells can over-fit its
-refinement: at 5 cells a class, pbmc3k's refined kNN scored 0.698 where the unrefined
-vectors' class centroids scored 0.778, while on amacrine the refined kNN won (0.812
-against 0.664, results/data_limited.md). Neither wins on every set, so each small
-reference chooses between them by its own cross-validation (`choose_readout`).
+refinement: on benchmarks/data_limited.py's draws at 5 cells a class, pbmc3k's refined
+kNN scored 0.698 where the unrefined vectors' class centroids scored 0.778, while on
+amacrine the refined kNN won (0.812 against 0.664). Neither wins on every set, so each
+small reference chooses between them by its own cross-validation (`choose_readout`;
+what that gives: results/data_limited.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ KS = (5, 10, 15)
 FEW_CELLS = 20  # a reference whose median class has fewer cells chooses its read-out
 # the read-outs a small reference chooses from: (recipe changes, read-out); the first is
 # the default recipe and wins ties
-READOUTS = {
+READOUT_CANDIDATES = {
     "refined kNN": ({}, "knn"),
     "unrefined centroid": ({"refine": "none", "adapt_genes": False}, "centroid"),
 }
@@ -101,8 +102,9 @@ def choose_readout(
 ) -> tuple[Recipe, str, dict | None]:
     """(recipe, read-out, {candidate: macro-F1} or None): for a reference whose median class
     has fewer than `FEW_CELLS` cells and a recipe with supervised refinement, the
-    `READOUTS` candidate with the best `folds`-fold macro-F1 on the reference (ties go to
-    the refined kNN); otherwise the recipe as given, read by kNN, and no scores."""
+    candidate of `READOUT_CANDIDATES` with the best `folds`-fold macro-F1 on the
+    reference (ties go to the refined kNN); otherwise the recipe as given, read by kNN,
+    and no scores."""
     labels = np.asarray(labels, dtype=object)
     counts = np.unique(labels, return_counts=True)[1]
     if recipe.refine != "supcon" or np.median(counts) >= FEW_CELLS or counts.max() < folds:
@@ -110,7 +112,7 @@ def choose_readout(
     n = len(labels)
     splits = metrics.folds(labels, folds, seed)
     scores = {}
-    for name, (changes, readout) in READOUTS.items():
+    for name, (changes, readout) in READOUT_CANDIDATES.items():
         rec = Recipe.from_dict({**recipe.to_dict(), **changes})
         pred = np.empty(n, dtype=object)
         for tr, te in splits:
@@ -133,5 +135,5 @@ def choose_readout(
         ", ".join(f"{c} {v:.3f}" for c, v in scores.items()),
         best,
     )
-    changes, readout = READOUTS[best]
+    changes, readout = READOUT_CANDIDATES[best]
     return Recipe.from_dict({**recipe.to_dict(), **changes}), readout, scores
