@@ -11,6 +11,12 @@ and CellTypist (in its own venv) label the query. Writes results/data_limited.{m
     python benchmarks/data_limited.py --out results/
     python benchmarks/data_limited.py --only amacrine --sizes 5,10 --no-celltypist   # quick
 
+With `--summaries` the gene stores embed NCBI RefSeq summaries (the paper's text) in
+the composed text too (stores `<species>_refseq` beside the others):
+
+    python benchmarks/data_limited.py --summaries --only pbmc3k,amacrine --sizes 5,10 \
+        --no-celltypist --out results/data_limited_refseq
+
 The markdown also lists the per-class F1 of classes under 10 cells in the full-data
 runs (results/<set>.json, written by evaluate_all.py).
 """
@@ -89,6 +95,9 @@ def main():
     ap.add_argument("--only", help="comma-separated subset of " + ",".join(SETS))
     ap.add_argument("--sizes", default="3,5,10,20", help="reference cells per class")
     ap.add_argument("--no-celltypist", action="store_true", help="skip the CellTypist peer")
+    ap.add_argument(
+        "--summaries", action="store_true", help="stores whose gene texts add RefSeq summaries"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not SHARED.exists():
@@ -107,7 +116,11 @@ def main():
         res = evaluate(
             CELLS / f,
             label_key=label_key,
-            store=ensure_store(args.stores / species, species),
+            store=ensure_store(
+                args.stores / (f"{species}_refseq" if args.summaries else species),
+                species,
+                summaries=args.summaries,
+            ),
             plan=EvaluationPlan(seed=args.seed, representations=(), peers=peers),
             scenarios=Scenarios(data_limited=tuple(sizes)),
         )
