@@ -259,6 +259,7 @@ def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_st
     (made unit length) is most similar, with scores from the similarity to each centroid
     (not the neighbours' vote), and never an excluded label."""
     from cellvec.cell_index.build import BuildOptions
+    from cellvec.cell_index.calls import Prototypes
 
     atlas = build_atlas(
         tiny_adata(n_cells=30, seed=1),
@@ -277,9 +278,12 @@ def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_st
     expected = classes[(res.vectors @ cent.T).argmax(1)]
     assert list(res.labels) == list(expected)
     assert (expected == query.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
-    # the scores are the centroids' similarities, weighted as the neighbours' vote is
-    w = 1 / (1 - np.clip(res.vectors @ cent.T, -1, 1) + 0.01)
-    np.testing.assert_allclose(res.scores, w / w.sum(1, keepdims=True), atol=1e-5)
+    # the scores are a softmax of the centroids' similarities at the atlas's temperature
+    codes = np.searchsorted(classes, atlas.labels.astype(str))
+    t = Prototypes.of(atlas.vectors, codes, len(classes)).temperature
+    z = (res.vectors @ cent.T) / t
+    e = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(res.scores, e / e.sum(1, keepdims=True), atol=1e-5)
     blocked = map_cells(query, "few", store=fake_store, exclude_labels=["B"])
     assert "B" not in set(blocked.labels)
     kept = expected != "B"
@@ -338,3 +342,47 @@ def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, cap
             label_key="cell_type",
             options=BuildOptions(readout="vote"),
         )
+
+
+def test_prototype_temperature_is_fitted_on_the_reference_with_each_cell_left_out():
+    """The centroid read-out's temperature is the grid value with the lowest negative
+    log-likelihood of the reference labels, each cell scored against its own class's
+    centroid without itself; a one-cell class is left out of the fit. Tight classes get
+    a low temperature (confident scores), overlapping ones a higher one."""
+    from cellvec.cell_index.calls import TEMPERATURES, Prototypes
+
+    rng = np.random.default_rng(0)
+
+    def cells(spread):
+        centres = np.eye(4, 16) * 3
+        codes = np.repeat(np.arange(4), 8)
+        v = centres[codes] + rng.normal(scale=spread, size=(32, 16))
+        v = np.vstack([v, rng.normal(size=(1, 16))])  # a one-cell class
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        return v, np.append(codes, 4)
+
+    def brute_force(v, codes):
+        best = None
+        for t in TEMPERATURES:
+            nll = 0.0
+            for i in np.flatnonzero(codes < 4):
+                cent = np.stack(
+                    [v[(codes == k) & (np.arange(len(v)) != i)].sum(0) for k in range(5)]
+                )
+                cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+                z = v[i] @ cent.T / t
+                nll -= z[codes[i]] - np.log(np.exp(z - z.max()).sum()) - z.max()
+            if best is None or nll < best[0] - 1e-9:
+                best = (nll, t)
+        return best[1]
+
+    tight, loose = cells(0.3), cells(2.0)
+    t_tight = Prototypes.of(*tight, 5).temperature
+    t_loose = Prototypes.of(*loose, 5).temperature
+    assert t_tight == pytest.approx(brute_force(*tight))
+    assert t_loose == pytest.approx(brute_force(*loose))
+    assert t_tight < t_loose
+    p = Prototypes.of(*tight, 5)
+    scores = p.scores(tight[0][:4], np.array([True, False, True, True, True]))
+    np.testing.assert_allclose(scores.sum(1), 1)
+    assert (scores[:, 1] == 0).all()

@@ -463,6 +463,7 @@ def test_service_reads_a_centroid_atlas_as_map_cells_does(served):
 
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.build import BuildOptions
+    from cellvec.cell_index.calls import Prototypes
     from cellvec.cell_index.mapping import map_cells
     from cellvec.client import Client
     from cellvec.service import create_app
@@ -484,12 +485,10 @@ def test_service_reads_a_centroid_atlas_as_map_cells_does(served):
     assert list(remote.labels) == list(local.labels) and "M" not in set(local.labels)
     np.testing.assert_allclose(remote.scores, local.scores, atol=1e-6)
     atlas = Atlas.open(served, "few")  # the scores are the centroids', not a vote's
-    cent = np.stack([atlas.vectors[atlas.labels == c].mean(0) for c in ("B", "M", "T")])
-    w = 1 / (
-        1 - np.clip(remote.vectors @ (cent / np.linalg.norm(cent, axis=1)[:, None]).T, -1, 1) + 0.01
-    )
-    w[:, 1] = 0  # M is excluded
-    np.testing.assert_allclose(remote.scores, w / w.sum(1, keepdims=True), atol=1e-5)
+    codes = np.searchsorted(["B", "M", "T"], atlas.labels.astype(str))
+    keep = np.array([True, False, True])  # M is excluded
+    expected = Prototypes.of(atlas.vectors, codes, 3).scores(remote.vectors, keep)
+    np.testing.assert_allclose(remote.scores, expected, atol=1e-5)
     assert r.status_code == 200, r.text
     six = map_cells(tiny_adata(n_cells=6, seed=3, prefix="q"), "few", store=served)
     assert [c["label"] for c in r.json()["cells"]] == list(six.labels)

@@ -98,14 +98,14 @@ class Target:
     """The reference cells a query is compared with: the atlas over its own genes
     (`panel` None), or re-aggregated over the atlas genes a query measures. `calibration`
     (per reference cell, NaN outside the calibration cells) scores typicality;
-    `broad_calibration` the broad level's. `centroids` (a unit vector per class, for an
+    `broad_calibration` the broad level's. `prototypes` (the class centroids, for an
     atlas whose read-out is `centroid`) replace the neighbours' vote."""
 
     index: object
     calibration: np.ndarray
     broad_calibration: np.ndarray | None = None
     panel: np.ndarray | None = None
-    centroids: np.ndarray | None = None  # class centroids: the atlas votes by them (read-out)
+    prototypes: Prototypes | None = None  # the atlas's class centroids: its read-out
 
 
 @dataclass
@@ -318,22 +318,68 @@ def assign_labels(
     return scores, labels, conf, typical
 
 
-def class_centroids(vectors: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Each class's mean vector, made unit length: the prototypes of the `centroid` read-out."""
-    sums = np.zeros((n_classes, vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, np.asarray(codes), np.asarray(vectors, dtype=np.float64))
-    norm = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.where(norm > 0, norm, 1)).astype(np.float32)
+TEMPERATURES = np.geomspace(0.005, 1.0, 61)  # the grid `Prototypes.of` fits on
+FIT_CELLS = 20_000  # reference cells the temperature is fitted on, at most
 
 
-def centroid_vote(q: np.ndarray, centroids: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Class scores from the query's similarity to each class centroid (rows sum to 1),
-    weighted as the neighbours' vote is (1 / (cosine distance + 0.01)); classes not in
-    `keep` (excluded labels) score 0."""
-    sim = np.clip(np.asarray(q, dtype=np.float64) @ centroids.T.astype(np.float64), -1, 1)
-    w = np.where(keep[None, :], 1.0 / (1.0 - sim + 0.01), 0.0)
-    total = w.sum(1, keepdims=True)
-    return w / np.where(total > 0, total, 1)
+@dataclass(frozen=True)
+class Prototypes:
+    """The `centroid` read-out: each class's mean vector made unit length, and the
+    temperature that turns a cell's similarities to them into class probabilities
+    (softmax of similarity / temperature)."""
+
+    centroids: np.ndarray
+    temperature: float
+
+    @classmethod
+    def of(cls, vectors: np.ndarray, codes: np.ndarray, n_classes: int) -> Prototypes:
+        """Centroids of the reference `vectors` by class, and the temperature that makes
+        their probabilities honest on the reference itself: each cell is scored against
+        the centroids with itself left out of its own class's (temperature scaling, fitted
+        by the likelihood of the cells' labels over `TEMPERATURES`; cells of one-cell
+        classes, which have nothing left, are skipped). Seeded: the same atlas gives the
+        same temperature."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        codes = np.asarray(codes)
+        sums = np.zeros((n_classes, vectors.shape[1]))
+        np.add.at(sums, codes, vectors)
+        counts = np.bincount(codes, minlength=n_classes)
+        rows = np.flatnonzero(counts[codes] > 1)
+        if len(rows) > FIT_CELLS:
+            rows = np.sort(np.random.default_rng(0).choice(rows, FIT_CELLS, replace=False))
+        v, c = vectors[rows], codes[rows]
+        sim = v @ _unit(sums).T
+        own = sums[c] - v  # each cell's own class without it
+        sim[np.arange(len(rows)), c] = np.einsum("ij,ij->i", v, _unit(own))
+        temperature = 1.0
+        if len(rows):
+            present = counts > 0
+            nll = [
+                _nll(sim[:, present] / t, np.searchsorted(np.flatnonzero(present), c))
+                for t in TEMPERATURES
+            ]
+            temperature = float(TEMPERATURES[int(np.argmin(nll))])
+        return cls(_unit(sums).astype(np.float32), temperature)
+
+    def scores(self, q: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Class probabilities of query vectors `q` (rows sum to 1); classes not in `keep`
+        (excluded labels) score 0."""
+        logits = np.asarray(q, dtype=np.float64) @ self.centroids.T.astype(np.float64)
+        logits = np.where(keep[None, :], logits / self.temperature, -np.inf)
+        logits -= logits.max(1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(1, keepdims=True)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1)
+
+
+def _nll(logits: np.ndarray, truth: np.ndarray) -> float:
+    logits = logits - logits.max(1, keepdims=True)
+    log_p = logits[np.arange(len(truth)), truth] - np.log(np.exp(logits).sum(1))
+    return float(-log_p.mean())
 
 
 def assign_broad(
@@ -391,9 +437,9 @@ def call_cells(
     the broad level."""
     idx, sim = neighbours
     scores = None
-    if target.centroids is not None:
+    if target.prototypes is not None:
         keep = ~np.isin(labels.classes.astype(str), options.exclude_labels)
-        scores = centroid_vote(q, target.centroids, keep)
+        scores = target.prototypes.scores(q, keep)
     scores, fine, conf, typical = assign_labels(
         q,
         idx,

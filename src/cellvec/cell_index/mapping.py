@@ -25,9 +25,9 @@ from cellvec.cell_index.calls import (
     Calls,
     LabelCodes,
     MapOptions,
+    Prototypes,
     Target,
     call_cells,
-    class_centroids,
     excluded_cells,
     mixing_test,
     search_allowed,
@@ -196,17 +196,21 @@ class Reference:
                 atlas = self.atlas()
                 broad = atlas.broad_calibration() if atlas.has_broad else None
                 self._whole = Target(atlas.index(), atlas.calibration(), broad)
-            if self.readout == "centroid" and self._whole.centroids is None:
-                self._whole = replace(self._whole, centroids=self._centroids(self.atlas().vectors))
+            if self.readout == "centroid" and self._whole.prototypes is None:
+                self._whole = replace(
+                    self._whole, prototypes=self._prototypes(self.atlas().vectors)
+                )
             return self._whole
         atlas = self.atlas()  # the atlas caches its last few panels
         vectors, index, calibration = atlas.vectors_over(panel)
         broad = atlas.broad_calibration(panel) if atlas.has_broad else None
-        centroids = self._centroids(vectors) if self.readout == "centroid" else None
-        return Target(index, calibration, broad, panel, centroids)
+        prototypes = self._prototypes(vectors) if self.readout == "centroid" else None
+        return Target(index, calibration, broad, panel, prototypes)
 
-    def _centroids(self, vectors) -> np.ndarray:
-        return class_centroids(np.asarray(vectors), self.labels.codes, len(self.labels.classes))
+    def _prototypes(self, vectors) -> Prototypes:
+        prototypes = Prototypes.of(vectors, self.labels.codes, len(self.labels.classes))
+        log.info("%s: read by class centroids, temperature %.3g", self.name, prototypes.temperature)
+        return prototypes
 
     def allowed(self, exclude_labels: tuple[str, ...]) -> tuple[list[str], np.ndarray | None]:
         """(the excluded labels the atlas has, the reference cells that may answer)."""

@@ -19,6 +19,7 @@ what that gives: results/data_limited.md).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 TOP_GENES = (200, 1000)
 KS = (5, 10, 15)
+# the inner fits' per-fold lines (genes matched, cells mapped) say nothing new: kept quiet
+INNER_LOGGERS = ("cellvec.cell_index.vectors", "cellvec.cell_index.mapping")
 FEW_CELLS = 20  # a reference whose median class has fewer cells chooses its read-out
 # the read-outs a small reference chooses from: (recipe changes, read-out); the first is
 # the default recipe and wins ties
@@ -41,6 +44,27 @@ READOUT_CANDIDATES = {
     "refined kNN": ({}, "knn"),
     "unrefined centroid": ({"refine": "none", "adapt_genes": False}, "centroid"),
 }
+
+
+def _inner(splits):
+    """The splits, with the inner fits' repeated INFO lines kept quiet while each runs."""
+    for tr, te in splits:
+        with _quiet_inner_fits():
+            yield tr, te
+
+
+@contextmanager
+def _quiet_inner_fits():
+    """Only warnings from the inner folds' fitting and mapping (their INFO lines repeat)."""
+    loggers = [logging.getLogger(name) for name in INNER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def tune_recipe(
@@ -64,7 +88,7 @@ def tune_recipe(
     for top in top_genes:
         preds = {k: np.empty(n, dtype=object) for k in ks}
         rec = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})
-        for tr, te in splits:
+        for tr, te in _inner(splits):
             fit = fit_encoder(
                 source.subset(mask(n, tr)),
                 labels[tr],
@@ -112,10 +136,15 @@ def choose_readout(
     n = len(labels)
     splits = metrics.folds(labels, folds, seed)
     scores = {}
+    log.info(
+        "few cells (median class %d): choosing the read-out by %d-fold CV on the reference",
+        int(np.median(counts)),
+        folds,
+    )
     for name, (changes, readout) in READOUT_CANDIDATES.items():
         rec = Recipe.from_dict({**recipe.to_dict(), **changes})
         pred = np.empty(n, dtype=object)
-        for tr, te in splits:
+        for tr, te in _inner(splits):
             fit = fit_encoder(
                 source.subset(mask(n, tr)),
                 labels[tr],
@@ -129,8 +158,7 @@ def choose_readout(
         scores[name] = round(classification_metrics(labels, pred)["macro_f1"], 4)
     best = max(scores, key=lambda c: (scores[c], c == "refined kNN"))
     log.info(
-        "few cells (median class %d): %s-fold macro-F1 on the reference %s; chose the %s",
-        int(np.median(counts)),
+        "few cells: %d-fold macro-F1 on the reference %s; chose the %s",
         folds,
         ", ".join(f"{c} {v:.3f}" for c, v in scores.items()),
         best,
