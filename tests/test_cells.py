@@ -284,6 +284,18 @@ def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_st
     z = (res.vectors @ cent.T) / t
     e = np.exp(z - z.max(1, keepdims=True))
     np.testing.assert_allclose(res.scores, e / e.sum(1, keepdims=True), atol=1e-5)
+    # a query of fewer genes: the centroids of the reference re-aggregated over its panel
+    from cellvec.cell_index.mapping import Reference
+
+    panel_query = query[:, ::2].copy()
+    plan = Reference.of(atlas).plan(list(panel_query.var_names))
+    assert plan.panel is not None
+    on_panel = map_cells(panel_query, "few", store=fake_store)
+    over = atlas.vectors_over(plan.panel)[0]
+    expected_scores = Prototypes.of(over, codes, len(classes)).scores(
+        on_panel.vectors, np.ones(len(classes), dtype=bool)
+    )
+    np.testing.assert_allclose(on_panel.scores, expected_scores, atol=1e-5)
     blocked = map_cells(query, "few", store=fake_store, exclude_labels=["B"])
     assert "B" not in set(blocked.labels)
     kept = expected != "B"

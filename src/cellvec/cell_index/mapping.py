@@ -197,8 +197,12 @@ class Reference:
                 broad = atlas.broad_calibration() if atlas.has_broad else None
                 self._whole = Target(atlas.index(), atlas.calibration(), broad)
             if self.readout == "centroid" and self._whole.prototypes is None:
-                self._whole = replace(
-                    self._whole, prototypes=self._prototypes(self.atlas().vectors)
+                prototypes = self._prototypes(self.atlas().vectors)
+                self._whole = replace(self._whole, prototypes=prototypes)
+                log.info(
+                    "%s: read by class centroids, temperature %.3g",
+                    self.name,
+                    prototypes.temperature,
                 )
             return self._whole
         atlas = self.atlas()  # the atlas caches its last few panels
@@ -208,9 +212,8 @@ class Reference:
         return Target(index, calibration, broad, panel, prototypes)
 
     def _prototypes(self, vectors) -> Prototypes:
-        prototypes = Prototypes.of(vectors, self.labels.codes, len(self.labels.classes))
-        log.info("%s: read by class centroids, temperature %.3g", self.name, prototypes.temperature)
-        return prototypes
+        """The `centroid` read-out over `vectors` (the atlas's, or re-aggregated over a panel)."""
+        return Prototypes.of(vectors, self.labels.codes, len(self.labels.classes))
 
     def allowed(self, exclude_labels: tuple[str, ...]) -> tuple[list[str], np.ndarray | None]:
         """(the excluded labels the atlas has, the reference cells that may answer)."""
