@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cellvec.cell_index.recipe import REFINES
+from cellvec.cell_index.recipe import REFINES, Recipe
 
 
 @click.command("demo")
@@ -14,7 +14,7 @@ from cellvec.cell_index.recipe import REFINES
     type=click.Path(exists=True, file_okay=False),
     help="Folder with the demo data (default: shipped).",
 )
-@click.option("--refine", type=click.Choice(REFINES), default="supcon", show_default=True)
+@click.option("--refine", type=click.Choice(REFINES), default=Recipe.refine, show_default=True)
 def demo_cmd(out, data, refine):
     """The whole pipeline on shipped data, offline: gene store, atlas, refinement, mapping, report.
 
