@@ -302,7 +302,7 @@ def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_st
     assert list(blocked.labels[kept]) == list(expected[kept])
 
 
-def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, caplog):
+def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, caplog, monkeypatch):
     """With a median class under 20 cells, `atlas build` scores the refined kNN and the
     unrefined centroids by 3-fold CV on the reference, keeps the better (ties to the
     refined kNN), and records the scores and the choice; a larger reference, or an
@@ -346,6 +346,33 @@ def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, cap
         recipe=Recipe(top_genes=10),
     )
     assert large.meta["readout"] == "knn" and "readout_scores" not in large.meta
+    # where the centroids score better (here: the refined vote's inner calls spoiled), the
+    # atlas is built unrefined, records the centroid read-out and maps by it
+    import cellvec.cell_index.tune as tune
+
+    real_map = tune.map_cells
+
+    def spoiled_vote(query, atlas, **kw):
+        res = real_map(query, atlas, **kw)
+        if atlas.meta["readout"] == "knn":
+            res.labels[:] = atlas.labels[0]
+        return res
+
+    monkeypatch.setattr(tune, "map_cells", spoiled_vote)
+    chosen = build_atlas(
+        tiny_adata(n_cells=24, seed=1),
+        store=fake_store,
+        name="few_centroid",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10),
+    )
+    monkeypatch.undo()
+    scores = chosen.meta["readout_scores"]
+    assert scores["unrefined centroid"] > scores["refined kNN"]
+    assert chosen.meta["readout"] == "centroid" and chosen.recipe.refine == "none"
+    assert not chosen.recipe.adapt_genes
+    mapped = map_cells(tiny_adata(n_cells=12, seed=5, prefix="q"), "few_centroid", store=fake_store)
+    assert (mapped.scores.argmax(1) == np.searchsorted(chosen.classes, mapped.labels)).all()
     with pytest.raises(CellvecError, match="Read-out 'vote'"):
         build_atlas(
             tiny_adata(n_cells=24, seed=1),
