@@ -187,6 +187,36 @@ def build_tiny_atlas(store):
     )
 
 
+def build_centroid_atlas(store, name: str = "few"):
+    """Atlas `name` in `store`: 30 tiny cells of types T, B, M, top 10 genes, unrefined,
+    read by its class centroids."""
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.recipe import Recipe
+
+    return build_atlas(
+        tiny_adata(n_cells=30, seed=1),
+        store=store,
+        name=name,
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10, refine="none"),
+        options=BuildOptions(readout="centroid"),
+    )
+
+
+def centroid_scores(atlas, vectors, *, over=None, exclude=()):
+    """The class probabilities the centroid read-out owes query `vectors`: `Prototypes`
+    fitted on the atlas's vectors (or on `over`, the atlas re-aggregated over a panel),
+    with the `exclude`d labels at 0."""
+    from cellvec.cell_index.calls import Prototypes
+
+    labels = atlas.labels.astype(str)
+    classes = np.unique(labels)
+    fitted = Prototypes.of(
+        atlas.vectors if over is None else over, np.searchsorted(classes, labels), len(classes)
+    )
+    return fitted.scores(vectors, ~np.isin(classes, exclude))
+
+
 def request_cells(n=5, seed=3):
     """A JSON map request of `n` tiny cells, and their true labels."""
     a = tiny_adata(n_cells=n, seed=seed, prefix="q")

@@ -7,8 +7,8 @@ import pytest
 
 from cellvec.cell_index.build import build_atlas
 from cellvec.cell_index.recipe import Recipe
+from helpers import build_centroid_atlas, centroid_scores, tiny_adata
 from helpers import request_cells as _cells
-from helpers import tiny_adata
 from servers import Server, serve_process
 
 
@@ -461,21 +461,11 @@ def test_service_reads_a_centroid_atlas_as_map_cells_does(served):
     blocklist included."""
     import numpy as np
 
-    from cellvec.cell_index.atlas import Atlas
-    from cellvec.cell_index.build import BuildOptions
-    from cellvec.cell_index.calls import Prototypes
     from cellvec.cell_index.mapping import map_cells
     from cellvec.client import Client
     from cellvec.service import create_app
 
-    build_atlas(
-        tiny_adata(n_cells=30, seed=1),
-        store=served,
-        name="few",
-        label_key="cell_type",
-        recipe=Recipe(top_genes=10, refine="none"),
-        options=BuildOptions(readout="centroid"),
-    )
+    atlas = build_centroid_atlas(served)
     query = tiny_adata(n_cells=20, seed=4, prefix="q")
     local = map_cells(query, "few", store=served, exclude_labels=["M"])
     body, _ = _cells(6)
@@ -484,10 +474,8 @@ def test_service_reads_a_centroid_atlas_as_map_cells_does(served):
         r = httpx.post(f"{url}/v1/atlases/few/map", json=body, params={"scores": "true"})
     assert list(remote.labels) == list(local.labels) and "M" not in set(local.labels)
     np.testing.assert_allclose(remote.scores, local.scores, atol=1e-6)
-    atlas = Atlas.open(served, "few")  # the scores are the centroids', not a vote's
-    codes = np.searchsorted(["B", "M", "T"], atlas.labels.astype(str))
-    keep = np.array([True, False, True])  # M is excluded
-    expected = Prototypes.of(atlas.vectors, codes, 3).scores(remote.vectors, keep)
+    # the scores are the centroids', not a vote's
+    expected = centroid_scores(atlas, remote.vectors, exclude=["M"])
     np.testing.assert_allclose(remote.scores, expected, atol=1e-5)
     assert r.status_code == 200, r.text
     six = map_cells(tiny_adata(n_cells=6, seed=3, prefix="q"), "few", store=served)

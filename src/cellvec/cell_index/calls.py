@@ -15,12 +15,14 @@ import logging
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+from scipy.special import log_softmax, ndtr, softmax
 
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.labels import parse_labels
 from cellvec.cell_index.mixing import mixing_pvalues, unmixed
 from cellvec.cell_index.result import BroadCall
 from cellvec.errors import CellvecError
+from cellvec.gene_store.embedders.base import normalise_rows
 from cellvec.gene_store.orthologs import OrthologTable, read_orthologs
 from cellvec.metrics import UNASSIGNED, classification_metrics
 
@@ -271,8 +273,6 @@ def typicality(
     score = np.where(same, sim, -np.inf).max(axis=1)
     z = (score - mean[chosen]) / spread[chosen]
     z[count[chosen] == 0] = -np.inf  # a class without calibration cells: nothing to vouch for it
-    from scipy.special import ndtr
-
     # the rank, smoothed by the normal tail of z: continuous below the lowest calibration
     # score, so a threshold finer than 1 / (n + 1) still means something with few cells
     return (np.searchsorted(pool, z, side="right") + ndtr(z)) / (len(pool) + 1)
@@ -347,39 +347,25 @@ class Prototypes:
         rows = np.flatnonzero(counts[codes] > 1)
         if len(rows) > FIT_CELLS:
             rows = np.sort(np.random.default_rng(0).choice(rows, FIT_CELLS, replace=False))
+        centroids = normalise_rows(sums)
         v, c = vectors[rows], codes[rows]
-        sim = v @ _unit(sums).T
+        sim = v @ centroids.T
         own = sums[c] - v  # each cell's own class without it
-        sim[np.arange(len(rows)), c] = np.einsum("ij,ij->i", v, _unit(own))
+        sim[np.arange(len(rows)), c] = np.einsum("ij,ij->i", v, normalise_rows(own))
         temperature = 1.0
         if len(rows):
-            present = counts > 0
-            nll = [
-                _nll(sim[:, present] / t, np.searchsorted(np.flatnonzero(present), c))
-                for t in TEMPERATURES
-            ]
+            present = np.flatnonzero(counts > 0)
+            sim, truth = sim[:, present], np.searchsorted(present, c)
+            at = np.arange(len(rows))
+            nll = [-log_softmax(sim / t, axis=1)[at, truth].mean() for t in TEMPERATURES]
             temperature = float(TEMPERATURES[int(np.argmin(nll))])
-        return cls(_unit(sums).astype(np.float32), temperature)
+        return cls(centroids, temperature)
 
     def scores(self, q: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Class probabilities of query vectors `q` (rows sum to 1); classes not in `keep`
         (excluded labels) score 0."""
         logits = np.asarray(q, dtype=np.float64) @ self.centroids.T.astype(np.float64)
-        logits = np.where(keep[None, :], logits / self.temperature, -np.inf)
-        logits -= logits.max(1, keepdims=True)
-        e = np.exp(logits)
-        return e / e.sum(1, keepdims=True)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1)
-
-
-def _nll(logits: np.ndarray, truth: np.ndarray) -> float:
-    logits = logits - logits.max(1, keepdims=True)
-    log_p = logits[np.arange(len(truth)), truth] - np.log(np.exp(logits).sum(1))
-    return float(-log_p.mean())
+        return softmax(np.where(keep[None, :], logits / self.temperature, -np.inf), axis=1)
 
 
 def assign_broad(

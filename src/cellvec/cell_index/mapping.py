@@ -99,6 +99,7 @@ class Reference:
         self._plans: dict = {}
         self._samples: dict = {}
         self._allowed: dict = {}
+        self._prototypes: dict = {}  # panel key (None: the whole atlas) -> `Prototypes`
 
     @classmethod
     def of(cls, atlas: Atlas) -> Reference:
@@ -197,23 +198,30 @@ class Reference:
                 broad = atlas.broad_calibration() if atlas.has_broad else None
                 self._whole = Target(atlas.index(), atlas.calibration(), broad)
             if self.readout == "centroid" and self._whole.prototypes is None:
-                prototypes = self._prototypes(self.atlas().vectors)
+                prototypes = self.prototypes(None, lambda: self.atlas().vectors)
                 self._whole = replace(self._whole, prototypes=prototypes)
-                log.info(
-                    "%s: read by class centroids, temperature %.3g",
-                    self.name,
-                    prototypes.temperature,
-                )
             return self._whole
         atlas = self.atlas()  # the atlas caches its last few panels
         vectors, index, calibration = atlas.vectors_over(panel)
         broad = atlas.broad_calibration(panel) if atlas.has_broad else None
-        prototypes = self._prototypes(vectors) if self.readout == "centroid" else None
+        prototypes = self.prototypes(panel, lambda: vectors) if self.readout == "centroid" else None
         return Target(index, calibration, broad, panel, prototypes)
 
-    def _prototypes(self, vectors) -> Prototypes:
-        """The `centroid` read-out over `vectors` (the atlas's, or re-aggregated over a panel)."""
-        return Prototypes.of(vectors, self.labels.codes, len(self.labels.classes))
+    def prototypes(self, panel: np.ndarray | None, vectors) -> Prototypes:
+        """The `centroid` read-out over the reference `vectors()` (the atlas's, or
+        re-aggregated over `panel`), fitted once per panel: a service sees the same panels
+        again."""
+        key = None if panel is None else panel.tobytes()
+        if key not in self._prototypes:
+            fitted = Prototypes.of(vectors(), self.labels.codes, len(self.labels.classes))
+            log.info(
+                "%s: read by class centroids%s, temperature %.3g",
+                self.name,
+                "" if panel is None else f" over a panel of {len(panel):,} genes",
+                fitted.temperature,
+            )
+            _keep(self._prototypes, key, fitted)
+        return self._prototypes[key]
 
     def allowed(self, exclude_labels: tuple[str, ...]) -> tuple[list[str], np.ndarray | None]:
         """(the excluded labels the atlas has, the reference cells that may answer)."""
