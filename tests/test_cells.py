@@ -11,7 +11,7 @@ from cellvec.cell_index.vectors import top_n_weights
 from cellvec.errors import CellvecError, GeneMatchError, InputFormatError, RecipeMismatchError
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.resolve import match_genes
-from helpers import tiny_adata
+from helpers import build_centroid_atlas, centroid_scores, tiny_adata
 
 
 def _reference_top_n(x: np.ndarray, n: int, weighting: str) -> np.ndarray:
@@ -254,21 +254,16 @@ def test_cells_without_labels_are_excluded_and_label_maps_rename_truth(fake_stor
     assert mapped.metrics["accuracy"] == 1.0 and "T cell" not in mapped.metrics["per_class"]
 
 
-def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_store):
+def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_store, monkeypatch):
     """An atlas read by centroids gives each cell the class whose mean reference vector
     (made unit length) is most similar, with scores from the similarity to each centroid
-    (not the neighbours' vote), and never an excluded label."""
-    from cellvec.cell_index.build import BuildOptions
-    from cellvec.cell_index.calls import Prototypes
+    (not the neighbours' vote), also over a query's panel (fitted once per panel), and
+    never an excluded label."""
+    from cellvec.cell_index.calls import MapOptions, Prototypes
+    from cellvec.cell_index.mapping import Reference
+    from cellvec.cell_index.readers import read_expression
 
-    atlas = build_atlas(
-        tiny_adata(n_cells=30, seed=1),
-        store=fake_store,
-        name="few",
-        label_key="cell_type",
-        recipe=Recipe(top_genes=10, refine="none"),
-        options=BuildOptions(readout="centroid"),
-    )
+    atlas = build_centroid_atlas(fake_store)
     assert atlas.meta["readout"] == "centroid" and "readout_scores" not in atlas.meta
     query = tiny_adata(n_cells=30, seed=2, prefix="q")
     res = map_cells(query, "few", store=fake_store)
@@ -285,17 +280,22 @@ def test_centroid_readout_labels_each_cell_by_its_nearest_class_centroid(fake_st
     e = np.exp(z - z.max(1, keepdims=True))
     np.testing.assert_allclose(res.scores, e / e.sum(1, keepdims=True), atol=1e-5)
     # a query of fewer genes: the centroids of the reference re-aggregated over its panel
-    from cellvec.cell_index.mapping import Reference
-
     panel_query = query[:, ::2].copy()
     plan = Reference.of(atlas).plan(list(panel_query.var_names))
     assert plan.panel is not None
     on_panel = map_cells(panel_query, "few", store=fake_store)
     over = atlas.vectors_over(plan.panel)[0]
-    expected_scores = Prototypes.of(over, codes, len(classes)).scores(
-        on_panel.vectors, np.ones(len(classes), dtype=bool)
+    np.testing.assert_allclose(
+        on_panel.scores, centroid_scores(atlas, on_panel.vectors, over=over), atol=1e-5
     )
-    np.testing.assert_allclose(on_panel.scores, expected_scores, atol=1e-5)
+    # a reference held open (as the service holds it) fits each panel's centroids once
+    fitted, real_of = [], Prototypes.of
+    monkeypatch.setattr(Prototypes, "of", lambda *a: fitted.append(1) or real_of(*a))
+    held = Reference.of(atlas)
+    for _ in range(3):
+        held.call(read_expression(panel_query), MapOptions())
+    assert len(fitted) == 1
+    monkeypatch.undo()
     blocked = map_cells(query, "few", store=fake_store, exclude_labels=["B"])
     assert "B" not in set(blocked.labels)
     kept = expected != "B"
@@ -309,17 +309,22 @@ def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, cap
     explicit read-out, is built as asked with no CV."""
     import logging
 
+    import cellvec.cell_index.tune as tune
     from cellvec.cell_index.build import BuildOptions
     from cellvec.cell_index.tune import READOUT_CANDIDATES
 
-    with caplog.at_level(logging.INFO, logger="cellvec.cell_index.tune"):
-        atlas = build_atlas(
-            tiny_adata(n_cells=24, seed=1),  # 8 cells a class
+    def build(name, n_cells=24, **options):  # 24 cells: 8 a class
+        return build_atlas(
+            tiny_adata(n_cells=n_cells, seed=1),
             store=fake_store,
-            name="few",
+            name=name,
             label_key="cell_type",
             recipe=Recipe(top_genes=10),
+            options=BuildOptions(**options),
         )
+
+    with caplog.at_level(logging.INFO, logger="cellvec.cell_index.tune"):
+        atlas = build("few")
     scores = atlas.meta["readout_scores"]
     assert set(scores) == set(READOUT_CANDIDATES) and all(0 <= v <= 1 for v in scores.values())
     best = max(scores, key=lambda c: (scores[c], c == "refined kNN"))
@@ -328,28 +333,13 @@ def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, cap
     assert atlas.recipe.refine == changes.get("refine", "supcon")
     assert "chose the " + best in caplog.text
     assert Atlas.describe(fake_store, "few")["readout"] == readout
-    explicit = build_atlas(
-        tiny_adata(n_cells=24, seed=1),
-        store=fake_store,
-        name="few_knn",
-        label_key="cell_type",
-        recipe=Recipe(top_genes=10),
-        options=BuildOptions(readout="knn"),
-    )
+    explicit = build("few_knn", readout="knn")
     assert explicit.meta["readout"] == "knn" and explicit.recipe.refine == "supcon"
     assert "readout_scores" not in explicit.meta
-    large = build_atlas(
-        tiny_adata(n_cells=60, seed=1),  # 20 cells a class: not small
-        store=fake_store,
-        name="large",
-        label_key="cell_type",
-        recipe=Recipe(top_genes=10),
-    )
+    large = build("large", n_cells=60)  # 20 cells a class: not small
     assert large.meta["readout"] == "knn" and "readout_scores" not in large.meta
     # where the centroids score better (here: the refined vote's inner calls spoiled), the
     # atlas is built unrefined, records the centroid read-out and maps by it
-    import cellvec.cell_index.tune as tune
-
     real_map = tune.map_cells
 
     def spoiled_vote(query, atlas, **kw):
@@ -359,28 +349,50 @@ def test_small_reference_chooses_its_readout_by_cross_validation(fake_store, cap
         return res
 
     monkeypatch.setattr(tune, "map_cells", spoiled_vote)
-    chosen = build_atlas(
-        tiny_adata(n_cells=24, seed=1),
-        store=fake_store,
-        name="few_centroid",
-        label_key="cell_type",
-        recipe=Recipe(top_genes=10),
-    )
+    chosen = build("few_centroid")
     monkeypatch.undo()
     scores = chosen.meta["readout_scores"]
     assert scores["unrefined centroid"] > scores["refined kNN"]
     assert chosen.meta["readout"] == "centroid" and chosen.recipe.refine == "none"
     assert not chosen.recipe.adapt_genes
     mapped = map_cells(tiny_adata(n_cells=12, seed=5, prefix="q"), "few_centroid", store=fake_store)
-    assert (mapped.scores.argmax(1) == np.searchsorted(chosen.classes, mapped.labels)).all()
+    np.testing.assert_allclose(mapped.scores, centroid_scores(chosen, mapped.vectors), atol=1e-5)
     with pytest.raises(CellvecError, match="Read-out 'vote'"):
-        build_atlas(
-            tiny_adata(n_cells=24, seed=1),
-            store=fake_store,
-            name="bad",
-            label_key="cell_type",
-            options=BuildOptions(readout="vote"),
+        build("bad", readout="vote")
+
+
+def test_tiny_classes_cross_validate_with_fewer_folds_or_say_why_not(fake_store, caplog):
+    """Two cells a class still choose the read-out, by 2-fold CV; one cell a class cannot
+    be cross-validated: the atlas keeps the refined kNN and the log says so and how to
+    choose by hand."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="cellvec.cell_index.tune"):
+        two = build_atlas(
+            tiny_adata(n_cells=6, seed=1), store=fake_store, name="two", label_key="cell_type"
         )
+    assert set(two.meta["readout_scores"]) == {"refined kNN", "unrefined centroid"}
+    assert "by 2-fold CV" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cellvec.cell_index.tune"):
+        one = build_atlas(
+            tiny_adata(n_cells=3, seed=1), store=fake_store, name="one", label_key="cell_type"
+        )
+    assert one.meta["readout"] == "knn" and "readout_scores" not in one.meta
+    assert "no class has two cells" in caplog.text and "--readout" in caplog.text
+
+
+def test_an_atlas_read_some_unknown_way_is_refused(fake_store):
+    """A bundle or a newer cellvec's atlas that names an unknown read-out is listed as it
+    is, and refused with the fix when mapped, never read by the vote in silence."""
+    from cellvec.cell_index.atlas import atlas_summary
+    from cellvec.cell_index.mapping import Reference
+
+    atlas = build_centroid_atlas(fake_store)
+    atlas.meta["readout"] = "prototypes-v2"
+    assert atlas_summary("few", atlas.meta, 30)["readout"] == "prototypes-v2"
+    with pytest.raises(CellvecError, match="'prototypes-v2'.*upgrade cellvec, or rebuild"):
+        map_cells(tiny_adata(n_cells=6, seed=2, prefix="q"), Reference.of(atlas))
 
 
 def test_prototype_temperature_is_fitted_on_the_reference_with_each_cell_left_out():

@@ -42,7 +42,7 @@ from cellvec.cell_index.panels import (
     remember,
     weight_share,
 )
-from cellvec.cell_index.recipe import RECIPE_VERSION, Recipe
+from cellvec.cell_index.recipe import READOUTS, RECIPE_VERSION, Recipe
 from cellvec.cell_index.refine import apply_head
 from cellvec.cell_index.table import stored_atlas, weight_matrix
 from cellvec.errors import CellvecError, StoreError
@@ -53,7 +53,6 @@ from cellvec.storage import StoreLocation, store_location
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 15
-READOUTS = ("knn", "centroid")  # how mapping reads the calls off (`readout_of`)
 
 
 class _StoredVectors:
@@ -484,8 +483,17 @@ class Atlas:
 
 def readout_of(meta: dict) -> str:
     """How the atlas's calls are read off: `knn` (the neighbours' vote, the default) or
-    `centroid` (the class centroids), chosen at build (`tune.choose_readout`)."""
-    return str(meta.get("readout") or "knn")
+    `centroid` (the class centroids), chosen at build (`tune.choose_readout`). An atlas
+    that names another (a newer cellvec's, or a hand-edited bundle) is refused rather
+    than read some other way."""
+    readout = meta.get("readout") or "knn"
+    if readout not in READOUTS:
+        raise CellvecError(
+            f"The atlas is read by {readout!r}, which this cellvec does not know (it knows "
+            f"{', '.join(READOUTS)}): upgrade cellvec, or rebuild the atlas with "
+            "`cellvec atlas build --readout`."
+        )
+    return readout
 
 
 def _k_of(meta: dict) -> int:
@@ -507,7 +515,7 @@ def atlas_summary(name: str, meta: dict, n_cells: int) -> dict:
         "created": meta.get("created"),
         "source": meta.get("source"),
         "k": _k_of(meta),
-        "readout": readout_of(meta),
+        "readout": meta.get("readout") or "knn",  # listed as written; mapping checks it
         "readout_scores": meta.get("readout_scores"),
         "tuning": meta.get("tuning"),
         "excluded_labels": meta.get("excluded_labels"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import DEFAULT_K, READOUTS, Atlas
+from cellvec.cell_index.atlas import DEFAULT_K, Atlas
 from cellvec.cell_index.disk_index import (
     INDEX_KINDS,
     DiskIndexParams,
@@ -34,7 +34,7 @@ from cellvec.cell_index.fitting import FittedReference, fit_encoder
 from cellvec.cell_index.labels import label_column, reference_labels
 from cellvec.cell_index.parallel import write_atlas
 from cellvec.cell_index.readers import ExpressionSource, read_expression
-from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.recipe import READOUTS, Recipe
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
     MAX_TABLE_NAME,
@@ -63,7 +63,7 @@ class BuildOptions:
     typicality (`map_cells(min_typicality=...)` needs it). `seed` and `refine_options`:
     of the refinement (`refine.fit_refinement`). `readout`: how mapping reads the calls
     off, "knn" (the neighbours' vote), "centroid" (the class centroids) or "auto": kNN,
-    except that a reference whose median class has fewer than 20 cells chooses between
+    except that a reference whose median class has fewer than `FEW_CELLS` cells chooses between
     the refined kNN and the unrefined centroids by cross-validation on itself
     (`tune.choose_readout`), recorded in the recipe and the atlas metadata.
 
@@ -245,26 +245,13 @@ def _choose_recipe(ref: _Reference, genes, recipe: Recipe, options: BuildOptions
         adapt_genes=recipe.adapt_genes and recipe.refine != "none",
     )
     k, tuning = options.k, None
+    fitting = {"seed": options.seed, "refine_options": options.refine_options}
     if options.tune:
-        top, k, tuning = tune_recipe(
-            ref.source,
-            ref.labels,
-            genes,
-            recipe,
-            seed=options.seed,
-            refine_options=options.refine_options,
-        )
+        top, k, tuning = tune_recipe(ref.source, ref.labels, genes, recipe, **fitting)
         recipe = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})
     if options.readout != "auto":
         return _Choice(recipe, k, tuning, options.readout)
-    recipe, readout, scores = choose_readout(
-        ref.source,
-        ref.labels,
-        genes,
-        recipe,
-        seed=options.seed,
-        refine_options=options.refine_options,
-    )
+    recipe, readout, scores = choose_readout(ref.source, ref.labels, genes, recipe, **fitting)
     return _Choice(recipe, k, tuning, readout, scores)
 
 

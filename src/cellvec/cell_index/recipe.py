@@ -14,6 +14,11 @@ from cellvec.errors import CellvecError, RecipeMismatchError
 WEIGHTINGS = ("value", "log1p", "rank", "softmax")
 BACKGROUNDS = ("none", "center", "whiten")
 REFINES = ("none", "supcon", "simclr")
+# How mapping reads the calls off an atlas (not part of the vectors' recipe, recorded beside
+# it): the k nearest cells' vote or the class centroids. A reference whose median class has
+# fewer than FEW_CELLS cells chooses between them at build (`tune.choose_readout`).
+READOUTS = ("knn", "centroid")
+FEW_CELLS = 20
 RECIPE_VERSION = 2  # 2: gene adapter, reference-mean centring, fixed-length refinement
 
 

@@ -28,7 +28,7 @@ from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.fitting import fit_encoder
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource
-from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.recipe import FEW_CELLS, Recipe
 from cellvec.metrics import classification_metrics, mask
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ TOP_GENES = (200, 1000)
 KS = (5, 10, 15)
 # the inner fits' per-fold lines (genes matched, cells mapped) say nothing new: kept quiet
 INNER_LOGGERS = ("cellvec.cell_index.vectors", "cellvec.cell_index.mapping")
-FEW_CELLS = 20  # a reference whose median class has fewer cells chooses its read-out
 # the read-outs a small reference chooses from: (recipe changes, read-out); the first is
 # the default recipe and wins ties
 READOUT_CANDIDATES = {
@@ -46,11 +45,16 @@ READOUT_CANDIDATES = {
 }
 
 
-def _inner(splits):
-    """The splits, with the inner fits' repeated INFO lines kept quiet while each runs."""
+def _fold_atlases(source, labels, splits, genes, recipe, readout="knn", **fit_options):
+    """(in-memory atlas of the fold's reference, the fold's query, its indices) per split:
+    `recipe` fitted as `atlas build` fits it (`fit_options`: seed, refine_options), with
+    the repeated INFO lines of the inner fits and of the caller's mapping kept quiet."""
+    n = len(labels)
     for tr, te in splits:
-        with _quiet_inner_fits():
-            yield tr, te
+        with _quiet_inner_fits():  # also while the caller maps the fold's query
+            fit = fit_encoder(source.subset(mask(n, tr)), labels[tr], genes, recipe, **fit_options)
+            atlas = Atlas.from_fit("fold", fit, labels[tr], readout=readout)
+            yield atlas, source.subset(mask(n, te)), te
 
 
 @contextmanager
@@ -88,17 +92,9 @@ def tune_recipe(
     for top in top_genes:
         preds = {k: np.empty(n, dtype=object) for k in ks}
         rec = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})
-        for tr, te in _inner(splits):
-            fit = fit_encoder(
-                source.subset(mask(n, tr)),
-                labels[tr],
-                genes,
-                rec,
-                seed=seed,
-                refine_options=refine_options,
-            )
-            atlas = Atlas.from_fit("tune", fit, labels[tr])
-            query = source.subset(mask(n, te))
+        for atlas, query, te in _fold_atlases(
+            source, labels, splits, genes, rec, seed=seed, refine_options=refine_options
+        ):
             for k in ks:
                 preds[k][te] = map_cells(query, atlas, k=k).labels
         for k in ks:
@@ -131,9 +127,15 @@ def choose_readout(
     and no scores."""
     labels = np.asarray(labels, dtype=object)
     counts = np.unique(labels, return_counts=True)[1]
-    if recipe.refine != "supcon" or np.median(counts) >= FEW_CELLS or counts.max() < folds:
+    if recipe.refine != "supcon" or np.median(counts) >= FEW_CELLS:
         return recipe, "knn", None
-    n = len(labels)
+    folds = min(folds, int(counts.max()))  # 2 cells a class still allow 2 folds
+    if folds < 2:
+        log.warning(
+            "few cells: no class has two cells, so no read-out can be cross-validated; the "
+            "atlas is read by the refined kNN (choose with `atlas build --readout`)"
+        )
+        return recipe, "knn", None
     splits = metrics.folds(labels, folds, seed)
     scores = {}
     log.info(
@@ -143,18 +145,11 @@ def choose_readout(
     )
     for name, (changes, readout) in READOUT_CANDIDATES.items():
         rec = Recipe.from_dict({**recipe.to_dict(), **changes})
-        pred = np.empty(n, dtype=object)
-        for tr, te in _inner(splits):
-            fit = fit_encoder(
-                source.subset(mask(n, tr)),
-                labels[tr],
-                genes,
-                rec,
-                seed=seed,
-                refine_options=refine_options,
-            )
-            atlas = Atlas.from_fit("readout", fit, labels[tr], readout=readout)
-            pred[te] = map_cells(source.subset(mask(n, te)), atlas).labels
+        pred = np.empty(len(labels), dtype=object)
+        for atlas, query, te in _fold_atlases(
+            source, labels, splits, genes, rec, readout, seed=seed, refine_options=refine_options
+        ):
+            pred[te] = map_cells(query, atlas).labels
         scores[name] = round(classification_metrics(labels, pred)["macro_f1"], 4)
     best = max(scores, key=lambda c: (scores[c], c == "refined kNN"))
     log.info(

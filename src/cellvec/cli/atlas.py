@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cellvec.cell_index.recipe import FEW_CELLS, READOUTS
 from cellvec.cli.options import (
     emit_json,
     input_options,
@@ -76,11 +77,11 @@ def atlas():
 )
 @click.option(
     "--readout",
-    type=click.Choice(["auto", "knn", "centroid"]),
+    type=click.Choice(["auto", *READOUTS]),
     default="auto",
     show_default=True,
     help="How map reads the labels off: the k nearest cells' vote, the class centroids, or "
-    "auto: the vote, except that a reference whose median class has fewer than 20 cells "
+    f"auto: the vote, except that a reference whose median class has fewer than {FEW_CELLS} cells "
     "chooses between the refined vote and the unrefined class centroids by 3-fold "
     "cross-validation on itself (recorded in the atlas; costs three refinements).",
 )
