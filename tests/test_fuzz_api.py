@@ -7,6 +7,28 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# Python 3.11.7 counts AST-constructor depth in one place for all threads (CPython
+# gh-106905, fixed in 3.11.8). pytest rewrites schemathesis (a pytest11 plugin) as its
+# modules load, and schemathesis loads its OpenAPI machinery lazily: loaded mid-suite, with
+# an earlier test's server threads alive, the rewrite of its deep schema module failed once
+# in CI ("SystemError: AST constructor recursion depth mismatch"). So it is loaded here, at
+# collection, while nothing else runs: a one-operation schema, its operations and strategy.
+_warm_up = schemathesis.openapi.from_dict(
+    {
+        "openapi": "3.0.0",
+        "info": {"title": "warm-up", "version": "1"},
+        "paths": {
+            "/x": {
+                "get": {
+                    "parameters": [{"name": "q", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "ok"}},
+                }
+            }
+        },
+    }
+)
+next(iter(_warm_up.get_all_operations())).ok().as_strategy()
+
 from helpers import tiny_adata  # noqa: E402
 
 pytestmark = pytest.mark.slow
