@@ -1,11 +1,14 @@
 """Cross-species mapping on the Baron 2016 pancreas pair, one change at a time.
 
 Each variant changes one thing against cellvec's default (`benchmarks/cross_species.py`,
-same stores, same genes, seed 0) in both directions: main before many-to-one orthologs
-were counted once, `--refine none`, query-side centring on the query's own mean, the
-query's mean moved onto the reference's, CORAL (mean and covariance), the gene gates
-not applied to the query or not learned, one gene split over several orthologs, no
-ortholog table (symbols only), and the query's genes with their own species' vectors.
+same stores, same genes, seed 0) in both directions: the ribosomal proteins kept
+(`--skip-genes none`, the default before), main before many-to-one orthologs were
+counted once (which also kept them), `--refine none`, query-side centring on the
+query's own mean, the query's mean moved onto the reference's, CORAL (mean and
+covariance), each broadly expressed gene's level in the query matched to the
+reference's (`gene_levels`), the gene gates not applied to the query or not learned,
+one gene split over several orthologs, no ortholog table (symbols only), and the
+query's genes with their own species' vectors.
 The query-side variants are patched in here (unittest.mock), not options of cellvec:
 none of them won both ways. Labels of the query are only scored, never used.
 
@@ -48,11 +51,13 @@ from cellvec.gene_store.resolve import match_genes
 
 VARIANTS = (
     "default",
+    "keep_ribosomal",
     "main_before_fix",
     "refine_none",
     "query_centre",
     "shift_to_ref_mean",
     "coral",
+    "gene_levels",
     "no_gene_params_on_query",
     "no_adapter",
     "split_one_to_many",
@@ -238,7 +243,49 @@ def coral(atlas, shrink=0.1, centre_only=False):
         yield
 
 
-BUILD = {"refine_none": {"refine": "none"}, "no_adapter": {"adapt_genes": False}}
+@contextmanager
+def gene_levels(atlas, share=0.5):
+    """Each gene that at least `share` of the cells of both the query and the reference
+    use (ribosomal-like housekeeping genes, not markers) has its query weights scaled so
+    that its median over the query's cells is the reference's (over the query's genes);
+    the weights then sum to 1 again. No labels; the query's composition can still move a
+    median."""
+    import scipy.sparse as sp
+
+    from cellvec.cell_index.vectors import weighted_mean
+
+    def medians(w):
+        w = sp.csc_matrix(w)
+        out = np.zeros(w.shape[1])
+        for j in range(w.shape[1]):
+            d = w.data[w.indptr[j] : w.indptr[j + 1]]
+            out[j] = np.median(np.concatenate([d, np.zeros(w.shape[0] - len(d))]))
+        return out, np.diff(w.indptr) / w.shape[0]
+
+    def unrefined(self, source, basis=None, *, orthologs=None):
+        basis = basis or self.basis(source.var_names, source.path, orthologs=orthologs)
+        wq = sp.vstack([basis.top_weights(x, self.recipe) for _, x in source.chunks(20000)])
+        wr = sp.csr_matrix(atlas.weights()[:, basis.positions])
+        wr = sp.diags(1 / np.maximum(np.asarray(wr.sum(1)).ravel(), 1e-12)) @ wr
+        (mq, fq), (mr, fr) = medians(wq[:, basis.columns]), medians(wr)
+        broad = (fq >= share) & (fr >= share)
+        factor = np.ones(wq.shape[1])
+        factor[basis.columns[broad]] = mr[broad] / mq[broad]
+        w = sp.csr_matrix(wq @ sp.diags(factor))
+        w = sp.diags(1 / np.maximum(np.asarray(w.sum(1)).ravel(), 1e-12)) @ w
+        print(f"gene_levels: {broad.sum()} genes rescaled", flush=True)
+        return weighted_mean(sp.csr_matrix(w, dtype=np.float32), basis.full, basis.cell_mean)
+
+    with mock.patch.object(enc_mod.CellEncoder, "unrefined", unrefined):
+        yield
+
+
+BUILD = {
+    "refine_none": {"refine": "none"},
+    "no_adapter": {"adapt_genes": False},
+    "keep_ribosomal": {"skip_genes": "none"},
+    "main_before_fix": {"skip_genes": "none"},
+}
 
 
 def query_side(variant: str, atlas, stores: Path, query_species: str):
@@ -246,6 +293,7 @@ def query_side(variant: str, atlas, stores: Path, query_species: str):
     patches = {
         "coral": lambda: coral(atlas),
         "shift_to_ref_mean": lambda: coral(atlas, centre_only=True),
+        "gene_levels": lambda: gene_levels(atlas),
         "no_panel": no_panel,
         "query_centre": query_centre,
         "two_species_store": lambda: own_species_vectors(stores, query_species),

@@ -437,3 +437,63 @@ def test_prototype_temperature_is_fitted_on_the_reference_with_each_cell_left_ou
     scores = p.scores(tight[0][:4], np.array([True, False, True, True, True]))
     np.testing.assert_allclose(scores.sum(1), 1)
     assert (scores[:, 1] == 0).all()
+
+
+def test_skipped_ribosomal_genes_carry_no_weight_in_the_atlas_or_a_query(tmp_path):
+    """With the default recipe (skip_genes=ribosomal) the atlas's gene list leaves the
+    ribosomal proteins out, so however much of them a query shows, its vectors do not
+    move; a recipe that keeps them is moved. Other genes named "ribosomal protein" stay.
+    (Log-normalised input: from counts, a gene still counts in its cell's library size.)"""
+    import anndata as ad
+
+    from helpers import tiny_genes, tiny_store
+
+    extra = [
+        {"id": 9001, "symbol": "RPL3", "name": "ribosomal protein L3"},
+        {"id": 9002, "symbol": "MRPL1", "name": "mitochondrial ribosomal protein L1"},
+        {"id": 9003, "symbol": "RPS6KA1", "name": "ribosomal protein S6 kinase A1"},
+    ]
+    for g in extra:
+        g.update(
+            syn="-",
+            ens=f"ENSG{g['id']:011d}",
+            proc="translation",
+            comp="ribosome",
+            func="structural constituent of ribosome",
+        )
+    store = tiny_store(tmp_path, tiny_genes() + extra)
+
+    def with_extra(a, rpl3_scale=1.0):
+        rng = np.random.default_rng(5)
+        more = np.log1p(rng.poisson(6, size=(a.n_obs, len(extra)))).astype(np.float32)
+        more[:, 0] *= rpl3_scale
+        x = sp.hstack([a.X, sp.csr_matrix(more)], format="csr")
+        return ad.AnnData(
+            x, obs=a.obs, var=a.var.reindex(list(a.var_names) + [g["symbol"] for g in extra])
+        )
+
+    ref = with_extra(tiny_adata(n_cells=90, seed=1, counts=False))
+    query = tiny_adata(n_cells=30, seed=2, prefix="q", counts=False)
+    vectors = {}
+    for skip in ("ribosomal", "none"):
+        atlas = build_atlas(
+            ref,
+            store=store,
+            name=f"skip_{skip}",
+            label_key="cell_type",
+            recipe=Recipe(top_genes=20, skip_genes=skip),
+        )
+        assert atlas.recipe.skip_genes == skip
+        enc = atlas.encoder()
+        kept = set(enc.genes.genes["symbol"].to_numpy()[enc.refinement["gene_rows"]])
+        assert {"MRPL1", "RPS6KA1"} <= kept and ("RPL3" in kept) == (skip == "none")
+        vectors[skip] = [map_cells(with_extra(query, scale), atlas).vectors for scale in (1.0, 3.0)]
+    np.testing.assert_array_equal(*vectors["ribosomal"])
+    assert np.abs(vectors["none"][0] - vectors["none"][1]).max() > 1e-3
+
+
+def test_an_atlas_recipe_from_before_skip_genes_kept_every_gene():
+    old = {k: v for k, v in Recipe().to_dict().items() if k != "skip_genes"}
+    assert Recipe.from_dict(old).skip_genes == "none" and Recipe().skip_genes == "ribosomal"
+    with pytest.raises(CellvecError, match="Unknown skip_genes"):
+        Recipe(skip_genes="mitochondria")

@@ -219,3 +219,39 @@ def test_import_precomputed_vectors(tmp_path, gene_files):
     ]
     with pytest.raises(StoreError, match="Search by --gene"):
         gs.search("T cells", model="genept")
+
+
+def test_the_ribosomal_program_is_found_by_ncbi_names_not_symbols():
+    """Cytosolic ribosomal proteins in either species' NCBI wording (and their fusions,
+    paralogs, pseudogenes) are in; mitochondrial ribosomal proteins (NCBI's own "mitchondrial"
+    too), S6 kinases, binding proteins and laminin receptors are out."""
+    from cellvec.cell_index.recipe import SKIP_GENES
+    from cellvec.errors import CellvecError
+    from cellvec.gene_store.programs import PROGRAMS, program_mask
+
+    names = {
+        "RPL3": ("ribosomal protein L3", True),
+        "Rplp0": ("ribosomal protein, large, P0", True),
+        "RPSA": ("ribosomal protein SA", True),
+        "RPL13AP17": ("ribosomal protein L13a pseudogene 17", True),
+        "FAU": ("FAU ubiquitin like and ribosomal protein S30 fusion", True),
+        "UBA52": ("ubiquitin A-52 residue ribosomal protein fusion product 1", True),
+        "RPL22L1": ("ribosomal protein L22 like 1", True),
+        "MRPL1": ("mitochondrial ribosomal protein L1", False),
+        "Mrps7": ("mitchondrial ribosomal protein S7", False),
+        "RPS6KA1": ("ribosomal protein S6 kinase A1", False),
+        "RPS19BP1": ("ribosomal protein S19 binding protein 1", False),
+        "Lamr1-rs2": ("laminin receptor 1 (ribosomal protein SA), related sequence 2", False),
+        "INS": ("insulin", False),
+        "NONAME": (None, False),
+    }
+    genes = pl.DataFrame(
+        {"symbol": list(names), "full_name": [n for n, _ in names.values()]},
+        schema={"symbol": pl.String, "full_name": pl.String},
+    )
+    hit = program_mask(genes, "ribosomal")
+    assert dict(zip(names, hit.tolist())) == {s: want for s, (_, want) in names.items()}
+    assert not program_mask(genes, "none").any()
+    with pytest.raises(CellvecError, match="Unknown gene program"):
+        program_mask(genes, "proteasome")
+    assert set(SKIP_GENES) == set(PROGRAMS)  # the recipe offers what the store can find

@@ -7,6 +7,7 @@ gives a query the same encoder later.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from cellvec.cell_index.vectors import (
     match_dataset_genes,
     weights_matrix,
 )
+from cellvec.gene_store.programs import program_mask
+from cellvec.gene_store.store import GeneTable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,7 +79,13 @@ def fit_encoder(
     Ray workers, and the reference's vectors are left to them too (`vectors` is None,
     `blocks` holds the workers' weight blocks for `parallel.write_atlas`)."""
     cols, rows, fold = fold_duplicates(
-        *match_dataset_genes(source.var_names, genes, source.path), source.path
+        *skip_program(
+            *match_dataset_genes(source.var_names, genes, source.path),
+            genes,
+            recipe.skip_genes,
+            source.path,
+        ),
+        source.path,
     )
     bg = fit_background(genes.vectors[rows], recipe.background)
     vecs = apply_background(genes.vectors[rows], bg)
@@ -110,6 +121,24 @@ def fit_encoder(
         report = {**report, "calibration_cells": int(held.sum())}
     vectors = None if ray else encode_weights(w, vecs, params)
     return FittedReference(encoder, vectors, w, report, held, blocks)
+
+
+def skip_program(
+    cols: np.ndarray, rows: np.ndarray, genes: GeneTable, program: str, where: str = "reference"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The matched (columns, store rows) less the genes of `program` (the recipe's
+    `skip_genes`): the atlas's gene list never holds them, so a query's own copies carry
+    no weight either."""
+    skip = program_mask(genes.genes, program)[rows]
+    if skip.any():
+        log.info(
+            "%s: %s %s genes left out of the cell vectors (recipe skip_genes=%s)",
+            where,
+            f"{int(skip.sum()):,}",
+            program,
+            program,
+        )
+    return cols[~skip], rows[~skip]
 
 
 def _hash_or_save(store, arrays: dict) -> str | None:

@@ -14,6 +14,9 @@ from cellvec.errors import CellvecError, RecipeMismatchError
 WEIGHTINGS = ("value", "log1p", "rank", "softmax")
 BACKGROUNDS = ("none", "center", "whiten")
 REFINES = ("none", "supcon", "simclr")
+# Gene programs left out of the cell vectors (`gene_store.programs`, which finds them by
+# the store's NCBI names); an atlas recipe without the field predates it: "none".
+SKIP_GENES = ("none", "ribosomal")
 # How mapping reads the calls off an atlas (not part of the vectors' recipe, recorded beside
 # it): the k nearest cells' vote or the class centroids. A reference whose median class has
 # fewer than FEW_CELLS cells chooses between them at build (`tune.choose_readout`).
@@ -32,8 +35,11 @@ class Recipe:
     are read from; background: none | center | whiten (fitted on the reference's
     gene vectors, `background_hash` names the fitted transform); center: subtract
     the reference's mean cell vector (the background every cell shares) before
-    normalising; refine: none | supcon | simclr; adapt_genes: refinement also
-    learns per-gene gates and corrections of the gene vectors; `head_hash` names
+    normalising; skip_genes: none | ribosomal, a gene program left out of every
+    cell's top genes (`gene_store.programs`: the cytosolic ribosomal proteins, whose
+    level follows species and protocol more than cell type); refine: none | supcon |
+    simclr; adapt_genes: refinement also learns per-gene gates and corrections of the
+    gene vectors; `head_hash` names
     the arrays fitted on the reference cells (centre, gene gates and corrections,
     head); normalise: l2.
     """
@@ -46,6 +52,7 @@ class Recipe:
     background: str = "whiten"
     background_hash: str | None = None
     center: bool = True
+    skip_genes: str = "ribosomal"
     refine: str = "supcon"
     adapt_genes: bool = True
     head_hash: str | None = None
@@ -58,6 +65,7 @@ class Recipe:
             ("weighting", WEIGHTINGS),
             ("background", BACKGROUNDS),
             ("refine", REFINES),
+            ("skip_genes", SKIP_GENES),
         ):
             if getattr(self, name) not in allowed:
                 raise CellvecError(
@@ -72,7 +80,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        # atlases built before genes could be skipped kept every gene
+        return cls(**{"skip_genes": "none", **{k: v for k, v in d.items() if k in known}})
 
     def differences(self, other: Recipe) -> list[str]:
         return [

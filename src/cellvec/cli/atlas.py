@@ -107,6 +107,7 @@ def build(
     top_genes,
     weighting,
     background,
+    skip_genes,
     refine,
     center,
     adapt_genes,
@@ -164,6 +165,7 @@ def build(
             top_genes=top_genes,
             weighting=weighting,
             background=background,
+            skip_genes=skip_genes,
             center=center,
             refine=refine,
             adapt_genes=adapt_genes,
@@ -253,7 +255,7 @@ def list_cmd(store, as_json):
             click.echo(
                 f"{a['name']:<20} {a['n_cells']:>9,} cells  {len(a['classes']):>3} classes  "
                 f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} "
-                f"refine={r['refine']} readout={a['readout']}"
+                f"skip={r.get('skip_genes', 'none')} refine={r['refine']} readout={a['readout']}"
             )
 
 

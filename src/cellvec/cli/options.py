@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cellvec.cell_index.recipe import BACKGROUNDS, REFINES, WEIGHTINGS, Recipe
+from cellvec.cell_index.recipe import BACKGROUNDS, REFINES, SKIP_GENES, WEIGHTINGS, Recipe
 
 STORE_HELP = (
     "The store (LanceDB): a directory, or an object-store URI (s3://BUCKET/PREFIX, "
@@ -114,6 +114,14 @@ def recipe_options(f):
         default=Recipe.refine,
         show_default=True,
         help="Contrastive refinement on the reference (supcon needs labels; simclr does not).",
+    )(f)
+    f = click.option(
+        "--skip-genes",
+        type=click.Choice(SKIP_GENES),
+        default=Recipe.skip_genes,
+        show_default=True,
+        help="Leave a gene program out of every cell's top genes: ribosomal, the cytosolic "
+        "ribosomal proteins (their level follows species and protocol more than cell type).",
     )(f)
     f = click.option(
         "--background",
