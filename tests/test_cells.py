@@ -497,3 +497,27 @@ def test_an_atlas_recipe_from_before_skip_genes_kept_every_gene():
     assert Recipe.from_dict(old).skip_genes == "none" and Recipe().skip_genes == "ribosomal"
     with pytest.raises(CellvecError, match="Unknown skip_genes"):
         Recipe(skip_genes="mitochondria")
+
+
+def test_a_store_without_ncbi_names_says_it_cannot_skip_the_ribosomal_genes(tmp_path, caplog):
+    import logging
+    import pickle
+
+    from cellvec.gene_store import import_vectors
+    from helpers import tiny_genes
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "vectors.pickle"
+    path.write_bytes(pickle.dumps({g["symbol"]: rng.normal(size=8).tolist() for g in tiny_genes()}))
+    import_vectors(path, store=tmp_path / "store", model="plain")  # no gene_info: no names
+    with caplog.at_level(logging.WARNING, logger="cellvec.cell_index.fitting"):
+        atlas = build_atlas(
+            tiny_adata(n_cells=30, seed=1),
+            store=tmp_path / "store",
+            name="plain",
+            label_key="cell_type",
+            model="precomputed:plain",
+            recipe=Recipe(top_genes=10, refine="none"),
+        )
+    assert atlas.recipe.skip_genes == "ribosomal"
+    assert "no NCBI full names" in caplog.text and "--gene-info" in caplog.text

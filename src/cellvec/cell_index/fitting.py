@@ -28,7 +28,7 @@ from cellvec.cell_index.vectors import (
     match_dataset_genes,
     weights_matrix,
 )
-from cellvec.gene_store.programs import program_mask
+from cellvec.gene_store.programs import has_names, program_mask
 from cellvec.gene_store.store import GeneTable
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,15 @@ def skip_program(
     """The matched (columns, store rows) less the genes of `program` (the recipe's
     `skip_genes`): the atlas's gene list never holds them, so a query's own copies carry
     no weight either."""
+    if program != "none" and not has_names(genes.genes):
+        log.warning(
+            "%s: the %s gene table has no NCBI full names (vectors imported without "
+            "--gene-info), so the %s genes cannot be found and none are left out. Import "
+            "the vectors with --gene-info to leave them out.",
+            where,
+            genes.model,
+            program,
+        )
     skip = program_mask(genes.genes, program)[rows]
     if skip.any():
         log.info(

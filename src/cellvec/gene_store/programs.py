@@ -26,13 +26,19 @@ _NOT_RIBOSOMAL = r"kinase|binding|mito?chondrial|laminin|domain"
 PROGRAMS = ("none", "ribosomal")
 
 
+def has_names(genes: pl.DataFrame) -> bool:
+    """Whether a gene table has the NCBI full names `program_mask` reads (a table of
+    vectors imported without gene_info has none)."""
+    return "full_name" in genes.columns and genes["full_name"].null_count() < len(genes)
+
+
 def program_mask(genes: pl.DataFrame, program: str) -> np.ndarray:
     """True for the rows of a gene table (`GeneTable.genes`) in `program` (`PROGRAMS`)."""
     if program not in PROGRAMS:
         raise CellvecError(
             f"Unknown gene program {program!r}; choose one of {', '.join(PROGRAMS)}."
         )
-    if program == "none" or "full_name" not in genes.columns:
+    if program == "none" or not has_names(genes):
         return np.zeros(len(genes), dtype=bool)
     name = pl.col("full_name").fill_null("").str.to_lowercase()
     hit = name.str.contains("ribosomal protein") & ~name.str.contains(_NOT_RIBOSOMAL)
