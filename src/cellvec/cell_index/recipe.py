@@ -39,9 +39,8 @@ class Recipe:
     cell's top genes (`gene_store.programs`: the cytosolic ribosomal proteins, whose
     level follows species and protocol more than cell type); refine: none | supcon |
     simclr; adapt_genes: refinement also learns per-gene gates and corrections of the
-    gene vectors; `head_hash` names
-    the arrays fitted on the reference cells (centre, gene gates and corrections,
-    head); normalise: l2.
+    gene vectors; `head_hash` names the arrays fitted on the reference cells (centre,
+    gene gates and corrections, head); normalise: l2.
     """
 
     model: str = "minilm"
