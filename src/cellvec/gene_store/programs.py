@@ -5,7 +5,7 @@ NCBI names (any species, no symbol patterns).
 UBA52 fusions, their paralogs and pseudogenes). Every cell expresses them, at a level
 set by its size, growth and the protocol more than by what it is, and that level moves
 between species and protocols. Measured on the Baron 2016 pancreas (human cells carry
-~10x the ribosomal weight of mouse cells), the refinement of a mouse atlas had learned
+far more ribosomal weight than mouse cells), the refinement of a mouse atlas had learned
 "more ribosomal weight = alpha" (mouse alpha cells do carry more than mouse beta cells),
 and 382 of 623 human beta cells went to alpha. Not in the program: the mitochondrial
 ribosomal proteins (MRPL*, MRPS*), the S6 kinases and binding proteins, whose names
