@@ -1,7 +1,7 @@
 """Cross-species mapping on the Baron 2016 pancreas pair, one change at a time.
 
 Each variant changes one thing against cellvec's default (`benchmarks/cross_species.py`,
-same stores, same genes, seed 0) in both directions: the ribosomal proteins kept
+same stores, same genes, seed 0 unless --seed) in both directions: the ribosomal proteins kept
 (`--skip-genes none`, the default before), main before many-to-one orthologs were
 counted once (which also kept them), `--refine none`, query-side centring on the
 query's own mean, the query's mean moved onto the reference's, CORAL (mean and
@@ -13,6 +13,7 @@ The query-side variants are patched in here (unittest.mock), not options of cell
 none of them won both ways. Labels of the query are only scored, never used.
 
     python benchmarks/cross_species_variants.py --out results/ [--stores DIR] [--variants V ...]
+        [--seed N]
 
 Every atlas is built in the run that maps onto it (once per recipe, shared by the
 query-side variants), never reused from an earlier run and older code.
@@ -303,7 +304,7 @@ def query_side(variant: str, atlas, stores: Path, query_species: str):
     return patches.get(variant, nullcontext)()
 
 
-def run(species, variant, hcop, stores: Path, built: set) -> dict:
+def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict:
     """One variant, one direction: the query of the other species mapped onto an atlas of
     `species` (built here the first time this run needs it: `built` holds the names)."""
     other = "mouse" if species == "human" else "human"
@@ -328,7 +329,7 @@ def run(species, variant, hcop, stores: Path, built: set) -> dict:
                 name=name,
                 label_key="label",
                 recipe=Recipe(**build),
-                options=BuildOptions(calibration_split=0.1),
+                options=BuildOptions(calibration_split=0.1, seed=seed),
             )
             built.add(name)
         atlas = Atlas.open(store, name)
@@ -380,15 +381,21 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     ap.add_argument("--stores", type=Path, default=Path("/tmp/cellvec_eval_stores"))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0, help="the atlases' seed")
     a = ap.parse_args()
     log_progress()
     hcop = read_orthologs(xs.HCOP)
     built: set[str] = set()
-    rows = [run(sp, v, hcop, a.stores, built) for sp in ("mouse", "human") for v in a.variants]
+    rows = [
+        run(sp, v, hcop, a.stores, built, a.seed) for sp in ("mouse", "human") for v in a.variants
+    ]
+    command = "python benchmarks/cross_species_variants.py"
+    command += "" if a.variants == list(VARIANTS) else " --variants " + " ".join(a.variants)
+    command += f" --seed {a.seed}" if a.seed else ""
     lines = [
         "# Baron pancreas across species: one change at a time",
         "",
-        "`python benchmarks/cross_species_variants.py` (seed 0, one run each: with 2-7 cells",
+        f"`{command}` (seed {a.seed}, one run each: with 2-7 cells",
         "of t_cell and schwann, macro-F1 moves by ~0.02 on a handful of cells). `default` is",
         "`benchmarks/cross_species.py`'s cellvec row; see the script's docstring for the rest.",
         "",
