@@ -256,12 +256,9 @@ def gene_levels(atlas, share=0.5):
     from cellvec.cell_index.vectors import weighted_mean
 
     def medians(w):
+        """Each gene's median over the cells (zeros included) and the share of cells using it."""
         w = sp.csc_matrix(w)
-        out = np.zeros(w.shape[1])
-        for j in range(w.shape[1]):
-            d = w.data[w.indptr[j] : w.indptr[j + 1]]
-            out[j] = np.median(np.concatenate([d, np.zeros(w.shape[0] - len(d))]))
-        return out, np.diff(w.indptr) / w.shape[0]
+        return np.median(w.toarray(), axis=0), np.diff(w.indptr) / w.shape[0]
 
     def unrefined(self, source, basis=None, *, orthologs=None):
         basis = basis or self.basis(source.var_names, source.path, orthologs=orthologs)

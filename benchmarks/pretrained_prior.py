@@ -182,22 +182,17 @@ def curve(target: str, genes, sizes, seed: int = 0) -> dict[str, float]:
     from cellvec.cell_index.recipe import Recipe
     from cellvec.evaluation.cross_validation import CrossValidation
     from cellvec.evaluation.representations import Predictors
+    from cellvec.evaluation.scenarios import few_cells
 
     f, key = SETS[target]
     source = read_expression(CELLS / f)
     y = labels_of(source, key)
     pred = Predictors({genes.model: genes}, Recipe(model=genes.model), 15, seed, {})
     cv = CrossValidation(pred, source, y, metrics.folds(y, 5, seed))
-    classes = np.unique(y)
-    out = {}
-    for n in sizes:
-        rng = np.random.default_rng(seed)
-
-        def few(i, tr, n=n, rng=rng):
-            return np.sort(np.concatenate([rng.permutation(tr[y[tr] == c])[:n] for c in classes]))
-
-        out[str(n)] = round(cv.score("cellvec", ref_cells=few)["macro_f1"], 4)
-    return out
+    return {
+        str(n): round(cv.score("cellvec", ref_cells=few_cells(y, n, seed))["macro_f1"], 4)
+        for n in sizes
+    }
 
 
 def main():

@@ -33,25 +33,29 @@ def data_limited_curves(
     """{representation: {n: macro-F1}} with `n` reference cells per class (each of
     `sizes`) drawn from each fold's reference with `seed`."""
     curves: dict[str, dict[str, float]] = {}
-    classes = np.unique(cv.y)
     # cellvec_unrefined: the language-model prior without refinement, which small
     # references can over-fit (results/data_limited.md)
     names = ["pca_knn", "logreg_expr", *peers, "random_vectors"]
     names += [*(["cellvec_unrefined"] if refine != "none" else []), "cellvec"]
     for name in names:
-        curve = {}
-        for n_per in sizes:
-            rng = np.random.default_rng(seed)
-
-            def few(i, tr, n_per=n_per, rng=rng):
-                return np.sort(
-                    np.concatenate([rng.permutation(tr[cv.y[tr] == c])[:n_per] for c in classes])
-                )
-
-            curve[str(n_per)] = cv.score(name, ref_cells=few)["macro_f1"]
-        curves[name] = curve
-        log.info("data-limited %-14s %s", name, curve)
+        curves[name] = {
+            str(n_per): cv.score(name, ref_cells=few_cells(cv.y, n_per, seed))["macro_f1"]
+            for n_per in sizes
+        }
+        log.info("data-limited %-14s %s", name, curves[name])
     return curves
+
+
+def few_cells(y: np.ndarray, n_per: int, seed: int):
+    """`ref_cells` for `CrossValidation.predict`: `n_per` cells of each class drawn from
+    each fold's reference, the folds drawn in turn from one generator seeded `seed` (so
+    every representation, and any benchmark that calls this, gets the same draw)."""
+    classes, rng = np.unique(y), np.random.default_rng(seed)
+
+    def few(i, tr):
+        return np.sort(np.concatenate([rng.permutation(tr[y[tr] == c])[:n_per] for c in classes]))
+
+    return few
 
 
 def panel_scores(
