@@ -355,6 +355,24 @@ def test_cli_ray_flag_and_environment(data, tmp_path, ray_cluster):
     assert res.exit_code == 2 and "give one of them" in res.output
 
 
+def test_ray_output_stays_off_stdout(ray_cluster, capsys):
+    """A command's stdout is its --json document: what Ray prints while cellvec runs Ray
+    Data goes to stderr, and a cluster cellvec starts does not forward its workers'
+    output to this process (a fresh-clone run once found Ray Data's DEBUG dumps on stdout)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    from cellvec._ray import ordered_data
+
+    with ordered_data(ray_cluster):
+        print("noise from inside a Ray Data run")
+    out = capsys.readouterr()
+    assert "noise" in out.err and "noise" not in out.out
+    print("after the run")
+    assert "after the run" in capsys.readouterr().out  # stdout is back
+    names = [name for name, _ in global_worker_stdstream_dispatcher.handlers]
+    assert "ray_print_logs" not in names
+
+
 def test_ray_addresses():
     from cellvec._ray import DEFAULT, ray_address
 

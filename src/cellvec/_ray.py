@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 
 from cellvec.errors import CellvecError
 
@@ -71,6 +72,7 @@ def start_local_cluster(num_cpus: int | None = None, **options):
             num_cpus=num_cpus,
             include_dashboard=False,
             logging_level=logging.WARNING,
+            log_to_driver=False,
             **options,
         )
     finally:
@@ -102,7 +104,7 @@ def init_ray(address: str | bool | None = True):
             address = os.environ["RAY_ADDRESS"]
         else:
             try:
-                ray.init(address="auto", logging_level=logging.WARNING)
+                ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
             except ConnectionError:
                 return start_local_cluster()
             _log_joined(ray, "the running local cluster")
@@ -113,7 +115,7 @@ def init_ray(address: str | bool | None = True):
     )
     _check_reachable(address, hint)
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise CellvecError(f"Cannot join the Ray cluster at {address!r} ({e}). {hint}") from e
     _log_joined(ray, address)
@@ -172,7 +174,10 @@ def ordered_data(ray):
     """Ray Data in the input's order (cell shards, store batches), without its progress
     bars (cellvec logs its own). A dataset keeps the settings in force when it was made:
     make it inside. A cellvec error raised by a worker comes out as itself, not wrapped
-    in Ray's exceptions."""
+    in Ray's exceptions. What Ray prints meanwhile goes to stderr: a command's stdout is
+    its `--json` document (a fresh-clone CI run once found Ray Data's DEBUG dumps of its
+    DataContext at the head of one). Clusters cellvec joins or starts do not forward
+    their workers' output either (`log_to_driver=False`; it stays in Ray's session logs)."""
     ctx = ray.data.DataContext.get_current()
     before = (
         ctx.execution_options.preserve_order,
@@ -183,7 +188,8 @@ def ordered_data(ray):
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True  # a worker's error travels as itself
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     except Exception as e:
         cause = _cellvec_cause(e)
         if cause is None or cause is e:
