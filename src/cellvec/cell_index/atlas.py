@@ -520,4 +520,6 @@ def atlas_summary(name: str, meta: dict, n_cells: int) -> dict:
         "tuning": meta.get("tuning"),
         "excluded_labels": meta.get("excluded_labels"),
         "refinement": {k: v for k, v in (meta.get("refinement") or {}).items() if k != "history"},
+        # the pre-trained prior its refinement started from (`atlas build --prior`), or None
+        "prior": ((meta.get("refinement") or {}).get("prior") or {}).get("name"),
     }

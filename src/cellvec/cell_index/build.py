@@ -33,6 +33,7 @@ from cellvec.cell_index.disk_index import (
 from cellvec.cell_index.fitting import FittedReference, fit_encoder
 from cellvec.cell_index.labels import label_column, reference_labels
 from cellvec.cell_index.parallel import write_atlas
+from cellvec.cell_index.prior import load_prior
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import READOUTS, Recipe
 from cellvec.cell_index.table import (
@@ -74,7 +75,10 @@ class BuildOptions:
     `ray` (True for a local cluster, or an address: see `cellvec._ray`): Ray workers
     read the reference's rows, compute its cells' top genes and final vectors and write
     the table's fragments, committed once; refinement is trained here, in one process.
-    The atlas equals the one built without Ray (same rows, vectors within 1e-6)."""
+    The atlas equals the one built without Ray (same rows, vectors within 1e-6).
+
+    `prior`: the name of a pre-trained prior in the store (`cellvec prior build`); the
+    atlas's refinement starts from it (`cell_index.prior`), recorded in the recipe."""
 
     k: int | None = None
     tune: bool = False
@@ -84,6 +88,7 @@ class BuildOptions:
     refine_options: dict | None = None
     index: str = "auto"
     ray: str | bool | None = None
+    prior: str | None = None
 
 
 @dataclass
@@ -134,6 +139,7 @@ def build_atlas(
     t0 = time.perf_counter()
     store = Store.of(store)
     genes = GeneStore(store).load(model, every_gene=True)  # not a bundle's partial table
+    prior = load_prior(store, options.prior, genes) if options.prior else None
     ref = _read_reference(
         reference,
         label_key=label_key,
@@ -141,7 +147,7 @@ def build_atlas(
         batch_key=batch_key,
         exclude_labels=exclude_labels,
     )
-    choice = _choose_recipe(ref, genes, recipe or Recipe(), options)
+    choice = _choose_recipe(ref, genes, recipe or Recipe(), options, prior)
     fit = fit_encoder(
         ref.source,
         ref.labels,
@@ -152,6 +158,7 @@ def build_atlas(
         refine_options=options.refine_options,
         calibration_split=options.calibration_split,
         ray=options.ray,
+        prior=prior,
     )
     meta = _atlas_meta(
         ref,
@@ -233,10 +240,12 @@ class _Choice:
     readout_scores: dict | None = None
 
 
-def _choose_recipe(ref: _Reference, genes, recipe: Recipe, options: BuildOptions) -> _Choice:
+def _choose_recipe(
+    ref: _Reference, genes, recipe: Recipe, options: BuildOptions, prior=None
+) -> _Choice:
     """The recipe on the store's gene table, the atlas's k and its read-out: `options.tune`
     chooses top-N and k on the reference itself, `options.readout` "auto" the read-out of a
-    small reference."""
+    small reference (each fold starting from `prior`, as the atlas will)."""
     # Top genes are always read from log-normalised values (counts are normalised on reading).
     recipe = replace(
         recipe,
@@ -245,7 +254,7 @@ def _choose_recipe(ref: _Reference, genes, recipe: Recipe, options: BuildOptions
         adapt_genes=recipe.adapt_genes and recipe.refine != "none",
     )
     k, tuning = options.k, None
-    fitting = {"seed": options.seed, "refine_options": options.refine_options}
+    fitting = {"seed": options.seed, "refine_options": options.refine_options, "prior": prior}
     if options.tune:
         top, k, tuning = tune_recipe(ref.source, ref.labels, genes, recipe, **fitting)
         recipe = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})

@@ -70,6 +70,7 @@ def fit_encoder(
     refine_options: dict | None = None,
     calibration_split: float = 0.0,
     ray: str | bool | None = None,
+    prior=None,
 ) -> FittedReference:
     """Fit background, centre, gene adapter and head on a reference (nothing else sees it).
 
@@ -77,7 +78,11 @@ def fit_encoder(
     or more) is kept out of refinement; they stay in the atlas and calibrate typicality.
     `ray` (an address, see `cellvec._ray`): the top genes of each cell are computed by
     Ray workers, and the reference's vectors are left to them too (`vectors` is None,
-    `blocks` holds the workers' weight blocks for `parallel.write_atlas`)."""
+    `blocks` holds the workers' weight blocks for `parallel.write_atlas`).
+    `prior` (a `prior.Prior`): the background is the prior's, and refinement starts from
+    its gene gates and corrections and its head (see `cell_index.prior`)."""
+    if prior is not None:
+        prior.check(recipe, genes)
     cols, rows, fold = fold_duplicates(
         *skip_program(
             *match_dataset_genes(source.var_names, genes, source.path),
@@ -87,7 +92,7 @@ def fit_encoder(
         ),
         source.path,
     )
-    bg = fit_background(genes.vectors[rows], recipe.background)
+    bg = prior.background if prior else fit_background(genes.vectors[rows], recipe.background)
     vecs = apply_background(genes.vectors[rows], bg)
     basis = GeneBasis(cols, rows, vecs, len(source.var_names), fold=fold)
     blocks = None
@@ -97,14 +102,19 @@ def fit_encoder(
         w = sp.csr_matrix(weights_matrix(source, basis, recipe)[:, cols])
     held = calibration_cells(labels, calibration_split, seed) if calibration_split else None
     train = slice(None) if held is None else ~held
+    start = prior.start(vecs, rows) if prior else None
     params, report = fit_refinement(
         w[train],
-        vecs,
+        vecs if start is None else start[0],
         None if recipe.refine != "supcon" else np.asarray(labels)[train],
         recipe=recipe,
         options=RefineOptions(**(refine_options or {})),
         seed=seed,
+        head=prior.head if prior else None,
     )
+    if prior:
+        params = prior.compose(params, *start[1:])
+        report = {**report, "prior": prior.provenance()}
     refinement = {"gene_rows": rows.astype(np.int64), **params}
     recipe = Recipe.from_dict(
         {
@@ -114,6 +124,7 @@ def fit_encoder(
             "gene_table_hash": genes.meta.get("content_hash"),
             "background_hash": _hash_or_save(store, bg),
             "head_hash": _hash_or_save(store, refinement),
+            "prior_hash": prior.digest if prior else None,
         }
     )
     encoder = CellEncoder(recipe, genes, bg, refinement)

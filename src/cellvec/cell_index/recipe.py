@@ -40,7 +40,8 @@ class Recipe:
     level follows species and protocol more than cell type); refine: none | supcon |
     simclr; adapt_genes: refinement also learns per-gene gates and corrections of the
     gene vectors; `head_hash` names the arrays fitted on the reference cells (centre,
-    gene gates and corrections, head); normalise: l2.
+    gene gates and corrections, head); `prior_hash` names the pre-trained prior the
+    refinement started from (`cell_index.prior`; None: the text); normalise: l2.
     """
 
     model: str = "minilm"
@@ -55,6 +56,7 @@ class Recipe:
     refine: str = "supcon"
     adapt_genes: bool = True
     head_hash: str | None = None
+    prior_hash: str | None = None
     normalise: str = "l2"
     gene_table_hash: str | None = None
     version: int = RECIPE_VERSION

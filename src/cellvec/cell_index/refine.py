@@ -279,12 +279,15 @@ def fit_refinement(
     recipe: Recipe | None = None,
     options: RefineOptions | None = None,
     seed: int = 0,
+    head: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Fit refinement on top-gene weights `w` (cells x genes) over gene vectors `basis`.
 
     Returns (arrays for `encode_weights`, report). The recipe (default `Recipe()`) says
     what is fitted: `refine` none fits only the reference mean (when `center`),
-    `adapt_genes=False` trains the head alone; `options` how (`RefineOptions`).
+    `adapt_genes=False` trains the head alone; `options` how (`RefineOptions`). `head`
+    (arrays of `HEAD_KEYS`, e.g. a pre-trained prior's): the head starts from them
+    rather than from a random draw.
     """
     recipe = recipe or Recipe()
     options = options or RefineOptions()
@@ -307,6 +310,8 @@ def fit_refinement(
         torch.manual_seed(seed)
         e = torch.from_numpy(np.ascontiguousarray(basis[ref.used], dtype=np.float32))
         model = _Model(e, mean0, adapt_genes=recipe.adapt_genes, options=options, steps=steps)
+        if head is not None:
+            model.start_head(head)
         history = _train(model, ref, options, mode=mode, steps=steps, seed=seed)
         out = model.arrays(ref.used, n_genes=w.shape[1])
     secs = time.perf_counter() - t0
@@ -394,6 +399,27 @@ class _Model:
         self.product = _sparse_product()
         self.position = np.zeros(len(e), dtype=np.int32)  # a gene's column in the batch
         self.rows = None
+
+    def start_head(self, head: dict[str, np.ndarray]) -> None:
+        """Copy `head`'s arrays (as `arrays` gives them) into the head, refusing other shapes."""
+        import torch
+
+        layers = ((self.mlp[0], "w1", "b1"), (self.mlp[2], "w2", "b2"), (self.skip, "skip", None))
+        for layer, wk, _ in layers:
+            want = tuple(layer.weight.shape[::-1])
+            if head[wk].shape != want:
+                d, hidden = self.mlp[0].in_features, self.mlp[0].out_features
+                raise CellvecError(
+                    f"The prior's head maps {head['w1'].shape[0]} -> {head['w1'].shape[1]} -> "
+                    f"{head['w2'].shape[1]}; this refinement's maps {d} -> {hidden} -> "
+                    f"{self.mlp[2].out_features}. Build the prior with the same refine "
+                    "options (hidden, out_dim) as its atlases."
+                )
+        with torch.no_grad():
+            for layer, wk, bk in layers:
+                layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(head[wk].T)))
+                if bk is not None:
+                    layer.bias.copy_(torch.from_numpy(head[bk]))
 
     def _optimiser(self, options: RefineOptions, steps: int):
         import torch

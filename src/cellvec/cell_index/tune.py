@@ -82,9 +82,11 @@ def tune_recipe(
     refine_options: dict | None = None,
     top_genes: tuple[int, ...] = TOP_GENES,
     ks: tuple[int, ...] = KS,
+    prior=None,
 ) -> tuple[int, int, dict]:
     """(best top-N, best k, {"top_genes=N k=K": macro-F1}) from `folds`-fold CV on the reference.
-    Ties go to the larger top-N and k (the defaults)."""
+    Ties go to the larger top-N and k (the defaults). `prior`: each fold starts from it, as
+    the atlas will."""
     labels = np.asarray(labels, dtype=object)
     n = len(labels)
     splits = metrics.folds(labels, folds, seed)
@@ -93,7 +95,14 @@ def tune_recipe(
         preds = {k: np.empty(n, dtype=object) for k in ks}
         rec = Recipe.from_dict({**recipe.to_dict(), "top_genes": top})
         for atlas, query, te in _fold_atlases(
-            source, labels, splits, genes, rec, seed=seed, refine_options=refine_options
+            source,
+            labels,
+            splits,
+            genes,
+            rec,
+            seed=seed,
+            refine_options=refine_options,
+            prior=prior,
         ):
             for k in ks:
                 preds[k][te] = map_cells(query, atlas, k=k).labels
@@ -119,12 +128,14 @@ def choose_readout(
     folds: int = 3,
     seed: int = 0,
     refine_options: dict | None = None,
+    prior=None,
 ) -> tuple[Recipe, str, dict | None]:
     """(recipe, read-out, {candidate: macro-F1} or None): for a reference whose median class
     has fewer than `FEW_CELLS` cells and a recipe with supervised refinement, the
     candidate of `READOUT_CANDIDATES` with the best `folds`-fold macro-F1 on the
     reference (ties go to the refined kNN); otherwise the recipe as given, read by kNN,
-    and no scores."""
+    and no scores. `prior`: every candidate's folds start from it, as the atlas will (the
+    unrefined candidate takes its background and gene gates and corrections)."""
     labels = np.asarray(labels, dtype=object)
     counts = np.unique(labels, return_counts=True)[1]
     if recipe.refine != "supcon" or np.median(counts) >= FEW_CELLS:
@@ -147,7 +158,15 @@ def choose_readout(
         rec = Recipe.from_dict({**recipe.to_dict(), **changes})
         pred = np.empty(len(labels), dtype=object)
         for atlas, query, te in _fold_atlases(
-            source, labels, splits, genes, rec, readout, seed=seed, refine_options=refine_options
+            source,
+            labels,
+            splits,
+            genes,
+            rec,
+            readout,
+            seed=seed,
+            refine_options=refine_options,
+            prior=prior,
         ):
             pred[te] = map_cells(query, atlas).labels
         scores[name] = round(classification_metrics(labels, pred)["macro_f1"], 4)

@@ -78,6 +78,7 @@ def _register():
 _COMMANDS = {
     "genes": ["genes"],
     "atlas": ["atlas"],
+    "prior": ["prior"],
     "map": ["map_cmd"],
     "evaluate": ["evaluate_cmd"],
     "sql": ["sql_cmd"],

@@ -85,6 +85,11 @@ def atlas():
     "chooses between the refined vote and the unrefined class centroids by 3-fold "
     "cross-validation on itself (recorded in the atlas; costs three refinements).",
 )
+@click.option(
+    "--prior",
+    help="Start the refinement from this pre-trained prior of the store (`cellvec prior "
+    "build`): for references of a few cells a class; recorded in the atlas.",
+)
 @index_option(default="auto")
 @click.option(
     "--ontology-ids",
@@ -121,6 +126,7 @@ def build(
     exclude_labels,
     tune,
     readout,
+    prior,
     index_kind,
     ontology_ids,
     tissue,
@@ -178,6 +184,7 @@ def build(
             seed=seed,
             index=index_kind,
             ray=ray or None,
+            prior=prior,
         ),
     )
     if ontology_ids:
@@ -256,6 +263,7 @@ def list_cmd(store, as_json):
                 f"{a['name']:<20} {a['n_cells']:>9,} cells  {len(a['classes']):>3} classes  "
                 f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} "
                 f"skip={r.get('skip_genes', 'none')} refine={r['refine']} readout={a['readout']}"
+                + (f" prior={a['prior']}" if a.get("prior") else "")
             )
 
 

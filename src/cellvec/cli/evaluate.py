@@ -94,6 +94,11 @@ from cellvec.cli.options import (
 @click.option(
     "--markdown", type=click.Path(dir_okay=False), help="Also write a markdown results table here."
 )
+@click.option(
+    "--prior",
+    help="cellvec's atlases start from this pre-trained prior of the store (`cellvec prior "
+    "build`); build it from other datasets than DATA.",
+)
 @click.option("--seed", default=0, show_default=True)
 @input_options
 @json_option
@@ -128,6 +133,7 @@ def evaluate_cmd(
     query_label_key,
     label_map,
     markdown,
+    prior,
     seed,
     layer,
     use_raw,
@@ -179,6 +185,7 @@ def evaluate_cmd(
             baselines=baselines,
             peers=_listed(peers),
             ablations=ablations,
+            prior=prior,
         ),
         scenarios=Scenarios(
             data_limited=_listed(data_limited, int),

@@ -32,6 +32,7 @@ from pathlib import Path
 from cellvec import metrics
 from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.labels import broad_labels_of, labels_of, reference_labels
+from cellvec.cell_index.prior import load_prior
 from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.errors import CellvecError
@@ -97,7 +98,12 @@ def evaluate(
     source = read_expression(data)
     y = labels_of(source, label_key)
     y_broad = broad_labels_of(source, y, broad_label_key) if broad_label_key else None
-    pred = Predictors(genes_by_model, recipe, plan.k, plan.seed, dict(plan.refine_options or {}))
+    prior = load_prior(gs.store, plan.prior, genes_by_model[models[0]]) if plan.prior else None
+    if prior is not None:
+        recipe = replace(recipe, prior_hash=prior.digest)
+    pred = Predictors(
+        genes_by_model, recipe, plan.k, plan.seed, dict(plan.refine_options or {}), prior=prior
+    )
     names = plan.names(models, recipe.refine)
     if plan.skip_folds and scenarios.transfer is None:
         raise CellvecError("skip_folds leaves nothing to score without a query.")

@@ -55,7 +55,9 @@ class EvaluationPlan:
     cellvec, plus `BASELINES` with `baselines`, the real `peers` (celltypist) and
     `ABLATIONS` with `ablations`); an empty tuple runs only the scenarios.
     `skip_folds` scores only the transfer. `refine_options` go to the refinement
-    (`fit_refinement`), e.g. fewer steps in tests.
+    (`fit_refinement`), e.g. fewer steps in tests. `prior`: the name of a pre-trained prior
+    in the store (`cellvec prior build`) that cellvec's atlases start from (the random and
+    GO-graph controls never do).
     """
 
     folds: int = 5
@@ -67,6 +69,7 @@ class EvaluationPlan:
     ablations: bool = False
     skip_folds: bool = False
     refine_options: dict | None = None
+    prior: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "peers", tuple(self.peers))

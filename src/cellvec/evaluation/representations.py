@@ -39,9 +39,13 @@ class Predictors:
         k: int,
         seed: int,
         refine_options: dict,
+        prior=None,
     ):
         self.genes_by_model, self.recipe, self.k, self.seed = genes_by_model, recipe, k, seed
         self.refine_options = refine_options
+        # a pre-trained prior (`cell_index.prior`) the model's representations start from;
+        # the controls (random, GO-graph vectors) never do
+        self.prior = prior
         self._vectors: dict = {}
         self._atlases: dict = {}  # (name, reference cells) -> fitted atlas, reused across scenarios
 
@@ -81,18 +85,10 @@ class Predictors:
         model = model or self.recipe.model
         recipe = Recipe.from_dict({**self.recipe.to_dict(), **changes, "model": model})
         genes = self.gene_table(model, kind)
-        recipe, readout, _ = choose_readout(
-            ref, y_ref, genes, recipe, seed=self.seed, refine_options=self.refine_options
-        )
-        fit = fit_encoder(
-            ref,
-            y_ref,
-            genes,
-            recipe,
-            seed=self.seed,
-            refine_options=self.refine_options,
-            calibration_split=calibration_split,
-        )
+        prior = self.prior if kind == "model" and model == self.recipe.model else None
+        fitting = {"seed": self.seed, "refine_options": self.refine_options, "prior": prior}
+        recipe, readout, _ = choose_readout(ref, y_ref, genes, recipe, **fitting)
+        fit = fit_encoder(ref, y_ref, genes, recipe, calibration_split=calibration_split, **fitting)
         return Atlas.from_fit(name, fit, y_ref, broad_labels=broad, readout=readout)
 
     def predict(
