@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 TOP_GENES = (200, 1000)
 KS = (5, 10, 15)
 # the inner fits' per-fold lines (genes matched, cells mapped) say nothing new: kept quiet
-INNER_LOGGERS = ("cellvec.cell_index.vectors", "cellvec.cell_index.mapping")
+INNER_LOGGERS = (
+    "cellvec.cell_index.vectors",
+    "cellvec.cell_index.mapping",
+    "cellvec.cell_index.prior",
+)
 # the read-outs a small reference chooses from: (recipe changes, read-out); the first is
 # the default recipe and wins ties
 READOUT_CANDIDATES = {
