@@ -41,15 +41,8 @@ def top_n_weights(
     Rows are padded into small dense blocks and split with `argpartition` (linear
     time), so no full sort of the non-zeros is needed. Kept entries are ordered by
     value, largest first, within each row.
-
-    Ties (log-normalised counts are full of them: every gene seen once in a cell has
-    the same value) are broken by the row's stored order, so the columns are put in
-    order first: the same cells give the same top genes however their matrix was stored
-    (a CSR product leaves its columns unsorted, scanpy writes them sorted).
     """
     x = sp.csr_matrix(x)
-    if not x.has_sorted_indices:
-        x = x.sorted_indices()
     counts = np.diff(x.indptr)
     key = x.data.astype(np.float32, copy=True)
     key[~(key > 0)] = -np.inf
