@@ -216,3 +216,21 @@ def test_evaluate_scores_atlases_that_start_from_a_prior(with_prior):
             store=store,
             plan=EvaluationPlan(folds=2, refine_options=FAST, prior="other"),
         )
+
+
+def test_pooled_references_are_stored_as_their_files_are():
+    """The pooled matrix holds each reference's values under the union of genes, each
+    row's columns sorted (ties at the top-N cut follow stored order)."""
+    from cellvec.cell_index.prior import pool_sources
+
+    refs = _references(3, 4)
+    a, b = refs[0][1], refs[1][1].subset_genes(np.arange(len(refs[1][1].var_names)) % 2 == 0)
+    pooled = pool_sources([a, b], ["a", "b"])
+    x = pooled.to_csr()
+    assert x.has_sorted_indices and pooled.var_names == sorted(a.var_names)
+    assert list(pooled.obs["dataset"]) == ["a"] * a.n_obs + ["b"] * b.n_obs
+    at = [pooled.var_names.index(g) for g in b.var_names]
+    np.testing.assert_array_equal(x[a.n_obs :][:, at].toarray(), b.to_csr().toarray())
+    np.testing.assert_array_equal(
+        x[: a.n_obs].toarray(), a.to_csr()[:, np.argsort(a.var_names)].toarray()
+    )
