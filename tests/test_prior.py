@@ -111,7 +111,7 @@ def test_the_prior_composition_is_the_adapter_applied_on_the_prior():
     from cellvec.cell_index.prior import Prior
 
     rng = np.random.default_rng(0)
-    e = rng.normal(size=(6, 4)).astype(np.float32)
+    e = rng.normal(size=(7, 4)).astype(np.float32)
     prior = Prior(
         "p",
         Recipe(),
@@ -122,13 +122,14 @@ def test_the_prior_composition_is_the_adapter_applied_on_the_prior():
         {},
         {},
     )
-    rows = np.array([9, 0, 5, 1, 2, 7])  # 0, 1, 7 are not in the prior: they start from the text
+    rows = np.array([9, 0, 5, 1, 2, 7, 12])  # 0, 1, 7, 12 are not in the prior: the text
     started, g0, d0 = prior.start(e, rows)
-    assert np.allclose(g0[[1, 3, 5]], 1) and np.allclose(d0[[1, 3, 5]], 0)
+    assert np.allclose(g0[[1, 3, 5, 6]], 1) and np.allclose(d0[[1, 3, 5, 6]], 0)
+    np.testing.assert_array_equal(g0[[0, 2, 4]], prior.gate[[2, 1, 0]])
     np.testing.assert_allclose(started[0], (e[0] + prior.delta[2]) * prior.gate[2], rtol=1e-6)
     learned = {
-        "gene_gate": rng.uniform(0.5, 2, 6).astype(np.float32),
-        "gene_delta": rng.normal(size=(6, 4)).astype(np.float32),
+        "gene_gate": rng.uniform(0.5, 2, 7).astype(np.float32),
+        "gene_delta": rng.normal(size=(7, 4)).astype(np.float32),
     }
     np.testing.assert_allclose(
         adapted_basis(e, prior.compose(learned, g0, d0)),

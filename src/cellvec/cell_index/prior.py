@@ -110,13 +110,13 @@ class Prior:
         """(gene vectors to refine, gates, corrections) for the store rows `rows` whose
         background-transformed vectors are `basis`: `(basis + D0) * g0` with the prior's
         gate g0 and correction D0 of each row (1 and 0 where the prior never saw it)."""
+        g0 = np.ones(len(rows), np.float32)
+        d0 = np.zeros((len(rows), basis.shape[1]), np.float32)
         order = np.argsort(self.gene_rows)
-        sorted_rows = self.gene_rows[order]
-        at = np.clip(np.searchsorted(sorted_rows, rows), 0, max(len(sorted_rows) - 1, 0))
-        seen = (sorted_rows[at] == rows) if len(sorted_rows) else np.zeros(len(rows), bool)
-        pos = order[at]
-        g0 = np.where(seen, self.gate[pos], 1.0).astype(np.float32)
-        d0 = np.where(seen[:, None], self.delta[pos], 0.0).astype(np.float32)
+        at = np.searchsorted(self.gene_rows[order], rows)
+        seen = at < len(order)
+        seen[seen] = self.gene_rows[order[at[seen]]] == rows[seen]
+        g0[seen], d0[seen] = self.gate[order[at[seen]]], self.delta[order[at[seen]]]
         log.info(
             "prior %s: %s of the reference's %s genes start from its gates and corrections, "
             "the rest from the text",
