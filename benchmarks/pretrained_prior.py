@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import SHARED, log_progress  # noqa: E402
 from _stores import ensure_store  # noqa: E402
@@ -49,11 +51,15 @@ def pretrain(target: str, names, store: Path):
     from cellvec.cell_index.labels import labels_of
     from cellvec.cell_index.prior import build_prior
     from cellvec.cell_index.readers import read_expression
+    from cellvec.gene_store import GeneStore
 
     refs = []
     for name in names:
         f, key = {**SETS, **OTHER_TISSUES}[name]
         source = read_expression(CELLS / f)
+        if name in OTHER_TISSUES:  # over the store's genes: most pancreas genes are not in it
+            have = set(GeneStore(store).load("minilm").genes["symbol"].to_list())
+            source = source.subset_genes(np.isin(source.var_names, list(have)))
         refs.append((name, source, labels_of(source, key)))
     t0 = time.perf_counter()
     name = f"lodo_{target}" if all(n in SETS for n in names) else "from_" + "_".join(names)

@@ -20,9 +20,9 @@ atlas's refinement report its name and sources.
 
 Measured leave one dataset out (`benchmarks/pretrained_prior.py`,
 results/pretrained_prior.md): a prior from the other human PBMC sets raised macro-F1 at
-3-20 reference cells a class by +0.010 to +0.051 on pbmc3k and pbmc_3chem. A prior is
-only as near as its references: cells of another tissue or protocol teach gates and a
-head for other subtypes, which nothing here has measured.
+3-20 reference cells a class by +0.010 to +0.052 on pbmc3k and pbmc_3chem. A prior is
+only as near as its references: one from another tissue (the Baron human pancreas) cost
+the same atlases up to 0.039 (results/pretrained_prior_from_baron_human.md).
 
 A prior lives in the store as table `prior_<name>`: one row per gene it trained
 (`symbol`, `gate`, `correction`: its correction's length relative to its vector), so

@@ -68,8 +68,10 @@ def build(
     An atlas built with `--prior NAME` takes the prior's background, starts its gene gates
     and corrections from the prior's, and its head from the prior's head: with a few
     labelled cells a class it then learns what tells its subtypes apart on top of what
-    the prior learned. Leave out the cells you will build the atlas from. The prior must
-    be built with the --background and --center its atlases use.
+    the prior learned. Use references of the tissue you will map (on PBMC, a prior of
+    other PBMC sets gained 0.01-0.05 macro-F1 at 3-20 cells a class; one of pancreas cells
+    lost up to 0.04), and leave out the cells you will build the atlas from. The prior
+    must be built with the --background and --center its atlases use.
 
     \b
     Example:
