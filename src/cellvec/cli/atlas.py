@@ -109,17 +109,8 @@ def build(
     batch_key,
     subset,
     model,
-    top_genes,
-    weighting,
-    background,
-    skip_genes,
-    refine,
-    center,
-    adapt_genes,
-    layer,
-    use_raw,
-    gene_column,
-    transpose,
+    recipe,
+    read_options,
     seed,
     k,
     calibration_split,
@@ -147,17 +138,9 @@ def build(
       cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
     """
     from cellvec.cell_index.build import BuildOptions, build_atlas
-    from cellvec.cell_index.recipe import Recipe
     from cellvec.cli.common import subset_source
 
-    ref = subset_source(
-        reference,
-        subset,
-        layer=layer,
-        use_raw=use_raw,
-        gene_column=gene_column,
-        transpose=transpose,
-    )
+    ref = subset_source(reference, subset, **read_options)
     a = build_atlas(
         ref,
         store=store,
@@ -167,15 +150,7 @@ def build(
         batch_key=batch_key,
         exclude_labels=exclude_labels,
         model=model,
-        recipe=Recipe(
-            top_genes=top_genes,
-            weighting=weighting,
-            background=background,
-            skip_genes=skip_genes,
-            center=center,
-            refine=refine,
-            adapt_genes=adapt_genes,
-        ),
+        recipe=recipe,
         options=BuildOptions(
             k=k,
             tune=tune,

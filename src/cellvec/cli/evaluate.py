@@ -108,13 +108,7 @@ def evaluate_cmd(
     broad_label_key,
     store,
     model,
-    top_genes,
-    weighting,
-    background,
-    skip_genes,
-    refine,
-    center,
-    adapt_genes,
+    recipe,
     folds,
     k,
     baselines,
@@ -135,10 +129,7 @@ def evaluate_cmd(
     markdown,
     prior,
     seed,
-    layer,
-    use_raw,
-    gene_column,
-    transpose,
+    read_options,
     as_json,
 ):
     """Stratified k-fold evaluation of the recipe (and baselines) on labelled DATA.
@@ -153,14 +144,11 @@ def evaluate_cmd(
           --species-swap mouse --orthologs hcop_mouse_to_human.csv.gz --peers celltypist
     """
     from cellvec.cell_index.readers import read_expression
-    from cellvec.cell_index.recipe import Recipe
     from cellvec.evaluation.evaluate import evaluate
     from cellvec.evaluation.plan import EvaluationPlan, Scenarios, UnassignedCall
 
     def read(path):
-        return read_expression(
-            path, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
-        )
+        return read_expression(path, **read_options)
 
     res = evaluate(
         read(data),
@@ -168,15 +156,7 @@ def evaluate_cmd(
         broad_label_key=broad_label_key,
         store=store,
         models=list(model),
-        recipe=Recipe(
-            top_genes=top_genes,
-            weighting=weighting,
-            background=background,
-            skip_genes=skip_genes,
-            center=center,
-            refine=refine,
-            adapt_genes=adapt_genes,
-        ),
+        recipe=recipe,
         plan=EvaluationPlan(
             folds=folds,
             k=k,

@@ -114,10 +114,7 @@ def map_cmd(
     cluster_key,
     subset,
     save_as,
-    layer,
-    use_raw,
-    gene_column,
-    transpose,
+    read_options,
     ray,
     as_json,
 ):
@@ -154,9 +151,7 @@ def map_cmd(
         check_mapping_name(save_as)
     if not server:  # an atlas of --store, or a bundle (fetched once, verified: a store)
         store, atlas_name = resolve_atlas(store, atlas_name)
-    src = subset_source(
-        query, subset, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
-    )
+    src = subset_source(query, subset, **read_options)
     options = dict(
         k=k,
         min_confidence=min_confidence,

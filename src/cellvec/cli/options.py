@@ -79,8 +79,32 @@ def model_option(default: str | None = None, multiple: bool = False):
     )
 
 
+READ_OPTIONS = ("layer", "use_raw", "gene_column", "transpose")
+RECIPE_OPTIONS = (
+    "top_genes",
+    "weighting",
+    "background",
+    "skip_genes",
+    "center",
+    "refine",
+    "adapt_genes",
+)
+
+
+def _gathered(f, names: tuple[str, ...], into: str, make):
+    """`f` called with the options `names` gathered into one argument `into` (`make(**them)`)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **{into: make(**{k: kwargs.pop(k) for k in names})}, **kwargs)
+
+    return wrapper
+
+
 def input_options(f):
-    """Where the expression values are read from."""
+    """Where the expression values are read from; the command gets them as one dict,
+    `read_options`, the keywords of `read_expression`."""
+    f = _gathered(f, READ_OPTIONS, "read_options", dict)
     f = click.option(
         "--transpose", is_flag=True, help="CSV/TSV input has genes as rows and cells as columns."
     )(f)
@@ -95,7 +119,9 @@ def input_options(f):
 
 
 def recipe_options(f):
-    """How cells become vectors; the defaults are `Recipe`'s own."""
+    """How cells become vectors; the defaults are `Recipe`'s own. The command gets them
+    as one `recipe` (a `Recipe`)."""
+    f = _gathered(f, RECIPE_OPTIONS, "recipe", Recipe)
     f = click.option(
         "--adapt-genes/--no-adapt-genes",
         default=Recipe.adapt_genes,

@@ -48,17 +48,8 @@ def build(
     label_keys,
     exclude_labels,
     model,
-    top_genes,
-    weighting,
-    background,
-    skip_genes,
-    refine,
-    center,
-    adapt_genes,
-    layer,
-    use_raw,
-    gene_column,
-    transpose,
+    recipe,
+    read_options,
     seed,
     as_json,
 ):
@@ -85,7 +76,6 @@ def build(
     from cellvec.cell_index.labels import reference_labels
     from cellvec.cell_index.prior import build_prior
     from cellvec.cell_index.readers import read_expression
-    from cellvec.cell_index.recipe import Recipe
 
     if len(label_keys) not in (1, len(references)):
         raise click.BadParameter(
@@ -96,9 +86,7 @@ def build(
     keys = label_keys * len(references) if len(label_keys) == 1 else label_keys
     refs = []
     for path, key in zip(references, keys):
-        source = read_expression(
-            path, layer=layer, use_raw=use_raw, gene_column=gene_column, transpose=transpose
-        )
+        source = read_expression(path, **read_options)
         source, labels, _, _ = reference_labels(source, key, exclude_labels=exclude_labels or ())
         refs.append((_dataset_name(Path(path), [n for n, _, _ in refs]), source, labels))
     p = build_prior(
@@ -106,15 +94,7 @@ def build(
         store=store,
         name=name,
         model=model,
-        recipe=Recipe(
-            top_genes=top_genes,
-            weighting=weighting,
-            background=background,
-            skip_genes=skip_genes,
-            center=center,
-            refine=refine,
-            adapt_genes=adapt_genes,
-        ),
+        recipe=recipe,
         seed=seed,
     )
     if as_json:
