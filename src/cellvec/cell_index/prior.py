@@ -208,10 +208,9 @@ def build_prior(
     source = pool_sources([s for _, s, _ in references], names)
     labels = np.array([f"{n}:{v}" for n, _, y in references for v in np.asarray(y).astype(str)])
     log.info(
-        "prior %s: %s cells of %d references (%s), %d classes, %s genes",
+        "prior %s: %s cells of %s, %d classes, %s genes",
         name,
         f"{source.n_obs:,}",
-        len(names),
         ", ".join(names),
         len(np.unique(labels)),
         f"{len(source.var_names):,}",

@@ -101,7 +101,7 @@ def build(
         emit_json({"name": p.name, **_summary(p.meta)})
     else:
         click.echo(
-            f"prior {p.name}: {p.meta['n_cells']:,} cells of {len(refs)} references, "
+            f"prior {p.name}: {p.meta['n_cells']:,} cells of {', '.join(n for n, _, _ in refs)}, "
             f"{p.meta['n_genes']:,} genes -> {store}"
         )
 
