@@ -179,6 +179,11 @@ def test_cli_prior_build_list_and_atlas_build_prior(fake_store, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["name"] == "p" and [s["dataset"] for s in out["sources"]] == ["ref0", "ref1"]
+    res = runner.invoke(
+        cli, ["prior", "build", *paths, *store, "--name", "a b", "--label-key", "cell_type"]
+    )
+    assert res.exit_code == 1 and "Prior name 'a b'" in res.output
+    assert "obs columns" not in res.output  # refused before ref1 (no cell_type) was read
     res = runner.invoke(cli, ["prior", "build", *paths, *store, "--name", "q"])
     assert res.exit_code == 2 and "--label-key" in res.output
     res = runner.invoke(

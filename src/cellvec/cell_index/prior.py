@@ -173,6 +173,15 @@ def pool_sources(sources: list[ExpressionSource], names: list[str]) -> Expressio
     )
 
 
+def check_prior_name(name: str) -> None:
+    """Refuse a name that cannot be a table (and a SQL view) before any work."""
+    if not is_table_name(name):
+        raise CellvecError(
+            f"Prior name {name!r}: use up to {MAX_TABLE_NAME} letters, digits and underscores "
+            "(it becomes a table and a SQL view name)."
+        )
+
+
 def build_prior(
     references: list[tuple[str, ExpressionSource, np.ndarray]],
     *,
@@ -188,11 +197,7 @@ def build_prior(
 
     `recipe` (default `Recipe()`) is the one its atlases will use: they must share its
     background and centring (`SAME_SPACE`); `seed` and `refine_options` as `atlas build`'s."""
-    if not is_table_name(name):
-        raise CellvecError(
-            f"Prior name {name!r}: use up to {MAX_TABLE_NAME} letters, digits and underscores "
-            "(it becomes a table and a SQL view name)."
-        )
+    check_prior_name(name)
     names = [n for n, _, _ in references]
     if len(set(names)) != len(names):
         raise CellvecError(f"Two references of the prior share a name ({', '.join(names)}).")

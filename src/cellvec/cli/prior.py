@@ -74,9 +74,10 @@ def build(
     from pathlib import Path
 
     from cellvec.cell_index.labels import reference_labels
-    from cellvec.cell_index.prior import build_prior
+    from cellvec.cell_index.prior import build_prior, check_prior_name
     from cellvec.cell_index.readers import read_expression
 
+    check_prior_name(name)  # before the references are read
     if len(label_keys) not in (1, len(references)):
         raise click.BadParameter(
             f"{len(label_keys)} label keys for {len(references)} references: give one for all "
