@@ -170,7 +170,7 @@ def test_cli_prior_build_list_and_atlas_build_prior(fake_store, tmp_path):
     res = runner.invoke(
         cli, ["prior", "build", *paths, *store, "--name", "p", "--label-key", "cell_type"]
     )
-    assert res.exit_code != 0 and "'kind'" not in res.output and "cell_type" in res.output
+    assert res.exit_code != 0 and "no cell annotation 'cell_type'; obs columns" in res.output
     res = runner.invoke(
         cli,
         ["prior", "build", *paths, *store, "--name", "p", "--top-genes", "10", "--json"]
