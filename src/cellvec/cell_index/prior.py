@@ -19,8 +19,10 @@ nothing of the prior. The recipe records the prior's hash (`prior_hash`) and the
 atlas's refinement report its name and sources.
 
 Measured leave one dataset out (`benchmarks/pretrained_prior.py`,
-results/pretrained_prior.md): a prior from the other human PBMC sets raised macro-F1 at
-3-20 reference cells a class by +0.010 to +0.052 on pbmc3k and pbmc_3chem. A prior is
+results/pretrained_prior.md, three seeds): a prior from the other human PBMC sets raised
+macro-F1 at 3-20 reference cells a class on pbmc_3chem by +0.019 to +0.057 on average
+(every seed), on pbmc3k by +0.028 and +0.019 at 3 and 20 cells, and by nothing beyond
+the seed spread at 5 and 10 (-0.004, +0.009). A prior is
 only as near as its references: one from another tissue (the Baron human pancreas) cost
 the same atlases up to 0.039 (results/pretrained_prior_from_baron_human.md).
 

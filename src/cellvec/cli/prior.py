@@ -60,9 +60,11 @@ def build(
     and corrections from the prior's, and its head from the prior's head: with a few
     labelled cells a class it then learns what tells its subtypes apart on top of what
     the prior learned. Use references of the tissue you will map (on PBMC, a prior of
-    other PBMC sets gained 0.01-0.05 macro-F1 at 3-20 cells a class; one of pancreas cells
-    lost up to 0.04), and leave out the cells you will build the atlas from. The prior
-    must be built with the --background and --center its atlases use.
+    the other PBMC sets gained 0.02-0.06 macro-F1 on average over 3 seeds at 3-20 cells a
+    class on pbmc_3chem, but nothing beyond the seed spread at 5-10 on pbmc3k; one of
+    pancreas cells lost up to 0.04), and leave out the cells you will build the atlas
+    from. Check it on your data with `evaluate --prior`. The prior must be built with the
+    --background and --center its atlases use.
 
     \b
     Example:
