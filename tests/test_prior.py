@@ -151,6 +151,8 @@ def test_a_prior_that_does_not_fit_is_refused(with_prior):
         _atlas(store, "c", refine_options={**FAST, "hidden": 64})
     with pytest.raises(CellvecError, match="--refine supcon"):
         build_prior(_references(3), store=store, name="x", recipe=Recipe(refine="simclr"))
+    with pytest.raises(CellvecError, match="--adapt-genes"):
+        build_prior(_references(3), store=store, name="x", recipe=Recipe(adapt_genes=False))
     with pytest.raises(CellvecError, match="Prior name"):
         build_prior(_references(3), store=store, name="../x")
     assert list_atlases(store) == []  # nothing half-built

@@ -209,6 +209,11 @@ def build_prior(
             f"A prior is a supervised refinement of labelled references; refine={recipe.refine!r} "
             "learns nothing from their labels. Build it with --refine supcon."
         )
+    if not recipe.adapt_genes:
+        raise CellvecError(
+            "A prior carries the gene gates and corrections its atlases start from; "
+            "--no-adapt-genes learns none. Build it with --adapt-genes (the default)."
+        )
     t0 = time.perf_counter()
     store = Store.of(store, create=True)
     genes = GeneStore(store).load(model, every_gene=True)
