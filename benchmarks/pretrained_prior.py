@@ -13,7 +13,8 @@ run. amacrine is not run: there is no second labelled mouse retina set here to p
 
 An L2 pull of the head towards the prior (strength 0.01) was measured before the prior
 was shipped and did worse than none on pbmc3k (0.778 / 0.790 against 0.784 / 0.805 at 5
-/ 10 cells): the prior is a starting point only.
+/ 10 cells; this script at 2e77731 with `--pull 0.01`): the prior is a starting point
+only.
 
     python benchmarks/pretrained_prior.py --out results/ [--only pbmc3k] [--sizes 5,10] [--seed 1]
 """
