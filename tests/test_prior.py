@@ -56,7 +56,7 @@ def test_a_prior_is_a_table_of_its_genes_with_its_sources(with_prior):
     assert list_priors(store) == ["pbmc"]
     meta = prior.meta
     assert meta["n_cells"] == 120 and [s["dataset"] for s in meta["sources"]] == ["set0", "set1"]
-    # the pooled labels are kept apart by dataset: 3 types x 2 sets
+    # each reference keeps its own classes (pooled, they are kept apart by dataset)
     assert meta["sources"][0]["classes"] == {"B": 20, "M": 20, "T": 20}
     assert meta["refinement"]["n_cells"] == 120 and "history" not in meta["refinement"]
     assert set(prior.head) == set(HEAD_KEYS) and len(prior.gene_rows) == meta["n_genes"] > 0
