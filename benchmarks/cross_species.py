@@ -96,8 +96,8 @@ def score(truth, predicted, known) -> dict:
 def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int = 0) -> dict:
     """Predicted labels of the query by logistic regression (and `peers`) trained on the
     reference's genes that have a one-to-one ortholog in the query, the query translated."""
-    from cellvec.cell_index.readers import read_expression
-    from cellvec.evaluation.baselines import align, expression_baseline
+    from cellvec.cell_index.readers import align_genes, read_expression
+    from cellvec.evaluation.baselines import expression_baseline
     from cellvec.evaluation.transfer import translate
 
     # each file normalised over all its genes (CP10k, log1p) before the query is cut to
@@ -106,8 +106,8 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
     translated, sources = translate(q, hcop.one_to_one(species))
     have = set(translated.var_names)
     genes = [g for g in r.var_names if g in have]
-    x_ref = align(r.to_csr(), r.var_names, genes)
-    x_q = align(translated.to_csr(), translated.var_names, genes)
+    x_ref = align_genes(r.to_csr(), r.var_names, genes)
+    x_q = align_genes(translated.to_csr(), translated.var_names, genes)
     y = ref.obs["label"].to_numpy().astype(str)
     # the same, on the genes cellvec is given (both files' carrying genes, `carried`)
     own = set(carrying_genes(BARON[species_of(query)]))

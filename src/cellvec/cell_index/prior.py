@@ -49,7 +49,7 @@ import scipy.sparse as sp
 from cellvec.cell_index.artifacts import load_artifact
 from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.fitting import fit_encoder
-from cellvec.cell_index.readers import LOGNORM, ExpressionSource
+from cellvec.cell_index.readers import LOGNORM, ExpressionSource, align_genes
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import HEAD_KEYS
 from cellvec.cell_index.table import MAX_TABLE_NAME, is_table_name
@@ -152,20 +152,11 @@ def pool_sources(sources: list[ExpressionSource], names: list[str]) -> Expressio
     are broken by stored order, and a CSR product leaves the columns unsorted (the same
     cells then gave a prior 0.04 apart in its head weights)."""
     var = sorted({str(g) for s in sources for g in s.var_names})
-    at = {g: i for i, g in enumerate(var)}
-    blocks, obs = [], []
-    for source, name in zip(sources, names):
-        cols = np.array([at[str(g)] for g in source.var_names], dtype=np.int64)
-        move = sp.csr_matrix(
-            (np.ones(len(cols), np.float32), (np.arange(len(cols)), cols)),
-            shape=(len(cols), len(var)),
-        )
-        blocks.append(sp.csr_matrix(source.to_csr() @ move, dtype=np.float32))
-        obs.append(
-            pd.DataFrame(
-                {"dataset": name}, index=[f"{name}:{c}" for c in source.obs_names], dtype=object
-            )
-        )
+    blocks = [align_genes(s.to_csr(), [str(g) for g in s.var_names], var) for s in sources]
+    obs = [
+        pd.DataFrame({"dataset": name}, index=[f"{name}:{c}" for c in s.obs_names], dtype=object)
+        for s, name in zip(sources, names)
+    ]
     return ExpressionSource(
         path=f"pooled({', '.join(names)})",
         obs=pd.concat(obs),

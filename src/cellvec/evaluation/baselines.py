@@ -9,21 +9,8 @@ genes the query has.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 EXPRESSION_BASELINES = ("pca_knn", "logreg_expr")
-
-
-def align(x: sp.csr_matrix, var_names: list[str], to: list[str]) -> sp.csr_matrix:
-    """The columns of `x` (genes `var_names`) reordered to genes `to`; zeros for the missing."""
-    pos = {g: i for i, g in enumerate(var_names)}
-    src = np.array([pos.get(g, -1) for g in to], dtype=np.int64)
-    have = np.flatnonzero(src >= 0)
-    # a 0/1 matrix taking column src[j] of x to column j of the output
-    move = sp.csr_matrix(
-        (np.ones(len(have), np.float32), (src[have], have)), shape=(x.shape[1], len(to))
-    )
-    return sp.csr_matrix(x @ move, dtype=np.float32)
 
 
 def expression_baseline(name: str, x_train, y_train, x_test, k: int, seed: int) -> np.ndarray:

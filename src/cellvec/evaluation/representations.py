@@ -18,11 +18,11 @@ import numpy as np
 from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.fitting import fit_encoder
 from cellvec.cell_index.mapping import map_cells
-from cellvec.cell_index.readers import ExpressionSource
+from cellvec.cell_index.readers import ExpressionSource, align_genes
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.tune import choose_readout
 from cellvec.errors import CellvecError
-from cellvec.evaluation.baselines import EXPRESSION_BASELINES, align, expression_baseline
+from cellvec.evaluation.baselines import EXPRESSION_BASELINES, expression_baseline
 from cellvec.evaluation.graph import go_graph_embedding
 from cellvec.evaluation.peers import celltypist_predict
 from cellvec.evaluation.plan import PEERS, VECTOR_REPRESENTATIONS
@@ -131,7 +131,7 @@ class Predictors:
         if name == "logreg_panel" or shared_genes:
             have = set(query.var_names)
             genes = [g for g in ref.var_names if g in have]
-        x_ref = align(ref.to_csr(), ref.var_names, genes)
+        x_ref = align_genes(ref.to_csr(), ref.var_names, genes)
         if name == "celltypist":
             return celltypist_predict(
                 x_ref,
@@ -141,6 +141,6 @@ class Predictors:
                 test_var_names=list(query.var_names),
                 seed=self.seed,
             )
-        x_q = align(query.to_csr(), query.var_names, genes)
+        x_q = align_genes(query.to_csr(), query.var_names, genes)
         base = "logreg_expr" if name == "logreg_panel" else name
         return expression_baseline(base, x_ref, y_ref, x_q, self.k, self.seed)
