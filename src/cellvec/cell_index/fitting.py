@@ -102,10 +102,12 @@ def fit_encoder(
         w = sp.csr_matrix(weights_matrix(source, basis, recipe)[:, cols])
     held = calibration_cells(labels, calibration_split, seed) if calibration_split else None
     train = slice(None) if held is None else ~held
-    start = prior.start(vecs, rows) if prior else None
+    # with a prior, refinement starts from its gene vectors: `vecs` with its gates g0 and
+    # corrections d0 applied
+    start, g0, d0 = prior.start(vecs, rows) if prior else (vecs, None, None)
     params, report = fit_refinement(
         w[train],
-        vecs if start is None else start[0],
+        start,
         None if recipe.refine != "supcon" else np.asarray(labels)[train],
         recipe=recipe,
         options=RefineOptions(**(refine_options or {})),
@@ -113,7 +115,7 @@ def fit_encoder(
         head=prior.head if prior else None,
     )
     if prior:
-        params = prior.compose(params, *start[1:])
+        params = prior.compose(params, g0, d0)
         report = {**report, "prior": prior.provenance()}
     refinement = {"gene_rows": rows.astype(np.int64), **params}
     recipe = Recipe.from_dict(

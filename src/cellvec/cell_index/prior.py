@@ -222,7 +222,7 @@ def build_prior(
         source,
         labels,
         genes,
-        Recipe.from_dict({**recipe.to_dict(), "model": genes.model, "prior_hash": None}),
+        recipe,  # its model, hashes and prior_hash are set by the fit
         store=store,
         seed=seed,
         refine_options=refine_options,
@@ -265,7 +265,9 @@ def build_prior(
         }
     )
     replace_table(
-        store.db, PRIOR_PREFIX + name, table.replace_schema_metadata({META_KEY: _json(meta)})
+        store.db,
+        PRIOR_PREFIX + name,
+        table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}),
     )
     log.info(
         "Prior %s: %s cells, %s genes, in %.1f s -> %s",
@@ -276,10 +278,6 @@ def build_prior(
         store.location.uri,
     )
     return load_prior(store, name, genes)
-
-
-def _json(meta: dict) -> bytes:
-    return json.dumps(meta).encode()
 
 
 def list_priors(store: Store | str | Path | StoreLocation) -> list[str]:

@@ -110,8 +110,9 @@ def build(
 
 
 def _dataset_name(path, taken: list[str]) -> str:
-    """A reference's name in the prior's labels: its file stem, numbered when taken."""
-    name = path.name.split(".")[0] if path.is_file() else path.name
+    """A reference's name in the prior's labels: its stem (as an atlas's `dataset` column
+    names its file), numbered when taken."""
+    name = path.stem
     out, i = name, 2
     while out in taken:
         out, i = f"{name}_{i}", i + 1
