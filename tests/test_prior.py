@@ -242,3 +242,34 @@ def test_pooled_references_are_stored_as_their_files_are():
     np.testing.assert_array_equal(
         x[: a.n_obs].toarray(), a.to_csr()[:, np.argsort(a.var_names)].toarray()
     )
+
+
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda a: a.pop("w2"), "lacks w2"),
+        (lambda a: a.update(gene_gate=a["gene_gate"][:-1]), "gates"),
+        (lambda a: a["gene_rows"].__setitem__(0, 10**9), "not distinct rows of the gene table"),
+        (lambda a: a["gene_gate"].__setitem__(0, 0.0), "not finite positive"),
+        (lambda a: a["gene_delta"].__setitem__((0, 0), np.nan), "not finite positive"),
+    ],
+)
+def test_a_tampered_prior_is_refused_with_what_is_wrong(with_prior, tamper, problem):
+    """A store is a folder anyone may have edited: a prior whose arrays do not fit together
+    is refused, saying what is wrong and to rebuild it, before an atlas starts from it."""
+    import json
+
+    from cellvec.cell_index.artifacts import load_artifact, save_artifact
+    from cellvec.storage import META_KEY, Store, replace_table
+
+    store, prior = with_prior
+    arrays = load_artifact(store, prior.digest)
+    tamper(arrays)
+    meta = {**prior.meta, "recipe": {**prior.meta["recipe"]}}
+    meta["recipe"]["head_hash"] = save_artifact(store, arrays)
+    db = Store.of(store)
+    table = db.open_table("prior_pbmc").to_arrow()
+    replace_table(db.db, "prior_pbmc", table.replace_schema_metadata({META_KEY: json.dumps(meta)}))
+    with pytest.raises(StoreError, match=f"Prior 'pbmc' .*{problem}.*cellvec prior build"):
+        _atlas(store, "from_tampered")
+    assert list_atlases(store) == []

@@ -302,6 +302,29 @@ def _stored_meta(store: Store, name: str) -> dict:
     return meta
 
 
+def _inconsistent(arrays: dict, dim: int, n_store_genes: int | None) -> str | None:
+    """What is wrong with a prior's stored arrays (a store is a folder anyone may have
+    edited), or None: every array there, one gate and correction per gene row, the rows
+    distinct store rows, the gates positive (a composed correction divides by them)."""
+    missing = [k for k in ("gene_rows", "gene_gate", "gene_delta", *HEAD_KEYS) if k not in arrays]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    rows, gate, delta = arrays["gene_rows"], arrays["gene_gate"], arrays["gene_delta"]
+    n = len(rows)
+    if rows.ndim != 1 or gate.shape != (n,) or delta.shape != (n, dim):
+        return (
+            f"{n} gene rows, gates {gate.shape} and corrections {delta.shape} "
+            f"(want ({n},) and ({n}, {dim}))"
+        )
+    if len(np.unique(rows)) != n or (
+        n and (rows.min() < 0 or (n_store_genes or np.inf) <= rows.max())
+    ):
+        return "its gene rows are not distinct rows of the gene table"
+    if not (np.isfinite(gate).all() and (gate > 0).all() and np.isfinite(delta).all()):
+        return "its gates or corrections are not finite positive numbers"
+    return None
+
+
 def _require_table(name: str, recipe: Recipe, genes) -> None:
     """Refuse gene table `genes` unless prior `name` (`recipe`) was built on it: its gene
     rows would name other genes."""
@@ -322,9 +345,12 @@ def load_prior(store: Store | str | Path | StoreLocation, name: str, genes=None)
     if genes is not None:
         _require_table(name, recipe, genes)
     arrays = load_artifact(store, recipe.head_hash)
-    missing = [k for k in ("gene_rows", "gene_gate", "gene_delta", *HEAD_KEYS) if k not in arrays]
-    if missing:
-        raise StoreError(f"Prior {name!r} lacks {', '.join(missing)}: rebuild it.")
+    problem = _inconsistent(arrays, recipe.dimension, len(genes.vectors) if genes else None)
+    if problem:
+        raise StoreError(
+            f"Prior {name!r} of {store} is not usable: {problem}. Rebuild it with `cellvec "
+            "prior build`."
+        )
     return Prior(
         name=name,
         recipe=recipe,
