@@ -74,7 +74,7 @@ def test_a_prior_is_a_table_of_its_genes_with_its_sources(with_prior):
     assert rows["gate"][0] == pytest.approx(float(prior.gate.min()))
 
 
-def test_an_atlas_starts_from_its_prior_and_records_it(with_prior):
+def test_an_atlas_starts_from_its_prior_and_records_it(with_prior, monkeypatch):
     """With a learning rate of 0 nothing moves from the start: the atlas's head, gates and
     corrections are then the prior's own, so they are what refinement started from."""
     store, prior = with_prior
@@ -94,11 +94,19 @@ def test_an_atlas_starts_from_its_prior_and_records_it(with_prior):
     assert Atlas.describe(store, "still")["prior"] == "pbmc"
     # trained, it moves away from the prior; and a query mapped later through the atlas's
     # saved arrays gets the vectors the atlas was built with (the composition is right)
-    moved = _atlas(store, "moved", readout="auto")  # 8 cells a class: the read-out by CV
-    assert set(moved.meta["readout_scores"]) == {"refined kNN", "unrefined centroid"}
+    moved = _atlas(store, "moved")
     assert moved.recipe.prior_hash == prior.digest
-    if moved.recipe.refine == "supcon":  # the CV's choice; the centroids have no head
-        assert not np.allclose(moved.encoder().refinement["w2"], prior.head["w2"])
+    assert not np.allclose(moved.encoder().refinement["w2"], prior.head["w2"])
+    # 8 cells a class: the read-out is chosen by CV, its folds starting from the prior too
+    from cellvec.cell_index.prior import Prior
+
+    starts, start = [], Prior.start
+    monkeypatch.setattr(Prior, "start", lambda self, *a: starts.append(1) or start(self, *a))
+    chosen = _atlas(store, "chosen", readout="auto")
+    monkeypatch.undo()
+    assert set(chosen.meta["readout_scores"]) == {"refined kNN", "unrefined centroid"}
+    assert len(starts) == 3 * 2 + 1  # 3 folds x 2 candidates, then the atlas
+    assert chosen.recipe.prior_hash == prior.digest
     ref = tiny_adata(n_cells=24, seed=1)
     res = map_cells(ref, "moved", store=store)
     np.testing.assert_allclose(res.vectors, Atlas.open(store, "moved").vectors, atol=1e-5)
