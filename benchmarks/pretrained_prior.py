@@ -22,6 +22,7 @@ only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -46,22 +47,29 @@ TARGETS = ("pbmc3k", "pbmc_3chem")
 OTHER_TISSUES = {"baron_human": ("baron2016_pancreas_human.h5ad", "cell_type1")}
 
 
-def pretrain(target: str, names, store: Path, seed: int = 0):
-    """Prior `lodo_<target>` (or `from_<names>`, another tissue's) of the sets `names`,
-    built (once per run) into `store`."""
+@functools.cache
+def labelled(name: str):
+    """(cells, labels) of set `name`, read once a run (every target's prior and both of its
+    curves use them)."""
     from cellvec.cell_index.labels import labels_of
-    from cellvec.cell_index.prior import build_prior
     from cellvec.cell_index.readers import read_expression
-    from cellvec.gene_store import GeneStore
+
+    f, key = {**SETS, **OTHER_TISSUES}[name]
+    source = read_expression(CELLS / f)
+    return source, labels_of(source, key)
+
+
+def pretrain(target: str, names, store: Path, genes, seed: int = 0):
+    """Prior `lodo_<target>` (or `from_<names>`, another tissue's) of the sets `names`,
+    built (once per run) into `store`, whose gene table is `genes`."""
+    from cellvec.cell_index.prior import build_prior
 
     refs = []
     for name in names:
-        f, key = {**SETS, **OTHER_TISSUES}[name]
-        source = read_expression(CELLS / f)
+        source, y = labelled(name)
         if name in OTHER_TISSUES:  # over the store's genes: most pancreas genes are not in it
-            have = set(GeneStore(store).load("minilm").genes["symbol"].to_list())
-            source = source.subset_genes(np.isin(source.var_names, list(have)))
-        refs.append((name, source, labels_of(source, key)))
+            source = source.subset_genes(np.isin(source.var_names, genes.genes["symbol"].to_list()))
+        refs.append((name, source, y))
     t0 = time.perf_counter()
     name = f"lodo_{target}" if all(n in SETS for n in names) else "from_" + "_".join(names)
     prior = build_prior(refs, store=store, name=name, seed=seed)
@@ -77,16 +85,12 @@ def curve(target: str, genes, sizes, prior=None, seed: int = 0) -> dict[str, flo
     """cellvec's macro-F1 on `target` with n reference cells a class, the draws of
     benchmarks/data_limited.py, each atlas starting from `prior` when given."""
     from cellvec import metrics
-    from cellvec.cell_index.labels import labels_of
-    from cellvec.cell_index.readers import read_expression
     from cellvec.cell_index.recipe import Recipe
     from cellvec.evaluation.cross_validation import CrossValidation
     from cellvec.evaluation.representations import Predictors
     from cellvec.evaluation.scenarios import few_cells
 
-    f, key = SETS[target]
-    source = read_expression(CELLS / f)
-    y = labels_of(source, key)
+    source, y = labelled(target)
     pred = Predictors({genes.model: genes}, Recipe(model=genes.model), 15, seed, {}, prior=prior)
     cv = CrossValidation(pred, source, y, metrics.folds(y, 5, seed))
     return {
@@ -124,7 +128,7 @@ def main():
         others = args.prior_from.split(",") if args.prior_from else [s for s in SETS if s != target]
         if target in others:
             sys.exit(f"{target} cannot be its own prior: leave it out of --prior-from")
-        prior = pretrain(target, others, store, args.seed)
+        prior = pretrain(target, others, store, genes, args.seed)
         t0 = time.perf_counter()
         default = curve(target, genes, sizes, seed=args.seed)
         primed = curve(target, genes, sizes, prior, seed=args.seed)
