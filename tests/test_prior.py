@@ -151,6 +151,8 @@ def test_a_prior_that_does_not_fit_is_refused(with_prior):
     store, _ = with_prior
     with pytest.raises(StoreError, match=r"No prior 'nope'.*priors: pbmc.*cellvec prior build"):
         _atlas(store, "a", prior="nope")
+    with pytest.raises(StoreError, match=r"No prior '\.\./\.\./etc'"):  # never a path
+        _atlas(store, "a", prior="../../etc")
     with pytest.raises(CellvecError, match=r"background: prior 'whiten', atlas 'center'"):
         _atlas(store, "b", background="center")
     with pytest.raises(
