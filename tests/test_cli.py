@@ -154,6 +154,17 @@ def test_pipeline_through_the_cli(tmp_path, gene_files):
     assert res.exit_code == 0, res.output
     reps = json.loads(res.stdout)["representations"]
     assert {"pca_knn", "logreg_expr", "naive_mean", "graph_baseline", "cellvec"} <= set(reps)
+    evaluate = ["evaluate", str(ref), "--label-key", "cell_type", "--store", store]
+    res = r.invoke(cli, [*evaluate, "--folds", "1"])
+    assert res.exit_code == 2 and "one fold leaves no cells to train on" in res.output
+    res = r.invoke(cli, [*evaluate, "--folds", "0"])
+    assert res.exit_code == 2 and "add --query FILE" in res.output
+    res = r.invoke(
+        cli, [*evaluate, "--folds", "0", "--query", str(q), "--top-genes", "10", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["transfer"]["cellvec"]["accuracy"] == 1.0 and not out["representations"]
     res = r.invoke(cli, ["atlas", "list", "--store", store])
     assert "tiny" in res.output and "top10" in res.output
     res = r.invoke(

@@ -27,7 +27,13 @@ from cellvec.cli.options import (
 @store_option
 @model_option(multiple=True)
 @recipe_options
-@click.option("--folds", default=5, show_default=True, help="Stratified folds.")
+@click.option(
+    "--folds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Stratified folds; 0 scores only --query (the whole of DATA is the reference).",
+)
 @click.option("-k", default=15, show_default=True, help="Neighbours in the vote.")
 @click.option(
     "--baselines",
@@ -147,6 +153,18 @@ def evaluate_cmd(
     from cellvec.evaluation.evaluate import evaluate
     from cellvec.evaluation.plan import EvaluationPlan, Scenarios, UnassignedCall
 
+    if folds == 1:
+        raise click.BadParameter(
+            "one fold leaves no cells to train on: give 2 or more, or 0 to score only --query.",
+            param_hint="--folds",
+        )
+    if folds == 0 and query is None:
+        raise click.BadParameter(
+            "0 folds scores only --query, and none was given: add --query FILE, or give 2 or "
+            "more folds.",
+            param_hint="--folds",
+        )
+
     def read(path):
         return read_expression(path, **read_options)
 
@@ -158,7 +176,8 @@ def evaluate_cmd(
         models=list(model),
         recipe=recipe,
         plan=EvaluationPlan(
-            folds=folds,
+            folds=folds or EvaluationPlan.folds,
+            skip_folds=folds == 0,
             k=k,
             seed=seed,
             representations=_representations(representations),

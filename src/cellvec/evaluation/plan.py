@@ -72,6 +72,11 @@ class EvaluationPlan:
     prior: str | None = None
 
     def __post_init__(self):
+        if self.folds < 2 and not self.skip_folds:
+            raise CellvecError(
+                f"folds must be 2 or more, got {self.folds} (skip_folds=True scores only a "
+                "query's transfer)."
+            )
         object.__setattr__(self, "peers", tuple(self.peers))
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
