@@ -52,11 +52,28 @@ def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, 
     with caplog.at_level("INFO"):
         res = map_cells(renamed, "tiny", store=atlas_store, orthologs=table, truth_key="cell_type")
     assert "0 genes matched directly, 30 through orthologs (orth.csv)" in caplog.text
+    assert "`--weighting softmax` map across species better" in caplog.text
     assert res.metrics["accuracy"] == 1.0 and res.summary()["orthologs"] == "orth.csv"
     # the same store genes, the atlas's own recipe: the very vectors of the original names
     direct = map_cells(query, "tiny", store=atlas_store)
     np.testing.assert_allclose(res.vectors, direct.vectors, atol=1e-6)
     assert res.recipe == direct.recipe
+
+
+def test_no_weighting_hint_for_an_atlas_weighted_for_other_species(fake_store, tmp_path, caplog):
+    build_atlas(
+        tiny_adata(n_cells=90, seed=1),
+        store=fake_store,
+        name="soft",
+        label_key="cell_type",
+        recipe=Recipe(weighting="softmax"),
+    )
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])
+    query.var_names = [_other_species(n) for n in query.var_names]
+    with caplog.at_level("INFO"):
+        map_cells(query, "soft", store=fake_store, orthologs=table)
+    assert "through orthologs" in caplog.text and "--weighting softmax" not in caplog.text
 
 
 def test_one_to_many_resolution_is_deterministic(fake_store, tmp_path):

@@ -172,6 +172,14 @@ class Reference:
         if plan is not None:
             return plan
         basis = self.encoder.basis(var_names, where, orthologs=orthologs)
+        if orthologs is not None and self.encoder.recipe.weighting != "softmax":
+            log.info(
+                "%s is of another species: atlases built with `--weighting softmax` map "
+                "across species better than %s's %s weighting (README, 'Other species')",
+                where,
+                self.name,
+                self.encoder.recipe.weighting,
+            )
         plan = Plan(basis)
         if basis.positions is not None and len(basis.positions) < self.n_genes:
             coverage = self.atlas().coverage(basis.positions)

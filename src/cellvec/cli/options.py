@@ -161,7 +161,9 @@ def recipe_options(f):
         type=click.Choice(WEIGHTINGS),
         default=Recipe.weighting,
         show_default=True,
-        help="Weights of a cell's top genes.",
+        help="Weights of a cell's top genes: value (log expression), log1p, rank, or softmax "
+        "(the expression itself, 1 + CP10k: for an atlas that maps other species' cells; "
+        "it loses within a species, README 'Other species').",
     )(f)
     f = click.option(
         "--top-genes",
