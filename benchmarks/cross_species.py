@@ -16,14 +16,15 @@ resolution cannot place.
 
 A real pair (Baron et al. 2016 pancreas, human 2,142 cells and mouse 1,886, same
 protocol, labels `cell_type1` lower-cased) is mapped both ways: an atlas of one species
-(`calibration_split=0.1`, the default recipe), the other species' cells mapped with
-`orthologs=HCOP`, scored on the 11 classes both have; logistic regression and CellTypist
+(`calibration_split=0.1`; the default recipe, and `--weighting softmax`, which weights each
+cell's top genes by their expression rather than its logarithm), the other species' cells
+mapped with `orthologs=HCOP`, scored on the 11 classes both have; logistic regression and CellTypist
 trained on the reference's genes that have a one-to-one HCOP ortholog in the query,
 predicting the translated query. With `min_typicality=0.01` the share of the cells of
 classes the atlas lacks (human acinar, epsilon, mast; mouse B and other immune cells)
 that come back unassigned, and the accuracy left on the known ones.
 
-    python benchmarks/cross_species.py --out results/
+    python benchmarks/cross_species.py --out results/ [--seeds 0 1 2] [--baron-only]
 """
 
 from __future__ import annotations
@@ -133,10 +134,10 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
 
 
 def baron_cellvec(
-    ref, query, store, name: str, hcop, *, min_typicality: float = 0.01, **build
+    ref, query, store, name: str, hcop, *, min_typicality: float = 0.01, seed: int = 0, **build
 ) -> dict:
     """cellvec's labels for the query (and with `min_typicality`) from an atlas of `ref`
-    built with `build` (`Recipe` fields) and `calibration_split=0.1`."""
+    built with `build` (`Recipe` fields), `calibration_split=0.1` and `seed`."""
     from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
     from cellvec.cell_index.recipe import Recipe
@@ -148,7 +149,7 @@ def baron_cellvec(
         name=name,
         label_key="label",
         recipe=Recipe(**build),
-        options=BuildOptions(calibration_split=0.1),
+        options=BuildOptions(calibration_split=0.1, seed=seed),
     )
     res = map_cells(query, atlas, orthologs=hcop)
     strict = map_cells(query, atlas, orthologs=hcop, min_typicality=min_typicality)
@@ -185,17 +186,33 @@ def baron_row(truth, known, labels, typical_labels=None) -> dict:
     return row
 
 
-def run_baron(stores: Path, hcop, peers) -> dict:
-    """Both directions of the Baron pair: cellvec (default recipe) and the peers."""
+# cellvec's rows: the default recipe, and the atlas built with `--weighting softmax` (each
+# cell's top genes weighted by their expression, 1 + CP10k, rather than its logarithm)
+RECIPES = {"cellvec": {}, "cellvec_softmax": {"weighting": "softmax"}}
+
+
+def run_baron(stores: Path, hcop, peers, seeds=(0,)) -> dict:
+    """Both directions of the Baron pair: cellvec (`RECIPES`, atlases of each of `seeds`;
+    the row is the first seed's, `seeds` holds each seed's macro-F1 and accuracy) and the
+    peers."""
     out = {}
     for species, other in (("human", "mouse"), ("mouse", "human")):
         ref, query = baron(species, other)
         known = set(ref.obs["label"])
         truth = query.obs["label"].to_numpy().astype(str)
         store = ensure_named_store(stores, f"baron_{species}")
-        cv = baron_cellvec(ref, query, store, f"baron_{species}", hcop)
-        rows = {"cellvec": baron_row(truth, known, cv["labels"], cv["typical_labels"])}
-        rows["cellvec"]["gene_coverage"] = round(cv["gene_coverage"], 4)
+        rows = {}
+        for name, build in RECIPES.items():
+            for seed in seeds:
+                tag = "" if name == "cellvec" else "_" + name.split("_", 1)[1]
+                cv = baron_cellvec(
+                    ref, query, store, f"baron_{species}{tag}_{seed}", hcop, seed=seed, **build
+                )
+                row = baron_row(truth, known, cv["labels"], cv["typical_labels"])
+                row["gene_coverage"] = round(cv["gene_coverage"], 4)
+                rows.setdefault(name, row).setdefault("seeds", {})[seed] = {
+                    k: row[k] for k in ("macro_f1", "accuracy")
+                }
         pred = baron_peers(ref, query, species, hcop, peers)
         for name in ("logreg_expr", "logreg_carried", *peers):
             rows[name] = baron_row(truth, known, pred[name])
@@ -209,26 +226,53 @@ def run_baron(stores: Path, hcop, peers) -> dict:
 
 
 def baron_lines(res: dict, peers) -> list[str]:
-    names = ["cellvec", "logreg_expr", *peers, "logreg_carried"]
+    names = [*RECIPES, "logreg_expr", *peers, "logreg_carried"]
     lines = [
         "| query onto atlas | "
         + " | ".join(f"{n} macro-F1 / accuracy" for n in names)
         + " | "
-        + " | ".join(f"cellvec F1 {c}" for c in ENDOCRINE)
-        + " | unassigned of unknown classes / accuracy left (typicality 0.01) |",
+        + " | ".join(f"F1 {c} ({' / '.join(RECIPES)})" for c in ENDOCRINE)
+        + " | unassigned of unknown classes, accuracy left (typicality 0.01; "
+        + " / ".join(RECIPES)
+        + ") |",
         "|---|" + "---|" * (len(names) + len(ENDOCRINE) + 1),
     ]
     for key, r in res.items():
-        typ = r["cellvec"]["typicality_0.01"]
+        typ = {n: r[n]["typicality_0.01"] for n in RECIPES}
         lines.append(
             f"| {key} | "
             + " | ".join(f"{r[n]['macro_f1']:.3f} / {r[n]['accuracy']:.3f}" for n in names)
             + " | "
             + " | ".join(
-                f"{r['cellvec']['per_class_f1'].get(c, float('nan')):.3f}" for c in ENDOCRINE
+                " / ".join(f"{r[n]['per_class_f1'].get(c, float('nan')):.2f}" for n in RECIPES)
+                for c in ENDOCRINE
             )
-            + f" | {typ['unassigned_of_unknown']:.2f} of {typ['n_unknown']} / {typ['accuracy_known']:.3f} |"
+            + " | "
+            + " / ".join(
+                f"{t['unassigned_of_unknown']:.2f} of {t['n_unknown']}, {t['accuracy_known']:.3f}"
+                for t in typ.values()
+            )
+            + " |"
         )
+    seeds = sorted(next(iter(res.values()))["cellvec"]["seeds"])
+    if len(seeds) > 1:
+        lines += [
+            "",
+            f"cellvec over seeds {', '.join(map(str, seeds))} (folds of the calibration split "
+            "and refinement), macro-F1 / accuracy:",
+            "",
+            "| query onto atlas | recipe | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+            "|---|---|" + "---|" * (len(seeds) + 1),
+        ]
+        for key, r in res.items():
+            for n in RECIPES:
+                per = [r[n]["seeds"][s] for s in seeds]
+                mean = [float(np.mean([p[k] for p in per])) for k in ("macro_f1", "accuracy")]
+                lines.append(
+                    f"| {key} | {n} | "
+                    + " | ".join(f"{p['macro_f1']:.3f} / {p['accuracy']:.3f}" for p in per)
+                    + f" | {mean[0]:.3f} / {mean[1]:.3f} |"
+                )
     lines += ["", "Per-class F1 (query cells of the shared classes):", ""]
     for key, r in res.items():
         classes = r["shared_classes"]
@@ -254,6 +298,9 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--no-celltypist", action="store_true", help="skip the CellTypist peer")
     ap.add_argument("--baron-only", action="store_true", help="skip the renamed-query cases")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="cellvec's atlas seeds on the Baron pair"
+    )
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this needs the shared real data")
@@ -267,11 +314,15 @@ def main():
     hcop = read_orthologs(HCOP)
     peers = () if args.no_celltypist else ("celltypist",)
     command = "python benchmarks/cross_species.py" + (" --no-celltypist" if not peers else "")
-    pair = run_baron(args.stores, hcop, peers)
+    command += " --seeds " + " ".join(map(str, args.seeds)) if args.seeds != [0] else ""
+    command += " --baron-only" if args.baron_only else ""
+    pair = run_baron(args.stores, hcop, peers, seeds=args.seeds)
     pair_lines = [
         "## Baron 2016 pancreas, human and mouse",
         "",
-        f"`{command}`: an atlas of one species (default recipe, `--calibration-split 0.1`),",
+        f"`{command}`: an atlas of one species (`--calibration-split 0.1`; `cellvec` the default",
+        "recipe, `cellvec_softmax` the same with `--weighting softmax`; the first seed's atlas",
+        "below, each seed's at the end),",
         "the other species' cells mapped with `--orthologs hcop_mouse_to_human.csv.gz`; the",
         "peers trained on the reference's genes with a one-to-one HCOP ortholog in the query,",
         "predicting the translated query; scored on the classes both species have. Stores:",
