@@ -9,11 +9,26 @@ covariance), each broadly expressed gene's level in the query matched to the
 reference's (`gene_levels`), the gene gates not applied to the query or not learned,
 one gene split over several orthologs, no ortholog table (symbols only), and the
 query's genes with their own species' vectors.
+
+How a cell's top genes are weighted: `--weighting softmax` (by the expression itself,
+1 + CP10k), `rank` and `log1p`; `power_0.5` and `power_0.75` (1 + CP10k to that power,
+between the default's logarithm and softmax; patched in for atlas and query alike);
+300 or 3,000 top genes. The refinement's training views: each gene's level shifted by a
+log-normal factor shared by the whole batch (`level_shift_0.5`, `_1.0`: a species or
+protocol moves a gene in every cell), more per-weight jitter (`jitter_0.8`, against the
+default 0.25), whole genes dropped from a batch (`gene_drop_0.2`). The read-out: 5 or 50
+neighbours in the vote instead of 15 (`k_5`, `k_50`).
+
 The query-side variants are patched in here (unittest.mock), not options of cellvec:
 none of them won both ways. Labels of the query are only scored, never used.
 
     python benchmarks/cross_species_variants.py --out results/ [--stores DIR] [--variants V ...]
         [--seed N]
+    python benchmarks/cross_species_variants.py --mean-of DIR DIR ... --out DIR
+
+`--mean-of` reads earlier runs' `cross_species_variants.json` (one per seed) and writes
+`mean.md`: each variant's mean macro-F1 and accuracy over the runs that have it, and its
+mean gain over `default` on the same seeds.
 
 Every atlas is built in the run that maps onto it (once per recipe, shared by the
 query-side variants), never reused from an earlier run and older code.
@@ -29,6 +44,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cross_species as xs
@@ -38,6 +54,8 @@ from _stores import ensure_named_store
 import cellvec.cell_index.encoder as enc_mod
 import cellvec.cell_index.fitting as fitting_mod
 import cellvec.cell_index.mapping as map_mod
+import cellvec.cell_index.refine as refine_mod
+import cellvec.cell_index.vectors as vectors_mod
 from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.build import BuildOptions, build_atlas
@@ -65,6 +83,19 @@ VARIANTS = (
     "text_only",
     "two_species_store",
     "no_panel",
+    "softmax",
+    "power_0.5",
+    "power_0.75",
+    "weighting_rank",
+    "weighting_log1p",
+    "top_300",
+    "top_3000",
+    "level_shift_0.5",
+    "level_shift_1.0",
+    "jitter_0.8",
+    "gene_drop_0.2",
+    "k_5",
+    "k_50",
 )
 
 
@@ -278,12 +309,69 @@ def gene_levels(atlas, share=0.5):
         yield
 
 
+def _renormalised(w: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
+    """`w`'s pattern with new values `data`, each row summing to 1 again."""
+    counts = np.diff(w.indptr)
+    sums = np.bincount(np.repeat(np.arange(w.shape[0]), counts), weights=data, minlength=w.shape[0])
+    data = data / np.repeat(np.where(sums > 0, sums, 1.0), counts)
+    return sp.csr_matrix((data.astype(np.float32), w.indices, w.indptr), shape=w.shape)
+
+
+@contextmanager
+def power_weights(power: float):
+    """Top genes weighted by (1 + CP10k) ** power: softmax's weights (power 1) raised to
+    `power`, for the atlas and the query alike."""
+    orig = vectors_mod.top_n_weights
+
+    def top_n_weights(x, n, weighting, *args, **kwargs):
+        w = orig(x, n, "softmax", *args, **kwargs)
+        return _renormalised(w, np.power(w.data.astype(np.float64), power))
+
+    with mock.patch.object(vectors_mod, "top_n_weights", top_n_weights):
+        yield
+
+
+@contextmanager
+def batch_views(kind: str, amount: float):
+    """Refinement's training views changed batch-wide: `shift`, every gene's weight times a
+    log-normal factor (sigma `amount`) shared by the batch's cells; `drop`, a share
+    `amount` of the genes left out of every cell of the batch."""
+    orig = refine_mod.augment_weights
+
+    def augment_weights(w, rng, **kwargs):
+        v = orig(w, rng, **kwargs)
+        if kind == "shift":
+            factor = np.exp(rng.normal(0.0, amount, size=w.shape[1]))
+        else:
+            factor = (rng.random(w.shape[1]) >= amount).astype(np.float64)
+        return _renormalised(v, v.data * factor[v.indices])
+
+    with mock.patch.object(refine_mod, "augment_weights", augment_weights):
+        yield
+
+
 BUILD = {
     "refine_none": {"refine": "none"},
     "no_adapter": {"adapt_genes": False},
     "keep_ribosomal": {"skip_genes": "none"},
     "main_before_fix": {"skip_genes": "none"},
+    "softmax": {"weighting": "softmax"},
+    "weighting_rank": {"weighting": "rank"},
+    "weighting_log1p": {"weighting": "log1p"},
+    "top_300": {"top_genes": 300},
+    "top_3000": {"top_genes": 3000},
 }
+REFINE = {"jitter_0.8": {"noise": 0.8}}
+# variants patched in for the atlas's build and the mapping alike (atlases of their own)
+WHOLE = {
+    "main_before_fix": old_main,
+    "power_0.5": lambda: power_weights(0.5),
+    "power_0.75": lambda: power_weights(0.75),
+    "level_shift_0.5": lambda: batch_views("shift", 0.5),
+    "level_shift_1.0": lambda: batch_views("shift", 1.0),
+    "gene_drop_0.2": lambda: batch_views("drop", 0.2),
+}
+MAP = {"k_5": {"k": 5}, "k_50": {"k": 50}}
 
 
 def query_side(variant: str, atlas, stores: Path, query_species: str):
@@ -310,15 +398,14 @@ def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict
     truth = query.obs["label"].to_numpy().astype(str)
     ref, query = xs.carried(ref), xs.carried(query)
     store = ensure_named_store(stores, f"baron_{species}")
-    build = BUILD.get(variant, {})
-    tag = (
-        "old"
-        if variant == "main_before_fix"
-        else "_".join(f"{k}{v}" for k, v in sorted(build.items()))
-    )
-    name = f"xs_{species}_{tag or 'default'}"
+    build, refine = BUILD.get(variant, {}), REFINE.get(variant)
+    if variant in WHOLE or refine:
+        tag = variant.replace(".", "")
+    else:
+        tag = "_".join(f"{k}{v}" for k, v in sorted(build.items())) or "default"
+    name = f"xs_{species}_{tag}_seed{seed}"
     t0 = time.time()
-    with old_main() if variant == "main_before_fix" else nullcontext():
+    with WHOLE.get(variant, nullcontext)():
         if name not in built:
             build_atlas(
                 ref,
@@ -326,14 +413,15 @@ def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict
                 name=name,
                 label_key="label",
                 recipe=Recipe(**build),
-                options=BuildOptions(calibration_split=0.1, seed=seed),
+                options=BuildOptions(calibration_split=0.1, seed=seed, refine_options=refine),
             )
             built.add(name)
         atlas = Atlas.open(store, name)
         orth = None if variant == "text_only" else hcop
+        opts = MAP.get(variant, {})
         with query_side(variant, atlas, stores, other):
-            res = map_cells(query, atlas, orthologs=orth)
-            strict = map_cells(query, atlas, orthologs=orth, min_typicality=0.01)
+            res = map_cells(query, atlas, orthologs=orth, **opts)
+            strict = map_cells(query, atlas, orthologs=orth, min_typicality=0.01, **opts)
     row = xs.baron_row(truth, known, res.labels, strict.labels)
     row.update(
         direction=f"{other} onto {species}",
@@ -373,13 +461,52 @@ def table(rows) -> list[str]:
     return out
 
 
+def mean_table(runs: list[Path]) -> list[str]:
+    """Mean macro-F1 / accuracy per variant and direction over the seed runs in `runs`, and
+    the mean gain over `default` on the seeds both have."""
+    by = {}  # (direction, variant) -> {run: row}
+    for i, d in enumerate(runs):
+        for r in json.loads((d / "cross_species_variants.json").read_text()):
+            by.setdefault((r["direction"], r["variant"]), {})[i] = r
+    out = [
+        "| direction | variant | seeds | macro-F1 | accuracy | gain over default (macro-F1 / accuracy) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (direction, variant), rows in by.items():
+        base = by.get((direction, "default"), {})
+        both = [i for i in rows if i in base]
+        mean = {k: np.mean([r[k] for r in rows.values()]) for k in ("macro_f1", "accuracy")}
+        gain = {k: np.mean([rows[i][k] - base[i][k] for i in both]) for k in mean} if both else {}
+        out.append(
+            f"| {direction} | {variant} | {len(rows)} | {mean['macro_f1']:.3f} | "
+            f"{mean['accuracy']:.3f} | "
+            + (f"{gain['macro_f1']:+.3f} / {gain['accuracy']:+.3f} |" if gain else "- |")
+        )
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     ap.add_argument("--stores", type=Path, default=Path("/tmp/cellvec_eval_stores"))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--seed", type=int, default=0, help="the atlases' seed")
+    ap.add_argument("--mean-of", type=Path, nargs="+", help="summarise these runs' JSON instead")
     a = ap.parse_args()
+    if a.mean_of:
+        lines = [
+            "# Baron pancreas across species: variants over seeds",
+            "",
+            "`python benchmarks/cross_species_variants.py --mean-of "
+            + " ".join(str(d) for d in a.mean_of)
+            + f" --out {a.out}` (each run's command is in its own .md).",
+            "",
+            *mean_table(a.mean_of),
+        ]
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "mean.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        sys.exit(0)
     log_progress()
     hcop = read_orthologs(xs.HCOP)
     built: set[str] = set()
