@@ -8,7 +8,8 @@ query's own mean, the query's mean moved onto the reference's, CORAL (mean and
 covariance), each broadly expressed gene's level in the query matched to the
 reference's (`gene_levels`), the gene gates not applied to the query or not learned,
 one gene split over several orthologs, no ortholog table (symbols only), and the
-query's genes with their own species' vectors.
+query's genes with their own species' vectors (`two_species_store`; `_centred`: each
+species' mean gene vector swapped for the reference species' first).
 
 How a cell's top genes are weighted: `--weighting softmax` (by the expression itself,
 1 + CP10k), `rank` and `log1p`; `power_0.5` and `power_0.75` (1 + CP10k to that power,
@@ -82,6 +83,7 @@ VARIANTS = (
     "split_one_to_many",
     "text_only",
     "two_species_store",
+    "two_species_store_centred",
     "no_panel",
     "softmax",
     "power_0.5",
@@ -156,21 +158,34 @@ def query_centre(min_cells=50):
 
 
 @contextmanager
-def own_species_vectors(stores: Path, query_species):
+def own_species_vectors(stores: Path, query_species, reference_species=None):
     """Two-species store: the query's genes carry their own species' gene vectors (through
-    the atlas's background, with the gates/corrections of their ortholog, or none)."""
+    the atlas's background, with the gates/corrections of their ortholog, or none). With
+    `reference_species`, the query species' mean gene vector is first swapped for the
+    reference species' (what every text of one species shares, e.g. its name, removed)."""
     own = GeneStore(stores / f"baron_{query_species}").load("minilm")
+    offset = 0.0
+    if reference_species:
+        theirs = GeneStore(stores / f"baron_{reference_species}").load("minilm")
+        offset = theirs.vectors.mean(0) - own.vectors.mean(0)
     orig = enc_mod.CellEncoder.basis
 
     def basis(self, var_names, where="dataset", *, orthologs=None):
         b = orig(self, var_names, where, orthologs=orthologs)
         m = match_genes([var_names[c] for c in b.columns], own.genes)
         have = m.rows >= 0
-        vec = apply_background(own.vectors[np.where(have, m.rows, 0)], self.background)
+        vec = apply_background(own.vectors[np.where(have, m.rows, 0)] + offset, self.background)
         params = {k: v[b.positions] for k, v in self.refinement.items() if k in enc_mod.GENE_KEYS}
         new = adapted_basis(vec, params)
+        cos = np.sum(new[have] * b.vectors[have], 1) / (
+            np.linalg.norm(new[have], axis=1) * np.linalg.norm(b.vectors[have], axis=1)
+        )
         vectors = np.where(have[:, None], new, b.vectors)
-        print(f"own-species vectors for {have.sum()} of {len(have)} columns", flush=True)
+        print(
+            f"own-species vectors for {have.sum()} of {len(have)} columns; median cosine to "
+            f"the ortholog's vector {np.median(cos):.3f}",
+            flush=True,
+        )
         return replace(b, vectors=vectors.astype(np.float32))
 
     with mock.patch.object(enc_mod.CellEncoder, "basis", basis):
@@ -374,7 +389,7 @@ WHOLE = {
 MAP = {"k_5": {"k": 5}, "k_50": {"k": 50}}
 
 
-def query_side(variant: str, atlas, stores: Path, query_species: str):
+def query_side(variant: str, atlas, stores: Path, query_species: str, reference_species: str):
     """The patch a query-side variant maps under (nothing for the others)."""
     patches = {
         "coral": lambda: coral(atlas),
@@ -383,6 +398,9 @@ def query_side(variant: str, atlas, stores: Path, query_species: str):
         "no_panel": no_panel,
         "query_centre": query_centre,
         "two_species_store": lambda: own_species_vectors(stores, query_species),
+        "two_species_store_centred": lambda: own_species_vectors(
+            stores, query_species, reference_species
+        ),
         "no_gene_params_on_query": no_gene_params_query,
         "split_one_to_many": split_one_to_many,
     }
@@ -419,7 +437,7 @@ def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict
         atlas = Atlas.open(store, name)
         orth = None if variant == "text_only" else hcop
         opts = MAP.get(variant, {})
-        with query_side(variant, atlas, stores, other):
+        with query_side(variant, atlas, stores, other, species):
             res = map_cells(query, atlas, orthologs=orth, **opts)
             strict = map_cells(query, atlas, orthologs=orth, min_typicality=0.01, **opts)
     row = xs.baron_row(truth, known, res.labels, strict.labels)
