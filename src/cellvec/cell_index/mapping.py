@@ -174,8 +174,9 @@ class Reference:
         basis = self.encoder.basis(var_names, where, orthologs=orthologs)
         if orthologs is not None and self.encoder.recipe.weighting != "softmax":
             log.info(
-                "%s is of another species: atlases built with `--weighting softmax` map "
-                "across species better than %s's %s weighting (README, 'Other species')",
+                "%s goes through an ortholog table: for a query of another species, an atlas "
+                "built with `--weighting softmax` maps better than %s's %s weighting (README, "
+                "'Other species')",
                 where,
                 self.name,
                 self.encoder.recipe.weighting,
