@@ -487,3 +487,22 @@ def test_atlas_card_scores_only_the_cells_the_atlas_was_built_from(fake_store, t
     )
     ev = evaluate_atlas(fake_store, "no_m", folds=2)
     assert set(ev["per_class_f1"]) == {"B", "T"} and ev["accuracy"] >= 0.9
+
+
+def test_atlas_card_cross_validates_the_atlas_own_recipe(fake_store, tmp_path, monkeypatch):
+    """Every choice the atlas was built with reaches the card's folds (skip_genes used to
+    fall back to the default)."""
+    import cellvec.evaluation.evaluate as ev_mod
+
+    ref = tmp_path / "ref.h5ad"
+    tiny_adata(n_cells=60, seed=1).write_h5ad(ref)
+    built = Recipe(top_genes=10, weighting="softmax", skip_genes="none", refine="none")
+    build_atlas(ref, store=fake_store, name="own", label_key="cell_type", recipe=built)
+    seen = []
+    real = ev_mod.evaluate
+    monkeypatch.setattr(
+        ev_mod, "evaluate", lambda *a, **kw: seen.append(kw["recipe"]) or real(*a, **kw)
+    )
+    ev_mod.evaluate_atlas(fake_store, "own", folds=2)
+    fields = ("top_genes", "weighting", "skip_genes", "refine", "background", "center")
+    assert [getattr(seen[0], f) for f in fields] == [getattr(built, f) for f in fields]

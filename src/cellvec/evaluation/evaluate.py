@@ -206,6 +206,7 @@ def evaluate_atlas(
         weighting=r.weighting,
         background=r.background,
         center=r.center,
+        skip_genes=r.skip_genes,
         refine=r.refine,
         adapt_genes=r.adapt_genes,
     )
