@@ -29,11 +29,13 @@ def _reference_top_n(x: np.ndarray, n: int, weighting: str) -> np.ndarray:
             vals = (n - np.arange(len(top))) / n
         elif weighting == "softmax":
             vals = np.exp(vals - vals.max())
+        elif weighting == "sqrt":  # the square root of softmax's weights
+            vals = np.sqrt(np.exp(vals - vals.max()))
         out[i, top] = vals / vals.sum() if vals.sum() > 0 else 0
     return out
 
 
-@pytest.mark.parametrize("weighting", ["value", "log1p", "rank", "softmax"])
+@pytest.mark.parametrize("weighting", ["value", "log1p", "rank", "softmax", "sqrt"])
 @pytest.mark.parametrize("n", [1, 3, 50])
 def test_top_n_weights_match_per_row_reference(weighting, n):
     rng = np.random.default_rng(1)

@@ -60,13 +60,16 @@ def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, 
     assert res.recipe == direct.recipe
 
 
-def test_no_weighting_hint_for_an_atlas_weighted_for_other_species(fake_store, tmp_path, caplog):
+@pytest.mark.parametrize("weighting", ["softmax", "sqrt"])
+def test_no_weighting_hint_for_an_atlas_weighted_for_other_species(
+    fake_store, tmp_path, caplog, weighting
+):
     build_atlas(
         tiny_adata(n_cells=90, seed=1),
         store=fake_store,
         name="soft",
         label_key="cell_type",
-        recipe=Recipe(weighting="softmax"),
+        recipe=Recipe(weighting=weighting),
     )
     query = tiny_adata(n_cells=30, seed=2, prefix="q")
     table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])

@@ -172,7 +172,7 @@ class Reference:
         if plan is not None:
             return plan
         basis = self.encoder.basis(var_names, where, orthologs=orthologs)
-        if orthologs is not None and self.encoder.recipe.weighting != "softmax":
+        if orthologs is not None and self.encoder.recipe.weighting not in ("softmax", "sqrt"):
             log.info(
                 "%s goes through an ortholog table: for a query of another species, an atlas "
                 "built with `--weighting softmax` maps better than %s's %s weighting (README, "

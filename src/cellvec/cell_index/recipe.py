@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, fields
 
 from cellvec.errors import CellvecError, RecipeMismatchError
 
-WEIGHTINGS = ("value", "log1p", "rank", "softmax")
+# How a cell's top genes are weighted, from its log-normalised expression v: value (v itself),
+# log1p (of v), rank, softmax (exp v = 1 + CP10k: the expression) and sqrt (its square root)
+WEIGHTINGS = ("value", "log1p", "rank", "softmax", "sqrt")
 BACKGROUNDS = ("none", "center", "whiten")
 REFINES = ("none", "supcon", "simclr")
 # Gene programs left out of the cell vectors (`gene_store.programs`, which finds them by
@@ -31,7 +33,7 @@ class Recipe:
 
     model: gene-store model spec; store_table_version: the gene table version used;
     dimension: gene vector size; top_genes: N most-expressed genes per cell;
-    weighting: value | log1p | rank | softmax; input: the expression the top genes
+    weighting: value | log1p | rank | softmax | sqrt (`WEIGHTINGS`); input: the expression the top genes
     are read from; background: none | center | whiten (fitted on the reference's
     gene vectors, `background_hash` names the fitted transform); center: subtract
     the reference's mean cell vector (the background every cell shares) before

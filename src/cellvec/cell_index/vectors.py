@@ -78,10 +78,13 @@ def top_n_weights(
     elif weighting == "rank":
         ranks = np.arange(len(pos)) - np.repeat(indptr[:-1], keep_counts)
         data = (n - ranks).astype(np.float32) / n
-    elif weighting == "softmax":
-        # rows are ordered largest first: the first entry is the row maximum
+    elif weighting in ("softmax", "sqrt"):
+        # exp of the log-normalised value: the expression itself (1 + CP10k), or its square
+        # root; rows are ordered largest first, so the first entry is the row maximum
+        scale = 1.0 if weighting == "softmax" else 0.5
         data = np.exp(
-            data - np.repeat(data[indptr[:-1][keep_counts > 0]], keep_counts[keep_counts > 0])
+            scale
+            * (data - np.repeat(data[indptr[:-1][keep_counts > 0]], keep_counts[keep_counts > 0]))
         )
     sums = (
         np.add.reduceat(data, indptr[:-1][keep_counts > 0])

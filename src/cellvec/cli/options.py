@@ -161,9 +161,10 @@ def recipe_options(f):
         type=click.Choice(WEIGHTINGS),
         default=Recipe.weighting,
         show_default=True,
-        help="Weights of a cell's top genes: value (log expression), log1p, rank, or softmax "
-        "(the expression itself, 1 + CP10k: for an atlas that maps other species' cells; "
-        "it loses within a species, README 'Other species').",
+        help="Weights of a cell's top genes: value (log expression), log1p, rank, softmax "
+        "(the expression itself, 1 + CP10k: for an atlas that maps other species' cells; it "
+        "loses within a species) or sqrt (its square root: between the two). README, "
+        "'Other species'.",
     )(f)
     f = click.option(
         "--top-genes",
