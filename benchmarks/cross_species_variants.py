@@ -12,8 +12,9 @@ query's genes with their own species' vectors (`two_species_store`; `_centred`: 
 species' mean gene vector swapped for the reference species' first).
 
 How a cell's top genes are weighted: `--weighting softmax` (by the expression itself,
-1 + CP10k), `rank` and `log1p`; `power_0.5` and `power_0.75` (1 + CP10k to that power,
-between the default's logarithm and softmax; patched in for atlas and query alike);
+1 + CP10k), `sqrt` (its square root), `rank` and `log1p`; `power_0.5` and `power_0.75`
+(1 + CP10k to that power, patched in for atlas and query alike: `power_0.5` is `sqrt`'s
+weights computed another way, equal to float rounding);
 300 or 3,000 top genes. The refinement's training views: each gene's level shifted by a
 log-normal factor shared by the whole batch (`level_shift_0.5`, `_1.0`: a species or
 protocol moves a gene in every cell), more per-weight jitter (`jitter_0.8`, against the
@@ -86,6 +87,7 @@ VARIANTS = (
     "two_species_store_centred",
     "no_panel",
     "softmax",
+    "sqrt",
     "power_0.5",
     "power_0.75",
     "weighting_rank",
@@ -371,6 +373,7 @@ BUILD = {
     "keep_ribosomal": {"skip_genes": "none"},
     "main_before_fix": {"skip_genes": "none"},
     "softmax": {"weighting": "softmax"},
+    "sqrt": {"weighting": "sqrt"},
     "weighting_rank": {"weighting": "rank"},
     "weighting_log1p": {"weighting": "log1p"},
     "top_300": {"top_genes": 300},

@@ -1,0 +1,135 @@
+"""Within a species: how the weighting of a cell's top genes moves cellvec, over seeds.
+
+The weighting decides most of the gap across species (`results/cross_species.md`:
+`--weighting softmax` maps the Baron pancreas pair far better than the default); this
+measures what each costs within a species, on the same 5 stratified folds as
+`evaluate_all.py` (cellvec alone, the default recipe but for `--weighting`), for seeds
+0-2 (the folds and the refinement both follow the seed) and, where the spread is widest
+(pbmc_3chem), seeds 0-4. Writes `weightings.md` / `.json`: each weighting's macro-F1
+and accuracy per set and seed, the mean, and the mean difference from `value` (the
+default) over the seeds both have.
+
+    python benchmarks/weightings.py --out results/weightings [--weightings value sqrt]
+        [--seeds 0 1 2] [--only pbmc3k,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import SHARED, log_progress  # noqa: E402
+from _stores import ensure_store  # noqa: E402
+
+CELLS = SHARED / "cells"
+SETS = {  # name: (file, label key, species, extra seeds)
+    "amacrine": ("macosko2015_amacrine", "cell_type", "mouse", ()),
+    "pbmc3k": ("pbmc3k", "classified", "human", ()),
+    "pbmc_3chem": ("pbmc_3chem", "cell_type", "human", (3, 4)),
+    "pbmc68k": ("pbmc68k_reduced", "bulk_labels", "human", ()),
+}
+
+
+def run(name: str, weighting: str, seed: int, stores: Path) -> dict:
+    from cellvec.cell_index.recipe import Recipe
+    from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.plan import EvaluationPlan
+
+    file, label_key, species, _ = SETS[name]
+    t = time.perf_counter()
+    res = evaluate(
+        CELLS / f"{file}.h5ad",
+        label_key=label_key,
+        store=ensure_store(stores / species, species),
+        recipe=Recipe(weighting=weighting),
+        plan=EvaluationPlan(seed=seed, representations=("cellvec",)),
+    )
+    m = res.representations["cellvec"]
+    row = {
+        "set": name,
+        "weighting": weighting,
+        "seed": seed,
+        "macro_f1": round(float(m["macro_f1"]), 4),
+        "accuracy": round(float(m["accuracy"]), 4),
+        "seconds": round(time.perf_counter() - t),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict], weightings: list[str]) -> list[str]:
+    by = {(r["set"], r["weighting"], r["seed"]): r for r in rows}
+    out = [
+        "| set | weighting | seeds | macro-F1 per seed | mean macro-F1 / accuracy "
+        "| mean difference from value (macro-F1 / accuracy) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        for w in weightings:
+            seeds = sorted(s for (n, ww, s) in by if n == name and ww == w)
+            if not seeds:
+                continue
+            per = [by[name, w, s] for s in seeds]
+            mean = [np.mean([p[k] for p in per]) for k in ("macro_f1", "accuracy")]
+            both = [s for s in seeds if (name, "value", s) in by]
+            diff = (
+                [
+                    np.mean([by[name, w, s][k] - by[name, "value", s][k] for s in both])
+                    for k in ("macro_f1", "accuracy")
+                ]
+                if both and w != "value"
+                else None
+            )
+            out.append(
+                f"| {name} | {w} | {', '.join(map(str, seeds))} | "
+                + ", ".join(f"{p['macro_f1']:.3f}" for p in per)
+                + f" | {mean[0]:.3f} / {mean[1]:.3f} | "
+                + (f"{diff[0]:+.3f} / {diff[1]:+.3f}" if diff else "-")
+                + " |"
+            )
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    ap.add_argument("--stores", type=Path, default=Path("/tmp/cellvec_eval_stores"))
+    ap.add_argument("--weightings", nargs="+", default=["value", "sqrt"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", help="comma-separated subset of " + ", ".join(SETS))
+    args = ap.parse_args()
+    if not SHARED.exists():
+        sys.exit(f"{SHARED} not found: this needs the shared real data")
+    log_progress()
+    names = args.only.split(",") if args.only else list(SETS)
+    rows = [
+        run(name, w, seed, args.stores)
+        for name in names
+        for w in args.weightings
+        for seed in sorted({*args.seeds, *SETS[name][3]})
+    ]
+    command = "python benchmarks/weightings.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Within a species: the weighting of a cell's top genes, over seeds",
+        "",
+        f"`{command}` (cellvec alone, 5 stratified folds, the default recipe but for",
+        "`--weighting`; the seed sets the folds and the refinement).",
+        "",
+        *table(rows, args.weightings),
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "weightings.md").write_text("\n".join(lines) + "\n")
+    (args.out / "weightings.json").write_text(
+        json.dumps({"command": command, "rows": rows}, indent=2)
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
