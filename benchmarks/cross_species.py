@@ -16,8 +16,9 @@ resolution cannot place.
 
 A real pair (Baron et al. 2016 pancreas, human 2,142 cells and mouse 1,886, same
 protocol, labels `cell_type1` lower-cased) is mapped both ways: an atlas of one species
-(`calibration_split=0.1`; the default recipe, and `--weighting softmax`, which weights each
-cell's top genes by their expression rather than its logarithm), the other species' cells
+(`calibration_split=0.1`; the default recipe, `--weighting softmax`, which weights each
+cell's top genes by their expression rather than its logarithm, and `--weighting sqrt`, by
+its square root), the other species' cells
 mapped with `orthologs=HCOP`, scored on the 11 classes both have; logistic regression and CellTypist
 trained on the reference's genes that have a one-to-one HCOP ortholog in the query,
 predicting the translated query. With `min_typicality=0.01` the share of the cells of
@@ -186,9 +187,14 @@ def baron_row(truth, known, labels, typical_labels=None) -> dict:
     return row
 
 
-# cellvec's rows: the default recipe, and the atlas built with `--weighting softmax` (each
-# cell's top genes weighted by their expression, 1 + CP10k, rather than its logarithm)
-RECIPES = {"cellvec": {}, "cellvec_softmax": {"weighting": "softmax"}}
+# cellvec's rows: the default recipe, and atlases built with `--weighting softmax` (each
+# cell's top genes weighted by their expression, 1 + CP10k, rather than its logarithm) and
+# `--weighting sqrt` (by its square root)
+RECIPES = {
+    "cellvec": {},
+    "cellvec_softmax": {"weighting": "softmax"},
+    "cellvec_sqrt": {"weighting": "sqrt"},
+}
 
 
 def run_baron(stores: Path, hcop, peers, seeds=(0,)) -> dict:
@@ -321,8 +327,8 @@ def main():
         "## Baron 2016 pancreas, human and mouse",
         "",
         f"`{command}`: an atlas of one species (`--calibration-split 0.1`; `cellvec` the default",
-        "recipe, `cellvec_softmax` the same with `--weighting softmax`; the first seed's atlas",
-        "below, each seed's at the end),",
+        "recipe, `cellvec_softmax` and `cellvec_sqrt` the same with `--weighting softmax` or",
+        "`sqrt`; the first seed's atlas below, each seed's at the end),",
         "the other species' cells mapped with `--orthologs hcop_mouse_to_human.csv.gz`; the",
         "peers trained on the reference's genes with a one-to-one HCOP ortholog in the query,",
         "predicting the translated query; scored on the classes both species have. Stores:",
