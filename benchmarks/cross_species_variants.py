@@ -46,7 +46,6 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cross_species as xs
@@ -65,7 +64,7 @@ from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.panels import reaggregate
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import adapted_basis
-from cellvec.cell_index.vectors import GeneBasis
+from cellvec.cell_index.vectors import GeneBasis, rows_summing_to_one
 from cellvec.gene_store import GeneStore
 from cellvec.gene_store.orthologs import read_orthologs
 from cellvec.gene_store.resolve import match_genes
@@ -326,14 +325,6 @@ def gene_levels(atlas, share=0.5):
         yield
 
 
-def _renormalised(w: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
-    """`w`'s pattern with new values `data`, each row summing to 1 again."""
-    counts = np.diff(w.indptr)
-    sums = np.bincount(np.repeat(np.arange(w.shape[0]), counts), weights=data, minlength=w.shape[0])
-    data = data / np.repeat(np.where(sums > 0, sums, 1.0), counts)
-    return sp.csr_matrix((data.astype(np.float32), w.indices, w.indptr), shape=w.shape)
-
-
 @contextmanager
 def power_weights(power: float):
     """Top genes weighted by (1 + CP10k) ** power: softmax's weights (power 1) raised to
@@ -342,7 +333,7 @@ def power_weights(power: float):
 
     def top_n_weights(x, n, weighting, *args, **kwargs):
         w = orig(x, n, "softmax", *args, **kwargs)
-        return _renormalised(w, np.power(w.data.astype(np.float64), power))
+        return rows_summing_to_one(w, np.power(w.data.astype(np.float64), power))
 
     with mock.patch.object(vectors_mod, "top_n_weights", top_n_weights):
         yield
@@ -361,7 +352,7 @@ def batch_views(kind: str, amount: float):
             factor = np.exp(rng.normal(0.0, amount, size=w.shape[1]))
         else:
             factor = (rng.random(w.shape[1]) >= amount).astype(np.float64)
-        return _renormalised(v, v.data * factor[v.indices])
+        return rows_summing_to_one(v, v.data * factor[v.indices])
 
     with mock.patch.object(refine_mod, "augment_weights", augment_weights):
         yield

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from cellvec._progress import progress
 from cellvec.cell_index.recipe import Recipe
-from cellvec.cell_index.vectors import weighted_mean
+from cellvec.cell_index.vectors import rows_summing_to_one, weighted_mean
 from cellvec.errors import CellvecError
 from cellvec.gene_store.embedders.base import normalise_rows
 
@@ -103,10 +103,7 @@ def augment_weights(
     counts = np.diff(w.indptr)
     rate = rng.uniform(dropout[0], dropout[1], size=w.shape[0])
     keep = rng.random(w.data.shape) >= np.repeat(rate, counts)
-    data = w.data * rng.lognormal(0.0, noise, size=w.data.shape) * keep
-    sums = np.bincount(np.repeat(np.arange(w.shape[0]), counts), weights=data, minlength=w.shape[0])
-    data = data / np.repeat(np.where(sums > 0, sums, 1.0), counts)
-    return sp.csr_matrix((data.astype(np.float32), w.indices, w.indptr), shape=w.shape)
+    return rows_summing_to_one(w, w.data * rng.lognormal(0.0, noise, size=w.data.shape) * keep)
 
 
 def default_steps(n_cells: int, batch_size: int = 256) -> int:

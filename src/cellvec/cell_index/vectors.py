@@ -278,6 +278,15 @@ def fold_columns(x: sp.csr_matrix, plan: tuple[np.ndarray, sp.csr_matrix] | None
     return y
 
 
+def rows_summing_to_one(w: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
+    """`w`'s pattern holding `data` instead, each row scaled to sum to 1 (rows summing to 0
+    stay 0): top-gene weights after some of them were changed or dropped."""
+    counts = np.diff(w.indptr)
+    sums = np.bincount(np.repeat(np.arange(w.shape[0]), counts), weights=data, minlength=w.shape[0])
+    data = data / np.repeat(np.where(sums > 0, sums, 1.0), counts)
+    return sp.csr_matrix((data.astype(np.float32), w.indices, w.indptr), shape=w.shape)
+
+
 def weighted_mean(
     w: sp.csr_matrix, gene_vectors: np.ndarray, cell_mean: np.ndarray | None = None
 ) -> np.ndarray:
