@@ -7,7 +7,7 @@ message that lists what differs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from cellvec.errors import CellvecError, RecipeMismatchError
 
@@ -25,6 +25,8 @@ SKIP_GENES = ("none", "ribosomal")
 READOUTS = ("knn", "centroid")
 FEW_CELLS = 20
 RECIPE_VERSION = 2  # 2: gene adapter, reference-mean centring, fixed-length refinement
+# What fitting an atlas sets from its store and its fit, not chosen by anyone (`Recipe.choices`)
+FITTED = ("dimension", "gene_table_hash", "background_hash", "head_hash", "prior_hash", "version")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def choices(self) -> Recipe:
+        """This recipe as chosen, without what a fit set (`FITTED` back to their defaults):
+        fitting it again, e.g. in cross-validation folds, makes vectors the same way."""
+        return replace(self, **{f: getattr(Recipe, f) for f in FITTED})
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:

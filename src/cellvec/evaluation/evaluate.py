@@ -199,23 +199,13 @@ def evaluate_atlas(
         broad_label_key=atlas.meta.get("broad_label_key"),
         exclude_labels=list(atlas.meta.get("excluded_labels") or {}),
     )
-    r = atlas.recipe
-    recipe = Recipe(  # the atlas's choices, without what its fit made (hashes, dimension)
-        model=r.model,
-        top_genes=r.top_genes,
-        weighting=r.weighting,
-        background=r.background,
-        center=r.center,
-        skip_genes=r.skip_genes,
-        refine=r.refine,
-        adapt_genes=r.adapt_genes,
-    )
+    recipe = atlas.recipe.choices()
     plan = EvaluationPlan(folds=folds, k=atlas.k, seed=seed, representations=("cellvec",))
     ev = evaluate(
         source,
         label_key=atlas.meta["label_key"],
         store=store,
-        models=[r.model],
+        models=[recipe.model],
         recipe=recipe,
         plan=plan,
     )
