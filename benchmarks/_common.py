@@ -28,6 +28,19 @@ def timed(results: dict, key: str):
     results[key] = time.perf_counter() - t
 
 
+def write_results(out: Path, stem: str, lines: list[str], data=None) -> None:
+    """A benchmark's results: `out/stem.md` (the markdown `lines`, also printed) and, with
+    `data`, `out/stem.json`."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines)
+    (out / f"{stem}.md").write_text(text + "\n")
+    if data is not None:
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(text)
+
+
 def log_progress() -> None:
     """INFO logs with times on stderr (the runs are long), without the libraries' chatter."""
     import logging

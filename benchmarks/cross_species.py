@@ -31,14 +31,13 @@ that come back unassigned, and the accuracy left on the known ones.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED, log_progress  # noqa: E402
+from _common import SHARED, log_progress, write_results  # noqa: E402
 from _stores import carrying_genes, ensure_named_store, ensure_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,10 +340,7 @@ def main():
         *baron_lines(pair, peers),
     ]
     if args.baron_only:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cross_species.md").write_text("\n".join(pair_lines) + "\n")
-        (args.out / "cross_species.json").write_text(json.dumps({"baron": pair}, indent=2))
-        print("\n".join(pair_lines))
+        write_results(args.out, "cross_species", pair_lines, {"baron": pair})
         return
     chem = ad.read_h5ad(CELLS / "pbmc_3chem.h5ad")
     donor = chem.obs["donor"].astype(str).to_numpy()
@@ -407,12 +403,7 @@ def main():
         for n, r in rows.items()
     ]
     lines += ["", "The evaluations in full:", ""] + ["\n".join(["", t]) for t in tables]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cross_species.md").write_text("\n".join(lines) + "\n")
-    (args.out / "cross_species.json").write_text(
-        json.dumps({"baron": pair, "renamed": rows}, indent=2)
-    )
-    print("\n".join(lines))
+    write_results(args.out, "cross_species", lines, {"baron": pair, "renamed": rows})
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cross_species as xs
-from _common import log_progress
+from _common import log_progress, write_results
 from _stores import ensure_named_store
 
 import cellvec.cell_index.encoder as enc_mod
@@ -515,9 +515,7 @@ if __name__ == "__main__":
             "",
             *mean_table(a.mean_of),
         ]
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "mean.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        write_results(a.out, "mean", lines)
         sys.exit(0)
     log_progress()
     hcop = read_orthologs(xs.HCOP)
@@ -537,7 +535,4 @@ if __name__ == "__main__":
         "",
         *table(rows),
     ]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "cross_species_variants.md").write_text("\n".join(lines) + "\n")
-    (a.out / "cross_species_variants.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    write_results(a.out, "cross_species_variants", lines, rows)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED, log_progress  # noqa: E402
+from _common import SHARED, log_progress, write_results  # noqa: E402
 from _stores import ensure_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,13 +157,10 @@ def main():
             + " | ".join(f"{r['prior'][str(n)] - r['default'][str(n)]:+.3f}" for n in sizes)
             + " |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "pretrained_prior" + (
         f"_from_{args.prior_from.replace(',', '_')}" if args.prior_from else ""
     )
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, stem, lines, doc)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED  # noqa: E402
+from _common import SHARED, write_results  # noqa: E402
 from _stores import ensure_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,10 +142,7 @@ def main():
             f"| {key} | {runs[seeds[0]][key]:.3f} | {v.min():.3f} | {v.mean():.3f} | "
             f"{v.max():.3f} | {v.max() - v.min():.3f} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "seed_spread.md").write_text("\n".join(lines) + "\n")
-    (args.out / "seed_spread.json").write_text(json.dumps(runs, indent=2))
-    print("\n".join(lines))
+    write_results(args.out, "seed_spread", lines, runs)
 
 
 if __name__ == "__main__":

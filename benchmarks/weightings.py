@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED, log_progress  # noqa: E402
+from _common import SHARED, log_progress, write_results  # noqa: E402
 from _stores import ensure_store  # noqa: E402
 
 CELLS = SHARED / "cells"
@@ -123,12 +123,7 @@ def main():
         "",
         *table(rows, args.weightings),
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "weightings.md").write_text("\n".join(lines) + "\n")
-    (args.out / "weightings.json").write_text(
-        json.dumps({"command": command, "rows": rows}, indent=2)
-    )
-    print("\n".join(lines))
+    write_results(args.out, "weightings", lines, {"command": command, "rows": rows})
 
 
 if __name__ == "__main__":
