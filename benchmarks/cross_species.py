@@ -137,12 +137,12 @@ def baron_cellvec(
     ref, query, store, name: str, hcop, *, min_typicality: float = 0.01, seed: int = 0, **build
 ) -> dict:
     """cellvec's labels for the query (and with `min_typicality`) from an atlas of `ref`
-    built with `build` (`Recipe` fields), `calibration_split=0.1` and `seed`."""
+    built with `build` (`Recipe` fields), `calibration_split=0.1` and `seed`; `ref` and
+    `query` as cellvec is given them (`carried`)."""
     from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
     from cellvec.cell_index.recipe import Recipe
 
-    ref, query = carried(ref), carried(query)
     atlas = build_atlas(
         ref,
         store=store,
@@ -206,12 +206,13 @@ def run_baron(stores: Path, hcop, peers, seeds=(0,)) -> dict:
         known = set(ref.obs["label"])
         truth = query.obs["label"].to_numpy().astype(str)
         store = ensure_named_store(stores, f"baron_{species}")
+        given = carried(ref), carried(query)  # once: every atlas and mapping takes these
         rows = {}
         for name, build in RECIPES.items():
             for seed in seeds:
                 tag = "" if name == "cellvec" else "_" + name.split("_", 1)[1]
                 cv = baron_cellvec(
-                    ref, query, store, f"baron_{species}{tag}_{seed}", hcop, seed=seed, **build
+                    *given, store, f"baron_{species}{tag}_{seed}", hcop, seed=seed, **build
                 )
                 row = baron_row(truth, known, cv["labels"], cv["typical_labels"])
                 row["gene_coverage"] = round(cv["gene_coverage"], 4)

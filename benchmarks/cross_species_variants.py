@@ -37,6 +37,7 @@ query-side variants), never reused from an earlier run and older code.
 """
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -401,14 +402,21 @@ def query_side(variant: str, atlas, stores: Path, query_species: str, reference_
     return patches.get(variant, nullcontext)()
 
 
+@functools.cache
+def direction(species: str) -> tuple:
+    """(classes of the `species` reference, the other species' labels, the reference and
+    the query as cellvec is given them), read once a run: every variant maps the same cells."""
+    ref, query = xs.baron(species, "mouse" if species == "human" else "human")
+    known = set(ref.obs["label"])
+    truth = query.obs["label"].to_numpy().astype(str)
+    return known, truth, xs.carried(ref), xs.carried(query)
+
+
 def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict:
     """One variant, one direction: the query of the other species mapped onto an atlas of
     `species` (built here the first time this run needs it: `built` holds the names)."""
     other = "mouse" if species == "human" else "human"
-    ref, query = xs.baron(species, other)
-    known = set(ref.obs["label"])
-    truth = query.obs["label"].to_numpy().astype(str)
-    ref, query = xs.carried(ref), xs.carried(query)
+    known, truth, ref, query = direction(species)
     store = ensure_named_store(stores, f"baron_{species}")
     build, refine = BUILD.get(variant, {}), REFINE.get(variant)
     if variant in WHOLE or refine:
