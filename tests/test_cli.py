@@ -273,6 +273,20 @@ def test_errors_are_one_line_with_a_fix(tmp_path, fake_store):
     assert res.exit_code == 2 and "COLUMN=V1,V2" in res.output
 
 
+def test_atlas_build_level_shift_is_bounded_and_recorded(tmp_path, fake_store):
+    from cellvec.cell_index.atlas import Atlas
+
+    ref = tmp_path / "ref.h5ad"
+    tiny_adata(n_cells=90, seed=1).write_h5ad(ref)
+    build = ["atlas", "build", str(ref), "--store", str(fake_store), "--label-key", "cell_type"]
+    r = CliRunner()
+    res = r.invoke(cli, [*build, "--name", "far", "--level-shift", "5"])
+    assert res.exit_code == 2 and "--level-shift" in res.output and "0.0<=x<=3.0" in res.output
+    res = r.invoke(cli, [*build, "--name", "shifted", "--top-genes", "10", "--level-shift", "1"])
+    assert res.exit_code == 0, res.output
+    assert Atlas.open(str(fake_store), "shifted").meta["refinement"]["level_shift"] == 1.0
+
+
 def test_transpose_and_gene_column_from_the_cli(tmp_path, fake_store):
     import pandas as pd
 

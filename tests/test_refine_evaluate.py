@@ -509,3 +509,92 @@ def test_atlas_card_cross_validates_the_atlas_own_recipe(fake_store, tmp_path, m
     )
     ev_mod.evaluate_atlas(fake_store, "own", folds=2)
     assert seen[0] == replace(built, model="fake")  # every choice, nothing the fit made
+
+
+def test_level_shift_views_move_each_gene_alike_in_every_cell_of_a_batch():
+    """`level_shift`: one log-normal factor per gene for the whole batch (a species moves a
+    gene's level in every cell), not per cell; off, it draws nothing more."""
+    from cellvec.cell_index.refine import augment_weights
+
+    row = np.arange(1, 21, dtype=np.float32)
+    w = sp.csr_matrix(np.tile(row / row.sum(), (6, 1)))
+    plain = {"dropout": (0.0, 0.0), "noise": 0.0}
+    before = augment_weights(w, np.random.default_rng(3), **plain)
+    shifted = augment_weights(w, np.random.default_rng(3), level_shift=1.0, **plain)
+    np.testing.assert_allclose(before.toarray(), w.toarray(), rtol=1e-6)
+    dense = shifted.toarray()
+    np.testing.assert_allclose(dense, np.tile(dense[0], (6, 1)))  # the same shift in each cell
+    np.testing.assert_allclose(dense.sum(1), 1, rtol=1e-6)
+    ratio = dense[0] / before.toarray()[0]
+    assert ratio.max() / ratio.min() > 2  # sigma 1 over 20 genes: far from a common scale
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    off = augment_weights(w, a, level_shift=0.0)
+    np.testing.assert_array_equal(off.toarray(), augment_weights(w, b).toarray())
+    assert a.bit_generator.state == b.bit_generator.state
+
+
+def test_level_shift_is_checked_before_anything_is_written_and_recorded_in_the_atlas(fake_store):
+    from cellvec.errors import CellvecError
+    from cellvec.storage import Store
+
+    w, basis, y = _toy()
+    for bad in (-0.5, float("nan"), 4.0, "one", None):
+        with pytest.raises(CellvecError, match="level_shift"):
+            RefineOptions(level_shift=bad)
+    same = fit_refinement(w, basis, y, seed=2, options=RefineOptions(**FAST))[0]
+    shifted, report = fit_refinement(
+        w, basis, y, seed=2, options=RefineOptions(level_shift=1.0, **FAST)
+    )
+    assert report["level_shift"] == 1.0 and not np.array_equal(same["w1"], shifted["w1"])
+    ref = tiny_adata(n_cells=90, seed=1)
+    tables = set(Store(fake_store).table_names())
+    for options, match in (
+        ({"level_shift": -1.0}, "level_shift"),
+        ({"level_shfit": 1.0}, "level_shfit: not refinement options"),
+    ):
+        with pytest.raises(CellvecError, match=match):
+            build_atlas(
+                ref,
+                store=fake_store,
+                name="shifted",
+                label_key="cell_type",
+                recipe=Recipe(top_genes=10),
+                options=BuildOptions(refine_options=options),
+            )
+        assert set(Store(fake_store).table_names()) == tables  # nothing half-written
+    atlas = build_atlas(
+        ref,
+        store=fake_store,
+        name="shifted",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10, weighting="softmax"),
+        options=BuildOptions(refine_options={"level_shift": 1.0, **FAST}),
+    )
+    assert atlas.meta["refinement"]["level_shift"] == 1.0
+    q = tiny_adata(n_cells=30, seed=9, prefix="q")
+    assert map_cells(q, atlas, truth_key="cell_type").metrics["accuracy"] >= 0.9
+
+
+def test_atlas_card_folds_fit_with_the_atlas_refinement_options(fake_store, tmp_path, monkeypatch):
+    """`--level-shift` is a refinement option, not a recipe field: the card's folds still
+    train with it (as `skip_genes` once fell back to the default, it would be dropped)."""
+    import cellvec.evaluation.evaluate as ev_mod
+
+    ref = tmp_path / "ref.h5ad"
+    tiny_adata(n_cells=60, seed=1).write_h5ad(ref)
+    given = {"level_shift": 1.0, **FAST}
+    build_atlas(
+        ref,
+        store=fake_store,
+        name="shift",
+        label_key="cell_type",
+        recipe=Recipe(top_genes=10),
+        options=BuildOptions(refine_options=given),
+    )
+    seen = []
+    real = ev_mod.evaluate
+    monkeypatch.setattr(
+        ev_mod, "evaluate", lambda *a, **kw: seen.append(kw["plan"]) or real(*a, **kw)
+    )
+    ev_mod.evaluate_atlas(fake_store, "shift", folds=2)
+    assert seen[0].refine_options == given

@@ -169,6 +169,9 @@ def build_atlas(
         choice=choice,
         index=options.index,
     )
+    if options.refine_options:
+        # the refinement choices given (e.g. --level-shift): the card's folds fit with them too
+        meta["refine_options"] = dict(options.refine_options)
     memory = _write_table(store, name, ref, fit, meta, options.ray)
     if meta["index"]["kind"] == "disk":
         # Written after the table: a reader in between searches the table exactly (slower,
@@ -207,6 +210,17 @@ def _check_inputs(name: str, options: BuildOptions) -> None:
             f"Atlas name {name!r}: use up to {MAX_TABLE_NAME} letters, digits and underscores "
             "(it becomes a SQL view name and a folder name)."
         )
+    if options.refine_options:
+        from cellvec.cell_index.refine import RefineOptions
+
+        known = set(RefineOptions.__dataclass_fields__)
+        unknown = sorted(set(options.refine_options) - known)
+        if unknown:
+            raise CellvecError(
+                f"refine_options {', '.join(unknown)}: not refinement options; choose from "
+                f"{', '.join(sorted(known))}."
+            )
+        RefineOptions(**options.refine_options)  # its own checks (schedule, level_shift)
 
 
 def _read_reference(

@@ -86,6 +86,15 @@ def atlas():
     "cross-validation on itself (recorded in the atlas; costs three refinements).",
 )
 @click.option(
+    "--level-shift",
+    type=click.FloatRange(0.0, 3.0),
+    default=0.0,
+    show_default=True,
+    help="Train the refinement on views whose genes' levels shift together (a log-normal "
+    "factor per gene, this sigma, shared by a batch of cells). For an atlas that maps "
+    "another species: 1.0 with --weighting softmax; recorded in the atlas.",
+)
+@click.option(
     "--prior",
     help="Start the refinement from this pre-trained prior of the store (`cellvec prior "
     "build`): for references of a few cells a class; recorded in the atlas.",
@@ -117,6 +126,7 @@ def build(
     exclude_labels,
     tune,
     readout,
+    level_shift,
     prior,
     index_kind,
     ontology_ids,
@@ -160,6 +170,7 @@ def build(
             index=index_kind,
             ray=ray or None,
             prior=prior,
+            refine_options={"level_shift": level_shift} if level_shift else None,
         ),
     )
     if ontology_ids:

@@ -180,7 +180,7 @@ def evaluate_atlas(
     """An atlas's own cross-validated scores, for its card (`cellvec atlas export
     --evaluate`): its reference (`reference`, a file or an `ExpressionSource`; default the
     file the atlas was built from) scored in `folds` stratified folds with the atlas's
-    recipe and k, over the cells the atlas was built from (`reference_labels`: labelled,
+    recipe, k and refinement options (`meta["refine_options"]`), over the cells the atlas was built from (`reference_labels`: labelled,
     and none of the labels it excluded, `meta["excluded_labels"]`, which it never
     predicts). Returns `folds`, `accuracy`, `macro_f1`, `per_class_f1` and the `reference`
     scored."""
@@ -200,7 +200,13 @@ def evaluate_atlas(
         exclude_labels=list(atlas.meta.get("excluded_labels") or {}),
     )
     recipe = atlas.recipe.choices()
-    plan = EvaluationPlan(folds=folds, k=atlas.k, seed=seed, representations=("cellvec",))
+    plan = EvaluationPlan(
+        folds=folds,
+        k=atlas.k,
+        seed=seed,
+        representations=("cellvec",),
+        refine_options=atlas.meta.get("refine_options"),  # e.g. --level-shift
+    )
     ev = evaluate(
         source,
         label_key=atlas.meta["label_key"],
