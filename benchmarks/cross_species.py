@@ -17,8 +17,8 @@ resolution cannot place.
 A real pair (Baron et al. 2016 pancreas, human 2,142 cells and mouse 1,886, same
 protocol, labels `cell_type1` lower-cased) is mapped both ways: an atlas of one species
 (`calibration_split=0.1`; the default recipe, `--weighting softmax`, which weights each
-cell's top genes by their expression rather than its logarithm, and `--weighting sqrt`, by
-its square root), the other species' cells
+cell's top genes by their expression rather than its logarithm, the same with
+`--level-shift 1.0`, and `--weighting sqrt`, by its square root), the other species' cells
 mapped with `orthologs=HCOP`, scored on the 11 classes both have; logistic regression and CellTypist
 trained on the reference's genes that have a one-to-one HCOP ortholog in the query,
 predicting the translated query. With `min_typicality=0.01` the share of the cells of
@@ -134,11 +134,21 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
 
 
 def baron_cellvec(
-    ref, query, store, name: str, hcop, *, min_typicality: float = 0.01, seed: int = 0, **build
+    ref,
+    query,
+    store,
+    name: str,
+    hcop,
+    *,
+    min_typicality: float = 0.01,
+    seed: int = 0,
+    level_shift: float = 0.0,
+    **build,
 ) -> dict:
     """cellvec's labels for the query (and with `min_typicality`) from an atlas of `ref`
-    built with `build` (`Recipe` fields), `calibration_split=0.1` and `seed`; `ref` and
-    `query` as cellvec is given them (`carried`)."""
+    built with `build` (`Recipe` fields), `calibration_split=0.1`, `seed` and
+    `level_shift` (`atlas build --level-shift`); `ref` and `query` as cellvec is given
+    them (`carried`)."""
     from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cell_index.mapping import map_cells
     from cellvec.cell_index.recipe import Recipe
@@ -149,7 +159,11 @@ def baron_cellvec(
         name=name,
         label_key="label",
         recipe=Recipe(**build),
-        options=BuildOptions(calibration_split=0.1, seed=seed),
+        options=BuildOptions(
+            calibration_split=0.1,
+            seed=seed,
+            refine_options={"level_shift": level_shift} if level_shift else None,
+        ),
     )
     res = map_cells(query, atlas, orthologs=hcop)
     strict = map_cells(query, atlas, orthologs=hcop, min_typicality=min_typicality)
@@ -189,11 +203,13 @@ def baron_row(truth, known, labels, typical_labels=None) -> dict:
 
 
 # cellvec's rows: the default recipe, and atlases built with `--weighting softmax` (each
-# cell's top genes weighted by their expression, 1 + CP10k, rather than its logarithm) and
-# `--weighting sqrt` (by its square root)
+# cell's top genes weighted by their expression, 1 + CP10k, rather than its logarithm),
+# the same with `--level-shift 1.0` (the refinement's views shift each gene's level
+# batch-wide) and `--weighting sqrt` (by its square root)
 RECIPES = {
     "cellvec": {},
     "cellvec_softmax": {"weighting": "softmax"},
+    "cellvec_softmax_shift": {"weighting": "softmax", "level_shift": 1.0},
     "cellvec_sqrt": {"weighting": "sqrt"},
 }
 
@@ -353,7 +369,8 @@ def main():
         "",
         f"`{command}`: an atlas of one species (`--calibration-split 0.1`; `cellvec` the default",
         "recipe, `cellvec_softmax` and `cellvec_sqrt` the same with `--weighting softmax` or",
-        "`sqrt`; the first seed's atlas below, each seed's at the end),",
+        "`sqrt`, `cellvec_softmax_shift` with `--weighting softmax --level-shift 1.0`; the",
+        "first seed's atlas below, each seed's at the end),",
         "the other species' cells mapped with `--orthologs hcop_mouse_to_human.csv.gz`; the",
         "peers trained on the reference's genes with a one-to-one HCOP ortholog in the query,",
         "predicting the translated query; scored on the classes both species have. Stores:",

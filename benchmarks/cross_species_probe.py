@@ -5,7 +5,7 @@ weighted mean of their text vectors (the unrefined vector: adapted genes, centre
 the refined vector (the head) -> the kNN vote. At each stage the same probe is fitted on
 the reference's cells alone and predicts the other species' cells: logistic regression on
 the features as they are (no scaling: standardising lifts genes whose small levels differ
-between species, and it cost the expression probe 0.08-0.12 macro-F1 here), C chosen by
+between species, and it cost the expression probe 0.08-0.11 of macro-F1 over the classes of 10+ cells here), C chosen by
 3-fold cross-validation on the reference (macro-F1), as the peer `logreg_expr` of
 `cross_species.py` but for C. The probe's features come from the atlas cellvec builds (default
 recipe but for `--weighting`, `--calibration-split 0.1`); the query goes through the same

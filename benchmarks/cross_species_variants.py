@@ -16,8 +16,10 @@ How a cell's top genes are weighted: `--weighting softmax` (by the expression it
 (1 + CP10k to that power, patched in for atlas and query alike: `power_0.5` is `sqrt`'s
 weights computed another way, equal to float rounding);
 300 or 3,000 top genes. The refinement's training views: each gene's level shifted by a
-log-normal factor shared by the whole batch (`level_shift_0.5`, `_1.0`: a species or
-protocol moves a gene in every cell), more per-weight jitter (`jitter_0.8`, against the
+log-normal factor shared by the whole batch (cellvec's `level_shift`, `atlas build
+--level-shift`; `level_shift_0.5`, `_1.0`: a species or
+protocol moves a gene in every cell; `softmax_level_shift_0.5`, `_1.0`: the same views
+under `--weighting softmax`), more per-weight jitter (`jitter_0.8`, against the
 default 0.25), whole genes dropped from a batch (`gene_drop_0.2`). The read-out: 5 or 50
 neighbours in the vote instead of 15 (`k_5`, `k_50`).
 
@@ -96,6 +98,8 @@ VARIANTS = (
     "top_3000",
     "level_shift_0.5",
     "level_shift_1.0",
+    "softmax_level_shift_0.5",
+    "softmax_level_shift_1.0",
     "jitter_0.8",
     "gene_drop_0.2",
     "k_5",
@@ -341,18 +345,14 @@ def power_weights(power: float):
 
 
 @contextmanager
-def batch_views(kind: str, amount: float):
-    """Refinement's training views changed batch-wide: `shift`, every gene's weight times a
-    log-normal factor (sigma `amount`) shared by the batch's cells; `drop`, a share
-    `amount` of the genes left out of every cell of the batch."""
+def batch_gene_drop(amount: float):
+    """Refinement's training views with a share `amount` of the genes left out of every
+    cell of a batch (the batch-wide level shift is cellvec's `level_shift` option)."""
     orig = refine_mod.augment_weights
 
     def augment_weights(w, rng, **kwargs):
         v = orig(w, rng, **kwargs)
-        if kind == "shift":
-            factor = np.exp(rng.normal(0.0, amount, size=w.shape[1]))
-        else:
-            factor = (rng.random(w.shape[1]) >= amount).astype(np.float64)
+        factor = (rng.random(w.shape[1]) >= amount).astype(np.float64)
         return rows_summing_to_one(v, v.data * factor[v.indices])
 
     with mock.patch.object(refine_mod, "augment_weights", augment_weights):
@@ -365,21 +365,27 @@ BUILD = {
     "keep_ribosomal": {"skip_genes": "none"},
     "main_before_fix": {"skip_genes": "none"},
     "softmax": {"weighting": "softmax"},
+    "softmax_level_shift_0.5": {"weighting": "softmax"},
+    "softmax_level_shift_1.0": {"weighting": "softmax"},
     "sqrt": {"weighting": "sqrt"},
     "weighting_rank": {"weighting": "rank"},
     "weighting_log1p": {"weighting": "log1p"},
     "top_300": {"top_genes": 300},
     "top_3000": {"top_genes": 3000},
 }
-REFINE = {"jitter_0.8": {"noise": 0.8}}
+REFINE = {  # refinement options (`BuildOptions.refine_options`)
+    "jitter_0.8": {"noise": 0.8},
+    "level_shift_0.5": {"level_shift": 0.5},
+    "level_shift_1.0": {"level_shift": 1.0},
+    "softmax_level_shift_0.5": {"level_shift": 0.5},
+    "softmax_level_shift_1.0": {"level_shift": 1.0},
+}
 # variants patched in for the atlas's build and the mapping alike (atlases of their own)
 WHOLE = {
     "main_before_fix": old_main,
     "power_0.5": lambda: power_weights(0.5),
     "power_0.75": lambda: power_weights(0.75),
-    "level_shift_0.5": lambda: batch_views("shift", 0.5),
-    "level_shift_1.0": lambda: batch_views("shift", 1.0),
-    "gene_drop_0.2": lambda: batch_views("drop", 0.2),
+    "gene_drop_0.2": lambda: batch_gene_drop(0.2),
 }
 MAP = {"k_5": {"k": 5}, "k_50": {"k": 50}}
 

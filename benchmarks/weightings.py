@@ -11,8 +11,11 @@ seed sets the refinement). Writes `weightings.md` / `.json`: each weighting's ma
 and accuracy per set and seed, the mean, and the mean difference from `value` (the
 default) over the seeds both have.
 
+A weighting written `W:S` (e.g. `softmax:1.0`) is `--weighting W` with the refinement's
+`--level-shift S` (the views of an atlas meant for another species).
+
     python benchmarks/weightings.py --out results/weightings [--weightings value sqrt]
-        [--seeds 0 1 2] [--only pbmc3k,pbmc_3chem_cross,...]
+        [--seeds 0 1 2] [--only pbmc3k,pbmc_3chem_cross,...] [--no-extra-seeds]
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ PAIRS = ("pbmc_3chem_cross", "transfer_68k_to_3k")  # evaluate_all.runs(): human
 def run(name: str, source, weighting: str, seed: int, stores: Path) -> dict:
     """cellvec's scores on set `name` with `weighting`: 5 folds of `source` (the set, read
     once), or for a pair of `PAIRS` its query mapped onto its reference (`source` the
-    pair's `evaluate_all.runs()` entry)."""
+    pair's `evaluate_all.runs()` entry). `weighting` `W:S`: `W` with `--level-shift S`."""
     from cellvec.cell_index.recipe import Recipe
     from cellvec.evaluation.evaluate import evaluate
     from cellvec.evaluation.plan import EvaluationPlan, Scenarios, Transfer
 
+    spec = weighting
+    weighting, _, shift = spec.partition(":")
+    refine_options = {"level_shift": float(shift)} if shift else None
     t = time.perf_counter()
     if name in PAIRS:
         kw = source
@@ -55,7 +61,12 @@ def run(name: str, source, weighting: str, seed: int, stores: Path) -> dict:
             label_key=kw["label_key"],
             store=ensure_store(stores / "human", "human"),
             recipe=Recipe(weighting=weighting),
-            plan=EvaluationPlan(seed=seed, representations=("cellvec",), skip_folds=True),
+            plan=EvaluationPlan(
+                seed=seed,
+                representations=("cellvec",),
+                skip_folds=True,
+                refine_options=refine_options,
+            ),
             scenarios=Scenarios(
                 transfer=Transfer(kw["query"], kw.get("query_label_key"), kw.get("label_map"))
             ),
@@ -68,12 +79,14 @@ def run(name: str, source, weighting: str, seed: int, stores: Path) -> dict:
             label_key=label_key,
             store=ensure_store(stores / species, species),
             recipe=Recipe(weighting=weighting),
-            plan=EvaluationPlan(seed=seed, representations=("cellvec",)),
+            plan=EvaluationPlan(
+                seed=seed, representations=("cellvec",), refine_options=refine_options
+            ),
         )
         m = res.representations["cellvec"]
     row = {
         "set": name,
-        "weighting": weighting,
+        "weighting": spec,
         "seed": seed,
         "macro_f1": round(float(m["macro_f1"]), 4),
         "accuracy": round(float(m["accuracy"]), 4),
@@ -135,6 +148,7 @@ def main():
     ap.add_argument("--weightings", nargs="+", default=["value", "sqrt"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", help="comma-separated subset of " + ", ".join([*SETS, *PAIRS]))
+    ap.add_argument("--no-extra-seeds", action="store_true", help="pbmc_3chem too only on --seeds")
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this needs the shared real data")
@@ -147,7 +161,8 @@ def main():
             pairs = pairs or pair_runs()
             source, extra = pairs[name], ()
         else:
-            source, extra = read_expression(CELLS / f"{SETS[name][0]}.h5ad"), SETS[name][3]
+            source = read_expression(CELLS / f"{SETS[name][0]}.h5ad")
+            extra = () if args.no_extra_seeds else SETS[name][3]
         rows += [
             run(name, source, w, seed, args.stores)
             for w in args.weightings
@@ -157,7 +172,8 @@ def main():
     lines = [
         "# Within a species: the weighting of a cell's top genes, over seeds",
         "",
-        f"`{command}` (cellvec alone, the default recipe but for `--weighting`; on a set,",
+        f"`{command}` (cellvec alone, the default recipe but for `--weighting`; `W:S` is",
+        "`--weighting W --level-shift S`; on a set,",
         "5 stratified folds, the seed sets the folds and the refinement; on a pair of sets",
         "(`pbmc_3chem_cross`, `transfer_68k_to_3k`, as in `evaluate_all.py`), the query mapped",
         "onto the reference, the seed sets the refinement).",
