@@ -146,6 +146,8 @@ def build(
       cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
           --broad-label-key cell_type_broad --exclude-labels Doublet --calibration-split 0.1
       cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
+      cellvec atlas build mouse.h5ad --store store/ --name for_human --label-key cell_type \\
+          --weighting softmax --level-shift 1.0 --calibration-split 0.1
     """
     from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cli.common import subset_source
