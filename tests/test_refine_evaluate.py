@@ -533,7 +533,13 @@ def test_level_shift_views_move_each_gene_alike_in_every_cell_of_a_batch():
     assert a.bit_generator.state == b.bit_generator.state
 
 
-def test_level_shift_is_checked_before_anything_is_written_and_recorded_in_the_atlas(fake_store):
+def test_level_shift_is_checked_before_anything_is_written_and_reaches_the_card_folds(
+    fake_store, tmp_path, monkeypatch
+):
+    """Refinement options are checked (names and values) before any work, recorded in the
+    atlas, and the card's folds train with them: `--level-shift` is not a recipe field, so
+    without that it would be dropped there (as `skip_genes` once fell back to the default)."""
+    import cellvec.evaluation.evaluate as ev_mod
     from cellvec.errors import CellvecError
     from cellvec.storage import Store
 
@@ -541,12 +547,15 @@ def test_level_shift_is_checked_before_anything_is_written_and_recorded_in_the_a
     for bad in (-0.5, float("nan"), 4.0, "one", None):
         with pytest.raises(CellvecError, match="level_shift"):
             RefineOptions(level_shift=bad)
+    # as an atlas's metadata reads back from JSON
+    assert RefineOptions.from_dict({"dropout": [0.1, 0.5]}).dropout == (0.1, 0.5)
     same = fit_refinement(w, basis, y, seed=2, options=RefineOptions(**FAST))[0]
     shifted, report = fit_refinement(
         w, basis, y, seed=2, options=RefineOptions(level_shift=1.0, **FAST)
     )
     assert report["level_shift"] == 1.0 and not np.array_equal(same["w1"], shifted["w1"])
-    ref = tiny_adata(n_cells=90, seed=1)
+    ref = tmp_path / "ref.h5ad"
+    tiny_adata(n_cells=90, seed=1).write_h5ad(ref)
     tables = set(Store(fake_store).table_names())
     for options, match in (
         ({"level_shift": -1.0}, "level_shift"),
@@ -562,39 +571,56 @@ def test_level_shift_is_checked_before_anything_is_written_and_recorded_in_the_a
                 options=BuildOptions(refine_options=options),
             )
         assert set(Store(fake_store).table_names()) == tables  # nothing half-written
+    given = {"level_shift": 1.0, **FAST}
     atlas = build_atlas(
         ref,
         store=fake_store,
         name="shifted",
         label_key="cell_type",
         recipe=Recipe(top_genes=10, weighting="softmax"),
-        options=BuildOptions(refine_options={"level_shift": 1.0, **FAST}),
-    )
-    assert atlas.meta["refinement"]["level_shift"] == 1.0
-    q = tiny_adata(n_cells=30, seed=9, prefix="q")
-    assert map_cells(q, atlas, truth_key="cell_type").metrics["accuracy"] >= 0.9
-
-
-def test_atlas_card_folds_fit_with_the_atlas_refinement_options(fake_store, tmp_path, monkeypatch):
-    """`--level-shift` is a refinement option, not a recipe field: the card's folds still
-    train with it (as `skip_genes` once fell back to the default, it would be dropped)."""
-    import cellvec.evaluation.evaluate as ev_mod
-
-    ref = tmp_path / "ref.h5ad"
-    tiny_adata(n_cells=60, seed=1).write_h5ad(ref)
-    given = {"level_shift": 1.0, **FAST}
-    build_atlas(
-        ref,
-        store=fake_store,
-        name="shift",
-        label_key="cell_type",
-        recipe=Recipe(top_genes=10),
         options=BuildOptions(refine_options=given),
     )
+    assert atlas.meta["refinement"]["level_shift"] == 1.0
+    assert atlas.meta["refine_options"] == given
+    q = tiny_adata(n_cells=30, seed=9, prefix="q")
+    assert map_cells(q, atlas, truth_key="cell_type").metrics["accuracy"] >= 0.9
     seen = []
     real = ev_mod.evaluate
     monkeypatch.setattr(
         ev_mod, "evaluate", lambda *a, **kw: seen.append(kw["plan"]) or real(*a, **kw)
     )
-    ev_mod.evaluate_atlas(fake_store, "shift", folds=2)
+    ev_mod.evaluate_atlas(fake_store, "shifted", folds=2)
     assert seen[0].refine_options == given
+
+
+def test_refinement_options_read_back_from_an_atlas_are_bounded(fake_store, tmp_path):
+    """An imported bundle's atlas metadata is not trusted: refinement options that would
+    train for days (or are not options at all) are refused before the card's folds fit."""
+    import json
+
+    from cellvec.errors import CellvecError
+    from cellvec.evaluation.evaluate import evaluate_atlas
+    from cellvec.storage import META_KEY, Store, replace_table
+
+    ref = tmp_path / "ref.h5ad"
+    tiny_adata(n_cells=60, seed=1).write_h5ad(ref)
+    build_atlas(
+        ref, store=fake_store, name="ext", label_key="cell_type", recipe=Recipe(top_genes=10)
+    )
+    store = Store(fake_store)
+    tbl = store.open_table("atlas_ext").to_arrow()
+    meta = json.loads(tbl.schema.metadata[META_KEY])
+    for hostile, match in (
+        ({"steps": 10**12}, "steps 1000000000000 is not a number from 1 to 100000"),
+        ({"batch_size": 10**9}, "batch_size"),
+        ({"dropout": [0.1]}, r"dropout \(0.1,\): give \(low, high\)"),
+        ({"level_shift": "1; rm -rf"}, "level_shift"),
+        ("steps=1e12", "give them by name"),
+        ({"__class__": 1}, "not refinement options"),
+    ):
+        meta["refine_options"] = hostile
+        replace_table(
+            store.db, "atlas_ext", tbl.replace_schema_metadata({META_KEY: json.dumps(meta)})
+        )
+        with pytest.raises(CellvecError, match=match):
+            evaluate_atlas(fake_store, "ext", folds=2)

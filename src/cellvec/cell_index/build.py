@@ -213,14 +213,7 @@ def _check_inputs(name: str, options: BuildOptions) -> None:
     if options.refine_options:
         from cellvec.cell_index.refine import RefineOptions
 
-        known = set(RefineOptions.__dataclass_fields__)
-        unknown = sorted(set(options.refine_options) - known)
-        if unknown:
-            raise CellvecError(
-                f"refine_options {', '.join(unknown)}: not refinement options; choose from "
-                f"{', '.join(sorted(known))}."
-            )
-        RefineOptions(**options.refine_options)  # its own checks (schedule, level_shift)
+        RefineOptions.from_dict(options.refine_options)  # names and values, before any work
 
 
 def _read_reference(

@@ -110,7 +110,7 @@ def fit_encoder(
         start,
         None if recipe.refine != "supcon" else np.asarray(labels)[train],
         recipe=recipe,
-        options=RefineOptions(**(refine_options or {})),
+        options=RefineOptions.from_dict(refine_options),
         seed=seed,
         head=prior.head if prior else None,
     )

@@ -246,6 +246,27 @@ def _contrastive_loss(z, labels, temperature: float):
     return per_cell[has_pos].mean() if bool(has_pos.any()) else per_cell.sum() * 0
 
 
+# The range each number of `RefineOptions` must lie in: a refinement that runs in minutes
+# to hours, so that options read back from an atlas's metadata (an imported bundle's too)
+# cannot ask for days of training or terabytes of memory.
+_BOUNDS = {
+    "steps": (1, 100_000),
+    "batch_size": (2, 65_536),
+    "out_dim": (1, 4_096),
+    "hidden": (1, 16_384),
+    "temperature": (1e-3, 10.0),
+    "lr": (0.0, 1.0),
+    "delta_penalty": (0.0, 1e3),
+    "gate_penalty": (0.0, 1e3),
+    "noise": (0.0, 3.0),
+    "balance": (0.0, 1.0),
+    "level_shift": (0.0, 3.0),
+}
+_HINTS = {
+    "level_shift": " (a log-normal sigma: 0 is off, about 1 for an atlas that maps another species)"
+}
+
+
 @dataclass(frozen=True)
 class RefineOptions:
     """How refinement trains; the recipe says whether, and what (`refine`, `adapt_genes`,
@@ -281,15 +302,44 @@ class RefineOptions:
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise CellvecError(f"Unknown schedule {self.schedule!r}; choose constant or cosine.")
-        try:
-            shift = float(self.level_shift)
-        except (TypeError, ValueError):
-            shift = float("nan")
-        if not (np.isfinite(shift) and 0 <= shift <= 3):
+        if not (isinstance(self.dropout, tuple) and len(self.dropout) == 2):
+            raise CellvecError(f"Refinement dropout {self.dropout!r}: give (low, high).")
+        given = {name: getattr(self, name) for name in _BOUNDS}
+        given.update(dropout_low=self.dropout[0], dropout_high=self.dropout[1])
+        for name, value in given.items():
+            low, high = _BOUNDS.get(name, (0.0, 1.0))
+            if value is None and name == "steps":
+                continue  # default_steps of the reference's size
+            try:
+                ok = low <= float(value) <= high  # False for NaN
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise CellvecError(
+                    f"Refinement option {name} {value!r} is not a number from {low:g} to "
+                    f"{high:g}{_HINTS.get(name, '')}."
+                )
+        if self.dropout[0] > self.dropout[1]:
+            raise CellvecError(f"Refinement dropout {self.dropout!r}: give (low, high).")
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> RefineOptions:
+        """Options given by name (`BuildOptions.refine_options`, an atlas's
+        `meta["refine_options"]`, read back from JSON); a name that is not an option is
+        refused with the ones that are."""
+        if options is not None and not isinstance(options, dict):
+            raise CellvecError(f"refine_options {options!r}: give them by name, as a dict.")
+        options = dict(options or {})
+        known = sorted(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
             raise CellvecError(
-                f"level_shift {self.level_shift!r} is not a log-normal sigma between 0 and 3; "
-                "use 0 (off) or about 1 for an atlas that maps another species."
+                f"refine_options {', '.join(unknown)}: not refinement options; choose from "
+                f"{', '.join(known)}."
             )
+        if isinstance(options.get("dropout"), list):  # JSON has no tuples
+            options["dropout"] = tuple(options["dropout"])
+        return cls(**options)
 
 
 def fit_refinement(

@@ -77,6 +77,10 @@ class EvaluationPlan:
                 f"folds must be 2 or more, got {self.folds} (skip_folds=True scores only a "
                 "query's transfer)."
             )
+        if self.refine_options is not None:
+            from cellvec.cell_index.refine import RefineOptions
+
+            RefineOptions.from_dict(self.refine_options)  # names and values, before any fold
         object.__setattr__(self, "peers", tuple(self.peers))
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
