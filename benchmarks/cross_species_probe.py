@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cross_species as xs  # noqa: E402
-from _common import MIN_CELLS, log_progress, macro_f1_10, write_results  # noqa: E402
+from _common import MIN_CELLS, log_progress, write_results  # noqa: E402
 from _stores import ensure_named_store  # noqa: E402
 
 STAGES = (
@@ -72,6 +72,7 @@ def in_atlas_genes(source, basis, n_genes: int, transform) -> sp.csr_matrix:
 def stages(atlas, ref, query, hcop) -> dict:
     """Each stage's features of the reference and the query: {stage: (x_ref, x_query)}."""
     from cellvec.cell_index.readers import read_expression
+    from cellvec.cell_index.refine import apply_head
 
     enc = atlas.encoder()
     n_genes = len(enc.refinement["gene_rows"])
@@ -92,18 +93,8 @@ def stages(atlas, ref, query, hcop) -> dict:
     for stage, fn in (("expression", expression), ("weights", weights)):
         out[stage] = tuple(in_atlas_genes(s, b, n_genes, fn) for s, b in zip(sources, bases))
     out["unrefined"] = tuple(enc.unrefined(s, b) for s, b in zip(sources, bases))
-    out["refined"] = tuple(enc.encode(s, b) for s, b in zip(sources, bases))
+    out["refined"] = tuple(apply_head(enc.refinement, u) for u in out["unrefined"])
     return out
-
-
-def row(truth, predicted, known) -> dict:
-    m = xs.score(truth, predicted, known)
-    return {
-        "macro_f1": round(m["macro_f1"], 4),
-        "accuracy": round(m["accuracy"], 4),
-        "macro_f1_10": macro_f1_10(m["per_class"]),
-        "per_class_f1": {c: round(v["f1"], 4) for c, v in m["per_class"].items()},
-    }
 
 
 def run(stores: Path, weightings, seed: int) -> dict:
@@ -134,8 +125,10 @@ def run(stores: Path, weightings, seed: int) -> dict:
             )
             rows = {}
             for stage, (x_ref, x_query) in stages(atlas, *given, hcop).items():
-                rows[stage] = row(truth, probe(x_ref, y, x_query, seed), known)
-            rows["knn"] = row(truth, map_cells(given[1], atlas, orthologs=hcop).labels, known)
+                rows[stage] = xs.baron_row(truth, known, probe(x_ref, y, x_query, seed))
+            rows["knn"] = xs.baron_row(
+                truth, known, map_cells(given[1], atlas, orthologs=hcop).labels
+            )
             rows["seconds"] = round(time.perf_counter() - t)
             res.setdefault(key, {})[weighting] = rows
             print(key, weighting, json.dumps({s: rows[s]["macro_f1_10"] for s, _ in STAGES}))

@@ -53,37 +53,27 @@ def run(name: str, source, weighting: str, seed: int, stores: Path) -> dict:
     spec = weighting
     weighting, _, shift = spec.partition(":")
     refine_options = {"level_shift": float(shift)} if shift else None
-    t = time.perf_counter()
-    if name in PAIRS:
-        kw = source
-        res = evaluate(
-            kw["data"],
-            label_key=kw["label_key"],
-            store=ensure_store(stores / "human", "human"),
-            recipe=Recipe(weighting=weighting),
-            plan=EvaluationPlan(
-                seed=seed,
-                representations=("cellvec",),
-                skip_folds=True,
-                refine_options=refine_options,
-            ),
-            scenarios=Scenarios(
-                transfer=Transfer(kw["query"], kw.get("query_label_key"), kw.get("label_map"))
-            ),
-        )
-        m = res.transfer["cellvec"]
+    if name in PAIRS:  # `source`: the pair's entry, its query mapped onto its reference
+        data, label_key, species = source["data"], source["label_key"], "human"
+        query = Transfer(source["query"], source.get("query_label_key"), source.get("label_map"))
+        scenarios = Scenarios(transfer=query)
     else:
-        _, label_key, species, _ = SETS[name]
-        res = evaluate(
-            source,
-            label_key=label_key,
-            store=ensure_store(stores / species, species),
-            recipe=Recipe(weighting=weighting),
-            plan=EvaluationPlan(
-                seed=seed, representations=("cellvec",), refine_options=refine_options
-            ),
-        )
-        m = res.representations["cellvec"]
+        data, (_, label_key, species, _), scenarios = source, SETS[name], None
+    t = time.perf_counter()
+    res = evaluate(
+        data,
+        label_key=label_key,
+        store=ensure_store(stores / species, species),
+        recipe=Recipe(weighting=weighting),
+        plan=EvaluationPlan(
+            seed=seed,
+            representations=("cellvec",),
+            skip_folds=name in PAIRS,
+            refine_options=refine_options,
+        ),
+        scenarios=scenarios,
+    )
+    m = (res.transfer if name in PAIRS else res.representations)["cellvec"]
     row = {
         "set": name,
         "weighting": spec,
