@@ -84,7 +84,7 @@ def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_sto
     assert old.index().ntotal == 400
 
 
-def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake_models):
+def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake_models, tmp_path):
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.mapping import map_cells
 
@@ -108,6 +108,18 @@ def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake
     assert not set(a.labels) & {"T_a", "T_b"} and not set(b.labels) & {"T_a", "T_b"}
     assert disk._broad_labels is None  # mapping never built the per-cell broad labels
     assert (disk.broad_labels == mem.broad_labels).all()  # built on asking, the same
+    # a query of "another species" (through orthologs): both levels' typicality is
+    # calibrated on level-shifted views of the calibration cells, read from the table
+    table = tmp_path / "orth.csv"
+    table.write_text("".join(f"Z{n},{n}\n" for n in q.var_names))
+    q.var_names = [f"Z{n}" for n in q.var_names]
+    a, b = (map_cells(q, x, orthologs=table, min_typicality=0.01) for x in (disk, mem))
+    assert (a.labels == b.labels).mean() >= 0.99 and (
+        a.broad.labels == b.broad.labels
+    ).mean() >= 0.99
+    np.testing.assert_allclose(a.typicality, b.typicality, atol=1e-6)
+    np.testing.assert_allclose(a.broad.typicality, b.broad.typicality, atol=1e-6)
+    assert disk.species_calibration()[1].draws > 1
 
 
 def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):

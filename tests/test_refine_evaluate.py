@@ -430,6 +430,30 @@ def test_typicality_resolves_below_one_percent_with_small_classes():
     assert 0.05 < p[2] < p[1]
 
 
+def test_typicality_counts_a_cells_views_as_one_cell():
+    """A `Calibration` of several views of each calibration cell (another species'
+    calibration) standardises by class as the cells themselves would: the same values
+    given 32 times each give the same p-values within one rank, the class spreads shrunk
+    towards the pooled one by cells, not by views."""
+    from cellvec.cell_index.calibration import Calibration
+    from cellvec.cell_index.calls import typicality
+
+    rng = np.random.default_rng(0)
+    codes = np.repeat(np.arange(4), [3, 5, 25, 40])  # small classes: shrinkage matters
+    values = 0.6 + 0.1 * codes + rng.normal(0, 0.02, len(codes))
+    chosen = rng.integers(0, 4, 50)
+    sims = (0.6 + 0.1 * chosen + rng.normal(-0.02, 0.03, 50))[:, None]
+    idx = np.array([np.flatnonzero(codes == c)[0] for c in chosen])[:, None]
+    once = typicality(idx, sims, codes, chosen, values)
+    np.testing.assert_array_equal(
+        once, typicality(idx, sims, codes, chosen, Calibration.of_cells(values, codes))
+    )
+    views = Calibration(np.tile(codes, 32), np.tile(values, 32), draws=32)
+    np.testing.assert_allclose(typicality(idx, sims, codes, chosen, views), once, atol=1 / 74)
+    as_cells = Calibration(views.codes, views.values)  # 32 times the cells: tighter classes
+    assert np.abs(typicality(idx, sims, codes, chosen, as_cells) - once).max() > 1 / 74
+
+
 def test_typicality_needs_held_out_calibration_cells(fake_store):
     """Calibrated on cells refinement trained on, every new cell would look atypical:
     mapping with --min-typicality on such an atlas is refused with the fix."""

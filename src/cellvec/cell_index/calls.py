@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from scipy.special import log_softmax, ndtr, softmax
 
+from cellvec.cell_index.calibration import Calibration
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.labels import parse_labels
 from cellvec.cell_index.mixing import mixing_pvalues, unmixed
@@ -99,13 +100,13 @@ class LabelCodes:
 class Target:
     """The reference cells a query is compared with: the atlas over its own genes
     (`panel` None), or re-aggregated over the atlas genes a query measures. `calibration`
-    (per reference cell, NaN outside the calibration cells) scores typicality;
-    `broad_calibration` the broad level's. `prototypes` (the class centroids, for an
+    (per reference cell, NaN outside the calibration cells; a `Calibration` for a query
+    of another species) scores typicality; `broad_calibration` the broad level's. `prototypes` (the class centroids, for an
     atlas whose read-out is `centroid`) replace the neighbours' vote."""
 
     index: object
-    calibration: np.ndarray
-    broad_calibration: np.ndarray | None = None
+    calibration: np.ndarray | Calibration
+    broad_calibration: np.ndarray | Calibration | None = None
     panel: np.ndarray | None = None
     prototypes: Prototypes | None = None  # the atlas's class centroids: its read-out
 
@@ -244,7 +245,7 @@ def typicality(
     sim: np.ndarray,
     ref_codes: np.ndarray,
     chosen: np.ndarray,
-    calibration: np.ndarray,
+    calibration: np.ndarray | Calibration,
     *,
     shrink: float = 5.0,
 ) -> np.ndarray:
@@ -257,13 +258,17 @@ def typicality(
     over-trusted. The p-value ranks it among all calibration cells' standardised
     scores, pooled over classes: (count at or below + 1) / (n + 1). Pooling keeps the
     resolution fine (a per-class rank could not go below 1 / (class size + 1), so a
-    0.01 threshold never fired for classes under 99 cells)."""
-    finite = np.isfinite(calibration)
+    0.01 threshold never fired for classes under 99 cells). `calibration`: one value per
+    reference cell (NaN outside the calibration cells) or a `Calibration` (several views
+    of each calibration cell, for a query of another species)."""
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration.of_cells(calibration, ref_codes)
     n_classes = int(max(ref_codes.max(initial=0), chosen.max(initial=0))) + 1
-    cal_codes, cal = ref_codes[finite], calibration[finite].astype(np.float64)
-    count = np.bincount(cal_codes, minlength=n_classes).astype(np.float64)
-    mean = np.bincount(cal_codes, weights=cal, minlength=n_classes) / np.maximum(count, 1)
-    sq = np.bincount(cal_codes, weights=(cal - mean[cal_codes]) ** 2, minlength=n_classes)
+    cal_codes, cal, draws = calibration.codes, calibration.values, calibration.draws
+    # class sizes and sums of squares in calibration cells (a cell's views count once)
+    count = np.bincount(cal_codes, minlength=n_classes) / draws
+    mean = np.bincount(cal_codes, weights=cal, minlength=n_classes) / np.maximum(count * draws, 1)
+    sq = np.bincount(cal_codes, weights=(cal - mean[cal_codes]) ** 2, minlength=n_classes) / draws
     pooled = sq.sum() / max(count.sum() - 1, 1)
     spread = np.sqrt((sq + shrink * pooled) / (count + shrink)) + 1e-6
     if not len(cal):
@@ -286,7 +291,7 @@ def assign_labels(
     codes: np.ndarray,
     min_confidence: float,
     *,
-    calibration: np.ndarray | None = None,
+    calibration: np.ndarray | Calibration | None = None,
     min_typicality: float = 0.0,
     inherited: np.ndarray | None = None,
     scores: np.ndarray | None = None,
@@ -379,7 +384,7 @@ def assign_broad(
     parent: np.ndarray,
     min_confidence: float,
     *,
-    calibration: np.ndarray | None = None,
+    calibration: np.ndarray | Calibration | None = None,
     min_typicality: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(broad labels, confidences, typicalities) from the same neighbours as the fine call.

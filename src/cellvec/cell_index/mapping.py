@@ -199,8 +199,18 @@ class Reference:
         _keep(self._plans, key, plan)
         return plan
 
-    def target(self, panel: np.ndarray | None) -> Target:
-        """The reference cells a query with this `panel` (`Plan.panel`) is compared with."""
+    def target(self, panel: np.ndarray | None, *, other_species: bool = False) -> Target:
+        """The reference cells a query with this `panel` (`Plan.panel`) is compared with;
+        for a query of `other_species` (mapped through orthologs), typicality calibrated
+        on the calibration cells seen with their genes' levels shifted
+        (`Atlas.species_calibration`)."""
+        target = self._target(panel)
+        if not other_species or not np.isfinite(target.calibration).any():
+            return target
+        fine, broad = self.atlas().species_calibration(panel)
+        return replace(target, calibration=fine, broad_calibration=broad)
+
+    def _target(self, panel: np.ndarray | None) -> Target:
         if panel is None:
             if self._whole is None:
                 atlas = self.atlas()
@@ -268,7 +278,7 @@ class Reference:
         if options.min_mixing > 0:
             mixing = self.mixing(plan.panel, unrefined, options.min_mixing)
         del unrefined  # only the mixing test needs it: not held through the search
-        target = self.target(plan.panel)
+        target = self.target(plan.panel, other_species=options.orthologs is not None)
         neighbours = search_allowed(target.index, q, options.k or self.k, allowed)
         calls = call_cells(self.labels, target, q, neighbours, options, mixing=mixing)
         calls.classes, calls.coverage, calls.excluded = self.labels.classes, plan.coverage, excluded
@@ -310,7 +320,11 @@ def map_cells(
     `min_typicality=0.01`, about 1% of the cells of subtypes the atlas knows are
     expected to come back unassigned when query and reference are alike; cells of a
     subtype the atlas lacks mostly do. It needs an atlas built with a calibration
-    split (cells refinement never saw); typicality is NaN without one.
+    split (cells refinement never saw); typicality is NaN without one. A query mapped
+    through `orthologs` sits further from every reference cell than a new cell of the
+    atlas's species: its typicality is calibrated on the calibration cells seen with
+    each gene's level shifted (`Atlas.species_calibration`), so that 0.01 again costs
+    the known cells about what it costs them within a species.
 
     A cell is also `unassigned` when its mixing p-value is below `min_mixing` (0.01 is a
     good start): among its nearest cells in the query and the atlas pooled, far more

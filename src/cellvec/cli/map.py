@@ -47,9 +47,10 @@ from cellvec.cli.options import (
     "--min-typicality",
     default=0.0,
     show_default=True,
-    help="Below this typicality (calibrated on held-out reference cells: 0.01 calls ~1%% "
+    help="Below this typicality (calibrated on held-out reference cells: 0.01 calls ~1% "
     "of cells of known subtypes unassigned), a cell is 'unassigned': not a subtype of this "
-    "atlas. Needs an atlas built with --calibration-split.",
+    "atlas. Needs an atlas built with --calibration-split. With --orthologs, calibrated on "
+    "those cells with their genes' levels shifted, as another species shifts them.",
 )
 @click.option(
     "--min-mixing",

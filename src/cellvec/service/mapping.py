@@ -350,8 +350,9 @@ def job_from_h5ad(data: bytes, options: dict | None = None, **outputs) -> MapJob
 
 def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
     """Map a batch of jobs: one encode per gene list, one search per reference (the atlas,
-    or the atlas re-aggregated over a panel's genes) and blocklist, one vote per shared
-    setting; each job gets the `Calls` mapping it alone would give (`cell_index.calls`).
+    or the atlas re-aggregated over a panel's genes), blocklist and species (through
+    orthologs or not: `Reference.target`), one vote per shared setting; each job gets
+    the `Calls` mapping it alone would give (`cell_index.calls`).
     A job with the mixing test is voted alone: the test judges its cells as one query."""
     ref = atlas.reference
     out: list = [None] * len(jobs)
@@ -388,7 +389,12 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
     searches: dict[tuple, list[int]] = {}
     for i in sorted(encoded):
         panel = encoded[i][0].panel
-        key = (None if panel is None else panel.tobytes(), jobs[i].options.exclude_labels)
+        options = jobs[i].options  # another species' typicality is calibrated otherwise
+        key = (
+            None if panel is None else panel.tobytes(),
+            options.exclude_labels,
+            options.orthologs is not None,
+        )
         searches.setdefault(key, []).append(i)
     for order in searches.values():
         _map_group(ref, jobs, order, encoded, out)
@@ -396,10 +402,10 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
 
 
 def _map_group(ref, jobs, order, encoded, out) -> None:
-    """Jobs compared with one reference past one blocklist: one search, then one vote per
-    setting (`call_cells`)."""
+    """Jobs compared with one reference past one blocklist, of one species or another:
+    one search, then one vote per setting (`call_cells`)."""
     plan = encoded[order[0]][0]
-    target = ref.target(plan.panel)
+    target = ref.target(plan.panel, other_species=jobs[order[0]].options.orthologs is not None)
     excluded, allowed = ref.allowed(jobs[order[0]].options.exclude_labels)
     q = np.concatenate([encoded[i][1] for i in order]) if len(order) > 1 else encoded[order[0]][1]
     k_of = {i: jobs[i].options.k or ref.k for i in order}
