@@ -21,10 +21,10 @@ CALIBRATION_PER_CLASS = 200
 # with every gene's level multiplied by a log-normal factor (sigma SPECIES_SHIFT, the
 # refinement's `--level-shift` for an atlas that maps another species), SPECIES_DRAWS
 # times, at most SPECIES_VIEWS views in all (a large atlas has many calibration cells).
-# Measured on the Baron pair (atlas seed 0, both ways): the known cells' unassigned share at
-# 0.01 moved with the draws' seed by up to 0.045 with one view a cell, 0.017 with 8, 0.004
-# with 32. Sigma 0.75 left 2-15% of the known cells unassigned, 1.25 caught almost no cell
-# of the classes the atlas lacks (0-6%).
+# Measured on the Baron pair (scratch runs, atlas seed 0, both ways; the issue 22 note):
+# the known cells' unassigned share at 0.01 moved with the draws' seed by up to 0.045 with
+# one view a cell, 0.017 with 8, 0.004 with 32. Sigma 0.75 left 9-10% of the known cells
+# unassigned, 1.25 caught 3-17% of the cells of the classes the atlas lacks.
 SPECIES_SHIFT = 1.0
 SPECIES_DRAWS = 32
 SPECIES_VIEWS = 20_000
