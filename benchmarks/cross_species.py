@@ -184,7 +184,7 @@ def baron_cellvec(
 def own_species_calibration():
     """Typicality of a query mapped through orthologs calibrated as a query of the atlas's
     own species is (the calibration cells as they are, not level-shifted): what
-    `map --orthologs --min-typicality` did before `Atlas.species_calibration`."""
+    `map --orthologs --min-typicality` did before `calibration.species_calibrations`."""
     from cellvec.cell_index.mapping import Reference
 
     target = Reference.target
@@ -381,7 +381,7 @@ def baron_lines(res: dict, peers) -> list[str]:
             "",
             "`--min-typicality 0.01` over the same seeds (typicality of a query mapped through "
             "orthologs is calibrated on level-shifted views of the calibration cells, "
-            "`Atlas.species_calibration`): the share of the cells of classes the atlas lacks "
+            "`calibration.species_calibrations`): the share of the cells of classes the atlas lacks "
             "that come back unassigned, and the accuracy on the known classes without the "
             "threshold -> with it; in brackets the same with the calibration cells as they are "
             "(the calibration of a query of the atlas's own species, what map did before):",

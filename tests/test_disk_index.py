@@ -86,7 +86,7 @@ def test_an_open_disk_atlas_reads_the_version_it_opened_after_a_rebuild(fake_sto
 
 def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake_models, tmp_path):
     from cellvec.cell_index.atlas import Atlas
-    from cellvec.cell_index.mapping import map_cells
+    from cellvec.cell_index.mapping import Reference, map_cells
 
     for index in ("memory", "disk"):
         indexed_atlas(
@@ -119,7 +119,8 @@ def test_a_disk_atlas_reads_broad_labels_as_the_memory_one_does(fake_store, fake
     ).mean() >= 0.99
     np.testing.assert_allclose(a.typicality, b.typicality, atol=1e-6)
     np.testing.assert_allclose(a.broad.typicality, b.broad.typicality, atol=1e-6)
-    assert disk.species_calibration()[1].draws > 1
+    species = Reference.of(disk).target(None, other_species=True)
+    assert species.calibration.draws > 1 and species.broad_calibration.draws > 1
 
 
 def test_auto_puts_an_atlas_on_disk_above_the_memory_budget(monkeypatch):

@@ -27,12 +27,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from cellvec._arrow import fixed_size_rows, string_values
-from cellvec.cell_index.calibration import (
-    SPECIES_SHIFT,
-    Calibration,
-    self_similarity,
-    species_calibrations,
-)
+from cellvec.cell_index.calibration import self_similarity
 from cellvec.cell_index.disk_index import DiskIndex, DiskIndexParams
 from cellvec.cell_index.encoder import CellEncoder, load_encoder
 from cellvec.cell_index.fitting import FittedReference
@@ -97,7 +92,6 @@ class Atlas:
     _held_out: np.ndarray | None = field(default=None, repr=False)
     _broad_codes: tuple | None = field(default=None, repr=False)
     _broad: dict = field(default_factory=dict, repr=False)  # broad calibration by panel key
-    _species: dict = field(default_factory=dict, repr=False)  # `species_calibration` by panel key
     _ds: object = field(default=None, repr=False)  # the table at `version` (`dataset()`)
 
     @property
@@ -220,52 +214,19 @@ class Atlas:
 
         return remember(self._broad, panel_key(positions), calibrate)
 
-    def species_calibration(
-        self, positions: np.ndarray | None = None
-    ) -> tuple[Calibration, Calibration | None]:
-        """The typicality calibration of a query of another species, of the fine level and
-        the broad one (None without broad labels), over the whole atlas or re-aggregated
-        over the genes at `positions`: the calibration cells seen with each gene's level
-        shifted, as another species shifts it (`calibration.species_calibrations`).
-
-        Measured on the Baron pair at `--min-typicality 0.01` (results/cross_species.md):
-        calibrated on the cells as they are, 3-45% of the cells of known classes came back
-        unassigned, varying with the atlas's seed."""
-
-        def calibrate():
-            if positions is None:
-                index, fine = self.index(), self.calibration()
-            else:
-                _, index, fine = self.vectors_over(positions)
-            per_cell, code_sets = [fine], [self.label_codes()[1]]
-            if self.has_broad:
-                per_cell.append(self.broad_calibration(positions))
-                code_sets.append(self.broad_codes()[1])
-            encoder = self.encoder()
-
-            def views_of(rows: np.ndarray):
-                w = self._weights_of(rows)
-                return lambda rng: apply_head(
-                    encoder.refinement,
-                    reaggregate(
-                        encoder,
-                        augment_weights(w, rng, dropout=(0.0, 0.0), noise=SPECIES_SHIFT),
-                        positions,
-                    ),
-                )
-
-            t = time.perf_counter()
-            cals = species_calibrations(per_cell, code_sets, index, views_of)
-            log.info(
-                "%s: typicality of another species calibrated on %s level-shifted views of "
-                "its calibration cells in %.1f s",
-                self.name,
-                f"{len(cals[0].values):,}",
-                time.perf_counter() - t,
-            )
-            return cals[0], cals[1] if self.has_broad else None
-
-        return remember(self._species, panel_key(positions), calibrate)
+    def shifted_views(self, rows: np.ndarray, positions: np.ndarray | None, sigma: float):
+        """A function of a random generator giving the refined vectors of the reference
+        cells at `rows` (sorted), over the atlas genes at `positions` (all when None), with
+        each gene's weight in each cell multiplied by a log-normal factor (`sigma`), as
+        another species moves a gene's level: the views a query of another species'
+        typicality is calibrated on (`calibration.species_calibrations`)."""
+        w, encoder = self._weights_of(rows), self.encoder()
+        return lambda rng: apply_head(
+            encoder.refinement,
+            reaggregate(
+                encoder, augment_weights(w, rng, dropout=(0.0, 0.0), noise=sigma), positions
+            ),
+        )
 
     @classmethod
     def open(

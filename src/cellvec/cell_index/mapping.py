@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from cellvec.cell_index.atlas import DEFAULT_K, Atlas, readout_of
+from cellvec.cell_index.calibration import SPECIES_SHIFT, species_calibrations
 from cellvec.cell_index.calls import (
     Calls,
     LabelCodes,
@@ -100,6 +101,7 @@ class Reference:
         self._samples: dict = {}
         self._allowed: dict = {}
         self._prototypes: dict = {}  # panel key (None: the whole atlas) -> `Prototypes`
+        self._species: dict = {}  # panel key -> `Target` for a query of another species
 
     @classmethod
     def of(cls, atlas: Atlas) -> Reference:
@@ -202,13 +204,40 @@ class Reference:
     def target(self, panel: np.ndarray | None, *, other_species: bool = False) -> Target:
         """The reference cells a query with this `panel` (`Plan.panel`) is compared with;
         for a query of `other_species` (mapped through orthologs), typicality calibrated
-        on the calibration cells seen with their genes' levels shifted
-        (`Atlas.species_calibration`)."""
+        on the calibration cells seen with their genes' levels shifted (computed once
+        per panel, on the target's own index: a served atlas's memory-mapped one)."""
         target = self._target(panel)
         if not other_species or not np.isfinite(target.calibration).any():
             return target
-        fine, broad = self.atlas().species_calibration(panel)
-        return replace(target, calibration=fine, broad_calibration=broad)
+        key = None if panel is None else panel.tobytes()
+        if key not in self._species:
+            _keep(self._species, key, self._species_target(target, panel), 4)
+        return self._species[key]
+
+    def _species_target(self, target: Target, panel: np.ndarray | None) -> Target:
+        """`target` with both levels' typicality calibrated for a query of another species
+        (`calibration.species_calibrations`), on its own index and calibration cells."""
+        t = time.perf_counter()
+        levels = [(target.calibration, self.labels.codes)]
+        if self.has_broad:
+            levels.append((target.broad_calibration, self.labels.broad_codes))
+        atlas = self.atlas()
+        cals = species_calibrations(
+            [np.asarray(c) for c, _ in levels],
+            [codes for _, codes in levels],
+            target.index,
+            lambda rows: atlas.shifted_views(rows, panel, SPECIES_SHIFT),
+        )
+        log.info(
+            "%s: typicality of another species calibrated on %s level-shifted views of its "
+            "calibration cells in %.1f s",
+            self.name,
+            f"{len(cals[0].values):,}",
+            time.perf_counter() - t,
+        )
+        return replace(
+            target, calibration=cals[0], broad_calibration=cals[1] if self.has_broad else None
+        )
 
     def _target(self, panel: np.ndarray | None) -> Target:
         if panel is None:
@@ -323,7 +352,7 @@ def map_cells(
     split (cells refinement never saw); typicality is NaN without one. A query mapped
     through `orthologs` sits further from every reference cell than a new cell of the
     atlas's species: its typicality is calibrated on the calibration cells seen with
-    each gene's level shifted (`Atlas.species_calibration`), so that 0.01 again costs
+    each gene's level shifted (`Reference.target`), so that 0.01 again costs
     the known cells about what it costs them within a species.
 
     A cell is also `unassigned` when its mixing p-value is below `min_mixing` (0.01 is a
