@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -68,8 +69,10 @@ def test_typicality_of_another_species_is_calibrated_on_level_shifted_views(fake
     still come back unassigned (measured on 6 seeds: known 0.00, novel 0.65-0.90)."""
     import scipy.sparse as sp
 
+    from cellvec.cell_index import mapping
     from cellvec.cell_index.build import BuildOptions
     from cellvec.cell_index.calibration import SPECIES_DRAWS, Calibration
+    from cellvec.cell_index.calibration import species_calibrations as real
     from cellvec.cell_index.mapping import Reference
 
     ref = tiny_adata(n_cells=120, seed=1)
@@ -89,7 +92,15 @@ def test_typicality_of_another_species_is_calibrated_on_level_shifted_views(fake
     query.X = sp.csr_matrix(np.rint(query.X.toarray() * shift))
     table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])
     query.var_names = [_other_species(n) for n in query.var_names]
-    res = map_cells(query, atlas, orthologs=table, min_typicality=0.05)
+    calibrated = []
+    with mock.patch.object(
+        mapping, "species_calibrations", side_effect=lambda *a: calibrated.append(1) or real(*a)
+    ):
+        fresh = Atlas.open(fake_store, "ref")
+        res = map_cells(query, fresh, orthologs=table, min_typicality=0.05)
+        again = map_cells(query, fresh, orthologs=table, min_typicality=0.05)
+    assert len(calibrated) == 1  # once per atlas and panel, not once per call
+    np.testing.assert_array_equal(again.typicality, res.typicality)
     novel = (query.obs["cell_type"] == "M").to_numpy()
     assert (res.labels[~novel] == "unassigned").mean() <= 0.1
     assert (res.labels[novel] == "unassigned").mean() >= 0.5

@@ -92,6 +92,7 @@ class Atlas:
     _held_out: np.ndarray | None = field(default=None, repr=False)
     _broad_codes: tuple | None = field(default=None, repr=False)
     _broad: dict = field(default_factory=dict, repr=False)  # broad calibration by panel key
+    _species: dict = field(default_factory=dict, repr=False)  # `Reference.target`'s, by panel
     _ds: object = field(default=None, repr=False)  # the table at `version` (`dataset()`)
 
     @property

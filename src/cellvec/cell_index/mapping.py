@@ -93,6 +93,7 @@ class Reference:
         labels: LabelCodes,
         atlas,
         whole: Target | None = None,
+        species: dict | None = None,
     ):
         self.name, self.meta, self.encoder, self.labels = name, meta, encoder, labels
         self._atlas = atlas  # a callable giving the Atlas
@@ -101,7 +102,9 @@ class Reference:
         self._samples: dict = {}
         self._allowed: dict = {}
         self._prototypes: dict = {}  # panel key (None: the whole atlas) -> `Prototypes`
-        self._species: dict = {}  # panel key -> `Target` for a query of another species
+        # panel key -> `Target` for a query of another species (`target`); an `Atlas`
+        # keeps them across the `Reference`s that `map_cells` makes of it, one a call
+        self._species: dict = {} if species is None else species
 
     @classmethod
     def of(cls, atlas: Atlas) -> Reference:
@@ -116,7 +119,9 @@ class Reference:
                 broad_key=atlas.meta.get("broad_label_key"),
             )
         labels = LabelCodes(classes, codes, **broad)
-        return cls(atlas.name, atlas.meta, atlas.encoder(), labels, lambda: atlas)
+        return cls(
+            atlas.name, atlas.meta, atlas.encoder(), labels, lambda: atlas, species=atlas._species
+        )
 
     @property
     def recipe(self) -> Recipe:
