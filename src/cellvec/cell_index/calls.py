@@ -101,8 +101,9 @@ class Target:
     """The reference cells a query is compared with: the atlas over its own genes
     (`panel` None), or re-aggregated over the atlas genes a query measures. `calibration`
     (per reference cell, NaN outside the calibration cells; a `Calibration` for a query
-    of another species) scores typicality; `broad_calibration` the broad level's. `prototypes` (the class centroids, for an
-    atlas whose read-out is `centroid`) replace the neighbours' vote."""
+    of another species) scores typicality; `broad_calibration` the broad level's.
+    `prototypes` (the class centroids, for an atlas whose read-out is `centroid`)
+    replace the neighbours' vote."""
 
     index: object
     calibration: np.ndarray | Calibration
