@@ -454,6 +454,44 @@ def test_typicality_counts_a_cells_views_as_one_cell():
     assert np.abs(typicality(idx, sims, codes, chosen, as_cells) - once).max() > 1 / 74
 
 
+def test_species_calibration_bounds_its_views_and_keeps_each_levels_cells(monkeypatch):
+    """`species_calibrations` gives each level the views of its own calibration cells, as
+    many draws as `SPECIES_VIEWS` allows (never fewer than one), and one seed the same
+    values twice; no calibration cell, no views."""
+    from cellvec.cell_index import calibration
+    from cellvec.cell_index.knn import build_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    codes, broad = np.arange(40) % 4, np.arange(40) % 2
+    fine = np.full(40, np.nan)
+    fine[:8] = 0.5
+    coarse = np.full(40, np.nan)
+    coarse[4:12] = 0.5
+    asked = []
+
+    def views_of(rows):
+        asked.append(rows)
+        return lambda g: vectors[rows] + g.normal(0, 0.1, (len(rows), 8)).astype(np.float32)
+
+    index = build_index(vectors)
+    cals = calibration.species_calibrations([fine, coarse], [codes, broad], index, views_of)
+    assert asked[0].tolist() == list(range(12))  # one set of views serves both levels
+    assert [c.draws for c in cals] == [calibration.SPECIES_DRAWS] * 2
+    assert cals[0].codes.tolist() == np.tile(codes[:8], calibration.SPECIES_DRAWS).tolist()
+    assert cals[1].codes.tolist() == np.tile(broad[4:12], calibration.SPECIES_DRAWS).tolist()
+    again = calibration.species_calibrations([fine, coarse], [codes, broad], index, views_of)
+    np.testing.assert_array_equal(again[0].values, cals[0].values)
+    monkeypatch.setattr(calibration, "SPECIES_VIEWS", 30)  # 12 cells of both levels: 2 draws
+    two = calibration.species_calibrations([fine, coarse], [codes, broad], index, views_of)
+    assert [c.draws for c in two] == [2, 2] and len(two[0].values) == 16
+    monkeypatch.setattr(calibration, "SPECIES_VIEWS", 5)  # fewer than the cells: still one
+    assert calibration.species_calibrations([fine], [codes], index, views_of)[0].draws == 1
+    none = calibration.species_calibrations([np.full(40, np.nan)], [codes], index, views_of)
+    assert none[0].draws == 1 and len(none[0].values) == 0
+
+
 def test_typicality_needs_held_out_calibration_cells(fake_store):
     """Calibrated on cells refinement trained on, every new cell would look atypical:
     mapping with --min-typicality on such an atlas is refused with the fix."""
