@@ -21,7 +21,9 @@ log-normal factor shared by the whole batch (cellvec's `level_shift`, `atlas bui
 protocol moves a gene in every cell; `softmax_level_shift_0.5`, `_1.0`: the same views
 under `--weighting softmax`), more per-weight jitter (`jitter_0.8`, against the
 default 0.25), whole genes dropped from a batch (`gene_drop_0.2`). The read-out: 5 or 50
-neighbours in the vote instead of 15 (`k_5`, `k_50`).
+neighbours in the vote instead of 15 (`k_5`, `k_50`), or the class centroids instead of the
+vote (`atlas build --readout centroid`: `readout_centroid`, and
+`softmax_level_shift_1.0_centroid` on the atlas for another species).
 
 The query-side variants are patched in here (unittest.mock), not options of cellvec:
 none of them won both ways. Labels of the query are only scored, never used.
@@ -104,6 +106,8 @@ VARIANTS = (
     "gene_drop_0.2",
     "k_5",
     "k_50",
+    "readout_centroid",
+    "softmax_level_shift_1.0_centroid",
 )
 
 
@@ -367,6 +371,7 @@ BUILD = {
     "softmax": {"weighting": "softmax"},
     "softmax_level_shift_0.5": {"weighting": "softmax"},
     "softmax_level_shift_1.0": {"weighting": "softmax"},
+    "softmax_level_shift_1.0_centroid": {"weighting": "softmax"},
     "sqrt": {"weighting": "sqrt"},
     "weighting_rank": {"weighting": "rank"},
     "weighting_log1p": {"weighting": "log1p"},
@@ -379,7 +384,10 @@ REFINE = {  # refinement options (`BuildOptions.refine_options`)
     "level_shift_1.0": {"level_shift": 1.0},
     "softmax_level_shift_0.5": {"level_shift": 0.5},
     "softmax_level_shift_1.0": {"level_shift": 1.0},
+    "softmax_level_shift_1.0_centroid": {"level_shift": 1.0},
 }
+# the atlas's read-out (`atlas build --readout`): the class centroids instead of the vote
+READOUT = {"readout_centroid": "centroid", "softmax_level_shift_1.0_centroid": "centroid"}
 # variants patched in for the atlas's build and the mapping alike (atlases of their own)
 WHOLE = {
     "main_before_fix": old_main,
@@ -425,7 +433,8 @@ def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict
     known, truth, ref, query = direction(species)
     store = ensure_named_store(stores, f"baron_{species}")
     build, refine = BUILD.get(variant, {}), REFINE.get(variant)
-    if variant in WHOLE or refine:
+    readout = READOUT.get(variant, "auto")
+    if variant in WHOLE or refine or variant in READOUT:
         tag = variant.replace(".", "")
     else:
         tag = "_".join(f"{k}{v}" for k, v in sorted(build.items())) or "default"
@@ -439,7 +448,9 @@ def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict
                 name=name,
                 label_key="label",
                 recipe=Recipe(**build),
-                options=BuildOptions(calibration_split=0.1, seed=seed, refine_options=refine),
+                options=BuildOptions(
+                    calibration_split=0.1, seed=seed, refine_options=refine, readout=readout
+                ),
             )
             built.add(name)
         atlas = Atlas.open(store, name)
