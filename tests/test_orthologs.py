@@ -53,7 +53,7 @@ def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, 
     with caplog.at_level("INFO"):
         res = map_cells(renamed, "tiny", store=atlas_store, orthologs=table, truth_key="cell_type")
     assert "0 genes matched directly, 30 through orthologs (orth.csv)" in caplog.text
-    assert "an atlas built with `--weighting softmax` maps better" in caplog.text
+    assert "an atlas built with `--weighting softmax --level-shift 1.0` maps better" in caplog.text
     assert res.metrics["accuracy"] == 1.0 and res.summary()["orthologs"] == "orth.csv"
     # the same store genes, the atlas's own recipe: the very vectors of the original names
     direct = map_cells(query, "tiny", store=atlas_store)

@@ -182,8 +182,8 @@ class Reference:
         if orthologs is not None and self.encoder.recipe.weighting not in ("softmax", "sqrt"):
             log.info(
                 "%s goes through an ortholog table: for a query of another species, an atlas "
-                "built with `--weighting softmax` maps better than %s's %s weighting (README, "
-                "'Other species')",
+                "built with `--weighting softmax --level-shift 1.0` maps better than %s's %s "
+                "weighting (README, 'Other species')",
                 where,
                 self.name,
                 self.encoder.recipe.weighting,
@@ -211,12 +211,13 @@ class Reference:
         for a query of `other_species` (mapped through orthologs), typicality calibrated
         on the calibration cells seen with their genes' levels shifted (computed once
         per panel, on the target's own index: a served atlas's memory-mapped one)."""
+        key = None if panel is None else panel.tobytes()
+        if other_species and key in self._species:
+            return self._species[key]
         target = self._target(panel)
         if not other_species or not np.isfinite(target.calibration).any():
             return target
-        key = None if panel is None else panel.tobytes()
-        if key not in self._species:
-            _keep(self._species, key, self._species_target(target, panel), 4)
+        _keep(self._species, key, self._species_target(target, panel), 4)
         return self._species[key]
 
     def _species_target(self, target: Target, panel: np.ndarray | None) -> Target:
