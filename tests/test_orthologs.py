@@ -101,6 +101,11 @@ def test_typicality_of_another_species_is_calibrated_on_level_shifted_views(fake
         again = map_cells(query, fresh, orthologs=table, min_typicality=0.05)
     assert len(calibrated) == 1  # once per atlas and panel, not once per call
     np.testing.assert_array_equal(again.typicality, res.typicality)
+    # a client sending ever other gene lists cannot grow what a served atlas keeps
+    served = Reference.of(Atlas.open(fake_store, "ref"))
+    for start in range(6):
+        served.target(np.arange(start, start + 20), other_species=True)
+    assert len(served._species) == 4
     novel = (query.obs["cell_type"] == "M").to_numpy()
     assert (res.labels[~novel] == "unassigned").mean() <= 0.1
     assert (res.labels[novel] == "unassigned").mean() >= 0.5
