@@ -53,12 +53,114 @@ def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, 
     with caplog.at_level("INFO"):
         res = map_cells(renamed, "tiny", store=atlas_store, orthologs=table, truth_key="cell_type")
     assert "0 genes matched directly, 30 through orthologs (orth.csv)" in caplog.text
-    assert "an atlas built with `--weighting softmax --level-shift 1.0` maps better" in caplog.text
+    assert "compared with the atlas's cross-species view" in caplog.text
     assert res.metrics["accuracy"] == 1.0 and res.summary()["orthologs"] == "orth.csv"
-    # the same store genes, the atlas's own recipe: the very vectors of the original names
-    direct = map_cells(query, "tiny", store=atlas_store)
+    assert res.atlas == "tiny" and res.recipe["weighting"] == "softmax"
+    # the same store genes, the view's recipe: the very vectors of the original names
+    # mapped onto the view itself
+    view = Atlas.open(atlas_store, "tiny__species")
+    assert view.meta["species_view_of"] == "tiny" and view.meta["vote"] == "by_class_size"
+    direct = map_cells(query, view)
     np.testing.assert_allclose(res.vectors, direct.vectors, atol=1e-6)
     assert res.recipe == direct.recipe
+    # within the species, the atlas itself answers
+    assert map_cells(query, "tiny", store=atlas_store).recipe["weighting"] == "value"
+
+
+def test_the_cross_species_view_is_an_atlas_of_its_own_written_first(fake_store):
+    """`atlas build` writes the view before the atlas, and the atlas records the view's
+    version; listings and names keep it out of sight; a rebuild replaces both."""
+    from cellvec.cell_index.build import SPECIES_VIEW
+    from cellvec.cell_index.table import list_atlases
+
+    ref = tiny_adata(n_cells=90, seed=1)
+    atlas = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type")
+    info = atlas.meta["cross_species"]
+    view = Atlas.open(fake_store, info["atlas"])
+    assert info == {"atlas": "tiny__species", "version": view.version, **SPECIES_VIEW}
+    assert view.recipe.weighting == "softmax" and view.meta["refine_options"]["level_shift"] == 1
+    assert view.recipe.top_genes == atlas.recipe.top_genes and view.n_cells == atlas.n_cells
+    np.testing.assert_array_equal(view.labels, atlas.labels)
+    assert list_atlases(fake_store) == ["tiny"]
+    with pytest.raises(CellvecError, match="not ending in __species"):
+        build_atlas(ref, store=fake_store, name="x__species", label_key="cell_type")
+    again = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type")
+    assert again.meta["cross_species"]["version"] > info["version"]
+    assert again.cross_species().version == again.meta["cross_species"]["version"]
+
+
+@pytest.mark.parametrize(
+    "recipe, options, why",
+    [
+        (Recipe(refine="none"), {}, "as it has no refinement"),
+        (
+            Recipe(weighting="softmax"),
+            {"refine_options": {"level_shift": 1.0}},
+            "as its own recipe is the cross-species one",
+        ),
+        (Recipe(), {"cross_species": False}, None),
+    ],
+)
+def test_atlases_without_a_cross_species_view(fake_store, tmp_path, caplog, recipe, options, why):
+    """No view where it would add nothing (no refinement; the atlas's own recipe is the
+    view's) or where the user said so; a query of another species is then compared with
+    the atlas itself, with a warning where its weighting carries across species badly."""
+    from cellvec.cell_index.build import BuildOptions
+    from cellvec.cell_index.table import ATLAS_PREFIX
+    from cellvec.storage import Store
+
+    with caplog.at_level("INFO"):
+        atlas = build_atlas(
+            tiny_adata(n_cells=90, seed=1),
+            store=fake_store,
+            name="plain",
+            label_key="cell_type",
+            recipe=recipe,
+            options=BuildOptions(**options),
+        )
+    assert "cross_species" not in atlas.meta and atlas.cross_species() is None
+    assert ATLAS_PREFIX + "plain__species" not in Store.of(fake_store).table_names()
+    if why:
+        assert f"no cross-species view, {why}" in caplog.text
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])
+    query.var_names = [_other_species(n) for n in query.var_names]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        res = map_cells(query, atlas, orthologs=table)
+    assert res.recipe == atlas.recipe.to_dict()
+    assert ("has no cross-species view" in caplog.text) == (recipe.weighting == "value")
+
+
+def test_an_atlas_whose_view_is_gone_is_mapped_by_itself_with_a_warning(
+    atlas_store, tmp_path, caplog
+):
+    from cellvec.storage import Store
+
+    Store.of(atlas_store).db.drop_table("atlas_tiny__species")
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])
+    query.var_names = [_other_species(n) for n in query.var_names]
+    with caplog.at_level("WARNING"):
+        res = map_cells(query, "tiny", store=atlas_store, orthologs=table)
+    assert "cross-species view tiny__species (version 1) is not in the store" in caplog.text
+    assert "Rebuild the atlas" in caplog.text and res.recipe["weighting"] == "value"
+
+
+def test_the_view_s_vote_lets_a_class_smaller_than_k_win():
+    """A class of 2 reference cells holding 2 of 5 neighbours outweighs a class of 10
+    holding 3: scaled by 5 / 2 against 5 / 5. Classes of k cells or more are not scaled."""
+    from cellvec.cell_index.knn import vote
+
+    codes = np.array([0] * 10 + [1] * 2)
+    idx = np.array([[0, 1, 10, 2, 11]])
+    sim = np.full((1, 5), 0.9)
+    plain = vote(idx, sim, codes, 2)
+    np.testing.assert_allclose(plain, [[0.6, 0.4]])
+    scaled = vote(idx, sim, codes, 2, class_sizes=np.bincount(codes))
+    np.testing.assert_allclose(scaled, [[3 / 8, 5 / 8]])
+    big = np.array([0] * 10 + [1] * 10)
+    np.testing.assert_allclose(vote(idx, sim, big, 2, class_sizes=np.bincount(big)), plain)
 
 
 def test_typicality_of_another_species_is_calibrated_on_level_shifted_views(fake_store, tmp_path):
@@ -77,7 +179,11 @@ def test_typicality_of_another_species_is_calibrated_on_level_shifted_views(fake
 
     ref = tiny_adata(n_cells=120, seed=1)
     ref = ref[ref.obs["cell_type"] != "M"].copy()
-    options = BuildOptions(calibration_split=0.2, refine_options={"steps": 30, "batch_size": 32})
+    options = BuildOptions(
+        calibration_split=0.2,
+        refine_options={"steps": 30, "batch_size": 32},
+        cross_species=False,  # the calibration of the atlas itself (the view's: the same code)
+    )
     atlas = build_atlas(ref, store=fake_store, name="ref", label_key="cell_type", options=options)
     own = Calibration.of_cells(Reference.of(atlas).target(None).calibration, atlas.label_codes()[1])
     other = Reference.of(atlas).target(None, other_species=True).calibration
@@ -127,7 +233,7 @@ def test_no_weighting_hint_for_an_atlas_weighted_for_other_species(
     query.var_names = [_other_species(n) for n in query.var_names]
     with caplog.at_level("INFO"):
         map_cells(query, "soft", store=fake_store, orthologs=table)
-    assert "through orthologs" in caplog.text and "--weighting softmax" not in caplog.text
+    assert "through orthologs" in caplog.text and "has no cross-species view" not in caplog.text
 
 
 def test_one_to_many_resolution_is_deterministic(fake_store, tmp_path):
@@ -389,7 +495,7 @@ def test_many_to_one_orthologs_are_counted_once(atlas_store, tmp_path, caplog):
     )
     pairs = [(_other_species(n), n) for n in names] + list(zip(paralogs, names[:6]))
     table = _pairs_csv(tmp_path / "orth.csv", pairs)
-    whole = map_cells(panel, "tiny", store=atlas_store)
+    whole = map_cells(panel, Atlas.open(atlas_store, "tiny__species"))  # what orthologs reach
     with caplog.at_level("INFO"):
         res = map_cells(query2, "tiny", store=atlas_store, orthologs=table)
     assert "6 store genes are reached by 2 or more of its genes (12 genes in all)" in caplog.text

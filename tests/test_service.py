@@ -411,10 +411,12 @@ def test_service_maps_panels_and_typicality_like_local_mapping(served):
     np.testing.assert_allclose(res.vectors, local.vectors, atol=1e-5)
 
 
-def test_map_server_gives_map_store_labels_with_every_option(served, tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_map_server_gives_map_store_labels_with_every_option(served, tmp_path, mapped):
     """`cellvec map --server` with the mixing test, a blocklist and an ortholog table gives
     the labels, confidences and mixing p-values `cellvec map --store` gives: one mapping
-    path (the whole query travels in one request, the table with it)."""
+    path (the whole query travels in one request, the table with it), through the atlas's
+    cross-species view held in memory or memory-mapped from the cache folder (`mapped`)."""
     import json
 
     import anndata as ad
@@ -439,11 +441,14 @@ def test_map_server_gives_map_store_labels_with_every_option(served, tmp_path):
         cli, ["map", str(q), "--store", str(served), "--out", str(tmp_path / "l.h5ad"), *options]
     )
     assert local.exit_code == 0, local.output
-    with Server(create_app(served)) as url:
+    cache = tmp_path / "cache" if mapped else None
+    with Server(create_app(served, cache_dir=cache)) as url:
         remote = CliRunner().invoke(
             cli, ["map", str(q), "--server", url, "--out", str(tmp_path / "r.h5ad"), *options]
         )
     assert remote.exit_code == 0, remote.output
+    if mapped:  # the view has its own memory-mapped files beside the atlas's
+        assert {p.name for p in cache.iterdir()} == {"tiny", "tiny__species"}
     a, b = json.loads(local.stdout), json.loads(remote.stdout)
     assert a["excluded_labels"] == b["excluded_labels"] == ["B"]
     assert a["orthologs"] == b["orthologs"] == "orth.tsv"
@@ -451,6 +456,8 @@ def test_map_server_gives_map_store_labels_with_every_option(served, tmp_path):
     assert "B" not in a["label_counts"] and a["accuracy"] == b["accuracy"]
     left, right = ad.read_h5ad(tmp_path / "l.h5ad"), ad.read_h5ad(tmp_path / "r.h5ad")
     assert left.obs["cellvec_label"].tolist() == right.obs["cellvec_label"].tolist()
+    weightings = {x.uns["cellvec"]["recipe"]["weighting"] for x in (left, right)}
+    assert weightings == {"softmax"}  # both answered by the atlas's cross-species view
     for column in ("cellvec_confidence", "cellvec_typicality", "cellvec_mixing"):
         np.testing.assert_allclose(left.obs[column], right.obs[column], atol=1e-5)
 

@@ -93,6 +93,7 @@ class Atlas:
     _broad_codes: tuple | None = field(default=None, repr=False)
     _broad: dict = field(default_factory=dict, repr=False)  # broad calibration by panel key
     _species: dict = field(default_factory=dict, repr=False)  # `Reference.target`'s, by panel
+    _cross: list = field(default_factory=list, repr=False)  # `cross_species()`, once looked up
     _ds: object = field(default=None, repr=False)  # the table at `version` (`dataset()`)
 
     @property
@@ -367,6 +368,39 @@ class Atlas:
             self._encoder = load_encoder(self.store, self.name, self.recipe, gene_store)
         return self._encoder
 
+    def cross_species(self) -> Atlas | None:
+        """The atlas's cross-species view: the same reference cells under the recipe that
+        maps another species (`build.SPECIES_VIEW`), written with it as an atlas table of
+        its own; what a query mapped through orthologs is compared with. None for an atlas
+        built without one (`--no-cross-species`, an older cellvec), or when the view in the
+        store is not the one written with this version of the atlas (a rebuild under way):
+        a warning says so, and the atlas itself answers."""
+        if self._cross:
+            return self._cross[0]
+        info = self.meta.get("cross_species")
+        view = None
+        if info and self.store:
+            try:
+                view = Atlas.open(self.store, info["atlas"])
+            except StoreError:
+                view = None
+            if view is not None and view.version != info["version"]:
+                view = None
+            if view is None:
+                log.warning(
+                    "Atlas %s: its cross-species view %s (version %s) is not in the store; "
+                    "a query of another species is compared with the atlas itself. Rebuild "
+                    "the atlas with `cellvec atlas build` to restore it.",
+                    self.name,
+                    info["atlas"],
+                    info["version"],
+                )
+            else:  # the view's head over the gene table this atlas has loaded already
+                genes = self._encoder.genes if self._encoder is not None else None
+                view._encoder = load_encoder(view.store, view.name, view.recipe, genes=genes)
+        self._cross.append(view)
+        return view
+
     def weights(self) -> sp.csr_matrix:
         """The reference cells' top-gene weights (cells x the atlas's genes), read once."""
         if self._weights is None:
@@ -537,4 +571,6 @@ def atlas_summary(name: str, meta: dict, n_cells: int) -> dict:
         "refinement": {k: v for k, v in (meta.get("refinement") or {}).items() if k != "history"},
         # the pre-trained prior its refinement started from (`atlas build --prior`), or None
         "prior": ((meta.get("refinement") or {}).get("prior") or {}).get("name"),
+        # what `map --orthologs` compares another species with (None: the atlas itself)
+        "cross_species": meta.get("cross_species"),
     }

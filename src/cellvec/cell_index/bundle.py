@@ -43,7 +43,7 @@ from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.build import index_atlas
 from cellvec.cell_index.recipe import Recipe
-from cellvec.cell_index.table import ATLAS_PREFIX, is_atlas_name, stored_atlas
+from cellvec.cell_index.table import ATLAS_PREFIX, is_atlas_name, species_view_name, stored_atlas
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import CARD, MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.store import GeneStore
@@ -218,6 +218,45 @@ def _copy_atlas(db, name: str, ds, meta: dict) -> None:
     replace_table(db, ATLAS_PREFIX + name, reader)
 
 
+def _view(store: Store, name: str, meta: dict) -> tuple | None:
+    """(table, metadata) of atlas `name`'s cross-species view, as the atlas's metadata
+    names it; None without one, or, with a warning, when the store holds another version."""
+    cross = meta.get("cross_species")
+    if not cross:
+        return None
+    try:
+        ds, view_meta = stored_atlas(store, cross["atlas"])
+    except StoreError:
+        ds = None
+    if ds is None or ds.version != cross["version"]:
+        log.warning(
+            "Atlas %s: its cross-species view %s (version %s) is not in %s; the atlas goes "
+            "without it (map --orthologs then compares another species with the atlas itself)",
+            name,
+            cross["atlas"],
+            cross["version"],
+            store,
+        )
+        return None
+    return ds, view_meta
+
+
+def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict:
+    """Copy the cross-species `view` (`_view`) as atlas `name`'s, before the atlas; returns
+    the atlas's metadata naming the copy and its version (or naming none, without a view)."""
+    cross = meta.get("cross_species")
+    meta = {k: v for k, v in meta.items() if k != "cross_species"}
+    if view is None:
+        return meta
+    view_name = species_view_name(name)
+    ds, view_meta = view
+    view_meta = {**view_meta, "species_view_of": name}
+    _copy_atlas(target.db, view_name, ds, view_meta)
+    _reindex(target.location, view_name, view_meta)
+    version = int(target.open_table(ATLAS_PREFIX + view_name).version)
+    return {**meta, "cross_species": {**cross, "atlas": view_name, "version": version}}
+
+
 def _reindex(store: StoreLocation, name: str, meta: dict) -> None:
     """An atlas searched through a disk index gets that index again, with the same
     parameters, on its copy (the table is copied row by row, its index is not)."""
@@ -242,8 +281,12 @@ def export_bundle(
     out = Path(out)
     _check_out(out, overwrite)
     ds, meta = stored_atlas(store, name)
+    view = _view(store, name, meta)
     recipe = Recipe.from_dict(meta["recipe"])
-    arrays = {h: load_artifact(store, h) for h in (recipe.background_hash, recipe.head_hash) if h}
+    arrays = {}
+    for part in (meta, view[1]) if view else (meta,):
+        r = Recipe.from_dict(part["recipe"])
+        arrays.update({h: load_artifact(store, h) for h in (r.background_hash, r.head_hash) if h})
     head = arrays.get(recipe.head_hash) or {}
     if "gene_rows" not in head:
         raise CellvecError(
@@ -251,6 +294,8 @@ def export_bundle(
             "`cellvec atlas build` before exporting."
         )
     rows = head["gene_rows"]
+    if view:  # the view's genes are the reference's too; their vectors travel all the same
+        rows = np.union1d(rows, arrays[Recipe.from_dict(view[1]["recipe"]).head_hash]["gene_rows"])
     card = _card(store, name, ds, meta, head, extra=card)
     folder = out.resolve()
     tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
@@ -262,6 +307,7 @@ def export_bundle(
                 raise StoreError(f"Artifact {digest} of atlas {name!r} changed on copying.")
         genes = _restricted_genes(GeneStore(store), recipe.model, rows)
         _write_genes(target.location, recipe.model, genes)
+        meta = _copy_view(target, name, view, meta)
         _copy_atlas(target.db, name, ds, {**meta, "card": _card_given(card)})
         _reindex(target.location, name, meta)
         _prune(tmp)
@@ -355,37 +401,31 @@ def import_bundle(
             f"Store {target.path} already has an atlas {name!r}: import as another --name, or "
             "pass --replace."
         )
-    head = load_artifact(src, recipe.head_hash)
-    bg = load_artifact(src, recipe.background_hash) if recipe.background_hash else None
+    view = _view(src, bundle.atlas, meta)
     # every check before the first write: a refused import leaves the store as it was
     gene_table = target.open_table(table_name(recipe.model))
-    if gene_table is None:
-        how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
-    else:
+    ours = theirs = None
+    how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
+    if gene_table is not None:
         ours = GeneStore(target).load(recipe.model)
         if ours.meta.get("content_hash") == recipe.gene_table_hash:
-            _require_vectors(ours, head["gene_rows"], bundle.source, target.path)
             how = "the same gene table"
         else:
             theirs = GeneStore(src).load(recipe.model)
-            rows = _repoint(theirs, ours, head["gene_rows"], bundle.source, target.path)
-            head = {**head, "gene_rows": rows}
-            recipe = Recipe.from_dict(
-                {
-                    **recipe.to_dict(),
-                    "gene_table_hash": ours.meta.get("content_hash"),
-                    "head_hash": array_hash(head),
-                }
-            )
-            meta = {**meta, "recipe": recipe.to_dict()}
-            how = f"the store's own gene table ({len(rows):,} atlas genes re-pointed at its rows)"
+    meta, arrays = _fitted(src, meta, ours, theirs, bundle.source, target.path)
+    if view is not None:
+        view_meta, view_arrays = _fitted(src, view[1], ours, theirs, bundle.source, target.path)
+        view, arrays = (view[0], view_meta), arrays + view_arrays
+    if theirs is not None:
+        rows = len(arrays[0]["gene_rows"])  # the atlas's head, re-pointed
+        how = f"the store's own gene table ({rows:,} atlas genes re-pointed at its rows)"
     if gene_table is None:
         _write_genes(
             target.location, recipe.model, src.open_table(table_name(recipe.model)).to_arrow()
         )
-    for arrays in (head, bg):
-        if arrays is not None:
-            save_artifact(target, arrays)
+    for a in arrays:
+        save_artifact(target, a)
+    meta = _copy_view(target, name, view, meta)
     _copy_atlas(target.db, name, ds, meta)
     _reindex(target.location, name, meta)
     log.info("Imported atlas %s from %s into %s, on %s", name, bundle.source, target.path, how)
@@ -396,6 +436,29 @@ def import_bundle(
         "n_cells": int(ds.count_rows()),
         "gene_table": how,
     }
+
+
+def _fitted(src: Store, meta: dict, ours, theirs, source: str, store: str) -> tuple[dict, list]:
+    """An atlas's metadata and artifacts (head, background) as the target store will hold
+    them: checked against the store's gene table `ours` (None: the store has none yet);
+    re-pointed at its rows when that table differs from the bundle's (`theirs`)."""
+    recipe = Recipe.from_dict(meta["recipe"])
+    head = load_artifact(src, recipe.head_hash)
+    bg = load_artifact(src, recipe.background_hash) if recipe.background_hash else None
+    if ours is not None and theirs is None:
+        _require_vectors(ours, head["gene_rows"], source, store)
+    elif ours is not None:
+        rows = _repoint(theirs, ours, head["gene_rows"], source, store)
+        head = {**head, "gene_rows": rows}
+        recipe = Recipe.from_dict(
+            {
+                **recipe.to_dict(),
+                "gene_table_hash": ours.meta.get("content_hash"),
+                "head_hash": array_hash(head),
+            }
+        )
+        meta = {**meta, "recipe": recipe.to_dict()}
+    return meta, [a for a in (head, bg) if a is not None]
 
 
 def _require_vectors(ours, rows: np.ndarray, source: str, store: str) -> None:

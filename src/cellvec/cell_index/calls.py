@@ -103,13 +103,15 @@ class Target:
     (per reference cell, NaN outside the calibration cells; a `Calibration` for a query
     of another species) scores typicality; `broad_calibration` the broad level's.
     `prototypes` (the class centroids, for an atlas whose read-out is `centroid`)
-    replace the neighbours' vote."""
+    replace the neighbours' vote. `class_sizes` (reference cells per class, for an
+    atlas's cross-species view) scale up the votes of a class smaller than k (`vote`)."""
 
     index: object
     calibration: np.ndarray | Calibration
     broad_calibration: np.ndarray | Calibration | None = None
     panel: np.ndarray | None = None
     prototypes: Prototypes | None = None  # the atlas's class centroids: its read-out
+    class_sizes: np.ndarray | None = None
 
 
 @dataclass
@@ -432,6 +434,8 @@ def call_cells(
     if target.prototypes is not None:
         keep = ~np.isin(labels.classes.astype(str), options.exclude_labels)
         scores = target.prototypes.scores(q, keep)
+    elif target.class_sizes is not None:
+        scores = vote(idx, sim, labels.codes, len(labels.classes), target.class_sizes)
     scores, fine, conf, typical = assign_labels(
         q,
         idx,

@@ -141,11 +141,14 @@ def load_encoder(
     name: str,
     recipe: Recipe,
     gene_store: GeneStore | None = None,
+    genes: GeneTable | None = None,
 ) -> CellEncoder:
-    """The encoder of atlas `name`: its gene table, background transform and head, checked
-    against the hashes its recipe records."""
+    """The encoder of atlas `name`: its gene table (`genes` when the caller holds it
+    already), background transform and head, checked against the hashes its recipe
+    records."""
     gene_store = gene_store or GeneStore(store)
-    genes = gene_store.load(recipe.model)
+    if genes is None or genes.model != recipe.model:
+        genes = gene_store.load(recipe.model)
     store = gene_store.store
     if recipe.gene_table_hash and genes.meta.get("content_hash") != recipe.gene_table_hash:
         raise StoreError(

@@ -121,13 +121,22 @@ def knn(
 
 
 def vote(
-    neigh_idx: np.ndarray, neigh_sim: np.ndarray, ref_codes: np.ndarray, n_classes: int
+    neigh_idx: np.ndarray,
+    neigh_sim: np.ndarray,
+    ref_codes: np.ndarray,
+    n_classes: int,
+    class_sizes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Distance-weighted class scores (rows sum to 1): weight = 1 / (cosine distance + 0.01)."""
+    """Distance-weighted class scores (rows sum to 1): weight = 1 / (cosine distance + 0.01).
+    With `class_sizes` (reference cells per class), a class of fewer cells than the k
+    neighbours counts its votes k / its cells times: it could never fill the vote."""
     valid = neigh_idx >= 0
     w = np.where(valid, 1.0 / (1.0 - np.clip(neigh_sim, -1, 1) + 0.01), 0.0)
     scores = np.zeros((len(neigh_idx), n_classes), dtype=np.float64)
     rows = np.repeat(np.arange(len(neigh_idx)), neigh_idx.shape[1])
     np.add.at(scores, (rows, ref_codes[np.where(valid, neigh_idx, 0)].ravel()), w.ravel())
+    if class_sizes is not None:
+        k = neigh_idx.shape[1]
+        scores *= k / np.clip(np.minimum(class_sizes, k), 1, None)
     total = scores.sum(1, keepdims=True)
     return scores / np.where(total > 0, total, 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,9 +95,13 @@ class Reference:
         atlas,
         whole: Target | None = None,
         species: dict | None = None,
+        cross=None,
     ):
         self.name, self.meta, self.encoder, self.labels = name, meta, encoder, labels
         self._atlas = atlas  # a callable giving the Atlas
+        self._cross = cross  # a callable giving the cross-species view's Reference, or None
+        self._cross_ref: list = []
+        self._cross_lock = threading.Lock()
         self._whole = whole
         self._plans: dict = {}
         self._samples: dict = {}
@@ -119,9 +124,48 @@ class Reference:
                 broad_key=atlas.meta.get("broad_label_key"),
             )
         labels = LabelCodes(classes, codes, **broad)
+
+        def cross():
+            view = atlas.cross_species()
+            return None if view is None else cls.of(view).view_of(atlas.name, atlas.meta)
+
         return cls(
-            atlas.name, atlas.meta, atlas.encoder(), labels, lambda: atlas, species=atlas._species
+            atlas.name,
+            atlas.meta,
+            atlas.encoder(),
+            labels,
+            lambda: atlas,
+            species=atlas._species,
+            cross=cross if atlas.meta.get("cross_species") else None,
         )
+
+    def view_of(self, name: str, meta: dict) -> Reference:
+        """This reference (a cross-species view) under the name of the atlas it is a view
+        of (logs, errors), with what was added to that atlas since it was built (its
+        Cell Ontology ids)."""
+        self.name = name
+        if meta.get("ontology"):
+            self.meta = {**self.meta, "ontology": meta["ontology"]}
+        return self
+
+    def through(self, orthologs) -> Reference:
+        """The reference a query is compared with: for a query of another species (mapped
+        through `orthologs`), the atlas's cross-species view where it has one
+        (`build.SPECIES_VIEW`, opened on the first such query), else this one."""
+        if orthologs is None or self._cross is None:
+            return self
+        with self._cross_lock:
+            if not self._cross_ref:
+                view = self._cross()
+                if view is not None:
+                    log.info(
+                        "%s: a query of another species is compared with the atlas's "
+                        "cross-species view (--weighting %s, refined with level-shifted views)",
+                        self.name,
+                        view.recipe.weighting,
+                    )
+                self._cross_ref.append(view)
+        return self._cross_ref[0] or self
 
     @property
     def recipe(self) -> Recipe:
@@ -180,10 +224,11 @@ class Reference:
             return plan
         basis = self.encoder.basis(var_names, where, orthologs=orthologs)
         if orthologs is not None and self.encoder.recipe.weighting not in ("softmax", "sqrt"):
-            log.info(
-                "%s goes through an ortholog table: for a query of another species, an atlas "
-                "built with `--weighting softmax --level-shift 1.0` maps better than %s's %s "
-                "weighting (README, 'Other species')",
+            log.warning(
+                "%s goes through an ortholog table, but atlas %s has no cross-species view "
+                "(`atlas build --cross-species`, the default): it is compared with the "
+                "atlas's own %s weighting, which carries across species far worse "
+                "(README, 'Other species')",
                 where,
                 self.name,
                 self.encoder.recipe.weighting,
@@ -254,12 +299,22 @@ class Reference:
             if self.readout == "centroid" and self._whole.prototypes is None:
                 prototypes = self.prototypes(None, lambda: self.atlas().vectors)
                 self._whole = replace(self._whole, prototypes=prototypes)
+            if self.class_sizes is not None and self._whole.class_sizes is None:
+                self._whole = replace(self._whole, class_sizes=self.class_sizes)
             return self._whole
         atlas = self.atlas()  # the atlas caches its last few panels
         vectors, index, calibration = atlas.vectors_over(panel)
         broad = atlas.broad_calibration(panel) if atlas.has_broad else None
         prototypes = self.prototypes(panel, lambda: vectors) if self.readout == "centroid" else None
-        return Target(index, calibration, broad, panel, prototypes)
+        return Target(index, calibration, broad, panel, prototypes, self.class_sizes)
+
+    @functools.cached_property
+    def class_sizes(self) -> np.ndarray | None:
+        """Reference cells per class where the atlas's vote scales up classes smaller
+        than k (`meta["vote"]` "by_class_size": its cross-species view), else None."""
+        if self.meta.get("vote") != "by_class_size":
+            return None
+        return np.bincount(np.asarray(self.labels.codes), minlength=len(self.labels.classes))
 
     def prototypes(self, panel: np.ndarray | None, vectors) -> Prototypes:
         """The `centroid` read-out over the reference `vectors()` (the atlas's, or
@@ -297,7 +352,11 @@ class Reference:
 
     def call(self, source: ExpressionSource, options: MapOptions, *, ray=None) -> Calls:
         """Map `source`'s cells: plan its genes, encode (on Ray workers with `ray`), search
-        past excluded cells, vote, and make the unassigned calls."""
+        past excluded cells, vote, and make the unassigned calls. A query of another
+        species is mapped by the atlas's cross-species view (`through`)."""
+        view = self.through(options.orthologs)
+        if view is not self:
+            return view.call(source, options, ray=ray)
         if options.min_typicality > 0:
             self.require_calibration()
         excluded, allowed = self.allowed(options.exclude_labels)

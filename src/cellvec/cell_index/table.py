@@ -27,6 +27,10 @@ ATLAS_PREFIX = "atlas_"
 
 MAX_TABLE_NAME = 200  # "atlas_<name>.lance", "mapping_<name>_clusters.lance": 255 bytes
 
+# An atlas's cross-species view (`build.build_atlas`, `Atlas.cross_species`) is an atlas
+# table of its own, `atlas_<name>__species`, written with it; no atlas may take the name.
+SPECIES_SUFFIX = "__species"
+
 
 def is_table_name(name: str) -> bool:
     """Letters, digits and underscores, at most `MAX_TABLE_NAME` of them: what an atlas or a
@@ -35,14 +39,24 @@ def is_table_name(name: str) -> bool:
 
 
 def is_atlas_name(name: str) -> bool:
-    """`is_table_name`: what `build_atlas` accepts, so anything else is answered 'no such
-    atlas' without touching the store."""
-    return is_table_name(name)
+    """`is_table_name`, not ending in `SPECIES_SUFFIX`: what `build_atlas` accepts, so
+    anything else is answered 'no such atlas' without touching the store."""
+    return is_table_name(name) and not name.endswith(SPECIES_SUFFIX)
+
+
+def species_view_name(name: str) -> str:
+    """The name of atlas `name`'s cross-species view (an atlas table of its own)."""
+    return name + SPECIES_SUFFIX
 
 
 def list_atlases(store: Store | str | Path | StoreLocation) -> list[str]:
+    """The atlases of `store`, not their cross-species views."""
     names = Store.of(store).table_names()
-    return [n[len(ATLAS_PREFIX) :] for n in names if n.startswith(ATLAS_PREFIX)]
+    return [
+        n[len(ATLAS_PREFIX) :]
+        for n in names
+        if n.startswith(ATLAS_PREFIX) and not n.endswith(SPECIES_SUFFIX)
+    ]
 
 
 def stored_atlas(store, name: str):

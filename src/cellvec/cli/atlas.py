@@ -95,6 +95,14 @@ def atlas():
     "another species: 1.0 with --weighting softmax; recorded in the atlas.",
 )
 @click.option(
+    "--cross-species/--no-cross-species",
+    default=True,
+    show_default=True,
+    help="Also fit the atlas's cross-species view (--weighting softmax --level-shift 1.0, "
+    "stored beside it), which map --orthologs compares cells of another species with. "
+    "Costs one more refinement and a second set of vectors.",
+)
+@click.option(
     "--prior",
     help="Start the refinement from this pre-trained prior of the store (`cellvec prior "
     "build`): for references of a few cells a class; recorded in the atlas.",
@@ -127,6 +135,7 @@ def build(
     tune,
     readout,
     level_shift,
+    cross_species,
     prior,
     index_kind,
     ontology_ids,
@@ -146,8 +155,10 @@ def build(
       cellvec atlas build pbmc.h5ad --store store/ --name pbmc --label-key cell_type \\
           --broad-label-key cell_type_broad --exclude-labels Doublet --calibration-split 0.1
       cellvec atlas build big.h5ad --store store/ --name big --label-key cell_type --ray auto
-      cellvec atlas build mouse.h5ad --store store/ --name for_human --label-key cell_type \\
-          --weighting softmax --level-shift 1.0 --calibration-split 0.1
+      cellvec atlas build mouse.h5ad --store store/ --name mouse --label-key cell_type \\
+          --calibration-split 0.1
+      cellvec map human.h5ad --atlas mouse --store store/ \\
+          --orthologs hcop_mouse_to_human.csv.gz --min-typicality 0.01
     """
     from cellvec.cell_index.build import BuildOptions, build_atlas
     from cellvec.cli.common import subset_source
@@ -173,6 +184,7 @@ def build(
             ray=ray or None,
             prior=prior,
             refine_options={"level_shift": level_shift} if level_shift else None,
+            cross_species=cross_species,
         ),
     )
     if ontology_ids:

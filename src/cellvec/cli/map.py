@@ -77,7 +77,9 @@ from cellvec.cli.options import (
     "--orthologs",
     type=click.Path(exists=True, dir_okay=False),
     help="Ortholog table for a query of another species: HCOP/Ensembl (e.g. "
-    "hcop_mouse_to_human.csv.gz, either direction) or two columns, query symbol -> store symbol.",
+    "hcop_mouse_to_human.csv.gz, either direction) or two columns, query symbol -> store symbol. "
+    "The query is compared with the atlas's cross-species view (atlas build --cross-species, "
+    "the default).",
 )
 @click.option(
     "--exclude-labels",

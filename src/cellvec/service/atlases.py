@@ -213,6 +213,31 @@ class AtlasCache:
         reference = Reference.of(atlas.with_encoder(atlas.encoder(self.gene_store)))
         return ServedAtlas(name, atlas.version, reference, self.store)
 
+    def _view(self, name: str, meta: dict):
+        """A callable giving the `Reference` of atlas `name`'s cross-species view, loaded
+        as the atlas is (memory-mapped where it can be) on the first query through
+        orthologs; None for an atlas without one."""
+        from cellvec.cell_index.table import ATLAS_PREFIX
+
+        info = meta.get("cross_species")
+        if not info:
+            return None
+
+        def view():
+            tbl = self.gene_store.store.open_table(ATLAS_PREFIX + info["atlas"])
+            if tbl is None or tbl.version != info["version"]:
+                log.warning(
+                    "Atlas %s: its cross-species view %s (version %s) is not in the store; "
+                    "queries of another species are compared with the atlas itself",
+                    name,
+                    info["atlas"],
+                    info["version"],
+                )
+                return None
+            return self._load(info["atlas"], tbl).reference.view_of(name, meta)
+
+        return view
+
     def _served(self, name, version, meta, encoder, labels, whole, folder) -> ServedAtlas:
         """An atlas served from memory-mapped files; the whole `Atlas` (its reference weights,
         for panels and the mixing test) is opened on the first request that needs it."""
@@ -223,7 +248,9 @@ class AtlasCache:
                 opened.append(Atlas.open(self.store, name).with_encoder(encoder))
             return opened[0]
 
-        reference = Reference(name, meta, encoder, labels, full, whole)
+        reference = Reference(
+            name, meta, encoder, labels, full, whole, cross=self._view(name, meta)
+        )
         return ServedAtlas(name, version, reference, self.store, folder)
 
     def _write(self, name: str) -> Path | None:

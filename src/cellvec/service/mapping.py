@@ -350,27 +350,29 @@ def job_from_h5ad(data: bytes, options: dict | None = None, **outputs) -> MapJob
 
 def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
     """Map a batch of jobs: one encode per gene list, one search per reference (the atlas,
-    or the atlas re-aggregated over a panel's genes), blocklist and species (through
-    orthologs or not: `Reference.target`), one vote per shared setting; each job gets
-    the `Calls` mapping it alone would give (`cell_index.calls`).
+    its cross-species view for jobs through orthologs, or either re-aggregated over a
+    panel's genes), blocklist and species (`Reference.through`, `Reference.target`), one
+    vote per shared setting; each job gets the `Calls` mapping it alone would give
+    (`cell_index.calls`).
     A job with the mixing test is voted alone: the test judges its cells as one query."""
-    ref = atlas.reference
     out: list = [None] * len(jobs)
+    refs: dict[int, object] = {}  # job -> the reference it is compared with
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
+        orthologs = job.options.orthologs
         try:
+            ref = refs[i] = atlas.reference.through(orthologs)
             if job.options.min_typicality > 0:
                 ref.require_calibration()
             ref.allowed(job.options.exclude_labels)
         except CellvecError as e:
             out[i] = e
             continue
-        orthologs = job.options.orthologs
         key = (tuple(job.genes), orthologs.digest if orthologs is not None else None)
         groups.setdefault(key, []).append(i)
     encoded: dict[int, tuple] = {}  # job -> (plan, vectors, vectors before the head)
     for members in groups.values():
-        first = jobs[members[0]]
+        first, ref = jobs[members[0]], refs[members[0]]
         try:
             plan = ref.plan(first.genes, "request", first.options.orthologs)
             x = sp.vstack([jobs[i].x for i in members], format="csr")
@@ -389,7 +391,7 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
     searches: dict[tuple, list[int]] = {}
     for i in sorted(encoded):
         panel = encoded[i][0].panel
-        options = jobs[i].options  # another species' typicality is calibrated otherwise
+        options = jobs[i].options  # another species: its own view and typicality
         key = (
             None if panel is None else panel.tobytes(),
             options.exclude_labels,
@@ -397,7 +399,7 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
         )
         searches.setdefault(key, []).append(i)
     for order in searches.values():
-        _map_group(ref, jobs, order, encoded, out)
+        _map_group(refs[order[0]], jobs, order, encoded, out)
     return out
 
 
