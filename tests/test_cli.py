@@ -166,7 +166,8 @@ def test_pipeline_through_the_cli(tmp_path, gene_files):
     out = json.loads(res.stdout)
     assert out["transfer"]["cellvec"]["accuracy"] == 1.0 and not out["representations"]
     res = r.invoke(cli, ["atlas", "list", "--store", store])
-    assert "tiny" in res.output and "top10" in res.output
+    assert "tiny" in res.output and "top10" in res.output and "+cross-species view" in res.output
+    assert "__species" not in res.output  # the view is the atlas's, not an atlas of its own
     res = r.invoke(
         cli, ["explain", str(ref), "--store", store, "--atlas", "tiny", "--subtype", "T", "--json"]
     )

@@ -70,7 +70,7 @@ def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, 
 def test_the_cross_species_view_is_an_atlas_of_its_own_written_first(fake_store):
     """`atlas build` writes the view before the atlas, and the atlas records the view's
     version; listings and names keep it out of sight; a rebuild replaces both."""
-    from cellvec.cell_index.build import SPECIES_VIEW
+    from cellvec.cell_index.build import SPECIES_VIEW, index_atlas
     from cellvec.cell_index.table import list_atlases
 
     ref = tiny_adata(n_cells=90, seed=1)
@@ -87,6 +87,12 @@ def test_the_cross_species_view_is_an_atlas_of_its_own_written_first(fake_store)
     again = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type")
     assert again.meta["cross_species"]["version"] > info["version"]
     assert again.cross_species().version == again.meta["cross_species"]["version"]
+    # (re)indexing writes new versions of both: the atlas then names its view's new one
+    index_atlas(fake_store, "tiny", index="memory")
+    reindexed = Atlas.open(fake_store, "tiny")
+    view = reindexed.cross_species()
+    assert view is not None and view.version == reindexed.meta["cross_species"]["version"]
+    assert view.version > again.meta["cross_species"]["version"]
 
 
 @pytest.mark.parametrize(

@@ -264,6 +264,7 @@ def list_cmd(store, as_json):
                 f"{r['model']} top{r['top_genes']} {r['weighting']} bg={r['background']} "
                 f"skip={r.get('skip_genes', 'none')} refine={r['refine']} readout={a['readout']}"
                 + (f" prior={a['prior']}" if a.get("prior") else "")
+                + (" +cross-species view" if a.get("cross_species") else "")
             )
 
 
