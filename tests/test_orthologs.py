@@ -138,6 +138,28 @@ def test_atlases_without_a_cross_species_view(fake_store, tmp_path, caplog, reci
     assert ("has no cross-species view" in caplog.text) == (recipe.weighting == "value")
 
 
+def test_the_view_leaves_the_atlas_as_it_was(fake_store):
+    """Fitting the view first changes nothing of the atlas itself (same seed, same vectors,
+    same calibration), so nothing mapped within a species moves."""
+    from cellvec.cell_index.build import BuildOptions
+
+    ref = tiny_adata(n_cells=90, seed=1)
+    with_view, without = (
+        build_atlas(
+            ref,
+            store=fake_store,
+            name=name,
+            label_key="cell_type",
+            options=BuildOptions(calibration_split=0.2, cross_species=view),
+        )
+        for name, view in (("with_view", True), ("without", False))
+    )
+    assert with_view.cross_species() is not None and without.cross_species() is None
+    np.testing.assert_array_equal(with_view.vectors, without.vectors)
+    np.testing.assert_array_equal(with_view.calibration(), without.calibration())
+    assert with_view.recipe == without.recipe
+
+
 def test_an_atlas_whose_view_is_gone_is_mapped_by_itself_with_a_warning(
     atlas_store, tmp_path, caplog
 ):
