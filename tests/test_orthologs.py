@@ -22,6 +22,7 @@ from cellvec.gene_store.resolve import match_genes
 from cellvec.gene_store.sources import read_gene_info
 from helpers import SHARED, requires_shared, tiny_adata, tiny_genes, write_gene_info
 
+FAST_REFINE = {"steps": 30, "batch_size": 32}  # the tests check plumbing, not accuracy
 HCOP_HEADER = "Gene stable ID,Gene name,Human gene stable ID,Human gene name,supporting_source\n"
 
 
@@ -482,6 +483,45 @@ def test_evaluate_species_swap_maps_each_folds_query_back_through_the_table(fake
     assert json.loads(out.stdout)["species_swap"]["folds"]["cellvec"]["accuracy"] >= 0.9
     out = CliRunner().invoke(cli, args)
     assert out.exit_code != 0 and "needs an ortholog table" in out.output
+
+
+def test_evaluate_species_swap_scores_what_map_orthologs_gives(fake_store, tmp_path, monkeypatch):
+    """With refinement, each fold's renamed query is compared with that fold's atlas's
+    cross-species view (fitted once per fold, as `atlas build` fits it), as `map --orthologs`
+    compares it; a query of the atlas's own species never fits one."""
+    from cellvec.evaluation import representations
+    from cellvec.evaluation.evaluate import evaluate
+    from cellvec.evaluation.plan import EvaluationPlan, Scenarios
+
+    views = []
+    real = representations.Predictors.with_view
+
+    def spy(self, name, atlas, ref, y_ref):
+        out = real(self, name, atlas, ref, y_ref)
+        views.append(out.cross_species())
+        return out
+
+    monkeypatch.setattr(representations.Predictors, "with_view", spy)
+    names = [g["symbol"] for g in tiny_genes()]
+    table = tmp_path / "orth.csv"  # the species named: --species-swap renames into one
+    table.write_text("mouse,human\n" + "".join(f"{_other_species(n)},{n}\n" for n in names))
+    data = tiny_adata(n_cells=90, seed=4)
+    plan = EvaluationPlan(folds=3, representations=("cellvec",), refine_options=FAST_REFINE)
+    res = evaluate(
+        data,
+        label_key="cell_type",
+        store=fake_store,
+        recipe=Recipe(top_genes=10),
+        plan=plan,
+        scenarios=Scenarios(species_swap="mouse", orthologs=table),
+    )
+    assert len(views) == 3 and len({id(v) for v in views}) == 3  # one view per fold
+    assert {v.recipe.weighting for v in views} == {"softmax"}
+    assert all(v.meta["vote"] == "by_class_size" for v in views)
+    assert res.to_dict()["species_swap"]["folds"]["cellvec"]["accuracy"] >= 0.9
+    views.clear()
+    evaluate(data, label_key="cell_type", store=fake_store, recipe=Recipe(top_genes=10), plan=plan)
+    assert views == []
 
 
 def test_one_to_one_translation_of_hcop_both_ways(tmp_path):

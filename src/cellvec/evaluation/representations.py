@@ -3,7 +3,8 @@
 Vector representations (`plan.VECTOR_REPRESENTATIONS`) are scored the way users get
 them: the recipe, changed as the name says, is fitted on the reference cells alone
 (`fit_encoder`, as `atlas build` does) and the query is labelled by `map_cells` on
-that in-memory atlas. The controls swap the model's gene vectors for random ones
+that in-memory atlas (a query of another species, mapped through orthologs, by the
+atlas's cross-species view, fitted as `atlas build` fits it: `with_view`). The controls swap the model's gene vectors for random ones
 (`random_vectors`) or a GO-graph embedding (`graph_baseline`). Expression peers
 (`pca_knn`, `logreg_expr`, `logreg_panel`, `celltypist`) are trained on the
 reference's log expression.
@@ -16,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from cellvec.cell_index.atlas import Atlas
+from cellvec.cell_index.build import SPECIES_VIEW, SPECIES_VOTE
 from cellvec.cell_index.fitting import fit_encoder
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource, align_genes
@@ -91,6 +93,41 @@ class Predictors:
         fit = fit_encoder(ref, y_ref, genes, recipe, calibration_split=calibration_split, **fitting)
         return Atlas.from_fit(name, fit, y_ref, broad_labels=broad, readout=readout)
 
+    def with_view(self, name: str, atlas: Atlas, ref: ExpressionSource, y_ref) -> Atlas:
+        """`atlas` (cellvec's, fitted on `ref`) with its cross-species view, fitted as
+        `atlas build` fits it (`build.SPECIES_VIEW`, its vote by class size, the atlas's
+        read-out; none without refinement or with a prior), once per atlas: what `map
+        --orthologs` compares a query of another species with."""
+        if atlas.meta.get("cross_species") or atlas._cross:
+            return atlas
+        if atlas.recipe.refine == "none" or self.prior is not None:
+            atlas._cross.append(None)
+            return atlas
+        model = name.split(":", 1)[1] if ":" in name else self.recipe.model
+        changes, kind = VECTOR_REPRESENTATIONS[name.split(":", 1)[0]]
+        recipe = Recipe.from_dict(
+            {
+                **self.recipe.to_dict(),
+                **changes,
+                "model": model,
+                "weighting": SPECIES_VIEW["weighting"],
+            }
+        )
+        refine_options = {**(self.refine_options or {}), "level_shift": SPECIES_VIEW["level_shift"]}
+        fit = fit_encoder(
+            ref,
+            y_ref,
+            self.gene_table(model, kind),
+            recipe,
+            seed=self.seed,
+            refine_options=refine_options,
+        )
+        view = Atlas.from_fit(name, fit, y_ref, readout=atlas.meta.get("readout", "knn"))
+        view.meta["vote"] = SPECIES_VOTE
+        atlas.meta["cross_species"] = {"atlas": None, "version": None, **SPECIES_VIEW}
+        atlas._cross.append(view)
+        return atlas
+
     def predict(
         self, name: str, ref: ExpressionSource, y_ref: np.ndarray, query: ExpressionSource, **kw
     ) -> np.ndarray:
@@ -107,6 +144,8 @@ class Predictors:
             if key not in self._atlases:
                 self._atlases[key] = self.fit(name, ref, y_ref)
             atlas = self._atlases[key]
+        if kw.get("orthologs") is not None and name.split(":", 1)[0] == "cellvec":
+            atlas = self.with_view(name, atlas, ref, y_ref)
         res = map_cells(
             query,
             atlas,
