@@ -4,8 +4,9 @@ Vector representations (`plan.VECTOR_REPRESENTATIONS`) are scored the way users 
 them: the recipe, changed as the name says, is fitted on the reference cells alone
 (`fit_encoder`, as `atlas build` does) and the query is labelled by `map_cells` on
 that in-memory atlas (a query of another species, mapped through orthologs, by the
-atlas's cross-species view, fitted as `atlas build` fits it: `with_view`). The controls swap the model's gene vectors for random ones
-(`random_vectors`) or a GO-graph embedding (`graph_baseline`). Expression peers
+atlas's cross-species view, fitted as `atlas build` fits it: `with_view`). The
+controls swap the model's gene vectors for random ones (`random_vectors`) or a
+GO-graph embedding (`graph_baseline`). Expression peers
 (`pca_knn`, `logreg_expr`, `logreg_panel`, `celltypist`) are trained on the
 reference's log expression.
 """
@@ -100,8 +101,14 @@ class Predictors:
         --orthologs` compares a query of another species with."""
         if atlas.meta.get("cross_species") or atlas._cross:
             return atlas
-        if atlas.recipe.refine == "none" or self.prior is not None:
-            atlas._cross.append(None)
+        shift = float((self.refine_options or {}).get("level_shift") or 0.0)
+        own = atlas.recipe.weighting == SPECIES_VIEW["weighting"]
+        if (
+            atlas.recipe.refine == "none"
+            or self.prior is not None
+            or (own and shift >= SPECIES_VIEW["level_shift"])
+        ):
+            atlas._cross.append(None)  # as `atlas build`: no view, the atlas answers
             return atlas
         model = name.split(":", 1)[1] if ":" in name else self.recipe.model
         changes, kind = VECTOR_REPRESENTATIONS[name.split(":", 1)[0]]
