@@ -92,7 +92,11 @@ def nearest_of_class(index, views: np.ndarray, rows: np.ndarray, codes: np.ndarr
     """For each of `views` (the reference cell at `rows`, as it is or seen otherwise), the
     similarity to its nearest other reference cell of the same class (`codes`); the 50th
     neighbour's where none of the 50 nearest is."""
-    idx, sim = index.search(views, 50)  # every index clamps k to its size
+    return first_of_class(*index.search(views, 50), rows, codes)  # every index clamps k
+
+
+def first_of_class(idx: np.ndarray, sim: np.ndarray, rows: np.ndarray, codes: np.ndarray):
+    """`nearest_of_class` from neighbours already searched (`idx`, `sim`, best first)."""
     same = (idx != rows[:, None]) & (idx >= 0) & (codes[np.maximum(idx, 0)] == codes[rows][:, None])
     first = same.argmax(1)
     return np.where(same.any(1), sim[np.arange(len(rows)), first], sim[:, -1])
@@ -117,9 +121,9 @@ def species_calibrations(
     values: list[list[np.ndarray]] = [[] for _ in per_cell]
     mine = [np.isfinite(cal[rows]) for cal in per_cell]
     for _ in range(draws):
-        views = view(rng)
+        idx, sim = index.search(view(rng), 50)  # one search serves both levels
         for out, keep, codes in zip(values, mine, code_sets):
-            out.append(nearest_of_class(index, views[keep], rows[keep], codes))
+            out.append(first_of_class(idx[keep], sim[keep], rows[keep], codes))
     return [
         Calibration(
             np.tile(codes[rows[keep]], draws), np.concatenate(out).astype(np.float64), draws

@@ -430,11 +430,10 @@ def call_cells(
     function giving the query's p-values from its scores, see `Reference.mixing`), and
     the broad level."""
     idx, sim = neighbours
-    scores = None
     if target.prototypes is not None:
         keep = ~np.isin(labels.classes.astype(str), options.exclude_labels)
         scores = target.prototypes.scores(q, keep)
-    elif target.class_sizes is not None:
+    else:
         scores = vote(idx, sim, labels.codes, len(labels.classes), target.class_sizes)
     scores, fine, conf, typical = assign_labels(
         q,

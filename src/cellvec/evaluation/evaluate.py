@@ -182,8 +182,8 @@ def evaluate_atlas(
     file the atlas was built from) scored in `folds` stratified folds with the atlas's
     recipe, k and refinement options (`meta["refine_options"]`), over the cells the atlas
     was built from (`reference_labels`: labelled, and none of the labels it excluded,
-    `meta["excluded_labels"]`, which it never predicts). Returns `folds`, `accuracy`, `macro_f1`, `per_class_f1` and the `reference`
-    scored."""
+    `meta["excluded_labels"]`, which it never predicts). Returns `folds`, `accuracy`,
+    `macro_f1`, `per_class_f1` and the `reference` scored."""
     atlas = Atlas.open(store, name)
     reference = reference or atlas.meta.get("source")
     if not isinstance(reference, ExpressionSource) and (
