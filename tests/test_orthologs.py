@@ -77,8 +77,8 @@ def test_the_cross_species_view_is_an_atlas_of_its_own_written_first(fake_store)
     ref = tiny_adata(n_cells=90, seed=1)
     atlas = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type")
     info = atlas.meta["cross_species"]
-    view = Atlas.open(fake_store, info["atlas"])
-    assert info == {"atlas": "tiny__species", "version": view.version, **SPECIES_VIEW}
+    view = Atlas.open(fake_store, "tiny__species")
+    assert info == {"version": view.version, **SPECIES_VIEW}
     assert view.recipe.weighting == "softmax" and view.meta["refine_options"]["level_shift"] == 1
     assert view.recipe.top_genes == atlas.recipe.top_genes and view.n_cells == atlas.n_cells
     np.testing.assert_array_equal(view.labels, atlas.labels)
@@ -161,6 +161,45 @@ def test_the_view_leaves_the_atlas_as_it_was(fake_store):
     assert with_view.recipe == without.recipe
 
 
+def test_metadata_cannot_point_an_atlas_at_another_table(atlas_store, tmp_path, caplog):
+    """The view's table is named from the atlas's own name, never from its metadata: an
+    atlas (say, from a hostile bundle) whose metadata names another table, a path out of
+    the store, or a version as text gets its own view, or none, and reads nothing else."""
+    import json as json_
+
+    from cellvec.storage import META_KEY, Store
+
+    build_atlas(tiny_adata(n_cells=60, seed=3), store=atlas_store, name="other", label_key="cell_type")  # fmt: skip
+    query = tiny_adata(n_cells=30, seed=2, prefix="q")
+    table = _pairs_csv(tmp_path / "orth.csv", [(_other_species(n), n) for n in query.var_names])
+    query.var_names = [_other_species(n) for n in query.var_names]
+    want = map_cells(query, "tiny", store=atlas_store, orthologs=table)
+    ds = Store.of(atlas_store).open_table("atlas_tiny").to_lance()
+    meta = json_.loads(ds.schema.metadata[META_KEY])
+    version = meta["cross_species"]["version"]
+    for hostile in ("other", "other__species", "../../../etc/passwd", "tiny__species/../x"):
+        cross = {**meta["cross_species"], "atlas": hostile}
+        ds.update_schema_metadata(
+            {META_KEY.decode(): json_.dumps({**meta, "cross_species": cross})}
+        )
+        atlas = Atlas.open(atlas_store, "tiny")
+        assert atlas.cross_species().name == "tiny__species"
+        got = map_cells(query, atlas, orthologs=table)
+        np.testing.assert_array_equal(got.vectors, want.vectors)
+    # a version that is not the view's (text, or another number): the atlas answers alone
+    for bad in (str(version), version + 7, None):
+        cross = {**meta["cross_species"], "version": bad}
+        ds.update_schema_metadata(
+            {META_KEY.decode(): json_.dumps({**meta, "cross_species": cross})}
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert Atlas.open(atlas_store, "tiny").cross_species() is None
+        assert (
+            "cross-species view tiny__species" in caplog.text and "Rebuild the atlas" in caplog.text
+        )
+
+
 def test_an_atlas_whose_view_is_gone_is_mapped_by_itself_with_a_warning(
     atlas_store, tmp_path, caplog
 ):
@@ -172,7 +211,7 @@ def test_an_atlas_whose_view_is_gone_is_mapped_by_itself_with_a_warning(
     query.var_names = [_other_species(n) for n in query.var_names]
     with caplog.at_level("WARNING"):
         res = map_cells(query, "tiny", store=atlas_store, orthologs=table)
-    assert "cross-species view tiny__species (version 1) is not in the store" in caplog.text
+    assert f"cross-species view tiny__species (version 1) is not in {atlas_store}" in caplog.text
     assert "Rebuild the atlas" in caplog.text and res.recipe["weighting"] == "value"
 
 

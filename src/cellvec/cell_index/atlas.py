@@ -44,7 +44,7 @@ from cellvec.cell_index.panels import (
 )
 from cellvec.cell_index.recipe import READOUTS, RECIPE_VERSION, Recipe
 from cellvec.cell_index.refine import apply_head, augment_weights
-from cellvec.cell_index.table import stored_atlas, weight_matrix
+from cellvec.cell_index.table import is_its_view, species_view_name, stored_atlas, weight_matrix
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import resolve_atlas
 from cellvec.gene_store.store import GeneStore
@@ -377,29 +377,27 @@ class Atlas:
         a warning says so, and the atlas itself answers."""
         if self._cross:
             return self._cross[0]
-        info = self.meta.get("cross_species")
         view = None
-        if info and self.store:
+        if self.meta.get("cross_species") and self.store:
             try:
-                view = Atlas.open(self.store, info["atlas"])
+                view = Atlas.open(self.store, species_view_name(self.name))
             except StoreError:
                 view = None
-            if view is not None and view.version != info["version"]:
+            if not is_its_view(self.name, self.meta, view and view.version, self.store):
                 view = None
-            if view is None:
-                log.warning(
-                    "Atlas %s: its cross-species view %s (version %s) is not in the store; "
-                    "a query of another species is compared with the atlas itself. Rebuild "
-                    "the atlas with `cellvec atlas build` to restore it.",
-                    self.name,
-                    info["atlas"],
-                    info["version"],
-                )
             else:  # the view's head over the gene table this atlas has loaded already
                 genes = self._encoder.genes if self._encoder is not None else None
                 view._encoder = load_encoder(view.store, view.name, view.recipe, genes=genes)
-        self._cross.append(view)
+        self._cross[:] = [view]
         return view
+
+    def with_cross_species(self, view: Atlas | None) -> Atlas:
+        """This atlas with `view` (None: none) as its cross-species view: for an atlas held
+        in memory (`evaluate`'s folds), the view fitted beside it."""
+        self._cross[:] = [view]
+        if view is not None:
+            self.meta = {**self.meta, "cross_species": {"version": None}}
+        return self
 
     def weights(self) -> sp.csr_matrix:
         """The reference cells' top-gene weights (cells x the atlas's genes), read once."""

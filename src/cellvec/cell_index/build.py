@@ -232,24 +232,12 @@ def _species_view(
     made: see `BuildOptions.cross_species`)."""
     if not options.cross_species:
         return None
-    shift = float((options.refine_options or {}).get("level_shift") or 0.0)
-    why = None
-    if choice.recipe.refine == "none":
-        why = "it has no refinement (--refine none)"
-    elif prior is not None:
-        why = "its refinement starts from a prior"
-    elif (
-        choice.recipe.weighting == SPECIES_VIEW["weighting"]
-        and shift >= SPECIES_VIEW["level_shift"]
-    ):
-        why = "its own recipe is the cross-species one"
+    recipe, refine_options, why = species_view_recipe(choice.recipe, options.refine_options, prior)
     if why:
         log.info("Atlas %s: no cross-species view, as %s", name, why)
         return None
     t = time.perf_counter()
     view = species_view_name(name)
-    recipe = replace(choice.recipe, weighting=SPECIES_VIEW["weighting"])
-    refine_options = {**(options.refine_options or {}), "level_shift": SPECIES_VIEW["level_shift"]}
     log.info(
         "Atlas %s: fitting its cross-species view (--weighting %s --level-shift %g), used "
         "by `map --orthologs`; `--no-cross-species` skips it",
@@ -275,7 +263,23 @@ def _species_view(
     _write(store, view, ref, fit, meta, options.ray)
     version = store.open_table(ATLAS_PREFIX + view).version
     log.info("Atlas %s: cross-species view written in %.1f s", name, time.perf_counter() - t)
-    return {"atlas": view, "version": int(version), **SPECIES_VIEW}
+    return {"version": int(version), **SPECIES_VIEW}
+
+
+def species_view_recipe(recipe: Recipe, refine_options: dict | None, prior=None):
+    """(recipe, refinement options, None) of the cross-species view of an atlas fitted
+    with `recipe` and `refine_options` (`SPECIES_VIEW`), or (None, None, why not): an atlas
+    without refinement or started from a prior gets none, nor one whose own recipe is
+    already the view's. What `build_atlas` and `evaluate`'s folds both fit."""
+    shift = float((refine_options or {}).get("level_shift") or 0.0)
+    if recipe.refine == "none":
+        return None, None, "it has no refinement (--refine none)"
+    if prior is not None:
+        return None, None, "its refinement starts from a prior"
+    if recipe.weighting == SPECIES_VIEW["weighting"] and shift >= SPECIES_VIEW["level_shift"]:
+        return None, None, "its own recipe is the cross-species one"
+    view = replace(recipe, weighting=SPECIES_VIEW["weighting"])
+    return view, {**(refine_options or {}), "level_shift": SPECIES_VIEW["level_shift"]}, None
 
 
 def _check_inputs(name: str, options: BuildOptions) -> None:
@@ -475,8 +479,8 @@ def index_atlas(
     ds, meta = stored_atlas(store, name)
     cross = meta.get("cross_species")
     if cross:
-        index_atlas(store, cross["atlas"], index=index, params=params, ray=ray)
-        view = Store.of(store).open_table(ATLAS_PREFIX + cross["atlas"])
+        index_atlas(store, species_view_name(name), index=index, params=params, ray=ray)
+        view = Store.of(store).open_table(ATLAS_PREFIX + species_view_name(name))
         meta = {**meta, "cross_species": {**cross, "version": int(view.version)}}
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":

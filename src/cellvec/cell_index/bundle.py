@@ -43,7 +43,13 @@ from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.build import index_atlas
 from cellvec.cell_index.recipe import Recipe
-from cellvec.cell_index.table import ATLAS_PREFIX, is_atlas_name, species_view_name, stored_atlas
+from cellvec.cell_index.table import (
+    ATLAS_PREFIX,
+    is_atlas_name,
+    is_its_view,
+    species_view_name,
+    stored_atlas,
+)
 from cellvec.errors import CellvecError, StoreError
 from cellvec.fetch import CARD, MANIFEST, fetch_bundle, write_manifest
 from cellvec.gene_store.store import GeneStore
@@ -219,26 +225,15 @@ def _copy_atlas(db, name: str, ds, meta: dict) -> None:
 
 
 def _view(store: Store, name: str, meta: dict) -> tuple | None:
-    """(table, metadata) of atlas `name`'s cross-species view, as the atlas's metadata
-    names it; None without one, or, with a warning, when the store holds another version."""
-    cross = meta.get("cross_species")
-    if not cross:
+    """(table, metadata) of atlas `name`'s cross-species view; None without one, or, with
+    a warning, when the store holds another version of it (`table.is_its_view`)."""
+    if not meta.get("cross_species"):
         return None
     try:
-        ds, view_meta = stored_atlas(store, cross["atlas"])
+        ds, view_meta = stored_atlas(store, species_view_name(name))
     except StoreError:
-        ds = None
-    if ds is None or ds.version != cross["version"]:
-        log.warning(
-            "Atlas %s: its cross-species view %s (version %s) is not in %s; the atlas goes "
-            "without it (map --orthologs then compares another species with the atlas itself)",
-            name,
-            cross["atlas"],
-            cross["version"],
-            store,
-        )
-        return None
-    return ds, view_meta
+        ds = view_meta = None
+    return (ds, view_meta) if is_its_view(name, meta, ds and ds.version, store) else None
 
 
 def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict:
@@ -254,7 +249,7 @@ def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict
     _copy_atlas(target.db, view_name, ds, view_meta)
     _reindex(target.location, view_name, view_meta)
     version = int(target.open_table(ATLAS_PREFIX + view_name).version)
-    return {**meta, "cross_species": {**cross, "atlas": view_name, "version": version}}
+    return {**meta, "cross_species": {**cross, "version": version}}
 
 
 def _reindex(store: StoreLocation, name: str, meta: dict) -> None:

@@ -13,6 +13,7 @@ the new one, never half): by `build.build_atlas` in one process, or by Ray worke
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import scipy.sparse as sp
 
 from cellvec.errors import StoreError
 from cellvec.storage import META_KEY, Store, StoreLocation, read_meta
+
+log = logging.getLogger(__name__)
 
 ATLAS_PREFIX = "atlas_"
 
@@ -45,8 +48,33 @@ def is_atlas_name(name: str) -> bool:
 
 
 def species_view_name(name: str) -> str:
-    """The name of atlas `name`'s cross-species view (an atlas table of its own)."""
+    """The name of atlas `name`'s cross-species view (an atlas table of its own): derived
+    from the atlas's, never read from its metadata, so no metadata (a bundle's) can point
+    an atlas at another table."""
     return name + SPECIES_SUFFIX
+
+
+def is_its_view(name: str, meta: dict, found: int | None, where) -> bool:
+    """Whether the view of atlas `name` found in `where` at version `found` (None: not
+    found) is the one the atlas's metadata `meta` records (`meta["cross_species"]
+    ["version"]`, written by `build_atlas` after the view); warns when it is not, so that
+    the atlas answers alone rather than beside another build's view. False for an atlas
+    without a view."""
+    cross = meta.get("cross_species")
+    if not cross:
+        return False
+    if found is not None and found == cross.get("version"):
+        return True
+    log.warning(
+        "Atlas %s: its cross-species view %s (version %s) is not in %s; a query of another "
+        "species is compared with the atlas itself. Rebuild the atlas with `cellvec atlas "
+        "build` to restore it.",
+        name,
+        species_view_name(name),
+        cross.get("version"),
+        where,
+    )
+    return False
 
 
 def list_atlases(store: Store | str | Path | StoreLocation) -> list[str]:

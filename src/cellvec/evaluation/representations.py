@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from cellvec.cell_index.atlas import Atlas
-from cellvec.cell_index.build import SPECIES_VIEW, SPECIES_VOTE
+from cellvec.cell_index.build import SPECIES_VOTE, species_view_recipe
 from cellvec.cell_index.fitting import fit_encoder
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.readers import ExpressionSource, align_genes
@@ -96,31 +96,18 @@ class Predictors:
 
     def with_view(self, name: str, atlas: Atlas, ref: ExpressionSource, y_ref) -> Atlas:
         """`atlas` (cellvec's, fitted on `ref`) with its cross-species view, fitted as
-        `atlas build` fits it (`build.SPECIES_VIEW`, its vote by class size, the atlas's
-        read-out; none without refinement or with a prior), once per atlas: what `map
-        --orthologs` compares a query of another species with."""
-        if atlas.meta.get("cross_species") or atlas._cross:
+        `atlas build` fits it (`build.species_view_recipe`, the vote by class size, the
+        atlas's read-out), once per atlas: what `map --orthologs` compares a query of
+        another species with."""
+        if atlas._cross:
             return atlas
-        shift = float((self.refine_options or {}).get("level_shift") or 0.0)
-        own = atlas.recipe.weighting == SPECIES_VIEW["weighting"]
-        if (
-            atlas.recipe.refine == "none"
-            or self.prior is not None
-            or (own and shift >= SPECIES_VIEW["level_shift"])
-        ):
-            atlas._cross.append(None)  # as `atlas build`: no view, the atlas answers
-            return atlas
-        model = name.split(":", 1)[1] if ":" in name else self.recipe.model
-        changes, kind = VECTOR_REPRESENTATIONS[name.split(":", 1)[0]]
-        recipe = Recipe.from_dict(
-            {
-                **self.recipe.to_dict(),
-                **changes,
-                "model": model,
-                "weighting": SPECIES_VIEW["weighting"],
-            }
+        recipe, refine_options, why = species_view_recipe(
+            atlas.recipe, self.refine_options, self.prior
         )
-        refine_options = {**(self.refine_options or {}), "level_shift": SPECIES_VIEW["level_shift"]}
+        if why:
+            return atlas.with_cross_species(None)  # as `atlas build`: the atlas answers
+        model = name.split(":", 1)[1] if ":" in name else self.recipe.model
+        kind = VECTOR_REPRESENTATIONS[name.split(":", 1)[0]][1]
         fit = fit_encoder(
             ref,
             y_ref,
@@ -131,9 +118,7 @@ class Predictors:
         )
         view = Atlas.from_fit(name, fit, y_ref, readout=atlas.meta.get("readout", "knn"))
         view.meta["vote"] = SPECIES_VOTE
-        atlas.meta["cross_species"] = {"atlas": None, "version": None, **SPECIES_VIEW}
-        atlas._cross.append(view)
-        return atlas
+        return atlas.with_cross_species(view)
 
     def predict(
         self, name: str, ref: ExpressionSource, y_ref: np.ndarray, query: ExpressionSource, **kw

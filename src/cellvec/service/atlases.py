@@ -217,24 +217,16 @@ class AtlasCache:
         """A callable giving the `Reference` of atlas `name`'s cross-species view, loaded
         as the atlas is (memory-mapped where it can be) on the first query through
         orthologs; None for an atlas without one."""
-        from cellvec.cell_index.table import ATLAS_PREFIX
+        from cellvec.cell_index.table import ATLAS_PREFIX, is_its_view, species_view_name
 
-        info = meta.get("cross_species")
-        if not info:
+        if not meta.get("cross_species"):
             return None
 
         def view():
-            tbl = self.gene_store.store.open_table(ATLAS_PREFIX + info["atlas"])
-            if tbl is None or tbl.version != info["version"]:
-                log.warning(
-                    "Atlas %s: its cross-species view %s (version %s) is not in the store; "
-                    "queries of another species are compared with the atlas itself",
-                    name,
-                    info["atlas"],
-                    info["version"],
-                )
+            tbl = self.gene_store.store.open_table(ATLAS_PREFIX + species_view_name(name))
+            if not is_its_view(name, meta, tbl and tbl.version, self.store):
                 return None
-            return self._load(info["atlas"], tbl).reference.view_of(name, meta)
+            return self._load(species_view_name(name), tbl).reference.view_of(name, meta)
 
         return view
 
