@@ -19,7 +19,8 @@ protocol, labels `cell_type1` lower-cased) is mapped both ways: an atlas of one 
 (`calibration_split=0.1`; the default recipe, whose cross-species view answers a query
 mapped through orthologs; the same atlas with `--no-cross-species`; and one built as the
 view is, `--weighting softmax --level-shift 1.0`, read by the plain vote: `RECIPES`),
-the other species' cells mapped with `orthologs=HCOP`, scored on the 11 classes both have; logistic regression and CellTypist
+the other species' cells mapped with `orthologs=HCOP`, scored on the 11 classes both have; logistic regression (plain, and with
+classes weighted by size) and CellTypist
 trained on the reference's genes that have a one-to-one HCOP ortholog in the query,
 predicting the translated query. With `min_typicality=0.01` the share of the cells of
 classes the atlas lacks (human acinar, epsilon, mast; mouse B and other immune cells)
@@ -99,9 +100,22 @@ def score(truth, predicted, known) -> dict:
     return m
 
 
+def logreg_balanced(x_ref, y, x_query, seed: int = 0) -> np.ndarray:
+    """Logistic regression with each class weighted by the inverse of its reference cells
+    (scikit-learn's `class_weight="balanced"`): the reference's class sizes do not decide
+    for the query. On the Baron pair it gives the figures issue 22 measured (0.774 / 0.938,
+    0.840 / 0.918) within 0.02, where the unweighted one (`logreg_expr`) falls 0.03-0.04
+    short of them."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(max_iter=2000, random_state=seed, class_weight="balanced")
+    return fit.fit(x_ref, y).predict(x_query)
+
+
 def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int = 0) -> dict:
-    """Predicted labels of the query by logistic regression (and `peers`) trained on the
-    reference's genes that have a one-to-one ortholog in the query, the query translated."""
+    """Predicted labels of the query by logistic regression (unweighted, and with classes
+    weighted by size: `logreg_balanced`) and `peers`, trained on the reference's genes that
+    have a one-to-one ortholog in the query, the query translated."""
     from cellvec.cell_index.readers import align_genes, read_expression
     from cellvec.evaluation.baselines import expression_baseline
     from cellvec.evaluation.transfer import translate
@@ -127,6 +141,7 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
         "genes": len(genes),
         "genes_carried": len(kept),
         "logreg_expr": expression_baseline("logreg_expr", x_ref, y, x_q, 15, seed),
+        "logreg_balanced": logreg_balanced(x_ref, y, x_q, seed),
         "logreg_carried": expression_baseline(
             "logreg_expr", x_ref[:, cut], y, x_q[:, cut], 15, seed
         ),
@@ -308,7 +323,7 @@ def run_baron(stores: Path, hcop, peers, seeds=(0,)) -> dict:
                     )
                 }
         pred = baron_peers(ref, query, species, hcop, peers)
-        for name in ("logreg_expr", "logreg_carried", *peers):
+        for name in ("logreg_expr", "logreg_balanced", "logreg_carried", *peers):
             rows[name] = baron_row(truth, known, pred[name])
         out[f"{other} onto {species}"] = {
             "peer_genes": pred["genes"],
@@ -389,7 +404,7 @@ def within_lines(within: dict, pair: dict) -> list[str]:
 
 
 def baron_lines(res: dict, peers) -> list[str]:
-    names = [*RECIPES, "logreg_expr", *peers, "logreg_carried"]
+    names = [*RECIPES, "logreg_expr", "logreg_balanced", *peers, "logreg_carried"]
     lines = [
         "| query onto atlas | "
         + " | ".join(f"{n} macro-F1 / accuracy" for n in names)
