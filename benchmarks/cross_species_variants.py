@@ -23,7 +23,12 @@ under `--weighting softmax`), more per-weight jitter (`jitter_0.8`, against the
 default 0.25), whole genes dropped from a batch (`gene_drop_0.2`). The read-out: 5 or 50
 neighbours in the vote instead of 15 (`k_5`, `k_50`), or the class centroids instead of the
 vote (`atlas build --readout centroid`: `readout_centroid`, and
-`softmax_level_shift_1.0_centroid` on the atlas for another species).
+`softmax_level_shift_1.0_centroid` on the atlas for another species). On the default
+atlas (its cross-species view): the view's vote with every class weighted by
+(mean class size / its size) ** 0.5 or 1, as a logistic regression's
+`class_weight="balanced"` weighs them (`vote_balanced_0.5`, `_1.0`); the typicality of
+the other species with one spread for all classes instead of each class's shrunk towards
+it (`species_spread_pooled`).
 
 The query-side variants are patched in here (unittest.mock), not options of cellvec:
 none of them won both ways. Labels of the query are only scored, never used.
@@ -57,6 +62,7 @@ import cross_species as xs
 from _common import log_progress, write_results
 from _stores import ensure_named_store
 
+import cellvec.cell_index.calls as calls_mod
 import cellvec.cell_index.encoder as enc_mod
 import cellvec.cell_index.fitting as fitting_mod
 import cellvec.cell_index.mapping as map_mod
@@ -65,6 +71,7 @@ import cellvec.cell_index.vectors as vectors_mod
 from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.background import apply_background
 from cellvec.cell_index.build import BuildOptions, build_atlas
+from cellvec.cell_index.calibration import Calibration
 from cellvec.cell_index.mapping import map_cells
 from cellvec.cell_index.panels import reaggregate
 from cellvec.cell_index.recipe import Recipe
@@ -108,6 +115,9 @@ VARIANTS = (
     "k_50",
     "readout_centroid",
     "softmax_level_shift_1.0_centroid",
+    "vote_balanced_0.5",
+    "vote_balanced_1.0",
+    "species_spread_pooled",
 )
 
 
@@ -335,6 +345,40 @@ def gene_levels(atlas, share=0.5):
 
 
 @contextmanager
+def balanced_vote(power: float):
+    """The view's vote (the one that counts classes by size) with each class's score
+    multiplied by (mean class size / its reference cells) ** `power`, rows summing to 1
+    again: the reference's class sizes no longer decide between two classes."""
+    orig = calls_mod.vote
+
+    def vote(idx, sim, codes, n, class_sizes=None):
+        scores = orig(idx, sim, codes, n, class_sizes)
+        if class_sizes is None:
+            return scores
+        sizes = np.maximum(np.asarray(class_sizes, dtype=np.float64), 1)
+        scores = scores * (sizes.mean() / sizes) ** power
+        return scores / np.maximum(scores.sum(1, keepdims=True), 1e-300)
+
+    with mock.patch.object(calls_mod, "vote", vote):
+        yield
+
+
+@contextmanager
+def species_spread_pooled():
+    """The typicality of a query of another species (a `Calibration` of several views a
+    cell) standardised by one spread pooled over the classes (shrinkage without end)."""
+    orig = calls_mod.typicality
+
+    def typicality(idx, sim, codes, chosen, calibration, *, shrink=5.0):
+        if isinstance(calibration, Calibration) and calibration.draws > 1:
+            shrink = 1e9
+        return orig(idx, sim, codes, chosen, calibration, shrink=shrink)
+
+    with mock.patch.object(calls_mod, "typicality", typicality):
+        yield
+
+
+@contextmanager
 def power_weights(power: float):
     """Top genes weighted by (1 + CP10k) ** power: softmax's weights (power 1) raised to
     `power`, for the atlas and the query alike."""
@@ -412,6 +456,9 @@ def query_side(variant: str, atlas, stores: Path, query_species: str, reference_
         ),
         "no_gene_params_on_query": no_gene_params_query,
         "split_one_to_many": split_one_to_many,
+        "vote_balanced_0.5": lambda: balanced_vote(0.5),
+        "vote_balanced_1.0": lambda: balanced_vote(1.0),
+        "species_spread_pooled": species_spread_pooled,
     }
     return patches.get(variant, nullcontext)()
 
@@ -480,7 +527,8 @@ def run(species, variant, hcop, stores: Path, built: set, seed: int = 0) -> dict
 def table(rows) -> list[str]:
     out = [
         "| direction | variant | macro-F1 | accuracy | beta | alpha | delta | gamma | coverage "
-        "| unassigned of unknown / accuracy of known (typicality 0.01) | beta / alpha cells called |",
+        "| unassigned of unknown / of known, accuracy of known (typicality 0.01) "
+        "| beta / alpha cells called |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -493,7 +541,7 @@ def table(rows) -> list[str]:
             f"| {r['direction']} | {r['variant']} | {r['macro_f1']:.3f} | {r['accuracy']:.3f} | "
             + " | ".join(f"{f.get(c, float('nan')):.3f}" for c in xs.ENDOCRINE)
             + f" | {r['gene_coverage']:.3f} | {t['unassigned_of_unknown']:.2f} / "
-            f"{t['accuracy_known']:.3f} | {calls} |"
+            f"{t['unassigned_of_known']:.3f}, {t['accuracy_known']:.3f} | {calls} |"
         )
     return out
 
@@ -506,18 +554,28 @@ def mean_table(runs: list[Path]) -> list[str]:
         for r in json.loads((d / "cross_species_variants.json").read_text()):
             by.setdefault((r["direction"], r["variant"]), {})[i] = r
     out = [
-        "| direction | variant | seeds | macro-F1 | accuracy | gain over default (macro-F1 / accuracy) |",
-        "|---|---|---|---|---|---|",
+        "| direction | variant | seeds | macro-F1 | accuracy | gain over default (macro-F1 / "
+        "accuracy) | typicality 0.01: unassigned of unknown / of known |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (direction, variant), rows in by.items():
         base = by.get((direction, "default"), {})
         both = [i for i in rows if i in base]
         mean = {k: np.mean([r[k] for r in rows.values()]) for k in ("macro_f1", "accuracy")}
         gain = {k: np.mean([rows[i][k] - base[i][k] for i in both]) for k in mean} if both else {}
+        # runs before the known cells' share was recorded have none
+        typ = [
+            np.mean([r["typicality_0.01"][k] for r in rows.values()])
+            if all(r["typicality_0.01"].get(k) is not None for r in rows.values())
+            else None
+            for k in ("unassigned_of_unknown", "unassigned_of_known")
+        ]
         out.append(
             f"| {direction} | {variant} | {len(rows)} | {mean['macro_f1']:.3f} | "
             f"{mean['accuracy']:.3f} | "
-            + (f"{gain['macro_f1']:+.3f} / {gain['accuracy']:+.3f} |" if gain else "- |")
+            + (f"{gain['macro_f1']:+.3f} / {gain['accuracy']:+.3f} | " if gain else "- | ")
+            + " / ".join("-" if v is None else f"{v:.3f}" for v in typ)
+            + " |"
         )
     return out
 
