@@ -37,7 +37,15 @@ from _stores import ensure_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = SHARED / "cells"
-MAIN = ["pca_knn", "logreg_expr", "celltypist", "naive_mean", "graph_baseline", "random_vectors"]
+MAIN = [
+    "pca_knn",
+    "logreg_expr",
+    "logreg_balanced",
+    "celltypist",
+    "naive_mean",
+    "graph_baseline",
+    "random_vectors",
+]
 MAIN += ["cellvec_unrefined", "cellvec"]
 
 

@@ -38,8 +38,8 @@ from cellvec.cli.options import (
 @click.option(
     "--baselines",
     is_flag=True,
-    help="Also score pca_knn, logreg_expr, naive_mean, graph_baseline, random_vectors, "
-    "cellvec_unrefined.",
+    help="Also score pca_knn, logreg_expr, logreg_balanced (classes weighted by size), "
+    "naive_mean, graph_baseline, random_vectors, cellvec_unrefined.",
 )
 @click.option(
     "--peers",

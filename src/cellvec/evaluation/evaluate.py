@@ -7,7 +7,8 @@ way users get it: its recipe is fitted on the fold's reference cells alone
 
 Representations (`evaluation.representations`, named in `evaluation.plan`):
 - expression peers: `pca_knn` (PCA(50) + kNN), `logreg_expr` (logistic regression
-  on log expression), `celltypist` (the real CellTypist 1.7.1, in its own virtual
+  on log expression), `logreg_balanced` (the same, each class weighted by the inverse of
+  its reference cells), `celltypist` (the real CellTypist 1.7.1, in its own virtual
   environment: `EvaluationPlan(peers=("celltypist",))`);
 - `cellvec` (the recipe), `cellvec_unrefined` (no refinement), `naive_mean`
   (GenePT-w: the plain weighted average, no background removal, no centring);

@@ -33,6 +33,7 @@ VECTOR_REPRESENTATIONS = {
 BASELINES = (
     "pca_knn",
     "logreg_expr",
+    "logreg_balanced",
     "naive_mean",
     "graph_baseline",
     "random_vectors",
