@@ -68,9 +68,10 @@ def test_query_of_another_species_maps_through_orthologs(atlas_store, tmp_path, 
     assert map_cells(query, "tiny", store=atlas_store).recipe["weighting"] == "value"
 
 
-def test_the_cross_species_view_is_an_atlas_of_its_own_written_first(fake_store):
-    """`atlas build` writes the view before the atlas, and the atlas records the view's
-    version; listings and names keep it out of sight; a rebuild replaces both."""
+def test_the_cross_species_view_is_an_atlas_of_its_own_paired_by_an_id(fake_store):
+    """`atlas build` writes the view just before the atlas; both carry one id (a digest of
+    the view's fit and its cells), by which the atlas finds its own view. Listings and
+    names keep it out of sight; a rebuild replaces both; reindexing keeps the pair."""
     from cellvec.cell_index.build import SPECIES_VIEW, index_atlas
     from cellvec.cell_index.table import list_atlases
 
@@ -78,22 +79,84 @@ def test_the_cross_species_view_is_an_atlas_of_its_own_written_first(fake_store)
     atlas = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type")
     info = atlas.meta["cross_species"]
     view = Atlas.open(fake_store, "tiny__species")
-    assert info == {"version": view.version, **SPECIES_VIEW}
+    assert info == {"id": view.meta["species_view_id"], **SPECIES_VIEW}
     assert view.recipe.weighting == "softmax" and view.meta["refine_options"]["level_shift"] == 1
     assert view.recipe.top_genes == atlas.recipe.top_genes and view.n_cells == atlas.n_cells
     np.testing.assert_array_equal(view.labels, atlas.labels)
     assert list_atlases(fake_store) == ["tiny"]
     with pytest.raises(CellvecError, match="not ending in __species"):
         build_atlas(ref, store=fake_store, name="x__species", label_key="cell_type")
+    # the same cells and seed: the same view, the same id
     again = build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type")
-    assert again.meta["cross_species"]["version"] > info["version"]
-    assert again.cross_species().version == again.meta["cross_species"]["version"]
-    # (re)indexing writes new versions of both: the atlas then names its view's new one
+    assert again.meta["cross_species"]["id"] == info["id"]
+    assert again.cross_species().version > view.version
+    # another reference: another id
+    other = build_atlas(tiny_adata(n_cells=60, seed=5), store=fake_store, name="tiny", label_key="cell_type")  # fmt: skip
+    assert other.meta["cross_species"]["id"] != info["id"]
+    # (re)indexing the atlas, or the view alone, writes new versions and keeps the pair
     index_atlas(fake_store, "tiny", index="memory")
+    index_atlas(fake_store, "tiny__species", index="memory")
     reindexed = Atlas.open(fake_store, "tiny")
-    view = reindexed.cross_species()
-    assert view is not None and view.version == reindexed.meta["cross_species"]["version"]
-    assert view.version > again.meta["cross_species"]["version"]
+    assert reindexed.cross_species() is not None
+    assert reindexed.cross_species().n_cells == reindexed.n_cells == 60
+
+
+def test_a_build_that_fails_leaves_the_atlas_and_its_view_a_pair(fake_store, monkeypatch, caplog):
+    """Both fits run before either write, so a rebuild that fails while fitting the atlas
+    writes nothing; and `atlas index` never takes another build's view for the atlas's
+    own (it indexes the atlas alone, with a warning)."""
+    import cellvec.cell_index.build as build_mod
+    from cellvec.cell_index.build import index_atlas
+
+    build_atlas(tiny_adata(n_cells=90, seed=1), store=fake_store, name="tiny", label_key="cell_type")  # fmt: skip
+    before = Atlas.open(fake_store, "tiny").cross_species().version
+    fits = []
+    real = build_mod.fit_encoder
+
+    def second_fit_fails(*args, **kwargs):
+        fits.append(1)
+        if len(fits) == 2:  # the view fitted, the atlas's own fit fails
+            raise MemoryError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "fit_encoder", second_fit_fails)
+    with pytest.raises(MemoryError):
+        build_atlas(tiny_adata(n_cells=60, seed=5), store=fake_store, name="tiny", label_key="cell_type")  # fmt: skip
+    monkeypatch.undo()
+    kept = Atlas.open(fake_store, "tiny")
+    assert kept.n_cells == 90 and kept.cross_species().version == before
+    # another build's view in place of the atlas's own (here: another atlas's view, copied)
+    build_atlas(tiny_adata(n_cells=60, seed=5), store=fake_store, name="b", label_key="cell_type")  # fmt: skip
+    from cellvec.storage import Store
+
+    s = Store.of(fake_store)
+    s.db.drop_table("atlas_tiny__species")
+    s.db.create_table("atlas_tiny__species", s.open_table("atlas_b__species").to_arrow())
+    with caplog.at_level("WARNING"):
+        index_atlas(fake_store, "tiny", index="memory")
+        assert Atlas.open(fake_store, "tiny").cross_species() is None
+    assert "or is another build's" in caplog.text
+    # the view gone: the atlas is still indexed
+    s.db.drop_table("atlas_tiny__species")
+    assert index_atlas(fake_store, "tiny", index="memory") == {"kind": "memory"}
+
+
+def test_a_rebuild_without_a_view_removes_the_earlier_builds_view(fake_store):
+    from cellvec.cell_index.build import BuildOptions
+    from cellvec.storage import Store
+
+    ref = tiny_adata(n_cells=90, seed=1)
+    build_atlas(ref, store=fake_store, name="tiny", label_key="cell_type")
+    assert "atlas_tiny__species" in Store.of(fake_store).table_names()
+    atlas = build_atlas(
+        ref,
+        store=fake_store,
+        name="tiny",
+        label_key="cell_type",
+        options=BuildOptions(cross_species=False),
+    )
+    assert "atlas_tiny__species" not in Store.of(fake_store).table_names()
+    assert atlas.cross_species() is None and "cross_species" not in atlas.meta
 
 
 @pytest.mark.parametrize(
@@ -164,7 +227,7 @@ def test_the_view_leaves_the_atlas_as_it_was(fake_store):
 def test_metadata_cannot_point_an_atlas_at_another_table(atlas_store, tmp_path, caplog):
     """The view's table is named from the atlas's own name, never from its metadata: an
     atlas (say, from a hostile bundle) whose metadata names another table, a path out of
-    the store, or a version as text gets its own view, or none, and reads nothing else."""
+    the store, or another id gets its own view, or none, and reads nothing else."""
     import json as json_
 
     from cellvec.storage import META_KEY, Store
@@ -176,7 +239,7 @@ def test_metadata_cannot_point_an_atlas_at_another_table(atlas_store, tmp_path, 
     want = map_cells(query, "tiny", store=atlas_store, orthologs=table)
     ds = Store.of(atlas_store).open_table("atlas_tiny").to_lance()
     meta = json_.loads(ds.schema.metadata[META_KEY])
-    version = meta["cross_species"]["version"]
+    own = meta["cross_species"]["id"]
     for hostile in ("other", "other__species", "../../../etc/passwd", "tiny__species/../x"):
         cross = {**meta["cross_species"], "atlas": hostile}
         ds.update_schema_metadata(
@@ -186,9 +249,9 @@ def test_metadata_cannot_point_an_atlas_at_another_table(atlas_store, tmp_path, 
         assert atlas.cross_species().name == "tiny__species"
         got = map_cells(query, atlas, orthologs=table)
         np.testing.assert_array_equal(got.vectors, want.vectors)
-    # a version that is not the view's (text, or another number): the atlas answers alone
-    for bad in (str(version), version + 7, None):
-        cross = {**meta["cross_species"], "version": bad}
+    # an id that is not the view's (another, a number, none): the atlas answers alone
+    for bad in (own[::-1], 7, None, [own]):
+        cross = {**meta["cross_species"], "id": bad}
         ds.update_schema_metadata(
             {META_KEY.decode(): json_.dumps({**meta, "cross_species": cross})}
         )
@@ -211,7 +274,7 @@ def test_an_atlas_whose_view_is_gone_is_mapped_by_itself_with_a_warning(
     query.var_names = [_other_species(n) for n in query.var_names]
     with caplog.at_level("WARNING"):
         res = map_cells(query, "tiny", store=atlas_store, orthologs=table)
-    assert f"cross-species view tiny__species (version 1) is not in {atlas_store}" in caplog.text
+    assert f"cross-species view tiny__species is not in {atlas_store}" in caplog.text
     assert "Rebuild the atlas" in caplog.text and res.recipe["weighting"] == "value"
 
 

@@ -373,7 +373,7 @@ class Atlas:
         maps another species (`build.SPECIES_VIEW`), written with it as an atlas table of
         its own; what a query mapped through orthologs is compared with. None for an atlas
         built without one (`--no-cross-species`, an older cellvec), or when the view in the
-        store is not the one written with this version of the atlas (a rebuild under way):
+        store is not the one written with this atlas (another build's: a rebuild under way):
         a warning says so, and the atlas itself answers."""
         if self._cross:
             return self._cross[0]
@@ -383,7 +383,7 @@ class Atlas:
                 view = Atlas.open(self.store, species_view_name(self.name))
             except StoreError:
                 view = None
-            if not is_its_view(self.name, self.meta, view and view.version, self.store):
+            if not is_its_view(self.name, self.meta, view and view.meta, self.store):
                 view = None
             else:  # the view's head over the gene table this atlas has loaded already
                 genes = self._encoder.genes if self._encoder is not None else None
@@ -396,7 +396,7 @@ class Atlas:
         in memory (`evaluate`'s folds), the view fitted beside it."""
         self._cross[:] = [view]
         if view is not None:
-            self.meta = {**self.meta, "cross_species": {"version": None}}
+            self.meta = {**self.meta, "cross_species": {"id": None}}
         return self
 
     def weights(self) -> sp.csr_matrix:

@@ -42,13 +42,16 @@ from cellvec.cell_index.table import (
     SPECIES_SUFFIX,
     atlas_schema,
     atlas_table,
+    drop_view_of_old_build,
     is_atlas_name,
+    is_its_view,
+    species_view_id,
     species_view_name,
     stored_atlas,
     weight_lists,
 )
 from cellvec.cell_index.tune import choose_readout, tune_recipe
-from cellvec.errors import CellvecError
+from cellvec.errors import CellvecError, StoreError
 from cellvec.gene_store.store import GeneStore
 from cellvec.storage import META_KEY, Store, StoreLocation, replace_table, store_location
 
@@ -174,7 +177,9 @@ def build_atlas(
     )
     choice = _choose_recipe(ref, genes, recipe or Recipe(), options, prior)
     keys = dict(label_key=label_key, batch_key=batch_key, broad_label_key=broad_label_key)
-    cross = _species_view(store, name, ref, genes, choice, options, prior, keys)
+    # both fits before either write: a build that fails while fitting (memory, Ctrl-C)
+    # leaves the atlas and view already in the store as they were, still a pair
+    view = _fit_species_view(store, name, ref, genes, choice, options, prior, keys)
     fit = fit_encoder(
         ref.source,
         ref.labels,
@@ -191,9 +196,11 @@ def build_atlas(
     if options.refine_options:
         # the refinement choices given (e.g. --level-shift): the card's folds fit with them too
         meta["refine_options"] = dict(options.refine_options)
-    if cross is not None:
-        meta["cross_species"] = cross
+    if view is not None:
+        meta["cross_species"] = _write_species_view(store, name, ref, view, options.ray)
     memory = _write(store, name, ref, fit, meta, options.ray)
+    if view is None:
+        drop_view_of_old_build(store, name)
     log.info(
         "Atlas %s: %s cells, %d classes, dim %d, %s index, in %.1f s",
         name,
@@ -223,13 +230,12 @@ def _write(store: Store, name: str, ref: _Reference, fit, meta: dict, ray) -> At
     return memory
 
 
-def _species_view(
+def _fit_species_view(
     store: Store, name: str, ref: _Reference, genes, choice: _Choice, options, prior, keys
-) -> dict | None:
-    """Fit and write atlas `name`'s cross-species view (`SPECIES_VIEW`) as atlas table
-    `<name>__species`, before the atlas itself, so that the atlas's commit names a view
-    already there; returns what the atlas's metadata records of it (None when none is
-    made: see `BuildOptions.cross_species`)."""
+) -> tuple | None:
+    """(fit, metadata) of atlas `name`'s cross-species view (`SPECIES_VIEW`), not yet
+    written (`_write_species_view`); None when none is made (see
+    `BuildOptions.cross_species`)."""
     if not options.cross_species:
         return None
     recipe, refine_options, why = species_view_recipe(choice.recipe, options.refine_options, prior)
@@ -237,7 +243,6 @@ def _species_view(
         log.info("Atlas %s: no cross-species view, as %s", name, why)
         return None
     t = time.perf_counter()
-    view = species_view_name(name)
     log.info(
         "Atlas %s: fitting its cross-species view (--weighting %s --level-shift %g), used "
         "by `map --orthologs`; `--no-cross-species` skips it",
@@ -260,10 +265,19 @@ def _species_view(
         ref, fit, **keys, choice=replace(choice, recipe=recipe, tuning=None), index=options.index
     )
     meta.update(refine_options=refine_options, species_view_of=name, vote=SPECIES_VOTE)
-    _write(store, view, ref, fit, meta, options.ray)
-    version = store.open_table(ATLAS_PREFIX + view).version
-    log.info("Atlas %s: cross-species view written in %.1f s", name, time.perf_counter() - t)
-    return {"version": int(version), **SPECIES_VIEW}
+    meta["species_view_id"] = species_view_id(meta, ref.source.obs_names, ref.labels)
+    log.info("Atlas %s: cross-species view fitted in %.1f s", name, time.perf_counter() - t)
+    return fit, meta
+
+
+def _write_species_view(store: Store, name: str, ref: _Reference, view: tuple, ray) -> dict:
+    """Write the cross-species `view` (`_fit_species_view`) as atlas table `<name>__species`,
+    just before the atlas, whose metadata then names it by the id both carry (the
+    returned `cross_species` entry): until the atlas is written, the atlas in the store
+    answers alone (`table.is_its_view`)."""
+    fit, meta = view
+    _write(store, species_view_name(name), ref, fit, meta, ray)
+    return {"id": meta["species_view_id"], **SPECIES_VIEW}
 
 
 def species_view_recipe(recipe: Recipe, refine_options: dict | None, prior=None):
@@ -474,14 +488,17 @@ def index_atlas(
 
     The index is committed before the metadata names it, so a reader sees the atlas
     searched in memory, or exactly through its table, until the index is there. The
-    atlas's cross-species view is indexed the same way first, and the atlas's metadata
-    then names the view's new version."""
+    atlas's cross-species view is indexed the same way first, when it is the atlas's own
+    (`table.is_its_view`: another build's view, or none, is left alone with a warning,
+    and the atlas is indexed all the same)."""
     ds, meta = stored_atlas(store, name)
-    cross = meta.get("cross_species")
-    if cross:
-        index_atlas(store, species_view_name(name), index=index, params=params, ray=ray)
-        view = Store.of(store).open_table(ATLAS_PREFIX + species_view_name(name))
-        meta = {**meta, "cross_species": {**cross, "version": int(view.version)}}
+    if meta.get("cross_species"):
+        try:
+            view_meta = stored_atlas(store, species_view_name(name))[1]
+        except StoreError:
+            view_meta = None
+        if is_its_view(name, meta, view_meta, store):
+            index_atlas(store, species_view_name(name), index=index, params=params, ray=ray)
     entry = index_meta(index, ds.count_rows(), ds.schema.field("vector").type.list_size)
     if entry["kind"] == "disk":
         entry.update(params or {})

@@ -45,6 +45,7 @@ from cellvec.cell_index.build import index_atlas
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
+    drop_view_of_old_build,
     is_atlas_name,
     is_its_view,
     species_view_name,
@@ -226,19 +227,20 @@ def _copy_atlas(db, name: str, ds, meta: dict) -> None:
 
 def _view(store: Store, name: str, meta: dict) -> tuple | None:
     """(table, metadata) of atlas `name`'s cross-species view; None without one, or, with
-    a warning, when the store holds another version of it (`table.is_its_view`)."""
+    a warning, when the store holds another build's (`table.is_its_view`)."""
     if not meta.get("cross_species"):
         return None
     try:
         ds, view_meta = stored_atlas(store, species_view_name(name))
     except StoreError:
         ds = view_meta = None
-    return (ds, view_meta) if is_its_view(name, meta, ds and ds.version, store) else None
+    return (ds, view_meta) if is_its_view(name, meta, view_meta, store) else None
 
 
 def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict:
     """Copy the cross-species `view` (`_view`) as atlas `name`'s, before the atlas; returns
-    the atlas's metadata naming the copy and its version (or naming none, without a view)."""
+    the atlas's metadata naming it (by the id the two share) or naming none, without a
+    view."""
     cross = meta.get("cross_species")
     meta = {k: v for k, v in meta.items() if k != "cross_species"}
     if view is None:
@@ -248,8 +250,7 @@ def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict
     view_meta = {**view_meta, "species_view_of": name}
     _copy_atlas(target.db, view_name, ds, view_meta)
     _reindex(target.location, view_name, view_meta)
-    version = int(target.open_table(ATLAS_PREFIX + view_name).version)
-    return {**meta, "cross_species": {**cross, "version": version}}
+    return {**meta, "cross_species": cross}
 
 
 def _reindex(store: StoreLocation, name: str, meta: dict) -> None:
@@ -422,6 +423,8 @@ def import_bundle(
         save_artifact(target, a)
     meta = _copy_view(target, name, view, meta)
     _copy_atlas(target.db, name, ds, meta)
+    if view is None:
+        drop_view_of_old_build(target, name)
     _reindex(target.location, name, meta)
     log.info("Imported atlas %s from %s into %s, on %s", name, bundle.source, target.path, how)
     return {

@@ -12,6 +12,7 @@ the new one, never half): by `build.build_atlas` in one process, or by Ray worke
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -54,24 +55,48 @@ def species_view_name(name: str) -> str:
     return name + SPECIES_SUFFIX
 
 
-def is_its_view(name: str, meta: dict, found: int | None, where) -> bool:
-    """Whether the view of atlas `name` found in `where` at version `found` (None: not
-    found) is the one the atlas's metadata `meta` records (`meta["cross_species"]
-    ["version"]`, written by `build_atlas` after the view); warns when it is not, so that
-    the atlas answers alone rather than beside another build's view. False for an atlas
-    without a view."""
+def species_view_id(view_meta: dict, cell_ids, labels) -> str:
+    """What pairs an atlas with its cross-species view: a digest of the view's fit (its
+    recipe's hashes: head, background, gene table) and of the cells and labels it was
+    fitted on, recorded in both (`meta["species_view_id"]` of the view,
+    `meta["cross_species"]["id"]` of the atlas). Another build's view has another id;
+    reindexing or copying a view keeps it; the same build of the same cells gives the same
+    id (and the same view)."""
+    digest = hashlib.sha256(json.dumps(view_meta.get("recipe", {}), sort_keys=True).encode())
+    for values in (cell_ids, labels):
+        digest.update("\0".join(map(str, values)).encode())
+        digest.update(b"\1")
+    return digest.hexdigest()[:32]
+
+
+def drop_view_of_old_build(store: Store, name: str) -> None:
+    """Drop atlas `name`'s cross-species view table where one is left from an earlier
+    build: called once atlas `name` is written without a view (`--no-cross-species`, a
+    bundle without one), which would never pair with it, but SQL would show it and it
+    would hold a second copy of the cells' vectors."""
+    table = ATLAS_PREFIX + species_view_name(name)
+    if store.open_table(table) is not None:
+        store.db.drop_table(table)
+        log.info("Atlas %s: the cross-species view of its earlier build removed", name)
+
+
+def is_its_view(name: str, meta: dict, view_meta: dict | None, where) -> bool:
+    """Whether the view of atlas `name` found in `where` (its metadata `view_meta`; None:
+    not found) is the one the atlas's metadata `meta` records (`species_view_id`, written
+    by `build_atlas` with both); warns when it is not, so that the atlas answers alone
+    rather than beside another build's view. False for an atlas without a view."""
     cross = meta.get("cross_species")
     if not cross:
         return False
-    if found is not None and found == cross.get("version"):
+    want = cross.get("id")
+    if isinstance(want, str) and view_meta is not None and view_meta.get("species_view_id") == want:
         return True
     log.warning(
-        "Atlas %s: its cross-species view %s (version %s) is not in %s; a query of another "
-        "species is compared with the atlas itself. Rebuild the atlas with `cellvec atlas "
-        "build` to restore it.",
+        "Atlas %s: its cross-species view %s is not in %s, or is another build's; a query "
+        "of another species is compared with the atlas itself. Rebuild the atlas with "
+        "`cellvec atlas build` to restore it.",
         name,
         species_view_name(name),
-        cross.get("version"),
         where,
     )
     return False

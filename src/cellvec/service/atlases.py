@@ -218,13 +218,15 @@ class AtlasCache:
         as the atlas is (memory-mapped where it can be) on the first query through
         orthologs; None for an atlas without one."""
         from cellvec.cell_index.table import ATLAS_PREFIX, is_its_view, species_view_name
+        from cellvec.storage import read_meta
 
         if not meta.get("cross_species"):
             return None
 
         def view():
             tbl = self.gene_store.store.open_table(ATLAS_PREFIX + species_view_name(name))
-            if not is_its_view(name, meta, tbl and tbl.version, self.store):
+            view_meta = read_meta(tbl) if tbl is not None else None
+            if not is_its_view(name, meta, view_meta, self.store):
                 return None
             return self._load(species_view_name(name), tbl).reference.view_of(name, meta)
 
