@@ -487,3 +487,36 @@ def test_service_reads_a_centroid_atlas_as_map_cells_does(served):
     assert r.status_code == 200, r.text
     six = map_cells(tiny_adata(n_cells=6, seed=3, prefix="q"), "few", store=served)
     assert [c["label"] for c in r.json()["cells"]] == list(six.labels)
+
+
+def test_a_view_that_fails_to_load_fails_only_the_jobs_through_orthologs(served, tmp_path):
+    """Jobs batched together: one through orthologs, whose atlas's cross-species view cannot
+    be loaded (a disk error, say), fails alone; the job of the atlas's own species is
+    mapped. The next job through orthologs tries the view again."""
+    from cellvec.cell_index.calls import MapOptions
+    from cellvec.cell_index.readers import read_expression
+    from cellvec.gene_store.orthologs import read_orthologs
+    from cellvec.gene_store.store import GeneStore
+    from cellvec.service.atlases import AtlasCache
+    from cellvec.service.mapping import MapJob, map_jobs
+    from cellvec.storage import store_location
+
+    store = store_location(served)
+    atlas = AtlasCache(store, GeneStore(store), None).get("tiny")
+    loads = []
+
+    def broken():
+        loads.append(1)
+        raise RuntimeError("disk gone")
+
+    atlas.reference._cross = broken
+    query = tiny_adata(n_cells=20, seed=13, prefix="o")
+    x = read_expression(query).to_csr()
+    table = tmp_path / "orth.tsv"
+    table.write_text("mouse\thuman\n" + "".join(f"{g}\t{g}\n" for g in query.var_names))
+    through = MapOptions(orthologs=read_orthologs(table))
+    own = MapJob(query.var_names, x, list(query.obs_names))
+    other = MapJob(query.var_names, x, list(query.obs_names), through)
+    out = map_jobs(atlas, [own, other])
+    assert isinstance(out[1], RuntimeError) and len(out[0].labels) == 20
+    assert isinstance(map_jobs(atlas, [other])[0], RuntimeError) and len(loads) == 2

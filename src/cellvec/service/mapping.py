@@ -10,6 +10,7 @@ long cell x gene table, or an h5ad upload; answers: JSON or Arrow IPC.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -22,6 +23,8 @@ from cellvec.cell_index.result import ontology_ids
 from cellvec.cell_index.vectors import aggregate
 from cellvec.errors import CellvecError
 from cellvec.service.schemas import MAX_CELLS_PER_REQUEST
+
+log = logging.getLogger(__name__)
 
 ARROW = "application/vnd.apache.arrow.stream"
 ORTHOLOGS_KEY = b"cellvec.orthologs"
@@ -362,6 +365,11 @@ def map_jobs(atlas, jobs: list[MapJob]) -> list[Calls | Exception]:
         orthologs = job.options.orthologs
         try:
             ref = refs[i] = atlas.reference.through(orthologs)
+        except Exception as e:  # noqa: BLE001 (the view failed to load: its jobs fail, no other)
+            log.error("%s: its cross-species view could not be loaded: %r", atlas.name, e)
+            out[i] = e
+            continue
+        try:
             if job.options.min_typicality > 0:
                 ref.require_calibration()
             ref.allowed(job.options.exclude_labels)
