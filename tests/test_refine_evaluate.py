@@ -707,3 +707,17 @@ def test_refinement_options_read_back_from_an_atlas_are_bounded(fake_store, tmp_
         )
         with pytest.raises(CellvecError, match=match):
             evaluate_atlas(fake_store, "ext", folds=2)
+
+
+def test_a_representation_starts_from_the_prior_only_with_the_model_s_own_vectors():
+    """`Predictors.parts`: cellvec with the plan's model starts from its prior; another
+    model (`cellvec:OTHER`) and the controls never do, so the species view `evaluate`
+    fits for `cellvec:OTHER` is not refused for a prior its atlas never used."""
+    from cellvec.evaluation.representations import Predictors
+
+    prior = object()
+    pred = Predictors({}, Recipe(model="m"), 15, 0, {}, prior=prior)
+    assert pred.parts("cellvec") == ({}, "m", "model", prior)
+    assert pred.parts("cellvec:other")[1:] == ("other", "model", None)
+    assert pred.parts("random_vectors")[1:] == ("m", "random", None)
+    assert pred.parts("cellvec_unrefined")[3] is prior

@@ -70,6 +70,18 @@ class Predictors:
             self._vectors[(model, kind)] = replace(genes, vectors=vecs.astype(np.float32))
         return self._vectors[(model, kind)]
 
+    def parts(self, name: str) -> tuple[dict, str, str, object]:
+        """What vector representation `name` is made of: (its changes to the recipe, the
+        model, the kind of gene vectors, the prior its refinement starts from: the plan's
+        for the model's own vectors, else None). `cellvec:MODEL` is cellvec with another
+        model, which no prior was trained for."""
+        base, model = name, self.recipe.model
+        if name.startswith("cellvec:"):
+            base, model = "cellvec", name.split(":", 1)[1]
+        changes, kind = VECTOR_REPRESENTATIONS[base]
+        prior = self.prior if kind == "model" and model == self.recipe.model else None
+        return changes, model, kind, prior
+
     def fit(
         self,
         name: str,
@@ -81,14 +93,9 @@ class Predictors:
         """An in-memory atlas of vector representation `name` (`cellvec:MODEL`: cellvec
         with another model) fitted on `ref`, with the read-out `atlas build` would choose
         (`tune.choose_readout`: a small reference chooses it by cross-validation)."""
-        base, model = name, None
-        if name.startswith("cellvec:"):
-            base, model = "cellvec", name.split(":", 1)[1]
-        changes, kind = VECTOR_REPRESENTATIONS[base]
-        model = model or self.recipe.model
+        changes, model, kind, prior = self.parts(name)
         recipe = Recipe.from_dict({**self.recipe.to_dict(), **changes, "model": model})
         genes = self.gene_table(model, kind)
-        prior = self.prior if kind == "model" and model == self.recipe.model else None
         fitting = {"seed": self.seed, "refine_options": self.refine_options, "prior": prior}
         recipe, readout, _ = choose_readout(ref, y_ref, genes, recipe, **fitting)
         fit = fit_encoder(ref, y_ref, genes, recipe, calibration_split=calibration_split, **fitting)
@@ -101,13 +108,10 @@ class Predictors:
         another species with."""
         if atlas._cross:
             return atlas
-        recipe, refine_options, why = species_view_recipe(
-            atlas.recipe, self.refine_options, self.prior
-        )
+        _, model, kind, prior = self.parts(name)
+        recipe, refine_options, why = species_view_recipe(atlas.recipe, self.refine_options, prior)
         if why:
             return atlas.with_cross_species(None)  # as `atlas build`: the atlas answers
-        model = name.split(":", 1)[1] if ":" in name else self.recipe.model
-        kind = VECTOR_REPRESENTATIONS[name.split(":", 1)[0]][1]
         fit = fit_encoder(
             ref,
             y_ref,
