@@ -12,7 +12,6 @@ the new one, never half): by `build.build_atlas` in one process, or by Ray worke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+from cellvec.cell_index.artifacts import array_hash
 from cellvec.errors import StoreError
 from cellvec.storage import META_KEY, Store, StoreLocation, read_meta
 
@@ -62,11 +62,14 @@ def species_view_id(view_meta: dict, cell_ids, labels) -> str:
     `meta["cross_species"]["id"]` of the atlas). Another build's view has another id;
     reindexing or copying a view keeps it; the same build of the same cells gives the same
     id (and the same view)."""
-    digest = hashlib.sha256(json.dumps(view_meta.get("recipe", {}), sort_keys=True).encode())
-    for values in (cell_ids, labels):
-        digest.update("\0".join(map(str, values)).encode())
-        digest.update(b"\1")
-    return digest.hexdigest()[:32]
+    recipe = json.dumps(view_meta.get("recipe", {}), sort_keys=True).encode()
+    return array_hash(
+        {
+            "recipe": np.frombuffer(recipe, dtype=np.uint8),
+            "cells": np.asarray(cell_ids, dtype=str),
+            "labels": np.asarray(labels, dtype=str),
+        }
+    )
 
 
 def drop_view_of_old_build(store: Store, name: str) -> None:
