@@ -631,3 +631,16 @@ def test_the_cell_ontology_ships_offline():
 
     onto = load_cell_ontology()
     assert onto.label_of("CL:0000236") == "B cell" and len(onto.ids) > 1000
+
+
+def test_a_bundle_whose_view_lacks_its_head_is_refused_before_any_write(bundle, tmp_path):
+    """A hostile exporter ships the atlas and its cross-species view but drops the view's
+    head (the manifest rewritten to match): the import is refused, naming the artifact,
+    and the target store holds neither table."""
+    view = Atlas.open(bundle, "tiny__species")
+    shutil.rmtree(bundle / f"_artifact_{view.recipe.head_hash}.lance")
+    _relist(bundle)
+    target = tiny_store(tmp_path / "target", tiny_genes())
+    with pytest.raises(StoreError, match=f"Artifact {view.recipe.head_hash} is missing"):
+        import_bundle(bundle, target)
+    assert not any(t.startswith("atlas_tiny") for t in Store(target).table_names())
