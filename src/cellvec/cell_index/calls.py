@@ -103,15 +103,13 @@ class Target:
     (per reference cell, NaN outside the calibration cells; a `Calibration` for a query
     of another species) scores typicality; `broad_calibration` the broad level's.
     `prototypes` (the class centroids, for an atlas whose read-out is `centroid`)
-    replace the neighbours' vote. `class_sizes` (reference cells per class, for an
-    atlas's cross-species view) scale up the votes of a class smaller than k (`vote`)."""
+    replace the neighbours' vote."""
 
     index: object
     calibration: np.ndarray | Calibration
     broad_calibration: np.ndarray | Calibration | None = None
     panel: np.ndarray | None = None
     prototypes: Prototypes | None = None  # the atlas's class centroids: its read-out
-    class_sizes: np.ndarray | None = None
 
 
 @dataclass
@@ -423,18 +421,20 @@ def call_cells(
     options: MapOptions,
     *,
     mixing=None,
+    class_sizes: np.ndarray | None = None,
 ) -> Calls:
     """The calls for query vectors `q` from their `neighbours` (indices, similarities into
-    `target`, best first; their width is the vote's k): the vote, the confidence and
-    typicality thresholds, the mixing test when `options.min_mixing` > 0 (`mixing`: a
-    function giving the query's p-values from its scores, see `Reference.mixing`), and
-    the broad level."""
+    `target`, best first; their width is the vote's k): the vote (`class_sizes`, reference
+    cells per class, for an atlas's cross-species view: a class smaller than k has its
+    votes scaled up, `knn.vote`), the confidence and typicality thresholds, the mixing
+    test when `options.min_mixing` > 0 (`mixing`: a function giving the query's p-values
+    from its scores, see `Reference.mixing`), and the broad level."""
     idx, sim = neighbours
     if target.prototypes is not None:
         keep = ~np.isin(labels.classes.astype(str), options.exclude_labels)
         scores = target.prototypes.scores(q, keep)
     else:
-        scores = vote(idx, sim, labels.codes, len(labels.classes), target.class_sizes)
+        scores = vote(idx, sim, labels.codes, len(labels.classes), class_sizes)
     scores, fine, conf, typical = assign_labels(
         q,
         idx,

@@ -299,14 +299,12 @@ class Reference:
             if self.readout == "centroid" and self._whole.prototypes is None:
                 prototypes = self.prototypes(None, lambda: self.atlas().vectors)
                 self._whole = replace(self._whole, prototypes=prototypes)
-            if self.class_sizes is not None and self._whole.class_sizes is None:
-                self._whole = replace(self._whole, class_sizes=self.class_sizes)
             return self._whole
         atlas = self.atlas()  # the atlas caches its last few panels
         vectors, index, calibration = atlas.vectors_over(panel)
         broad = atlas.broad_calibration(panel) if atlas.has_broad else None
         prototypes = self.prototypes(panel, lambda: vectors) if self.readout == "centroid" else None
-        return Target(index, calibration, broad, panel, prototypes, self.class_sizes)
+        return Target(index, calibration, broad, panel, prototypes)
 
     @functools.cached_property
     def class_sizes(self) -> np.ndarray | None:
@@ -374,7 +372,9 @@ class Reference:
         del unrefined  # only the mixing test needs it: not held through the search
         target = self.target(plan.panel, other_species=options.orthologs is not None)
         neighbours = search_allowed(target.index, q, options.k or self.k, allowed)
-        calls = call_cells(self.labels, target, q, neighbours, options, mixing=mixing)
+        calls = call_cells(
+            self.labels, target, q, neighbours, options, mixing=mixing, class_sizes=self.class_sizes
+        )
         calls.classes, calls.coverage, calls.excluded = self.labels.classes, plan.coverage, excluded
         calls.recipe, calls.ontology_ids = self.recipe.to_dict(), ontology_ids(self.meta)
         return calls

@@ -434,7 +434,13 @@ def _map_group(ref, jobs, order, encoded, out) -> None:
         if options.min_mixing > 0:
             mixing = ref.mixing(plan.panel, encoded[members[0]][2], options.min_mixing)
         calls = call_cells(
-            ref.labels, target, q[rows], (idx[rows, :k], sim[rows, :k]), options, mixing=mixing
+            ref.labels,
+            target,
+            q[rows],
+            (idx[rows, :k], sim[rows, :k]),
+            options,
+            mixing=mixing,
+            class_sizes=ref.class_sizes,
         )
         calls.classes, calls.excluded, calls.recipe = (
             ref.labels.classes,
