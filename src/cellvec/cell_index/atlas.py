@@ -395,8 +395,6 @@ class Atlas:
         """This atlas with `view` (None: none) as its cross-species view: for an atlas held
         in memory (`evaluate`'s folds), the view fitted beside it."""
         self._cross[:] = [view]
-        if view is not None:
-            self.meta = {**self.meta, "cross_species": {"id": None}}
         return self
 
     def weights(self) -> sp.csr_matrix:

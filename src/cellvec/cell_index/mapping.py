@@ -136,7 +136,7 @@ class Reference:
             labels,
             lambda: atlas,
             species=atlas._species,
-            cross=cross if atlas.meta.get("cross_species") else None,
+            cross=cross,
         )
 
     def view_of(self, name: str, meta: dict) -> Reference:
