@@ -12,12 +12,14 @@ import os
 import shutil
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+import cellvec.cell_index.build as build_module
 from cellvec.cell_index.atlas import Atlas
 from cellvec.cell_index.build import BuildOptions, build_atlas
 from cellvec.cell_index.bundle import atlas_card, card_text, export_bundle, import_bundle
@@ -125,14 +127,19 @@ def test_a_bundle_exports_again(bundle, atlas_store, tmp_path, cache):
     np.testing.assert_array_equal(map_cells(_query(), Atlas.open(again.path)).labels, want)
 
 
-def test_a_disk_indexed_atlas_travels_with_its_index(atlas_store, tmp_path, cache):
+def test_a_disk_indexed_atlas_travels_with_its_index(atlas_store, tmp_path, cache, monkeypatch):
     build_atlas(tiny_adata(n_cells=300, seed=3), store=atlas_store, name="disk", label_key="cell_type", recipe=Recipe(top_genes=10), options=BuildOptions(index="disk"))  # fmt: skip
     want = Atlas.open(atlas_store, "disk").meta["index"]
+    built = []  # each copied table is indexed once: the atlas and its view, not the view twice
+    real = build_module.build_disk_index
+    monkeypatch.setattr(build_module, "build_disk_index", lambda ds, *a, **k: built.append(ds.uri) or real(ds, *a, **k))  # fmt: skip
     export_bundle(atlas_store, "disk", tmp_path / "disk.cellvec")
     import_bundle(tmp_path / "disk.cellvec", tmp_path / "s2")
+    assert sorted(Path(u).name for u in built) == ["atlas_disk.lance", "atlas_disk.lance", "atlas_disk__species.lance", "atlas_disk__species.lance"]  # fmt: skip
     for atlas in (Atlas.open(str(tmp_path / "disk.cellvec")), Atlas.open(tmp_path / "s2", "disk")):
         assert atlas.on_disk and atlas.meta["index"] == want
         assert atlas.dataset().describe_indices()  # the index itself, not only its name
+        assert atlas.cross_species().dataset().describe_indices()  # and its view's
         labels = map_cells(_query(), atlas).labels
         np.testing.assert_array_equal(labels, map_cells(_query(), "disk", store=atlas_store).labels)
 

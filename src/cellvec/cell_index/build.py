@@ -481,6 +481,7 @@ def index_atlas(
     index: str = "disk",
     params: dict | None = None,
     ray: str | bool | None = None,
+    with_view: bool = True,
 ) -> dict:
     """(Re)index an atlas already in the store, e.g. one written in chunks by a cluster:
     builds its Lance index when `index` comes out "disk" (`params` overrides the chosen
@@ -490,9 +491,10 @@ def index_atlas(
     searched in memory, or exactly through its table, until the index is there. The
     atlas's cross-species view is indexed the same way first, when it is the atlas's own
     (`table.is_its_view`: another build's view, or none, is left alone with a warning,
-    and the atlas is indexed all the same)."""
+    and the atlas is indexed all the same); `with_view` False leaves the view alone (a
+    bundle's copy, whose view was just indexed with its own parameters)."""
     ds, meta = stored_atlas(store, name)
-    if meta.get("cross_species"):
+    if with_view and meta.get("cross_species"):
         try:
             view_meta = stored_atlas(store, species_view_name(name))[1]
         except StoreError:

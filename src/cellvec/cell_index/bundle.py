@@ -254,11 +254,12 @@ def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict
 
 
 def _reindex(store: StoreLocation, name: str, meta: dict) -> None:
-    """An atlas searched through a disk index gets that index again, with the same
-    parameters, on its copy (the table is copied row by row, its index is not)."""
+    """An atlas (or view) searched through a disk index gets that index again, with the
+    same parameters, on its copy (the table is copied row by row, its index is not); the
+    atlas's view is not indexed again (`_copy_view` did, with the view's own)."""
     index = meta.get("index") or {}
     if index.get("kind") == "disk":
-        index_atlas(store, name, index="disk", params=index)
+        index_atlas(store, name, index="disk", params=index, with_view=False)
 
 
 def export_bundle(
