@@ -30,7 +30,11 @@ calibration of a query of the atlas's own species (`own_species_calibration`) an
 mapped with `map_cells(..., orthologs=HCOP)` onto atlases with and without the view
 (`renamed_through_view`).
 
+The Baron stores hold the genes that carry the cells' vectors (`_stores.carrying_genes`),
+or with `--genes all` every gene of each file (`results/cross_species_all_genes/`).
+
     python benchmarks/cross_species.py --out results/ [--seeds 0 1 2] [--baron-only]
+        [--genes carrying|all]
 """
 
 from __future__ import annotations
@@ -51,6 +55,34 @@ CELLS = SHARED / "cells"
 HCOP = SHARED / "genes" / "hcop_mouse_to_human.csv.gz"
 BARON = {s: CELLS / f"baron2016_pancreas_{s}.h5ad" for s in ("human", "mouse")}
 ENDOCRINE = ("beta", "alpha", "delta", "gamma")
+# The genes of the Baron stores (`_stores.NAMED`; `--genes`): "carrying" the genes that
+# carry the cells' vectors, "all" every gene of each file (the stores issue 22 measured).
+GENES = "carrying"
+STORES_TEXT = {
+    "carrying": [
+        "`benchmarks/_stores.py` (`baron_human`, `baron_mouse`): cellvec is given the genes",
+        "those stores hold (the genes carrying the cells' vectors, chosen without labels);",
+    ],
+    "all": [
+        "`benchmarks/_stores.py` (`baron_human_all`, `baron_mouse_all`): every gene of each",
+        "file, as issue 22 measured; cellvec is given the genes those stores hold (all but",
+        "those NCBI gene_info does not name);",
+    ],
+}
+
+
+def store_name(species: str) -> str:
+    """The Baron store of `species` for `GENES`."""
+    return f"baron_{species}" + ("_all" if GENES == "all" else "")
+
+
+def given_genes(path: Path) -> set[str]:
+    """The genes of the Baron file `path` that cellvec is given (`GENES`)."""
+    if GENES == "all":
+        import anndata as ad
+
+        return set(ad.read_h5ad(path, backed="r").var_names)
+    return set(carrying_genes(path))
 
 
 def baron(species: str, other: str) -> tuple:
@@ -68,10 +100,10 @@ def baron(species: str, other: str) -> tuple:
 
 def carried(a):
     """`a` log-normalised over all its genes (CP10k, log1p), then cut to the genes its
-    Baron store holds (`_stores.carrying_genes`): what cellvec is given, so that every
-    gene it sees is in the store and the values are those of the whole file."""
+    Baron store holds (`given_genes`): what cellvec is given, so that every gene it sees
+    is in the store and the values are those of the whole file."""
 
-    keep = set(carrying_genes(BARON[species_of(a)]))
+    keep = given_genes(BARON[species_of(a)])
     cols = np.array([g in keep for g in a.var_names])
     return lognorm(a)[:, cols].copy()
 
@@ -119,9 +151,9 @@ def baron_peers(ref, query, species: str, hcop, peers=("celltypist",), seed: int
     x_ref = align_genes(r.to_csr(), r.var_names, genes)
     x_q = align_genes(translated.to_csr(), translated.var_names, genes)
     y = ref.obs["label"].to_numpy().astype(str)
-    # the same, on the genes cellvec is given (both files' carrying genes, `carried`)
-    own = set(carrying_genes(BARON[species_of(query)]))
-    both = set(carrying_genes(BARON[species])) & {
+    # the same, on the genes cellvec is given (both files' `given_genes`, `carried`)
+    own = given_genes(BARON[species_of(query)])
+    both = given_genes(BARON[species]) & {
         g for g, o in zip(translated.var_names, sources.var_names) if o in own
     }
     kept = [g for g in genes if g in both]
@@ -285,7 +317,7 @@ def run_baron(stores: Path, hcop, peers, seeds=(0,)) -> dict:
         ref, query = baron(species, other)
         known = set(ref.obs["label"])
         truth = query.obs["label"].to_numpy().astype(str)
-        store = ensure_named_store(stores, f"baron_{species}")
+        store = ensure_named_store(stores, store_name(species))
         given = carried(ref), carried(query)  # once: every atlas and mapping takes these
         rows = {}
         for name, build in RECIPES.items():
@@ -339,7 +371,7 @@ def baron_within(stores: Path, seeds=(0,)) -> dict:
     out = {}
     for species, other in (("human", "mouse"), ("mouse", "human")):
         ref = baron(species, other)[0]
-        store = ensure_named_store(stores, f"baron_{species}")
+        store = ensure_named_store(stores, store_name(species))
         given, labels = carried(ref), ref.obs["label"].to_numpy().astype(str)
         for seed in seeds:
             test = np.random.default_rng(seed).random(ref.n_obs) < 0.3
@@ -538,7 +570,15 @@ def main():
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="cellvec's atlas seeds on the Baron pair"
     )
+    ap.add_argument(
+        "--genes",
+        choices=("carrying", "all"),
+        default="carrying",
+        help="the Baron stores' genes (carrying: those that carry the cells' vectors)",
+    )
     args = ap.parse_args()
+    global GENES
+    GENES = args.genes
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this needs the shared real data")
     log_progress()
@@ -553,6 +593,13 @@ def main():
     command = "python benchmarks/cross_species.py" + (" --no-celltypist" if not peers else "")
     command += " --seeds " + " ".join(map(str, args.seeds)) if args.seeds != [0] else ""
     command += " --baron-only" if args.baron_only else ""
+    command += f" --genes {GENES}" if GENES != "carrying" else ""
+    out = args.out.resolve()
+    command += (
+        f" --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+        if out != ROOT / "results"
+        else ""
+    )
     pair = run_baron(args.stores, hcop, peers, seeds=args.seeds)
     within = baron_within(args.stores, seeds=args.seeds)
     pair_lines = [
@@ -567,8 +614,7 @@ def main():
         "the other species' cells mapped with `--orthologs hcop_mouse_to_human.csv.gz`; the",
         "peers trained on the reference's genes with a one-to-one HCOP ortholog in the query,",
         "predicting the translated query; scored on the classes both species have. Stores:",
-        "`benchmarks/_stores.py` (`baron_human`, `baron_mouse`): cellvec is given the genes",
-        "those stores hold (the genes carrying the cells' vectors, chosen without labels);",
+        *STORES_TEXT[GENES],
         "`logreg_carried` is logistic regression on those genes only ("
         + ", ".join(f"{r['peer_genes_carried']:,} of {r['peer_genes']:,}" for r in pair.values())
         + " one-to-one genes).",
