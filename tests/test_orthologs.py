@@ -512,6 +512,13 @@ def test_map_cli_takes_orthologs(atlas_store, tmp_path, caplog):
     assert "30 through orthologs (orth.tsv)" in caplog.text
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "--orthologs" in res.output
+    # the view is reached through its atlas, never by its own name
+    view = [*args[:5], "tiny__species", *args[6:], "--orthologs", str(table)]
+    res = CliRunner().invoke(cli, view)
+    assert (
+        res.exit_code == 1
+        and "'tiny__species' is the cross-species view of atlas 'tiny'" in res.output
+    )
 
 
 @requires_shared

@@ -41,6 +41,7 @@ from cellvec.cell_index.readers import ExpressionSource, read_expression
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.refine import apply_head
 from cellvec.cell_index.result import MappingResult, ontology_ids
+from cellvec.cell_index.table import SPECIES_SUFFIX
 from cellvec.cell_index.vectors import GeneBasis
 from cellvec.errors import CellvecError, InputFormatError
 from cellvec.gene_store.orthologs import OrthologTable
@@ -520,6 +521,12 @@ def _mapper(atlas, store) -> Mapper:
     if isinstance(atlas, str):
         if store is None:
             raise CellvecError("map_cells needs store= when the atlas is given by name.")
+        if atlas.endswith(SPECIES_SUFFIX):
+            of = atlas[: -len(SPECIES_SUFFIX)]
+            raise CellvecError(
+                f"{atlas!r} is the cross-species view of atlas {of!r}, not an atlas: map onto "
+                f"{of!r} with --orthologs (a query of another species is compared with the view)."
+            )
         atlas = Atlas.open(store, atlas)
     return Reference.of(atlas) if isinstance(atlas, Atlas) else atlas
 
