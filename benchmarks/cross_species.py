@@ -294,6 +294,23 @@ def unknown_classes(truth, known, cv: dict) -> dict:
     return out
 
 
+def known_losses(truth, known, cv: dict) -> dict:
+    """Per known class (`baron_cellvec`'s `cv`): its query cells, how many come back
+    unassigned with `min_typicality`, and how many of those the labels without it called
+    right: where the threshold's cost falls."""
+    truth = np.asarray(truth).astype(str)
+    out = {}
+    for c in sorted(set(truth) & set(known)):
+        m = truth == c
+        lost = cv["typical_labels"][m] == "unassigned"
+        out[c] = {
+            "cells": int(m.sum()),
+            "unassigned": int(lost.sum()),
+            "unassigned_right": int((lost & (cv["labels"][m] == c)).sum()),
+        }
+    return out
+
+
 # cellvec's rows: the default recipe (the query compared with the atlas's cross-species
 # view: `build.SPECIES_VIEW`, its vote by class size), the same atlas without the view
 # (`--no-cross-species`: the atlas itself, as before the view), and an atlas built as the
@@ -332,6 +349,7 @@ def run_baron(stores: Path, hcop, peers, seeds=(0,)) -> dict:
                 at_05 = baron_row(truth, known, cv["labels"], cv["typical_labels_0.05"])
                 row["typicality_0.05"] = at_05["typicality_0.01"]  # baron_row's key, at 0.05
                 row["unknown_classes"] = unknown_classes(truth, known, cv)
+                row["known_losses"] = known_losses(truth, known, cv)
                 row["gene_coverage"] = round(cv["gene_coverage"], 4)
                 rows.setdefault(name, row).setdefault("seeds", {})[seed] = {
                     k: row[k]
@@ -542,6 +560,24 @@ def baron_lines(res: dict, peers) -> list[str]:
                     f"{d['unassigned']} | {d['median_similarity']:.3f} | "
                     f"{d['median_typicality']:.3f} |"
                 )
+    lines += [
+        "",
+        "Where the known cells' cost of `--min-typicality 0.01` falls (the default recipe, the "
+        "first seed's atlas): per class, the query cells that come back unassigned, and how "
+        "many of those were called right without the threshold:",
+        "",
+        "| query onto atlas | "
+        + " | ".join(["class", "cells", "unassigned", "of them right"])
+        + " |",
+        "|---|---|---|---|---|",
+    ]
+    for key, r in res.items():
+        for c, d in r["cellvec"]["known_losses"].items():
+            share = d["unassigned"] / d["cells"]
+            lines.append(
+                f"| {key} | {c} | {d['cells']} | {d['unassigned']} ({share:.1%}) | "
+                f"{d['unassigned_right']} |"
+            )
     lines += ["", "Per-class F1 (query cells of the shared classes):", ""]
     for key, r in res.items():
         classes = r["shared_classes"]
