@@ -47,16 +47,20 @@ def dataset_gene_names(
     """Upper-cased names of every gene of `species`' labelled sets, or of the files `sets`
     (by stem) of the genes that carry their cells (`carrying_genes`), or all of them
     (`genes` "all")."""
-    import anndata as ad
-
     names: set[str] = set()
     for f in sets or DATASETS[species]:
         path = SHARED / "cells" / f"{f}.h5ad"
-        if sets and genes == "carrying":
-            names |= {str(v).upper() for v in carrying_genes(path)}
-        else:
-            names |= {str(v).upper() for v in ad.read_h5ad(path, backed="r").var_names}
+        picked = carrying_genes(path) if sets and genes == "carrying" else file_genes(path)
+        names |= {str(v).upper() for v in picked}
     return names
+
+
+@functools.cache
+def file_genes(path: Path) -> tuple[str, ...]:
+    """The gene names of the h5ad file `path` (its var_names), read once per file."""
+    import anndata as ad
+
+    return tuple(ad.read_h5ad(path, backed="r").var_names)
 
 
 @functools.cache
@@ -84,17 +88,25 @@ def ensure_store(
     summaries: bool = False,
     model: str = "minilm",
     sets: tuple[str, ...] | None = None,
+    genes: str = "carrying",
 ) -> Path:
-    """Build (once) a `model` store of the genes named in `species`' labelled sets (or in
-    the h5ad files `sets` of ../shared/data/cells, by stem)."""
+    """A `model` store at `store` of the genes named in `species`' labelled sets (or in
+    the h5ad files `sets` of ../shared/data/cells, by stem: `genes` of them, see
+    `dataset_gene_names`), built once, and built again when the genes or texts it should
+    hold changed since: the names it was built for are recorded beside it, and the build
+    is incremental (only genes whose text it lacks are embedded)."""
     from cellvec.gene_store import GeneStore
 
     store = Path(store)
-    if store.exists() and model in GeneStore(store).models():
+    names = sorted(dataset_gene_names(species, sets, genes))
+    wanted = "\n".join([f"summaries={summaries}", *names])
+    made_for = store.parent / f"{store.name}.{model}.genes"
+    built = store.exists() and model in GeneStore(store).models()
+    if built and made_for.exists() and made_for.read_text() == wanted:
         return store
-    return subset_store(
-        store, species, dataset_gene_names(species, sets), model=model, summaries=summaries
-    )
+    subset_store(store, species, set(names), model=model, summaries=summaries)
+    made_for.write_text(wanted)
+    return store
 
 
 def subset_store(
@@ -129,18 +141,6 @@ def subset_store(
 
 
 def ensure_named_store(stores: Path, name: str, *, model: str = "minilm") -> Path:
-    """The store `stores/name` of a NAMED set (e.g. `baron_mouse`): built once, and built
-    again when the genes it should hold changed since (the build is incremental: only
-    genes it lacks are embedded)."""
-    from cellvec.gene_store import GeneStore
-
+    """The store `stores/name` of a NAMED set (e.g. `baron_mouse`), by `ensure_store`."""
     species, sets, genes = NAMED[name]
-    store = Path(stores) / name
-    wanted = "\n".join(sorted(dataset_gene_names(species, sets, genes)))
-    made_for = store.parent / f"{name}.{model}.genes"  # the names the store was built for
-    built = store.exists() and model in GeneStore(store).models()
-    if built and made_for.exists() and made_for.read_text() == wanted:
-        return store
-    subset_store(store, species, set(wanted.split("\n")), model=model)
-    made_for.write_text(wanted)
-    return store
+    return ensure_store(Path(stores) / name, species, model=model, sets=sets, genes=genes)

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import MIN_CELLS, SHARED, log_progress, macro_f1_10, write_results  # noqa: E402
-from _stores import carrying_genes, ensure_named_store, ensure_store  # noqa: E402
+from _stores import carrying_genes, ensure_named_store, ensure_store, file_genes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = SHARED / "cells"
@@ -78,11 +78,7 @@ def store_name(species: str) -> str:
 
 def given_genes(path: Path) -> set[str]:
     """The genes of the Baron file `path` that cellvec is given (`GENES`)."""
-    if GENES == "all":
-        import anndata as ad
-
-        return set(ad.read_h5ad(path, backed="r").var_names)
-    return set(carrying_genes(path))
+    return set(file_genes(path) if GENES == "all" else carrying_genes(path))
 
 
 def baron(species: str, other: str) -> tuple:
@@ -566,9 +562,7 @@ def baron_lines(res: dict, peers) -> list[str]:
         "first seed's atlas): per class, the query cells that come back unassigned, and how "
         "many of those were called right without the threshold:",
         "",
-        "| query onto atlas | "
-        + " | ".join(["class", "cells", "unassigned", "of them right"])
-        + " |",
+        "| query onto atlas | class | cells | unassigned | of them right |",
         "|---|---|---|---|---|",
     ]
     for key, r in res.items():
