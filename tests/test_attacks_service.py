@@ -256,3 +256,131 @@ def test_an_atlas_name_no_atlas_can_have_is_a_fast_404(client):
         assert r.status_code == 404 and r.json()["error"], r.text
         assert "%2F" in name or "tiny" in r.json()["error"]  # the atlases there are
         assert time.perf_counter() - t0 < 1.0  # was ~2 s each, stalling other requests
+
+
+def _replace(f, key: str, values) -> None:
+    del f[key]
+    f[key] = values
+
+
+SPARSE_DAMAGE = {
+    "an index past the genes": lambda f: _replace(f, "X/indices", np.r_[10**6, f["X/indices"][1:]]),
+    "a negative index": lambda f: _replace(
+        f, "X/indices", np.r_[-5, f["X/indices"][1:]].astype(np.int64)
+    ),
+    "an index pointer that runs backwards": lambda f: _replace(
+        f, "X/indptr", np.r_[f["X/indptr"][:2], 0, f["X/indptr"][3:]]
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", SPARSE_DAMAGE)
+def test_an_upload_whose_sparse_structure_points_outside_its_matrix_is_refused(client, damage):
+    """scipy took the file's indices unchecked: an index of 10**6 crashed the server
+    (segmentation fault), one of -5 answered 200 with values read from memory outside
+    the matrix, a backward index pointer was a 500."""
+    data = _h5ad_bytes(tiny_adata(n_cells=6, prefix="q"), SPARSE_DAMAGE[damage])
+    _refused(_upload(client, data), "sparse expression matrix is malformed")
+
+
+def test_an_upload_of_values_that_are_not_numbers_is_refused(client):
+    def text(f):
+        _replace(f, "X", np.arange(6 * 30).reshape(6, 30).astype("S8"))
+
+    _refused(_upload(client, _h5ad_bytes(tiny_adata(n_cells=6, prefix="q"), text)), "not real")
+
+
+def test_a_chunk_declared_far_larger_than_its_data_counts_in_full(client, monkeypatch):
+    """HDF5 decodes whole chunks: 89 values in one gzip chunk of 2^21 float32 (8 MiB)
+    were counted as 356 bytes, and a chunk of 2^30 as well."""
+    import cellvec.untrusted as untrusted
+
+    monkeypatch.setattr(untrusted, "MAX_DECODED_BYTES", 4 * 2**20)
+
+    def one_big_chunk(f):
+        data = f["X/data"][:]
+        del f["X/data"]
+        f["X"].create_dataset(
+            "data", data=data, maxshape=(None,), chunks=(2**21,), compression="gzip"
+        )
+
+    data = _h5ad_bytes(tiny_adata(n_cells=6, prefix="q"), one_big_chunk)
+    assert len(data) < 200_000
+    _refused(_upload(client, data), "MiB", "/X/data")
+
+
+def test_strings_inside_records_count_by_their_text(client, monkeypatch):
+    """anndata writes rec-arrays (scanpy's rank_genes_groups) as records with string
+    fields: counted at the record's size, many records pointing at one large string
+    decoded to gigabytes."""
+    import cellvec.untrusted as untrusted
+
+    monkeypatch.setattr(untrusted, "MAX_DECODED_BYTES", 4 * 2**20)
+    kind = np.dtype([("names", h5py.string_dtype()), ("scores", "<f4")])
+
+    def records(n: int):
+        def edit(f):  # n records of 1 KB names
+            values = np.array([("x" * 1024, 0.0)] * n, dtype=kind)
+            rank = f["uns"].create_dataset("rank", data=values)
+            rank.attrs["encoding-type"], rank.attrs["encoding-version"] = "rec-array", "0.2.0"
+
+        return edit
+
+    q = tiny_adata(n_cells=5, prefix="q")
+    _refused(_upload(client, _h5ad_bytes(q, records(5000))), "MiB", "/uns/rank")
+    assert _upload(client, _h5ad_bytes(q, records(50))).status_code == 200
+
+
+def test_a_corrupt_gzip_ortholog_table_is_a_422(client):
+    r = client.post(
+        "/v1/atlases/tiny/map_h5ad",
+        files={
+            "file": ("q.h5ad", _h5ad_bytes(tiny_adata(n_cells=5, prefix="q"))),
+            "orthologs": ("o.csv.gz", b"\x1f\x8b\x08\x00" + b"\0" * 20),
+        },
+    )
+    _refused(r, "not valid gzip")
+
+
+def test_no_error_names_the_server_s_store(client, served):
+    """The gene routes' errors named the store's directory (and the command to build
+    it there)."""
+    where = (str(served), str(Path(served).resolve()))
+    checks = [
+        client.get("/v1/genes/search", params={"q": "x", "model": "nope"}),
+        client.get("/v1/genes/NOSUCHGENE/neighbors"),
+    ]
+    for r in checks:
+        assert 400 <= r.status_code < 500, r.text
+        assert not any(w in r.text for w in where), r.text
+        assert "<store>" in r.json()["error"], r.text
+
+
+def test_uploads_are_read_a_few_at_a_time(client, monkeypatch):
+    """Each upload may decode to the whole budget: a burst of them was read all at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cellvec.service.mapping as mapping
+    from cellvec.service.map_routes import UPLOAD_SLOTS
+
+    reading, most, lock = [0], [0], threading.Lock()
+    read = mapping.job_from_h5ad
+
+    def slow_read(data, **options):
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        time.sleep(0.3)
+        try:
+            return read(data, **options)
+        finally:
+            with lock:
+                reading[0] -= 1
+
+    monkeypatch.setattr(mapping, "job_from_h5ad", slow_read)
+    data = _h5ad_bytes(tiny_adata(n_cells=5, prefix="q"))
+    with ThreadPoolExecutor(6) as pool:
+        codes = [r.status_code for r in pool.map(lambda _: _upload(client, data), range(6))]
+    assert codes == [200] * 6
+    assert 1 <= most[0] <= UPLOAD_SLOTS  # never passed (6 were sent at once)

@@ -173,3 +173,17 @@ def test_memory_limit_refuses_a_query_that_outgrows_it(fake_store):
     conn = StoreSQL(fake_store, text_embedder=FakeEmbedder(), limits=SQLLimits(memory_limit="32MB"))
     with pytest.raises(SQLError, match="32MB limit"):
         conn.query("SELECT count(DISTINCT range) AS n FROM range(10000000)")
+
+
+def test_no_setting_shows_a_server_directory(fake_store):
+    """current_setting('secret_directory') showed the home directory of the user the
+    server runs as (/root/.duckdb/stored_secrets)."""
+    from pathlib import Path
+
+    conn = StoreSQL(fake_store, text_embedder=FakeEmbedder())
+    values = conn.con.sql("SELECT name, value FROM duckdb_settings()").fetchall()
+    home = str(Path.home())
+    assert not [(n, v) for n, v in values if home in str(v) or "/.duckdb" in str(v)]
+    with client(fake_store) as c:
+        r = c.post("/v1/sql", json={"query": "SELECT current_setting('secret_directory') AS s"})
+    assert r.status_code == 200 and r.json()["rows"] == [{"s": ""}], r.text

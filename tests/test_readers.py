@@ -191,3 +191,72 @@ def test_backed_file_is_checked_as_it_streams(tmp_path):
     src = read_expression(tmp_path / "a.h5ad", backed=True)  # no upfront pass over the data
     with pytest.raises(InputFormatError, match="NaN/inf values in cells 2000-2100"):
         list(src.chunks(size=1000))
+
+
+def _h5ad_with(tmp_path, edit, **write):
+    """tiny_adata written by anndata, then its datasets changed by `edit(h5py.File)`."""
+    import h5py
+
+    path = tmp_path / "a.h5ad"
+    tiny_adata(n_cells=12).write_h5ad(path, **write)
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    return path
+
+
+def _replace(f, key: str, values) -> None:
+    del f[key]
+    f[key] = values
+
+
+SPARSE_DAMAGE = {
+    "a column index past the last gene": lambda f: _replace(
+        f, "X/indices", np.r_[10**6, f["X/indices"][1:]]
+    ),
+    "a negative column index": lambda f: _replace(
+        f, "X/indices", np.r_[-5, f["X/indices"][1:]].astype(np.int64)
+    ),
+    "an index pointer that runs backwards": lambda f: _replace(
+        f, "X/indptr", np.r_[f["X/indptr"][:3], 0, f["X/indptr"][4:]]
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", SPARSE_DAMAGE)
+@pytest.mark.parametrize("backed", [False, True])
+def test_a_sparse_matrix_whose_structure_points_outside_it_is_refused(tmp_path, damage, backed):
+    """scipy builds the matrix from the file's indices unchecked; its compiled code then
+    read and wrote past its arrays (a crash, or another cell's memory read as values)."""
+    path = _h5ad_with(tmp_path, SPARSE_DAMAGE[damage])
+    with pytest.raises(InputFormatError, match="sparse expression matrix is malformed"):
+        src = read_expression(path, backed=backed)
+        list(src.chunks())
+
+
+@pytest.mark.parametrize("values", ["bytes", "complex"])
+def test_an_expression_matrix_of_values_that_are_not_real_numbers_is_refused(tmp_path, values):
+    def dense(f):
+        x = np.arange(12 * 30).reshape(12, 30)
+        del f["X"]
+        f["X"] = x.astype("S8") if values == "bytes" else x + 1j
+
+    with pytest.raises(InputFormatError, match="not real numbers"):
+        read_expression(_h5ad_with(tmp_path, dense))
+
+
+def test_a_10x_h5_whose_indices_point_outside_the_matrix_is_refused(tmp_path):
+    import h5py
+
+    a = tiny_adata()
+    m = sp.csc_matrix(a.X.T)
+    indices = m.indices.copy()
+    indices[0] = 10**6
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data, indices, m.indptr
+        g["shape"] = np.array(m.shape)
+        g["barcodes"] = np.array(a.obs_names, dtype="S")
+        g["gene_names"] = np.array(a.var_names, dtype="S")
+        g["genes"] = np.array(a.var_names, dtype="S")
+    with pytest.raises(InputFormatError, match="m.h5: the sparse expression matrix is malformed"):
+        read_expression(tmp_path / "m.h5")

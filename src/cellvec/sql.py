@@ -201,6 +201,9 @@ class StoreSQL:
         # the allowed list even with external access off, so a query could read and write
         # there. A query that outgrows memory fails instead of spilling to disk.
         self.con.execute("SET temp_directory = ''")
+        # No server directory to read back: DuckDB's default secret folder is under the
+        # home directory of the user the server runs as (current_setting shows it).
+        self.con.execute("SET secret_directory = ''")
         if self.limits.memory_limit is not None:
             self.con.execute("SET memory_limit = ?", [self.limits.memory_limit])
         if self.limits.threads is not None:

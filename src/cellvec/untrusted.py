@@ -18,6 +18,7 @@ Both raise `cellvec.errors.UntrustedInputError` (the service answers 422).
 
 from __future__ import annotations
 
+import math
 import struct
 
 from cellvec.errors import UntrustedInputError
@@ -105,26 +106,88 @@ def _dataset_bytes(dset, full: str, where: str) -> int:
             f"{where}: dataset {full} is a virtual dataset mapping other files; uploaded "
             "files must hold their own data. Write it with anndata."
         )
-    if h5py.check_vlen_dtype(dset.dtype) is not None:
-        return _vlen_bytes(dset, full, where)
-    return int(dset.size or 0) * int(dset.dtype.itemsize)  # h5py.Empty: no size
+    stored = _stored_bytes(dset)
+    vlen = _vlen_fields(dset.dtype, full, where)
+    if vlen:
+        return stored + _vlen_bytes(dset, vlen, full, where)
+    return stored
 
 
-def _vlen_bytes(dset, full: str, where: str) -> int:
-    """Bytes of a variable-length dataset (anndata's strings), read a few elements at a
-    time. Their values lie in the file's heap, and many elements may point at one large
-    heap object, each read as a copy: so at most `MAX_DECODED_BYTES // file size`
-    elements a read (none larger than the file), and reading stops past the budget."""
+def _stored_bytes(dset) -> int:
+    """Bytes a read of the whole dataset decodes. A chunked dataset is decoded chunk by
+    whole chunk, and a chunk may be declared far larger than the data (a dataset of 89
+    values in one chunk of 2^27): every chunk the extent touches counts in full."""
+    if dset.shape is None:  # h5py.Empty: no data
+        return 0
+    itemsize = int(dset.dtype.itemsize)
+    if dset.chunks is None or dset.size == 0:
+        return int(dset.size) * itemsize
+    n_chunks = 1
+    for extent, chunk in zip(dset.shape, dset.chunks):
+        n_chunks *= -(-extent // chunk)
+    return max(int(dset.size), n_chunks * math.prod(dset.chunks)) * itemsize
+
+
+def _vlen_fields(dtype, full: str, where: str) -> list[str | None]:
+    """The variable-length parts of a dataset's elements: [None] for a variable-length
+    element (anndata's strings), the names of a record's variable-length fields (anndata's
+    rec-arrays, e.g. scanpy's rank_genes_groups), [] for fixed-size elements. Anything
+    deeper (a record in a record, an array of strings in a field) is refused: anndata
+    writes none, and what is not counted is not read."""
+    import h5py
+
+    if h5py.check_vlen_dtype(dtype) is not None:
+        return [None]
+    if dtype.fields is None:
+        if _holds_vlen(dtype):
+            raise UntrustedInputError(
+                f"{where}: dataset {full} holds variable-length values inside arrays; "
+                "anndata does not write such data. Write the file with anndata."
+            )
+        return []
+    names = []
+    for name, (field, *_) in dtype.fields.items():
+        if h5py.check_vlen_dtype(field) is not None:
+            names.append(name)
+        elif _holds_vlen(field):
+            raise UntrustedInputError(
+                f"{where}: dataset {full} holds variable-length values nested in field "
+                f"{name!r}; anndata writes them only as 1-D arrays or record fields. Write "
+                "the file with anndata."
+            )
+    return names
+
+
+def _holds_vlen(dtype) -> bool:
+    """Whether a variable-length type is anywhere inside `dtype`."""
+    import h5py
+
+    if h5py.check_vlen_dtype(dtype) is not None:
+        return True
+    if dtype.subdtype is not None:
+        return _holds_vlen(dtype.subdtype[0])
+    return any(_holds_vlen(f[0]) for f in (dtype.fields or {}).values())
+
+
+def _vlen_bytes(dset, fields: list[str | None], full: str, where: str) -> int:
+    """Bytes of the variable-length values of a dataset (`fields`: `_vlen_fields`), read a
+    few elements at a time. Their values lie in the file's heap, and many elements may
+    point at one large heap object, each read as a copy: so at most `MAX_DECODED_BYTES //
+    (file size x fields)` elements a read (none larger than the file), and reading stops
+    past the budget."""
     if dset.ndim != 1:
         raise UntrustedInputError(
             f"{where}: dataset {full} holds variable-length values in {dset.ndim} dimensions; "
             "anndata writes them as 1-D arrays. Write the file with anndata."
         )
-    step = max(1, MAX_DECODED_BYTES // max(1, dset.file.id.get_filesize()))
+    per_element = max(1, dset.file.id.get_filesize()) * len(fields)
+    step = max(1, MAX_DECODED_BYTES // per_element)
     total = 0
     for start in range(0, dset.shape[0], step):
-        for value in dset[start : start + step]:
-            total += len(value) if isinstance(value, (bytes, str)) else value.nbytes
+        block = dset[start : start + step]
+        for name in fields:
+            for value in block if name is None else block[name]:
+                total += len(value) if isinstance(value, (bytes, str)) else value.nbytes
         if total > MAX_DECODED_BYTES:
             break
     return total

@@ -83,7 +83,10 @@ class ExpressionSource:
         for start in range(0, len(rows), size):
             sel = rows[start : start + size]
             lo, hi = int(sel[0]), int(sel[-1]) + 1
-            block = _to_csr(self._matrix[lo:hi])
+            block = self._matrix[lo:hi]
+            if not self.validated:  # read backed: its structure is checked as it streams
+                check_matrix(block, f"{self.path} (cells {lo}-{hi})")
+            block = _to_csr(block)
             if len(sel) != hi - lo:
                 block = block[sel - lo]
             if self._cols is not None:
@@ -137,6 +140,30 @@ def _to_csr(x) -> sp.csr_matrix:
     if hasattr(x, "to_memory"):  # anndata backed sparse dataset
         return sp.csr_matrix(x.to_memory(), dtype=np.float32)
     return sp.csr_matrix(np.asarray(x, dtype=np.float32))
+
+
+def check_matrix(x, where: str) -> None:
+    """Refuse an expression matrix of values that are not numbers (strings, records,
+    complex numbers) or, when sparse, whose structure points outside it: column indices
+    out of range or an index pointer that runs backwards. scipy builds a sparse matrix
+    from a file's `indices` and `indptr` without checking them, and its compiled code then
+    reads and writes past its arrays (a crash, or another cell's memory read as values).
+    A backed sparse dataset has its dtype checked here and its structure chunk by chunk."""
+    kind = np.dtype(getattr(x, "dtype", np.float32)).kind
+    if kind not in "biuf":
+        raise InputFormatError(
+            f"{where}: the expression matrix holds {np.dtype(x.dtype)} values, not real numbers; "
+            "give counts or log-normalised values (integers or floats)."
+        )
+    if sp.issparse(x):
+        try:
+            x.check_format(full_check=True)
+        except ValueError as e:
+            raise InputFormatError(
+                f"{where}: the sparse expression matrix is malformed ({e}); its indices and "
+                "indptr do not describe a matrix of its shape. Write it again with anndata "
+                "(AnnData.write_h5ad) from a matrix scipy built."
+            ) from e
 
 
 def _as_lognorm(x: sp.csr_matrix, kind: str, path: str) -> sp.csr_matrix:
@@ -277,11 +304,13 @@ def _from_anndata(
         raise InputFormatError(
             f"{where}: the expression matrix is empty (X is None); name a --layer."
         )
+    check_matrix(matrix, where)
     _require_cells_and_genes(matrix.shape, where)
     n = adata.n_obs
     kind = detect_kind(_to_csr(matrix[: min(n, 2000)]), where)
     if kind == SCALED:
         if use_raw is None and layer is None and raw is not None:
+            check_matrix(raw.X, f"{where} (.raw)")
             raw_sample = _to_csr(raw.X[: min(n, 2000)])
             raw_kind = detect_kind(raw_sample, f"{where} (.raw)")
             if raw_kind != SCALED:
@@ -498,7 +527,9 @@ def read_10x_h5(path: Path):
         m = sp.csc_matrix(
             (grp["data"][:].astype(np.float32), grp["indices"][:], grp["indptr"][:]),
             shape=(n_genes, n_cells),
-        ).T.tocsr()
+        )
+        check_matrix(m, str(path))
+        m = m.T.tocsr()
         if "features" in grp:
             names = grp["features/name"][:].astype(str)
             ids = grp["features/id"][:].astype(str)

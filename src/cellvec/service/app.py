@@ -16,6 +16,7 @@ This module builds the app; the routes live with their job: `service.map_routes`
 `service.gene_routes`, `service.sql_route`, and the health checks here.
 """
 
+import logging
 import os
 import threading
 from contextlib import asynccontextmanager
@@ -35,11 +36,18 @@ from cellvec.service.gene_routes import add_gene_routes
 from cellvec.service.guard import TOKEN_ENV, Guard, guarded_fastapi
 from cellvec.service.map_routes import add_atlas_routes, add_map_routes, fast_path
 from cellvec.service.mapping import map_jobs
-from cellvec.service.responses import error_response, json_bytes, validation_message
+from cellvec.service.responses import (
+    error_response,
+    hide_location,
+    json_bytes,
+    validation_message,
+)
 from cellvec.service.schemas import MapRequest
 from cellvec.service.sql_route import add_sql_route
 from cellvec.service.threads import env_threads, limit_pools, limit_thread, pool_size
 from cellvec.storage import store_location
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 BATCH_WAIT_MS = 2.0
@@ -119,8 +127,12 @@ def _served(store, batch_wait_ms, batch_max_cells, cache_dir, threads, preload, 
     limit_pools(threads)  # numpy's and faiss's pools are loaded by now
     store = store_location(store)
     gene_store = GeneStore(store)  # refuses a missing store, naming it
+    # where the store is (a directory, a bucket) is the server's: no client reads it in an error
+    hide_location(store.path if store.is_local else store.uri)
     if cache_dir is None and store.is_local:
         cache_dir = store.path / "_serving"
+    if cache_dir is not None:
+        hide_location(Path(cache_dir))
     atlases = AtlasCache(store, gene_store, cache_dir, freeze_heap=freeze_heap)
     batcher = Batcher(
         map_jobs,
@@ -193,8 +205,9 @@ def _add_health_routes(app, ctx: Served, version: str) -> bytes:
             return error_response(503, "Loading the atlases; retry in a moment.")
         try:
             models = ctx.gene_store.models()
-        except Exception as e:  # noqa: BLE001
-            return error_response(503, f"Store not readable: {e}")
+        except Exception:  # noqa: BLE001 (the reason is the operator's: in the log)
+            log.exception("readyz: the store could not be read")
+            return error_response(503, "The store is not readable; the server log says why.")
         if not models:
             return error_response(503, "The store has no complete gene table yet.")
         return {"status": "ready", "models": models}

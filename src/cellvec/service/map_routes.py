@@ -4,6 +4,7 @@ ones (GET /healthz, POST /map with a JSON or Arrow body and no query options) wi
 FastAPI's routing and dependency solving."""
 
 import asyncio
+import contextlib
 import re
 
 # FastAPI resolves endpoint annotations from this module's globals.
@@ -18,6 +19,9 @@ from cellvec.service.mapping import ARROW, ARROW_SCHEMA_DOC
 from cellvec.service.responses import error_body, json_response, send_bytes, validation_message
 
 PARSE_IN_THREAD_BYTES = 256 * 1024  # bigger bodies are parsed off the event loop
+# h5ad uploads read at once: each may decode to `untrusted.MAX_DECODED_BYTES` (and anndata
+# holds a copy or two), so a burst of uploads waits here instead of filling the memory
+UPLOAD_SLOTS = 2
 
 MAP_ROUTE = re.compile(r"/v1/atlases/([^/]+)/map")
 
@@ -67,13 +71,14 @@ def add_atlas_routes(app, ctx: Served):
         return json_response({"atlases": [get_atlas(n).summary() for n in list_atlases(store)]})
 
     async def answer(
-        atlas: str, parse, body: bytes, arrow: bool, in_thread: bool = False
+        atlas: str, parse, body: bytes, arrow: bool, in_thread: bool = False, slots=None
     ) -> tuple[bytes, str]:
-        """Parse `body` into a job (off the event loop when big, or `in_thread`), map it in
-        a batch, answer."""
+        """Parse `body` into a job (off the event loop when big, or `in_thread`; holding
+        one of `slots`, an asyncio.Semaphore, if given), map it in a batch, answer."""
         served = await served_atlas(atlas)
         if in_thread or len(body) > PARSE_IN_THREAD_BYTES:
-            job = await asyncio.get_running_loop().run_in_executor(None, parse, body)
+            async with slots or contextlib.nullcontext():
+                job = await asyncio.get_running_loop().run_in_executor(None, parse, body)
         else:
             job = parse(body)
         res = await batcher.submit((atlas, served.version), served, job, job.n_cells)
@@ -127,13 +132,16 @@ def fast_path(answer, healthz_body: bytes):
 
 
 def add_map_routes(app, answer):
-    """POST /v1/atlases/{atlas}/map and its h5ad-upload twin /map_h5ad."""
+    """POST /v1/atlases/{atlas}/map and its h5ad-upload twin /map_h5ad (at most
+    `UPLOAD_SLOTS` uploads read at once)."""
+
+    uploads = asyncio.Semaphore(UPLOAD_SLOTS)
 
     async def respond(
-        request: Request, atlas: str, parse, body: bytes, in_thread: bool = False
+        request: Request, atlas: str, parse, body: bytes, in_thread: bool = False, slots=None
     ) -> Response:
         arrow = ARROW in request.headers.get("accept", "")
-        content, media_type = await answer(atlas, parse, body, arrow, in_thread)
+        content, media_type = await answer(atlas, parse, body, arrow, in_thread, slots)
         return Response(content, media_type=media_type)
 
     @app.post("/v1/atlases/{atlas}/map", openapi_extra=MAP_SCHEMA, description=MAP_DOC)
@@ -200,7 +208,7 @@ def add_map_routes(app, answer):
         # an upload is walked (check_hdf5) and read by anndata: never on the event loop
         outputs = dict(options=options, scores=scores, vectors=vectors)
         parse = _with(mapping.job_from_h5ad, outputs)
-        return await respond(request, atlas, parse, data, in_thread=True)
+        return await respond(request, atlas, parse, data, in_thread=True, slots=uploads)
 
 
 def _with(parse, options: dict):

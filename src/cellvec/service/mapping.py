@@ -103,6 +103,7 @@ def request_orthologs(data: bytes):
     import gzip
     import hashlib
     import io
+    import zlib
     from pathlib import Path
 
     from cellvec.gene_store.orthologs import parse_orthologs
@@ -113,7 +114,7 @@ def request_orthologs(data: bytes):
             try:
                 with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
                     text = fh.read(MAX_ORTHOLOG_BYTES + 1)
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 raise CellvecError(f"The request's ortholog table is not valid gzip ({e}).") from e
             if len(text) > MAX_ORTHOLOG_BYTES:
                 raise CellvecError(

@@ -2,6 +2,8 @@
 has, and the two ways of sending them (raw ASGI messages on the fast path, Starlette
 responses on the ordinary one)."""
 
+from pathlib import Path
+
 from fastapi.responses import Response
 
 
@@ -11,7 +13,27 @@ def json_bytes(content) -> bytes:
     return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+# Where the served stores are (`hide_location`): no error a client reads names them, so
+# the server's directories (its user, its layout) stay the server's. Every error body is
+# made by `error_body`, whichever route or layer raised it.
+_HIDDEN: dict[str, None] = {}
+STORE_PLACEHOLDER = "<store>"
+
+
+def hide_location(location) -> None:
+    """Have `error_body` write `STORE_PLACEHOLDER` for `location` (a store's directory, as
+    given and resolved, or its URI) in every message of this process."""
+    names = {str(location)}
+    if isinstance(location, Path):
+        names.add(str(location.resolve()))
+    for name in sorted(names, key=len, reverse=True):
+        if len(name) > 1:
+            _HIDDEN[name] = None
+
+
 def error_body(message: str) -> bytes:
+    for name in sorted(_HIDDEN, key=len, reverse=True):
+        message = message.replace(name, STORE_PLACEHOLDER)
     return json_bytes({"error": message})
 
 
