@@ -651,3 +651,104 @@ def test_a_bundle_whose_view_lacks_its_head_is_refused_before_any_write(bundle, 
     with pytest.raises(StoreError, match=f"Artifact {view.recipe.head_hash} is missing"):
         import_bundle(bundle, target)
     assert not any(t.startswith("atlas_tiny") for t in Store(target).table_names())
+
+
+def _edit_atlas_meta(bundle, change) -> None:
+    """Change the metadata of the bundle's atlas table as a hostile exporter would, and
+    list the result in a fresh manifest."""
+    import lance
+
+    from cellvec.storage import META_KEY
+
+    ds = lance.dataset(str(bundle / "atlas_tiny.lance"))
+    meta = json.loads(ds.schema.metadata[META_KEY])
+    change(meta)
+    ds.update_schema_metadata({META_KEY.decode(): json.dumps(meta)})
+    _relist(bundle)
+
+
+def test_a_recipe_hash_that_is_a_path_is_not_opened(bundle, tmp_path, cache):
+    """An artifact's hash named a file of old stores (`_artifacts/<hash>.npz`): a bundle's
+    recipe could name any .npz of the machine, read whole before its hash was checked."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    np.savez(outside / "secret.npz", x=np.zeros(3))
+    hostile = os.path.relpath(outside / "secret", tmp_path / "target" / "_artifacts")
+    _edit_atlas_meta(bundle, lambda m: m["recipe"].update(head_hash=hostile))
+    (tmp_path / "target" / "_artifacts").mkdir(parents=True)
+    with pytest.raises(StoreError, match="is not a digest"):
+        import_bundle(bundle, tmp_path / "target")
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"k": 10**9}, "not a number of neighbours"),
+        ({"k": "15"}, "not a number of neighbours"),
+        ({"index": {"kind": "disk", "num_partitions": 10**6}}, "too small for a disk index"),
+        ({"index": {"kind": "elsewhere"}}, "not one cellvec writes"),
+    ],
+)
+def test_settings_a_bundle_names_are_checked_before_any_write(bundle, tmp_path, cache, setting, message):  # fmt: skip
+    """The bundle's index parameters were used as they came, after the gene table, the view
+    and the atlas were written: a refused import left a usable atlas (or replaced one),
+    and a million partitions ran k-means for hours."""
+    _edit_atlas_meta(bundle, lambda m: m.update(setting))
+    with pytest.raises(CellvecError, match=message):
+        import_bundle(bundle, tmp_path / "target")
+    assert not Store(tmp_path / "target").table_names()
+
+
+def test_an_import_that_fails_midway_leaves_nothing_behind(bundle, tmp_path, cache, monkeypatch):
+    import cellvec.cell_index.bundle as bundle_module
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(bundle_module, "_reindex", fail)
+    with pytest.raises(OSError, match="No space left"):
+        import_bundle(bundle, tmp_path / "target")
+    left = Store(tmp_path / "target").table_names()
+    assert not [t for t in left if not t.startswith("_artifact_")], left
+
+
+def test_a_table_that_decodes_far_past_its_size_is_refused(bundle, tmp_path, monkeypatch):
+    """Lance compresses a column that repeats one value to almost nothing: 90 cell ids of
+    1 MiB each (90 MiB) took a few KB, and were read whole when the atlas opened."""
+    import lance
+
+    import cellvec.fetch as fetch
+
+    table = bundle / "atlas_tiny.lance"
+    ds = lance.dataset(str(table))
+    rows = ds.to_table()
+    rows = rows.set_column(0, "cell_id", pa.array(["c" * 2**20] * rows.num_rows))
+    shutil.rmtree(table)
+    lance.write_dataset(rows, str(table))
+    _relist(bundle)
+    assert sum(f.stat().st_size for f in table.rglob("*") if f.is_file()) < 2 * 2**20
+    monkeypatch.setattr(fetch, "TABLE_SLACK_BYTES", 0)  # 16x the bundle's few MB, no more
+    with pytest.raises(StoreError, match="tables decode to more than 16 times the bytes"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+
+
+def test_a_column_with_an_encoding_named_in_the_file_is_refused(bundle, tmp_path):
+    import lance
+
+    table = bundle / "atlas_tiny.lance"
+    rows = lance.dataset(str(table)).to_table()
+    field = rows.schema.field("cell_id").with_metadata({"lance-encoding:compression": "zstd"})
+    rows = rows.cast(rows.schema.set(0, field))
+    shutil.rmtree(table)
+    lance.write_dataset(rows, str(table), data_storage_version="2.0")
+    _relist(bundle)
+    with pytest.raises(StoreError, match="column 'cell_id' of encoding lance-encoding:compression"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"format": ' + "9" * 5000 + "}"])
+def test_a_manifest_python_cannot_parse_is_a_clear_refusal(tmp_path, cache, text):
+    (tmp_path / "b.cellvec").mkdir()
+    (tmp_path / "b.cellvec" / MANIFEST).write_text(text)
+    with pytest.raises(StoreError, match="is not readable JSON"):
+        fetch_bundle(tmp_path / "b.cellvec")

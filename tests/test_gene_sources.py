@@ -1,5 +1,6 @@
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -105,12 +106,18 @@ def test_summaries_bad_json_and_missing_column(tmp_path):
         read_summaries(q)
 
 
-@pytest.mark.parametrize("fmt", ["pkl", "npz", "npz_per_gene", "parquet_list", "parquet_wide"])
+FORMATS = ["pkl", "pkl_arrays", "npz", "npz_per_gene", "parquet_list", "parquet_wide"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_vector_formats(tmp_path, fmt):
     vecs = {"CD3E": np.arange(4, dtype=np.float32), "MS4A1": np.ones(4, dtype=np.float32)}
     if fmt == "pkl":
         path = tmp_path / "v.pkl"
         path.write_bytes(pickle.dumps({k: list(map(float, v)) for k, v in vecs.items()}))
+    elif fmt == "pkl_arrays":  # numpy arrays, and numpy scalars, as other exports pickle them
+        path = tmp_path / "v.pickle"
+        path.write_bytes(pickle.dumps({"CD3E": vecs["CD3E"], "MS4A1": [np.float32(1)] * 4}))
     elif fmt == "npz":
         path = tmp_path / "v.npz"
         np.savez(path, genes=np.array(list(vecs)), vectors=np.stack(list(vecs.values())))
@@ -133,6 +140,27 @@ def test_vector_formats(tmp_path, fmt):
     symbols, mat = read_vectors(path)
     assert symbols == ["CD3E", "MS4A1"]
     np.testing.assert_allclose(mat, np.stack(list(vecs.values())))
+
+
+class _Payload:
+    """What a hostile pickle holds: loading it calls a function of the pickle's choosing."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_of_vectors_cannot_run_code(tmp_path):
+    """GenePT's vectors are a pickle downloaded from elsewhere; pickle.load ran whatever
+    function the file named (os.system included)."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "v.pickle"
+    path.write_bytes(pickle.dumps({"CD3E": [1.0, 2.0], "X": _Payload(marker)}))
+    with pytest.raises(InputFormatError, match="asks for pathlib.*Path.touch"):
+        read_vectors(path)
+    assert not marker.exists()
 
 
 def test_vectors_with_nan_are_refused(tmp_path):

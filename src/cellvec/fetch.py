@@ -57,6 +57,15 @@ FORMAT = "cellvec-atlas-bundle"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 MAX_FILES = 100_000
+# What a bundle's Lance tables may decode to, as a multiple of the bytes fetched (plus
+# `TABLE_SLACK_BYTES`): Lance's own compression gives 1-3.5x on exported atlases (top
+# genes and weights), but 1,400x on a column repeating one 10 KB string, and a table
+# written with zstd named in its field metadata decoded 11,000x. Checked
+# `TABLE_CHECK_ROWS` rows at a time (`check_tables`): one row is never counted before
+# it is decoded.
+MAX_TABLE_EXPANSION = 16
+TABLE_SLACK_BYTES = 64 * 2**20
+TABLE_CHECK_ROWS = 64
 # What a bundle may hold in all, checked before anything is downloaded: 20 GiB, or
 # $CELLVEC_MAX_BUNDLE_BYTES (bytes; K, M, G, T suffixes).
 MAX_BUNDLE_BYTES = 20 * 2**30
@@ -165,8 +174,12 @@ def check_manifest(data: bytes, where: str) -> dict:
     """The manifest of bundle `where`, refused unless every path in it stays in the bundle."""
     try:
         m = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"Bundle {where}: {MANIFEST} is not JSON ({e}).") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: not JSON, or an integer of more digits than Python converts;
+        # RecursionError: arrays nested thousands deep
+        raise StoreError(
+            f"Bundle {where}: {MANIFEST} is not readable JSON ({type(e).__name__}: {str(e)[:200]})."
+        ) from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(
             f"Bundle {where}: {MANIFEST} is not a cellvec atlas bundle's (format "
@@ -528,10 +541,14 @@ def _fetch_file(src, ref: str, rel: str, info: dict, dest: Path, bar) -> None:
 def check_tables(folder: Path, ref: str, files: dict) -> None:
     """After the checksums: each Lance table reads only files of its own folder that the
     manifest lists (`files`). A table with base paths (a shallow clone, or data files kept
-    elsewhere) could read anything it names, checksummed or not, so it is refused. (The
-    artifacts' npz bytes are checked where they are decoded: `artifacts.decode_arrays`.)"""
+    elsewhere) could read anything it names, checksummed or not, so it is refused. Its
+    columns must be of the plain types cellvec writes, with no encoding chosen in the
+    file (`_check_schema`), and what the tables decode to is counted, a few rows at a
+    time, before anything reads them whole (`_check_decoded`). (The artifacts' npz
+    bytes are checked where they are decoded: `artifacts.decode_arrays`.)"""
     import lance
 
+    budget = [MAX_TABLE_EXPANSION * sum(f["bytes"] for f in files.values()) + TABLE_SLACK_BYTES]
     for table in sorted(folder.glob("*.lance")):
         part = table.name
         try:
@@ -552,6 +569,56 @@ def check_tables(folder: Path, ref: str, files: dict) -> None:
             gone = meta.deletion_file
             if gone is not None:
                 _check_table_file(ref, part, gone.path(meta.id), gone.base_id, files)
+        _check_schema(ds.schema, ref, part)
+        _check_decoded(ds, ref, part, budget)
+
+
+def _check_schema(schema, ref: str, part: str) -> None:
+    """Columns of the types cellvec's tables have (strings, numbers, lists of them; bytes
+    only in an artifact's `data`), none with an encoding named in its field metadata
+    (`lance-encoding:*`: compression, blobs), which cellvec never writes and which let a
+    few KB of file decode to gigabytes."""
+    import pyarrow as pa
+
+    def plain(t) -> bool:
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return plain(t.value_type)
+        return (
+            pa.types.is_string(t)
+            or pa.types.is_large_string(t)
+            or pa.types.is_integer(t)
+            or pa.types.is_floating(t)
+            or pa.types.is_boolean(t)
+        )
+
+    for field in schema:
+        encoded = [k for k in (field.metadata or {}) if k.startswith(b"lance-encoding:")]
+        raw = part.startswith("_artifact_") and field.name == "data"
+        if encoded or not (plain(field.type) or (raw and pa.types.is_large_binary(field.type))):
+            how = f"encoding {encoded[0].decode(errors='replace')}" if encoded else field.type
+            raise StoreError(
+                f"Bundle {ref}: table {part} has column {field.name!r} of {how}, which no "
+                "table cellvec writes has; the bundle was refused. Export it again with "
+                "`cellvec atlas export`."
+            )
+
+
+def _check_decoded(ds, ref: str, part: str, budget: list[int]) -> None:
+    """Decode the table `TABLE_CHECK_ROWS` rows at a time, taking each batch's bytes from
+    `budget[0]` (the bundle's bytes x `MAX_TABLE_EXPANSION`, shared by its tables):
+    refused past it, before any reader holds the table whole."""
+    try:
+        for batch in ds.to_batches(batch_size=TABLE_CHECK_ROWS):
+            budget[0] -= batch.nbytes
+            if budget[0] < 0:
+                raise StoreError(
+                    f"Bundle {ref}: its tables decode to more than {MAX_TABLE_EXPANSION} times "
+                    f"the bytes fetched (counted up to table {part}); the bundle was refused."
+                )
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 (Lance's own errors on damaged data)
+        raise StoreError(f"Bundle {ref}: table {part} cannot be read ({e}).") from e
 
 
 def _check_table_file(ref: str, part: str, rel, base_id, files: dict) -> None:

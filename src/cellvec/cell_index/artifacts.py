@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ PREFIX = "_artifact_"
 # What an artifact's arrays may take decoded, per byte stored: `np.savez` stores them
 # uncompressed (1), so anything far above is a zip bomb, refused before decoding.
 MAX_EXPANSION = 4
+DIGEST_LENGTH = 24  # hex characters of sha256 an artifact is named by (`array_hash`)
+DIGEST = re.compile(f"[0-9a-f]{{{DIGEST_LENGTH}}}")
 _SCHEMA = pa.schema([pa.field("digest", pa.string()), pa.field("data", pa.large_binary())])
 
 
@@ -39,7 +42,7 @@ def array_hash(arrays: dict[str, np.ndarray]) -> str:
         h.update(str(a.dtype).encode())
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
-    return h.hexdigest()[:24]
+    return h.hexdigest()[:DIGEST_LENGTH]
 
 
 def _read(store: Store, digest: str) -> bytes | None:
@@ -105,6 +108,12 @@ def decode_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
 def load_artifact(store: Store | str | Path | StoreLocation, digest: str) -> dict[str, np.ndarray]:
     """The arrays saved as `digest`. An open `Store`'s connection is used, not a new one
     (on a bucket a new connection and its check cost requests)."""
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        # a recipe may come from a bundle: its hash names a table and, in old stores, a file
+        raise StoreError(
+            f"Artifact name {str(digest)[:80]!r} is not a digest ({DIGEST_LENGTH} hex "
+            "characters); the atlas's recipe is damaged. Rebuild or re-export the atlas."
+        )
     store = Store.of(store)
     loc = store.location
     data = _read(store, digest)

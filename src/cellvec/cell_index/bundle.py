@@ -42,6 +42,7 @@ import pyarrow as pa
 from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.build import index_atlas
+from cellvec.cell_index.disk_index import choose_kind
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
@@ -60,6 +61,7 @@ from cellvec.storage import META_KEY, Store, StoreLocation, read_meta, replace_t
 log = logging.getLogger(__name__)
 
 CARD_FIELDS = ("species", "tissue", "source", "citation", "licence")
+MAX_K = 1000  # neighbours an imported atlas may vote with
 
 
 @dataclass
@@ -216,8 +218,31 @@ def _write_genes(location: StoreLocation, model: str, table: pa.Table) -> None:
     )
 
 
+def _check_settings(meta: dict, ds, source: str) -> None:
+    """A bundle's atlas (or view) settings that this store acts on: `k` (the vote's
+    neighbours) and its index. The copy is indexed as this store chooses for its size
+    (`_reindex`), never with parameters the bundle names, but a disk index must be
+    possible for it."""
+    k = meta.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K):
+        raise StoreError(
+            f"Bundle {source}: its atlas's k is {str(k)[:40]!r}, not a number of neighbours "
+            f"from 1 to {MAX_K}; the bundle was refused. Export it again with `cellvec atlas export`."
+        )
+    index = meta.get("index") or {}
+    if not isinstance(index, dict) or index.get("kind", "memory") not in ("memory", "disk"):
+        raise StoreError(
+            f"Bundle {source}: its atlas's index entry {str(index)[:80]!r} is not one cellvec writes."
+        )
+    if index.get("kind") == "disk":
+        choose_kind("disk", ds.count_rows(), ds.schema.field("vector").type.list_size)
+
+
 def _copy_atlas(db, name: str, ds, meta: dict) -> None:
-    """The atlas table's latest version, streamed, with metadata `meta`."""
+    """The atlas table's latest version, streamed, with metadata `meta` (its index entry
+    says "memory" until `_reindex` has built the copy's own)."""
+    if (meta.get("index") or {}).get("kind") == "disk":
+        meta = {**meta, "index": {"kind": "memory"}}
     schema = ds.schema.with_metadata({META_KEY: json.dumps(meta).encode()})
     reader = pa.RecordBatchReader.from_batches(
         schema, (b.cast(schema) for b in ds.to_batches(batch_size=65_536))
@@ -254,12 +279,14 @@ def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict
 
 
 def _reindex(store: StoreLocation, name: str, meta: dict) -> None:
-    """An atlas (or view) searched through a disk index gets that index again, with the
-    same parameters, on its copy (the table is copied row by row, its index is not); the
-    atlas's view is not indexed again (`_copy_view` did, with the view's own)."""
+    """An atlas (or view) searched through a disk index gets one again on its copy (the
+    table is copied row by row, its index is not), with the parameters chosen for its
+    size (`disk_index.choose_params`, as `atlas build` chose them), not ones a bundle
+    names: a bundle's `num_partitions` of a million ran k-means for hours. The atlas's
+    view is not indexed again (`_copy_view` did)."""
     index = meta.get("index") or {}
     if index.get("kind") == "disk":
-        index_atlas(store, name, index="disk", params=index, with_view=False)
+        index_atlas(store, name, index="disk", with_view=False)
 
 
 def export_bundle(
@@ -400,6 +427,8 @@ def import_bundle(
         )
     view = _view(src, bundle.atlas, meta)
     # every check before the first write: a refused import leaves the store as it was
+    for part, table in ((meta, ds), *([view[::-1]] if view else [])):
+        _check_settings(part, table, bundle.source)
     gene_table = target.open_table(table_name(recipe.model))
     ours = theirs = None
     how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
@@ -416,17 +445,30 @@ def import_bundle(
     if theirs is not None:
         rows = len(arrays[0]["gene_rows"])  # the atlas's head, re-pointed
         how = f"the store's own gene table ({rows:,} atlas genes re-pointed at its rows)"
-    if gene_table is None:
-        _write_genes(
-            target.location, recipe.model, src.open_table(table_name(recipe.model)).to_arrow()
-        )
-    for a in arrays:
-        save_artifact(target, a)
-    meta = _copy_view(target, name, view, meta)
-    _copy_atlas(target.db, name, ds, meta)
-    if view is None:
-        drop_view_of_old_build(target, name)
-    _reindex(target.location, name, meta)
+    had = set(target.table_names())
+    try:
+        if gene_table is None:
+            _write_genes(
+                target.location, recipe.model, src.open_table(table_name(recipe.model)).to_arrow()
+            )
+        for a in arrays:
+            save_artifact(target, a)
+        meta = _copy_view(target, name, view, meta)
+        _copy_atlas(target.db, name, ds, meta)
+        if view is None:
+            drop_view_of_old_build(target, name)
+        _reindex(target.location, name, meta)
+    except BaseException:
+        # what this import made goes (artifacts stay: content-addressed, used by no atlas);
+        # an atlas it replaced (--replace) is not brought back
+        for table in (
+            table_name(recipe.model),
+            ATLAS_PREFIX + species_view_name(name),
+            ATLAS_PREFIX + name,
+        ):
+            if table not in had and table in target.table_names():
+                target.db.drop_table(table)
+        raise
     log.info("Imported atlas %s from %s into %s, on %s", name, bundle.source, target.path, how)
     return {
         "atlas": name,

@@ -257,6 +257,28 @@ def _first_present(columns: list[str], candidates: list[str]) -> str | None:
     return next((c for c in candidates if c in columns), None)
 
 
+# What a pickle of gene vectors (GenePT's: a dict of symbol -> list of floats, or numpy
+# arrays) may name besides the builtins pickle builds without a name
+_PICKLED_ARRAYS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _VectorUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, nothing else: a pickle
+    names any function to call when it is loaded (`os.system` included), and a file of
+    gene vectors is downloaded from elsewhere."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLED_ARRAYS:
+            raise pickle.UnpicklingError(
+                f"it asks for {module}.{name}, which a file of gene vectors never needs"
+            )
+        return super().find_class(module, name)
+
+
 def read_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
     """Read precomputed gene vectors: (symbols, float32 matrix genes x dim).
 
@@ -269,7 +291,7 @@ def read_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
     try:
         if suffix in (".pkl", ".pickle"):
             with open(path, "rb") as fh:
-                obj = pickle.load(fh)  # noqa: S301 - user's own file, as GenePT ships it
+                obj = _VectorUnpickler(fh).load()
             if not isinstance(obj, dict):
                 raise InputFormatError(
                     f"{path}: expected a pickled dict symbol -> vector, got {type(obj).__name__}."
