@@ -84,10 +84,11 @@ def serve_process(*args, env: dict | None = None, timeout_s: float = 180):
 
 
 @contextlib.contextmanager
-def static_server(directory, *, lifetime_s: float = 300):
+def static_server(directory, *, lifetime_s: float = 300, redirect: str | None = None):
     """Files of `directory` over plain HTTP on a free port of 127.0.0.1 (a thread), as a web
     server or a bucket's public URL serves a bundle; stopped on exit, or by itself after
-    `lifetime_s`. Yields (base URL, list of the paths requested, in order)."""
+    `lifetime_s`. With `redirect`, every request is answered 302 to `redirect` + its path.
+    Yields (base URL, list of the paths requested, in order)."""
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -99,7 +100,11 @@ def static_server(directory, *, lifetime_s: float = 300):
 
         def do_GET(self):
             requested.append(self.path)
-            super().do_GET()
+            if redirect is None:
+                return super().do_GET()
+            self.send_response(302)
+            self.send_header("Location", redirect + self.path)
+            self.end_headers()
 
     httpd = ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Handler, directory=str(directory))

@@ -752,3 +752,22 @@ def test_a_manifest_python_cannot_parse_is_a_clear_refusal(tmp_path, cache, text
     (tmp_path / "b.cellvec" / MANIFEST).write_text(text)
     with pytest.raises(StoreError, match="is not readable JSON"):
         fetch_bundle(tmp_path / "b.cellvec")
+
+
+def test_redirects_are_followed_to_http_only(bundle, tmp_path, cache):
+    """urllib follows a redirect to ftp:// (and from https down to http): a bundle's server
+    could send the fetch anywhere urllib reaches."""
+    served = tmp_path / "www"
+    shutil.copytree(bundle, served / "tiny.cellvec")
+    with (
+        static_server(served) as (real, _),
+        static_server(tmp_path, redirect=real) as (moved, requested),
+    ):
+        copy = fetch_bundle(f"{moved}/tiny.cellvec", cache=tmp_path / "c1")
+        assert requested and (copy.path / MANIFEST).exists()  # http to http: followed
+    with (
+        static_server(tmp_path, redirect="ftp://127.0.0.1:9") as (url, requested),
+        pytest.raises(StoreError, match="redirected to ftp://127.0.0.1:9/tiny.cellvec"),
+    ):
+        fetch_bundle(f"{url}/tiny.cellvec", cache=tmp_path / "c2")
+    assert requested == ["/tiny.cellvec/manifest.json"]

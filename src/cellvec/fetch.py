@@ -286,7 +286,30 @@ class _Http:
 
         url = f"{self.url}/{urllib.parse.quote(rel)}"
         req = urllib.request.Request(url, headers={"User-Agent": "cellvec"})
-        return urllib.request.urlopen(req, timeout=60)  # noqa: S310 (http/https only)
+        return _opener().open(req, timeout=60)
+
+
+def _opener():
+    """urllib's opener, following redirects to http(s) only and never from https down to
+    http: a bundle's server could otherwise send the fetch to ftp:// (urllib's default
+    follows it) or strip its TLS. The checksums would still refuse altered parts; the
+    manifest is what names them."""
+    import urllib.parse
+    import urllib.request
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            old = urllib.parse.urlsplit(req.full_url).scheme
+            new = urllib.parse.urlsplit(newurl).scheme
+            if new not in ("http", "https") or (old, new) == ("https", "http"):
+                raise StoreError(
+                    f"Bundle {req.full_url}: the server redirected to {newurl[:200]}; only "
+                    "redirects to http(s), and never from https to http, are followed. Use "
+                    "the bundle's final https:// URL."
+                )
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return urllib.request.build_opener(Redirects)
 
 
 class _S3:
