@@ -280,7 +280,7 @@ def test_an_upload_whose_sparse_structure_points_outside_its_matrix_is_refused(c
     (segmentation fault), one of -5 answered 200 with values read from memory outside
     the matrix, a backward index pointer was a 500."""
     data = _h5ad_bytes(tiny_adata(n_cells=6, prefix="q"), SPARSE_DAMAGE[damage])
-    _refused(_upload(client, data), "sparse expression matrix is malformed")
+    _refused(_upload(client, data), "The uploaded file: the sparse expression matrix is malformed")
 
 
 def test_an_upload_of_values_that_are_not_numbers_is_refused(client):

@@ -207,14 +207,16 @@ def read_expression(
     transpose: bool = False,
     backed: bool | None = None,
     gene_column: str | None = None,
+    name: str = "<AnnData>",
 ) -> ExpressionSource:
-    """Open expression data (a path or an AnnData) as an `ExpressionSource`."""
+    """Open expression data (a path or an AnnData) as an `ExpressionSource`; `name` is
+    what messages call an AnnData (a file is called by its path)."""
     import anndata as ad
 
     if isinstance(data, ExpressionSource):
         return data
     if isinstance(data, ad.AnnData):
-        return _from_anndata(data, "<AnnData>", layer, use_raw, gene_column)
+        return _from_anndata(data, name, layer, use_raw, gene_column)
     path = Path(data)
     if not path.exists():
         raise InputFormatError(f"{path}: no such file or directory.")
