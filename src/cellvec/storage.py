@@ -97,10 +97,19 @@ class StoreLocation:
         """Where LanceDB keeps table `table` (for `lance.dataset(uri, storage_options=...)`)."""
         return f"{self.uri.rstrip('/')}/{table}.lance"
 
+    def require_folder(self) -> None:
+        """A local store is a folder: a path that is a file is refused by name."""
+        if self.is_local and self.path.exists() and not self.path.is_dir():
+            raise StoreError(
+                f"{self.path} is a file, not a store folder: give --store the folder that "
+                "holds the store (or a new one, which `cellvec genes build` makes)."
+            )
+
     def connect(self, *, create: bool = False):
         """A LanceDB connection to the store; `create` makes a local directory if missing."""
         import lancedb
 
+        self.require_folder()
         if self.is_local and create:
             self.path.mkdir(parents=True, exist_ok=True)
         with translate_errors(self):
@@ -297,6 +306,7 @@ class Store:
         self.location = store_location(where)
         self.path = self.location.uri  # what messages name: the directory or the URI
         self._db = None
+        self.location.require_folder()
         if not create and not self.exists():
             raise StoreError(
                 f"No gene store at {self.path}: build one with `cellvec genes build --store {self.path} ...`"
@@ -372,6 +382,11 @@ def replace_table(db, name: str, data):
             name, data, mode="overwrite" if name in list_table_names(db) else "create"
         )
     except (ValueError, RuntimeError, OSError) as e:
+        if re.search(r"permission denied", str(e), re.I):
+            raise StoreError(
+                f"Table {name} cannot be written in {db.uri} (permission denied): write into "
+                "a store folder of yours, or ask the store's owner for write access."
+            ) from e
         if not re.search(r"already exists|commit conflict|preempted by concurrent", str(e), re.I):
             raise
         raise StoreError(

@@ -339,10 +339,21 @@ def export_bundle(
         manifest, digest = write_manifest(
             tmp, atlas=name, model=recipe.model, extra={"cellvec_version": __version__}
         )
+        old = None
         if out.exists():
             _check_out(out, overwrite)  # still a bundle, a moment later
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+            # moved aside, not removed, until the new one is in place: interrupted
+            # between the two renames, the old bundle is still whole beside it
+            old = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
+            folder.rename(old)
+        try:
+            tmp.rename(folder)
+        except BaseException:
+            if old is not None:
+                old.rename(folder)  # the old bundle back in its place
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f["bytes"] for f in manifest["files"].values())

@@ -542,13 +542,24 @@ def cluster_values(source: ExpressionSource, key: str) -> np.ndarray:
     return source.obs[key].astype(str).to_numpy(dtype=object)
 
 
+LABEL_MAP_SHAPE = (
+    'a label map is a JSON object {"query label": "atlas label", ...} or a two-column CSV/TSV.'
+)
+
+
 def read_label_map(path: str | Path) -> dict[str, str]:
     """A label-harmonisation map: JSON {from: to} or a two-column CSV/TSV."""
     import json
 
     path = Path(path)
     if path.suffix.lower() == ".json":
-        return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+        try:
+            given = json.loads(path.read_text())
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InputFormatError(f"{path}: not readable JSON ({e}); {LABEL_MAP_SHAPE}") from e
+        if not isinstance(given, dict):
+            raise InputFormatError(f"{path}: a JSON {type(given).__name__}; {LABEL_MAP_SHAPE}")
+        return {str(k): str(v) for k, v in given.items()}
     import csv
 
     sep = "," if path.suffix.lower() == ".csv" else "\t"

@@ -240,7 +240,7 @@ def read_expression(
     elif name.endswith(".h5ad"):
         if backed is None:
             backed = path.stat().st_size > BACKED_ABOVE_BYTES
-        adata = _read_h5ad(path, backed)
+        adata = open_h5ad(path, backed=backed)
     elif name.endswith(".h5"):
         adata = read_10x_h5(path)
     elif name.endswith(".parquet"):
@@ -250,7 +250,9 @@ def read_expression(
     return _from_anndata(adata, str(path), layer, use_raw, gene_column, h5ad=name.endswith(".h5ad"))
 
 
-def _read_h5ad(path: Path, backed: bool):
+def open_h5ad(path: Path, *, backed: bool = False):
+    """An h5ad file as an AnnData (backed: rows read on demand), or an error naming the
+    file and what it is instead."""
     import anndata as ad
     import h5py
 

@@ -3,6 +3,8 @@ the checks callers run on an output before mapping."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,14 +217,20 @@ class MappingResult:
         path = check_output(path)
         suffix = path.suffix.lower()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if suffix == ".h5ad":
-            self.to_anndata().write_h5ad(tmp)
-        elif suffix == ".parquet":
-            self.to_polars().write_parquet(tmp)
-        else:
-            self.to_polars().write_csv(tmp, separator="," if suffix == ".csv" else "\t")
-        tmp.replace(path)  # never a half-written output
+        # written beside it, then renamed: never a half-written output, and a failed or
+        # interrupted write (Ctrl-C) leaves nothing; its own name, so two writers of one
+        # output do not share a temporary file
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            if suffix == ".h5ad":
+                self.to_anndata().write_h5ad(tmp)
+            elif suffix == ".parquet":
+                self.to_polars().write_parquet(tmp)
+            else:
+                self.to_polars().write_csv(tmp, separator="," if suffix == ".csv" else "\t")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def save(self, store: Store | str | Path, name: str) -> str:
@@ -316,6 +324,11 @@ def check_output(path: str | Path) -> Path:
         raise CellvecError(
             f"{path}: {folder} is a file, so no folder can be made there; write the output "
             "into another folder."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CellvecError(
+            f"{path}: the folder {folder} cannot be written to (permission denied); write "
+            "the output into a folder of yours."
         )
     return path
 

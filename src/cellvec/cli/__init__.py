@@ -6,6 +6,7 @@ one place; logs go to stderr, `--json` output to stdout.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import sys
@@ -22,6 +23,27 @@ class CellvecGroup(click.Group):
             return super().invoke(ctx)
         except CellvecError as e:
             raise click.ClickException(str(e)) from e
+        except (PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            # what the file system refused, named: a folder not writable, a path in the way
+            raise click.ClickException(
+                f"{e.filename or 'a file'}: {e.strerror or e}; give a path you can write "
+                "(or read) there."
+            ) from e
+        except RuntimeError as e:
+            if "permission denied" not in str(e).lower():
+                raise
+            # Lance's own IO errors: a store folder this user cannot write
+            raise click.ClickException(
+                f"The store cannot be written here (permission denied: "
+                f"{str(e).splitlines()[0][:200]}); use a store folder of yours."
+            ) from e
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise click.ClickException(
+                f"{e.filename or 'the output'}: no space left on the device; free some, or "
+                "write elsewhere."
+            ) from e
 
 
 @click.group(cls=CellvecGroup, context_settings={"help_option_names": ["-h", "--help"]})

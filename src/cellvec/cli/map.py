@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cellvec.cli.options import (
@@ -150,6 +152,10 @@ def map_cmd(
     for path in (out, table):
         if path:
             check_output(path)
+            if Path(path).resolve() == Path(query).resolve():
+                raise click.UsageError(f"{path} is the query file: write the output elsewhere.")
+    if out and table and Path(out).resolve() == Path(table).resolve():
+        raise click.UsageError(f"--out and --table both name {out}: give two files.")
     if save_as:
         check_mapping_name(save_as)
     if not server:  # an atlas of --store, or a bundle (fetched once, verified: a store)

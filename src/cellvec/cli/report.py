@@ -35,16 +35,15 @@ def report_cmd(mapped, store, atlas_name, truth_key, out):
     Example:
       cellvec report mapped.h5ad --store store/ --truth-key cell_type --out report/
     """
-    import anndata as ad
-
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.bundle import atlas_card
+    from cellvec.cell_index.readers import open_h5ad
     from cellvec.errors import CellvecError
     from cellvec.fetch import resolve_atlas
     from cellvec.metrics import classification_metrics
     from cellvec.report import write_report
 
-    a = ad.read_h5ad(mapped)
+    a = open_h5ad(Path(mapped))
     for key in ("cellvec_label", "cellvec_confidence"):
         if key not in a.obs.columns:
             raise CellvecError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import click
 
@@ -54,14 +55,30 @@ def sql_cmd(query, store, fmt, output, timeout):
         return
     if fmt == "parquet" and not output:
         raise click.UsageError("--format parquet needs -o FILE.parquet.")
-    if fmt == "parquet":
-        n = write_result(conn.execute(query), fmt, output)
-    elif output:
-        with open(output, "w", newline="") as fh:
-            n = write_result(conn.execute(query), fmt, fh)
-    else:
-        n = write_result(conn.execute(query), fmt, sys.stdout)
+    result = conn.execute(query)  # a refused or failing query writes nothing
+    n = _write_file(result, fmt, Path(output)) if output else write_result(result, fmt, sys.stdout)
     click.echo(f"{n:,} rows", err=True)
+
+
+def _write_file(result, fmt: str, output: Path) -> int:
+    """`write_result` into `output` through a file of its own beside it, renamed into
+    place: a query that fails while its rows stream leaves `output` as it was."""
+    import uuid
+
+    from cellvec.sql import write_result
+
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        if fmt == "parquet":
+            n = write_result(result, fmt, str(tmp))
+        else:
+            with open(tmp, "w", newline="") as fh:
+                n = write_result(result, fmt, fh)
+        if tmp.exists():  # parquet of no rows: no file, as before
+            tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
 
 
 def _shell(conn):

@@ -221,15 +221,21 @@ def read_summaries(
             )
         df = pl.DataFrame({"symbol": list(obj), "summary": list(obj.values())})
     else:
-        if ".parquet" in suffixes:
-            df = pl.read_parquet(path)
-        elif ".tsv" in suffixes or ".txt" in suffixes or ".csv" in suffixes:
-            sep = "," if ".csv" in suffixes else "\t"
-            df = pl.read_csv(io.BytesIO(read_bytes(path)), separator=sep, infer_schema=False)
-        else:
+        if not any(s in suffixes for s in (".parquet", ".tsv", ".txt", ".csv")):
             raise InputFormatError(
                 f"{path}: unknown summaries format {suffixes!r}; use .json, .tsv, .csv or .parquet."
             )
+        try:
+            if ".parquet" in suffixes:
+                df = pl.read_parquet(path)
+            else:
+                sep = "," if ".csv" in suffixes else "\t"
+                df = pl.read_csv(io.BytesIO(read_bytes(path)), separator=sep, infer_schema=False)
+        except pl.exceptions.PolarsError as e:  # empty, or not the format its name says
+            raise InputFormatError(
+                f"{path}: not a readable {path.suffix} table of gene summaries "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})."
+            ) from e
         symbol_column = symbol_column or _first_present(
             df.columns, ["symbol", "gene", "gene_name", "Symbol"]
         )
@@ -327,8 +333,10 @@ def read_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
             raise InputFormatError(
                 f"{path}: unknown vectors format {suffix!r}; use .pkl, .npz or .parquet."
             )
-    except (OSError, ValueError, pickle.UnpicklingError) as e:
-        raise InputFormatError(f"{path}: cannot read vectors ({e}).") from e
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, pl.exceptions.PolarsError) as e:
+        # EOFError: an empty or cut-short pickle (click would take it for Ctrl-C)
+        what = str(e).splitlines()[0][:200] if str(e) else "the file ends early"
+        raise InputFormatError(f"{path}: cannot read vectors ({type(e).__name__}: {what}).") from e
     if mat.ndim != 2 or mat.shape[0] != len(symbols) or mat.shape[0] == 0:
         raise InputFormatError(
             f"{path}: vectors must be a non-empty genes x dim matrix; got shape {mat.shape}."

@@ -6,6 +6,8 @@ import base64
 import html
 import json
 import logging
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,36 @@ from cellvec.cell_index.bundle import card_rows
 log = logging.getLogger(__name__)
 
 
-def write_report(
-    out_dir: str | Path,
+# the PNGs a report may draw beside report.html (`_draw` makes those it needs)
+PNGS = ("umap", "confidence", "confusion", "per_class_f1", "reliability")
+
+
+def write_report(out_dir: str | Path, **parts) -> Path:
+    """Write `report.html` and PNGs into `out_dir` (`_draw` says what `parts` are);
+    returns the HTML path. They are made in a folder of their own inside `out_dir` (the
+    same file system) and moved in, report.html last (it holds the figures itself): an
+    interrupted report leaves the previous one whole, and no PNG of an earlier report
+    that this one does not draw stays beside it."""
+    final = Path(out_dir)
+    final.mkdir(parents=True, exist_ok=True)
+    work = final / f".report.{uuid.uuid4().hex[:12]}.tmp"
+    work.mkdir()
+    try:
+        page = _draw(work, **parts)
+        drawn = {p.name for p in work.glob("*.png")}
+        for name in PNGS:
+            if f"{name}.png" not in drawn:
+                (final / f"{name}.png").unlink(missing_ok=True)
+        for name in sorted(drawn):
+            (work / name).replace(final / name)
+        page.replace(final / page.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final / "report.html"
+
+
+def _draw(
+    out: Path,
     *,
     ref_vectors: np.ndarray,
     ref_labels,
@@ -36,14 +66,12 @@ def write_report(
     seed: int = 0,
     card: dict | None = None,
 ) -> Path:
-    """Write `report.html` and PNGs into `out_dir`; returns the HTML path.
+    """Write `report.html` and PNGs into `out`; returns the HTML path.
 
     With `truth` (known labels of the query cells) the report also shows the
     reliability of the confidence and the calibration of `typicality` (and of `mixing`,
     the mixing test's p-values, when the mapping ran it). With `card` (the atlas's card,
     `cell_index.bundle.atlas_card`) it also shows what the atlas is."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     ri = np.sort(rng.permutation(len(ref_vectors))[:max_points])
     qi = np.sort(rng.permutation(len(query_vectors))[:max_points])
@@ -78,9 +106,7 @@ def write_report(
             mixing=mixing,
         )
     path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(_html(title, pngs, recipe, metrics, summary or {}, card))
-    tmp.replace(path)
+    path.write_text(_html(title, pngs, recipe, metrics, summary or {}, card))
     return path
 
 

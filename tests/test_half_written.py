@@ -1,0 +1,205 @@
+"""Bad input gets one line naming the file, the problem and the fix, and a command that
+fails or is interrupted (Ctrl-C, simulated by raising KeyboardInterrupt where the write
+happens) leaves nothing half-written: outputs, reports, bundles, atlas tables. Each test
+fails without its fix (a review of the CLI found each by probing it)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cellvec.cli import cli
+from cellvec.errors import InputFormatError
+from cellvec.storage import Store
+from helpers import build_tiny_atlas, tiny_adata
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _one_line_error(res, *words):
+    """A click error (usage or ClickException: exit code 1 or 2, one message), not a crash."""
+    assert res.exit_code in (1, 2), res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert all(w in res.output for w in words), res.output
+
+
+@pytest.fixture
+def mapped(tmp_path, fake_store):
+    """The tiny atlas, a query file, and that query mapped to an .h5ad."""
+    build_tiny_atlas(fake_store)
+    q = tmp_path / "q.h5ad"
+    tiny_adata(n_cells=20, seed=4, prefix="q").write_h5ad(q)
+    out = tmp_path / "m.h5ad"
+    res = _run("map", q, "--store", fake_store, "--atlas", "tiny", "--out", out)
+    assert res.exit_code == 0, res.output
+    return fake_store, q, out
+
+
+def test_a_store_path_that_is_a_file_is_named(tmp_path, mapped):
+    _, q, _ = mapped
+    for args in (
+        ["map", q, "--atlas", "tiny"],
+        ["atlas", "list"],
+        ["genes", "search", "x"],
+    ):
+        _one_line_error(_run(*args, "--store", q), f"{q} is a file, not a store folder")
+
+
+def test_an_output_may_not_overwrite_the_query(mapped):
+    store, q, out = mapped
+    before = q.read_bytes()
+    _one_line_error(_run("map", q, "--store", store, "--atlas", "tiny", "--out", q), "is the query")
+    table = out.with_suffix(".csv")
+    res = _run("map", q, "--store", store, "--atlas", "tiny", "--out", table, "--table", table)
+    _one_line_error(res, "both name")
+    assert q.read_bytes() == before
+
+
+def test_an_interrupted_output_leaves_no_temporary_file(mapped, monkeypatch):
+    import anndata as ad
+    import polars as pl
+
+    store, q, out = mapped
+    before = out.read_bytes()
+
+    def half_written(self, path, *a, **k):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    for suffix, cls, method in (
+        (".h5ad", ad.AnnData, "write_h5ad"),
+        (".parquet", pl.DataFrame, "write_parquet"),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(cls, method, half_written)
+            _run("map", q, "--store", store, "--atlas", "tiny", "--out", out.with_suffix(suffix))
+        assert sorted(p.name for p in out.parent.glob(".*")) == []
+    assert out.read_bytes() == before  # the earlier output, whole
+
+
+def test_what_the_file_system_refuses_is_one_line(mapped, monkeypatch):
+    from cellvec.cell_index.result import MappingResult
+
+    store, q, out = mapped
+
+    def refused(self, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(MappingResult, "write", refused)
+    res = _run("map", q, "--store", store, "--atlas", "tiny", "--out", out)
+    _one_line_error(res, str(out), "Permission denied", "give a path you can write")
+
+
+def test_a_report_is_replaced_whole_or_not_at_all(mapped, tmp_path, monkeypatch):
+    import cellvec.report.plots as plots
+
+    store, _, out = mapped
+    rep = tmp_path / "rep"
+    res = _run("report", out, "--store", store, "--truth-key", "cell_type", "--out", rep)
+    assert res.exit_code == 0, res.output
+    assert (rep / "confusion.png").exists()
+    page = (rep / "report.html").read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(plots, "plot_confidence", interrupted)
+        _run("report", out, "--store", store, "--out", rep)
+    assert (rep / "report.html").read_bytes() == page  # the previous report, whole
+    assert not [p.name for p in rep.iterdir() if p.name.startswith(".")]
+    res = _run("report", out, "--store", store, "--out", rep)  # no truth: no confusion
+    assert res.exit_code == 0, res.output
+    assert not (rep / "confusion.png").exists()  # not left from the first report
+
+
+def test_a_report_of_a_file_that_is_not_h5ad_is_one_line(mapped, tmp_path):
+    store, _, _ = mapped
+    junk = tmp_path / "junk.h5ad"
+    junk.write_text("not hdf5")
+    _one_line_error(_run("report", junk, "--store", store, "--out", tmp_path / "r"), "junk.h5ad")
+
+
+def test_an_export_that_fails_while_replacing_keeps_the_old_bundle(mapped, tmp_path, monkeypatch):  # fmt: skip
+    store, _, _ = mapped
+    out = tmp_path / "b.cellvec"
+    assert _run("atlas", "export", "tiny", "--store", store, "--out", out).exit_code == 0
+    card = (out / "card.json").read_text()
+    rename = Path.rename
+
+    def interrupted_swap(self, target):
+        if Path(target) == out.resolve() and ".tmp" in self.name:
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted_swap)
+    _run("atlas", "export", "tiny", "--store", store, "--out", out, "--overwrite")
+    assert (out / "card.json").read_text() == card
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".b.")) == []
+
+
+def test_an_interrupted_first_build_leaves_no_view(fake_store, monkeypatch):
+    """Stopped between the view's write and the atlas's: the view stayed, of no atlas."""
+    import cellvec.cell_index.build as build
+
+    write, calls = build._write, []
+
+    def view_then_interrupted(store, name, *a, **k):
+        calls.append(name)
+        if len(calls) == 2:  # the atlas, after its view
+            raise KeyboardInterrupt
+        return write(store, name, *a, **k)
+
+    monkeypatch.setattr(build, "_write", view_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_atlas(fake_store)
+    assert calls == ["tiny__species", "tiny"]
+    assert not [t for t in Store(fake_store).table_names() if t.startswith("atlas_tiny")]
+
+
+def test_a_failing_sql_query_leaves_its_output_as_it_was(mapped, tmp_path):
+    store, _, _ = mapped
+    out = tmp_path / "rows.csv"
+    out.write_text("kept\n")
+    res = _run("sql", "SELECT * FROM no_such_table", "--store", store, "-o", out)
+    assert res.exit_code != 0
+    assert out.read_text() == "kept\n"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".rows")]
+
+
+@pytest.mark.parametrize("name, data", [("empty.pkl", b""), ("cut.pickle", pickle.dumps({"A": [1.0] * 50})[:30]), ("junk.parquet", b"PAR1 not parquet")])  # fmt: skip
+def test_unreadable_gene_vectors_are_named(tmp_path, name, data):
+    from cellvec.gene_store.sources import read_vectors
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputFormatError, match=f"{name}: cannot read vectors"):
+        read_vectors(path)
+
+
+@pytest.mark.parametrize("name, data", [("empty.csv", ""), ("junk.parquet", "PAR1 no")])
+def test_unreadable_summaries_are_named(tmp_path, name, data):
+    from cellvec.gene_store.sources import read_summaries
+
+    path = tmp_path / name
+    path.write_text(data)
+    with pytest.raises(InputFormatError, match=f"{name}: not a readable"):
+        read_summaries(path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_label_map_that_is_not_an_object_is_named(tmp_path, text):
+    from cellvec.cell_index.mapping import read_label_map
+
+    path = tmp_path / "labels.json"
+    path.write_text(text)
+    with pytest.raises(InputFormatError, match="labels.json: .*a label map is a JSON object"):
+        read_label_map(path)
+    path.write_text(json.dumps({"T": "T cell"}))
+    assert read_label_map(path) == {"T": "T cell"}
