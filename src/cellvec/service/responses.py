@@ -21,12 +21,14 @@ STORE_PLACEHOLDER = "<store>"
 
 
 def hide_location(location) -> None:
-    """Have `error_body` write `STORE_PLACEHOLDER` for `location` (a store's directory, as
-    given and resolved, or its URI) in every message of this process."""
+    """Have `error_body` write `STORE_PLACEHOLDER` for `location` (a store's directory,
+    resolved, and as given when absolute; or its URI) in every message of this process.
+    A relative path as given (`store`) stays: it says nothing of the server, and
+    replacing a word such as "store" would garble every message."""
     names = {str(location)}
     if isinstance(location, Path):
-        names.add(str(location.resolve()))
-    for name in sorted(names, key=len, reverse=True):
+        names = {str(location.resolve())} | ({str(location)} if location.is_absolute() else set())
+    for name in names:
         if len(name) > 1:
             _HIDDEN[name] = None
 
