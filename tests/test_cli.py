@@ -187,10 +187,13 @@ def test_pipeline_through_the_cli(tmp_path, gene_files):
             "tiny",
             "--scores",
             str(scores),
+            "--out",
+            str(tmp_path / "cells.csv"),
             "--json",
         ],
     )
     assert res.exit_code == 0 and json.loads(res.stdout)["pearson_r"] > 0.9
+    assert (tmp_path / "cells.csv").read_text().count("\n") > 1  # a header and its cells
 
 
 def test_loading_faiss_logs_no_info_lines(tmp_path, fake_store):

@@ -203,3 +203,18 @@ def test_a_label_map_that_is_not_an_object_is_named(tmp_path, text):
         read_label_map(path)
     path.write_text(json.dumps({"T": "T cell"}))
     assert read_label_map(path) == {"T": "T cell"}
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
+    from cellvec._files import replacing
+
+    path = tmp_path / "out.csv"
+    path.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt), replacing(path) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old\n"
+    with replacing(path) as tmp:
+        tmp.write_text("new\n")
+    assert path.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]

@@ -39,6 +39,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from cellvec._files import replacing
 from cellvec._progress import progress
 from cellvec.errors import CellvecError, StoreError
 from cellvec.storage import (
@@ -408,9 +409,8 @@ def fetch_bundle(
         log.info("Bundle %s: cached copy %s (already verified)", ref, final)
     if not isinstance(src, _Local):  # for offline use
         remembered.parent.mkdir(parents=True, exist_ok=True)
-        tmp = remembered.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"ref": ref, "manifest_sha256": digest}))
-        tmp.replace(remembered)
+        with replacing(remembered) as tmp:
+            tmp.write_text(json.dumps({"ref": ref, "manifest_sha256": digest}))
     return Bundle(final, manifest, ref)
 
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cellvec._files import replacing
 from cellvec.cell_index.mapping import read_label_map
 from cellvec.errors import CellvecError
 from cellvec.storage import META_KEY
@@ -270,9 +270,8 @@ def _embedded(onto: CellOntology, embedder, what: str, texts: list[str]) -> np.n
         log.info("Embedding %s Cell Ontology %s with %s", f"{len(texts):,}", what, spec)
         vecs = _unit(embedder.embed(texts))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, vecs)
-        tmp.replace(path)
+        with replacing(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, vecs)
     onto._vectors[digest] = vecs
     return vecs
 

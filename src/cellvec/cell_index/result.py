@@ -4,12 +4,12 @@ the checks callers run on an output before mapping."""
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cellvec._files import replacing
 from cellvec.cell_index.mixing import mixes
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.table import MAX_TABLE_NAME, is_table_name
@@ -217,20 +217,13 @@ class MappingResult:
         path = check_output(path)
         suffix = path.suffix.lower()
         path.parent.mkdir(parents=True, exist_ok=True)
-        # written beside it, then renamed: never a half-written output, and a failed or
-        # interrupted write (Ctrl-C) leaves nothing; its own name, so two writers of one
-        # output do not share a temporary file
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
+        with replacing(path) as tmp:  # never a half-written output
             if suffix == ".h5ad":
                 self.to_anndata().write_h5ad(tmp)
             elif suffix == ".parquet":
                 self.to_polars().write_parquet(tmp)
             else:
                 self.to_polars().write_csv(tmp, separator="," if suffix == ".csv" else "\t")
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     def save(self, store: Store | str | Path, name: str) -> str:

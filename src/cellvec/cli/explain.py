@@ -56,7 +56,10 @@ def explain_cmd(reference, store, atlas_name, subtype, scores, out, n_genes, as_
     raw = read_label_map(scores)
     _, cells, report = score_direction(atlas, {k: float(v) for k, v in raw.items()})
     if out:
-        (cells.write_parquet if out.endswith(".parquet") else cells.write_csv)(out)
+        from cellvec._files import replacing
+
+        with replacing(out) as tmp:
+            (cells.write_parquet if out.endswith(".parquet") else cells.write_csv)(tmp)
     if as_json:
         emit_json(report)
     else:

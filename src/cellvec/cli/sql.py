@@ -61,24 +61,16 @@ def sql_cmd(query, store, fmt, output, timeout):
 
 
 def _write_file(result, fmt: str, output: Path) -> int:
-    """`write_result` into `output` through a file of its own beside it, renamed into
-    place: a query that fails while its rows stream leaves `output` as it was."""
-    import uuid
-
+    """`write_result` into `output` whole: a query that fails while its rows stream
+    leaves `output` as it was."""
+    from cellvec._files import replacing
     from cellvec.sql import write_result
 
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        if fmt == "parquet":
-            n = write_result(result, fmt, str(tmp))
-        else:
-            with open(tmp, "w", newline="") as fh:
-                n = write_result(result, fmt, fh)
-        if tmp.exists():  # parquet of no rows: no file, as before
-            tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
+    with replacing(output) as tmp:
+        if fmt == "parquet":  # no rows: no file, as before
+            return write_result(result, fmt, str(tmp))
+        with open(tmp, "w", newline="") as fh:
+            return write_result(result, fmt, fh)
 
 
 def _shell(conn):
