@@ -685,7 +685,7 @@ def test_a_recipe_hash_that_is_a_path_is_not_opened(bundle, tmp_path, cache):
     [
         ({"k": 10**9}, "not a number of neighbours"),
         ({"k": "15"}, "not a number of neighbours"),
-        ({"index": {"kind": "disk", "num_partitions": 10**6}}, "too small for a disk index"),
+        ({"index": {"kind": "disk", "num_partitions": 10**6}}, "names a disk index for 90 cells"),
         ({"index": {"kind": "elsewhere"}}, "not one cellvec writes"),
     ],
 )
@@ -700,14 +700,22 @@ def test_settings_a_bundle_names_are_checked_before_any_write(bundle, tmp_path, 
 
 
 def test_an_import_that_fails_midway_leaves_nothing_behind(bundle, tmp_path, cache, monkeypatch):
+    """It fails after the gene table, the view and the atlas are written (indexing the
+    atlas): none of them stays."""
     import cellvec.cell_index.bundle as bundle_module
 
-    def fail(*args, **kwargs):
-        raise OSError("No space left on device")
+    reindex, seen = bundle_module._reindex, []
+
+    def fail(store, name, written):
+        seen.append(name)
+        if name == "tiny":
+            raise OSError("No space left on device")
+        return reindex(store, name, written)
 
     monkeypatch.setattr(bundle_module, "_reindex", fail)
     with pytest.raises(OSError, match="No space left"):
         import_bundle(bundle, tmp_path / "target")
+    assert seen == ["tiny__species", "tiny"]
     left = Store(tmp_path / "target").table_names()
     assert not [t for t in left if not t.startswith("_artifact_")], left
 
@@ -771,3 +779,31 @@ def test_redirects_are_followed_to_http_only(bundle, tmp_path, cache):
     ):
         fetch_bundle(f"{url}/tiny.cellvec", cache=tmp_path / "c2")
     assert requested == ["/tiny.cellvec/manifest.json"]
+
+
+def test_a_copy_is_built_as_this_store_chooses_and_searched_as_tuned(atlas_store, tmp_path, cache):  # fmt: skip
+    """The build parameters a bundle names are never used (a million partitions ran
+    k-means for hours); the search settings tuned with `atlas index` travel."""
+    from cellvec.cell_index.build import index_atlas
+    from cellvec.cell_index.disk_index import choose_params
+
+    build_atlas(tiny_adata(n_cells=300, seed=3), store=atlas_store, name="disk", label_key="cell_type", recipe=Recipe(top_genes=10), options=BuildOptions(index="disk"))  # fmt: skip
+    index_atlas(atlas_store, "disk", params={"nprobes": 3, "refine_factor": 7})
+    export_bundle(atlas_store, "disk", tmp_path / "disk.cellvec")
+    import lance
+
+    from cellvec.storage import META_KEY
+
+    bundle = tmp_path / "disk.cellvec"
+    ds = lance.dataset(str(bundle / "atlas_disk.lance"))
+    meta = json.loads(ds.schema.metadata[META_KEY])
+    assert (meta["index"]["nprobes"], meta["index"]["refine_factor"]) == (3, 7)  # exported
+    meta["index"].update(num_partitions=290, num_sub_vectors=1)
+    ds.update_schema_metadata({META_KEY.decode(): json.dumps(meta)})
+    (bundle / MANIFEST).unlink()
+    write_manifest(bundle, atlas="disk", model=json.loads((bundle / "card.json").read_text())["model"])  # fmt: skip
+    import_bundle(bundle, tmp_path / "s2")
+    copy = Atlas.open(tmp_path / "s2", "disk").meta["index"]
+    chosen = choose_params(300, ds.schema.field("vector").type.list_size)
+    assert (copy["num_partitions"], copy["num_sub_vectors"]) == (chosen.num_partitions, chosen.num_sub_vectors)  # fmt: skip
+    assert (copy["nprobes"], copy["refine_factor"]) == (3, 7)

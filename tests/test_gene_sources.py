@@ -1,5 +1,6 @@
 import json
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,16 @@ def test_summaries_bad_json_and_missing_column(tmp_path):
         read_summaries(q)
 
 
-FORMATS = ["pkl", "pkl_arrays", "npz", "npz_per_gene", "parquet_list", "parquet_wide"]
+FORMATS = [
+    "pkl",
+    "pkl_arrays_2",
+    "pkl_arrays_4",
+    "pkl_arrays_5",
+    "npz",
+    "npz_per_gene",
+    "parquet_list",
+    "parquet_wide",
+]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -115,9 +125,11 @@ def test_vector_formats(tmp_path, fmt):
     if fmt == "pkl":
         path = tmp_path / "v.pkl"
         path.write_bytes(pickle.dumps({k: list(map(float, v)) for k, v in vecs.items()}))
-    elif fmt == "pkl_arrays":  # numpy arrays, and numpy scalars, as other exports pickle them
+    elif fmt.startswith("pkl_arrays"):  # numpy arrays and scalars, as other exports pickle them
         path = tmp_path / "v.pickle"
-        path.write_bytes(pickle.dumps({"CD3E": vecs["CD3E"], "MS4A1": [np.float32(1)] * 4}))
+        protocol = int(fmt.rsplit("_", 1)[1])
+        obj = OrderedDict(CD3E=vecs["CD3E"], MS4A1=[np.float32(1)] * 4)
+        path.write_bytes(pickle.dumps(obj, protocol=protocol))
     elif fmt == "npz":
         path = tmp_path / "v.npz"
         np.savez(path, genes=np.array(list(vecs)), vectors=np.stack(list(vecs.values())))

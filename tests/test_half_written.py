@@ -78,8 +78,10 @@ def test_an_interrupted_output_leaves_no_temporary_file(mapped, monkeypatch):
     ):
         with monkeypatch.context() as m:
             m.setattr(cls, method, half_written)
-            _run("map", q, "--store", store, "--atlas", "tiny", "--out", out.with_suffix(suffix))
+            res = _run("map", q, "--store", store, "--atlas", "tiny", "--out", out.with_suffix(suffix))  # fmt: skip
+        assert res.exit_code != 0  # interrupted
         assert sorted(p.name for p in out.parent.glob(".*")) == []
+    assert not out.with_suffix(".parquet").exists()
     assert out.read_bytes() == before  # the earlier output, whole
 
 
@@ -111,7 +113,7 @@ def test_a_report_is_replaced_whole_or_not_at_all(mapped, tmp_path, monkeypatch)
 
     with monkeypatch.context() as m:
         m.setattr(plots, "plot_confidence", interrupted)
-        _run("report", out, "--store", store, "--out", rep)
+        assert _run("report", out, "--store", store, "--out", rep).exit_code != 0
     assert (rep / "report.html").read_bytes() == page  # the previous report, whole
     assert not [p.name for p in rep.iterdir() if p.name.startswith(".")]
     res = _run("report", out, "--store", store, "--out", rep)  # no truth: no confusion
@@ -139,7 +141,8 @@ def test_an_export_that_fails_while_replacing_keeps_the_old_bundle(mapped, tmp_p
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", interrupted_swap)
-    _run("atlas", "export", "tiny", "--store", store, "--out", out, "--overwrite")
+    res = _run("atlas", "export", "tiny", "--store", store, "--out", out, "--overwrite")
+    assert res.exit_code != 0  # interrupted at the swap
     assert (out / "card.json").read_text() == card
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".b.")) == []
 
@@ -218,3 +221,23 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
         tmp.write_text("new\n")
     assert path.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_a_build_stopped_after_its_atlas_is_written_keeps_the_pair(fake_store, monkeypatch):
+    """Stopped after the atlas's commit (e.g. while its disk index builds): the view it
+    names stays, or the atlas would name a view that is gone."""
+    import cellvec.cell_index.build as build
+
+    write = build._write
+
+    def written_then_interrupted(store, name, *a, **k):
+        out = write(store, name, *a, **k)
+        if name == "tiny":
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(build, "_write", written_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_atlas(fake_store)
+    names = Store(fake_store).table_names()
+    assert "atlas_tiny" in names and "atlas_tiny__species" in names

@@ -209,6 +209,16 @@ def _replace(f, key: str, values) -> None:
     f[key] = values
 
 
+def _no_values(f) -> None:
+    """No values at all, and an index pointer that claims 10**8 of them for the first
+    cell: scipy's full check skips the pointer when the matrix holds no values."""
+    indptr = np.zeros(len(f["X/indptr"]), np.int64)
+    indptr[1] = 10**8
+    _replace(f, "X/data", np.zeros(0, np.float32))
+    _replace(f, "X/indices", np.zeros(0, np.int32))
+    _replace(f, "X/indptr", indptr)
+
+
 SPARSE_DAMAGE = {
     "a column index past the last gene": lambda f: _replace(
         f, "X/indices", np.r_[10**6, f["X/indices"][1:]]
@@ -219,6 +229,7 @@ SPARSE_DAMAGE = {
     "an index pointer that runs backwards": lambda f: _replace(
         f, "X/indptr", np.r_[f["X/indptr"][:3], 0, f["X/indptr"][4:]]
     ),
+    "an index pointer past values it does not have": lambda f: _no_values(f),
 }
 
 
@@ -260,3 +271,20 @@ def test_a_10x_h5_whose_indices_point_outside_the_matrix_is_refused(tmp_path):
         g["genes"] = np.array(a.var_names, dtype="S")
     with pytest.raises(InputFormatError, match="m.h5: the sparse expression matrix is malformed"):
         read_expression(tmp_path / "m.h5")
+
+
+def test_a_backed_csc_matrix_is_checked_before_its_rows_are_converted(tmp_path):
+    """Read backed, a CSC matrix's first rows were converted to CSR (past its arrays)
+    before any check of its structure."""
+    import anndata as ad
+
+    a = tiny_adata(n_cells=12)
+    a = ad.AnnData(sp.csc_matrix(a.X), obs=a.obs, var=a.var)
+    path = tmp_path / "csc.h5ad"
+    a.write_h5ad(path)
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        _replace(f, "X/indices", np.r_[10**8, f["X/indices"][1:]])
+    with pytest.raises(InputFormatError, match="sparse expression matrix is malformed"):
+        read_expression(path, backed=True)

@@ -196,7 +196,6 @@ def build_atlas(
     if options.refine_options:
         # the refinement choices given (e.g. --level-shift): the card's folds fit with them too
         meta["refine_options"] = dict(options.refine_options)
-    view_table = ATLAS_PREFIX + species_view_name(name)
     first = view is not None and ATLAS_PREFIX + name not in store.table_names()
     try:
         if view is not None:
@@ -204,9 +203,11 @@ def build_atlas(
         memory = _write(store, name, ref, fit, meta, options.ray)
     except BaseException:
         # the first build of `name`, stopped between its view and the atlas: no view of
-        # an atlas that is not there (a rebuild keeps the old pair, `is_its_view` judges)
-        if first and view_table in store.table_names():
-            store.db.drop_table(view_table)
+        # an atlas that is not there (once the atlas is written, the two are a pair; a
+        # rebuild keeps the old pair, `is_its_view` judges)
+        names = store.table_names() if first else []
+        if ATLAS_PREFIX + name not in names and ATLAS_PREFIX + species_view_name(name) in names:
+            store.db.drop_table(ATLAS_PREFIX + species_view_name(name))
         raise
     if view is None:
         drop_view_of_old_build(store, name)

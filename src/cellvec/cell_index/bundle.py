@@ -41,8 +41,8 @@ import pyarrow as pa
 
 from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
-from cellvec.cell_index.build import index_atlas
-from cellvec.cell_index.disk_index import choose_kind
+from cellvec.cell_index.build import index_atlas, index_meta
+from cellvec.cell_index.disk_index import MIN_DISK_CELLS
 from cellvec.cell_index.recipe import Recipe
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 CARD_FIELDS = ("species", "tissue", "source", "citation", "licence")
 MAX_K = 1000  # neighbours an imported atlas may vote with
+MAX_REFINE = 100  # an imported disk index's refine factor (candidates re-ranked, times k)
 
 
 @dataclass
@@ -218,36 +219,54 @@ def _write_genes(location: StoreLocation, model: str, table: pa.Table) -> None:
     )
 
 
-def _check_settings(meta: dict, ds, source: str) -> None:
-    """A bundle's atlas (or view) settings that this store acts on: `k` (the vote's
-    neighbours) and its index. The copy is indexed as this store chooses for its size
-    (`_reindex`), never with parameters the bundle names, but a disk index must be
-    possible for it."""
+def _check_settings(meta: dict, ds, source: str, what: str) -> None:
+    """The settings of a bundle's atlas (or its view: `what`) that this store acts on:
+    `k` (the vote's neighbours) and its index. The copy is indexed as this store chooses
+    for its size (`_index_entry`), but a disk index must be possible for it."""
     k = meta.get("k")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K):
         raise StoreError(
-            f"Bundle {source}: its atlas's k is {str(k)[:40]!r}, not a number of neighbours "
+            f"Bundle {source}: its {what}'s k is {str(k)[:40]!r}, not a number of neighbours "
             f"from 1 to {MAX_K}; the bundle was refused. Export it again with `cellvec atlas export`."
         )
     index = meta.get("index") or {}
     if not isinstance(index, dict) or index.get("kind", "memory") not in ("memory", "disk"):
         raise StoreError(
-            f"Bundle {source}: its atlas's index entry {str(index)[:80]!r} is not one cellvec writes."
+            f"Bundle {source}: its {what}'s index entry {str(index)[:80]!r} is not one "
+            "cellvec writes; the bundle was refused."
         )
-    if index.get("kind") == "disk":
-        choose_kind("disk", ds.count_rows(), ds.schema.field("vector").type.list_size)
+    if index.get("kind") == "disk" and ds.count_rows() < MIN_DISK_CELLS:
+        raise StoreError(
+            f"Bundle {source}: its {what} names a disk index for {ds.count_rows():,} cells, "
+            f"fewer than one needs ({MIN_DISK_CELLS:,}); the bundle was refused."
+        )
 
 
-def _copy_atlas(db, name: str, ds, meta: dict) -> None:
-    """The atlas table's latest version, streamed, with metadata `meta` (its index entry
-    says "memory" until `_reindex` has built the copy's own)."""
+def _copy_atlas(db, name: str, ds, meta: dict) -> dict:
+    """The atlas table's latest version, streamed, with metadata `meta`, its index entry
+    as this store gives it (`_index_entry`); returns the metadata written."""
     if (meta.get("index") or {}).get("kind") == "disk":
-        meta = {**meta, "index": {"kind": "memory"}}
+        meta = {**meta, "index": _index_entry(meta["index"], ds)}
     schema = ds.schema.with_metadata({META_KEY: json.dumps(meta).encode()})
     reader = pa.RecordBatchReader.from_batches(
         schema, (b.cast(schema) for b in ds.to_batches(batch_size=65_536))
     )
     replace_table(db, ATLAS_PREFIX + name, reader)
+    return meta
+
+
+def _index_entry(index: dict, ds) -> dict:
+    """A disk index entry for the copy of table `ds`: built as this store chooses for its
+    size (`disk_index.choose_params`, as `atlas build` chose them), never with build
+    parameters a bundle names (a `num_partitions` of a million ran k-means for hours),
+    searched with the `nprobes` and `refine_factor` given (`atlas index --nprobes`) when
+    they are within bounds. Until the index is built, readers search the table exactly."""
+    entry = index_meta("disk", ds.count_rows(), ds.schema.field("vector").type.list_size)
+    for key, most in (("nprobes", entry["num_partitions"]), ("refine_factor", MAX_REFINE)):
+        value = index.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most:
+            entry[key] = value
+    return entry
 
 
 def _view(store: Store, name: str, meta: dict) -> tuple | None:
@@ -262,31 +281,33 @@ def _view(store: Store, name: str, meta: dict) -> tuple | None:
     return (ds, view_meta) if is_its_view(name, meta, view_meta, store) else None
 
 
-def _copy_view(target: Store, name: str, view: tuple | None, meta: dict) -> dict:
+def _copy_view(
+    target: Store, name: str, view: tuple | None, meta: dict, written: list | None = None
+) -> dict:
     """Copy the cross-species `view` (`_view`) as atlas `name`'s, before the atlas; returns
     the atlas's metadata naming it (by the id the two share) or naming none, without a
-    view."""
+    view. The view's table is added to `written` once it is."""
     cross = meta.get("cross_species")
     meta = {k: v for k, v in meta.items() if k != "cross_species"}
     if view is None:
         return meta
     view_name = species_view_name(name)
     ds, view_meta = view
-    view_meta = {**view_meta, "species_view_of": name}
-    _copy_atlas(target.db, view_name, ds, view_meta)
+    view_meta = _copy_atlas(target.db, view_name, ds, {**view_meta, "species_view_of": name})
+    if written is not None:
+        written.append(ATLAS_PREFIX + view_name)
     _reindex(target.location, view_name, view_meta)
     return {**meta, "cross_species": cross}
 
 
-def _reindex(store: StoreLocation, name: str, meta: dict) -> None:
-    """An atlas (or view) searched through a disk index gets one again on its copy (the
-    table is copied row by row, its index is not), with the parameters chosen for its
-    size (`disk_index.choose_params`, as `atlas build` chose them), not ones a bundle
-    names: a bundle's `num_partitions` of a million ran k-means for hours. The atlas's
-    view is not indexed again (`_copy_view` did)."""
-    index = meta.get("index") or {}
+def _reindex(store: StoreLocation, name: str, written: dict) -> None:
+    """An atlas (or view) whose copy was written with a disk index entry (`written`, what
+    `_copy_atlas` returned) gets that index built (the table is copied row by row, its
+    index is not); the atlas's view is not indexed again (`_copy_view` did)."""
+    index = written.get("index") or {}
     if index.get("kind") == "disk":
-        index_atlas(store, name, index="disk", with_view=False)
+        search = {k: index[k] for k in ("nprobes", "refine_factor")}
+        index_atlas(store, name, index="disk", params=search, with_view=False)
 
 
 def export_bundle(
@@ -332,8 +353,11 @@ def export_bundle(
         genes = _restricted_genes(GeneStore(store), recipe.model, rows)
         _write_genes(target.location, recipe.model, genes)
         meta = _copy_view(target, name, view, meta)
-        _copy_atlas(target.db, name, ds, {**meta, "card": _card_given(card)})
-        _reindex(target.location, name, meta)
+        _reindex(
+            target.location,
+            name,
+            _copy_atlas(target.db, name, ds, {**meta, "card": _card_given(card)}),
+        )
         _prune(tmp)
         (tmp / CARD).write_text(json.dumps(card, indent=1))
         manifest, digest = write_manifest(
@@ -438,8 +462,9 @@ def import_bundle(
         )
     view = _view(src, bundle.atlas, meta)
     # every check before the first write: a refused import leaves the store as it was
-    for part, table in ((meta, ds), *([view[::-1]] if view else [])):
-        _check_settings(part, table, bundle.source)
+    _check_settings(meta, ds, bundle.source, "atlas")
+    if view is not None:
+        _check_settings(view[1], view[0], bundle.source, "atlas's cross-species view")
     gene_table = target.open_table(table_name(recipe.model))
     ours = theirs = None
     how = "the bundle's gene table (the atlas's genes only; build the full one with `cellvec genes build`)"
@@ -456,28 +481,27 @@ def import_bundle(
     if theirs is not None:
         rows = len(arrays[0]["gene_rows"])  # the atlas's head, re-pointed
         how = f"the store's own gene table ({rows:,} atlas genes re-pointed at its rows)"
-    had = set(target.table_names())
+    had, written = set(target.table_names()), []
     try:
         if gene_table is None:
             _write_genes(
                 target.location, recipe.model, src.open_table(table_name(recipe.model)).to_arrow()
             )
+            written.append(table_name(recipe.model))
         for a in arrays:
             save_artifact(target, a)
-        meta = _copy_view(target, name, view, meta)
-        _copy_atlas(target.db, name, ds, meta)
+        meta = _copy_view(target, name, view, meta, written)
+        copied = _copy_atlas(target.db, name, ds, meta)
+        written.append(ATLAS_PREFIX + name)
         if view is None:
             drop_view_of_old_build(target, name)
-        _reindex(target.location, name, meta)
+        _reindex(target.location, name, copied)
     except BaseException:
-        # what this import made goes (artifacts stay: content-addressed, used by no atlas);
-        # an atlas it replaced (--replace) is not brought back
-        for table in (
-            table_name(recipe.model),
-            ATLAS_PREFIX + species_view_name(name),
-            ATLAS_PREFIX + name,
-        ):
-            if table not in had and table in target.table_names():
+        # the tables this import created go (artifacts stay: content-addressed, used by
+        # no atlas); one it replaced (--replace) is not brought back, and one another
+        # writer made meanwhile is not this import's to drop
+        for table in written:
+            if table not in had:
                 target.db.drop_table(table)
         raise
     log.info("Imported atlas %s from %s into %s, on %s", name, bundle.source, target.path, how)

@@ -157,6 +157,14 @@ def check_matrix(x, where: str) -> None:
         )
     if sp.issparse(x):
         try:
+            if x.format in ("csr", "csc"):
+                # scipy's full check skips the index pointer when its last entry is 0 (no
+                # values): [0, 10**8, 0, ...] passed, and slicing rows then crashed
+                steps = np.diff(x.indptr)
+                if len(steps) and (x.indptr[0] != 0 or steps.min() < 0):
+                    raise ValueError("indptr must start at 0 and never decrease")
+                if x.indptr[-1] != len(x.indices) or len(x.indices) != len(x.data):
+                    raise ValueError("indptr, indices and data disagree in length")
             x.check_format(full_check=True)
         except ValueError as e:
             raise InputFormatError(
@@ -164,6 +172,14 @@ def check_matrix(x, where: str) -> None:
                 "indptr do not describe a matrix of its shape. Write it again with anndata "
                 "(AnnData.write_h5ad) from a matrix scipy built."
             ) from e
+
+
+def _checked_rows(matrix, n: int, where: str):
+    """The first 2,000 rows of `matrix`, checked (`check_matrix`) before anything converts
+    them: a backed matrix's structure is only checked as it is read."""
+    rows = matrix[: min(n, 2000)]
+    check_matrix(rows, f"{where} (cells 0-{min(n, 2000)})")
+    return rows
 
 
 def _as_lognorm(x: sp.csr_matrix, kind: str, path: str) -> sp.csr_matrix:
@@ -207,16 +223,16 @@ def read_expression(
     transpose: bool = False,
     backed: bool | None = None,
     gene_column: str | None = None,
-    name: str = "<AnnData>",
+    label: str = "<AnnData>",
 ) -> ExpressionSource:
-    """Open expression data (a path or an AnnData) as an `ExpressionSource`; `name` is
+    """Open expression data (a path or an AnnData) as an `ExpressionSource`; `label` is
     what messages call an AnnData (a file is called by its path)."""
     import anndata as ad
 
     if isinstance(data, ExpressionSource):
         return data
     if isinstance(data, ad.AnnData):
-        return _from_anndata(data, name, layer, use_raw, gene_column)
+        return _from_anndata(data, label, layer, use_raw, gene_column)
     path = Path(data)
     if not path.exists():
         raise InputFormatError(f"{path}: no such file or directory.")
@@ -311,11 +327,11 @@ def _from_anndata(
     check_matrix(matrix, where)
     _require_cells_and_genes(matrix.shape, where)
     n = adata.n_obs
-    kind = detect_kind(_to_csr(matrix[: min(n, 2000)]), where)
+    kind = detect_kind(_to_csr(_checked_rows(matrix, n, where)), where)
     if kind == SCALED:
         if use_raw is None and layer is None and raw is not None:
             check_matrix(raw.X, f"{where} (.raw)")
-            raw_sample = _to_csr(raw.X[: min(n, 2000)])
+            raw_sample = _to_csr(_checked_rows(raw.X, n, f"{where} (.raw)"))
             raw_kind = detect_kind(raw_sample, f"{where} (.raw)")
             if raw_kind != SCALED:
                 log.info(

@@ -265,11 +265,16 @@ def _first_present(columns: list[str], candidates: list[str]) -> str | None:
 
 # What a pickle of gene vectors (GenePT's: a dict of symbol -> list of floats, or numpy
 # arrays) may name besides the builtins pickle builds without a name
-_PICKLED_ARRAYS = {
-    (module, name)
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")
-} | {("numpy", "ndarray"), ("numpy", "dtype")}
+_PICKLED_ARRAYS = (
+    {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    }
+    | {(module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")}
+    | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+    | {("_codecs", "encode")}  # protocol 2's way of writing bytes
+)
 
 
 class _VectorUnpickler(pickle.Unpickler):

@@ -35,9 +35,10 @@ def write_report(out_dir: str | Path, **parts) -> Path:
     try:
         page = _draw(work, **parts)
         drawn = {p.name for p in work.glob("*.png")}
-        for name in PNGS:
-            if f"{name}.png" not in drawn:
-                (final / f"{name}.png").unlink(missing_ok=True)
+        if (final / "report.html").exists():  # an earlier report's folder: its figures go
+            for name in PNGS:
+                if f"{name}.png" not in drawn:
+                    (final / f"{name}.png").unlink(missing_ok=True)
         for name in sorted(drawn):
             (work / name).replace(final / name)
         page.replace(final / page.name)

@@ -346,7 +346,7 @@ def job_from_h5ad(data: bytes, options: dict | None = None, **outputs) -> MapJob
                 "send a file written by anndata (`adata.write_h5ad`)."
             ) from e
     _check_cells(adata.n_obs)
-    src = read_expression(adata, name="The uploaded file")
+    src = read_expression(adata, label="The uploaded file")
     return MapJob(
         src.var_names, src.to_csr(), src.obs_names, map_options(**(options or {})), **outputs
     )
