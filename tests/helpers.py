@@ -289,3 +289,38 @@ def seed_spread(store, name: str, step: int, seeds: int) -> np.ndarray:
         ds = build_disk_index(atlas.dataset(), params, seed=seed)
         out.append(index_recall(DiskIndex(ds, params), vecs, step))
     return np.array(out)
+
+
+# -- damaged files, as an attacker or a broken writer would make them --------------------
+
+
+def replace_dataset(f, key: str, values) -> None:
+    """Dataset `key` of an open h5py file rewritten with `values`."""
+    del f[key]
+    f[key] = values
+
+
+def _no_values(f) -> None:
+    """No values at all, and an index pointer that claims 10**8 of them for the first
+    cell: scipy's full check skips the pointer when the matrix holds no values."""
+    indptr = np.zeros(len(f["X/indptr"]), np.int64)
+    indptr[1] = 10**8
+    replace_dataset(f, "X/data", np.zeros(0, np.float32))
+    replace_dataset(f, "X/indices", np.zeros(0, np.int32))
+    replace_dataset(f, "X/indptr", indptr)
+
+
+# Ways an h5ad's sparse X can point outside itself (edits of an open h5py file, X in CSR
+# of 6+ cells): scipy builds the matrix unchecked and its compiled code reads past it
+SPARSE_DAMAGE = {
+    "a column index past the last gene": lambda f: replace_dataset(
+        f, "X/indices", np.r_[10**6, f["X/indices"][1:]]
+    ),
+    "a negative column index": lambda f: replace_dataset(
+        f, "X/indices", np.r_[-5, f["X/indices"][1:]].astype(np.int64)
+    ),
+    "an index pointer that runs backwards": lambda f: replace_dataset(
+        f, "X/indptr", np.r_[f["X/indptr"][:2], 0, f["X/indptr"][3:]]
+    ),
+    "an index pointer past values it does not have": _no_values,
+}

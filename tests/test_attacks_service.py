@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from helpers import request_cells, tiny_adata
+from helpers import SPARSE_DAMAGE, replace_dataset, request_cells, tiny_adata
 from servers import Server
 
 ARROW = "application/vnd.apache.arrow.stream"
@@ -258,33 +258,6 @@ def test_an_atlas_name_no_atlas_can_have_is_a_fast_404(client):
         assert time.perf_counter() - t0 < 1.0  # was ~2 s each, stalling other requests
 
 
-def _replace(f, key: str, values) -> None:
-    del f[key]
-    f[key] = values
-
-
-def _no_values(f) -> None:
-    """No values at all, and an index pointer that claims 10**8 of them for the first
-    cell: scipy's full check skips the pointer when the matrix holds no values."""
-    indptr = np.zeros(len(f["X/indptr"]), np.int64)
-    indptr[1] = 10**8
-    _replace(f, "X/data", np.zeros(0, np.float32))
-    _replace(f, "X/indices", np.zeros(0, np.int32))
-    _replace(f, "X/indptr", indptr)
-
-
-SPARSE_DAMAGE = {
-    "an index past the genes": lambda f: _replace(f, "X/indices", np.r_[10**6, f["X/indices"][1:]]),
-    "a negative index": lambda f: _replace(
-        f, "X/indices", np.r_[-5, f["X/indices"][1:]].astype(np.int64)
-    ),
-    "an index pointer that runs backwards": lambda f: _replace(
-        f, "X/indptr", np.r_[f["X/indptr"][:2], 0, f["X/indptr"][3:]]
-    ),
-    "an index pointer past values it does not have": lambda f: _no_values(f),
-}
-
-
 @pytest.mark.parametrize("damage", SPARSE_DAMAGE)
 def test_an_upload_whose_sparse_structure_points_outside_its_matrix_is_refused(client, damage):
     """scipy took the file's indices unchecked: an index of 10**6 crashed the server
@@ -296,7 +269,7 @@ def test_an_upload_whose_sparse_structure_points_outside_its_matrix_is_refused(c
 
 def test_an_upload_of_values_that_are_not_numbers_is_refused(client):
     def text(f):
-        _replace(f, "X", np.arange(6 * 30).reshape(6, 30).astype("S8"))
+        replace_dataset(f, "X", np.arange(6 * 30).reshape(6, 30).astype("S8"))
 
     _refused(_upload(client, _h5ad_bytes(tiny_adata(n_cells=6, prefix="q"), text)), "not real")
 

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from cellvec.cell_index.readers import COUNTS, LOGNORM, read_expression
 from cellvec.errors import InputFormatError
-from helpers import tiny_adata
+from helpers import SPARSE_DAMAGE, replace_dataset, tiny_adata
 
 
 def _lognorm(x):
@@ -204,35 +204,6 @@ def _h5ad_with(tmp_path, edit, **write):
     return path
 
 
-def _replace(f, key: str, values) -> None:
-    del f[key]
-    f[key] = values
-
-
-def _no_values(f) -> None:
-    """No values at all, and an index pointer that claims 10**8 of them for the first
-    cell: scipy's full check skips the pointer when the matrix holds no values."""
-    indptr = np.zeros(len(f["X/indptr"]), np.int64)
-    indptr[1] = 10**8
-    _replace(f, "X/data", np.zeros(0, np.float32))
-    _replace(f, "X/indices", np.zeros(0, np.int32))
-    _replace(f, "X/indptr", indptr)
-
-
-SPARSE_DAMAGE = {
-    "a column index past the last gene": lambda f: _replace(
-        f, "X/indices", np.r_[10**6, f["X/indices"][1:]]
-    ),
-    "a negative column index": lambda f: _replace(
-        f, "X/indices", np.r_[-5, f["X/indices"][1:]].astype(np.int64)
-    ),
-    "an index pointer that runs backwards": lambda f: _replace(
-        f, "X/indptr", np.r_[f["X/indptr"][:3], 0, f["X/indptr"][4:]]
-    ),
-    "an index pointer past values it does not have": lambda f: _no_values(f),
-}
-
-
 @pytest.mark.parametrize("damage", SPARSE_DAMAGE)
 @pytest.mark.parametrize("backed", [False, True])
 def test_a_sparse_matrix_whose_structure_points_outside_it_is_refused(tmp_path, damage, backed):
@@ -285,6 +256,6 @@ def test_a_backed_csc_matrix_is_checked_before_its_rows_are_converted(tmp_path):
     import h5py
 
     with h5py.File(path, "r+") as f:
-        _replace(f, "X/indices", np.r_[10**8, f["X/indices"][1:]])
+        replace_dataset(f, "X/indices", np.r_[10**8, f["X/indices"][1:]])
     with pytest.raises(InputFormatError, match="sparse expression matrix is malformed"):
         read_expression(path, backed=True)
