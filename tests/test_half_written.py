@@ -182,7 +182,7 @@ def test_unreadable_gene_vectors_are_named(tmp_path, name, data):
 
     path = tmp_path / name
     path.write_bytes(data)
-    with pytest.raises(InputFormatError, match=f"{name}: cannot read vectors"):
+    with pytest.raises(InputFormatError, match=f"{name}: cannot read vectors.*; give a pickle"):
         read_vectors(path)
 
 
@@ -192,7 +192,9 @@ def test_unreadable_summaries_are_named(tmp_path, name, data):
 
     path = tmp_path / name
     path.write_text(data)
-    with pytest.raises(InputFormatError, match=f"{name}: not a readable"):
+    with pytest.raises(
+        InputFormatError, match=f"{name}: not a readable.*symbol and a summary column"
+    ):
         read_summaries(path)
 
 

@@ -65,6 +65,7 @@ MAX_FILES = 100_000
 # `TABLE_CHECK_ROWS` rows at a time (`check_tables`): one row is never counted before
 # it is decoded.
 MAX_TABLE_EXPANSION = 16
+REFETCH = "Export it again with `cellvec atlas export`, or fetch it again from its source."
 TABLE_SLACK_BYTES = 64 * 2**20
 TABLE_CHECK_ROWS = 64
 # What a bundle may hold in all, checked before anything is downloaded: 20 GiB, or
@@ -179,7 +180,8 @@ def check_manifest(data: bytes, where: str) -> dict:
         # ValueError: not JSON, or an integer of more digits than Python converts;
         # RecursionError: arrays nested thousands deep
         raise StoreError(
-            f"Bundle {where}: {MANIFEST} is not readable JSON ({type(e).__name__}: {str(e)[:200]})."
+            f"Bundle {where}: {MANIFEST} is not readable JSON ({type(e).__name__}: {str(e)[:200]}). "
+            f"{REFETCH}"
         ) from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(
@@ -579,7 +581,7 @@ def check_tables(folder: Path, ref: str, files: dict) -> None:
             bases = ds.base_paths()
             frags = [frag.metadata for frag in ds.get_fragments()]
         except Exception as e:  # noqa: BLE001 (Lance's own errors on a damaged table)
-            raise StoreError(f"Bundle {ref}: table {part} cannot be opened ({e}).") from e
+            raise StoreError(f"Bundle {ref}: table {part} cannot be opened ({e}). {REFETCH}") from e
         if bases:
             where = ", ".join(str(b.path) for b in bases.values())
             raise StoreError(
@@ -636,12 +638,13 @@ def _check_decoded(ds, ref: str, part: str, budget: list[int]) -> None:
             if budget[0] < 0:
                 raise StoreError(
                     f"Bundle {ref}: its tables decode to more than {MAX_TABLE_EXPANSION} times "
-                    f"the bytes fetched (counted up to table {part}); the bundle was refused."
+                    f"the bytes fetched (counted up to table {part}); the bundle was refused. "
+                    f"{REFETCH}"
                 )
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 (Lance's own errors on damaged data)
-        raise StoreError(f"Bundle {ref}: table {part} cannot be read ({e}).") from e
+        raise StoreError(f"Bundle {ref}: table {part} cannot be read ({e}). {REFETCH}") from e
 
 
 def _check_table_file(ref: str, part: str, rel, base_id, files: dict) -> None:

@@ -234,7 +234,8 @@ def read_summaries(
         except pl.exceptions.PolarsError as e:  # empty, or not the format its name says
             raise InputFormatError(
                 f"{path}: not a readable {path.suffix} table of gene summaries "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})."
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a table with a "
+                "symbol and a summary column, named for its format."
             ) from e
         symbol_column = symbol_column or _first_present(
             df.columns, ["symbol", "gene", "gene_name", "Symbol"]
@@ -341,7 +342,10 @@ def read_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, pl.exceptions.PolarsError) as e:
         # EOFError: an empty or cut-short pickle (click would take it for Ctrl-C)
         what = str(e).splitlines()[0][:200] if str(e) else "the file ends early"
-        raise InputFormatError(f"{path}: cannot read vectors ({type(e).__name__}: {what}).") from e
+        raise InputFormatError(
+            f"{path}: cannot read vectors ({type(e).__name__}: {what}); give a pickle of a dict "
+            "symbol -> vector (GenePT's), an npz or a parquet, complete and named for its format."
+        ) from e
     if mat.ndim != 2 or mat.shape[0] != len(symbols) or mat.shape[0] == 0:
         raise InputFormatError(
             f"{path}: vectors must be a non-empty genes x dim matrix; got shape {mat.shape}."
