@@ -85,12 +85,30 @@ def test_an_interrupted_output_leaves_no_temporary_file(mapped, monkeypatch):
     assert out.read_bytes() == before  # the earlier output, whole
 
 
+def test_a_failed_save_leaves_no_output_file(mapped, monkeypatch):
+    """--out and --table are renamed into place only after --save-as has written."""
+    from cellvec.cell_index.result import MappingResult
+
+    store, q, out = mapped
+    before, table = out.read_bytes(), out.with_suffix(".csv")
+
+    def refused(self, store, name):
+        raise PermissionError(13, "Permission denied", str(store))
+
+    monkeypatch.setattr(MappingResult, "save", refused)
+    args = ("--out", out, "--table", table, "--save-as", "run1")
+    res = _run("map", q, "--store", store, "--atlas", "tiny", *args)
+    _one_line_error(res, "Permission denied")
+    assert out.read_bytes() == before and not table.exists()
+    assert sorted(p.name for p in out.parent.glob(".*")) == []
+
+
 def test_what_the_file_system_refuses_is_one_line(mapped, monkeypatch):
     from cellvec.cell_index.result import MappingResult
 
     store, q, out = mapped
 
-    def refused(self, path):
+    def refused(self, path, **_):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(MappingResult, "write", refused)
@@ -243,3 +261,22 @@ def test_a_build_stopped_after_its_atlas_is_written_keeps_the_pair(fake_store, m
         build_tiny_atlas(fake_store)
     names = Store(fake_store).table_names()
     assert "atlas_tiny" in names and "atlas_tiny__species" in names
+
+
+def test_a_number_of_neighbours_or_a_split_out_of_range_is_refused_before_any_work(mapped):
+    """`atlas build -k` and `map -k` share the bound a bundle's k is held to (1 to
+    `MAX_K`); a calibration split of 1 or more was a numpy traceback."""
+    from cellvec.cell_index.atlas import MAX_K
+
+    store, q, _ = mapped
+    build = ("atlas", "build", q, "--store", store, "--name", "other", "--label-key", "cell_type")
+    for args, words in (
+        (("-k", 0), ("k 0", f"from 1 to {MAX_K}")),
+        (("-k", MAX_K + 1), (f"k {MAX_K + 1}",)),
+        (("--calibration-split", 1.5), ("Calibration split 1.5", "0.1 is a good start")),
+        (("--calibration-split", -0.1), ("Calibration split -0.1",)),
+    ):
+        _one_line_error(_run(*build, *args), *words)
+    assert "atlas_other" not in Store(store).table_names()
+    res = _run("map", q, "--store", store, "--atlas", "tiny", "-k", MAX_K + 1)
+    _one_line_error(res, f"k must be from 1 to {MAX_K}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvec.cell_index.atlas import DEFAULT_K, Atlas
+from cellvec.cell_index.atlas import DEFAULT_K, MAX_K, Atlas
 from cellvec.cell_index.disk_index import (
     INDEX_KINDS,
     DiskIndexParams,
@@ -307,8 +307,15 @@ def species_view_recipe(recipe: Recipe, refine_options: dict | None, prior=None)
 
 
 def _check_inputs(name: str, options: BuildOptions) -> None:
-    """Refuse an unknown index kind or read-out, or a name that cannot be a table, before
-    any work."""
+    """Refuse an unknown index kind or read-out, a name that cannot be a table, or a k or
+    calibration split out of range, before any work."""
+    if options.k is not None and not 1 <= options.k <= MAX_K:
+        raise CellvecError(f"k {options.k}: give a number of neighbours from 1 to {MAX_K}.")
+    if not 0 <= options.calibration_split < 1:
+        raise CellvecError(
+            f"Calibration split {options.calibration_split:g}: give a share of each class "
+            "from 0 up to (not including) 1; 0.1 is a good start."
+        )
     if options.index not in INDEX_KINDS:
         raise CellvecError(f"Index {options.index!r}: choose one of {', '.join(INDEX_KINDS)}.")
     if options.readout not in ("auto", *READOUTS):

@@ -41,6 +41,7 @@ import pyarrow as pa
 
 from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
+from cellvec.cell_index.atlas import MAX_K
 from cellvec.cell_index.build import index_atlas, index_meta
 from cellvec.cell_index.disk_index import MIN_DISK_CELLS
 from cellvec.cell_index.recipe import Recipe
@@ -61,7 +62,6 @@ from cellvec.storage import META_KEY, Store, StoreLocation, read_meta, replace_t
 log = logging.getLogger(__name__)
 
 CARD_FIELDS = ("species", "tissue", "source", "citation", "licence")
-MAX_K = 1000  # neighbours an imported atlas may vote with
 MAX_REFINE = 100  # an imported disk index's refine factor (candidates re-ranked, times k)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from scipy.special import log_softmax, ndtr, softmax
 
+from cellvec.cell_index.atlas import MAX_K
 from cellvec.cell_index.calibration import Calibration
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.labels import parse_labels
@@ -66,8 +67,8 @@ class MapOptions:
             options["orthologs"] = read_orthologs(orthologs)
         options["exclude_labels"] = tuple(parse_labels(options.get("exclude_labels") or ()))
         out = cls(**options)
-        if out.k is not None and out.k < 1:
-            raise CellvecError(f"k must be at least 1, got {out.k}.")
+        if out.k is not None and not 1 <= out.k <= MAX_K:
+            raise CellvecError(f"k must be from 1 to {MAX_K}, got {out.k}.")
         for name in THRESHOLDS:
             value = getattr(out, name)
             if not 0 <= value <= 1:

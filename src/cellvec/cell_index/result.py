@@ -212,19 +212,26 @@ class MappingResult:
             adata.uns["cellvec_clusters"] = table.set_index(table["cluster"].rename(None))
         return adata
 
-    def write(self, path: str | Path) -> Path:
-        """Write .h5ad (AnnData with results) or a table (.parquet, .csv, .tsv)."""
+    def write(self, path: str | Path, *, staged: Path | None = None) -> Path:
+        """Write .h5ad (AnnData with results) or a table (.parquet, .csv, .tsv), whole or
+        not at all. `staged`: write there instead, in `path`'s format (a temporary the
+        caller renames onto `path` once every output of a run is written: `map` does)."""
         path = check_output(path)
-        suffix = path.suffix.lower()
         path.parent.mkdir(parents=True, exist_ok=True)
+        if staged is not None:
+            self._write_as(path.suffix.lower(), staged)
+            return path
         with replacing(path) as tmp:  # never a half-written output
-            if suffix == ".h5ad":
-                self.to_anndata().write_h5ad(tmp)
-            elif suffix == ".parquet":
-                self.to_polars().write_parquet(tmp)
-            else:
-                self.to_polars().write_csv(tmp, separator="," if suffix == ".csv" else "\t")
+            self._write_as(path.suffix.lower(), tmp)
         return path
+
+    def _write_as(self, suffix: str, path: Path) -> None:
+        if suffix == ".h5ad":
+            self.to_anndata().write_h5ad(path)
+        elif suffix == ".parquet":
+            self.to_polars().write_parquet(path)
+        else:
+            self.to_polars().write_csv(path, separator="," if suffix == ".csv" else "\t")
 
     def save(self, store: Store | str | Path, name: str) -> str:
         """Save as table `mapping_<name>` in the store (the SQL view of the same name)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -179,16 +180,24 @@ def map_cmd(
         res = map_cells(src, Client(server).atlas(atlas_name), **options)
     else:
         res = map_cells(src, atlas_name, store=store, ray=ray or None, **options)
-    if out:
-        res.write(out)
-    if table:
-        res.write(table)
-    if save_as:
-        res.save(store, save_as)
+    _write_outputs(res, out, table, store, save_as)
     if as_json:
         emit_json(res.summary())
         return
     _show(res, atlas_name, out, cluster_key)
+
+
+def _write_outputs(res, out, table, store, save_as) -> None:
+    """--out and --table written to temporaries, the mapping saved (--save-as), and only
+    then the files renamed into place: a failure at any step leaves neither file."""
+    from cellvec._files import replacing
+
+    with ExitStack() as staging:
+        for path in (out, table):
+            if path:
+                res.write(path, staged=staging.enter_context(replacing(path)))
+        if save_as:
+            res.save(store, save_as)
 
 
 def _show(res, atlas_name: str, out, cluster_key) -> None:
