@@ -12,11 +12,21 @@ import shutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every server a test starts listens on loopback: never through a proxy the machine sets.
+for _key in ("NO_PROXY", "no_proxy"):
+    os.environ[_key] = ",".join(filter(None, (os.environ.get(_key), "127.0.0.1,localhost")))
 
 from cellvec.gene_store.embedders import register_embedder  # noqa: E402
 from helpers import FakeEmbedder, build_tiny_atlas, tiny_store, write_gene_files  # noqa: E402
 
 register_embedder("fake", lambda name="", **kw: FakeEmbedder(name, **kw))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_of_the_session(tmp_path_factory):
+    """Fetched bundles and cached vectors go to a folder of the session, not the user's
+    cache: no test depends on HOME, or on what an earlier run left there."""
+    os.environ["CELLVEC_CACHE"] = str(tmp_path_factory.mktemp("cellvec-cache"))
 
 
 @pytest.fixture

@@ -45,9 +45,11 @@ class Server:
 
     def __enter__(self):
         self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.server.should_exit = True
+                raise RuntimeError(f"the test server on port {self.port} did not start in 30 s")
             time.sleep(0.02)
         return f"http://127.0.0.1:{self.port}"
 

@@ -341,6 +341,10 @@ def test_two_writers_racing_lose_nothing(s3, s3_uri):
 def test_bad_uris_and_credentials_say_what_to_fix(s3, monkeypatch, tmp_path):
     for k in [k for k in os.environ if k.startswith(("AWS_", "CELLVEC_STORAGE"))]:
         monkeypatch.delenv(k)
+    # nor credentials a machine keeps elsewhere: a profile in ~/.aws, an instance role
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     r = CliRunner()
     res = r.invoke(cli, ["genes", "search", "x", "--store", "s4://b/p"])
     assert (

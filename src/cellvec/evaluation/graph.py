@@ -25,7 +25,7 @@ def go_graph_embedding(
     vocab: dict[str, int] = {}
     rows, cols = [], []
     for i, terms in enumerate(go_terms):
-        for t in set(terms or ()):
+        for t in sorted(set(terms or ())):  # columns in one order under any hash seed
             rows.append(i)
             cols.append(vocab.setdefault(t, len(vocab)))
     if not vocab:
