@@ -1,12 +1,18 @@
 """cellvec: language-model gene embeddings, cell vectors and KNN mapping onto reference atlases.
 
 The public API is imported lazily so that `import cellvec` (and `cellvec --help`)
-stays fast; nothing happens on import.
+stays fast. The one thing import does: pin numpy's and torch's numerical kernels
+(`cellvec._kernels`) before either loads, so that a seed gives the same results on
+any machine.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from cellvec import _kernels
+
+_kernels.pin()
 
 __version__ = "0.1.0"
 

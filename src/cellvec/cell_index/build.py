@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellvec._kernels import PINS, pinned
 from cellvec.cell_index.atlas import DEFAULT_K, MAX_K, Atlas
 from cellvec.cell_index.disk_index import (
     INDEX_KINDS,
@@ -164,6 +165,14 @@ def build_atlas(
     recorded as each cell's batch."""
     options = options or BuildOptions()
     _check_inputs(name, options)
+    if pinned() is False:
+        log.warning(
+            "numpy was imported before cellvec, so it runs this CPU's own kernels: atlas %s "
+            "may differ from one built with the same seed on another machine. Import "
+            "cellvec first, or start Python with %s set.",
+            name,
+            " ".join(f"{k}={v}" for k, v in PINS.items()),
+        )
     t0 = time.perf_counter()
     store = Store.of(store)
     genes = GeneStore(store).load(model, every_gene=True)  # not a bundle's partial table

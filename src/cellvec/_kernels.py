@@ -1,0 +1,57 @@
+"""One set of numerical kernels on every x86-64 machine, so that a seed gives the same
+gene vectors, atlases and labels everywhere, not only on a machine of the same kind.
+
+MKL (torch's matrix products: the language model, refinement) and OpenBLAS (numpy's and
+faiss's) each pick kernels for the CPU they find. An AVX-512 machine and an AVX2 one then
+round differently (1e-7 in a gene vector), and refinement's training carries that into
+different atlases: measured on the Baron pair, macro-F1 0.772 on one machine and 0.768
+on another for the same command and seed. Pinned to their AVX2 kernels (`MKL_CBWR=AVX2`,
+`OPENBLAS_CORETYPE=Haswell`), an AVX-512 machine gives the arrays an AVX2-only one gives,
+bit for bit (tests/test_kernels.py emulates the AVX2 machine), at no measured cost here.
+
+Both libraries read these variables when they load, so `pin()` runs on `import cellvec`,
+before numpy or torch: the CLI, the service, Ray workers and a script that imports
+cellvec first are pinned. A variable already set is left as it is, and nothing is pinned
+on a CPU without AVX2 and FMA (the kernels would not run) or off x86-64 Linux.
+`pinned()` says whether the loaded libraries use the pinned kernels (not, when numpy was
+imported before cellvec)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+PINS = {"MKL_CBWR": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx2", "fma"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def pin() -> None:
+    """Set `PINS` in the environment where unset, on an x86-64 Linux CPU with AVX2."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    if not _has_avx2():
+        return
+    for key, value in PINS.items():
+        os.environ.setdefault(key, value)
+
+
+def pinned() -> bool | None:
+    """Whether every OpenBLAS loaded in this process runs its pinned kernels (None where
+    nothing was pinned: another CPU, or the variable set otherwise)."""
+    if os.environ.get("OPENBLAS_CORETYPE") != PINS["OPENBLAS_CORETYPE"]:
+        return None
+    from threadpoolctl import threadpool_info
+
+    arch = [i.get("architecture") for i in threadpool_info() if i["internal_api"] == "openblas"]
+    return all(a == PINS["OPENBLAS_CORETYPE"] for a in arch)
