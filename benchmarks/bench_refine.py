@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 
+import _common  # noqa: F401 (run on cellvec's pinned numerical kernels)
 import numpy as np
 import scipy.sparse as sp
 

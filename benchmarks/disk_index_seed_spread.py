@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import _common  # noqa: E402, F401 (run on cellvec's pinned numerical kernels)
+
 from helpers import (  # noqa: E402
     FakeEmbedder,
     build_tiny,

@@ -39,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401 (run on cellvec's pinned numerical kernels)
 import numpy as np
 
 LUA = r"""

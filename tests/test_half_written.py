@@ -264,19 +264,35 @@ def test_a_build_stopped_after_its_atlas_is_written_keeps_the_pair(fake_store, m
 
 
 def test_a_number_of_neighbours_or_a_split_out_of_range_is_refused_before_any_work(mapped):
-    """`atlas build -k` and `map -k` share the bound a bundle's k is held to (1 to
-    `MAX_K`); a calibration split of 1 or more was a numpy traceback."""
-    from cellvec.cell_index.atlas import MAX_K
+    """`atlas build -k`, `map -k`, `evaluate -k` and `map_cells(k=)` share the bound a
+    bundle's k is held to (1 to `MAX_K`; build stored -k 0 as 15 and -k -3 as -3); a
+    calibration split of 1 or more was a numpy traceback."""
+    from cellvec.cell_index.build import BuildOptions, build_atlas
+    from cellvec.cell_index.mapping import map_cells
+    from cellvec.cell_index.recipe import MAX_K
+    from cellvec.errors import CellvecError
 
     store, q, _ = mapped
     build = ("atlas", "build", q, "--store", store, "--name", "other", "--label-key", "cell_type")
-    for args, words in (
-        (("-k", 0), ("k 0", f"from 1 to {MAX_K}")),
-        (("-k", MAX_K + 1), (f"k {MAX_K + 1}",)),
-        (("--calibration-split", 1.5), ("Calibration split 1.5", "0.1 is a good start")),
-        (("--calibration-split", -0.1), ("Calibration split -0.1",)),
-    ):
-        _one_line_error(_run(*build, *args), *words)
+    for k in (0, MAX_K + 1):
+        for args in (build, ("map", q, "--store", store, "--atlas", "tiny"), ("evaluate", q, "--store", store, "--label-key", "cell_type")):  # fmt: skip
+            _one_line_error(_run(*args, "-k", k), f"{k} is not in the range 1<=x<={MAX_K}")
+        with pytest.raises(CellvecError, match=f"k {k}: give a number of neighbours from 1 to {MAX_K}"):  # fmt: skip
+            build_atlas(q, store=store, name="other", label_key="cell_type", options=BuildOptions(k=k))  # fmt: skip
+        with pytest.raises(CellvecError, match=f"k must be from 1 to {MAX_K}, got {k}"):
+            map_cells(q, "tiny", store=store, k=k)
+    for split in (1.5, -0.1):
+        res = _run(*build, "--calibration-split", split)
+        _one_line_error(res, f"Calibration split {split:g}", "0.1 is a good start")
     assert "atlas_other" not in Store(store).table_names()
-    res = _run("map", q, "--store", store, "--atlas", "tiny", "-k", MAX_K + 1)
-    _one_line_error(res, f"k must be from 1 to {MAX_K}")
+
+
+def test_an_evaluation_s_markdown_is_checked_before_any_fitting(mapped, tmp_path, monkeypatch):
+    import cellvec.evaluation.evaluate as ev
+
+    store, q, _ = mapped
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("fitted before the check"))
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    res = _run("evaluate", q, "--store", store, "--label-key", "cell_type", "--markdown", blocked / "r.md")  # fmt: skip
+    _one_line_error(res, "is a file, so no folder can be made there")

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from cellvec.errors import CellvecError
+
+
+def check_folder(path: str | Path) -> Path:
+    """`path` as a file that can be written, or an error saying what to change: its folder
+    exists or can be made, and can be written to. Callers check before the work, so a
+    mistyped output costs none of it."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists():  # ends at the current directory or the root
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CellvecError(
+            f"{path}: {folder} is a file, so no folder can be made there; write the output "
+            "into another folder."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CellvecError(
+            f"{path}: the folder {folder} cannot be written to (permission denied); write "
+            "the output into a folder of yours."
+        )
+    return path
 
 
 @contextmanager

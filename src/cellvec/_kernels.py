@@ -1,5 +1,5 @@
-"""One set of numerical kernels on every x86-64 machine, so that a seed gives the same
-gene vectors, atlases and labels everywhere, not only on a machine of the same kind.
+"""One set of numerical kernels on every Intel x86-64 machine, so that a seed gives the
+same gene vectors, atlases and labels on each, not only on a machine of the same kind.
 
 MKL (torch's matrix products: the language model, refinement) and OpenBLAS (numpy's and
 faiss's) each pick kernels for the CPU they find. An AVX-512 machine and an AVX2 one then
@@ -8,13 +8,21 @@ different atlases: measured on the Baron pair, macro-F1 0.772 on one machine and
 on another for the same command and seed. Pinned to their AVX2 kernels (`MKL_CBWR=AVX2`,
 `OPENBLAS_CORETYPE=Haswell`), an AVX-512 machine gives the arrays an AVX2-only one gives,
 bit for bit (tests/test_kernels.py emulates the AVX2 machine), at no measured cost here.
+faiss's own SIMD level and torch's ATen level changed nothing measured (AVX2 against
+AVX-512), so they are left to choose.
+
+On a CPU that is not Intel's, MKL ignores the AVX2 branch and picks its own: numpy and
+faiss are pinned there too, torch is not. `MKL_CBWR=COMPATIBLE` (set before starting
+Python) gives the same results on every x86-64 CPU, Intel's and AMD's alike, at a cost
+measured here of ~1.4x the embedding time and ~1.3x refinement's.
 
 Both libraries read these variables when they load, so `pin()` runs on `import cellvec`,
-before numpy or torch: the CLI, the service, Ray workers and a script that imports
-cellvec first are pinned. A variable already set is left as it is, and nothing is pinned
-on a CPU without AVX2 and FMA (the kernels would not run) or off x86-64 Linux.
-`pinned()` says whether the loaded libraries use the pinned kernels (not, when numpy was
-imported before cellvec)."""
+before numpy or torch: the CLI, the service, a local Ray cluster cellvec starts and any
+script that imports cellvec first are pinned (workers of a cluster started otherwise keep
+that cluster's environment). A variable already set is left as it is; nothing is pinned
+with `CELLVEC_PIN_KERNELS=0`, on a CPU without AVX2 and FMA (the kernels would not run) or
+off x86-64 Linux. `pinned()` says whether the loaded OpenBLAS libraries use the pinned
+kernels (not, when numpy was imported before cellvec)."""
 
 from __future__ import annotations
 
@@ -38,6 +46,8 @@ def _has_avx2() -> bool:
 
 def pin() -> None:
     """Set `PINS` in the environment where unset, on an x86-64 Linux CPU with AVX2."""
+    if os.environ.get("CELLVEC_PIN_KERNELS", "1") == "0":
+        return
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return
     if not _has_avx2():

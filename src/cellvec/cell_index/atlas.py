@@ -53,9 +53,6 @@ from cellvec.storage import StoreLocation, store_location
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 15
-# The most neighbours a vote may use: an atlas's default (`atlas build -k`, a bundle's) and
-# a mapping's `k` alike. Each query cell's search and vote grow with k.
-MAX_K = 1000
 
 
 class _StoredVectors:

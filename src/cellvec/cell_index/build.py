@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cellvec._kernels import PINS, pinned
-from cellvec.cell_index.atlas import DEFAULT_K, MAX_K, Atlas
+from cellvec.cell_index.atlas import DEFAULT_K, Atlas
 from cellvec.cell_index.disk_index import (
     INDEX_KINDS,
     DiskIndexParams,
@@ -36,7 +36,7 @@ from cellvec.cell_index.labels import label_column, reference_labels
 from cellvec.cell_index.parallel import write_atlas
 from cellvec.cell_index.prior import load_prior
 from cellvec.cell_index.readers import ExpressionSource, read_expression
-from cellvec.cell_index.recipe import READOUTS, Recipe
+from cellvec.cell_index.recipe import MAX_K, READOUTS, Recipe
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
     MAX_TABLE_NAME,

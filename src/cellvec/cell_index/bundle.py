@@ -41,10 +41,9 @@ import pyarrow as pa
 
 from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
-from cellvec.cell_index.atlas import MAX_K
 from cellvec.cell_index.build import index_atlas, index_meta
 from cellvec.cell_index.disk_index import MIN_DISK_CELLS
-from cellvec.cell_index.recipe import Recipe
+from cellvec.cell_index.recipe import MAX_K, Recipe
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
     drop_view_of_old_build,

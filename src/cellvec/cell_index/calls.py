@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from scipy.special import log_softmax, ndtr, softmax
 
-from cellvec.cell_index.atlas import MAX_K
 from cellvec.cell_index.calibration import Calibration
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.labels import parse_labels
 from cellvec.cell_index.mixing import mixing_pvalues, unmixed
+from cellvec.cell_index.recipe import MAX_K
 from cellvec.cell_index.result import BroadCall
 from cellvec.errors import CellvecError
 from cellvec.gene_store.embedders.base import normalise_rows

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from cellvec.errors import CellvecError, RecipeMismatchError
 
+# The most neighbours a vote may use: an atlas's default (`atlas build -k`, a bundle's), a
+# mapping's and an evaluation's `k` alike. Each query cell's search and vote grow with k.
+MAX_K = 1000
+
 # How a cell's top genes are weighted, from its log-normalised expression v: value (v itself),
 # log1p (of v), rank, softmax (exp v = 1 + CP10k: the expression) and sqrt (its square root)
 WEIGHTINGS = ("value", "log1p", "rank", "softmax", "sqrt")

@@ -3,13 +3,12 @@ the checks callers run on an output before mapping."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cellvec._files import replacing
+from cellvec._files import check_folder, replacing
 from cellvec.cell_index.mixing import mixes
 from cellvec.cell_index.readers import ExpressionSource
 from cellvec.cell_index.table import MAX_TABLE_NAME, is_table_name
@@ -317,20 +316,7 @@ def check_output(path: str | Path) -> Path:
             f"{path}: unknown output format {path.suffix or '(no suffix)'!r}; name the output "
             f"for its format: {', '.join(OUTPUT_SUFFIXES)}."
         )
-    folder = path.parent
-    while not folder.exists():  # ends at the current directory or the root
-        folder = folder.parent
-    if not folder.is_dir():
-        raise CellvecError(
-            f"{path}: {folder} is a file, so no folder can be made there; write the output "
-            "into another folder."
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CellvecError(
-            f"{path}: the folder {folder} cannot be written to (permission denied); write "
-            "the output into a folder of yours."
-        )
-    return path
+    return check_folder(path)
 
 
 def check_mapping_name(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cellvec.cell_index.recipe import FEW_CELLS, READOUTS
+from cellvec.cell_index.recipe import FEW_CELLS, MAX_K, READOUTS
 from cellvec.cli.options import (
     emit_json,
     input_options,
@@ -54,7 +54,9 @@ def atlas():
 @input_options
 @click.option("--seed", default=0, show_default=True, help="Seed of the refinement.")
 @click.option(
-    "-k", type=int, help="Neighbours in the vote, stored as the atlas's default (else 15)."
+    "-k",
+    type=click.IntRange(1, MAX_K),
+    help="Neighbours in the vote, stored as the atlas's default (else 15).",
 )
 @click.option(
     "--calibration-split",

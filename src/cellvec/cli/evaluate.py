@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cellvec._files import check_folder, replacing
+from cellvec.cell_index.recipe import MAX_K
 from cellvec.cli.options import (
     emit_json,
     input_options,
@@ -34,7 +36,13 @@ from cellvec.cli.options import (
     type=click.IntRange(min=0),
     help="Stratified folds; 0 scores only --query (the whole of DATA is the reference).",
 )
-@click.option("-k", default=15, show_default=True, help="Neighbours in the vote.")
+@click.option(
+    "-k",
+    default=15,
+    show_default=True,
+    type=click.IntRange(1, MAX_K),
+    help="Neighbours in the vote.",
+)
 @click.option(
     "--baselines",
     is_flag=True,
@@ -165,6 +173,9 @@ def evaluate_cmd(
             param_hint="--folds",
         )
 
+    if markdown:
+        check_folder(markdown)  # before the folds: a mistyped folder costs no fitting
+
     def read(path):
         return read_expression(path, **read_options)
 
@@ -224,11 +235,10 @@ def _transfer(query, query_label_key: str | None, label_map: str | None):
 
 
 def _show(res, markdown: str | None, as_json: bool) -> None:
-    """Write `--markdown`, then print the JSON or the per-class tables and markdown."""
+    """Print the JSON or the per-class tables and markdown, then write `--markdown` (whole
+    or not at all)."""
     from cellvec.metrics import metrics_table
 
-    if markdown:
-        Path(markdown).write_text(res.to_markdown() + "\n")
     if as_json:
         emit_json(res.to_dict())
     else:
@@ -237,3 +247,7 @@ def _show(res, markdown: str | None, as_json: bool) -> None:
             click.echo(metrics_table(m))
         click.echo("")
         click.echo(res.to_markdown())
+    if markdown:
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+        with replacing(markdown) as tmp:
+            tmp.write_text(res.to_markdown() + "\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cellvec.cell_index.recipe import MAX_K
 from cellvec.cli.options import (
     STORE_HELP,
     emit_json,
@@ -41,7 +42,9 @@ from cellvec.cli.options import (
     help="Also write a per-cell table (.parquet/.csv/.tsv).",
 )
 @click.option(
-    "-k", type=int, help="Neighbours in the vote (default: the atlas's, 15 unless tuned)."
+    "-k",
+    type=click.IntRange(1, MAX_K),
+    help="Neighbours in the vote (default: the atlas's, 15 unless tuned).",
 )
 @click.option(
     "--min-confidence", default=0.0, show_default=True, help="Below this, a cell is 'unassigned'."
@@ -189,7 +192,7 @@ def map_cmd(
 
 def _write_outputs(res, out, table, store, save_as) -> None:
     """--out and --table written to temporaries, the mapping saved (--save-as), and only
-    then the files renamed into place: a failure at any step leaves neither file."""
+    then the files renamed into place: a failure before the renames leaves neither file."""
     from cellvec._files import replacing
 
     with ExitStack() as staging:
