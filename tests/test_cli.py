@@ -194,6 +194,13 @@ def test_pipeline_through_the_cli(tmp_path, gene_files):
     )
     assert res.exit_code == 0 and json.loads(res.stdout)["pearson_r"] > 0.9
     assert (tmp_path / "cells.csv").read_text().count("\n") > 1  # a header and its cells
+    explain = ["explain", str(ref), "--store", store, "--atlas", "tiny", "--scores", str(scores)]
+    tsv = tmp_path / "new" / "cells.TSV"  # any case; its folder made
+    res = r.invoke(cli, [*explain, "--out", str(tsv)])
+    assert res.exit_code == 0, res.output
+    assert tsv.read_text().splitlines()[0].count("\t") >= 1
+    res = r.invoke(cli, [*explain, "--out", str(tmp_path / "cells.txt")])
+    assert res.exit_code == 2 and ".parquet, .csv, .tsv" in res.output
 
 
 def test_loading_faiss_logs_no_info_lines(tmp_path, fake_store):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from cellvec._files import check_folder, replacing
 from cellvec.cli.options import emit_json, json_option, store_option
+
+TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 
 
 @click.command("explain")
@@ -20,7 +25,7 @@ from cellvec.cli.options import emit_json, json_option, store_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
-    help="With --scores: per-cell positions (.parquet/.csv).",
+    help="With --scores: per-cell positions (.parquet/.csv/.tsv).",
 )
 @click.option("-n", "n_genes", default=20, show_default=True)
 @json_option
@@ -38,6 +43,12 @@ def explain_cmd(reference, store, atlas_name, subtype, scores, out, n_genes, as_
 
     if (subtype is None) == (scores is None):
         raise click.UsageError("Give --subtype or --scores (one of them).")
+    if out:  # checked before the work: a mistyped output costs none of it
+        if Path(out).suffix.lower() not in TABLE_SUFFIXES:
+            raise click.UsageError(
+                f"--out {out}: name the table for its format: {', '.join(TABLE_SUFFIXES)}."
+            )
+        check_folder(out)
     atlas = Atlas.open(store, atlas_name)
     if subtype:
         res = explain_subtype(atlas, subtype, reference, n_genes=n_genes)
@@ -56,10 +67,13 @@ def explain_cmd(reference, store, atlas_name, subtype, scores, out, n_genes, as_
     raw = read_label_map(scores)
     _, cells, report = score_direction(atlas, {k: float(v) for k, v in raw.items()})
     if out:
-        from cellvec._files import replacing
-
+        suffix = Path(out).suffix.lower()
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with replacing(out) as tmp:
-            (cells.write_parquet if out.endswith(".parquet") else cells.write_csv)(tmp)
+            if suffix == ".parquet":
+                cells.write_parquet(tmp)
+            else:
+                cells.write_csv(tmp, separator="\t" if suffix == ".tsv" else ",")
     if as_json:
         emit_json(report)
     else:
