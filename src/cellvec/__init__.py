@@ -3,7 +3,7 @@
 The public API is imported lazily so that `import cellvec` (and `cellvec --help`)
 stays fast. The one thing import does: pin numpy's and torch's numerical kernels
 (`cellvec._kernels`) before either loads, so that a seed gives the same results on
-any machine.
+any Intel machine with AVX2.
 """
 
 from __future__ import annotations

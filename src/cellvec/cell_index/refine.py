@@ -19,7 +19,7 @@ subtype is drawn far above its share without its few cells being replayed into
 over-fitting. Training runs a fixed number of steps (`default_steps`; no early stopping
 on a few dozen held-out cells, which measured as noise) on a cosine-decayed learning
 rate, with a fixed seed and thread count, so a
-seed gives the same arrays on any machine (x86-64 with AVX2: `cellvec._kernels`
+seed gives the same arrays on any machine (Intel x86-64 with AVX2: `cellvec._kernels`
 pins the matrix kernels). The result is plain
 arrays, applied with numpy: mapping needs no torch.
 """
