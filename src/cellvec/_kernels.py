@@ -7,7 +7,10 @@ round differently (1e-7 in a gene vector), and refinement's training carries tha
 different atlases: measured on the Baron pair, macro-F1 0.772 on one machine and 0.768
 on another for the same command and seed. Pinned to their AVX2 kernels (`MKL_CBWR=AVX2`,
 `OPENBLAS_CORETYPE=Haswell`), an AVX-512 machine gives the arrays an AVX2-only one gives,
-bit for bit (tests/test_kernels.py emulates the AVX2 machine), at no measured cost here.
+bit for bit (tests/test_kernels.py emulates the AVX2 machine). Cost measured here: none
+on a real atlas (the Baron mouse set, two refinements: 60.6-61.3 s pinned, 58.6-61.8 s
+not), ~10-15% on the test suite's tiny ones (tests/test_refine_evaluate.py 19.3-19.9 s
+against 16.4-17.5 s).
 faiss's own SIMD level and torch's ATen level changed nothing measured (AVX2 against
 AVX-512), so they are left to choose.
 
