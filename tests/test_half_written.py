@@ -108,10 +108,10 @@ def test_what_the_file_system_refuses_is_one_line(mapped, monkeypatch):
 
     store, q, out = mapped
 
-    def refused(self, path, **_):
-        raise PermissionError(13, "Permission denied", str(path))
+    def refused(self, path, suffix):  # the file system refuses the output's folder
+        raise PermissionError(13, "Permission denied", str(out))
 
-    monkeypatch.setattr(MappingResult, "write", refused)
+    monkeypatch.setattr(MappingResult, "write_as", refused)
     res = _run("map", q, "--store", store, "--atlas", "tiny", "--out", out)
     _one_line_error(res, str(out), "Permission denied", "give a path you can write")
 
@@ -189,9 +189,35 @@ def test_a_failing_sql_query_leaves_its_output_as_it_was(mapped, tmp_path):
     out = tmp_path / "rows.csv"
     out.write_text("kept\n")
     res = _run("sql", "SELECT * FROM no_such_table", "--store", store, "-o", out)
-    assert res.exit_code != 0
+    _one_line_error(res, "no_such_table")
     assert out.read_text() == "kept\n"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".rows")]
+
+
+def test_sql_output_in_a_new_folder_or_under_a_file(mapped, tmp_path, monkeypatch):
+    """-o makes its folder (a FileNotFoundError traceback before); a folder that cannot be
+    made is named as given, before the query runs; rows that fail midway leave nothing."""
+    import cellvec.sql
+
+    store, q, _ = mapped
+    new = tmp_path / "new" / "rows.csv"
+    res = _run("sql", "SELECT symbol FROM genes", "--store", store, "-o", new)
+    assert res.exit_code == 0, res.output
+    assert new.read_text().startswith("symbol")
+    _one_line_error(
+        _run("sql", "SELECT 1", "--store", store, "-o", q / "rows.csv"), f"{q} is a file"
+    )
+
+    def half_then_fails(result, fmt, fh):
+        fh.write("half")
+        raise RuntimeError("stream broke")
+
+    monkeypatch.setattr(cellvec.sql, "write_result", half_then_fails)
+    res = _run("sql", "SELECT symbol FROM genes", "--store", store, "-o", new)
+    assert isinstance(res.exception, RuntimeError)
+    assert new.read_text().startswith("symbol") and sorted(
+        p.name for p in new.parent.iterdir()
+    ) == ["rows.csv"]
 
 
 @pytest.mark.parametrize("name, data", [("empty.pkl", b""), ("cut.pickle", pickle.dumps({"A": [1.0] * 50})[:30]), ("junk.parquet", b"PAR1 not parquet")])  # fmt: skip

@@ -37,8 +37,10 @@ def replacing(path: str | Path) -> Iterator[Path]:
     """A path beside `path` to write instead: renamed onto `path` when the block ends
     without an error (if it was written), removed whatever happens. A reader never sees a
     half-written file, a failed or interrupted write (Ctrl-C) leaves the old one and no
-    temporary, and two writers of one file do not share a temporary name."""
+    temporary, and two writers of one file do not share a temporary name. The folder of
+    `path` is made if missing."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp

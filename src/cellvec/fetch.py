@@ -410,7 +410,6 @@ def fetch_bundle(
         _check_copy(final, manifest, ref)
         log.info("Bundle %s: cached copy %s (already verified)", ref, final)
     if not isinstance(src, _Local):  # for offline use
-        remembered.parent.mkdir(parents=True, exist_ok=True)
         with replacing(remembered) as tmp:
             tmp.write_text(json.dumps({"ref": ref, "manifest_sha256": digest}))
     return Bundle(final, manifest, ref)

@@ -269,7 +269,6 @@ def _embedded(onto: CellOntology, embedder, what: str, texts: list[str]) -> np.n
     else:
         log.info("Embedding %s Cell Ontology %s with %s", f"{len(texts):,}", what, spec)
         vecs = _unit(embedder.embed(texts))
-        path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, vecs)
     onto._vectors[digest] = vecs

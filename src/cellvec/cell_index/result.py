@@ -211,26 +211,21 @@ class MappingResult:
             adata.uns["cellvec_clusters"] = table.set_index(table["cluster"].rename(None))
         return adata
 
-    def write(self, path: str | Path, *, staged: Path | None = None) -> Path:
+    def write(self, path: str | Path) -> Path:
         """Write .h5ad (AnnData with results) or a table (.parquet, .csv, .tsv), whole or
-        not at all. `staged`: write there instead, in `path`'s format (a temporary the
-        caller renames onto `path` once every output of a run is written: `map` does)."""
+        not at all."""
         path = check_output(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if staged is not None:
-            self._write_as(path.suffix.lower(), staged)
-            return path
         with replacing(path) as tmp:  # never a half-written output
-            self._write_as(path.suffix.lower(), tmp)
+            self.write_as(tmp, path.suffix.lower())
         return path
 
-    def _write_as(self, suffix: str, path: Path) -> None:
+    def write_as(self, path: Path, suffix: str) -> None:
+        """Write at `path` in the format `suffix` names (`OUTPUT_SUFFIXES`), as it is:
+        `write` and `map`'s outputs write a temporary so."""
         if suffix == ".h5ad":
             self.to_anndata().write_h5ad(path)
-        elif suffix == ".parquet":
-            self.to_polars().write_parquet(path)
         else:
-            self.to_polars().write_csv(path, separator="," if suffix == ".csv" else "\t")
+            write_table(self.to_polars(), path, suffix)
 
     def save(self, store: Store | str | Path, name: str) -> str:
         """Save as table `mapping_<name>` in the store (the SQL view of the same name)."""
@@ -303,20 +298,30 @@ def _label_stats(labels: np.ndarray) -> dict:
     }
 
 
-OUTPUT_SUFFIXES = (".h5ad", ".parquet", ".csv", ".tsv")
+TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
+OUTPUT_SUFFIXES = (".h5ad", *TABLE_SUFFIXES)
 
 
-def check_output(path: str | Path) -> Path:
-    """`path` as a place `MappingResult.write` can write, or an error saying what to change:
-    its suffix names the format, and its folder exists or can be made (`write` makes it).
-    Callers check before mapping, so a mistyped output costs no mapping time."""
+def check_output(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES) -> Path:
+    """`path` as a place `MappingResult.write` (or `write_table`, `suffixes` then
+    `TABLE_SUFFIXES`) can write, or an error saying what to change: its suffix names the
+    format, and its folder exists or can be made. Callers check before the work, so a
+    mistyped output costs none of it."""
     path = Path(path)
-    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+    if path.suffix.lower() not in suffixes:
         raise CellvecError(
             f"{path}: unknown output format {path.suffix or '(no suffix)'!r}; name the output "
-            f"for its format: {', '.join(OUTPUT_SUFFIXES)}."
+            f"for its format: {', '.join(suffixes)}."
         )
     return check_folder(path)
+
+
+def write_table(frame, path: Path, suffix: str) -> None:
+    """The polars `frame` at `path` in the format `suffix` names (`TABLE_SUFFIXES`)."""
+    if suffix == ".parquet":
+        frame.write_parquet(path)
+    else:
+        frame.write_csv(path, separator="\t" if suffix == ".tsv" else ",")
 
 
 def check_mapping_name(name: str) -> str:

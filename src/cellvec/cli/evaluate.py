@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from cellvec._files import check_folder, replacing
@@ -248,6 +246,5 @@ def _show(res, markdown: str | None, as_json: bool) -> None:
         click.echo("")
         click.echo(res.to_markdown())
     if markdown:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
         with replacing(markdown) as tmp:
             tmp.write_text(res.to_markdown() + "\n")

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from cellvec._files import check_folder, replacing
+from cellvec._files import replacing
 from cellvec.cli.options import emit_json, json_option, store_option
-
-TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 
 
 @click.command("explain")
@@ -40,15 +38,12 @@ def explain_cmd(reference, store, atlas_name, subtype, scores, out, n_genes, as_
     from cellvec.cell_index.atlas import Atlas
     from cellvec.cell_index.explain import explain_subtype, score_direction
     from cellvec.cell_index.mapping import read_label_map
+    from cellvec.cell_index.result import TABLE_SUFFIXES, check_output, write_table
 
     if (subtype is None) == (scores is None):
         raise click.UsageError("Give --subtype or --scores (one of them).")
-    if out:  # checked before the work: a mistyped output costs none of it
-        if Path(out).suffix.lower() not in TABLE_SUFFIXES:
-            raise click.UsageError(
-                f"--out {out}: name the table for its format: {', '.join(TABLE_SUFFIXES)}."
-            )
-        check_folder(out)
+    if out:
+        check_output(out, TABLE_SUFFIXES)
     atlas = Atlas.open(store, atlas_name)
     if subtype:
         res = explain_subtype(atlas, subtype, reference, n_genes=n_genes)
@@ -67,13 +62,8 @@ def explain_cmd(reference, store, atlas_name, subtype, scores, out, n_genes, as_
     raw = read_label_map(scores)
     _, cells, report = score_direction(atlas, {k: float(v) for k, v in raw.items()})
     if out:
-        suffix = Path(out).suffix.lower()
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with replacing(out) as tmp:
-            if suffix == ".parquet":
-                cells.write_parquet(tmp)
-            else:
-                cells.write_csv(tmp, separator="\t" if suffix == ".tsv" else ",")
+            write_table(cells, tmp, Path(out).suffix.lower())
     if as_json:
         emit_json(report)
     else:

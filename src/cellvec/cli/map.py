@@ -198,7 +198,7 @@ def _write_outputs(res, out, table, store, save_as) -> None:
     with ExitStack() as staging:
         for path in (out, table):
             if path:
-                res.write(path, staged=staging.enter_context(replacing(path)))
+                res.write_as(staging.enter_context(replacing(path)), Path(path).suffix.lower())
         if save_as:
             res.save(store, save_as)
 

@@ -55,6 +55,10 @@ def sql_cmd(query, store, fmt, output, timeout):
         return
     if fmt == "parquet" and not output:
         raise click.UsageError("--format parquet needs -o FILE.parquet.")
+    if output:
+        from cellvec._files import check_folder
+
+        check_folder(output)  # named as the user gave it, before the query runs
     result = conn.execute(query)  # a refused or failing query writes nothing
     n = _write_file(result, fmt, Path(output)) if output else write_result(result, fmt, sys.stdout)
     click.echo(f"{n:,} rows", err=True)
