@@ -759,6 +759,20 @@ def test_a_column_with_an_encoding_named_in_the_file_is_refused(bundle, tmp_path
         fetch_bundle(bundle, cache=tmp_path / "c")
 
 
+def test_a_column_of_a_type_cellvec_never_writes_is_refused(bundle, tmp_path):
+    """A struct column (its values decoded by Lance) where cellvec writes plain ones."""
+    import lance
+
+    table = bundle / "atlas_tiny.lance"
+    rows = lance.dataset(str(table)).to_table()
+    rows = rows.append_column("extra", pa.array([{"a": 1}] * rows.num_rows))
+    shutil.rmtree(table)
+    lance.write_dataset(rows, str(table))
+    _relist(bundle)
+    with pytest.raises(StoreError, match="column 'extra' of struct<a: int64>.*Export it again"):
+        fetch_bundle(bundle, cache=tmp_path / "c")
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"format": ' + "9" * 5000 + "}"])
 def test_a_manifest_python_cannot_parse_is_a_clear_refusal(tmp_path, cache, text):
     (tmp_path / "b.cellvec").mkdir()
@@ -784,6 +798,20 @@ def test_redirects_are_followed_to_http_only(bundle, tmp_path, cache):
     ):
         fetch_bundle(f"{url}/tiny.cellvec", cache=tmp_path / "c2")
     assert requested == ["/tiny.cellvec/manifest.json"]
+
+
+def test_a_redirect_from_https_down_to_http_is_refused():
+    """No TLS server here: the fetch's redirect handler is asked directly."""
+    import urllib.request
+
+    from cellvec.fetch import _opener
+
+    handler = next(h for h in _opener().handlers if isinstance(h, urllib.request.HTTPRedirectHandler))  # fmt: skip
+    req = urllib.request.Request("https://example.org/b.cellvec/manifest.json")
+    with pytest.raises(StoreError, match="never from https to http"):
+        handler.redirect_request(req, None, 302, "Found", {}, "http://example.org/manifest.json")
+    moved = handler.redirect_request(req, None, 302, "Found", {}, "https://mirror.example.org/m")
+    assert moved.full_url == "https://mirror.example.org/m"  # https to https: followed
 
 
 def test_a_copy_is_built_as_this_store_chooses_and_searched_as_tuned(atlas_store, tmp_path, cache):  # fmt: skip

@@ -27,6 +27,7 @@ folder, `~/.cache/cellvec`), so a bundle is fetched once, whatever URL it came f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -215,7 +216,7 @@ def check_manifest(data: bytes, where: str) -> dict:
     if clash:
         raise StoreError(
             f"Bundle {where}: {MANIFEST} lists part {clash[0]} both as a file and as a folder "
-            "of other parts; the bundle was refused."
+            f"of other parts; the bundle was refused. {REFETCH}"
         )
     return m
 
@@ -235,7 +236,7 @@ def _check_path(rel, where: str) -> None:
     if bad:
         raise StoreError(
             f"Bundle {where}: {MANIFEST} lists the path {rel!r}, which would leave the bundle's "
-            "folder (paths must be relative, without '..'); the bundle was refused."
+            f"folder (paths must be relative, without '..'); the bundle was refused. {REFETCH}"
         )
 
 
@@ -292,8 +293,9 @@ class _Http:
         return _opener().open(req, timeout=60)
 
 
+@functools.cache
 def _opener():
-    """urllib's opener, following redirects to http(s) only and never from https down to
+    """urllib's opener (one per process), following redirects to http(s) only and never from https down to
     http: a bundle's server could otherwise send the fetch to ftp:// (urllib's default
     follows it) or strip its TLS. The checksums would still refuse altered parts; the
     manifest is what names them."""
@@ -545,7 +547,7 @@ def _fetch_file(src, ref: str, rel: str, info: dict, dest: Path, bar) -> None:
                 if n > info["bytes"]:
                     raise StoreError(
                         f"Bundle {ref}: part {rel} is larger than its manifest says "
-                        f"({info['bytes']:,} bytes); the bundle was refused."
+                        f"({info['bytes']:,} bytes); the bundle was refused. {REFETCH}"
                     )
                 h.update(block)
                 out.write(block)
@@ -585,7 +587,7 @@ def check_tables(folder: Path, ref: str, files: dict) -> None:
             where = ", ".join(str(b.path) for b in bases.values())
             raise StoreError(
                 f"Bundle {ref}: table {part} reads files from other folders ({where}: a "
-                "shallow clone, or base paths); the bundle was refused."
+                f"shallow clone, or base paths); the bundle was refused. {REFETCH}"
             )
         for meta in frags:
             for f in meta.files:
@@ -622,8 +624,7 @@ def _check_schema(schema, ref: str, part: str) -> None:
             how = f"encoding {encoded[0].decode(errors='replace')}" if encoded else field.type
             raise StoreError(
                 f"Bundle {ref}: table {part} has column {field.name!r} of {how}, which no "
-                "table cellvec writes has; the bundle was refused. Export it again with "
-                "`cellvec atlas export`."
+                f"table cellvec writes has; the bundle was refused. {REFETCH}"
             )
 
 
@@ -660,5 +661,5 @@ def _check_table_file(ref: str, part: str, rel, base_id, files: dict) -> None:
     if not inside:
         raise StoreError(
             f"Bundle {ref}: table {part} points at a file outside its folder or not in "
-            f"{MANIFEST} ({rel!r}); the bundle was refused."
+            f"{MANIFEST} ({rel!r}); the bundle was refused. {REFETCH}"
         )

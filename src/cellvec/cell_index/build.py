@@ -36,7 +36,7 @@ from cellvec.cell_index.labels import label_column, reference_labels
 from cellvec.cell_index.parallel import write_atlas
 from cellvec.cell_index.prior import load_prior
 from cellvec.cell_index.readers import ExpressionSource, read_expression
-from cellvec.cell_index.recipe import MAX_K, READOUTS, Recipe
+from cellvec.cell_index.recipe import MAX_K, READOUTS, Recipe, is_count
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
     MAX_TABLE_NAME,
@@ -214,9 +214,11 @@ def build_atlas(
         # the first build of `name`, stopped between its view and the atlas: no view of
         # an atlas that is not there (once the atlas is written, the two are a pair; a
         # rebuild keeps the old pair, `is_its_view` judges)
-        names = store.table_names() if first else []
-        if ATLAS_PREFIX + name not in names and ATLAS_PREFIX + species_view_name(name) in names:
-            store.db.drop_table(ATLAS_PREFIX + species_view_name(name))
+        if first:
+            names = store.table_names()
+            view_table = ATLAS_PREFIX + species_view_name(name)
+            if ATLAS_PREFIX + name not in names and view_table in names:
+                store.db.drop_table(view_table)
         raise
     if view is None:
         drop_view_of_old_build(store, name)
@@ -318,7 +320,7 @@ def species_view_recipe(recipe: Recipe, refine_options: dict | None, prior=None)
 def _check_inputs(name: str, options: BuildOptions) -> None:
     """Refuse an unknown index kind or read-out, a name that cannot be a table, or a k or
     calibration split out of range, before any work."""
-    if options.k is not None and not 1 <= options.k <= MAX_K:
+    if options.k is not None and not is_count(options.k, MAX_K):
         raise CellvecError(f"k {options.k}: give a number of neighbours from 1 to {MAX_K}.")
     if not 0 <= options.calibration_split < 1:
         raise CellvecError(

@@ -43,7 +43,7 @@ from cellvec import __version__
 from cellvec.cell_index.artifacts import array_hash, load_artifact, save_artifact
 from cellvec.cell_index.build import index_atlas, index_meta
 from cellvec.cell_index.disk_index import MIN_DISK_CELLS
-from cellvec.cell_index.recipe import MAX_K, Recipe
+from cellvec.cell_index.recipe import MAX_K, Recipe, is_count
 from cellvec.cell_index.table import (
     ATLAS_PREFIX,
     drop_view_of_old_build,
@@ -53,7 +53,7 @@ from cellvec.cell_index.table import (
     stored_atlas,
 )
 from cellvec.errors import CellvecError, StoreError
-from cellvec.fetch import CARD, MANIFEST, fetch_bundle, write_manifest
+from cellvec.fetch import CARD, MANIFEST, REFETCH, fetch_bundle, write_manifest
 from cellvec.gene_store.store import GeneStore
 from cellvec.gene_store.tables import GENE_COLUMNS, table_name
 from cellvec.storage import META_KEY, Store, StoreLocation, read_meta, replace_table
@@ -223,21 +223,21 @@ def _check_settings(meta: dict, ds, source: str, what: str) -> None:
     `k` (the vote's neighbours) and its index. The copy is indexed as this store chooses
     for its size (`_index_entry`), but a disk index must be possible for it."""
     k = meta.get("k")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K):
+    if k is not None and not is_count(k, MAX_K):
         raise StoreError(
             f"Bundle {source}: its {what}'s k is {str(k)[:40]!r}, not a number of neighbours "
-            f"from 1 to {MAX_K}; the bundle was refused. Export it again with `cellvec atlas export`."
+            f"from 1 to {MAX_K}; the bundle was refused. {REFETCH}"
         )
     index = meta.get("index") or {}
     if not isinstance(index, dict) or index.get("kind", "memory") not in ("memory", "disk"):
         raise StoreError(
             f"Bundle {source}: its {what}'s index entry {str(index)[:80]!r} is not one "
-            "cellvec writes; the bundle was refused."
+            f"cellvec writes; the bundle was refused. {REFETCH}"
         )
     if index.get("kind") == "disk" and ds.count_rows() < MIN_DISK_CELLS:
         raise StoreError(
             f"Bundle {source}: its {what} names a disk index for {ds.count_rows():,} cells, "
-            f"fewer than one needs ({MIN_DISK_CELLS:,}); the bundle was refused."
+            f"fewer than one needs ({MIN_DISK_CELLS:,}); the bundle was refused. {REFETCH}"
         )
 
 
@@ -263,7 +263,7 @@ def _index_entry(index: dict, ds) -> dict:
     entry = index_meta("disk", ds.count_rows(), ds.schema.field("vector").type.list_size)
     for key, most in (("nprobes", entry["num_partitions"]), ("refine_factor", MAX_REFINE)):
         value = index.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most:
+        if is_count(value, most):
             entry[key] = value
     return entry
 

@@ -21,7 +21,7 @@ from cellvec.cell_index.calibration import Calibration
 from cellvec.cell_index.knn import vote
 from cellvec.cell_index.labels import parse_labels
 from cellvec.cell_index.mixing import mixing_pvalues, unmixed
-from cellvec.cell_index.recipe import MAX_K
+from cellvec.cell_index.recipe import MAX_K, is_count
 from cellvec.cell_index.result import BroadCall
 from cellvec.errors import CellvecError
 from cellvec.gene_store.embedders.base import normalise_rows
@@ -67,7 +67,7 @@ class MapOptions:
             options["orthologs"] = read_orthologs(orthologs)
         options["exclude_labels"] = tuple(parse_labels(options.get("exclude_labels") or ()))
         out = cls(**options)
-        if out.k is not None and not 1 <= out.k <= MAX_K:
+        if out.k is not None and not is_count(out.k, MAX_K):
             raise CellvecError(f"k must be from 1 to {MAX_K}, got {out.k}.")
         for name in THRESHOLDS:
             value = getattr(out, name)

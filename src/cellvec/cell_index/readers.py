@@ -174,13 +174,14 @@ def check_matrix(x, where: str) -> None:
             ) from e
 
 
-def _checked_rows(matrix, n: int, where: str):
+def _checked_rows(matrix, where: str):
     """The first 2,000 rows of `matrix` (checked whole already when in memory), checked
     before anything converts them when it is backed: its structure is only checked as
     it is read."""
-    rows = matrix[: min(n, 2000)]
+    n = min(matrix.shape[0], 2000)
+    rows = matrix[:n]
     if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)):
-        check_matrix(rows, f"{where} (cells 0-{min(n, 2000)})")
+        check_matrix(rows, f"{where} (cells 0-{n})")
     return rows
 
 
@@ -328,18 +329,17 @@ def _from_anndata(
         )
     check_matrix(matrix, where)
     _require_cells_and_genes(matrix.shape, where)
-    n = adata.n_obs
-    kind = detect_kind(_to_csr(_checked_rows(matrix, n, where)), where)
+    kind = detect_kind(_to_csr(_checked_rows(matrix, where)), where)
+    if kind == SCALED and use_raw is None and layer is None and raw is not None:
+        check_matrix(raw.X, f"{where} (.raw)")
+        _require_cells_and_genes(raw.X.shape, f"{where} (.raw)")
+        raw_kind = detect_kind(_to_csr(_checked_rows(raw.X, f"{where} (.raw)")), f"{where} (.raw)")
+        if raw_kind != SCALED:
+            log.info(
+                "%s: X holds scaled values (negative entries); using .raw (%s)", where, raw_kind
+            )
+            matrix, var, kind, use_raw = raw.X, raw.var, raw_kind, True
     if kind == SCALED:
-        if use_raw is None and layer is None and raw is not None:
-            check_matrix(raw.X, f"{where} (.raw)")
-            raw_sample = _to_csr(_checked_rows(raw.X, n, f"{where} (.raw)"))
-            raw_kind = detect_kind(raw_sample, f"{where} (.raw)")
-            if raw_kind != SCALED:
-                log.info(
-                    "%s: X holds scaled values (negative entries); using .raw (%s)", where, raw_kind
-                )
-                return _from_anndata(adata, where, None, True, gene_column, h5ad=h5ad)
         raise InputFormatError(
             f"{where}: the expression values are scaled (negative entries), so the most-expressed genes "
             "cannot be read from them. Give counts or log-normalised values: a file with .raw, "

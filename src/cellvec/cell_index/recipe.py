@@ -8,12 +8,20 @@ message that lists what differs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from numbers import Integral
 
 from cellvec.errors import CellvecError, RecipeMismatchError
 
 # The most neighbours a vote may use: an atlas's default (`atlas build -k`, a bundle's), a
 # mapping's and an evaluation's `k` alike. Each query cell's search and vote grow with k.
 MAX_K = 1000
+
+
+def is_count(value, most: int) -> bool:
+    """Whether `value` is a whole number from 1 to `most` (not a bool, not a float): a k,
+    or a search setting read from a file."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and 1 <= value <= most
+
 
 # How a cell's top genes are weighted, from its log-normalised expression v: value (v itself),
 # log1p (of v), rank, softmax (exp v = 1 + CP10k: the expression) and sqrt (its square root)
