@@ -19,7 +19,7 @@ def _start_again_pinned() -> None:
     if pinned() is False and not os.environ.get("CELLVEC_BENCH_PINNED"):
         os.environ["CELLVEC_BENCH_PINNED"] = "1"  # `import cellvec` set the pins themselves
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        os.execv(sys.executable, sys.orig_argv)  # interpreter flags (-u, -X) kept
 
 
 _start_again_pinned()  # every number in results/ on the same kernels on any machine

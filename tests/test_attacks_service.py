@@ -82,6 +82,45 @@ def test_an_upload_whose_obs_index_is_stored_in_a_server_file_is_refused(client,
     _refused(r, "obs/_index", "external files")
 
 
+def _loop(f):
+    f["uns"]["again"] = f["uns"]  # a hard link back up: a walk that followed it never ends
+
+
+def _vlen_grid(f):
+    f["uns"].create_dataset("grid", (2, 2), dtype=h5py.string_dtype())
+
+
+def _vlen_array_field(f):
+    kind = np.dtype([("names", h5py.string_dtype(), (2,))])
+    f["uns"].create_dataset("rec", (3,), dtype=kind)
+
+
+def _vlen_in_array(f):
+    f["uns"].create_dataset("arr", (3,), dtype=np.dtype((h5py.string_dtype(), (2,))))
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_loop, ("/uns/again links a group that appears elsewhere",)),
+        (_vlen_grid, ("/uns/grid holds variable-length values in 2 dimensions",)),
+        (_vlen_array_field, ("/uns/rec holds variable-length values nested in field 'names'",)),
+        (_vlen_in_array, ("/uns/arr holds variable-length values inside arrays",)),
+    ],
+)
+def test_an_upload_shaped_as_anndata_never_writes_is_refused(client, edit, words):
+    """What is not counted is not read: shapes of HDF5 data anndata never writes."""
+    _refused(_upload(client, _h5ad_bytes(tiny_adata(n_cells=5, prefix="q"), edit)), *words)
+
+
+def test_an_upload_of_too_many_hdf5_objects_is_refused(client, monkeypatch):
+    import cellvec.untrusted as untrusted
+
+    monkeypatch.setattr(untrusted, "MAX_HDF5_OBJECTS", 10)  # a tiny h5ad holds dozens
+    r = _upload(client, _h5ad_bytes(tiny_adata(n_cells=5, prefix="q")))
+    _refused(r, "has more than 10 HDF5 objects")
+
+
 def test_an_upload_whose_x_is_an_external_link_is_refused(client, tmp_path):
     other = tmp_path / "other.h5ad"
     tiny_adata(n_cells=5, prefix="o").write_h5ad(other)
@@ -257,7 +296,9 @@ def test_an_atlas_name_no_atlas_can_have_is_a_404_without_a_store_look_up(client
     real = Store.open_table
     monkeypatch.setattr(Store, "open_table", lambda self, n: looked_up.append(n) or real(self, n))
     body, _ = request_cells(1)
-    names = ("a" * 260, "x" * 1000, "a.b", "..%2F..%2Fetc")
+    assert client.post("/v1/atlases/nosuch/map", json=body).status_code == 404
+    assert "atlas_nosuch" in looked_up  # a name an atlas could have is looked up
+    names = ("a" * 260, "x" * 1000, "a.b", "..%2F..%2Fetc", "tiny__species")
     for name in names:
         r = client.post(f"/v1/atlases/{name}/map", json=body)
         assert r.status_code == 404 and r.json()["error"], r.text
@@ -303,7 +344,8 @@ def test_a_chunk_declared_far_larger_than_its_data_counts_in_full(client, monkey
 def test_strings_inside_records_count_by_their_text(client, monkeypatch):
     """anndata writes rec-arrays (scanpy's rank_genes_groups) as records with string
     fields: counted at the record's size, many records pointing at one large string
-    decoded to gigabytes."""
+    decoded to gigabytes. Here 5,000 records of 1 KB strings each (a 5 MB upload) pass
+    a 4 MiB budget only when each string is counted at its record's few bytes."""
     import cellvec.untrusted as untrusted
 
     monkeypatch.setattr(untrusted, "MAX_DECODED_BYTES", 4 * 2**20)
@@ -356,13 +398,17 @@ def test_uploads_are_read_a_few_at_a_time(client, monkeypatch):
     from cellvec.service.map_routes import UPLOAD_SLOTS
 
     reading, most, lock = [0], [0], threading.Lock()
+    full = threading.Event()  # as many reads at once as there are slots: reached for sure
     read = mapping.job_from_h5ad
 
     def slow_read(data, **options):
         with lock:
             reading[0] += 1
             most[0] = max(most[0], reading[0])
-        time.sleep(0.3)
+            if reading[0] >= UPLOAD_SLOTS:
+                full.set()
+        full.wait(10)
+        time.sleep(0.3)  # room for more to pile up, were the slots not kept
         try:
             return read(data, **options)
         finally:
@@ -374,4 +420,4 @@ def test_uploads_are_read_a_few_at_a_time(client, monkeypatch):
     with ThreadPoolExecutor(6) as pool:
         codes = [r.status_code for r in pool.map(lambda _: _upload(client, data), range(6))]
     assert codes == [200] * 6
-    assert 1 <= most[0] <= UPLOAD_SLOTS  # never passed (6 were sent at once)
+    assert most[0] == UPLOAD_SLOTS  # all slots used, never more (6 were sent at once)

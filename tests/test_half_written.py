@@ -29,6 +29,11 @@ def _one_line_error(res, *words):
     assert all(w in res.output for w in words), res.output
 
 
+def _interrupted(res):
+    """Stopped by the KeyboardInterrupt a test raised (click: "Aborted!"), not a crash."""
+    assert res.exit_code == 1 and "Aborted!" in res.output, (res.output, res.exception)
+
+
 @pytest.fixture
 def mapped(tmp_path, fake_store):
     """The tiny atlas, a query file, and that query mapped to an .h5ad."""
@@ -79,7 +84,7 @@ def test_an_interrupted_output_leaves_no_temporary_file(mapped, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(cls, method, half_written)
             res = _run("map", q, "--store", store, "--atlas", "tiny", "--out", out.with_suffix(suffix))  # fmt: skip
-        assert res.exit_code != 0  # interrupted
+        _interrupted(res)
         assert sorted(p.name for p in out.parent.glob(".*")) == []
     assert not out.with_suffix(".parquet").exists()
     assert out.read_bytes() == before  # the earlier output, whole
@@ -131,7 +136,7 @@ def test_a_report_is_replaced_whole_or_not_at_all(mapped, tmp_path, monkeypatch)
 
     with monkeypatch.context() as m:
         m.setattr(plots, "plot_confidence", interrupted)
-        assert _run("report", out, "--store", store, "--out", rep).exit_code != 0
+        _interrupted(_run("report", out, "--store", store, "--out", rep))
     assert (rep / "report.html").read_bytes() == page  # the previous report, whole
     assert not [p.name for p in rep.iterdir() if p.name.startswith(".")]
     res = _run("report", out, "--store", store, "--out", rep)  # no truth: no confusion
@@ -160,7 +165,7 @@ def test_an_export_that_fails_while_replacing_keeps_the_old_bundle(mapped, tmp_p
 
     monkeypatch.setattr(Path, "rename", interrupted_swap)
     res = _run("atlas", "export", "tiny", "--store", store, "--out", out, "--overwrite")
-    assert res.exit_code != 0  # interrupted at the swap
+    _interrupted(res)  # at the swap
     assert (out / "card.json").read_text() == card
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".b.")) == []
 

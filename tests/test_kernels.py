@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellvec._kernels import PINS, _has_avx2, pinned
+from cellvec._kernels import PINS, has_flags, pinned
 
 pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.machine() != "x86_64" or not _has_avx2(),
+    platform.system() != "Linux" or platform.machine() != "x86_64" or not has_flags("avx2", "fma"),
     reason="kernels are pinned on x86-64 Linux with AVX2 only",
 )
 TESTS = Path(__file__).parent
@@ -98,7 +98,7 @@ def test_importing_cellvec_first_pins_numpy_and_faiss():
 
 
 @pytest.mark.skipif(
-    "avx512f" not in Path("/proc/cpuinfo").read_text(),
+    not has_flags("avx512f"),
     reason="an AVX2-only CPU is the machine the test emulates: nothing to compare",
 )
 def test_an_avx2_machine_builds_the_same_atlas(tmp_path):

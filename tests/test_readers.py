@@ -193,12 +193,12 @@ def test_backed_file_is_checked_as_it_streams(tmp_path):
         list(src.chunks(size=1000))
 
 
-def _h5ad_with(tmp_path, edit, **write):
+def _h5ad_with(tmp_path, edit, n_cells: int = 12):
     """tiny_adata written by anndata, then its datasets changed by `edit(h5py.File)`."""
     import h5py
 
     path = tmp_path / "a.h5ad"
-    tiny_adata(n_cells=12).write_h5ad(path, **write)
+    tiny_adata(n_cells=n_cells).write_h5ad(path)
     with h5py.File(path, "r+") as f:
         edit(f)
     return path
@@ -213,6 +213,20 @@ def test_a_sparse_matrix_whose_structure_points_outside_it_is_refused(tmp_path, 
     with pytest.raises(InputFormatError, match="sparse expression matrix is malformed"):
         src = read_expression(path, backed=backed)
         list(src.chunks())
+
+
+def test_a_backed_matrix_damaged_past_its_first_rows_is_refused_as_it_streams(tmp_path):
+    """Backed, the first 2,000 rows are checked before anything reads them; the rest as
+    each chunk streams, named by its cells."""
+
+    def cell_2050_points_past_the_genes(f):
+        indices = f["X/indices"][:]
+        indices[int(f["X/indptr"][2050])] = 10**6
+        replace_dataset(f, "X/indices", indices)
+
+    src = read_expression(_h5ad_with(tmp_path, cell_2050_points_past_the_genes, 2100), backed=True)
+    with pytest.raises(InputFormatError, match=r"\(cells 2000-2100\): the sparse expression matrix is malformed"):  # fmt: skip
+        list(src.chunks(size=1000))
 
 
 @pytest.mark.parametrize("values", ["bytes", "complex"])

@@ -35,13 +35,13 @@ import platform
 PINS = {"MKL_CBWR": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
 
 
-def _has_avx2() -> bool:
+def has_flags(*flags: str) -> bool:
+    """Whether the CPU (Linux's /proc/cpuinfo) has all of `flags`; False where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
+                    return set(flags) <= set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return False
@@ -53,7 +53,7 @@ def pin() -> None:
         return
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return
-    if not _has_avx2():
+    if not has_flags("avx2", "fma"):
         return
     for key, value in PINS.items():
         os.environ.setdefault(key, value)
