@@ -574,7 +574,7 @@ def check_tables(folder: Path, ref: str, files: dict) -> None:
     bytes are checked where they are decoded: `artifacts.decode_arrays`.)"""
     import lance
 
-    budget = [MAX_TABLE_EXPANSION * sum(f["bytes"] for f in files.values()) + TABLE_SLACK_BYTES]
+    budget = MAX_TABLE_EXPANSION * sum(f["bytes"] for f in files.values()) + TABLE_SLACK_BYTES
     for table in sorted(folder.glob("*.lance")):
         part = table.name
         try:
@@ -596,7 +596,7 @@ def check_tables(folder: Path, ref: str, files: dict) -> None:
             if gone is not None:
                 _check_table_file(ref, part, gone.path(meta.id), gone.base_id, files)
         _check_schema(ds.schema, ref, part)
-        _check_decoded(ds, ref, part, budget)
+        budget = _check_decoded(ds, ref, part, budget)
 
 
 def _check_schema(schema, ref: str, part: str) -> None:
@@ -628,14 +628,15 @@ def _check_schema(schema, ref: str, part: str) -> None:
             )
 
 
-def _check_decoded(ds, ref: str, part: str, budget: list[int]) -> None:
+def _check_decoded(ds, ref: str, part: str, budget: int) -> int:
     """Decode the table `TABLE_CHECK_ROWS` rows at a time, taking each batch's bytes from
-    `budget[0]` (the bundle's bytes x `MAX_TABLE_EXPANSION`, shared by its tables):
-    refused past it, before any reader holds the table whole."""
+    `budget` (what is left of the bundle's bytes x `MAX_TABLE_EXPANSION`, shared by its
+    tables): refused past it, before any reader holds the table whole. Returns what is
+    left."""
     try:
         for batch in ds.to_batches(batch_size=TABLE_CHECK_ROWS):
-            budget[0] -= batch.nbytes
-            if budget[0] < 0:
+            budget -= batch.nbytes
+            if budget < 0:
                 raise StoreError(
                     f"Bundle {ref}: its tables decode to more than {MAX_TABLE_EXPANSION} times "
                     f"the bytes fetched (counted up to table {part}); the bundle was refused. "
@@ -645,6 +646,7 @@ def _check_decoded(ds, ref: str, part: str, budget: list[int]) -> None:
         raise
     except Exception as e:  # noqa: BLE001 (Lance's own errors on damaged data)
         raise StoreError(f"Bundle {ref}: table {part} cannot be read ({e}). {REFETCH}") from e
+    return budget
 
 
 def _check_table_file(ref: str, part: str, rel, base_id, files: dict) -> None:

@@ -16,7 +16,7 @@ def json_bytes(content) -> bytes:
 # Where the served stores are (`hide_location`): no error a client reads names them, so
 # the server's directories (its user, its layout) stay the server's. Every error body is
 # made by `error_body`, whichever route or layer raised it.
-_HIDDEN: dict[str, None] = {}
+_HIDDEN: set[str] = set()
 STORE_PLACEHOLDER = "<store>"
 
 
@@ -30,7 +30,7 @@ def hide_location(location) -> None:
         names = {str(location.resolve())} | ({str(location)} if location.is_absolute() else set())
     for name in names:
         if len(name) > 1:
-            _HIDDEN[name] = None
+            _HIDDEN.add(name)
 
 
 def error_body(message: str) -> bytes:
