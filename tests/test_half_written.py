@@ -327,3 +327,19 @@ def test_an_evaluation_s_markdown_is_checked_before_any_fitting(mapped, tmp_path
     blocked.write_text("")
     res = _run("evaluate", q, "--store", store, "--label-key", "cell_type", "--markdown", blocked / "r.md")  # fmt: skip
     _one_line_error(res, "is a file, so no folder can be made there")
+
+
+def test_a_store_this_user_may_not_write_is_named_with_the_fix(fake_store, monkeypatch):
+    """Lance's own words for a folder the user cannot write (root writes anywhere, so the
+    refusal is raised where Lance would raise it)."""
+    from cellvec.errors import StoreError
+    from cellvec.storage import replace_table
+
+    db = Store(fake_store).db
+
+    def refused(*a, **k):
+        raise RuntimeError("LanceError(IO): Unable to create dir: Permission denied (os error 13)")
+
+    monkeypatch.setattr(db, "create_table", refused)
+    with pytest.raises(StoreError, match="permission denied.*Fix: write into a store folder of yours"):  # fmt: skip
+        replace_table(db, "mapping_x", {"a": [1]})

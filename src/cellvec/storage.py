@@ -249,6 +249,11 @@ _PROBLEMS = [
         "allow_http=true for a plain-http server) and the network",
     ),
     (
+        r"permission denied",
+        "this user may not write there (permission denied)",
+        "write into a store folder of yours, or ask the store's owner for write access",
+    ),
+    (
         r"URL did not match any known pattern|No object store provider",
         "the URI is not one Lance can open",
         f"give {EXAMPLES}",
@@ -382,11 +387,9 @@ def replace_table(db, name: str, data):
             name, data, mode="overwrite" if name in list_table_names(db) else "create"
         )
     except (ValueError, RuntimeError, OSError) as e:
-        if re.search(r"permission denied", str(e), re.I):
-            raise StoreError(
-                f"Table {name} cannot be written in {db.uri} (permission denied): write into "
-                "a store folder of yours, or ask the store's owner for write access."
-            ) from e
+        mapped = describe_error(store_location(db.uri), e)
+        if mapped is not None:  # permission denied, no bucket, credentials, ...
+            raise mapped from e
         if not re.search(r"already exists|commit conflict|preempted by concurrent", str(e), re.I):
             raise
         raise StoreError(
